@@ -1,0 +1,123 @@
+"""A preallocated KV cache shared by many sessions, one *slot* per session.
+
+Keys and values of a stage live in two tensors ``[layers, slots, kv_heads, max_seq, head_dim]``.
+Attention masks by position (a query at position p sees keys at positions <= p), so entries past
+a session's length are never read: rolling a session back is bookkeeping only, and the next
+write at that position overwrites the stale entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from peerpipe.engine.errors import CacheError
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Where one forward reads and writes: one row per session.
+
+    ``positions`` is ``[B, S]``: the absolute position of every new token. ``kv_len`` bounds the
+    keys attended to (at least ``positions.max() + 1``). ``slot_start`` is set when the slots are
+    the contiguous range ``slot_start .. slot_start + B``, which lets attention read a view
+    instead of gathering.
+    """
+
+    slots: torch.Tensor  # [B] long
+    positions: torch.Tensor  # [B, S] long
+    kv_len: int
+    slot_start: int | None
+
+
+class KVCache:
+    def __init__(
+        self,
+        n_layers: int,
+        max_slots: int,
+        max_seq: int,
+        n_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        if max_slots <= 0 or max_seq <= 0:
+            raise CacheError("a KV cache needs at least one slot and one position")
+        shape = (n_layers, max_slots, n_kv_heads, max_seq, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_slots = max_slots
+        self.max_seq = max_seq
+        self.lengths = [0] * max_slots
+        self._free = list(range(max_slots - 1, -1, -1))
+        self._in_use: set[int] = set()
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def alloc(self) -> int:
+        """Reserve a slot for a new session; its length starts at 0."""
+        if not self._free:
+            raise CacheError(f"all {self.max_slots} KV-cache slots are in use; wait for a session to end")
+        slot = self._free.pop()
+        self._in_use.add(slot)
+        self.lengths[slot] = 0
+        return slot
+
+    def free(self, slot: int) -> None:
+        self._check(slot)
+        self._in_use.discard(slot)
+        self.lengths[slot] = 0
+        self._free.append(slot)
+
+    def rollback(self, slot: int, length: int) -> None:
+        """Forget every position >= ``length`` of a session (e.g. rejected draft tokens)."""
+        self._check(slot)
+        if not 0 <= length <= self.lengths[slot]:
+            raise CacheError(
+                f"cannot roll slot {slot} back to {length}: it holds {self.lengths[slot]} positions"
+            )
+        self.lengths[slot] = length
+
+    def batch(self, slots: Sequence[int], n_new: int) -> Batch:
+        """Plan a forward that appends ``n_new`` tokens to each session, and advance their lengths."""
+        if not slots or n_new <= 0:
+            raise CacheError("a batch needs at least one session and one new token")
+        starts = []
+        for slot in slots:
+            self._check(slot)
+            end = self.lengths[slot] + n_new
+            if end > self.max_seq:
+                raise CacheError(
+                    f"session in slot {slot} would reach {end} positions; the cache holds {self.max_seq}"
+                )
+            starts.append(self.lengths[slot])
+        if len(set(slots)) != len(slots):
+            raise CacheError("a session appears twice in one batch")
+        for slot in slots:
+            self.lengths[slot] += n_new
+        start = torch.tensor(starts, dtype=torch.long)
+        positions = (start[:, None] + torch.arange(n_new)[None, :]).to(self.device)
+        first = slots[0]
+        contiguous = list(slots) == list(range(first, first + len(slots)))
+        return Batch(
+            slots=torch.tensor(list(slots), dtype=torch.long, device=self.device),
+            positions=positions,
+            kv_len=max(starts) + n_new,
+            slot_start=first if contiguous else None,
+        )
+
+    def _check(self, slot: int) -> None:
+        if slot not in self._in_use:
+            raise CacheError(f"slot {slot} is not an allocated session")

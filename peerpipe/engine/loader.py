@@ -1,0 +1,230 @@
+"""Load one stage (a layer range) of a Hugging Face checkpoint, reading only its own tensors."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from peerpipe.engine.config import ModelConfig
+from peerpipe.engine.errors import ModelLoadError, UnsupportedModelError
+from peerpipe.engine.model import Stage
+from peerpipe.engine.safetensors_io import TensorEntry, read_header, read_tensors
+
+ProgressFn = Callable[[int, int], None]  # (bytes done, bytes total)
+
+DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class LoadStats:
+    bytes_read: int
+    checkpoint_bytes: int  # all tensor bytes of the checkpoint, for comparison
+    n_tensors: int
+    seconds: float
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    if name is None:
+        return default_device()
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise ModelLoadError(f"unknown device {name!r}: use cpu, cuda, cuda:N or mps") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {name!r} asked for, but this PyTorch sees no CUDA GPU")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ModelLoadError(f"device {name!r} asked for, but only {torch.cuda.device_count()} GPU(s) exist")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError("device 'mps' asked for, but this PyTorch sees no Apple GPU")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ModelLoadError(f"unsupported device {name!r}: use cpu, cuda, cuda:N or mps")
+    return device
+
+
+def resolve_dtype(name: str | torch.dtype | None, cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name is not None:
+        if name not in DTYPE_NAMES:
+            raise ModelLoadError(f"unsupported dtype {name!r}: use one of {', '.join(DTYPE_NAMES)}")
+        return DTYPE_NAMES[name]
+    # CPUs run float32 fastest and exactly; accelerators want half precision.
+    if device.type == "cpu":
+        return torch.float32
+    if device.type == "mps":
+        return torch.float16
+    return DTYPE_NAMES[cfg.dtype] if cfg.dtype != "float32" else torch.bfloat16
+
+
+def checkpoint_index(path: Path) -> dict[str, TensorEntry]:
+    """Every tensor of the checkpoint by name, from the headers alone."""
+    index_file = path / "model.safetensors.index.json"
+    if index_file.is_file():
+        try:
+            weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ModelLoadError(f"{index_file} is not a valid safetensors index: {exc}") from exc
+    elif (path / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        other = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        hint = " (found PyTorch pickle weights: convert them to safetensors)" if other else ""
+        raise ModelLoadError(f"{path} holds no model.safetensors or model.safetensors.index.json{hint}")
+    entries: dict[str, TensorEntry] = {}
+    for name in files:
+        file = path / name
+        if not file.is_file():
+            raise ModelLoadError(f"the index names {name}, which is missing from {path}")
+        entries.update(read_header(file))
+    return entries
+
+
+def stage_tensor_names(cfg: ModelConfig, start: int, end: int, available: set[str]) -> dict[str, str]:
+    """HF tensor name -> role, for the tensors a stage needs."""
+    names: dict[str, str] = {}
+    for i in range(start, end):
+        p = f"model.layers.{i}."
+        for proj in ("q", "k", "v"):
+            names[f"{p}self_attn.{proj}_proj.weight"] = ""
+            if cfg.qkv_bias:
+                names[f"{p}self_attn.{proj}_proj.bias"] = ""
+        names[f"{p}self_attn.o_proj.weight"] = ""
+        if cfg.o_bias:
+            names[f"{p}self_attn.o_proj.bias"] = ""
+        if cfg.qk_norm:
+            names[f"{p}self_attn.q_norm.weight"] = ""
+            names[f"{p}self_attn.k_norm.weight"] = ""
+        for proj in ("gate", "up", "down"):
+            names[f"{p}mlp.{proj}_proj.weight"] = ""
+            if cfg.mlp_bias:
+                names[f"{p}mlp.{proj}_proj.bias"] = ""
+        names[f"{p}input_layernorm.weight"] = ""
+        names[f"{p}post_attention_layernorm.weight"] = ""
+    if start == 0:
+        names["model.embed_tokens.weight"] = "embed"
+    if end == cfg.n_layers:
+        names["model.norm.weight"] = ""
+        if cfg.tie_embeddings or "lm_head.weight" not in available:
+            names["model.embed_tokens.weight"] = "embed+head" if start == 0 else "head"
+        else:
+            names["lm_head.weight"] = "head"
+    return names
+
+
+def _stage_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig, start: int, end: int) -> dict:
+    """Rename HF tensors to the stage's names, fusing q/k/v and gate/up."""
+    sd: dict[str, torch.Tensor] = {}
+    for i in range(start, end):
+        p, j = f"model.layers.{i}.", f"layers.{i - start}."
+        sd[j + "attn_norm.weight"] = hf[p + "input_layernorm.weight"]
+        sd[j + "mlp_norm.weight"] = hf[p + "post_attention_layernorm.weight"]
+        sd[j + "attn.wqkv.weight"] = torch.cat([hf[f"{p}self_attn.{x}_proj.weight"] for x in "qkv"])
+        if cfg.qkv_bias:
+            sd[j + "attn.wqkv.bias"] = torch.cat([hf[f"{p}self_attn.{x}_proj.bias"] for x in "qkv"])
+        sd[j + "attn.wo.weight"] = hf[p + "self_attn.o_proj.weight"]
+        if cfg.o_bias:
+            sd[j + "attn.wo.bias"] = hf[p + "self_attn.o_proj.bias"]
+        if cfg.qk_norm:
+            sd[j + "attn.q_norm.weight"] = hf[p + "self_attn.q_norm.weight"]
+            sd[j + "attn.k_norm.weight"] = hf[p + "self_attn.k_norm.weight"]
+        sd[j + "mlp.w_gate_up.weight"] = torch.cat(
+            [hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]]
+        )
+        sd[j + "mlp.w_down.weight"] = hf[p + "mlp.down_proj.weight"]
+        if cfg.mlp_bias:
+            sd[j + "mlp.w_gate_up.bias"] = torch.cat(
+                [hf[p + "mlp.gate_proj.bias"], hf[p + "mlp.up_proj.bias"]]
+            )
+            sd[j + "mlp.w_down.bias"] = hf[p + "mlp.down_proj.bias"]
+        for name in [n for n in hf if n.startswith(p)]:
+            del hf[name]  # drop the unfused copies as we go, to keep peak memory low
+    if start == 0:
+        sd["embed.weight"] = hf["model.embed_tokens.weight"]
+    if end == cfg.n_layers:
+        sd["norm.weight"] = hf["model.norm.weight"]
+        sd["lm_head.weight"] = hf.get("lm_head.weight", hf.get("model.embed_tokens.weight"))
+    return sd
+
+
+def load_stage(
+    path: str | Path,
+    start: int = 0,
+    end: int | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    progress: ProgressFn | None = None,
+    cfg: ModelConfig | None = None,
+) -> tuple[Stage, LoadStats]:
+    """Load layers ``[start, end)`` (default: the whole model) onto ``device`` in ``dtype``."""
+    t0 = time.perf_counter()
+    path = Path(path)
+    cfg = cfg or ModelConfig.from_dir(path)
+    end = cfg.n_layers if end is None else end
+    if not 0 <= start < end <= cfg.n_layers:
+        raise ModelLoadError(
+            f"stage [{start}, {end}) is not a layer range of this {cfg.n_layers}-layer model"
+        )
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, cfg, dev)
+    index = checkpoint_index(path)
+    wanted = stage_tensor_names(cfg, start, end, set(index))
+    missing = sorted(n for n in wanted if n not in index)
+    if missing:
+        raise ModelLoadError(f"checkpoint lacks {len(missing)} tensor(s) the stage needs, e.g. {missing[0]}")
+    entries = [index[n] for n in wanted]
+    need = sum(e.nbytes for e in entries)
+    done = 0
+
+    def on_bytes(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, need)
+
+    hf, bytes_read = read_tensors(entries, on_bytes)
+    sd = _stage_state_dict(hf, cfg, start, end)
+    _check_shapes(cfg, start, end, sd)
+    with torch.device("meta"):
+        stage = Stage(cfg, start, end)
+    # Convert tensor by tensor so only one extra copy exists at a time.
+    for name in list(sd):
+        sd[name] = sd[name].to(device=dev, dtype=dt)
+    if "embed.weight" in sd and "lm_head.weight" in sd and cfg.tie_embeddings:
+        sd["lm_head.weight"] = sd["embed.weight"]
+    stage.load_state_dict(sd, assign=True, strict=True)
+    if cfg.tie_embeddings and stage.is_first and stage.is_last:
+        stage.lm_head.weight = stage.embed.weight
+    stage.eval().requires_grad_(False)
+    stats = LoadStats(
+        bytes_read, sum(e.nbytes for e in index.values()), len(entries), time.perf_counter() - t0
+    )
+    return stage, stats
+
+
+def _check_shapes(cfg: ModelConfig, start: int, end: int, sd: dict[str, torch.Tensor]) -> None:
+    with torch.device("meta"):
+        expected = Stage(cfg, start, end).state_dict()
+    for name, ref in expected.items():
+        got = sd.get(name)
+        if got is None:
+            raise ModelLoadError(f"checkpoint has no tensor for {name}")
+        if tuple(got.shape) != tuple(ref.shape):
+            raise UnsupportedModelError(
+                f"tensor for {name} has shape {tuple(got.shape)}, config.json implies {tuple(ref.shape)}"
+            )

@@ -1,0 +1,219 @@
+"""A contiguous range of decoder layers of a Llama-family model: one pipeline stage.
+
+The first stage owns the token embedding, the last owns the final norm and LM head. One
+``forward`` serves prefill and decode; positions are explicit and keys/values go to a
+preallocated :class:`KVCache`. The q/k/v and gate/up projections are fused into single matrices
+at load time, which halves the kernels a decode step launches.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from peerpipe.engine.config import ModelConfig
+from peerpipe.engine.kvcache import Batch, KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # Half precision: normalise in float32 and cast back before the weight, as HF does.
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, window: int | None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.window = window
+        self.wqkv = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor, cache: KVCache, layer: int, batch: Batch
+    ) -> Tensor:
+        cfg = self.cfg
+        b, s, _ = x.shape
+        h, kvh, d, g = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.group_size
+        qkv = self.wqkv(x)
+        q = qkv[..., : cfg.q_size].view(b, s, h, d)
+        k = qkv[..., cfg.q_size : cfg.q_size + cfg.kv_size].view(b, s, kvh, d)
+        v = qkv[..., cfg.q_size + cfg.kv_size :].view(b, s, kvh, d)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope  # [B, S, 1, D]
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+
+        # Write the new keys/values at (slot, head, position).
+        heads = torch.arange(kvh, device=x.device)
+        index = (batch.slots[:, None, None], heads[None, :, None], batch.positions[:, None, :])
+        cache.k[layer].index_put_(index, k.transpose(1, 2))
+        cache.v[layer].index_put_(index, v.transpose(1, 2))
+        keys, values = _read(cache.k[layer], batch), _read(cache.v[layer], batch)  # [B, KV, L, D]
+
+        # Grouped-query attention without repeating keys: each KV head serves g query heads.
+        q = q.transpose(1, 2).reshape(b, kvh, g * s, d)
+        scores = torch.matmul(q, keys.transpose(-1, -2)) * self.scale  # [B, KV, G*S, L]
+        scores = scores.view(b, kvh, g, s, -1) + mask
+        probs = torch.softmax(scores.float(), dim=-1).to(values.dtype).view(b, kvh, g * s, -1)
+        out = torch.matmul(probs, values)  # [B, KV, G*S, D]
+        out = out.view(b, h, s, d).transpose(1, 2).reshape(b, s, cfg.q_size)
+        return self.wo(out)
+
+
+def _read(store: Tensor, batch: Batch) -> Tensor:
+    if batch.slot_start is not None:
+        n = batch.slots.shape[0]
+        return store[batch.slot_start : batch.slot_start + n, :, : batch.kv_len]
+    return store.index_select(0, batch.slots)[:, :, : batch.kv_len]
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.inter = cfg.intermediate_size
+        self.w_gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.w_down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate_up = self.w_gate_up(x)
+        return self.w_down(F.silu(gate_up[..., : self.inter]) * gate_up[..., self.inter :])
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, window: int | None) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg, window)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor, cache: KVCache, layer: int, batch: Batch
+    ) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, mask, cache, layer, batch)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Stage(nn.Module):
+    """Layers ``[start, end)`` of a model; build it on the meta device and load it with ``assign``."""
+
+    def __init__(self, cfg: ModelConfig, start: int, end: int) -> None:
+        super().__init__()
+        if not 0 <= start < end <= cfg.n_layers:
+            raise ValueError(f"stage [{start}, {end}) is not a non-empty range of 0..{cfg.n_layers}")
+        self.cfg, self.start, self.end = cfg, start, end
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if self.is_first else None
+        self.layers = nn.ModuleList(Block(cfg, cfg.windows[i]) for i in range(start, end))
+        if self.is_last:
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rope_cos: Tensor | None = None
+        self.rope_sin: Tensor | None = None
+
+    @property
+    def is_first(self) -> bool:
+        return self.start == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.end == self.cfg.n_layers
+
+    @property
+    def n_layers(self) -> int:
+        return self.end - self.start
+
+    def setup_rope(self, max_seq: int) -> None:
+        """Precompute cos/sin for positions ``0 .. max_seq`` on the stage's device."""
+        device = next(self.parameters()).device
+        inv_freq = rope_inv_freq(self.cfg).to(device)
+        pos = torch.arange(max_seq, device=device, dtype=torch.float32)
+        freqs = pos[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        dtype = next(self.parameters()).dtype
+        self.rope_cos, self.rope_sin = emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def new_cache(self, max_slots: int, max_seq: int) -> KVCache:
+        param = next(self.parameters())
+        if self.rope_cos is None or self.rope_cos.shape[0] < max_seq:
+            self.setup_rope(max_seq)
+        return KVCache(
+            self.n_layers,
+            max_slots,
+            max_seq,
+            self.cfg.n_kv_heads,
+            self.cfg.head_dim,
+            param.dtype,
+            param.device,
+        )
+
+    def forward(self, x: Tensor, cache: KVCache, batch: Batch, last_only: bool = False) -> Tensor:
+        """Token ids ``[B, S]`` (first stage) or hidden states ``[B, S, H]`` in; hidden states or,
+        on the last stage, logits ``[B, S, V]`` out (``[B, 1, V]`` with ``last_only``)."""
+        if self.is_first:
+            x = self.embed(x)
+        assert self.rope_cos is not None and self.rope_sin is not None, "call new_cache() first"
+        rope = (self.rope_cos[batch.positions].unsqueeze(2), self.rope_sin[batch.positions].unsqueeze(2))
+        masks = _masks(batch, self.cfg.windows[self.start : self.end], x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, masks[layer.attn.window], cache, i, batch)
+        if not self.is_last:
+            return x
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))
+
+
+def _masks(batch: Batch, windows: tuple[int | None, ...], dtype: torch.dtype) -> dict[int | None, Tensor]:
+    """Additive masks ``[B, 1, 1, S, L]``, one per distinct sliding window among the stage's layers."""
+    q_pos = batch.positions[:, :, None]
+    k_pos = torch.arange(batch.kv_len, device=q_pos.device)[None, None, :]
+    out = {}
+    for window in set(windows):
+        allowed = k_pos <= q_pos
+        if window is not None:
+            allowed = allowed & (k_pos > q_pos - window)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=q_pos.device)
+        out[window] = mask.masked_fill_(~allowed, float("-inf"))[:, None, None]
+    return out
+
+
+def rope_inv_freq(cfg: ModelConfig) -> Tensor:
+    """Inverse RoPE frequencies in float32, computed the way the reference implementation does."""
+    rope, dim = cfg.rope, cfg.head_dim
+    inv = 1.0 / (rope.theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if rope.kind == "linear":
+        return inv / rope.factor
+    if rope.kind != "llama3":
+        return inv
+    # Llama 3.1 keeps high frequencies, divides low ones by `factor`, and blends the band between.
+    low_wavelen = rope.original_max_positions / rope.low_freq_factor
+    high_wavelen = rope.original_max_positions / rope.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / rope.factor, inv)
+    smooth = (rope.original_max_positions / wavelen - rope.low_freq_factor) / (
+        rope.high_freq_factor - rope.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
