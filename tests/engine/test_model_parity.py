@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -94,7 +96,7 @@ def test_stages_chained_equal_whole_model(tiny_model_dir, arch: str, cuts: tuple
     expected = _run_whole(whole, ids)
     bounds = [0, *cuts, whole.cfg.n_layers]
     x = ids
-    for start, end in zip(bounds, bounds[1:], strict=False):
+    for start, end in itertools.pairwise(bounds):
         stage, _ = load_stage(path, start, end, device="cpu", dtype="float32")
         assert stage.is_first == (start == 0) and stage.is_last == (end == whole.cfg.n_layers)
         x = _run_whole(stage, x)
