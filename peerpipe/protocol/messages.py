@@ -1,0 +1,305 @@
+"""The closed set of messages peers exchange. Each class has a wire ``TAG``; see docs/protocol.md."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, TypeAlias
+
+from peerpipe.protocol.errors import ValidationError, VersionMismatchError
+from peerpipe.protocol.records import MAX_MEMBERS, NodeInfo, Plan
+from peerpipe.protocol.tensor import TensorData, as_byte_view
+from peerpipe.protocol.validate import (
+    MAX_NAME_LEN,
+    need_bool,
+    need_choice,
+    need_float,
+    need_id,
+    need_instance,
+    need_int,
+    need_str,
+    need_tuple_of,
+)
+
+PROTOCOL_VERSION = 1
+MAX_FEATURES = 64
+HEARTBEAT_STATUSES = frozenset({"idle", "busy", "loading", "draining", "error"})
+
+
+def _need_features(obj: Hello) -> None:
+    need_tuple_of(obj, "features", str, MAX_FEATURES)
+    for feature in obj.features:
+        if not feature or len(feature) > MAX_NAME_LEN:
+            raise ValidationError(f"Hello.features has an invalid entry {feature!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """First message on every connection. Its fields never change across versions, so any two
+    versions can read each other's hello and report a mismatch; new abilities go in ``features``."""
+
+    TAG: ClassVar[str] = "hello"
+    protocol_version: int
+    node_id: str
+    name: str
+    software: str = ""
+    features: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        need_int(self, "protocol_version", 1, 0xFFFF)
+        need_id(self, "node_id")
+        need_str(self, "name", MAX_NAME_LEN)
+        need_str(self, "software", MAX_NAME_LEN)
+        _need_features(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    TAG: ClassVar[str] = "ping"
+    nonce: int
+
+    def __post_init__(self) -> None:
+        need_int(self, "nonce")
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    TAG: ClassVar[str] = "pong"
+    nonce: int
+
+    def __post_init__(self) -> None:
+        need_int(self, "nonce")
+
+
+@dataclass(frozen=True, slots=True)
+class Bye:
+    """Last message before an orderly close; ``reason`` is shown to the user on the other side."""
+
+    TAG: ClassVar[str] = "bye"
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        need_str(self, "reason")
+
+
+@dataclass(frozen=True, slots=True)
+class JoinCluster:
+    TAG: ClassVar[str] = "join-cluster"
+    node_info: NodeInfo
+
+    def __post_init__(self) -> None:
+        need_instance(self, "node_info", NodeInfo)
+
+
+@dataclass(frozen=True, slots=True)
+class LeaveCluster:
+    TAG: ClassVar[str] = "leave-cluster"
+    peer_id: str
+
+    def __post_init__(self) -> None:
+        need_id(self, "peer_id")
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """Periodic liveness and load report; ``load`` is the busy fraction in ``[0, 1]``."""
+
+    TAG: ClassVar[str] = "heartbeat"
+    load: float
+    status: str
+
+    def __post_init__(self) -> None:
+        need_float(self, "load", 0.0, 1.0)
+        need_choice(self, "status", HEARTBEAT_STATUSES)
+
+
+@dataclass(frozen=True, slots=True)
+class RoomView:
+    """The host's membership view; ``epoch`` grows with every change so stale views are ignored."""
+
+    TAG: ClassVar[str] = "room-view"
+    epoch: int
+    members: tuple[NodeInfo, ...]
+
+    def __post_init__(self) -> None:
+        need_int(self, "epoch")
+        need_tuple_of(self, "members", NodeInfo, MAX_MEMBERS)
+        ids = [member.node_id for member in self.members]
+        if len(set(ids)) != len(ids):
+            raise ValidationError("RoomView.members lists a node_id twice")
+
+
+@dataclass(frozen=True, slots=True)
+class DistributionPlan:
+    TAG: ClassVar[str] = "distribution-plan"
+    plan: Plan
+
+    def __post_init__(self) -> None:
+        need_instance(self, "plan", Plan)
+
+
+@dataclass(frozen=True, slots=True)
+class PlanAck:
+    """A node has loaded its stage of plan ``version`` (``ok``) or could not (``error`` says why)."""
+
+    TAG: ClassVar[str] = "plan-ack"
+    version: int
+    ok: bool = True
+    error: str = ""
+
+    def __post_init__(self) -> None:
+        need_int(self, "version")
+        need_bool(self, "ok")
+        need_str(self, "error")
+
+
+@dataclass(frozen=True, slots=True)
+class BenchmarkRequest:
+    TAG: ClassVar[str] = "benchmark-request"
+    request_id: int = 0
+
+    def __post_init__(self) -> None:
+        need_int(self, "request_id")
+
+
+@dataclass(frozen=True, slots=True)
+class BenchmarkResult:
+    """``score`` is the relative performance the planner uses; the rest are the raw measurements."""
+
+    TAG: ClassVar[str] = "benchmark-result"
+    score: float
+    request_id: int = 0
+    matmul_tflops: float = 0.0
+    memory_bandwidth_gbps: float = 0.0
+    latency_ms: float = 0.0
+
+    def __post_init__(self) -> None:
+        need_float(self, "score")
+        need_int(self, "request_id")
+        need_float(self, "matmul_tflops")
+        need_float(self, "memory_bandwidth_gbps")
+        need_float(self, "latency_ms")
+
+
+@dataclass(frozen=True, slots=True)
+class ComputeRequest:
+    """Run this node's stage of plan ``plan_version`` on ``input_tensor`` for ``session_id``,
+    whose new positions start at ``start_pos``."""
+
+    TAG: ClassVar[str] = "compute-request"
+    task_id: str
+    input_tensor: TensorData
+    session_id: str = ""
+    plan_version: int = 0
+    start_pos: int = 0
+
+    def __post_init__(self) -> None:
+        need_id(self, "task_id")
+        need_instance(self, "input_tensor", TensorData)
+        need_str(self, "session_id", MAX_NAME_LEN)
+        need_int(self, "plan_version")
+        need_int(self, "start_pos", 0, 1 << 40)
+
+
+@dataclass(frozen=True, slots=True)
+class ComputeResult:
+    TAG: ClassVar[str] = "compute-result"
+    task_id: str
+    output_tensor: TensorData
+
+    def __post_init__(self) -> None:
+        need_id(self, "task_id")
+        need_instance(self, "output_tensor", TensorData)
+
+
+@dataclass(frozen=True, slots=True)
+class ComputeError:
+    TAG: ClassVar[str] = "compute-error"
+    task_id: str
+    error: str
+
+    def __post_init__(self) -> None:
+        need_id(self, "task_id")
+        need_str(self, "error")
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    TAG: ClassVar[str] = "cancel"
+    task_id: str
+
+    def __post_init__(self) -> None:
+        need_id(self, "task_id")
+
+
+def chunk_span(index: int, total_chunks: int, total_bytes: int) -> tuple[int, int]:
+    """Byte range ``[start, end)`` of chunk ``index``: chunks are ``ceil(total/n)`` bytes, the last
+    one shorter. Deriving it (rather than sending offsets) makes every chunk's length checkable."""
+    size = -(-total_bytes // total_chunks)
+    start = index * size
+    return start, min(total_bytes, start + size)
+
+
+@dataclass(frozen=True, slots=True)
+class TensorChunk:
+    """Part ``chunk_index`` of ``total_chunks`` of the data of tensor ``tensor_id``."""
+
+    TAG: ClassVar[str] = "tensor-chunk"
+    tensor_id: str
+    chunk_index: int
+    total_chunks: int
+    total_bytes: int
+    data: bytes | memoryview
+
+    def __post_init__(self) -> None:
+        need_id(self, "tensor_id")
+        need_int(self, "total_chunks", 1, 1 << 32)
+        need_int(self, "chunk_index", 0, self.total_chunks - 1)
+        need_int(self, "total_bytes", 1, 1 << 48)
+        if not isinstance(self.data, (bytes, bytearray, memoryview)):
+            raise ValidationError(f"TensorChunk.data must be bytes or memoryview, got {self.data!r}")
+        object.__setattr__(self, "data", as_byte_view(self.data))
+        size = -(-self.total_bytes // self.total_chunks)
+        if (self.total_chunks - 1) * size >= self.total_bytes:
+            raise ValidationError(
+                f"TensorChunk: {self.total_bytes} bytes cannot be cut into {self.total_chunks} chunks"
+            )
+        start, end = chunk_span(self.chunk_index, self.total_chunks, self.total_bytes)
+        if len(self.data) != end - start:
+            raise ValidationError(
+                f"TensorChunk {self.chunk_index}/{self.total_chunks} of {self.total_bytes} bytes must "
+                f"carry {end - start} bytes, got {len(self.data)}"
+            )
+
+
+Message: TypeAlias = (
+    Hello
+    | Ping
+    | Pong
+    | Bye
+    | JoinCluster
+    | LeaveCluster
+    | Heartbeat
+    | RoomView
+    | DistributionPlan
+    | PlanAck
+    | BenchmarkRequest
+    | BenchmarkResult
+    | ComputeRequest
+    | ComputeResult
+    | ComputeError
+    | Cancel
+    | TensorChunk
+)
+MESSAGE_TYPES: tuple[type[Message], ...] = Message.__args__
+BY_TAG: dict[str, type[Message]] = {cls.TAG: cls for cls in MESSAGE_TYPES}
+
+
+def check_hello(hello: Hello, local_version: int = PROTOCOL_VERSION) -> None:
+    """Raise ``VersionMismatchError`` unless the peer's hello speaks ``local_version``."""
+    if hello.protocol_version != local_version:
+        raise VersionMismatchError(
+            f"peer {hello.name or hello.node_id!r} speaks protocol version {hello.protocol_version}, "
+            f"this node speaks {local_version}; install the same peerpipe version on both",
+            local=local_version,
+            remote=hello.protocol_version,
+        )
