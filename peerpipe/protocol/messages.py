@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, TypeAlias
 
 from peerpipe.protocol.errors import ValidationError, VersionMismatchError
@@ -248,7 +248,7 @@ class TensorChunk:
     chunk_index: int
     total_chunks: int
     total_bytes: int
-    data: bytes | memoryview
+    data: bytes | memoryview = field(repr=False)
 
     def __post_init__(self) -> None:
         need_id(self, "tensor_id")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from peerpipe.protocol.errors import ChecksumError, ValidationError
@@ -62,7 +62,8 @@ class TensorData:
 
     dtype: str
     shape: tuple[int, ...]
-    data: bytes | memoryview = b""
+    # Left out of repr: a tensor printed in a log or error must not flood it.
+    data: bytes | memoryview = field(default=b"", repr=False)
     encoding: str = "raw"
     checksum: int | None = None
     ref: str | None = None
@@ -124,7 +125,9 @@ class TensorData:
         """
         import numpy as np
 
-        arr = np.ascontiguousarray(arr)
+        # Not ascontiguousarray(): it turns 0-d arrays into 1-d ones.
+        if not arr.flags.c_contiguous:
+            arr = arr.copy(order="C")
         name = dtype if dtype is not None else str(arr.dtype)
         if name not in DTYPES:
             raise ValidationError(f"numpy dtype {arr.dtype} has no wire dtype")

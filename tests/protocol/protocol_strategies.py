@@ -1,0 +1,123 @@
+"""Hypothesis strategies that build every protocol message with random valid fields."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from hypothesis import strategies as st
+
+from peerpipe import protocol as p
+from peerpipe.protocol.messages import chunk_span
+from peerpipe.protocol.tensor import ITEMSIZE
+
+ids = st.text(st.characters(codec="utf-8"), min_size=1, max_size=128)
+names = st.text(st.characters(codec="utf-8"), max_size=64)
+texts = st.text(max_size=200)
+u64 = st.integers(0, (1 << 64) - 1)
+nonneg = st.floats(0.0, 1e12, allow_nan=False, allow_infinity=False)
+
+
+@st.composite
+def tensors(draw: st.DrawFn, max_elems: int = 64) -> p.TensorData:
+    dtype = draw(st.sampled_from(sorted(p.DTYPES)))
+    ndim = draw(st.integers(0, 4))
+    shape = tuple(draw(st.lists(st.integers(0, 4), min_size=ndim, max_size=ndim)))
+    if math.prod(shape) > max_elems:
+        shape = (max_elems,)
+    data = draw(
+        st.binary(min_size=math.prod(shape) * ITEMSIZE[dtype], max_size=math.prod(shape) * ITEMSIZE[dtype])
+    )
+    return p.TensorData(dtype, shape, data)
+
+
+node_infos = st.builds(
+    p.NodeInfo,
+    node_id=ids,
+    name=names,
+    device=st.sampled_from(["cpu", "cuda", "mps", "wgpu"]),
+    memory_bytes=st.integers(0, 1 << 45),
+    tflops=nonneg,
+    supports_f16=st.booleans(),
+    memory_bandwidth_gbps=nonneg,
+)
+
+
+@st.composite
+def plans(draw: st.DrawFn) -> p.Plan:
+    cuts = sorted(set(draw(st.lists(st.integers(1, 99), max_size=6))))
+    num_layers = draw(st.integers((cuts[-1] + 1) if cuts else 1, 100))
+    bounds = [0, *cuts, num_layers]
+    stages = tuple(p.Stage(draw(ids), a, b) for a, b in zip(bounds, bounds[1:], strict=False))
+    return p.Plan(draw(u64), draw(ids), num_layers, stages, draw(nonneg))
+
+
+@st.composite
+def chunks(draw: st.DrawFn) -> p.TensorChunk:
+    total_bytes = draw(st.integers(1, 300))
+    total_chunks = draw(st.integers(1, total_bytes))
+    size = -(-total_bytes // total_chunks)
+    # Only counts whose last chunk is non-empty are valid; fall back to the count implied by size.
+    total_chunks = -(-total_bytes // size)
+    index = draw(st.integers(0, total_chunks - 1))
+    start, end = chunk_span(index, total_chunks, total_bytes)
+    data = draw(st.binary(min_size=end - start, max_size=end - start))
+    return p.TensorChunk(draw(ids), index, total_chunks, total_bytes, data)
+
+
+STRATEGIES: dict[type, st.SearchStrategy] = {
+    p.Hello: st.builds(
+        p.Hello,
+        protocol_version=st.integers(1, 0xFFFF),
+        node_id=ids,
+        name=names,
+        software=names,
+        features=st.lists(st.text(min_size=1, max_size=20), max_size=5).map(tuple),
+    ),
+    p.Ping: st.builds(p.Ping, nonce=u64),
+    p.Pong: st.builds(p.Pong, nonce=u64),
+    p.Bye: st.builds(p.Bye, reason=texts),
+    p.JoinCluster: st.builds(p.JoinCluster, node_info=node_infos),
+    p.LeaveCluster: st.builds(p.LeaveCluster, peer_id=ids),
+    p.Heartbeat: st.builds(
+        p.Heartbeat, load=st.floats(0.0, 1.0), status=st.sampled_from(sorted(p.HEARTBEAT_STATUSES))
+    ),
+    p.RoomView: st.builds(
+        p.RoomView,
+        epoch=u64,
+        members=st.lists(node_infos, max_size=4, unique_by=lambda n: n.node_id).map(tuple),
+    ),
+    p.DistributionPlan: st.builds(p.DistributionPlan, plan=plans()),
+    p.PlanAck: st.builds(p.PlanAck, version=u64, ok=st.booleans(), error=texts),
+    p.BenchmarkRequest: st.builds(p.BenchmarkRequest, request_id=u64),
+    p.BenchmarkResult: st.builds(
+        p.BenchmarkResult,
+        score=nonneg,
+        request_id=u64,
+        matmul_tflops=nonneg,
+        memory_bandwidth_gbps=nonneg,
+        latency_ms=nonneg,
+    ),
+    p.ComputeRequest: st.builds(
+        p.ComputeRequest,
+        task_id=ids,
+        input_tensor=tensors(),
+        session_id=names,
+        plan_version=u64,
+        start_pos=st.integers(0, 1 << 40),
+    ),
+    p.ComputeResult: st.builds(p.ComputeResult, task_id=ids, output_tensor=tensors()),
+    p.ComputeError: st.builds(p.ComputeError, task_id=ids, error=texts),
+    p.Cancel: st.builds(p.Cancel, task_id=ids),
+    p.TensorChunk: chunks(),
+}
+
+messages = st.one_of(*STRATEGIES.values())
+
+
+def numpy_array(dtype: str, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=math.prod(shape) * ITEMSIZE[dtype], dtype=np.uint8)
+    if dtype == "bool":
+        raw %= 2
+    return raw.view(np.uint16 if dtype == "bfloat16" else dtype).reshape(shape)
