@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import torch
 from safetensors.torch import save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 ARCHITECTURES = ("llama", "llama3", "qwen2", "qwen3", "mistral")
 
@@ -54,6 +54,11 @@ _ARCH_CLASSES = {
     "qwen3": "Qwen3ForCausalLM",
 }
 TokenizerStyle = Literal["llama", "qwen"]
+# The pre-tokenizer split Qwen2/Qwen3 checkpoints declare: digits one by one, letters in runs.
+_QWEN_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 @functools.lru_cache(maxsize=1)
@@ -75,6 +80,17 @@ def _trained_bpe_json() -> str:
 def tiny_tokenizer_json(style: TokenizerStyle = "llama") -> str:
     """The tokenizer.json text. Llama-style prepends BOS in its post-processor; Qwen-style has no BOS."""
     tok = Tokenizer.from_str(_trained_bpe_json())
+    if style == "qwen":
+        # Qwen's own tokenizer.json pipeline; transformers' Qwen2Tokenizer rebuilds exactly this
+        # (ignoring the file's), so anything else would make the tiny model disagree with it.
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_QWEN_SPLIT), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
     if style == "llama":
         bos = SPECIAL_TOKENS[BOS_ID]
         tok.post_processor = processors.TemplateProcessing(
@@ -280,6 +296,8 @@ def write_tiny_tokenizer(
         "bos_token": tok(SPECIAL_TOKENS[BOS_ID]) if llama else None,
         "eos_token": tok(SPECIAL_TOKENS[EOS_ID] if llama else SPECIAL_TOKENS[IM_END_ID]),
         "pad_token": tok(SPECIAL_TOKENS[EOS_ID]),
+        # Explicit null as in Qwen's own files; transformers' Qwen2Tokenizer would invent one.
+        "unk_token": None,
         "add_bos_token": llama,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
