@@ -45,11 +45,15 @@ class KVCache:
     ) -> None:
         if max_slots <= 0 or max_seq <= 0:
             raise CacheError("a KV cache needs at least one slot and one position")
-        shape = (n_layers, max_slots, n_kv_heads, max_seq, head_dim)
+        # One spare position past max_seq: a scratch row that warm-up runs (CUDA-graph capture)
+        # may write without touching any session's keys.
+        shape = (n_layers, max_slots, n_kv_heads, max_seq + 1, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.heads = torch.arange(n_kv_heads, device=device)  # index for writes, made once
         self.max_slots = max_slots
         self.max_seq = max_seq
+        self.scratch_position = max_seq
         self.lengths = [0] * max_slots
         self._free = list(range(max_slots - 1, -1, -1))
         self._in_use: set[int] = set()

@@ -48,32 +48,27 @@ class Attention(nn.Module):
     ) -> Tensor:
         cfg = self.cfg
         b, s, _ = x.shape
-        h, kvh, d, g = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.group_size
+        h, kvh, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         qkv = self.wqkv(x)
-        q = qkv[..., : cfg.q_size].view(b, s, h, d)
-        k = qkv[..., cfg.q_size : cfg.q_size + cfg.kv_size].view(b, s, kvh, d)
+        qk = qkv[..., : cfg.q_size + cfg.kv_size].view(b, s, h + kvh, d)
         v = qkv[..., cfg.q_size + cfg.kv_size :].view(b, s, kvh, d)
         if cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
+            qk = torch.cat((self.q_norm(qk[:, :, :h]), self.k_norm(qk[:, :, h:])), dim=2)
+        # RoPE on queries and keys in one pass: x*cos + rotate_half(x)*sin, where rotate_half is
+        # a roll by half the head with the sign folded into the precomputed sin table.
         cos, sin = rope  # [B, S, 1, D]
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        qk = torch.addcmul(qk * cos, torch.roll(qk, d // 2, dims=-1), sin)
+        q, k = qk[:, :, :h], qk[:, :, h:]
 
         # Write the new keys/values at (slot, head, position).
-        heads = torch.arange(kvh, device=x.device)
-        index = (batch.slots[:, None, None], heads[None, :, None], batch.positions[:, None, :])
+        index = (batch.slots[:, None, None], cache.heads[None, :, None], batch.positions[:, None, :])
         cache.k[layer].index_put_(index, k.transpose(1, 2))
         cache.v[layer].index_put_(index, v.transpose(1, 2))
         keys, values = _read(cache.k[layer], batch), _read(cache.v[layer], batch)  # [B, KV, L, D]
-
-        # Grouped-query attention without repeating keys: each KV head serves g query heads.
-        q = q.transpose(1, 2).reshape(b, kvh, g * s, d)
-        scores = torch.matmul(q, keys.transpose(-1, -2)) * self.scale  # [B, KV, G*S, L]
-        scores = scores.view(b, kvh, g, s, -1) + mask
-        probs = torch.softmax(scores.float(), dim=-1).to(values.dtype).view(b, kvh, g * s, -1)
-        out = torch.matmul(probs, values)  # [B, KV, G*S, D]
-        out = out.view(b, h, s, d).transpose(1, 2).reshape(b, s, cfg.q_size)
-        return self.wo(out)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys, values, attn_mask=mask, scale=self.scale, enable_gqa=kvh != h
+        )  # [B, H, S, D]
+        return self.wo(out.transpose(1, 2).reshape(b, s, cfg.q_size))
 
 
 def _read(store: Tensor, batch: Batch) -> Tensor:
@@ -81,11 +76,6 @@ def _read(store: Tensor, batch: Batch) -> Tensor:
         n = batch.slots.shape[0]
         return store[batch.slot_start : batch.slot_start + n, :, : batch.kv_len]
     return store.index_select(0, batch.slots)[:, :, : batch.kv_len]
-
-
-def _rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 class MLP(nn.Module):
@@ -151,12 +141,15 @@ class Stage(nn.Module):
         freqs = pos[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         dtype = next(self.parameters()).dtype
-        self.rope_cos, self.rope_sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        sin = emb.sin()
+        half = sin.shape[-1] // 2
+        sin[:, :half] = -sin[:, :half]  # rotate_half's sign, so attention needs only a roll
+        self.rope_cos, self.rope_sin = emb.cos().to(dtype), sin.to(dtype)
 
     def new_cache(self, max_slots: int, max_seq: int) -> KVCache:
         param = next(self.parameters())
-        if self.rope_cos is None or self.rope_cos.shape[0] < max_seq:
-            self.setup_rope(max_seq)
+        if self.rope_cos is None or self.rope_cos.shape[0] < max_seq + 1:
+            self.setup_rope(max_seq + 1)
         return KVCache(
             self.n_layers,
             max_slots,
@@ -185,7 +178,7 @@ class Stage(nn.Module):
 
 
 def _masks(batch: Batch, windows: tuple[int | None, ...], dtype: torch.dtype) -> dict[int | None, Tensor]:
-    """Additive masks ``[B, 1, 1, S, L]``, one per distinct sliding window among the stage's layers."""
+    """Additive masks ``[B, 1, S, L]``, one per distinct sliding window among the stage's layers."""
     q_pos = batch.positions[:, :, None]
     k_pos = torch.arange(batch.kv_len, device=q_pos.device)[None, None, :]
     out = {}
@@ -194,7 +187,7 @@ def _masks(batch: Batch, windows: tuple[int | None, ...], dtype: torch.dtype) ->
         if window is not None:
             allowed = allowed & (k_pos > q_pos - window)
         mask = torch.zeros(allowed.shape, dtype=dtype, device=q_pos.device)
-        out[window] = mask.masked_fill_(~allowed, float("-inf"))[:, None, None]
+        out[window] = mask.masked_fill_(~allowed, float("-inf"))[:, None]
     return out
 
 

@@ -1,0 +1,85 @@
+"""Decode steps replayed from captured CUDA graphs.
+
+A decode step of a small model is hundreds of tiny kernels; launched one by one from Python the
+GPU idles between them. A captured graph launches them all at once. Graphs need fixed shapes and
+addresses, so each one is captured for a fixed set of slots and a KV-length *bucket* (attention
+reads ``bucket`` positions, the mask hides those past each session's length) and is fed through
+static input buffers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from peerpipe.engine.kvcache import Batch, KVCache
+from peerpipe.engine.model import Stage
+
+MIN_BUCKET = 64
+
+
+def bucket_for(kv_len: int, max_seq: int) -> int:
+    """The smallest power of two >= kv_len (at least MIN_BUCKET), capped at the cache length."""
+    bucket = MIN_BUCKET
+    while bucket < kv_len:
+        bucket *= 2
+    return min(bucket, max_seq)
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    x: Tensor
+    positions: Tensor
+    out: Tensor
+
+
+class GraphedDecoder:
+    """Runs ``stage`` for one new token per session, through a graph per (slots, bucket)."""
+
+    def __init__(self, stage: Stage, cache: KVCache) -> None:
+        if cache.device.type != "cuda":
+            raise ValueError("CUDA graphs need a stage and cache on a CUDA device")
+        self.stage, self.cache = stage, cache
+        self._graphs: dict[tuple[tuple[int, ...], int], _Graph] = {}
+        self._pool = torch.cuda.graph_pool_handle()
+
+    def __call__(self, x: Tensor, batch: Batch) -> Tensor:
+        """Same contract as ``stage(x, cache, batch)`` for a decode batch (``S == 1``)."""
+        slots = tuple(batch.slots.tolist())
+        key = (slots, bucket_for(batch.kv_len, self.cache.max_seq))
+        g = self._graphs.get(key)
+        if g is None:
+            g = self._capture(slots, key[1], x)
+            self._graphs[key] = g
+        g.x.copy_(x)
+        g.positions.copy_(batch.positions)
+        g.graph.replay()
+        return g.out
+
+    def _capture(self, slots: tuple[int, ...], bucket: int, x: Tensor) -> _Graph:
+        cache = self.cache
+        device = cache.device
+        static_x = torch.zeros_like(x)
+        # Warm-up runs execute for real: aim them at the scratch position so no session is touched.
+        positions = torch.full((len(slots), 1), cache.scratch_position, dtype=torch.long, device=device)
+        first = slots[0]
+        contiguous = list(slots) == list(range(first, first + len(slots)))
+        batch = Batch(
+            slots=torch.tensor(slots, dtype=torch.long, device=device),
+            positions=positions,
+            kv_len=bucket,
+            slot_start=first if contiguous else None,
+        )
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream), torch.inference_mode():
+            for _ in range(2):
+                self.stage(static_x, cache, batch)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool), torch.inference_mode():
+            out = self.stage(static_x, cache, batch)
+        return _Graph(graph, static_x, positions, out)
