@@ -82,7 +82,7 @@ def test_unsupported_architecture_names_the_supported_ones(tiny_model_dir, tmp_p
     cfg = json.loads((dst / "config.json").read_text())
     cfg["architectures"] = ["GPT2LMHeadModel"]
     (dst / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UnsupportedModelError, match="LlamaForCausalLM.*Qwen3ForCausalLM") as err:
+    with pytest.raises(UnsupportedModelError, match=r"LlamaForCausalLM.*Qwen3ForCausalLM") as err:
         load_stage(dst)
     assert "GPT2LMHeadModel" in str(err.value)
 
