@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -48,7 +49,7 @@ def plans(draw: st.DrawFn) -> p.Plan:
     cuts = sorted(set(draw(st.lists(st.integers(1, 99), max_size=6))))
     num_layers = draw(st.integers((cuts[-1] + 1) if cuts else 1, 100))
     bounds = [0, *cuts, num_layers]
-    stages = tuple(p.Stage(draw(ids), a, b) for a, b in zip(bounds, bounds[1:], strict=False))
+    stages = tuple(p.Stage(draw(ids), a, b) for a, b in itertools.pairwise(bounds))
     return p.Plan(draw(u64), draw(ids), num_layers, stages, draw(nonneg))
 
 
