@@ -1,0 +1,288 @@
+"""The sans-IO connection: bytes in, events out; ``send(msg)`` gives the bytes to write.
+
+One ``Connection`` is one end of one TCP stream between two nodes. It runs the
+handshake (SPAKE2 from the room code, key confirmation, ``Hello``), then protects
+every message with AES-GCM. It never touches a socket or a clock, so every state
+and every failure is testable by feeding bytes (see docs/transport.md).
+
+Wire, both directions, every frame: ``u32 length (big endian) | body``.
+Handshake bodies are plaintext ``type | payload``; every frame after the peer's
+confirmation is an encrypted record whose plaintext is one encoded ``Message``.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import Enum
+
+from peerpipe.errors import PeerpipeError
+from peerpipe.protocol import (
+    DEFAULT_LIMITS,
+    Bye,
+    Hello,
+    Limits,
+    Message,
+    ProtocolError,
+    check_hello,
+    decode,
+    encode,
+)
+from peerpipe.room.codes import RoomCode
+from peerpipe.room.crypto import (
+    APP_ID,
+    CONFIRM_BYTES,
+    TAG_BYTES,
+    Pake,
+    RecordOpener,
+    RecordSealer,
+    Role,
+    SessionKeys,
+)
+from peerpipe.room.errors import (
+    ConnectionClosedError,
+    FrameTooLargeError,
+    HandshakeError,
+    IllegalTransitionError,
+    PeerProtocolError,
+    RoomError,
+)
+
+_LEN = struct.Struct(">I")
+HEADER_BYTES = _LEN.size
+MAX_HANDSHAKE_FRAME = 64
+_PAKE = 1
+_CONFIRM = 2
+
+
+class State(Enum):
+    HANDSHAKE = "handshake"  # keys not yet confirmed by the peer
+    AUTHENTICATED = "authenticated"  # peer proved it holds the code; waiting for its Hello
+    OPEN = "open"  # Hello exchanged and versions match: messages flow both ways
+    CLOSING = "closing"  # a Bye was sent or received; the stream is winding down
+    CLOSED = "closed"
+
+
+class Input(Enum):
+    PEER_CONFIRMED = "peer confirmed the key"
+    PEER_HELLO = "peer sent Hello"
+    SEND_BYE = "we send Bye"
+    RECV_BYE = "peer sent Bye"
+    CONNECTION_LOST = "connection lost"
+    FAIL = "error"
+    CLOSE = "local close"
+
+
+_LIVE = (State.HANDSHAKE, State.AUTHENTICATED, State.OPEN, State.CLOSING)
+TRANSITIONS: dict[tuple[State, Input], State] = {
+    (State.HANDSHAKE, Input.PEER_CONFIRMED): State.AUTHENTICATED,
+    (State.AUTHENTICATED, Input.PEER_HELLO): State.OPEN,
+    (State.OPEN, Input.SEND_BYE): State.CLOSING,
+    (State.OPEN, Input.RECV_BYE): State.CLOSING,
+    (State.CLOSING, Input.SEND_BYE): State.CLOSED,
+    (State.CLOSING, Input.RECV_BYE): State.CLOSED,
+    **{(s, Input.CONNECTION_LOST): State.CLOSED for s in _LIVE},
+    **{(s, Input.FAIL): State.CLOSED for s in _LIVE},
+    **{(s, Input.CLOSE): State.CLOSED for s in (*_LIVE, State.CLOSED)},
+}
+
+
+@dataclass(frozen=True)
+class Opened:
+    """The handshake is complete: the peer knows the code and speaks our protocol version."""
+
+    hello: Hello
+
+
+@dataclass(frozen=True)
+class MessageReceived:
+    message: Message
+
+
+@dataclass(frozen=True)
+class Closed:
+    """The connection is over. ``error`` is None for a polite ``Bye`` (``reason`` quotes it)."""
+
+    reason: str
+    error: PeerpipeError | None = None
+
+
+Event = Opened | MessageReceived | Closed
+
+
+class Connection:
+    """One end of an authenticated, encrypted peerpipe stream (no I/O)."""
+
+    def __init__(self, code: RoomCode, role: Role, hello: Hello, limits: Limits = DEFAULT_LIMITS) -> None:
+        self.role = role
+        self.limits = limits
+        self.state = State.HANDSHAKE
+        self.peer_hello: Hello | None = None
+        self.closed_event: Closed | None = None
+        self._hello = hello
+        self._pake = Pake(code.password, role)
+        self._keys: SessionKeys | None = None
+        self._sealer: RecordSealer | None = None
+        self._opener: RecordOpener | None = None
+        self._inbuf = bytearray()
+        self._outbuf: list[bytes] = []
+        self._started = False
+
+    @property
+    def code_tried(self) -> bool:
+        """True once the peer's SPAKE2 message was processed: the peer has spent one guess at the code."""
+        return self._keys is not None
+
+    # -- state machine -------------------------------------------------------------------
+
+    def _apply(self, what: Input) -> None:
+        try:
+            self.state = TRANSITIONS[(self.state, what)]
+        except KeyError:
+            raise IllegalTransitionError(
+                f"{what.value!r} is not allowed in state {self.state.value}"
+            ) from None
+
+    # -- outgoing ------------------------------------------------------------------------
+
+    def start(self) -> bytes:
+        """Our first bytes (the SPAKE2 message); both ends send theirs at once, no one waits."""
+        if self._started:
+            raise IllegalTransitionError("start() was already called")
+        self._started = True
+        return _frame(bytes([_PAKE]) + APP_ID + self._pake.start())
+
+    def data_to_send(self) -> bytes:
+        """Bytes the handshake produced while receiving (confirmation and Hello); empty if none."""
+        out = b"".join(self._outbuf)
+        self._outbuf.clear()
+        return out
+
+    def send_parts(self, message: Message) -> list[bytes]:
+        """Encrypt one message; the parts written in order form one frame (saves a copy of big records)."""
+        if self.state is not State.OPEN:
+            raise IllegalTransitionError(f"cannot send {type(message).__name__} in state {self.state.value}")
+        if isinstance(message, Bye):
+            self._apply(Input.SEND_BYE)
+        return self._seal(encode(message))
+
+    def send(self, message: Message) -> bytes:
+        return b"".join(self.send_parts(message))
+
+    def _seal(self, plaintext: bytes) -> list[bytes]:
+        assert self._sealer is not None
+        ciphertext = self._sealer.seal(plaintext)
+        return [_LEN.pack(len(ciphertext)), ciphertext]
+
+    def close(self) -> None:
+        """We are done with this connection (for instance after writing Bye and closing the socket)."""
+        self._apply(Input.CLOSE)
+
+    # -- incoming ------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        """Feed bytes from the socket (``b""`` means the peer closed its side); returns what happened."""
+        if self.closed_event is not None:
+            # After a Bye or an error nothing the peer sends can matter any more.
+            return []
+        if not data:
+            return self._finish(
+                Input.CONNECTION_LOST, Closed("the connection was lost", _lost_error(self.state))
+            )
+        self._inbuf += data
+        events: list[Event] = []
+        try:
+            while self.closed_event is None:
+                body = self._next_body()
+                if body is None:
+                    break
+                event = self._handle(body)
+                if event is not None:
+                    events.append(event)
+        except IllegalTransitionError:
+            raise  # our caller's bug, not the peer's fault
+        except (RoomError, ProtocolError) as exc:
+            events.extend(self._finish(Input.FAIL, Closed(str(exc), exc)))
+        return events
+
+    def _finish(self, what: Input, event: Closed) -> list[Event]:
+        self._apply(what)
+        if self.closed_event is None:
+            self.closed_event = event
+            self._inbuf.clear()
+            return [event]
+        return []
+
+    def _next_body(self) -> memoryview | None:
+        buf = self._inbuf
+        if len(buf) < HEADER_BYTES:
+            return None
+        (length,) = _LEN.unpack_from(buf)
+        limit = self.limits.max_frame_bytes + TAG_BYTES if self._opener else MAX_HANDSHAKE_FRAME
+        if length > limit:
+            # Rejected from the header alone: a hostile length never makes us buffer its body.
+            raise FrameTooLargeError(
+                f"the peer announced a {length}-byte frame, above the {limit}-byte limit"
+            )
+        if len(buf) < HEADER_BYTES + length:
+            return None
+        body = bytes(memoryview(buf)[HEADER_BYTES : HEADER_BYTES + length])
+        del buf[: HEADER_BYTES + length]
+        return memoryview(body)
+
+    def _handle(self, body: memoryview) -> Event | None:
+        if self._opener is None:
+            self._handle_handshake(body)
+            return None
+        plaintext = self._opener.open(body)
+        message = decode(plaintext, self.limits)
+        if self.state is State.AUTHENTICATED:
+            return self._handle_hello(message)
+        if isinstance(message, Bye):
+            # A polite goodbye ends the conversation whichever side spoke first.
+            self._apply(Input.RECV_BYE)
+            self.closed_event = Closed(message.reason or "the peer said goodbye")
+            return self.closed_event
+        if isinstance(message, Hello):
+            raise PeerProtocolError("the peer sent a second Hello on an open connection")
+        return MessageReceived(message)
+
+    def _handle_handshake(self, body: memoryview) -> None:
+        kind, payload = body[0] if body else -1, bytes(body[1:])
+        if self._keys is None:
+            if kind != _PAKE or not payload.startswith(APP_ID):
+                raise HandshakeError("the peer is not a peerpipe node (or speaks another wire version)")
+            if not self._started:
+                raise IllegalTransitionError("receive_data() before start()")
+            self._keys = self._pake.finish(payload[len(APP_ID) :])
+            self._sealer = RecordSealer(self._keys.send_key)
+            # Confirmation and Hello leave together: a wrong code costs the peer no extra round trip,
+            # and the Hello is unreadable to anyone who does not hold the code.
+            self._outbuf.append(_frame(bytes([_CONFIRM]) + self._keys.confirmation()))
+            self._outbuf.extend(self._seal(encode(self._hello)))
+            return
+        if kind != _CONFIRM or len(payload) != CONFIRM_BYTES:
+            raise HandshakeError("the peer sent a malformed key confirmation")
+        self._keys.check_confirmation(payload)
+        self._opener = RecordOpener(self._keys.recv_key)
+        self._apply(Input.PEER_CONFIRMED)
+
+    def _handle_hello(self, message: Message) -> Event:
+        if not isinstance(message, Hello):
+            raise PeerProtocolError(f"the peer sent {type(message).__name__} before Hello")
+        check_hello(message)
+        self.peer_hello = message
+        self._apply(Input.PEER_HELLO)
+        return Opened(message)
+
+
+def _frame(body: bytes) -> bytes:
+    return _LEN.pack(len(body)) + body
+
+
+def _lost_error(state: State) -> PeerpipeError | None:
+    if state is State.CLOSING:
+        return None
+    if state is State.OPEN:
+        return ConnectionClosedError("the connection to the peer was lost")
+    return HandshakeError("the peer closed the connection during the handshake")

@@ -1,0 +1,261 @@
+"""A room node: listens and dials with the same code, keeps one channel per peer.
+
+Hosts and members are both ``RoomNode``s; later, members listen too, so pipeline
+stages can send hidden states to each other directly. The node's task group owns
+every connection task; ``events()`` yields joins, leaves, refusals and messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import uuid
+from collections.abc import AsyncIterator, Hashable
+from dataclasses import dataclass
+from types import TracebackType
+
+from peerpipe.errors import PeerpipeError
+from peerpipe.protocol import PROTOCOL_VERSION, Hello, Message
+from peerpipe.room.codes import RoomCode
+from peerpipe.room.crypto import Role
+from peerpipe.room.errors import ConnectionClosedError, UnknownPeerError
+from peerpipe.room.ratelimit import FailureLimiter
+from peerpipe.room.transport import Address, Channel, HandshakeFailed, TransportConfig, dial, handshake
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    node_id: str
+    name: str
+    address: Address
+
+
+@dataclass(frozen=True)
+class PeerJoined:
+    peer: PeerInfo
+
+
+@dataclass(frozen=True)
+class PeerLeft:
+    """``error`` is None when the peer said goodbye, else why we lost it."""
+
+    peer: PeerInfo
+    reason: str
+    error: PeerpipeError | None
+
+
+@dataclass(frozen=True)
+class MessageFrom:
+    peer: PeerInfo
+    message: Message
+
+
+@dataclass(frozen=True)
+class HandshakeRefused:
+    """Someone connected but failed the handshake (wrong code, wrong version, timeout...)."""
+
+    address: Address
+    error: BaseException
+
+
+RoomEvent = PeerJoined | PeerLeft | MessageFrom | HandshakeRefused
+
+
+class RoomNode:
+    """Use as ``async with RoomNode(code) as node:``; leaving the block says goodbye to every peer."""
+
+    def __init__(
+        self,
+        code: RoomCode,
+        *,
+        name: str = "",
+        node_id: str | None = None,
+        config: TransportConfig | None = None,
+        limiter: FailureLimiter | None = None,
+        max_handshakes: int = 32,
+        event_queue_size: int = 1024,
+    ) -> None:
+        self.code = code
+        self.node_id = node_id or uuid.uuid4().hex
+        self.name = name or socket.gethostname()
+        self.config = config or TransportConfig()
+        self.limiter = limiter or FailureLimiter()
+        self.hello = Hello(PROTOCOL_VERSION, self.node_id, self.name, software="peerpipe")
+        self._channels: dict[str, Channel] = {}
+        self._peers: dict[str, PeerInfo] = {}
+        self._events: asyncio.Queue[RoomEvent] = asyncio.Queue(event_queue_size)
+        self._handshakes = asyncio.Semaphore(max_handshakes)
+        self._gates = _Gates()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._tg: asyncio.TaskGroup | None = None
+        self._stack = contextlib.AsyncExitStack()
+        self._leaving = False
+
+    # -- lifetime ------------------------------------------------------------------------
+
+    async def __aenter__(self) -> RoomNode:
+        self._tg = asyncio.TaskGroup()
+        await self._tg.__aenter__()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        assert self._tg is not None
+        try:
+            await self.leave()
+        finally:
+            await self._stack.aclose()
+            await self._tg.__aexit__(exc_type, exc, tb)
+
+    async def leave(self, reason: str = "leaving") -> None:
+        """Stop listening, say goodbye to every peer and wait (bounded) for them to go."""
+        if self._leaving:
+            return
+        self._leaving = True
+        await self._stack.aclose()
+        channels = list(self._channels.values())
+        await asyncio.gather(*(ch.close(reason) for ch in channels))
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=self.config.close_timeout_s)
+            for task in pending:
+                task.cancel()
+
+    def _spawn(self, coro: object) -> None:
+        assert self._tg is not None, "use the node as an async context manager"
+        task = self._tg.create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- peers ---------------------------------------------------------------------------
+
+    @property
+    def peers(self) -> dict[str, PeerInfo]:
+        return dict(self._peers)
+
+    async def send(self, peer: str, message: Message, *, stream: Hashable | None = None) -> None:
+        """Send to the peer with node id ``peer``; returns once written (backpressure)."""
+        channel = self._channels.get(peer)
+        if channel is None:
+            raise UnknownPeerError(f"no connected peer with node id {peer!r}")
+        await channel.send(message, stream=stream)
+
+    async def next_event(self, timeout: float | None = None) -> RoomEvent:
+        async with asyncio.timeout(timeout):
+            return await self._events.get()
+
+    async def events(self) -> AsyncIterator[RoomEvent]:
+        while True:
+            yield await self._events.get()
+
+    # -- listening and dialling ------------------------------------------------------------
+
+    async def listen(self, host: str, port: int = 0) -> Address:
+        """Accept peers on ``host:port``; returns the bound address (port 0 picks one)."""
+        server = await asyncio.start_server(self._on_accept, host, port, limit=self.config.read_bytes)
+        self._stack.push_async_callback(_close_server, server)
+        bound = server.sockets[0].getsockname()
+        log.info("listening on %s:%d", bound[0], bound[1])
+        return bound[0], bound[1]
+
+    async def dial(self, address: Address) -> PeerInfo:
+        """Connect to a node at ``address``; raises ``WrongCodeError`` etc. on failure."""
+        channel = await dial(address, self.code, self.hello, self.config)
+        if reason := self._refusal(channel):
+            await channel.refuse(reason)
+            raise ConnectionClosedError(f"not connecting to {address[0]}:{address[1]}: {reason}")
+        peer = await self._register(channel, address)
+        self._spawn(self._pump(peer, channel))
+        return peer
+
+    def _on_accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # asyncio calls this outside our task group; hand the connection to it at once.
+        if self._leaving or self._tg is None:
+            writer.close()
+            return
+        self._spawn(self._accept(reader, writer))
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        address: Address = writer.get_extra_info("peername")[:2]
+        ip = address[0]
+        # One handshake at a time per address, so parallel guesses all pay the delay.
+        async with self._gates.hold(ip), self._handshakes:
+            delay = self.limiter.delay_for(ip)
+            if delay:
+                log.info("delaying handshake from %s by %.1f s after earlier failures", ip, delay)
+                await asyncio.sleep(delay)
+            try:
+                channel = await handshake(reader, writer, self.code, Role.LISTENER, self.hello, self.config)
+            except HandshakeFailed as failed:
+                if failed.code_tried:
+                    self.limiter.failed(ip)
+                writer.close()
+                log.info("refused %s:%d: %s", ip, address[1], failed.error)
+                await self._events.put(HandshakeRefused(address, failed.error))
+                return
+            self.limiter.succeeded(ip)
+        if reason := self._refusal(channel):
+            await channel.refuse(reason)
+            return
+        peer = await self._register(channel, address)
+        await self._pump(peer, channel)
+
+    def _refusal(self, channel: Channel) -> str:
+        if self._leaving:
+            return "the room is closing"
+        peer_id = channel.peer.node_id
+        if peer_id == self.node_id or peer_id in self._channels:
+            return f"node id {peer_id} is already in the room"
+        return ""
+
+    async def _register(self, channel: Channel, address: Address) -> PeerInfo:
+        peer = PeerInfo(channel.peer.node_id, channel.peer.name, address)
+        self._channels[peer.node_id] = channel
+        self._peers[peer.node_id] = peer
+        log.info("peer %s (%s) joined from %s:%d", peer.name, peer.node_id, *address)
+        await self._events.put(PeerJoined(peer))
+        return peer
+
+    async def _pump(self, peer: PeerInfo, channel: Channel) -> None:
+        async def deliver(message: Message) -> None:
+            await self._events.put(MessageFrom(peer, message))
+
+        try:
+            ended = await channel.run(deliver)
+        finally:
+            self._channels.pop(peer.node_id, None)
+            self._peers.pop(peer.node_id, None)
+        log.info("peer %s left: %s", peer.node_id, ended.reason)
+        await self._events.put(PeerLeft(peer, ended.reason, ended.error))
+
+
+class _Gates:
+    """Per-address locks that disappear when nobody holds or awaits them."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
+async def _close_server(server: asyncio.Server) -> None:
+    server.close()
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(1.0):
+            await server.wait_closed()

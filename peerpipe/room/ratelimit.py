@@ -1,0 +1,67 @@
+"""Slow down addresses that keep failing the handshake, so codes cannot be guessed quickly.
+
+Each failed handshake from an address (a wrong code is the usual cause) raises its
+count; the next handshake from it waits ``base * 2**(failures - free)`` seconds,
+capped, before we answer. The first ``free`` mistakes cost nothing, since people
+mistype. A success forgets the address, and so does ``forget_after`` quiet seconds.
+The clock is passed in, so tests need no sleeping.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass
+class _Record:
+    failures: int
+    last: float
+
+
+@dataclass
+class FailureLimiter:
+    base_delay_s: float = 0.5
+    max_delay_s: float = 30.0
+    free_failures: int = 1
+    forget_after_s: float = 600.0
+    max_tracked: int = 4096
+    clock: Callable[[], float] = time.monotonic
+    _records: dict[str, _Record] = field(default_factory=dict, init=False, repr=False)
+
+    def delay_for(self, address: str) -> float:
+        """Seconds to wait before answering a new handshake from ``address``."""
+        record = self._current(address)
+        if record is None or record.failures < self.free_failures:
+            return 0.0
+        return min(self.max_delay_s, self.base_delay_s * 2 ** (record.failures - self.free_failures))
+
+    def failed(self, address: str) -> None:
+        record = self._current(address)
+        if record is None:
+            if len(self._records) >= self.max_tracked:
+                self._evict()
+            record = self._records[address] = _Record(0, self.clock())
+        record.failures += 1
+        record.last = self.clock()
+
+    def succeeded(self, address: str) -> None:
+        self._records.pop(address, None)
+
+    def failures(self, address: str) -> int:
+        record = self._current(address)
+        return 0 if record is None else record.failures
+
+    def _current(self, address: str) -> _Record | None:
+        record = self._records.get(address)
+        if record is not None and self.clock() - record.last > self.forget_after_s:
+            del self._records[address]
+            return None
+        return record
+
+    def _evict(self) -> None:
+        # Bounded memory under a flood of addresses: drop the stalest half.
+        by_age = sorted(self._records, key=lambda a: self._records[a].last)
+        for address in by_age[: len(by_age) // 2 + 1]:
+            del self._records[address]

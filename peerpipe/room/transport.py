@@ -1,0 +1,371 @@
+"""The asyncio shell around ``Connection``: one ``Channel`` per TCP stream.
+
+A channel owns a socket, a sans-IO ``Connection`` and a ``SendScheduler``. Its
+``run()`` holds a task group with exactly two loops, a reader and a writer, and
+returns when the connection ends. Every wait has a deadline: connect, handshake,
+each read (idle timeout, kept alive by pings) and each drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Hashable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from peerpipe.protocol import (
+    DEFAULT_LIMITS,
+    Bye,
+    ChunkError,
+    Hello,
+    Limits,
+    Message,
+    Ping,
+    Pong,
+    Reassembler,
+    split,
+)
+from peerpipe.room.codes import RoomCode
+from peerpipe.room.connection import Closed, Connection, MessageReceived, State
+from peerpipe.room.crypto import Role
+from peerpipe.room.errors import ConnectionClosedError, HandshakeError, RoomError, RoomTimeoutError
+from peerpipe.room.scheduler import SendScheduler
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Address = tuple[str, int]
+Deliver = Callable[[Message], Awaitable[None]]
+
+
+def install_event_loop() -> bool:
+    """Make new event loops uvloop ones when uvloop is installed; returns whether it is."""
+    try:
+        import uvloop
+    except ImportError:
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
+def run(main: Coroutine[Any, Any, T], *, use_uvloop: bool = True) -> T:
+    """``asyncio.run`` on uvloop when it is installed (and wanted)."""
+    if use_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    limits: Limits = DEFAULT_LIMITS
+    connect_timeout_s: float = 5.0
+    handshake_timeout_s: float = 10.0
+    keepalive_s: float = 5.0  # ping when we have sent nothing for this long
+    idle_timeout_s: float = 20.0  # give up on a peer we heard nothing from for this long
+    write_timeout_s: float = 30.0  # a peer that reads nothing for this long is gone
+    close_timeout_s: float = 5.0
+    read_bytes: int = 1 << 20
+    write_buffer_bytes: int = 4 << 20
+
+    def __post_init__(self) -> None:
+        if self.idle_timeout_s <= self.keepalive_s:
+            raise ValueError("idle_timeout_s must exceed keepalive_s, or idle peers would be dropped")
+
+
+@dataclass
+class Channel:
+    """An open, authenticated connection to one peer."""
+
+    conn: Connection
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    config: TransportConfig = field(default_factory=TransportConfig)
+    clock: Callable[[], float] = time.monotonic
+    rtt_s: float | None = None  # last keepalive round trip
+    _sched: SendScheduler[asyncio.Future[None]] = field(default_factory=SendScheduler)
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _early: list[Message] = field(default_factory=list)
+    _closing: bool = False
+    _ended: Closed | None = None
+    _write_error: RoomError | None = None
+    _pings: dict[int, float] = field(default_factory=dict)
+    _nonces: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    def __post_init__(self) -> None:
+        self._reassembler = Reassembler(self.config.limits)
+
+    @property
+    def peer(self) -> Hello:
+        assert self.conn.peer_hello is not None, "peer is known once the handshake is done"
+        return self.conn.peer_hello
+
+    @property
+    def address(self) -> Address:
+        host, port = self.writer.get_extra_info("peername")[:2]
+        return host, port
+
+    # -- sending -------------------------------------------------------------------------
+
+    async def send(self, message: Message, *, stream: Hashable | None = None) -> None:
+        """Queue ``message`` (chunked if big) and wait until it is written to the socket.
+
+        Waiting is the backpressure: a sender cannot run ahead of the network. Transfers
+        sharing ``stream`` arrive in order; others may interleave (see scheduler.py).
+        """
+        self._check_open()
+        frames = split(message, self.config.limits)
+        if len(frames) == 1 and stream is None and not len(self._sched):
+            # Nothing queued ahead of it, so writing now keeps order and saves a task switch.
+            self.writer.writelines(self.conn.send_parts(frames[0]))
+            await self._drain()
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._sched.add(frames, done, stream)
+        self._wake.set()
+        await done
+
+    def _check_open(self) -> None:
+        if self._closing or self.conn.state is not State.OPEN:
+            raise ConnectionClosedError(f"the connection to {self.peer.name or self.peer.node_id} is closed")
+
+    async def _drain(self) -> None:
+        try:
+            async with asyncio.timeout(self.config.write_timeout_s):
+                await self.writer.drain()
+        except TimeoutError:
+            raise RoomTimeoutError(
+                f"the peer read nothing for {self.config.write_timeout_s:g} s: giving up on it"
+            ) from None
+
+    async def _guarded_write_loop(self) -> None:
+        # A write failure ends the connection: record why and abort the socket, which wakes the
+        # reader with EOF, so the task group never has to carry an exception group.
+        try:
+            await self._write_loop()
+        except (RoomError, ConnectionError, OSError) as exc:
+            self._write_error = exc if isinstance(exc, RoomError) else ConnectionClosedError(str(exc))
+            self.writer.transport.abort()
+
+    async def _write_loop(self) -> None:
+        while True:
+            item = self._sched.pop()
+            if item is None:
+                if self._closing:
+                    return
+                self._wake.clear()
+                try:
+                    async with asyncio.timeout(self.config.keepalive_s):
+                        await self._wake.wait()
+                except TimeoutError:
+                    nonce = next(self._nonces)
+                    self._pings[nonce] = self.clock()
+                    self._sched.add([Ping(nonce)])
+                continue
+            frame, done = item
+            self.writer.writelines(self.conn.send_parts(frame))
+            await self._drain()
+            if done is not None and not done.done():
+                done.set_result(None)
+
+    async def close(self, reason: str = "") -> None:
+        """Politely leave: flush what is queued, send ``Bye``, close. Never raises."""
+        if self._closing or self.conn.state is not State.OPEN:
+            return
+        self._closing = True
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._sched.add([Bye(reason)], done, stream="bye-goes-last")
+        self._wake.set()
+        with contextlib.suppress(RoomError, TimeoutError, ConnectionError):
+            async with asyncio.timeout(self.config.close_timeout_s):
+                await done
+
+    async def refuse(self, reason: str) -> None:
+        """Say ``Bye(reason)`` on a channel that never started running, and close it."""
+        with contextlib.suppress(RoomError, ConnectionError, OSError):
+            self.writer.writelines(self.conn.send_parts(Bye(reason)))
+            await self._drain()
+        self.conn.close()
+        await self._shutdown()
+
+    # -- receiving -----------------------------------------------------------------------
+
+    async def run(self, deliver: Deliver) -> Closed:
+        """Pump messages to ``deliver`` until the connection ends; returns how it ended."""
+        for message in self._early:
+            await deliver(message)
+        self._early.clear()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                writer = tg.create_task(self._guarded_write_loop())
+                try:
+                    ended = await self._read_loop(deliver)
+                finally:
+                    if not writer.done():
+                        writer.cancel()
+            if self._write_error is not None:
+                ended = Closed(str(self._write_error), self._write_error)
+        finally:
+            for done in self._sched.clear():
+                if not done.done():
+                    done.set_exception(ConnectionClosedError("the connection closed before this was sent"))
+            if self.conn.state is not State.CLOSED:
+                self.conn.close()
+            await self._shutdown()
+        self._ended = ended
+        return ended
+
+    async def _read_loop(self, deliver: Deliver) -> Closed:
+        while True:
+            try:
+                async with asyncio.timeout(self.config.idle_timeout_s):
+                    data = await self.reader.read(self.config.read_bytes)
+            except TimeoutError:
+                return Closed(
+                    "timed out",
+                    RoomTimeoutError(f"heard nothing from the peer for {self.config.idle_timeout_s:g} s"),
+                )
+            except (ConnectionError, OSError):
+                data = b""
+            for event in self.conn.receive_data(data):
+                if isinstance(event, Closed):
+                    return event
+                if isinstance(event, MessageReceived):
+                    await self._on_message(event.message, deliver)
+            if self._reassembler.pending_tensors:
+                for error in self._reassembler.expire(self.clock()):
+                    log.warning("dropped a stalled tensor: %s", error)
+
+    async def _on_message(self, message: Message, deliver: Deliver) -> None:
+        if isinstance(message, Ping):
+            if not self._closing:
+                self._sched.add([Pong(message.nonce)])
+                self._wake.set()
+            return
+        if isinstance(message, Pong):
+            sent = self._pings.pop(message.nonce, None)
+            if sent is not None:
+                self.rtt_s = self.clock() - sent
+            return
+        try:
+            full = self._reassembler.feed(message, self.clock())
+        except ChunkError as exc:
+            # An authenticated peer sent inconsistent chunks: a bug on its side; the tensor is
+            # already freed, the rest of the connection is fine.
+            log.warning("peer %s: %s", self.peer.node_id, exc)
+            return
+        if full is not None:
+            await deliver(full)
+
+    async def _shutdown(self) -> None:
+        if self.writer.is_closing():
+            return
+        self.writer.close()
+        with contextlib.suppress(ConnectionError, OSError, TimeoutError):
+            async with asyncio.timeout(self.config.close_timeout_s):
+                await self.writer.wait_closed()
+
+
+# -- opening channels ---------------------------------------------------------------------
+
+
+def _tune(writer: asyncio.StreamWriter, config: TransportConfig) -> None:
+    sock = writer.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    writer.transport.set_write_buffer_limits(high=config.write_buffer_bytes)
+
+
+async def handshake(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    code: RoomCode,
+    role: Role,
+    hello: Hello,
+    config: TransportConfig,
+) -> Channel:
+    """Run the PAKE, key confirmation and Hello on a fresh stream. Raises a typed error on failure.
+
+    The caller closes ``writer`` if this raises; ``conn.code_tried`` on the error's
+    ``__notes__``-free path is exposed through ``HandshakeFailed``.
+    """
+    _tune(writer, config)
+    conn = Connection(code, role, hello, config.limits)
+    channel = Channel(conn, reader, writer, config)
+    writer.write(conn.start())
+    try:
+        async with asyncio.timeout(config.handshake_timeout_s):
+            while True:
+                data = await reader.read(config.read_bytes)
+                events = conn.receive_data(data)
+                if out := conn.data_to_send():
+                    writer.write(out)
+                    await writer.drain()
+                for event in events:
+                    if isinstance(event, Closed):
+                        await _linger(reader)
+                        raise HandshakeFailed(event.error or HandshakeError(event.reason), conn.code_tried)
+                    if isinstance(event, MessageReceived):
+                        channel._early.append(event.message)
+                if conn.state is State.OPEN:
+                    return channel
+    except TimeoutError:
+        raise HandshakeFailed(
+            RoomTimeoutError(f"the handshake did not finish within {config.handshake_timeout_s:g} s"),
+            conn.code_tried,
+        ) from None
+    except (ConnectionError, OSError) as exc:
+        raise HandshakeFailed(
+            HandshakeError(f"the connection broke during the handshake ({exc})"), conn.code_tried
+        ) from exc
+
+
+class HandshakeFailed(Exception):
+    """Internal carrier: the typed error plus whether the peer spent a guess at the code."""
+
+    def __init__(self, error: BaseException, code_tried: bool) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.code_tried = code_tried
+
+
+async def _linger(reader: asyncio.StreamReader) -> None:
+    # After a failed handshake the peer fails too and hangs up; closing first could reset the
+    # stream and lose its last frame (its own verdict), so wait briefly for its goodbye.
+    with contextlib.suppress(ConnectionError, OSError, TimeoutError):
+        async with asyncio.timeout(1.0):
+            while await reader.read(65536):
+                pass
+
+
+async def dial(
+    address: Address, code: RoomCode, hello: Hello, config: TransportConfig | None = None
+) -> Channel:
+    """Connect to ``address`` and authenticate with ``code``. Raises a ``RoomError`` on failure."""
+    config = config or TransportConfig()
+    host, port = address
+    try:
+        async with asyncio.timeout(config.connect_timeout_s):
+            reader, writer = await asyncio.open_connection(host, port, limit=config.read_bytes)
+    except TimeoutError:
+        raise RoomTimeoutError(
+            f"could not reach {host}:{port} within {config.connect_timeout_s:g} s"
+        ) from None
+    except OSError as exc:
+        raise ConnectionClosedError(f"could not connect to {host}:{port}: {exc.strerror or exc}") from exc
+    try:
+        return await handshake(reader, writer, code, Role.DIALER, hello, config)
+    except HandshakeFailed as failed:
+        writer.close()
+        raise failed.error from None
+    except BaseException:
+        writer.close()
+        raise
