@@ -57,7 +57,7 @@ class _In:
 
     def take(self, path: str, offset: object, nbytes: int) -> memoryview:
         # Blobs must be contiguous and in header order: no holes, overlaps or trailing bytes to hide in.
-        if offset != self.cursor:
+        if type(offset) is not int or offset != self.cursor:
             raise DecodeError(f"{path}: blob offset {offset!r} should be {self.cursor}")
         end = self.cursor + nbytes
         if end > len(self.tail):

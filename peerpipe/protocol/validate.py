@@ -50,7 +50,7 @@ def need_int(obj: object, name: str, lo: int = 0, hi: int = U64_MAX) -> None:
 def need_float(obj: object, name: str, lo: float = 0.0, hi: float = math.inf) -> None:
     """Check a float field; an int is accepted and stored as float so the field never lies."""
     value = getattr(obj, name)
-    if type(value) is int:
+    if type(value) is int and abs(value) < 1 << 1000:
         value = float(value)
         object.__setattr__(obj, name, value)
     if type(value) is not float:
@@ -67,7 +67,7 @@ def need_bool(obj: object, name: str) -> None:
 
 def need_choice(obj: object, name: str, choices: frozenset[str]) -> None:
     value = getattr(obj, name)
-    if value not in choices:
+    if type(value) is not str or value not in choices:
         raise ValidationError(f"{_where(obj, name)} must be one of {sorted(choices)}, got {value!r}")
 
 

@@ -46,6 +46,8 @@ NODE = p.NodeInfo("n1", "laptop", "cpu", 1 << 30, 1.5)
         (lambda: p.Heartbeat(load=float("nan"), status="idle"), "load"),
         (lambda: p.Heartbeat(load=0.5, status="sleepy"), "status"),
         (lambda: p.Heartbeat(load=True, status="idle"), "load"),
+        (lambda: p.Heartbeat(load=10**400, status="idle"), "load"),
+        (lambda: p.Heartbeat(load=0.5, status=["idle"]), "status"),
         (lambda: p.LeaveCluster(peer_id=""), "peer_id"),
         (lambda: p.LeaveCluster(peer_id="x" * 129), "peer_id"),
         (lambda: p.Cancel(task_id=""), "task_id"),
