@@ -182,6 +182,8 @@ class Connection:
 
     def receive_data(self, data: bytes) -> list[Event]:
         """Feed bytes from the socket (``b""`` means the peer closed its side); returns what happened."""
+        if not self._started:
+            raise IllegalTransitionError("receive_data() before start()")
         if self.closed_event is not None:
             # After a Bye or an error nothing the peer sends can matter any more.
             return []
@@ -252,8 +254,6 @@ class Connection:
         if self._keys is None:
             if kind != _PAKE or not payload.startswith(APP_ID):
                 raise HandshakeError("the peer is not a peerpipe node (or speaks another wire version)")
-            if not self._started:
-                raise IllegalTransitionError("receive_data() before start()")
             self._keys = self._pake.finish(payload[len(APP_ID) :])
             self._sealer = RecordSealer(self._keys.send_key)
             # Confirmation and Hello leave together: a wrong code costs the peer no extra round trip,

@@ -110,7 +110,10 @@ class RoomNode:
             await self.leave()
         finally:
             await self._stack.aclose()
-            await self._tg.__aexit__(exc_type, exc, tb)
+            # The body's own exception is not the task group's business: handing it over would
+            # come back wrapped in an ExceptionGroup and hide a WrongCodeError from the CLI.
+            cancelled = exc_type is not None and issubclass(exc_type, asyncio.CancelledError)
+            await self._tg.__aexit__(*((exc_type, exc, tb) if cancelled else (None, None, None)))
 
     async def leave(self, reason: str = "leaving") -> None:
         """Stop listening, say goodbye to every peer and wait (bounded) for them to go."""

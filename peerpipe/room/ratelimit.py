@@ -1,7 +1,7 @@
 """Slow down addresses that keep failing the handshake, so codes cannot be guessed quickly.
 
 Each failed handshake from an address (a wrong code is the usual cause) raises its
-count; the next handshake from it waits ``base * 2**(failures - free)`` seconds,
+count; the next handshake from it waits ``base * 2**(failures - free - 1)`` seconds,
 capped, before we answer. The first ``free`` mistakes cost nothing, since people
 mistype. A success forgets the address, and so does ``forget_after`` quiet seconds.
 The clock is passed in, so tests need no sleeping.
@@ -33,9 +33,9 @@ class FailureLimiter:
     def delay_for(self, address: str) -> float:
         """Seconds to wait before answering a new handshake from ``address``."""
         record = self._current(address)
-        if record is None or record.failures < self.free_failures:
+        if record is None or record.failures <= self.free_failures:
             return 0.0
-        return min(self.max_delay_s, self.base_delay_s * 2 ** (record.failures - self.free_failures))
+        return min(self.max_delay_s, self.base_delay_s * 2 ** (record.failures - self.free_failures - 1))
 
     def failed(self, address: str) -> None:
         record = self._current(address)
