@@ -29,8 +29,9 @@ _REMEMBERED_IDS = 4096
 def is_bulk(msg: Message) -> bool:
     """True for data-plane messages: chunks and messages that carry a tensor.
 
-    The transport may send control messages ahead of bulk ones, but must keep bulk messages in order
-    among themselves, because a placeholder message must arrive after its chunks.
+    The transport may send control messages ahead of bulk ones and interleave the frames of
+    different ``split`` results, but must send the frames of one ``split`` in order, because a
+    placeholder message must arrive after its chunks.
     """
     if isinstance(msg, TensorChunk):
         return True
