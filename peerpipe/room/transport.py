@@ -311,7 +311,7 @@ async def handshake(
                     await writer.drain()
                 for event in events:
                     if isinstance(event, Closed):
-                        await _linger(reader)
+                        await _linger(reader, writer)
                         raise HandshakeFailed(event.error or HandshakeError(event.reason), conn.code_tried)
                     if isinstance(event, MessageReceived):
                         channel._early.append(event.message)
@@ -337,10 +337,12 @@ class HandshakeFailed(Exception):
         self.code_tried = code_tried
 
 
-async def _linger(reader: asyncio.StreamReader) -> None:
-    # After a failed handshake the peer fails too and hangs up; closing first could reset the
-    # stream and lose its last frame (its own verdict), so wait briefly for its goodbye.
-    with contextlib.suppress(ConnectionError, OSError, TimeoutError):
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    # After a failed handshake the peer fails too. Closing at once could reset the stream and
+    # lose its last frame (its own verdict), so half-close and wait briefly for its end.
+    with contextlib.suppress(ConnectionError, OSError, TimeoutError, RuntimeError):
+        if writer.can_write_eof():
+            writer.write_eof()
         async with asyncio.timeout(1.0):
             while await reader.read(65536):
                 pass

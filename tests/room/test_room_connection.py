@@ -155,7 +155,7 @@ def test_reflected_record_fails_authentication() -> None:
 
 
 def test_oversized_length_is_rejected_before_the_body_arrives() -> None:
-    a, b, _, _ = pair()
+    _, b, _, _ = pair()
     limits = Limits()
     [event] = b.receive_data(struct.pack(">I", limits.max_frame_bytes + 17))
     assert isinstance(event, Closed) and isinstance(event.error, FrameTooLargeError)

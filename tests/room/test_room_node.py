@@ -1,0 +1,265 @@
+"""Hosts and members in one process over real loopback sockets (no mDNS here)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import numpy as np
+import pytest
+
+from peerpipe.protocol import ComputeRequest, Heartbeat, TensorData
+from peerpipe.room import (
+    FailureLimiter,
+    HandshakeRefused,
+    Host,
+    Member,
+    MessageFrom,
+    PeerJoined,
+    PeerLeft,
+    RecordAuthError,
+    RoomEvent,
+    RoomTimeoutError,
+    TransportConfig,
+    WrongCodeError,
+    parse_code,
+)
+
+T = TypeVar("T")
+CODE = parse_code("7-amber-falcon")
+LOOPBACK = ("127.0.0.1", 0)
+
+
+def arun(coro: Coroutine[Any, Any, T], timeout: float = 20.0) -> T:
+    async def bounded() -> T:
+        async with asyncio.timeout(timeout):
+            return await coro
+
+    return asyncio.run(bounded())
+
+
+async def next_of(node: Host | Member, kind: type[T], timeout: float = 5.0) -> T:
+    """The next event of ``kind``, skipping others."""
+    async with asyncio.timeout(timeout):
+        while True:
+            event: RoomEvent = await node.next_event()
+            if isinstance(event, kind):
+                return event
+
+
+def test_join_exchange_and_polite_leave() -> None:
+    async def main() -> None:
+        async with Host(CODE, name="h") as host:
+            addr = await host.open(LOOPBACK, advertise=False)
+            async with Member(CODE, name="m") as member:
+                info = await member.join(addr)
+                assert info.node_id == host.node_id and info.name == "h"
+                joined = await next_of(host, PeerJoined)
+                assert joined.peer.node_id == member.node_id and set(host.peers) == {member.node_id}
+                await member.send(host.node_id, Heartbeat(0.25, "idle"))
+                got = await next_of(host, MessageFrom)
+                assert got.message == Heartbeat(0.25, "idle") and got.peer.name == "m"
+                await host.send(member.node_id, Heartbeat(0.5, "busy"))
+                assert (await next_of(member, MessageFrom)).message == Heartbeat(0.5, "busy")
+            left = await next_of(host, PeerLeft)
+            assert left.error is None and left.peer.node_id == member.node_id and host.peers == {}
+
+    arun(main())
+
+
+def test_heartbeat_overtakes_a_big_transfer_and_tensor_arrives_intact() -> None:
+    arr = np.random.default_rng(0).standard_normal(12 * 1024 * 1024 // 4 * 4, dtype=np.float32)  # 48 MiB
+
+    async def main() -> None:
+        async with Host(CODE) as host:
+            addr = await host.open(LOOPBACK, advertise=False)
+            async with Member(CODE) as member:
+                await member.join(addr)
+                await next_of(host, PeerJoined)
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(
+                        member.send(host.node_id, ComputeRequest("big", TensorData.from_numpy(arr)))
+                    )
+                    await asyncio.sleep(0)  # let the transfer start first
+                    tg.create_task(member.send(host.node_id, Heartbeat(0.9, "busy")))
+                    first = await next_of(host, MessageFrom, timeout=15)
+                    second = await next_of(host, MessageFrom, timeout=15)
+                assert first.message == Heartbeat(0.9, "busy")
+                assert isinstance(second.message, ComputeRequest)
+                np.testing.assert_array_equal(second.message.input_tensor.to_numpy(), arr)
+
+    arun(main(), timeout=60)
+
+
+def test_wrong_code_fails_on_both_sides() -> None:
+    async def main() -> None:
+        async with Host(CODE) as host:
+            addr = await host.open(LOOPBACK, advertise=False)
+            async with Member(parse_code("7-amber-fox")) as member:
+                with pytest.raises(WrongCodeError, match="room code is wrong"):
+                    await member.join(addr)
+            refused = await next_of(host, HandshakeRefused)
+            assert isinstance(refused.error, WrongCodeError) and host.peers == {}
+
+    arun(main())
+
+
+def test_repeat_offender_is_slowed_down() -> None:
+    limiter = FailureLimiter(base_delay_s=0.4, free_failures=1)
+
+    async def attempt(addr: tuple[str, int], code: str) -> float:
+        t0 = time.monotonic()
+        async with Member(parse_code(code)) as member:
+            try:
+                await member.join(addr)
+            except WrongCodeError:
+                pass
+        return time.monotonic() - t0
+
+    async def main() -> None:
+        async with Host(CODE, limiter=limiter) as host:
+            addr = await host.open(LOOPBACK, advertise=False)
+            quick = [await attempt(addr, "7-amber-fox"), await attempt(addr, "7-amber-fox")]
+            assert max(quick) < 0.4
+            for _ in quick:
+                await next_of(host, HandshakeRefused)
+            assert limiter.failures("127.0.0.1") == 2
+            assert await attempt(addr, "7-amber-falcon") >= 0.4  # even the right code waits now
+            assert limiter.failures("127.0.0.1") == 0
+
+    arun(main())
+
+
+def test_lost_connection_is_reported_as_left_with_error() -> None:
+    async def main() -> None:
+        async with Host(CODE) as host:
+            addr = await host.open(LOOPBACK, advertise=False)
+            async with Member(CODE) as member:
+                await member.join(addr)
+                await next_of(host, PeerJoined)
+                member._channels[host.node_id].writer.transport.abort()
+                left = await next_of(host, PeerLeft)
+                assert left.error is not None and "lost" in left.reason
+                host_left = await next_of(member, PeerLeft)
+                assert host_left.error is not None
+
+    arun(main())
+
+
+def test_members_can_listen_and_dial_each_other() -> None:
+    async def main() -> None:
+        async with Member(CODE, name="a") as a, Member(CODE, name="b") as b:
+            addr = await a.listen("127.0.0.1", 0)
+            peer = await b.dial(addr)
+            assert peer.node_id == a.node_id
+            await b.send(a.node_id, Heartbeat(0.0, "idle"))
+            assert (await next_of(a, MessageFrom)).peer.name == "b"
+
+    arun(main())
+
+
+async def relay(
+    target: tuple[str, int], mangle: Callable[[bytes, int], bytes], log: list[bytes]
+) -> tuple[asyncio.Server, tuple[str, int]]:
+    """A TCP relay that records joiner->host bytes and lets ``mangle(data, offset)`` change them."""
+
+    async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter, record: bool) -> None:
+        offset = 0
+        try:
+            while data := await r.read(65536):
+                if record:
+                    log.append(data)
+                    data = mangle(data, offset)
+                    offset += len(data)
+                w.write(data)
+                await w.drain()
+        except ConnectionError:
+            pass
+        finally:
+            w.close()
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        ur, uw = await asyncio.open_connection(*target)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(pipe(r, uw, True))
+            tg.create_task(pipe(ur, w, False))
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[:2]
+
+
+def test_tampered_ciphertext_closes_the_connection_and_wire_has_no_plaintext() -> None:
+    # The handshake is 48 (PAKE) + 36 (confirm) bytes, then the Hello record; flip a byte
+    # well after the handshake, inside the record carrying our Heartbeat.
+    state = {"armed": False}
+    log: list[bytes] = []
+
+    def mangle(data: bytes, offset: int) -> bytes:
+        if state["armed"]:
+            state["armed"] = False
+            return data[:-1] + bytes([data[-1] ^ 0x40])
+        return data
+
+    async def main() -> None:
+        async with Host(CODE) as host:
+            addr = await host.open(LOOPBACK, advertise=False)
+            server, via = await relay(addr, mangle, log)
+            async with server, Member(CODE, name="plaintext-canary-name") as member:
+                await member.join(via)
+                await next_of(host, PeerJoined)
+                await member.send(host.node_id, Heartbeat(0.5, "idle"))
+                assert (await next_of(host, MessageFrom)).message == Heartbeat(0.5, "idle")
+                state["armed"] = True
+                await member.send(host.node_id, Heartbeat(0.75, "busy"))
+                left = await next_of(host, PeerLeft)
+                assert isinstance(left.error, RecordAuthError)
+                assert isinstance((await next_of(member, PeerLeft)).error, Exception)
+        wire = b"".join(log)
+        assert len(wire) > 100
+        for secret in (b"plaintext-canary-name", b"amber", b"falcon", b"heartbeat", b"idle"):
+            assert secret not in wire
+
+    arun(main())
+
+
+def test_silent_client_times_out_in_handshake() -> None:
+    config = TransportConfig(handshake_timeout_s=0.3)
+
+    async def main() -> None:
+        async with Host(CODE, config=config) as host:
+            addr = await host.open(LOOPBACK, advertise=False)
+            _, writer = await asyncio.open_connection(*addr)
+            refused = await next_of(host, HandshakeRefused)
+            assert isinstance(refused.error, RoomTimeoutError)
+            writer.close()
+
+    arun(main())
+
+
+def test_keepalive_measures_rtt_and_keeps_idle_peers() -> None:
+    config = TransportConfig(keepalive_s=0.05, idle_timeout_s=0.3)
+
+    async def main() -> None:
+        async with Host(CODE, config=config) as host:
+            addr = await host.open(LOOPBACK, advertise=False)
+            async with Member(CODE, config=config) as member:
+                await member.join(addr)
+                await asyncio.sleep(0.8)  # longer than the idle timeout: pings keep it alive
+                channel = member._channels[host.node_id]
+                assert channel.rtt_s is not None and channel.rtt_s < 0.3
+                assert set(host.peers) == {member.node_id}
+
+    arun(main())
+
+
+def test_send_to_unknown_peer_is_typed() -> None:
+    from peerpipe.room import UnknownPeerError
+
+    async def main() -> None:
+        async with Host(CODE) as host:
+            with pytest.raises(UnknownPeerError):
+                await host.send("nobody", Heartbeat(0.0, "idle"))
+
+    arun(main())
