@@ -1,0 +1,123 @@
+"""Helpers for tests that run ``peerpipe host`` / ``peerpipe join`` as real processes."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class RoomProc:
+    """A CLI process whose stdout lines we can wait for (never sleep-and-hope)."""
+
+    def __init__(self, *args: str, prefix: tuple[str, ...] = ()) -> None:
+        cmd = [*prefix, sys.executable, "-m", "peerpipe.cli.room_cmds", *args]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        self._reader = threading.Thread(target=self._pump, daemon=True)
+        self._reader.start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+
+    def expect(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        regex = re.compile(pattern)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no line matching {pattern!r} within {timeout} s; saw {self.seen}")
+            try:
+                line = self.lines.get(timeout=left)
+            except queue.Empty:
+                continue
+            self.seen.append(line)
+            if m := regex.search(line):
+                return m
+
+    def interrupt(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+
+    def wait(self, timeout: float = 10.0) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def stderr(self) -> str:
+        assert self.proc.stderr is not None
+        return self.proc.stderr.read()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+class Relay:
+    """A one-connection TCP relay on loopback that records both directions and can flip one byte."""
+
+    def __init__(self, target: tuple[str, int], flip_at: int | None = None) -> None:
+        self.target = target
+        self.flip_at = flip_at
+        self.upstream_bytes = bytearray()  # joiner -> host, as the joiner sent it
+        self.downstream_bytes = bytearray()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.address = self.server.getsockname()[:2]
+        self._threads: list[threading.Thread] = []
+        accept = threading.Thread(target=self._accept, daemon=True)
+        accept.start()
+        self._threads.append(accept)
+
+    def _accept(self) -> None:
+        client, _ = self.server.accept()
+        upstream = socket.create_connection(self.target)
+        for src, dst, log, flip in (
+            (client, upstream, self.upstream_bytes, self.flip_at),
+            (upstream, client, self.downstream_bytes, None),
+        ):
+            t = threading.Thread(target=self._copy, args=(src, dst, log, flip), daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    @staticmethod
+    def _copy(src: socket.socket, dst: socket.socket, log: bytearray, flip: int | None) -> None:
+        try:
+            while data := src.recv(65536):
+                start = len(log)
+                log += data
+                if flip is not None and start <= flip < start + len(data):
+                    buf = bytearray(data)
+                    buf[flip - start] ^= 0x20
+                    data = bytes(buf)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    @property
+    def url(self) -> str:
+        return f"{self.address[0]}:{self.address[1]}"
+
+    def close(self) -> None:
+        self.server.close()
