@@ -9,6 +9,7 @@ at load time, which halves the kernels a decode step launches.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,50 +26,119 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        # Half precision: normalise in float32 and cast back before the weight, as HF does.
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    # Half precision: normalise in float32 and cast back before the weight, as HF does.
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
+
+
+# The modules below only hold parameters, so checkpoints load by name; the forward pass runs on
+# plain tensors gathered once into a `LayerWeights` per layer, because nn.Module call and
+# attribute overhead is a large share of a small model's decode step on a CPU.
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, window: int | None) -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.window = window
         self.wqkv = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
-        self.scale = 1.0 / math.sqrt(cfg.head_dim)
 
-    def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor, cache: KVCache, layer: int, batch: Batch
-    ) -> Tensor:
-        cfg = self.cfg
-        b, s, _ = x.shape
-        h, kvh, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        qkv = self.wqkv(x)
-        qk = qkv[..., : cfg.q_size + cfg.kv_size].view(b, s, h + kvh, d)
-        v = qkv[..., cfg.q_size + cfg.kv_size :].view(b, s, kvh, d)
-        if cfg.qk_norm:
-            qk = torch.cat((self.q_norm(qk[:, :, :h]), self.k_norm(qk[:, :, h:])), dim=2)
-        # RoPE on queries and keys in one pass: x*cos + rotate_half(x)*sin, where rotate_half is
-        # a roll by half the head with the sign folded into the precomputed sin table.
-        cos, sin = rope  # [B, S, 1, D]
-        qk = torch.addcmul(qk * cos, torch.roll(qk, d // 2, dims=-1), sin)
-        q, k = qk[:, :, :h], qk[:, :, h:]
 
-        # Write the new keys/values at (slot, head, position).
-        index = (batch.slots[:, None, None], cache.heads[None, :, None], batch.positions[:, None, :])
-        cache.k[layer].index_put_(index, k.transpose(1, 2))
-        cache.v[layer].index_put_(index, v.transpose(1, 2))
-        keys, values = _read(cache.k[layer], batch), _read(cache.v[layer], batch)  # [B, KV, L, D]
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys, values, attn_mask=mask, scale=self.scale, enable_gqa=kvh != h
-        )  # [B, H, S, D]
-        return self.wo(out.transpose(1, 2).reshape(b, s, cfg.q_size))
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.w_gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.w_down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+
+class LayerWeights(NamedTuple):
+    attn_norm: Tensor
+    wqkv: Tensor
+    bqkv: Tensor | None
+    wo: Tensor
+    bo: Tensor | None
+    q_norm: Tensor | None
+    k_norm: Tensor | None
+    mlp_norm: Tensor
+    w_gate_up: Tensor
+    b_gate_up: Tensor | None
+    w_down: Tensor
+    b_down: Tensor | None
+    window: int | None
+
+    @classmethod
+    def of(cls, block: Block, window: int | None) -> LayerWeights:
+        attn, mlp = block.attn, block.mlp
+        qk_norm = hasattr(attn, "q_norm")
+        return cls(
+            attn_norm=block.attn_norm.weight,
+            wqkv=attn.wqkv.weight,
+            bqkv=attn.wqkv.bias,
+            wo=attn.wo.weight,
+            bo=attn.wo.bias,
+            q_norm=attn.q_norm.weight if qk_norm else None,
+            k_norm=attn.k_norm.weight if qk_norm else None,
+            mlp_norm=block.mlp_norm.weight,
+            w_gate_up=mlp.w_gate_up.weight,
+            b_gate_up=mlp.w_gate_up.bias,
+            w_down=mlp.w_down.weight,
+            b_down=mlp.w_down.bias,
+            window=window,
+        )
+
+
+def layer_forward(
+    cfg: ModelConfig,
+    w: LayerWeights,
+    x: Tensor,
+    rope: tuple[Tensor, Tensor],
+    mask: Tensor,
+    cache: KVCache,
+    layer: int,
+    batch: Batch,
+) -> Tensor:
+    b, s, _ = x.shape
+    h, kvh, d, eps = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rms_norm_eps
+    qkv = F.linear(rms_norm(x, w.attn_norm, eps), w.wqkv, w.bqkv)
+    qk = qkv[..., : cfg.q_size + cfg.kv_size].view(b, s, h + kvh, d)
+    v = qkv[..., cfg.q_size + cfg.kv_size :].view(b, s, kvh, d)
+    if w.q_norm is not None and w.k_norm is not None:
+        qk = torch.cat((rms_norm(qk[:, :, :h], w.q_norm, eps), rms_norm(qk[:, :, h:], w.k_norm, eps)), dim=2)
+    # RoPE on queries and keys in one pass: x*cos + rotate_half(x)*sin, where rotate_half is a
+    # roll by half the head with the sign folded into the precomputed sin table.
+    cos, sin = rope  # [B, S, 1, D]
+    qk = torch.addcmul(qk * cos, torch.roll(qk, d // 2, dims=-1), sin)
+    q, k = qk[:, :, :h], qk[:, :, h:]
+
+    # Write the new keys/values at (slot, head, position), then attend over the session's past.
+    index = (batch.slots[:, None, None], cache.heads[None, :, None], batch.positions[:, None, :])
+    cache.k[layer].index_put_(index, k.transpose(1, 2))
+    cache.v[layer].index_put_(index, v.transpose(1, 2))
+    keys, values = _read(cache.k[layer], batch), _read(cache.v[layer], batch)  # [B, KV, L, D]
+    attn = F.scaled_dot_product_attention(
+        q.transpose(1, 2), keys, values, attn_mask=mask, scale=d**-0.5, enable_gqa=kvh != h
+    )  # [B, H, S, D]
+    x = x + F.linear(attn.transpose(1, 2).reshape(b, s, cfg.q_size), w.wo, w.bo)
+
+    gate_up = F.linear(rms_norm(x, w.mlp_norm, eps), w.w_gate_up, w.b_gate_up)
+    inter = cfg.intermediate_size
+    return x + F.linear(F.silu(gate_up[..., :inter]) * gate_up[..., inter:], w.w_down, w.b_down)
 
 
 def _read(store: Tensor, batch: Batch) -> Tensor:
@@ -76,33 +146,6 @@ def _read(store: Tensor, batch: Batch) -> Tensor:
         n = batch.slots.shape[0]
         return store[batch.slot_start : batch.slot_start + n, :, : batch.kv_len]
     return store.index_select(0, batch.slots)[:, :, : batch.kv_len]
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.inter = cfg.intermediate_size
-        self.w_gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.w_down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        gate_up = self.w_gate_up(x)
-        return self.w_down(F.silu(gate_up[..., : self.inter]) * gate_up[..., self.inter :])
-
-
-class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, window: int | None) -> None:
-        super().__init__()
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.attn = Attention(cfg, window)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
-
-    def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor, cache: KVCache, layer: int, batch: Batch
-    ) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, mask, cache, layer, batch)
-        return x + self.mlp(self.mlp_norm(x))
 
 
 class Stage(nn.Module):
@@ -114,12 +157,13 @@ class Stage(nn.Module):
             raise ValueError(f"stage [{start}, {end}) is not a non-empty range of 0..{cfg.n_layers}")
         self.cfg, self.start, self.end = cfg, start, end
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if self.is_first else None
-        self.layers = nn.ModuleList(Block(cfg, cfg.windows[i]) for i in range(start, end))
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(start, end))
         if self.is_last:
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rope_cos: Tensor | None = None
         self.rope_sin: Tensor | None = None
+        self._weights: list[LayerWeights] = []
 
     @property
     def is_first(self) -> bool:
@@ -147,7 +191,10 @@ class Stage(nn.Module):
         self.rope_cos, self.rope_sin = emb.cos().to(dtype), sin.to(dtype)
 
     def new_cache(self, max_slots: int, max_seq: int) -> KVCache:
+        """A KV cache for this stage; also readies the stage to run (RoPE tables, weight lists)."""
         param = next(self.parameters())
+        windows = self.cfg.windows[self.start : self.end]
+        self._weights = [LayerWeights.of(b, w) for b, w in zip(self.layers, windows, strict=True)]
         if self.rope_cos is None or self.rope_cos.shape[0] < max_seq + 1:
             self.setup_rope(max_seq + 1)
         return KVCache(
@@ -168,13 +215,14 @@ class Stage(nn.Module):
         assert self.rope_cos is not None and self.rope_sin is not None, "call new_cache() first"
         rope = (self.rope_cos[batch.positions].unsqueeze(2), self.rope_sin[batch.positions].unsqueeze(2))
         masks = _masks(batch, self.cfg.windows[self.start : self.end], x.dtype)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, rope, masks[layer.attn.window], cache, i, batch)
+        cfg = self.cfg
+        for i, w in enumerate(self._weights):
+            x = layer_forward(cfg, w, x, rope, masks[w.window], cache, i, batch)
         if not self.is_last:
             return x
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.norm(x))
+        return F.linear(rms_norm(x, self.norm.weight, cfg.rms_norm_eps), self.lm_head.weight)
 
 
 def _masks(batch: Batch, windows: tuple[int | None, ...], dtype: torch.dtype) -> dict[int | None, Tensor]:

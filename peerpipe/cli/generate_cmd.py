@@ -1,0 +1,114 @@
+"""``peerpipe generate``: run a model on this machine and stream its answer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from peerpipe.cli.progress import LoadProgress
+from peerpipe.engine.sampling import SamplingParams
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    """Sampling flags shared by every command that generates text."""
+    p.add_argument("--max-tokens", type=positive_int, default=128, help="most tokens to generate (128)")
+    p.add_argument(
+        "--temperature", type=float, default=None, help="0 = greedy; default: the model's setting, else 0"
+    )
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (1.0 = off)")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k likeliest tokens (0 = off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="HF-style penalty (1.0 = off)")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument(
+        "--stop", action="append", default=[], metavar="TEXT", help="stop before this text (repeatable)"
+    )
+    p.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence tokens")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate text with a model on this machine")
+    p.add_argument("prompt", metavar="PROMPT", help="the prompt text")
+    p.add_argument("--model", required=True, type=Path, metavar="DIR", help="Hugging Face model folder")
+    add_sampling_arguments(p)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the best one here)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--system", default=None, help="system message for --chat")
+    p.add_argument("--json", action="store_true", help="print one JSON object with text, ids and speed")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="decode without CUDA graphs")
+    p.set_defaults(func=run)
+
+
+def sampling_params(args: argparse.Namespace, model_dir: Path | None = None) -> SamplingParams:
+    """Flags first, then the model's generation_config.json, then greedy."""
+    defaults = _generation_defaults(model_dir) if model_dir else {}
+    temperature = args.temperature
+    if temperature is None:
+        temperature = float(defaults.get("temperature", 1.0)) if defaults.get("do_sample") else 0.0
+    return SamplingParams(
+        temperature=temperature,
+        top_k=args.top_k if args.top_k is not None else int(defaults.get("top_k", 0) or 0),
+        top_p=args.top_p if args.top_p is not None else float(defaults.get("top_p", 1.0) or 1.0),
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        max_tokens=args.max_tokens,
+        stop=tuple(args.stop),
+        ignore_eos=args.ignore_eos,
+    )
+
+
+def _generation_defaults(model_dir: Path) -> dict:
+    path = model_dir / "generation_config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def run(args: argparse.Namespace) -> int:
+    from peerpipe.engine.config import ModelConfig
+    from peerpipe.engine.generate import LocalEngine, encode_prompt
+    from peerpipe.engine.loader import load_stage
+    from peerpipe.engine.tokenizer import Tokenizer
+
+    cfg = ModelConfig.from_dir(args.model)  # first: it says best whether this is a model we run
+    params = sampling_params(args, args.model)
+    tokenizer = Tokenizer.from_dir(args.model)
+    ids = encode_prompt(tokenizer, args.prompt, chat=args.chat, system=args.system)
+    with LoadProgress("loading model") as progress:
+        stage, _ = load_stage(args.model, device=args.device, dtype=args.dtype, progress=progress, cfg=cfg)
+    # Size the cache for this one request instead of the model's whole context.
+    engine = LocalEngine(
+        stage,
+        tokenizer,
+        max_seq=len(ids) + args.max_tokens,
+        cuda_graphs=False if args.no_cuda_graphs else None,
+    )
+    if args.json:
+        result = engine.generate(ids, params)
+        print(json.dumps(result.to_json(), ensure_ascii=False))
+        return 0
+
+    def show(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    result = engine.generate(ids, params, on_text=show)
+    sys.stdout.write("\n")
+    print(
+        f"[{len(result.tokens)} tokens, {result.tok_s:.1f} tok/s, finish: {result.finish_reason}]",
+        file=sys.stderr,
+    )
+    return 0

@@ -1,0 +1,72 @@
+"""The ``peerpipe`` command: parses arguments and hands each subcommand to its own module.
+
+Every error peerpipe raises on purpose becomes one line on stderr and a non-zero exit; a
+traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from peerpipe import __version__
+from peerpipe.errors import PeerpipeError
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from peerpipe.cli import demo_cmd, generate_cmd, room_cmds
+
+    parser = argparse.ArgumentParser(
+        prog="peerpipe",
+        description="Pool the GPUs and CPUs of machines on your network and run one LLM across them.",
+    )
+    parser.add_argument("--version", action="version", version=f"peerpipe {__version__}")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="log more (-v: info, -vv: debug), as JSON lines on stderr",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    demo_cmd.add_parser(sub)
+    generate_cmd.add_parser(sub)
+    room_cmds.add_host_parser(sub)
+    room_cmds.add_join_parser(sub)
+    return parser
+
+
+def setup_logging(verbosity: int) -> None:
+    from peerpipe.logs import configure
+
+    level = {0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
+    configure(level)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except PeerpipeError as exc:
+        print(f"peerpipe: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("peerpipe: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # Output piped into `head` and closed early: not an error worth a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
