@@ -191,46 +191,63 @@ class Connection:
             return self._finish(
                 Input.CONNECTION_LOST, Closed("the connection was lost", _lost_error(self.state))
             )
-        self._inbuf += data
         events: list[Event] = []
         try:
-            while self.closed_event is None:
-                body = self._next_body()
-                if body is None:
-                    break
-                event = self._handle(body)
-                if event is not None:
-                    events.append(event)
+            if self._inbuf:
+                self._inbuf += data
+                while (
+                    self.closed_event is None and (length := self._frame_length(self._inbuf, 0)) is not None
+                ):
+                    # Decrypt straight from the buffer (a big record is not copied first); the
+                    # view is released before the buffer shrinks.
+                    body = memoryview(self._inbuf)[HEADER_BYTES : HEADER_BYTES + length]
+                    try:
+                        event = self._handle(body)
+                    finally:
+                        body.release()
+                    del self._inbuf[: HEADER_BYTES + length]
+                    self._collect(event, events)
+            else:
+                # Common case, nothing left over: frames are handled as views of ``data``, no copies.
+                view, pos = memoryview(data), 0
+                while self.closed_event is None and (length := self._frame_length(view, pos)) is not None:
+                    self._collect(
+                        self._handle(view[pos + HEADER_BYTES : pos + HEADER_BYTES + length]), events
+                    )
+                    pos += HEADER_BYTES + length
+                if self.closed_event is None and pos < len(data):
+                    self._inbuf += view[pos:]
         except IllegalTransitionError:
             raise  # our caller's bug, not the peer's fault
         except (RoomError, ProtocolError) as exc:
             events.extend(self._finish(Input.FAIL, Closed(str(exc), exc)))
         return events
 
+    @staticmethod
+    def _collect(event: Event | None, events: list[Event]) -> None:
+        if event is not None:
+            events.append(event)
+
     def _finish(self, what: Input, event: Closed) -> list[Event]:
         self._apply(what)
         if self.closed_event is None:
             self.closed_event = event
-            self._inbuf.clear()
+            self._inbuf = bytearray()  # a fresh one: a view of the old may still be alive here
             return [event]
         return []
 
-    def _next_body(self) -> memoryview | None:
-        buf = self._inbuf
-        if len(buf) < HEADER_BYTES:
+    def _frame_length(self, buf: memoryview | bytearray, pos: int) -> int | None:
+        """Length of the frame starting at ``pos`` if all of it is in ``buf``, else None."""
+        if len(buf) - pos < HEADER_BYTES:
             return None
-        (length,) = _LEN.unpack_from(buf)
+        (length,) = _LEN.unpack_from(buf, pos)
         limit = self.limits.max_frame_bytes + TAG_BYTES if self._opener else MAX_HANDSHAKE_FRAME
         if length > limit:
             # Rejected from the header alone: a hostile length never makes us buffer its body.
             raise FrameTooLargeError(
                 f"the peer announced a {length}-byte frame, above the {limit}-byte limit"
             )
-        if len(buf) < HEADER_BYTES + length:
-            return None
-        body = bytes(memoryview(buf)[HEADER_BYTES : HEADER_BYTES + length])
-        del buf[: HEADER_BYTES + length]
-        return memoryview(body)
+        return length if len(buf) - pos >= HEADER_BYTES + length else None
 
     def _handle(self, body: memoryview) -> Event | None:
         if self._opener is None:

@@ -102,6 +102,7 @@ class Channel:
 
     def __post_init__(self) -> None:
         self._reassembler = Reassembler(self.config.limits)
+        self._last_rx = self._last_tx = self.clock()
 
     @property
     def peer(self) -> Hello:
@@ -126,6 +127,7 @@ class Channel:
         if len(frames) == 1 and stream is None and not len(self._sched):
             # Nothing queued ahead of it, so writing now keeps order and saves a task switch.
             self.writer.writelines(self.conn.send_parts(frames[0]))
+            self._last_tx = self.clock()
             await self._drain()
             return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -134,10 +136,14 @@ class Channel:
         await done
 
     def _check_open(self) -> None:
-        if self._closing or self.conn.state is not State.OPEN:
+        if self._closing or self.conn.state is not State.OPEN or self.writer.transport.is_closing():
             raise ConnectionClosedError(f"the connection to {self.peer.name or self.peer.node_id} is closed")
 
     async def _drain(self) -> None:
+        # Only a paused transport (buffer above its high-water mark) makes drain() wait; checking
+        # first skips a timeout context per frame, which is most of a small message's cost.
+        if self.writer.transport.get_write_buffer_size() <= self.config.write_buffer_bytes:
+            return
         try:
             async with asyncio.timeout(self.config.write_timeout_s):
                 await self.writer.drain()
@@ -162,16 +168,11 @@ class Channel:
                 if self._closing:
                     return
                 self._wake.clear()
-                try:
-                    async with asyncio.timeout(self.config.keepalive_s):
-                        await self._wake.wait()
-                except TimeoutError:
-                    nonce = next(self._nonces)
-                    self._pings[nonce] = self.clock()
-                    self._sched.add([Ping(nonce)])
+                await self._wake.wait()  # set by send(), close() and the watchdog's pings
                 continue
             frame, done = item
             self.writer.writelines(self.conn.send_parts(frame))
+            self._last_tx = self.clock()
             await self._drain()
             if done is not None and not done.done():
                 done.set_result(None)
@@ -206,9 +207,11 @@ class Channel:
         try:
             async with asyncio.TaskGroup() as tg:
                 writer = tg.create_task(self._guarded_write_loop())
+                watchdog = tg.create_task(self._watchdog())
                 try:
                     ended = await self._read_loop(deliver)
                 finally:
+                    watchdog.cancel()
                     if not writer.done():
                         writer.cancel()
             if self._write_error is not None:
@@ -226,15 +229,11 @@ class Channel:
     async def _read_loop(self, deliver: Deliver) -> Closed:
         while True:
             try:
-                async with asyncio.timeout(self.config.idle_timeout_s):
-                    data = await self.reader.read(self.config.read_bytes)
-            except TimeoutError:
-                return Closed(
-                    "timed out",
-                    RoomTimeoutError(f"heard nothing from the peer for {self.config.idle_timeout_s:g} s"),
-                )
+                # The idle deadline on this read is enforced by _watchdog (no per-read timer).
+                data = await self.reader.read(self.config.read_bytes)
             except (ConnectionError, OSError):
                 data = b""
+            self._last_rx = self.clock()
             for event in self.conn.receive_data(data):
                 if isinstance(event, Closed):
                     return event
@@ -243,6 +242,24 @@ class Channel:
             if self._reassembler.pending_tensors:
                 for error in self._reassembler.expire(self.clock()):
                     log.warning("dropped a stalled tensor: %s", error)
+
+    async def _watchdog(self) -> None:
+        """Keepalive and idle deadline: ping a quiet link, drop a peer we stopped hearing from."""
+        period = min(self.config.keepalive_s, self.config.idle_timeout_s / 4)
+        while True:
+            await asyncio.sleep(period)
+            now = self.clock()
+            if now - self._last_rx > self.config.idle_timeout_s:
+                self._write_error = RoomTimeoutError(
+                    f"heard nothing from the peer for {self.config.idle_timeout_s:g} s: dropped it"
+                )
+                self.writer.transport.abort()  # wakes the reader with EOF
+                return
+            if now - self._last_tx >= self.config.keepalive_s and not self._closing:
+                nonce = next(self._nonces)
+                self._pings[nonce] = now
+                self._sched.add([Ping(nonce)])
+                self._wake.set()
 
     async def _on_message(self, message: Message, deliver: Deliver) -> None:
         if isinstance(message, Ping):
