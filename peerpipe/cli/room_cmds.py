@@ -156,7 +156,7 @@ async def _join(args: argparse.Namespace) -> int:
             if isinstance(event, PeerLeft) and event.peer.node_id == host.node_id:
                 if event.error is not None:
                     raise ConnectionClosedError(f"lost the host: {event.error}")
-                say(f"left: the host closed the room ({event.reason})")
+                say(f"left: {event.reason or 'the host left'}")
                 return 0
         await member.leave("member left")
     say("left the room")

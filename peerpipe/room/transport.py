@@ -309,10 +309,10 @@ async def handshake(
     hello: Hello,
     config: TransportConfig,
 ) -> Channel:
-    """Run the PAKE, key confirmation and Hello on a fresh stream. Raises a typed error on failure.
+    """Run the PAKE, key confirmation and Hello on a fresh stream; returns an open channel.
 
-    The caller closes ``writer`` if this raises; ``conn.code_tried`` on the error's
-    ``__notes__``-free path is exposed through ``HandshakeFailed``.
+    Raises ``HandshakeFailed`` carrying the typed error and whether the peer spent a guess at
+    the code (for the rate limiter); the caller closes ``writer`` then.
     """
     _tune(writer, config)
     conn = Connection(code, role, hello, config.limits)

@@ -116,3 +116,22 @@ def test_tampered_ciphertext_closes_the_connection(procs: list[RoomProc]) -> Non
     finally:
         relay.close()
     assert not any(re.match(r"^joined:", line) for line in host.seen)
+
+
+def test_wired_into_the_peerpipe_command() -> None:
+    import subprocess
+    import sys
+
+    from roomproc import REPO
+
+    out = subprocess.run(
+        [sys.executable, "-m", "peerpipe", "join", "7-amber", "--peer", "127.0.0.1:9"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        "peerpipe: error: a room code has a number and 2 to 6 words (like 7-amber-falcon), this one has 1 word(s)"
+    ]
