@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 import uuid
@@ -232,12 +233,11 @@ class RoomNode:
         return peer
 
     async def _pump(self, peer: PeerInfo, channel: Channel) -> None:
-        async def deliver(message: Message) -> None:
-            if self._on_message is not None:
-                await self._on_message(peer, message)
-            else:
-                await self._events.put(MessageFrom(peer, message))
+        async def to_queue(message: Message) -> None:
+            await self._events.put(MessageFrom(peer, message))
 
+        on_message = self._on_message
+        deliver = to_queue if on_message is None else functools.partial(on_message, peer)
         try:
             ended = await channel.run(deliver)
         finally:

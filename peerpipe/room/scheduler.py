@@ -38,6 +38,9 @@ class SendScheduler(Generic[T]):
         """Frames still to write."""
         return self._frames
 
+    def __bool__(self) -> bool:
+        return self._frames > 0
+
     def add(self, frames: list[Message], token: T | None = None, stream: Hashable | None = None) -> None:
         if not frames:
             raise ValueError("a transfer needs at least one frame")

@@ -102,6 +102,7 @@ class Channel:
 
     def __post_init__(self) -> None:
         self._reassembler = Reassembler(self.config.limits)
+        self._transport = self.writer.transport
         self._last_rx = self._last_tx = self.clock()
 
     @property
@@ -124,11 +125,12 @@ class Channel:
         """
         self._check_open()
         frames = split(message, self.config.limits)
-        if len(frames) == 1 and stream is None and not len(self._sched):
+        if len(frames) == 1 and stream is None and not self._sched:
             # Nothing queued ahead of it, so writing now keeps order and saves a task switch.
             self.writer.writelines(self.conn.send_parts(frames[0]))
             self._last_tx = self.clock()
-            await self._drain()
+            if self._transport.get_write_buffer_size() > self.config.write_buffer_bytes:
+                await self._drain()
             return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._sched.add(frames, done, stream)
@@ -136,13 +138,13 @@ class Channel:
         await done
 
     def _check_open(self) -> None:
-        if self._closing or self.conn.state is not State.OPEN or self.writer.transport.is_closing():
+        if self._closing or self.conn.state is not State.OPEN or self._transport.is_closing():
             raise ConnectionClosedError(f"the connection to {self.peer.name or self.peer.node_id} is closed")
 
     async def _drain(self) -> None:
         # Only a paused transport (buffer above its high-water mark) makes drain() wait; checking
         # first skips a timeout context per frame, which is most of a small message's cost.
-        if self.writer.transport.get_write_buffer_size() <= self.config.write_buffer_bytes:
+        if self._transport.get_write_buffer_size() <= self.config.write_buffer_bytes:
             return
         try:
             async with asyncio.timeout(self.config.write_timeout_s):
@@ -237,8 +239,8 @@ class Channel:
             for event in self.conn.receive_data(data):
                 if isinstance(event, Closed):
                     return event
-                if isinstance(event, MessageReceived):
-                    await self._on_message(event.message, deliver)
+                if isinstance(event, MessageReceived) and (full := self._on_message(event.message)):
+                    await deliver(full)
             if self._reassembler.pending_tensors:
                 for error in self._reassembler.expire(self.clock()):
                     log.warning("dropped a stalled tensor: %s", error)
@@ -261,26 +263,25 @@ class Channel:
                 self._sched.add([Ping(nonce)])
                 self._wake.set()
 
-    async def _on_message(self, message: Message, deliver: Deliver) -> None:
+    def _on_message(self, message: Message) -> Message | None:
+        """Handle pings and chunks here; returns what the application should see, if anything."""
         if isinstance(message, Ping):
             if not self._closing:
                 self._sched.add([Pong(message.nonce)])
                 self._wake.set()
-            return
+            return None
         if isinstance(message, Pong):
             sent = self._pings.pop(message.nonce, None)
             if sent is not None:
                 self.rtt_s = self.clock() - sent
-            return
+            return None
         try:
-            full = self._reassembler.feed(message, self.clock())
+            return self._reassembler.feed(message, self.clock())
         except ChunkError as exc:
             # An authenticated peer sent inconsistent chunks: a bug on its side; the tensor is
             # already freed, the rest of the connection is fine.
             log.warning("peer %s: %s", self.peer.node_id, exc)
-            return
-        if full is not None:
-            await deliver(full)
+            return None
 
     async def _shutdown(self) -> None:
         if self.writer.is_closing():
