@@ -95,6 +95,8 @@ class Channel:
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _early: list[Message] = field(default_factory=list)
     _closing: bool = False
+    _bye_reason: str = ""
+    _writer_done: asyncio.Event = field(default_factory=asyncio.Event)
     _ended: Closed | None = None
     _write_error: RoomError | None = None
     _pings: dict[int, float] = field(default_factory=dict)
@@ -162,12 +164,17 @@ class Channel:
         except (RoomError, ConnectionError, OSError) as exc:
             self._write_error = exc if isinstance(exc, RoomError) else ConnectionClosedError(str(exc))
             self.writer.transport.abort()
+        finally:
+            self._writer_done.set()
 
     async def _write_loop(self) -> None:
         while True:
             item = self._sched.pop()
             if item is None:
                 if self._closing:
+                    # Everything queued before close() is out; the goodbye goes last.
+                    self.writer.writelines(self.conn.send_parts(Bye(self._bye_reason)))
+                    await self._drain()
                     return
                 self._wake.clear()
                 await self._wake.wait()  # set by send(), close() and the watchdog's pings
@@ -184,12 +191,11 @@ class Channel:
         if self._closing or self.conn.state is not State.OPEN:
             return
         self._closing = True
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._sched.add([Bye(reason)], done, stream="bye-goes-last")
+        self._bye_reason = reason
         self._wake.set()
-        with contextlib.suppress(RoomError, TimeoutError, ConnectionError):
+        with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.config.close_timeout_s):
-                await done
+                await self._writer_done.wait()
 
     async def refuse(self, reason: str) -> None:
         """Say ``Bye(reason)`` on a channel that never started running, and close it."""

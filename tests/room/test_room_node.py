@@ -263,3 +263,27 @@ def test_send_to_unknown_peer_is_typed() -> None:
                 await host.send("nobody", Heartbeat(0.0, "idle"))
 
     arun(main())
+
+
+def test_goodbye_waits_for_queued_transfers() -> None:
+    arr = np.arange(6 * 1024 * 1024 // 4, dtype=np.float32)  # 6 chunks
+
+    async def main() -> None:
+        async with Host(CODE) as host:
+            addr = await host.open(LOOPBACK, advertise=False)
+            member = Member(CODE)
+            async with member:
+                await member.join(addr)
+                await next_of(host, PeerJoined)
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(
+                        member.send(host.node_id, ComputeRequest("last", TensorData.from_numpy(arr)))
+                    )
+                    await asyncio.sleep(0)
+                    tg.create_task(member.leave("done"))
+            got = await next_of(host, MessageFrom)
+            assert isinstance(got.message, ComputeRequest) and got.message.task_id == "last"
+            left = await next_of(host, PeerLeft)
+            assert left.error is None and left.reason == "done"
+
+    arun(main())
