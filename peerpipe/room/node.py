@@ -13,9 +13,10 @@ import functools
 import logging
 import socket
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Hashable
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any, TypeVar
 
 from peerpipe.errors import PeerpipeError
 from peerpipe.protocol import PROTOCOL_VERSION, Hello, Message
@@ -69,6 +70,9 @@ RoomEvent = PeerJoined | PeerLeft | MessageFrom | HandshakeRefused
 OnMessage = Callable[[PeerInfo, Message], Awaitable[None]]
 
 
+_Node = TypeVar("_Node", bound="RoomNode")
+
+
 class RoomNode:
     """Use as ``async with RoomNode(code) as node:``; leaving the block says goodbye to every peer.
 
@@ -106,7 +110,7 @@ class RoomNode:
 
     # -- lifetime ------------------------------------------------------------------------
 
-    async def __aenter__(self) -> RoomNode:
+    async def __aenter__(self: _Node) -> _Node:
         self._tg = asyncio.TaskGroup()
         await self._tg.__aenter__()
         return self
@@ -137,9 +141,9 @@ class RoomNode:
             for task in pending:
                 task.cancel()
 
-    def _spawn(self, coro: object) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         assert self._tg is not None, "use the node as an async context manager"
-        task = self._tg.create_task(coro)  # type: ignore[arg-type]
+        task = self._tg.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -35,7 +35,7 @@ from peerpipe.room import (
     WrongCodeError,
     parse_code,
 )
-from peerpipe.room.connection import TRANSITIONS, Input
+from peerpipe.room.connection import TRANSITIONS, Event, Input
 from peerpipe.room.crypto import RecordSealer
 
 CODE = parse_code("7-amber-falcon")
@@ -47,7 +47,7 @@ def hello(name: str, version: int = PROTOCOL_VERSION) -> Hello:
 
 def pair(
     code_a: str = "7-amber-falcon", code_b: str = "7-amber-falcon", version_b: int = PROTOCOL_VERSION
-) -> tuple[Connection, Connection, list[object], list[object]]:
+) -> tuple[Connection, Connection, list[Event], list[Event]]:
     """Run a handshake between a dialer and a listener; returns both and the events each saw."""
     a = Connection(parse_code(code_a), Role.DIALER, hello("alice"))
     b = Connection(parse_code(code_b), Role.LISTENER, hello("bob", version_b))
@@ -102,7 +102,7 @@ def test_wrong_code_fails_on_both_sides_with_wrong_code_error() -> None:
 
 def test_wrong_nameplate_is_a_wrong_code_too() -> None:
     _, _, ev_a, ev_b = pair(code_b="8-amber-falcon")
-    assert all(isinstance(e.error, WrongCodeError) for e in ev_a + ev_b)  # type: ignore[attr-defined]
+    assert all(isinstance(e, Closed) and isinstance(e.error, WrongCodeError) for e in ev_a + ev_b)
 
 
 def test_version_mismatch_is_typed() -> None:

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from peerpipe.protocol import Bye, Heartbeat, Ping, TensorChunk
+from peerpipe.protocol import Bye, Heartbeat, Message, Ping, TensorChunk
 from peerpipe.room.scheduler import SendScheduler
 
 
@@ -8,8 +8,8 @@ def chunk(tid: str, i: int, n: int = 3) -> TensorChunk:
     return TensorChunk(tid, i, n, n, b"x")
 
 
-def drain(s: SendScheduler[str]) -> list[tuple[object, str | None]]:
-    out = []
+def drain(s: SendScheduler[str]) -> list[tuple[Message, str | None]]:
+    out: list[tuple[Message, str | None]] = []
     while (item := s.pop()) is not None:
         out.append(item)
     return out
