@@ -121,3 +121,38 @@ class Relay:
 
     def close(self) -> None:
         self.server.close()
+
+
+class MdnsSniffer:
+    """Counts peerpipe mDNS packets seen on any interface other than loopback (Linux, root).
+
+    Passive: a packet socket only listens. Used to prove ``--listen 127.0.0.1`` keeps mDNS off
+    this machine's real interfaces.
+    """
+
+    def __init__(self) -> None:
+        self.leaks: list[str] = []
+        self._stop = threading.Event()
+        self._sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.ntohs(0x0003))
+        self._sock.settimeout(0.1)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> MdnsSniffer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._sock.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                packet, (ifname, *_rest) = self._sock.recvfrom(65535)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if ifname != "lo" and b"_peerpipe" in packet:
+                self.leaks.append(ifname)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterator
 
 import pytest
-from roomproc import Relay, RoomProc
+from roomproc import MdnsSniffer, Relay, RoomProc
 
 CODE = "7-amber-falcon"
 HANDSHAKE_BYTES = (4 + 1 + 11 + 33) + (4 + 1 + 32)  # PAKE frame + key confirmation frame
@@ -34,6 +35,17 @@ def start_host(procs: list[RoomProc], *extra: str) -> tuple[RoomProc, int]:
 
 
 def test_host_and_two_joiners_by_mdns_and_by_peer(procs: list[RoomProc]) -> None:
+    try:
+        sniffer: contextlib.AbstractContextManager[MdnsSniffer | None] = MdnsSniffer()
+    except (PermissionError, AttributeError, OSError):  # not root, or not Linux
+        sniffer = contextlib.nullcontext()
+    with sniffer as sniffing:
+        _host_and_two_joiners(procs)
+    if sniffing is not None:
+        assert sniffing.leaks == [], "mDNS for a loopback room left on a real interface"
+
+
+def _host_and_two_joiners(procs: list[RoomProc]) -> None:
     host, port = start_host(procs)
     by_mdns = start(procs, "join", "7 Amber Falcon", "--listen", "127.0.0.1", "--name", "mdns-joiner")
     by_peer = start(procs, "join", CODE, "--peer", f"127.0.0.1:{port}", "--name", "peer-joiner")
