@@ -10,7 +10,6 @@ query ever leaves on an interface the user did not choose.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import socket
@@ -94,8 +93,10 @@ class Advertiser:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         if self._zc is not None:
-            with contextlib.suppress(Exception):  # the goodbye packet is a courtesy; closing must not fail
+            try:
                 await (await self._zc.async_unregister_service(self._info))
+            except Exception as exc:  # the goodbye packet is a courtesy; closing must still happen
+                log.debug("could not withdraw the mDNS record: %s", exc)
             await self._zc.async_close()
             self._zc = None
 

@@ -77,6 +77,9 @@ class TransportConfig:
     write_buffer_bytes: int = 4 << 20
 
     def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if name != "limits" and not value > 0:
+                raise ValueError(f"TransportConfig.{name} must be positive, got {value!r}")
         if self.idle_timeout_s <= self.keepalive_s:
             raise ValueError("idle_timeout_s must exceed keepalive_s, or idle peers would be dropped")
 
@@ -91,13 +94,13 @@ class Channel:
     config: TransportConfig = field(default_factory=TransportConfig)
     clock: Callable[[], float] = time.monotonic
     rtt_s: float | None = None  # last keepalive round trip
+    ended: Closed | None = None  # how the connection ended, once run() returned
     _sched: SendScheduler[asyncio.Future[None]] = field(default_factory=SendScheduler)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _early: list[Message] = field(default_factory=list)
     _closing: bool = False
     _bye_reason: str = ""
     _writer_done: asyncio.Event = field(default_factory=asyncio.Event)
-    _ended: Closed | None = None
     _write_error: RoomError | None = None
     _pings: dict[int, float] = field(default_factory=dict)
     _nonces: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
@@ -231,7 +234,7 @@ class Channel:
             if self.conn.state is not State.CLOSED:
                 self.conn.close()
             await self._shutdown()
-        self._ended = ended
+        self.ended = ended
         return ended
 
     async def _read_loop(self, deliver: Deliver) -> Closed:
