@@ -32,7 +32,7 @@ def bucket_for(kv_len: int, max_seq: int) -> int:
 class _Graph:
     graph: torch.cuda.CUDAGraph
     x: Tensor
-    positions: Tensor
+    batch: Batch  # holds every static tensor the graph reads; freeing one would corrupt replays
     out: Tensor
 
 
@@ -48,14 +48,14 @@ class GraphedDecoder:
 
     def __call__(self, x: Tensor, batch: Batch) -> Tensor:
         """Same contract as ``stage(x, cache, batch)`` for a decode batch (``S == 1``)."""
-        slots = tuple(batch.slots.tolist())
+        slots = batch.slot_ids or tuple(batch.slots.tolist())
         key = (slots, bucket_for(batch.kv_len, self.cache.max_seq))
         g = self._graphs.get(key)
         if g is None:
             g = self._capture(slots, key[1], x)
             self._graphs[key] = g
         g.x.copy_(x)
-        g.positions.copy_(batch.positions)
+        g.batch.positions.copy_(batch.positions)
         g.graph.replay()
         return g.out
 
@@ -72,6 +72,7 @@ class GraphedDecoder:
             positions=positions,
             kv_len=bucket,
             slot_start=first if contiguous else None,
+            heads=cache.heads,
         )
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
@@ -82,4 +83,4 @@ class GraphedDecoder:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool), torch.inference_mode():
             out = self.stage(static_x, cache, batch)
-        return _Graph(graph, static_x, positions, out)
+        return _Graph(graph, static_x, batch, out)

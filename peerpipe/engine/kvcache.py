@@ -23,13 +23,34 @@ class Batch:
     ``positions`` is ``[B, S]``: the absolute position of every new token. ``kv_len`` bounds the
     keys attended to (at least ``positions.max() + 1``). ``slot_start`` is set when the slots are
     the contiguous range ``slot_start .. slot_start + B``, which lets attention read a view
-    instead of gathering.
+    instead of gathering. ``single`` is ``(slot, start)`` when the batch is one session whose
+    positions are known on the host: writes then become one slice copy instead of a scatter.
+    A batch replayed from a CUDA graph must leave it None, since its positions change.
     """
 
     slots: torch.Tensor  # [B] long
     positions: torch.Tensor  # [B, S] long
     kv_len: int
     slot_start: int | None
+    single: tuple[int, int] | None = None
+    heads: torch.Tensor | None = None  # arange(kv_heads), for scatter writes
+    slot_ids: tuple[int, ...] = ()  # the slots on the host, so callers need not sync to read them
+
+    def write(self, store: torch.Tensor, new: torch.Tensor) -> None:
+        """Put ``new`` ``[B, S, KV, D]`` into one layer's ``store`` ``[slots, KV, T, D]``."""
+        if self.single is not None:
+            slot, start = self.single
+            store[slot].narrow(1, start, new.shape[1]).copy_(new[0].transpose(0, 1))
+            return
+        assert self.heads is not None
+        index = (self.slots[:, None, None], self.heads[None, :, None], self.positions[:, None, :])
+        store.index_put_(index, new.transpose(1, 2))
+
+    def read(self, store: torch.Tensor) -> torch.Tensor:
+        """The first ``kv_len`` positions of every row's slot: ``[B, KV, L, D]``."""
+        if self.slot_start is not None:
+            return store.narrow(0, self.slot_start, self.slots.shape[0]).narrow(2, 0, self.kv_len)
+        return store.index_select(0, self.slots).narrow(2, 0, self.kv_len)
 
 
 class KVCache:
@@ -50,7 +71,9 @@ class KVCache:
         shape = (n_layers, max_slots, n_kv_heads, max_seq + 1, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.heads = torch.arange(n_kv_heads, device=device)  # index for writes, made once
+        self.heads = torch.arange(n_kv_heads, device=device)  # index for scatter writes, made once
+        # Per-layer views, so the hot loop does not re-select a layer on every access.
+        self.k_layers, self.v_layers = list(self.k.unbind(0)), list(self.v.unbind(0))
         self.max_slots = max_slots
         self.max_seq = max_seq
         self.scratch_position = max_seq
@@ -120,6 +143,9 @@ class KVCache:
             positions=positions,
             kv_len=max(starts) + n_new,
             slot_start=first if contiguous else None,
+            single=(first, starts[0]) if len(slots) == 1 else None,
+            heads=self.heads,
+            slot_ids=tuple(slots),
         )
 
     def _check(self, slot: int) -> None:

@@ -108,44 +108,40 @@ def layer_forward(
     w: LayerWeights,
     x: Tensor,
     rope: tuple[Tensor, Tensor],
-    mask: Tensor,
-    cache: KVCache,
-    layer: int,
+    mask: Tensor | None,
+    k_store: Tensor,
+    v_store: Tensor,
     batch: Batch,
 ) -> Tensor:
+    # Written for few dispatches per layer: split_with_sizes and narrow rather than indexing.
     b, s, _ = x.shape
     h, kvh, d, eps = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rms_norm_eps
-    qkv = F.linear(rms_norm(x, w.attn_norm, eps), w.wqkv, w.bqkv)
-    qk = qkv[..., : cfg.q_size + cfg.kv_size].view(b, s, h + kvh, d)
-    v = qkv[..., cfg.q_size + cfg.kv_size :].view(b, s, kvh, d)
+    qk, v = F.linear(rms_norm(x, w.attn_norm, eps), w.wqkv, w.bqkv).split_with_sizes(
+        (cfg.q_size + cfg.kv_size, cfg.kv_size), -1
+    )
+    qk = qk.view(b, s, h + kvh, d)
     if w.q_norm is not None and w.k_norm is not None:
-        qk = torch.cat((rms_norm(qk[:, :, :h], w.q_norm, eps), rms_norm(qk[:, :, h:], w.k_norm, eps)), dim=2)
+        q, k = qk.split_with_sizes((h, kvh), 2)
+        qk = torch.cat((rms_norm(q, w.q_norm, eps), rms_norm(k, w.k_norm, eps)), dim=2)
     # RoPE on queries and keys in one pass: x*cos + rotate_half(x)*sin, where rotate_half is a
     # roll by half the head with the sign folded into the precomputed sin table.
     cos, sin = rope  # [B, S, 1, D]
-    qk = torch.addcmul(qk * cos, torch.roll(qk, d // 2, dims=-1), sin)
-    q, k = qk[:, :, :h], qk[:, :, h:]
+    q, k = torch.addcmul(qk * cos, qk.roll(d // 2, -1), sin).split_with_sizes((h, kvh), 2)
 
-    # Write the new keys/values at (slot, head, position), then attend over the session's past.
-    index = (batch.slots[:, None, None], cache.heads[None, :, None], batch.positions[:, None, :])
-    cache.k[layer].index_put_(index, k.transpose(1, 2))
-    cache.v[layer].index_put_(index, v.transpose(1, 2))
-    keys, values = _read(cache.k[layer], batch), _read(cache.v[layer], batch)  # [B, KV, L, D]
+    batch.write(k_store, k)
+    batch.write(v_store, v.view(b, s, kvh, d))
     attn = F.scaled_dot_product_attention(
-        q.transpose(1, 2), keys, values, attn_mask=mask, scale=d**-0.5, enable_gqa=kvh != h
+        q.transpose(1, 2),
+        batch.read(k_store),
+        batch.read(v_store),
+        attn_mask=mask,
+        scale=d**-0.5,
+        enable_gqa=kvh != h,
     )  # [B, H, S, D]
     x = x + F.linear(attn.transpose(1, 2).reshape(b, s, cfg.q_size), w.wo, w.bo)
 
-    gate_up = F.linear(rms_norm(x, w.mlp_norm, eps), w.w_gate_up, w.b_gate_up)
-    inter = cfg.intermediate_size
-    return x + F.linear(F.silu(gate_up[..., :inter]) * gate_up[..., inter:], w.w_down, w.b_down)
-
-
-def _read(store: Tensor, batch: Batch) -> Tensor:
-    if batch.slot_start is not None:
-        n = batch.slots.shape[0]
-        return store[batch.slot_start : batch.slot_start + n, :, : batch.kv_len]
-    return store.index_select(0, batch.slots)[:, :, : batch.kv_len]
+    gate, up = F.linear(rms_norm(x, w.mlp_norm, eps), w.w_gate_up, w.b_gate_up).chunk(2, -1)
+    return x + F.linear(F.silu(gate) * up, w.w_down, w.b_down)
 
 
 class Stage(nn.Module):
@@ -216,8 +212,8 @@ class Stage(nn.Module):
         rope = (self.rope_cos[batch.positions].unsqueeze(2), self.rope_sin[batch.positions].unsqueeze(2))
         masks = _masks(batch, self.cfg.windows[self.start : self.end], x.dtype)
         cfg = self.cfg
-        for i, w in enumerate(self._weights):
-            x = layer_forward(cfg, w, x, rope, masks[w.window], cache, i, batch)
+        for w, k_store, v_store in zip(self._weights, cache.k_layers, cache.v_layers, strict=True):
+            x = layer_forward(cfg, w, x, rope, masks[w.window], k_store, v_store, batch)
         if not self.is_last:
             return x
         if last_only:
@@ -225,18 +221,29 @@ class Stage(nn.Module):
         return F.linear(rms_norm(x, self.norm.weight, cfg.rms_norm_eps), self.lm_head.weight)
 
 
-def _masks(batch: Batch, windows: tuple[int | None, ...], dtype: torch.dtype) -> dict[int | None, Tensor]:
-    """Additive masks ``[B, 1, S, L]``, one per distinct sliding window among the stage's layers."""
+def _masks(
+    batch: Batch, windows: tuple[int | None, ...], dtype: torch.dtype
+) -> dict[int | None, Tensor | None]:
+    """Additive masks ``[B, 1, S, L]``, one per distinct sliding window among the stage's layers.
+
+    One session decoding one token with full attention sees every cached key: no mask at all.
+    """
+    b, s = batch.positions.shape
+    if b == 1 and s == 1 and batch.single is not None:
+        return {w: None for w in set(windows) if w is None} | {
+            w: _mask(batch, w, dtype) for w in set(windows) if w is not None
+        }
+    return {w: _mask(batch, w, dtype) for w in set(windows)}
+
+
+def _mask(batch: Batch, window: int | None, dtype: torch.dtype) -> Tensor:
     q_pos = batch.positions[:, :, None]
     k_pos = torch.arange(batch.kv_len, device=q_pos.device)[None, None, :]
-    out = {}
-    for window in set(windows):
-        allowed = k_pos <= q_pos
-        if window is not None:
-            allowed = allowed & (k_pos > q_pos - window)
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=q_pos.device)
-        out[window] = mask.masked_fill_(~allowed, float("-inf"))[:, None]
-    return out
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed = allowed & (k_pos > q_pos - window)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=q_pos.device)
+    return mask.masked_fill_(~allowed, float("-inf"))[:, None]
 
 
 def rope_inv_freq(cfg: ModelConfig) -> Tensor:

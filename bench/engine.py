@@ -1,0 +1,240 @@
+"""Decode speed of peerpipe's engine against transformers, side by side in one run.
+
+    python bench/engine.py                       # CPU: ~90M-parameter Llama shape, fp32, 2 threads
+    python bench/engine.py --device cuda --shape llama-3.2-1b --dtype bfloat16
+
+Both engines load the same random checkpoint, get the same prompt, and decode the same number of
+tokens greedily. Decode tok/s excludes the prompt: for transformers it is
+(N-1) / (time(N new tokens) - time(1 new token)); for peerpipe the engine times its own loop.
+The bound column is the memory-bandwidth limit: measured bandwidth / bytes read per token.
+Prints a table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from peerpipe.devtools.tiny_model import param_count, tiny_config, write_random_model  # noqa: E402
+from peerpipe.engine.generate import LocalEngine  # noqa: E402
+from peerpipe.engine.loader import load_stage  # noqa: E402
+from peerpipe.engine.sampling import SamplingParams  # noqa: E402
+from peerpipe.engine.tokenizer import Tokenizer  # noqa: E402
+
+# A deep, narrow ~90M Llama (the shape of the small "mobile" Llamas), and Llama 3.2 1B.
+SHAPES = {
+    "cpu-90m": dict(
+        hidden_size=512,
+        intermediate_size=1280,
+        num_hidden_layers=28,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=32000,
+        tie_word_embeddings=True,
+        max_position_embeddings=2048,
+    ),
+    "llama-3.2-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def ensure_model(shape: str, dtype: str, root: Path) -> Path:
+    path = root / f"{shape}-{dtype}"
+    if not (path / "config.json").is_file():
+        log(f"writing random {shape} checkpoint to {path}")
+        cfg = tiny_config("llama", **SHAPES[shape])
+        write_random_model(path, cfg, seed=0, dtype=dtype, shards=4 if shape == "llama-3.2-1b" else 1)
+    return path
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bandwidth_gbs(device: torch.device, dtype: torch.dtype) -> float:
+    """Bytes a matrix-vector product streams per second: the ceiling for decode."""
+    rows, cols = (16384, 16384) if device.type == "cuda" else (8192, 4096)
+    w = torch.randn(rows, cols, device=device, dtype=dtype)
+    x = torch.randn(1, cols, device=device, dtype=dtype)
+    for _ in range(3):
+        torch.nn.functional.linear(x, w)
+    sync(device)
+    reps = 50 if device.type == "cuda" else 20
+    t = time.perf_counter()
+    for _ in range(reps):
+        torch.nn.functional.linear(x, w)
+    sync(device)
+    return w.numel() * w.element_size() * reps / (time.perf_counter() - t) / 1e9
+
+
+def bench_peerpipe(path: Path, args: argparse.Namespace, graphs: bool) -> dict:
+    device = torch.device(args.device)
+    stage, _ = load_stage(path, device=device, dtype=args.dtype)
+    engine = LocalEngine(
+        stage, Tokenizer.from_dir(path), max_seq=args.prompt_len + args.new_tokens + 1, cuda_graphs=graphs
+    )
+    prompt = list(range(10, 10 + args.prompt_len))
+    params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
+    engine.generate(prompt, params)  # warm-up: allocator, kernels, graph capture
+    runs = [engine.generate(prompt, params) for _ in range(args.repeats)]
+    tokens = runs[0].tokens
+    del engine, stage
+    return {
+        "tok_s": statistics.median(r.tok_s for r in runs),
+        "ttft_ms": statistics.median(r.prefill_s for r in runs) * 1000,
+        "tokens": tokens,
+    }
+
+
+def bench_transformers(path: Path, args: argparse.Namespace, attn: str) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(args.device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[args.dtype], attn_implementation=attn)
+    model = model.to(device).eval()
+    ids = torch.arange(10, 10 + args.prompt_len, device=device)[None]
+    mask = torch.ones_like(ids)
+
+    def run(n: int) -> tuple[float, list[int]]:
+        sync(device)
+        t = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(
+                ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
+            )
+        sync(device)
+        return time.perf_counter() - t, out[0, args.prompt_len :].tolist()
+
+    run(4)
+    first = statistics.median(run(1)[0] for _ in range(args.repeats))
+    full = [run(args.new_tokens) for _ in range(args.repeats)]
+    total = statistics.median(t for t, _ in full)
+    del model
+    return {
+        "tok_s": (args.new_tokens - 1) / (total - first),
+        "ttft_ms": first * 1000,
+        "tokens": full[0][1],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--shape", choices=sorted(SHAPES), default=None)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for both engines")
+    p.add_argument("--prompt-len", type=int, default=None)
+    p.add_argument("--new-tokens", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--models", type=Path, default=ROOT / ".bench", help="where random checkpoints are kept")
+    p.add_argument("--skip-transformers", action="store_true")
+    args = p.parse_args()
+    gpu = args.device.startswith("cuda")
+    args.shape = args.shape or ("llama-3.2-1b" if gpu else "cpu-90m")
+    args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    args.prompt_len = args.prompt_len or (128 if gpu else 32)
+    args.new_tokens = args.new_tokens or (128 if gpu else 64)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    path = ensure_model(args.shape, args.dtype, args.models)
+    cfg = tiny_config("llama", **SHAPES[args.shape])
+    n_params = param_count(cfg)
+    itemsize = torch.empty((), dtype=DTYPES[args.dtype]).element_size()
+    # Per token: every weight once (the tied embedding is read as the LM head), plus the KV cache.
+    kv_bytes = (
+        2
+        * cfg["num_hidden_layers"]
+        * cfg["num_key_value_heads"]
+        * (cfg["hidden_size"] // cfg["num_attention_heads"])
+    )
+    bytes_per_token = n_params * itemsize + kv_bytes * itemsize * (args.prompt_len + args.new_tokens // 2)
+    log("measuring memory bandwidth")
+    bw = bandwidth_gbs(device, DTYPES[args.dtype])
+    bound = bw * 1e9 / bytes_per_token
+
+    rows: list[tuple[str, dict]] = []
+    if gpu:
+        log("peerpipe, CUDA graphs")
+        rows.append(("peerpipe (CUDA graphs)", bench_peerpipe(path, args, graphs=True)))
+        log("peerpipe, eager")
+        rows.append(("peerpipe (eager)", bench_peerpipe(path, args, graphs=False)))
+    else:
+        log("peerpipe")
+        rows.append(("peerpipe", bench_peerpipe(path, args, graphs=False)))
+    if not args.skip_transformers:
+        for attn in ("eager", "sdpa") if gpu else ("sdpa",):
+            log(f"transformers generate ({attn})")
+            rows.append((f"transformers ({attn})", bench_transformers(path, args, attn)))
+
+    reference = [r for name, r in rows if name.startswith("transformers")]
+    base = reference[0]["tok_s"] if reference else None  # eager on a GPU, the default (sdpa) on a CPU
+    print(f"\nmodel {args.shape}: {n_params / 1e6:.1f}M params, {args.dtype}, device {args.device}", end="")
+    print(f", threads {args.threads}" if not gpu else "")
+    print(f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, median of {args.repeats}")
+    print(f"bandwidth {bw:.1f} GB/s -> bound {bound:.0f} tok/s\n")
+    print(f"{'engine':<26}{'decode tok/s':>14}{'x transformers':>16}{'% of bound':>12}{'TTFT ms':>10}")
+    for name, r in rows:
+        ratio = f"{r['tok_s'] / base:.2f}" if base else "-"
+        print(
+            f"{name:<26}{r['tok_s']:>14.1f}{ratio:>16}{100 * r['tok_s'] / bound:>11.0f}%{r['ttft_ms']:>10.1f}"
+        )
+    same = len({tuple(r["tokens"]) for _, r in rows}) == 1
+    ref_tokens = rows[0][1]["tokens"]
+    for name, r in rows[1:]:
+        agree = next((i for i, (a, b) in enumerate(zip(ref_tokens, r["tokens"])) if a != b), len(ref_tokens))
+        print(f"{name}: same greedy tokens as {rows[0][0]} for the first {agree} of {len(ref_tokens)}")
+    print(f"greedy tokens identical across engines: {same}")
+    summary = {
+        "bench": "engine",
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name(device) if gpu else "cpu",
+        "shape": args.shape,
+        "params_m": round(n_params / 1e6, 1),
+        "dtype": args.dtype,
+        "threads": args.threads,
+        "bandwidth_gbs": round(bw, 1),
+        "bound_tok_s": round(bound, 1),
+        "tokens_identical": same,
+        "engines": {
+            name: {"tok_s": round(r["tok_s"], 2), "ttft_ms": round(r["ttft_ms"], 2)} for name, r in rows
+        },
+    }
+    if base:
+        summary["speedup_vs_transformers"] = round(rows[0][1]["tok_s"] / base, 3)
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
