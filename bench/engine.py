@@ -140,7 +140,6 @@ def bench_transformers(path: Path, args: argparse.Namespace, attn: str) -> dict:
     first = statistics.median(run(1)[0] for _ in range(args.repeats))
     full = [run(args.new_tokens) for _ in range(args.repeats)]
     total = statistics.median(t for t, _ in full)
-    del model
     return {
         "tok_s": (args.new_tokens - 1) / (total - first),
         "ttft_ms": first * 1000,
@@ -213,7 +212,10 @@ def main() -> None:
     same = len({tuple(r["tokens"]) for _, r in rows}) == 1
     ref_tokens = rows[0][1]["tokens"]
     for name, r in rows[1:]:
-        agree = next((i for i, (a, b) in enumerate(zip(ref_tokens, r["tokens"])) if a != b), len(ref_tokens))
+        agree = next(
+            (i for i, (a, b) in enumerate(zip(ref_tokens, r["tokens"], strict=False)) if a != b),
+            len(ref_tokens),
+        )
         print(f"{name}: same greedy tokens as {rows[0][0]} for the first {agree} of {len(ref_tokens)}")
     print(f"greedy tokens identical across engines: {same}")
     summary = {
