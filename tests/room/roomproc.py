@@ -80,6 +80,7 @@ class Relay:
         self.server = socket.create_server(("127.0.0.1", 0))
         self.address = self.server.getsockname()[:2]
         self._threads: list[threading.Thread] = []
+        self._sockets: list[socket.socket] = []
         accept = threading.Thread(target=self._accept, daemon=True)
         accept.start()
         self._threads.append(accept)
@@ -87,6 +88,7 @@ class Relay:
     def _accept(self) -> None:
         client, _ = self.server.accept()
         upstream = socket.create_connection(self.target)
+        self._sockets = [client, upstream]
         for src, dst, log, flip in (
             (client, upstream, self.upstream_bytes, self.flip_at),
             (upstream, client, self.downstream_bytes, None),
@@ -121,6 +123,15 @@ class Relay:
 
     def close(self) -> None:
         self.server.close()
+        for s in self._sockets:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for t in self._threads:
+            t.join(timeout=5)
+        for s in self._sockets:
+            s.close()
 
 
 class MdnsSniffer:
