@@ -93,17 +93,17 @@ class Channel:
     writer: asyncio.StreamWriter
     config: TransportConfig = field(default_factory=TransportConfig)
     clock: Callable[[], float] = time.monotonic
-    rtt_s: float | None = None  # last keepalive round trip
-    ended: Closed | None = None  # how the connection ended, once run() returned
-    _sched: SendScheduler[asyncio.Future[None]] = field(default_factory=SendScheduler)
-    _wake: asyncio.Event = field(default_factory=asyncio.Event)
-    _early: list[Message] = field(default_factory=list)
-    _closing: bool = False
-    _bye_reason: str = ""
-    _writer_done: asyncio.Event = field(default_factory=asyncio.Event)
-    _write_error: RoomError | None = None
-    _pings: dict[int, float] = field(default_factory=dict)
-    _nonces: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    rtt_s: float | None = field(default=None, init=False)  # last keepalive round trip
+    ended: Closed | None = field(default=None, init=False)  # how it ended, once run() returned
+    _sched: SendScheduler[asyncio.Future[None]] = field(default_factory=SendScheduler, init=False)
+    _wake: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    _early: list[Message] = field(default_factory=list, init=False)
+    _closing: bool = field(default=False, init=False)
+    _bye_reason: str = field(default="", init=False)
+    _writer_done: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    _write_error: RoomError | None = field(default=None, init=False)
+    _pings: dict[int, float] = field(default_factory=dict, init=False)
+    _nonces: itertools.count[int] = field(default_factory=lambda: itertools.count(1), init=False)
 
     def __post_init__(self) -> None:
         self._reassembler = Reassembler(self.config.limits)
