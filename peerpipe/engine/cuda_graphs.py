@@ -72,7 +72,6 @@ class GraphedDecoder:
             positions=positions,
             kv_len=bucket,
             slot_start=first if contiguous else None,
-            heads=cache.heads,
         )
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))

@@ -1,6 +1,8 @@
 """A preallocated KV cache shared by many sessions, one *slot* per session.
 
-Keys and values of a stage live in two tensors ``[layers, slots, kv_heads, max_seq, head_dim]``.
+Keys and values of a stage live in one tensor ``[layers, slots, max_seq, 2, kv_heads, head_dim]``:
+a position's keys sit next to its values, so one copy stores both (the model computes them next
+to each other too).
 Attention masks by position (a query at position p sees keys at positions <= p), so entries past
 a session's length are never read: rolling a session back is bookkeeping only, and the next
 write at that position overwrites the stale entry.
@@ -33,24 +35,24 @@ class Batch:
     kv_len: int
     slot_start: int | None
     single: tuple[int, int] | None = None
-    heads: torch.Tensor | None = None  # arange(kv_heads), for scatter writes
     slot_ids: tuple[int, ...] = ()  # the slots on the host, so callers need not sync to read them
 
     def write(self, store: torch.Tensor, new: torch.Tensor) -> None:
-        """Put ``new`` ``[B, S, KV, D]`` into one layer's ``store`` ``[slots, KV, T, D]``."""
+        """Put keys and values ``new`` ``[B, S, 2, KV, D]`` into one layer's ``store``."""
         if self.single is not None:
             slot, start = self.single
-            store[slot].narrow(1, start, new.shape[1]).copy_(new[0].transpose(0, 1))
+            store[slot].narrow(0, start, new.shape[1]).copy_(new[0])
             return
-        assert self.heads is not None
-        index = (self.slots[:, None, None], self.heads[None, :, None], self.positions[:, None, :])
-        store.index_put_(index, new.transpose(1, 2))
+        store.index_put_((self.slots[:, None], self.positions), new)
 
-    def read(self, store: torch.Tensor) -> torch.Tensor:
-        """The first ``kv_len`` positions of every row's slot: ``[B, KV, L, D]``."""
+    def read(self, store: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the first ``kv_len`` positions of every row: ``[B, KV, L, D]`` each."""
         if self.slot_start is not None:
-            return store.narrow(0, self.slot_start, self.slots.shape[0]).narrow(2, 0, self.kv_len)
-        return store.index_select(0, self.slots).narrow(2, 0, self.kv_len)
+            rows = store.narrow(0, self.slot_start, self.slots.shape[0])
+        else:
+            rows = store.index_select(0, self.slots)
+        kv = rows.narrow(1, 0, self.kv_len)  # [B, L, 2, KV, D]
+        return kv.select(2, 0).transpose(1, 2), kv.select(2, 1).transpose(1, 2)
 
 
 class KVCache:
@@ -68,12 +70,10 @@ class KVCache:
             raise CacheError("a KV cache needs at least one slot and one position")
         # One spare position past max_seq: a scratch row that warm-up runs (CUDA-graph capture)
         # may write without touching any session's keys.
-        shape = (n_layers, max_slots, n_kv_heads, max_seq + 1, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.heads = torch.arange(n_kv_heads, device=device)  # index for scatter writes, made once
+        shape = (n_layers, max_slots, max_seq + 1, 2, n_kv_heads, head_dim)
+        self.kv = torch.zeros(shape, dtype=dtype, device=device)
         # Per-layer views, so the hot loop does not re-select a layer on every access.
-        self.k_layers, self.v_layers = list(self.k.unbind(0)), list(self.v.unbind(0))
+        self.layers = list(self.kv.unbind(0))
         self.max_slots = max_slots
         self.max_seq = max_seq
         self.scratch_position = max_seq
@@ -83,11 +83,11 @@ class KVCache:
 
     @property
     def device(self) -> torch.device:
-        return self.k.device
+        return self.kv.device
 
     @property
     def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+        return self.kv.numel() * self.kv.element_size()
 
     @property
     def free_slots(self) -> int:
@@ -144,7 +144,6 @@ class KVCache:
             kv_len=max(starts) + n_new,
             slot_start=first if contiguous else None,
             single=(first, starts[0]) if len(slots) == 1 else None,
-            heads=self.heads,
             slot_ids=tuple(slots),
         )
 

@@ -109,34 +109,27 @@ def layer_forward(
     x: Tensor,
     rope: tuple[Tensor, Tensor],
     mask: Tensor | None,
-    k_store: Tensor,
-    v_store: Tensor,
+    store: Tensor,
     batch: Batch,
 ) -> Tensor:
-    # Written for few dispatches per layer: split_with_sizes and narrow rather than indexing.
+    # Written for few dispatches per layer (a decode step of a small model is mostly dispatch
+    # overhead on a CPU): views and in-place updates of the fused q|k|v output, no indexing.
     b, s, _ = x.shape
     h, kvh, d, eps = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rms_norm_eps
-    qk, v = F.linear(rms_norm(x, w.attn_norm, eps), w.wqkv, w.bqkv).split_with_sizes(
-        (cfg.q_size + cfg.kv_size, cfg.kv_size), -1
-    )
-    qk = qk.view(b, s, h + kvh, d)
+    qkv = F.linear(rms_norm(x, w.attn_norm, eps), w.wqkv, w.bqkv).view(b, s, h + 2 * kvh, d)
+    qk = qkv.narrow(2, 0, h + kvh)
     if w.q_norm is not None and w.k_norm is not None:
-        q, k = qk.split_with_sizes((h, kvh), 2)
-        qk = torch.cat((rms_norm(q, w.q_norm, eps), rms_norm(k, w.k_norm, eps)), dim=2)
-    # RoPE on queries and keys in one pass: x*cos + rotate_half(x)*sin, where rotate_half is a
-    # roll by half the head with the sign folded into the precomputed sin table.
+        qk.copy_(torch.cat((rms_norm(qk[:, :, :h], w.q_norm, eps), rms_norm(qk[:, :, h:], w.k_norm, eps)), 2))
+    # RoPE on queries and keys in place: x*cos + rotate_half(x)*sin, where rotate_half is a roll
+    # by half the head with the sign folded into the precomputed sin table.
     cos, sin = rope  # [B, S, 1, D]
-    q, k = torch.addcmul(qk * cos, qk.roll(d // 2, -1), sin).split_with_sizes((h, kvh), 2)
+    rolled = qk.roll(d // 2, -1)
+    qk.mul_(cos).addcmul_(rolled, sin)
 
-    batch.write(k_store, k)
-    batch.write(v_store, v.view(b, s, kvh, d))
+    batch.write(store, qkv.narrow(2, h, 2 * kvh).view(b, s, 2, kvh, d))
+    keys, values = batch.read(store)  # [B, KV, L, D]
     attn = F.scaled_dot_product_attention(
-        q.transpose(1, 2),
-        batch.read(k_store),
-        batch.read(v_store),
-        attn_mask=mask,
-        scale=d**-0.5,
-        enable_gqa=kvh != h,
+        qkv.narrow(2, 0, h).transpose(1, 2), keys, values, attn_mask=mask, scale=d**-0.5, enable_gqa=kvh != h
     )  # [B, H, S, D]
     x = x + F.linear(attn.transpose(1, 2).reshape(b, s, cfg.q_size), w.wo, w.bo)
 
@@ -212,8 +205,8 @@ class Stage(nn.Module):
         rope = (self.rope_cos[batch.positions].unsqueeze(2), self.rope_sin[batch.positions].unsqueeze(2))
         masks = _masks(batch, self.cfg.windows[self.start : self.end], x.dtype)
         cfg = self.cfg
-        for w, k_store, v_store in zip(self._weights, cache.k_layers, cache.v_layers, strict=True):
-            x = layer_forward(cfg, w, x, rope, masks[w.window], k_store, v_store, batch)
+        for w, store in zip(self._weights, cache.layers, strict=True):
+            x = layer_forward(cfg, w, x, rope, masks[w.window], store, batch)
         if not self.is_last:
             return x
         if last_only:
