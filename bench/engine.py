@@ -98,11 +98,15 @@ def bandwidth_gbs(device: torch.device, dtype: torch.dtype) -> float:
     return w.numel() * w.element_size() * reps / (time.perf_counter() - t) / 1e9
 
 
-def bench_peerpipe(path: Path, args: argparse.Namespace, graphs: bool) -> dict:
+def bench_peerpipe(path: Path, args: argparse.Namespace, graphs: bool, compile_layers: bool = False) -> dict:
     device = torch.device(args.device)
     stage, _ = load_stage(path, device=device, dtype=args.dtype)
     engine = LocalEngine(
-        stage, Tokenizer.from_dir(path), max_seq=args.prompt_len + args.new_tokens + 1, cuda_graphs=graphs
+        stage,
+        Tokenizer.from_dir(path),
+        max_seq=args.prompt_len + args.new_tokens + 1,
+        cuda_graphs=graphs,
+        compile_layers=compile_layers,
     )
     prompt = list(range(10, 10 + args.prompt_len))
     params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
@@ -158,6 +162,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--models", type=Path, default=ROOT / ".bench", help="where random checkpoints are kept")
     p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--compile", action="store_true", help="also time CUDA graphs over torch.compile'd layers")
     args = p.parse_args()
     gpu = args.device.startswith("cuda")
     args.shape = args.shape or ("llama-3.2-1b" if gpu else "cpu-90m")
@@ -184,6 +189,13 @@ def main() -> None:
     bound = bw * 1e9 / bytes_per_token
 
     rows: list[tuple[str, dict]] = []
+    if gpu and args.compile:
+        log("peerpipe, CUDA graphs over torch.compile'd layers (compiling...)")
+        t = time.perf_counter()
+        rows.append(
+            ("peerpipe (graphs+compile)", bench_peerpipe(path, args, graphs=True, compile_layers=True))
+        )
+        log(f"compiled and measured in {time.perf_counter() - t:.0f} s")
     if gpu:
         log("peerpipe, CUDA graphs")
         rows.append(("peerpipe (CUDA graphs)", bench_peerpipe(path, args, graphs=True)))

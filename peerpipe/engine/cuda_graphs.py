@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from peerpipe.engine.kvcache import Batch, KVCache
-from peerpipe.engine.model import Stage
+from peerpipe.engine.model import Stage, layer_forward
 
 MIN_BUCKET = 64
 
@@ -39,10 +39,12 @@ class _Graph:
 class GraphedDecoder:
     """Runs ``stage`` for one new token per session, through a graph per (slots, bucket)."""
 
-    def __init__(self, stage: Stage, cache: KVCache) -> None:
+    def __init__(self, stage: Stage, cache: KVCache, *, compile_layers: bool = False) -> None:
         if cache.device.type != "cuda":
             raise ValueError("CUDA graphs need a stage and cache on a CUDA device")
         self.stage, self.cache = stage, cache
+        # torch.compile fuses a layer's small kernels; the graph then replays the fused ones.
+        self._layer_fn = torch.compile(layer_forward, dynamic=False) if compile_layers else None
         self._graphs: dict[tuple[tuple[int, ...], int], _Graph] = {}
         self._pool = torch.cuda.graph_pool_handle()
 
@@ -77,9 +79,9 @@ class GraphedDecoder:
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream), torch.inference_mode():
             for _ in range(2):
-                self.stage(static_x, cache, batch)
+                self.stage(static_x, cache, batch, layer_fn=self._layer_fn)
         torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool), torch.inference_mode():
-            out = self.stage(static_x, cache, batch)
+            out = self.stage(static_x, cache, batch, layer_fn=self._layer_fn)
         return _Graph(graph, static_x, batch, out)

@@ -72,13 +72,16 @@ class LocalEngine:
         max_seq: int,
         max_sessions: int = 1,
         cuda_graphs: bool | None = None,
+        compile_layers: bool = False,
     ) -> None:
         if not (stage.is_first and stage.is_last):
             raise ValueError("LocalEngine needs the whole model in one stage")
         self.stage, self.tokenizer = stage, tokenizer
         self.cache = stage.new_cache(max_sessions, max_seq)
         use_graphs = self.cache.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        self._graphed = GraphedDecoder(stage, self.cache) if use_graphs else None
+        self._graphed = (
+            GraphedDecoder(stage, self.cache, compile_layers=compile_layers) if use_graphs else None
+        )
         self._sampler = Sampler()
 
     @classmethod

@@ -9,6 +9,7 @@ at load time, which halves the kernels a decode step launches.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -137,6 +138,11 @@ def layer_forward(
     return x + F.linear(F.silu(gate) * up, w.w_down, w.b_down)
 
 
+LayerFn = Callable[
+    [ModelConfig, LayerWeights, Tensor, tuple[Tensor, Tensor], Tensor | None, Tensor, Batch], Tensor
+]
+
+
 class Stage(nn.Module):
     """Layers ``[start, end)`` of a model; build it on the meta device and load it with ``assign``."""
 
@@ -196,9 +202,19 @@ class Stage(nn.Module):
             param.device,
         )
 
-    def forward(self, x: Tensor, cache: KVCache, batch: Batch, last_only: bool = False) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        cache: KVCache,
+        batch: Batch,
+        last_only: bool = False,
+        layer_fn: LayerFn | None = None,
+    ) -> Tensor:
         """Token ids ``[B, S]`` (first stage) or hidden states ``[B, S, H]`` in; hidden states or,
-        on the last stage, logits ``[B, S, V]`` out (``[B, 1, V]`` with ``last_only``)."""
+        on the last stage, logits ``[B, S, V]`` out (``[B, 1, V]`` with ``last_only``).
+
+        ``layer_fn`` replaces :func:`layer_forward`, e.g. by a compiled version of it."""
+        layer_fn = layer_fn or layer_forward
         if self.is_first:
             x = self.embed(x)
         assert self.rope_cos is not None and self.rope_sin is not None, "call new_cache() first"
@@ -206,7 +222,7 @@ class Stage(nn.Module):
         masks = _masks(batch, self.cfg.windows[self.start : self.end], x.dtype)
         cfg = self.cfg
         for w, store in zip(self._weights, cache.layers, strict=True):
-            x = layer_forward(cfg, w, x, rope, masks[w.window], store, batch)
+            x = layer_fn(cfg, w, x, rope, masks[w.window], store, batch)
         if not self.is_last:
             return x
         if last_only:
