@@ -12,7 +12,7 @@ import torch
 
 from peerpipe.engine.config import ModelConfig
 from peerpipe.engine.errors import ModelLoadError, UnsupportedModelError
-from peerpipe.engine.model import Stage
+from peerpipe.engine.model import Stage, interleave_rope_dims
 from peerpipe.engine.safetensors_io import TensorEntry, read_header, read_tensors
 
 ProgressFn = Callable[[int, int], None]  # (bytes done, bytes total)
@@ -133,15 +133,19 @@ def _stage_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig, start: int,
         p, j = f"model.layers.{i}.", f"layers.{i - start}."
         sd[j + "attn_norm.weight"] = hf[p + "input_layernorm.weight"]
         sd[j + "mlp_norm.weight"] = hf[p + "post_attention_layernorm.weight"]
-        sd[j + "attn.wqkv.weight"] = torch.cat([hf[f"{p}self_attn.{x}_proj.weight"] for x in "qkv"])
+        sd[j + "attn.wqkv.weight"] = _fuse_qkv(hf, p, "weight", cfg.head_dim)
         if cfg.qkv_bias:
-            sd[j + "attn.wqkv.bias"] = torch.cat([hf[f"{p}self_attn.{x}_proj.bias"] for x in "qkv"])
+            sd[j + "attn.wqkv.bias"] = _fuse_qkv(hf, p, "bias", cfg.head_dim)
         sd[j + "attn.wo.weight"] = hf[p + "self_attn.o_proj.weight"]
         if cfg.o_bias:
             sd[j + "attn.wo.bias"] = hf[p + "self_attn.o_proj.bias"]
         if cfg.qk_norm:
-            sd[j + "attn.q_norm.weight"] = hf[p + "self_attn.q_norm.weight"]
-            sd[j + "attn.k_norm.weight"] = hf[p + "self_attn.k_norm.weight"]
+            sd[j + "attn.q_norm.weight"] = interleave_rope_dims(
+                hf[p + "self_attn.q_norm.weight"], cfg.head_dim
+            )
+            sd[j + "attn.k_norm.weight"] = interleave_rope_dims(
+                hf[p + "self_attn.k_norm.weight"], cfg.head_dim
+            )
         sd[j + "mlp.w_gate_up.weight"] = torch.cat(
             [hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]]
         )
@@ -159,6 +163,12 @@ def _stage_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig, start: int,
         sd["norm.weight"] = hf["model.norm.weight"]
         sd["lm_head.weight"] = hf.get("lm_head.weight", hf.get("model.embed_tokens.weight"))
     return sd
+
+
+def _fuse_qkv(hf: dict[str, torch.Tensor], prefix: str, kind: str, head_dim: int) -> torch.Tensor:
+    """One q|k|v matrix (or bias), with q and k in the interleaved layout the RoPE code wants."""
+    q, k, v = (hf[f"{prefix}self_attn.{x}_proj.{kind}"] for x in "qkv")
+    return torch.cat([interleave_rope_dims(q, head_dim), interleave_rope_dims(k, head_dim), v])
 
 
 def load_stage(

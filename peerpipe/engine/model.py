@@ -108,7 +108,7 @@ def layer_forward(
     cfg: ModelConfig,
     w: LayerWeights,
     x: Tensor,
-    rope: tuple[Tensor, Tensor],
+    rope: Tensor,
     mask: Tensor | None,
     store: Tensor,
     batch: Batch,
@@ -121,11 +121,7 @@ def layer_forward(
     qk = qkv.narrow(2, 0, h + kvh)
     if w.q_norm is not None and w.k_norm is not None:
         qk.copy_(torch.cat((rms_norm(qk[:, :, :h], w.q_norm, eps), rms_norm(qk[:, :, h:], w.k_norm, eps)), 2))
-    # RoPE on queries and keys in place: x*cos + rotate_half(x)*sin, where rotate_half is a roll
-    # by half the head with the sign folded into the precomputed sin table.
-    cos, sin = rope  # [B, S, 1, D]
-    rolled = qk.roll(d // 2, -1)
-    qk.mul_(cos).addcmul_(rolled, sin)
+    _apply_rope(qk, rope)
 
     batch.write(store, qkv.narrow(2, h, 2 * kvh).view(b, s, 2, kvh, d))
     keys, values = batch.read(store)  # [B, KV, L, D]
@@ -135,7 +131,30 @@ def layer_forward(
     x = x + F.linear(attn.transpose(1, 2).reshape(b, s, cfg.q_size), w.wo, w.bo)
 
     gate, up = F.linear(rms_norm(x, w.mlp_norm, eps), w.w_gate_up, w.b_gate_up).chunk(2, -1)
-    return x + F.linear(F.silu(gate) * up, w.w_down, w.b_down)
+    return x + F.linear(F.silu(gate, inplace=True).mul_(up), w.w_down, w.b_down)
+
+
+def _apply_rope(qk: Tensor, rope: Tensor) -> None:
+    """Rotate queries and keys in place by the complex factors ``rope`` ``[B, S, 1, D/2]``.
+
+    The loader stores each head's q/k dimensions interleaved (pairs (i, i + D/2) side by side),
+    so the rotation is one complex multiply instead of slicing halves. Attention scores do not
+    change: q and k are permuted alike and a dot product ignores the order of its terms.
+    """
+    if qk.dtype == torch.float32:
+        torch.view_as_complex(qk.unflatten(-1, (-1, 2))).mul_(rope)
+        return
+    # Half precision has no complex type: rotate in float32 and write back.
+    rotated = torch.view_as_complex(qk.float().unflatten(-1, (-1, 2))) * rope
+    qk.copy_(torch.view_as_real(rotated).flatten(-2))
+
+
+def interleave_rope_dims(t: Tensor, head_dim: int) -> Tensor:
+    """Reorder each head's dimensions from HF's halves layout to interleaved pairs (dim 0)."""
+    half = head_dim // 2
+    order = torch.stack((torch.arange(half), torch.arange(half) + half), dim=1).flatten()
+    heads = t.reshape(-1, head_dim, *t.shape[1:])
+    return heads.index_select(1, order.to(t.device)).reshape(t.shape)
 
 
 LayerFn = Callable[
@@ -156,8 +175,7 @@ class Stage(nn.Module):
         if self.is_last:
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.rope_cos: Tensor | None = None
-        self.rope_sin: Tensor | None = None
+        self.rope: Tensor | None = None  # [positions, D/2] complex rotation factors
         self._weights: list[LayerWeights] = []
 
     @property
@@ -173,24 +191,19 @@ class Stage(nn.Module):
         return self.end - self.start
 
     def setup_rope(self, max_seq: int) -> None:
-        """Precompute cos/sin for positions ``0 .. max_seq`` on the stage's device."""
+        """Precompute the rotations for positions ``0 .. max_seq`` on the stage's device."""
         device = next(self.parameters()).device
         inv_freq = rope_inv_freq(self.cfg).to(device)
         pos = torch.arange(max_seq, device=device, dtype=torch.float32)
         freqs = pos[:, None] * inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        dtype = next(self.parameters()).dtype
-        sin = emb.sin()
-        half = sin.shape[-1] // 2
-        sin[:, :half] = -sin[:, :half]  # rotate_half's sign, so attention needs only a roll
-        self.rope_cos, self.rope_sin = emb.cos().to(dtype), sin.to(dtype)
+        self.rope = torch.polar(torch.ones_like(freqs), freqs)
 
     def new_cache(self, max_slots: int, max_seq: int) -> KVCache:
         """A KV cache for this stage; also readies the stage to run (RoPE tables, weight lists)."""
         param = next(self.parameters())
         windows = self.cfg.windows[self.start : self.end]
         self._weights = [LayerWeights.of(b, w) for b, w in zip(self.layers, windows, strict=True)]
-        if self.rope_cos is None or self.rope_cos.shape[0] < max_seq + 1:
+        if self.rope is None or self.rope.shape[0] < max_seq + 1:
             self.setup_rope(max_seq + 1)
         return KVCache(
             self.n_layers,
@@ -217,8 +230,8 @@ class Stage(nn.Module):
         layer_fn = layer_fn or layer_forward
         if self.is_first:
             x = self.embed(x)
-        assert self.rope_cos is not None and self.rope_sin is not None, "call new_cache() first"
-        rope = (self.rope_cos[batch.positions].unsqueeze(2), self.rope_sin[batch.positions].unsqueeze(2))
+        assert self.rope is not None, "call new_cache() first"
+        rope = self.rope[batch.positions].unsqueeze(2)
         masks = _masks(batch, self.cfg.windows[self.start : self.end], x.dtype)
         cfg = self.cfg
         for w, store in zip(self._weights, cache.layers, strict=True):
