@@ -97,3 +97,16 @@ def test_cache_refuses_what_does_not_fit(stage: Stage) -> None:
     cache.free(slot)
     with pytest.raises(CacheError, match="not an allocated"):
         cache.batch([slot], 1)
+
+
+def test_k_new_positions_for_sessions_of_different_lengths(stage: Stage) -> None:
+    prompts, drafts = [[1, 2, 3, 4, 5, 6], [9, 8]], [[30, 31, 32], [40, 41, 42]]
+    cache = stage.new_cache(2, 32)
+    slots = [cache.alloc(), cache.alloc()]
+    for slot, p in zip(slots, prompts, strict=True):
+        _step(stage, cache, slot, p)
+    with torch.inference_mode():
+        out = stage(torch.tensor(drafts), cache, cache.batch(slots, 3))  # [2, 3, V]
+    for row, (p, dr) in enumerate(zip(prompts, drafts, strict=True)):
+        for j in range(3):
+            torch.testing.assert_close(out[row, j], _full(stage, p + dr[: j + 1]), rtol=0, atol=1e-5)
