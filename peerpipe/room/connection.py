@@ -51,6 +51,7 @@ from peerpipe.room.errors import (
 _LEN = struct.Struct(">I")
 HEADER_BYTES = _LEN.size
 MAX_HANDSHAKE_FRAME = 64
+MIN_READ = 256 * 1024  # the least free space get_buffer() offers a read
 _PAKE = 1
 _CONFIRM = 2
 
@@ -124,7 +125,9 @@ class Connection:
         self._keys: SessionKeys | None = None
         self._sealer: RecordSealer | None = None
         self._opener: RecordOpener | None = None
-        self._inbuf = bytearray()
+        self._rbuf = bytearray()
+        self._rstart = self._rend = 0  # the unhandled bytes are _rbuf[_rstart:_rend]
+        self._frame_limit = MAX_HANDSHAKE_FRAME
         self._outbuf: list[bytes] = []
         self._started = False
 
@@ -179,8 +182,41 @@ class Connection:
         self._apply(Input.CLOSE)
 
     # -- incoming ------------------------------------------------------------------------
+    # Bytes land in one receive buffer, written either by ``receive_data`` or straight from the
+    # socket through ``get_buffer``/``buffer_updated`` (the ``asyncio.BufferedProtocol`` calls),
+    # then ``receive_buffered`` handles every complete frame in place: a record is decrypted from
+    # a view of the buffer, never copied first.
 
-    def receive_data(self, data: bytes) -> list[Event]:
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes received but not yet handled (at most one incomplete frame after ``receive_buffered``)."""
+        return self._rend - self._rstart
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Free space at the end of the receive buffer for the next read: at least ``sizehint`` bytes."""
+        buf, start, end = self._rbuf, self._rstart, self._rend
+        if start == end or self.closed_event is not None:
+            start = end = 0  # all handled (or nothing matters any more): reuse from the front
+        want = max(sizehint, MIN_READ)
+        if len(buf) - end < want:
+            pending = end - start
+            if len(buf) - pending < want:
+                # A new, bigger buffer rather than a resize: a reader may still hold a view of the
+                # old one. It grows with bytes actually received, never with an announced length.
+                grown = bytearray(max(2 * len(buf), pending + want))
+                grown[:pending] = memoryview(buf)[start:end]
+                self._rbuf = buf = grown
+            elif pending:
+                buf[:pending] = buf[start:end]  # same size: allowed even while views exist
+            start, end = 0, pending
+        self._rstart, self._rend = start, end
+        return memoryview(buf)[end:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were written at the start of the last ``get_buffer()`` view."""
+        self._rend += nbytes
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
         """Feed bytes from the socket (``b""`` means the peer closed its side); returns what happened."""
         if not self._started:
             raise IllegalTransitionError("receive_data() before start()")
@@ -191,70 +227,59 @@ class Connection:
             return self._finish(
                 Input.CONNECTION_LOST, Closed("the connection was lost", _lost_error(self.state))
             )
+        n = len(data)
+        self.get_buffer(n)[:n] = data
+        self._rend += n
+        return self.receive_buffered()
+
+    def receive_buffered(self) -> list[Event]:
+        """Handle every complete frame in the receive buffer; returns what happened."""
+        if not self._started:
+            raise IllegalTransitionError("receive_buffered() before start()")
         events: list[Event] = []
+        buf = self._rbuf
+        view = memoryview(buf)  # never released early: buffers are replaced, not resized
         try:
-            if self._inbuf:
-                self._inbuf += data
-                while (
-                    self.closed_event is None and (length := self._frame_length(self._inbuf, 0)) is not None
-                ):
-                    # Decrypt straight from the buffer (a big record is not copied first); the
-                    # view is released before the buffer shrinks.
-                    body = memoryview(self._inbuf)[HEADER_BYTES : HEADER_BYTES + length]
-                    try:
-                        event = self._handle(body)
-                    finally:
-                        body.release()
-                    del self._inbuf[: HEADER_BYTES + length]
-                    self._collect(event, events)
-            else:
-                # Common case, nothing left over: frames are handled as views of ``data``, no copies.
-                view, pos = memoryview(data), 0
-                while self.closed_event is None and (length := self._frame_length(view, pos)) is not None:
-                    self._collect(
-                        self._handle(view[pos + HEADER_BYTES : pos + HEADER_BYTES + length]), events
+            while self.closed_event is None:
+                start = self._rstart
+                if self._rend - start < HEADER_BYTES:
+                    break
+                (length,) = _LEN.unpack_from(buf, start)
+                if length > self._frame_limit:
+                    # Rejected from the header alone: a hostile length never makes us buffer its body.
+                    raise FrameTooLargeError(
+                        f"the peer announced a {length}-byte frame, above the {self._frame_limit}-byte limit"
                     )
-                    pos += HEADER_BYTES + length
-                if self.closed_event is None and pos < len(data):
-                    self._inbuf += view[pos:]
+                end = start + HEADER_BYTES + length
+                if end > self._rend:
+                    break
+                self._rstart = end
+                event = self._handle(view[start + HEADER_BYTES : end])
+                if event is not None:
+                    events.append(event)
         except IllegalTransitionError:
             raise  # our caller's bug, not the peer's fault
         except (RoomError, ProtocolError) as exc:
             events.extend(self._finish(Input.FAIL, Closed(str(exc), exc)))
         return events
 
-    @staticmethod
-    def _collect(event: Event | None, events: list[Event]) -> None:
-        if event is not None:
-            events.append(event)
-
     def _finish(self, what: Input, event: Closed) -> list[Event]:
         self._apply(what)
         if self.closed_event is None:
             self.closed_event = event
-            self._inbuf = bytearray()  # a fresh one: a view of the old may still be alive here
+            self._rstart = self._rend = 0
             return [event]
         return []
 
-    def _frame_length(self, buf: memoryview | bytearray, pos: int) -> int | None:
-        """Length of the frame starting at ``pos`` if all of it is in ``buf``, else None."""
-        if len(buf) - pos < HEADER_BYTES:
-            return None
-        (length,) = _LEN.unpack_from(buf, pos)
-        limit = self.limits.max_frame_bytes + TAG_BYTES if self._opener else MAX_HANDSHAKE_FRAME
-        if length > limit:
-            # Rejected from the header alone: a hostile length never makes us buffer its body.
-            raise FrameTooLargeError(
-                f"the peer announced a {length}-byte frame, above the {limit}-byte limit"
-            )
-        return length if len(buf) - pos >= HEADER_BYTES + length else None
-
     def _handle(self, body: memoryview) -> Event | None:
-        if self._opener is None:
+        opener = self._opener
+        if opener is None:
             self._handle_handshake(body)
             return None
-        plaintext = self._opener.open(body)
-        message = decode(plaintext, self.limits)
+        message = decode(opener.open(body), self.limits)
+        kind = type(message)
+        if self.state is State.OPEN and kind is not Bye and kind is not Hello:
+            return MessageReceived(message)  # the data path: one state check
         if self.state is State.AUTHENTICATED:
             return self._handle_hello(message)
         if isinstance(message, Bye):
@@ -282,6 +307,7 @@ class Connection:
             raise HandshakeError("the peer sent a malformed key confirmation")
         self._keys.check_confirmation(payload)
         self._opener = RecordOpener(self._keys.recv_key)
+        self._frame_limit = self.limits.max_frame_bytes + TAG_BYTES
         self._apply(Input.PEER_CONFIRMED)
 
     def _handle_hello(self, message: Message) -> Event:

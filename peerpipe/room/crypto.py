@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import struct
 from enum import Enum
 
 import spake2
@@ -111,8 +112,9 @@ class SessionKeys:
             raise WrongCodeError()
 
 
-def _nonce(counter: int) -> bytes:
-    return counter.to_bytes(NONCE_BYTES, "big")
+# The 96-bit nonce is the record counter, big endian; counters stay below 2**64 (MAX_RECORDS).
+_NONCE = struct.Struct(">4xQ")
+assert _NONCE.size == NONCE_BYTES
 
 
 class RecordSealer:
@@ -125,7 +127,7 @@ class RecordSealer:
     def seal(self, plaintext: bytes | memoryview) -> bytes:
         if self.counter >= MAX_RECORDS:
             raise RecordAuthError("this connection has sent too many records: reconnect")
-        nonce = _nonce(self.counter)
+        nonce = _NONCE.pack(self.counter)
         self.counter += 1
         return self._aead.encrypt(nonce, plaintext, None)
 
@@ -138,12 +140,13 @@ class RecordOpener:
         self.counter = 0
 
     def open(self, ciphertext: bytes | memoryview) -> bytes:
+        """Decrypt one record (a view of the receive buffer is fine: the plaintext is a new object)."""
         if len(ciphertext) < TAG_BYTES:
             raise RecordAuthError(
                 "a record is shorter than its authentication tag: the connection was closed"
             )
         try:
-            plaintext = self._aead.decrypt(_nonce(self.counter), ciphertext, None)
+            plaintext = self._aead.decrypt(_NONCE.pack(self.counter), ciphertext, None)
         except InvalidTag as exc:
             raise RecordAuthError() from exc
         self.counter += 1

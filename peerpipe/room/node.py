@@ -24,7 +24,16 @@ from peerpipe.room.codes import RoomCode
 from peerpipe.room.crypto import Role
 from peerpipe.room.errors import ConnectionClosedError, UnknownPeerError
 from peerpipe.room.ratelimit import FailureLimiter
-from peerpipe.room.transport import Address, Channel, HandshakeFailed, TransportConfig, dial, handshake
+from peerpipe.room.stream import Stream
+from peerpipe.room.transport import (
+    Address,
+    Channel,
+    HandshakeFailed,
+    TransportConfig,
+    dial,
+    handshake,
+    stream_factory,
+)
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +181,8 @@ class RoomNode:
 
     async def listen(self, host: str, port: int = 0) -> Address:
         """Accept peers on ``host:port``; returns the bound address (port 0 picks one)."""
-        server = await asyncio.start_server(self._on_accept, host, port, limit=self.config.read_bytes)
+        factory = stream_factory(self.code, Role.LISTENER, self.hello, self.config, on_open=self._on_accept)
+        server = await asyncio.get_running_loop().create_server(factory, host, port)
         self._stack.push_async_callback(_close_server, server)
         bound = server.sockets[0].getsockname()
         log.info("listening on %s:%d", bound[0], bound[1])
@@ -188,15 +198,15 @@ class RoomNode:
         self._spawn(self._pump(peer, channel))
         return peer
 
-    def _on_accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _on_accept(self, stream: Stream) -> None:
         # asyncio calls this outside our task group; hand the connection to it at once.
         if self._leaving or self._tg is None:
-            writer.close()
+            stream.transport.close()
             return
-        self._spawn(self._accept(reader, writer))
+        self._spawn(self._accept(stream))
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        address: Address = writer.get_extra_info("peername")[:2]
+    async def _accept(self, stream: Stream) -> None:
+        address: Address = stream.transport.get_extra_info("peername")[:2]
         ip = address[0]
         # One handshake at a time per address, so parallel guesses all pay the delay.
         async with self._gates.hold(ip), self._handshakes:
@@ -205,11 +215,11 @@ class RoomNode:
                 log.info("delaying handshake from %s by %.1f s after earlier failures", ip, delay)
                 await asyncio.sleep(delay)
             try:
-                channel = await handshake(reader, writer, self.code, Role.LISTENER, self.hello, self.config)
+                channel = await handshake(stream, self.config)
             except HandshakeFailed as failed:
                 if failed.code_tried:
                     self.limiter.failed(ip)
-                writer.close()
+                stream.transport.close()
                 log.info("refused %s:%d: %s", ip, address[1], failed.error)
                 await self._events.put(HandshakeRefused(address, failed.error))
                 return

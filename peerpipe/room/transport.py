@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Hashable
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from peerpipe.room.connection import Closed, Connection, MessageReceived, State
 from peerpipe.room.crypto import Role
 from peerpipe.room.errors import ConnectionClosedError, HandshakeError, RoomError, RoomTimeoutError
 from peerpipe.room.scheduler import SendScheduler
+from peerpipe.room.stream import Stream
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -88,9 +88,7 @@ class TransportConfig:
 class Channel:
     """An open, authenticated connection to one peer."""
 
-    conn: Connection
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
+    stream: Stream
     config: TransportConfig = field(default_factory=TransportConfig)
     clock: Callable[[], float] = time.monotonic
     rtt_s: float | None = field(default=None, init=False)  # last keepalive round trip
@@ -106,9 +104,10 @@ class Channel:
     _nonces: itertools.count[int] = field(default_factory=lambda: itertools.count(1), init=False)
 
     def __post_init__(self) -> None:
+        self.conn = self.stream.conn
+        self.transport = self.stream.transport
         self._reassembler = Reassembler(self.config.limits)
-        self._transport = self.writer.transport
-        self._last_rx = self._last_tx = self.clock()
+        self._last_tx = self.clock()
 
     @property
     def peer(self) -> Hello:
@@ -117,7 +116,7 @@ class Channel:
 
     @property
     def address(self) -> Address:
-        host, port = self.writer.get_extra_info("peername")[:2]
+        host, port = self.transport.get_extra_info("peername")[:2]
         return host, port
 
     # -- sending -------------------------------------------------------------------------
@@ -132,9 +131,9 @@ class Channel:
         frames = split(message, self.config.limits)
         if len(frames) == 1 and stream is None and not self._sched:
             # Nothing queued ahead of it, so writing now keeps order and saves a task switch.
-            self.writer.writelines(self.conn.send_parts(frames[0]))
+            self.transport.writelines(self.conn.send_parts(frames[0]))
             self._last_tx = self.clock()
-            if self._transport.get_write_buffer_size() > self.config.write_buffer_bytes:
+            if self.stream.write_paused:
                 await self._drain()
             return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -143,17 +142,19 @@ class Channel:
         await done
 
     def _check_open(self) -> None:
-        if self._closing or self.conn.state is not State.OPEN or self._transport.is_closing():
+        if self._closing or self.conn.state is not State.OPEN or self.transport.is_closing():
             raise ConnectionClosedError(f"the connection to {self.peer.name or self.peer.node_id} is closed")
 
     async def _drain(self) -> None:
         # Only a paused transport (buffer above its high-water mark) makes drain() wait; checking
         # first skips a timeout context per frame, which is most of a small message's cost.
-        if self._transport.get_write_buffer_size() <= self.config.write_buffer_bytes:
+        if not self.stream.write_paused:
+            if self.transport.is_closing():
+                await self.stream.drain()  # raises once the connection is lost
             return
         try:
             async with asyncio.timeout(self.config.write_timeout_s):
-                await self.writer.drain()
+                await self.stream.drain()
         except TimeoutError:
             raise RoomTimeoutError(
                 f"the peer read nothing for {self.config.write_timeout_s:g} s: giving up on it"
@@ -166,7 +167,7 @@ class Channel:
             await self._write_loop()
         except (RoomError, ConnectionError, OSError) as exc:
             self._write_error = exc if isinstance(exc, RoomError) else ConnectionClosedError(str(exc))
-            self.writer.transport.abort()
+            self.transport.abort()
         finally:
             self._writer_done.set()
 
@@ -176,14 +177,14 @@ class Channel:
             if item is None:
                 if self._closing:
                     # Everything queued before close() is out; the goodbye goes last.
-                    self.writer.writelines(self.conn.send_parts(Bye(self._bye_reason)))
+                    self.transport.writelines(self.conn.send_parts(Bye(self._bye_reason)))
                     await self._drain()
                     return
                 self._wake.clear()
                 await self._wake.wait()  # set by send(), close() and the watchdog's pings
                 continue
             frame, done = item
-            self.writer.writelines(self.conn.send_parts(frame))
+            self.transport.writelines(self.conn.send_parts(frame))
             self._last_tx = self.clock()
             await self._drain()
             if done is not None and not done.done():
@@ -203,7 +204,7 @@ class Channel:
     async def refuse(self, reason: str) -> None:
         """Say ``Bye(reason)`` on a channel that never started running, and close it."""
         with contextlib.suppress(RoomError, ConnectionError, OSError):
-            self.writer.writelines(self.conn.send_parts(Bye(reason)))
+            self.transport.writelines(self.conn.send_parts(Bye(reason)))
             await self._drain()
         self.conn.close()
         await self._shutdown()
@@ -238,18 +239,22 @@ class Channel:
         return ended
 
     async def _read_loop(self, deliver: Deliver) -> Closed:
+        conn, stream, on_message = self.conn, self.stream, self._on_message
         while True:
-            try:
-                # The idle deadline on this read is enforced by _watchdog (no per-read timer).
-                data = await self.reader.read(self.config.read_bytes)
-            except (ConnectionError, OSError):
-                data = b""
-            self._last_rx = self.clock()
-            for event in self.conn.receive_data(data):
-                if isinstance(event, Closed):
+            # The idle deadline on this wait is enforced by _watchdog (no per-read timer).
+            events = conn.receive_buffered()
+            if not events:
+                if stream.at_eof:
+                    lost = conn.receive_data(b"")
+                    return lost[0] if lost else (conn.closed_event or Closed("the connection was lost"))
+                await stream.wait_readable()
+                continue
+            for event in events:
+                if type(event) is MessageReceived:
+                    if (full := on_message(event.message)) is not None:
+                        await deliver(full)
+                elif isinstance(event, Closed):
                     return event
-                if isinstance(event, MessageReceived) and (full := self._on_message(event.message)):
-                    await deliver(full)
             if self._reassembler.pending_tensors:
                 for error in self._reassembler.expire(self.clock()):
                     log.warning("dropped a stalled tensor: %s", error)
@@ -260,11 +265,11 @@ class Channel:
         while True:
             await asyncio.sleep(period)
             now = self.clock()
-            if now - self._last_rx > self.config.idle_timeout_s:
+            if now - self.stream.last_rx > self.config.idle_timeout_s:
                 self._write_error = RoomTimeoutError(
                     f"heard nothing from the peer for {self.config.idle_timeout_s:g} s: dropped it"
                 )
-                self.writer.transport.abort()  # wakes the reader with EOF
+                self.transport.abort()  # wakes the reader with EOF
                 return
             if now - self._last_tx >= self.config.keepalive_s and not self._closing:
                 nonce = next(self._nonces)
@@ -274,12 +279,15 @@ class Channel:
 
     def _on_message(self, message: Message) -> Message | None:
         """Handle pings and chunks here; returns what the application should see, if anything."""
-        if isinstance(message, Ping):
+        kind = type(message)
+        if kind is Ping:
+            assert isinstance(message, Ping)
             if not self._closing:
                 self._sched.add([Pong(message.nonce)])
                 self._wake.set()
             return None
-        if isinstance(message, Pong):
+        if kind is Pong:
+            assert isinstance(message, Pong)
             sent = self._pings.pop(message.nonce, None)
             if sent is not None:
                 self.rtt_s = self.clock() - sent
@@ -293,57 +301,62 @@ class Channel:
             return None
 
     async def _shutdown(self) -> None:
-        if self.writer.is_closing():
+        if self.transport.is_closing():
             return
-        self.writer.close()
-        with contextlib.suppress(ConnectionError, OSError, TimeoutError):
+        self.transport.close()
+        with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.config.close_timeout_s):
-                await self.writer.wait_closed()
+                await self.stream.wait_closed()
 
 
 # -- opening channels ---------------------------------------------------------------------
 
 
-def _tune(writer: asyncio.StreamWriter, config: TransportConfig) -> None:
-    sock = writer.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    writer.transport.set_write_buffer_limits(high=config.write_buffer_bytes)
-
-
-async def handshake(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
+def stream_factory(
     code: RoomCode,
     role: Role,
     hello: Hello,
     config: TransportConfig,
-) -> Channel:
+    on_open: Callable[[Stream], None] | None = None,
+) -> Callable[[], Stream]:
+    """A protocol factory for ``loop.create_connection`` / ``create_server``: one fresh connection each."""
+
+    def make() -> Stream:
+        conn = Connection(code, role, hello, config.limits)
+        return Stream(
+            conn, read_bytes=config.read_bytes, write_buffer_bytes=config.write_buffer_bytes, on_open=on_open
+        )
+
+    return make
+
+
+async def handshake(stream: Stream, config: TransportConfig) -> Channel:
     """Run the PAKE, key confirmation and Hello on a fresh stream; returns an open channel.
 
     Raises ``HandshakeFailed`` carrying the typed error and whether the peer spent a guess at
-    the code (for the rate limiter); the caller closes ``writer`` then.
+    the code (for the rate limiter); the caller closes the transport then.
     """
-    _tune(writer, config)
-    conn = Connection(code, role, hello, config.limits)
-    channel = Channel(conn, reader, writer, config)
-    writer.write(conn.start())
+    conn, transport = stream.conn, stream.transport
+    channel = Channel(stream, config)
+    transport.write(conn.start())
     try:
         async with asyncio.timeout(config.handshake_timeout_s):
             while True:
-                data = await reader.read(config.read_bytes)
-                events = conn.receive_data(data)
+                events = conn.receive_buffered()
+                if not events and stream.at_eof:
+                    events = conn.receive_data(b"")
                 if out := conn.data_to_send():
-                    writer.write(out)
-                    await writer.drain()
+                    transport.write(out)
+                    await stream.drain()
                 for event in events:
                     if isinstance(event, Closed):
-                        await _linger(reader, writer)
+                        await _linger(stream)
                         raise HandshakeFailed(event.error or HandshakeError(event.reason), conn.code_tried)
                     if isinstance(event, MessageReceived):
                         channel._early.append(event.message)
                 if conn.state is State.OPEN:
                     return channel
+                await stream.wait_readable()
     except TimeoutError:
         raise HandshakeFailed(
             RoomTimeoutError(f"the handshake did not finish within {config.handshake_timeout_s:g} s"),
@@ -364,15 +377,16 @@ class HandshakeFailed(Exception):
         self.code_tried = code_tried
 
 
-async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _linger(stream: Stream) -> None:
     # After a failed handshake the peer fails too. Closing at once could reset the stream and
     # lose its last frame (its own verdict), so half-close and wait briefly for its end.
+    transport = stream.transport
     with contextlib.suppress(ConnectionError, OSError, TimeoutError, RuntimeError):
-        if writer.can_write_eof():
-            writer.write_eof()
+        if transport.can_write_eof() and not transport.is_closing():
+            transport.write_eof()
         async with asyncio.timeout(1.0):
-            while await reader.read(65536):
-                pass
+            while not stream.at_eof:  # what arrives meanwhile is dropped: the connection is closed
+                await stream.wait_readable()
 
 
 async def dial(
@@ -381,9 +395,10 @@ async def dial(
     """Connect to ``address`` and authenticate with ``code``. Raises a ``RoomError`` on failure."""
     config = config or TransportConfig()
     host, port = address
+    factory = stream_factory(code, Role.DIALER, hello, config)
     try:
         async with asyncio.timeout(config.connect_timeout_s):
-            reader, writer = await asyncio.open_connection(host, port, limit=config.read_bytes)
+            _, stream = await asyncio.get_running_loop().create_connection(factory, host, port)
     except TimeoutError:
         raise RoomTimeoutError(
             f"could not reach {host}:{port} within {config.connect_timeout_s:g} s"
@@ -391,10 +406,10 @@ async def dial(
     except OSError as exc:
         raise ConnectionClosedError(f"could not connect to {host}:{port}: {exc.strerror or exc}") from exc
     try:
-        return await handshake(reader, writer, code, Role.DIALER, hello, config)
+        return await handshake(stream, config)
     except HandshakeFailed as failed:
-        writer.close()
+        stream.transport.close()
         raise failed.error from None
     except BaseException:
-        writer.close()
+        stream.transport.close()
         raise

@@ -139,7 +139,7 @@ def test_lost_connection_is_reported_as_left_with_error() -> None:
             async with Member(CODE) as member:
                 await member.join(addr)
                 await next_of(host, PeerJoined)
-                member._channels[host.node_id].writer.transport.abort()
+                member._channels[host.node_id].transport.abort()
                 left = await next_of(host, PeerLeft)
                 assert left.error is not None and "lost" in left.reason
                 host_left = await next_of(member, PeerLeft)
