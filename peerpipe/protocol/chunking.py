@@ -118,7 +118,14 @@ class Reassembler:
         if isinstance(msg, TensorChunk):
             self._feed_chunk(msg, now)
             return None
-        names = [name for name in tensor_fields(type(msg)) if getattr(msg, name) is not None]
+        fields = tensor_fields(type(msg))
+        for name in fields:
+            tensor = getattr(msg, name)
+            if tensor is not None and tensor.ref is not None:
+                break
+        else:
+            return msg  # no placeholder to fill: the common case, without building lists
+        names = [name for name in fields if getattr(msg, name) is not None]
         refs = [getattr(msg, name).ref for name in names if getattr(msg, name).ref is not None]
         if not refs:
             return msg

@@ -165,9 +165,11 @@ class Connection:
         """Encrypt one message; the parts written in order form one frame (saves a copy of big records)."""
         if self.state is not State.OPEN:
             raise IllegalTransitionError(f"cannot send {type(message).__name__} in state {self.state.value}")
-        if isinstance(message, Bye):
+        if type(message) is Bye:
             self._apply(Input.SEND_BYE)
-        return self._seal(encode(message))
+        assert self._sealer is not None
+        ciphertext = self._sealer.seal(encode(message))
+        return [_LEN.pack(len(ciphertext)), ciphertext]
 
     def send(self, message: Message) -> bytes:
         return b"".join(self.send_parts(message))

@@ -42,7 +42,11 @@ class Stream(asyncio.BufferedProtocol):
         self._read_paused = False
         self._waiter: asyncio.Future[None] | None = None
         self._drainers: list[asyncio.Future[None]] = []
-        self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self._closed: asyncio.Future[None] = self._loop.create_future()
+        # The loop asks for a buffer before every read: hand it the connection's method itself,
+        # one Python call less per read.
+        self.get_buffer = conn.get_buffer  # type: ignore[method-assign]
 
     # -- asyncio callbacks ---------------------------------------------------------------
 
@@ -103,20 +107,18 @@ class Stream(asyncio.BufferedProtocol):
 
     # -- for the channel -----------------------------------------------------------------
 
-    async def wait_readable(self) -> None:
-        """Wait until more bytes arrive or the stream ends (call after handling what is buffered)."""
+    def wait_readable(self) -> asyncio.Future[None]:
+        """Await it: done when more bytes arrive or the stream ends (call after handling what is
+        buffered). A bare future rather than a coroutine: one frame less per message."""
         if self._read_paused:
             self._read_paused = False
             self.transport.resume_reading()
+        waiter = self._loop.create_future()
         if self.at_eof:
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiter = waiter
-        try:
-            await waiter
-        finally:
-            if self._waiter is waiter:
-                self._waiter = None
+            waiter.set_result(None)
+        else:
+            self._waiter = waiter  # a cancelled waiter left here is skipped by buffer_updated
+        return waiter
 
     async def drain(self) -> None:
         """Wait until the transport's write buffer is below its high-water mark again."""

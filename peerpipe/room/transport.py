@@ -241,23 +241,24 @@ class Channel:
     async def _read_loop(self, deliver: Deliver) -> Closed:
         conn, stream, on_message = self.conn, self.stream, self._on_message
         while True:
-            # The idle deadline on this wait is enforced by _watchdog (no per-read timer).
             events = conn.receive_buffered()
-            if not events:
-                if stream.at_eof:
-                    lost = conn.receive_data(b"")
-                    return lost[0] if lost else (conn.closed_event or Closed("the connection was lost"))
-                await stream.wait_readable()
-                continue
-            for event in events:
-                if type(event) is MessageReceived:
-                    if (full := on_message(event.message)) is not None:
-                        await deliver(full)
-                elif isinstance(event, Closed):
-                    return event
-            if self._reassembler.pending_tensors:
-                for error in self._reassembler.expire(self.clock()):
-                    log.warning("dropped a stalled tensor: %s", error)
+            if events:
+                for event in events:
+                    if type(event) is MessageReceived:
+                        if (full := on_message(event.message)) is not None:
+                            await deliver(full)
+                    elif isinstance(event, Closed):
+                        return event
+                if self._reassembler.pending_tensors:
+                    for error in self._reassembler.expire(self.clock()):
+                        log.warning("dropped a stalled tensor: %s", error)
+                if conn.buffered_bytes:
+                    continue  # more arrived while we delivered
+            elif stream.at_eof:
+                lost = conn.receive_data(b"")
+                return lost[0] if lost else (conn.closed_event or Closed("the connection was lost"))
+            # The idle deadline on this wait is enforced by _watchdog (no per-read timer).
+            await stream.wait_readable()
 
     async def _watchdog(self) -> None:
         """Keepalive and idle deadline: ping a quiet link, drop a peer we stopped hearing from."""
