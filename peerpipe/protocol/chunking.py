@@ -57,7 +57,8 @@ def split(
     replacements: dict[str, TensorData] = {}
     for name in tensor_fields(type(msg)):
         tensor: TensorData | None = getattr(msg, name)
-        if tensor is None or tensor.ref is not None or tensor.nbytes <= limits.chunk_bytes:
+        # len(data) is nbytes for a tensor that is not a placeholder (checked when it was made).
+        if tensor is None or tensor.ref is not None or len(tensor.data) <= limits.chunk_bytes:
             continue
         if tensor.nbytes > limits.max_tensor_bytes:
             raise ChunkError(

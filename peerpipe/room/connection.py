@@ -126,6 +126,7 @@ class Connection:
         self._sealer: RecordSealer | None = None
         self._opener: RecordOpener | None = None
         self._rbuf = bytearray()
+        self._rview = memoryview(self._rbuf)
         self._rstart = self._rend = 0  # the unhandled bytes are _rbuf[_rstart:_rend]
         self._frame_limit = MAX_HANDSHAKE_FRAME
         self._outbuf: list[bytes] = []
@@ -206,13 +207,13 @@ class Connection:
                 # A new, bigger buffer rather than a resize: a reader may still hold a view of the
                 # old one. It grows with bytes actually received, never with an announced length.
                 grown = bytearray(max(2 * len(buf), pending + want))
-                grown[:pending] = memoryview(buf)[start:end]
-                self._rbuf = buf = grown
+                grown[:pending] = self._rview[start:end]
+                self._rbuf, self._rview = grown, memoryview(grown)
             elif pending:
                 buf[:pending] = buf[start:end]  # same size: allowed even while views exist
             start, end = 0, pending
         self._rstart, self._rend = start, end
-        return memoryview(buf)[end:]
+        return self._rview[end:] if end else self._rview
 
     def buffer_updated(self, nbytes: int) -> None:
         """``nbytes`` were written at the start of the last ``get_buffer()`` view."""
@@ -239,24 +240,34 @@ class Connection:
         if not self._started:
             raise IllegalTransitionError("receive_buffered() before start()")
         events: list[Event] = []
-        buf = self._rbuf
-        view = memoryview(buf)  # never released early: buffers are replaced, not resized
+        start = self._rstart
+        if self._rend - start < HEADER_BYTES:
+            return events  # not even a length yet (also the case once closed)
+        buf, view = self._rbuf, self._rview  # never released early: buffers are replaced, not resized
+        opener, limit = self._opener, self._frame_limit
         try:
-            while self.closed_event is None:
-                start = self._rstart
-                if self._rend - start < HEADER_BYTES:
-                    break
+            while self.closed_event is None and self._rend - start >= HEADER_BYTES:
                 (length,) = _LEN.unpack_from(buf, start)
-                if length > self._frame_limit:
+                if length > limit:
                     # Rejected from the header alone: a hostile length never makes us buffer its body.
                     raise FrameTooLargeError(
-                        f"the peer announced a {length}-byte frame, above the {self._frame_limit}-byte limit"
+                        f"the peer announced a {length}-byte frame, above the {limit}-byte limit"
                     )
                 end = start + HEADER_BYTES + length
                 if end > self._rend:
                     break
-                self._rstart = end
-                event = self._handle(view[start + HEADER_BYTES : end])
+                body = view[start + HEADER_BYTES : end]
+                self._rstart = start = end
+                if opener is not None and self.state is State.OPEN:
+                    # The data path, inlined: decrypt, decode, and only Bye/Hello need more thought.
+                    message = decode(opener.open(body), self.limits)
+                    kind = type(message)
+                    event = MessageReceived(message) if kind is not Bye and kind is not Hello else None
+                    if event is None:
+                        event = self._on_record(message)
+                else:
+                    event = self._handle(body)
+                    opener, limit = self._opener, self._frame_limit  # the handshake may have moved on
                 if event is not None:
                     events.append(event)
         except IllegalTransitionError:
@@ -274,14 +285,12 @@ class Connection:
         return []
 
     def _handle(self, body: memoryview) -> Event | None:
-        opener = self._opener
-        if opener is None:
+        if self._opener is None:
             self._handle_handshake(body)
             return None
-        message = decode(opener.open(body), self.limits)
-        kind = type(message)
-        if self.state is State.OPEN and kind is not Bye and kind is not Hello:
-            return MessageReceived(message)  # the data path: one state check
+        return self._on_record(decode(self._opener.open(body), self.limits))
+
+    def _on_record(self, message: Message) -> Event | None:
         if self.state is State.AUTHENTICATED:
             return self._handle_hello(message)
         if isinstance(message, Bye):

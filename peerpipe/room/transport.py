@@ -127,7 +127,8 @@ class Channel:
         Waiting is the backpressure: a sender cannot run ahead of the network. Transfers
         sharing ``stream`` arrive in order; others may interleave (see scheduler.py).
         """
-        self._check_open()
+        if self._closing or self.conn.state is not State.OPEN or self.transport.is_closing():
+            self._check_open()
         frames = split(message, self.config.limits)
         if len(frames) == 1 and stream is None and not self._sched:
             # Nothing queued ahead of it, so writing now keeps order and saves a task switch.
