@@ -32,20 +32,20 @@ class SendScheduler(Generic[T]):
 
     _control: deque[_Transfer[T]] = field(default_factory=deque)
     _streams: OrderedDict[Hashable, deque[_Transfer[T]]] = field(default_factory=OrderedDict)
-    _frames: int = 0
+    frames: int = 0  # frames still to write (read it directly on hot paths: no call)
 
     def __len__(self) -> int:
         """Frames still to write."""
-        return self._frames
+        return self.frames
 
     def __bool__(self) -> bool:
-        return self._frames > 0
+        return self.frames > 0
 
     def add(self, frames: list[Message], token: T | None = None, stream: Hashable | None = None) -> None:
         if not frames:
             raise ValueError("a transfer needs at least one frame")
         transfer = _Transfer(deque(frames), token)
-        self._frames += len(frames)
+        self.frames += len(frames)
         if len(frames) == 1 and not is_bulk(frames[0]) and stream is None:
             self._control.append(transfer)
             return
@@ -56,14 +56,14 @@ class SendScheduler(Generic[T]):
         """The next frame, and the token of its transfer when this frame completes it."""
         if self._control:
             transfer = self._control.popleft()
-            self._frames -= 1
+            self.frames -= 1
             return transfer.frames.popleft(), transfer.token
         if not self._streams:
             return None
         key, transfers = next(iter(self._streams.items()))
         transfer = transfers[0]
         frame = transfer.frames.popleft()
-        self._frames -= 1
+        self.frames -= 1
         token = None
         if not transfer.frames:
             transfers.popleft()
@@ -81,5 +81,5 @@ class SendScheduler(Generic[T]):
             tokens.extend(t.token for t in transfers if t.token is not None)
         self._control.clear()
         self._streams.clear()
-        self._frames = 0
+        self.frames = 0
         return tokens

@@ -27,6 +27,7 @@ from peerpipe.protocol import (
     Ping,
     Pong,
     Reassembler,
+    TensorChunk,
     split,
 )
 from peerpipe.room.codes import RoomCode
@@ -106,7 +107,8 @@ class Channel:
     def __post_init__(self) -> None:
         self.conn = self.stream.conn
         self.transport = self.stream.transport
-        self._reassembler = Reassembler(self.config.limits)
+        self._limits = self.config.limits
+        self._reassembler = Reassembler(self._limits)
         self._last_tx = self.clock()
 
     @property
@@ -129,8 +131,8 @@ class Channel:
         """
         if self._closing or self.conn.state is not State.OPEN or self.transport.is_closing():
             self._check_open()
-        frames = split(message, self.config.limits)
-        if len(frames) == 1 and stream is None and not self._sched:
+        frames = split(message, self._limits)
+        if len(frames) == 1 and stream is None and not self._sched.frames:
             # Nothing queued ahead of it, so writing now keeps order and saves a task switch.
             self.transport.writelines(self.conn.send_parts(frames[0]))
             self._last_tx = self.clock()
@@ -295,7 +297,8 @@ class Channel:
                 self.rtt_s = self.clock() - sent
             return None
         try:
-            return self._reassembler.feed(message, self.clock())
+            # Only a chunk needs the time (for its tensor's stall deadline).
+            return self._reassembler.feed(message, self.clock() if kind is TensorChunk else 0.0)
         except ChunkError as exc:
             # An authenticated peer sent inconsistent chunks: a bug on its side; the tensor is
             # already freed, the rest of the connection is fine.
