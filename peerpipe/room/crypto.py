@@ -121,22 +121,22 @@ class RecordSealer:
     """Encrypts our records in order; the counter is the nonce, so it must never go back."""
 
     def __init__(self, key: bytes) -> None:
-        self._aead = AESGCM(key)
+        self._encrypt = AESGCM(key).encrypt
         self.counter = 0
 
     def seal(self, plaintext: bytes | memoryview) -> bytes:
-        if self.counter >= MAX_RECORDS:
+        counter = self.counter
+        if counter >= MAX_RECORDS:
             raise RecordAuthError("this connection has sent too many records: reconnect")
-        nonce = _NONCE.pack(self.counter)
-        self.counter += 1
-        return self._aead.encrypt(nonce, plaintext, None)
+        self.counter = counter + 1
+        return self._encrypt(_NONCE.pack(counter), plaintext, None)
 
 
 class RecordOpener:
     """Decrypts the peer's records; any record out of place fails its tag."""
 
     def __init__(self, key: bytes) -> None:
-        self._aead = AESGCM(key)
+        self._decrypt = AESGCM(key).decrypt
         self.counter = 0
 
     def open(self, ciphertext: bytes | memoryview) -> bytes:
@@ -146,7 +146,7 @@ class RecordOpener:
                 "a record is shorter than its authentication tag: the connection was closed"
             )
         try:
-            plaintext = self._aead.decrypt(_NONCE.pack(self.counter), ciphertext, None)
+            plaintext = self._decrypt(_NONCE.pack(self.counter), ciphertext, None)
         except InvalidTag as exc:
             raise RecordAuthError() from exc
         self.counter += 1
