@@ -47,6 +47,7 @@ class Stream(asyncio.BufferedProtocol):
         # The loop asks for a buffer before every read: hand it the connection's method itself,
         # one Python call less per read.
         self.get_buffer = conn.get_buffer  # type: ignore[method-assign]
+        self._conn_buffer_updated = conn.buffer_updated
 
     # -- asyncio callbacks ---------------------------------------------------------------
 
@@ -63,7 +64,7 @@ class Stream(asyncio.BufferedProtocol):
         return self.conn.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.conn.buffer_updated(nbytes)
+        self._conn_buffer_updated(nbytes)
         self.last_rx = self.clock()
         waiter = self._waiter
         if waiter is not None:

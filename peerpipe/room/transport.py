@@ -29,6 +29,7 @@ from peerpipe.protocol import (
     Reassembler,
     TensorChunk,
     split,
+    tensor_fields,
 )
 from peerpipe.room.codes import RoomCode
 from peerpipe.room.connection import Closed, Connection, MessageReceived, State
@@ -132,18 +133,26 @@ class Channel:
         """
         if self._closing or self.conn.state is not _OPEN or self.transport.is_closing():
             self._check_open()
-        frames = split(message, self._limits)
-        if len(frames) == 1 and stream is None and not self._sched.frames:
+        if stream is None and not self._sched.frames and not self._needs_chunks(message):
             # Nothing queued ahead of it, so writing now keeps order and saves a task switch.
-            self.transport.writelines(self.conn.send_parts(frames[0]))
+            self.transport.writelines(self.conn.send_parts(message))
             self._last_tx = self.clock()
             if self.stream.write_paused:
                 await self._drain()
             return
+        frames = split(message, self._limits)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._sched.add(frames, done, stream)
         self._wake.set()
         await done
+
+    def _needs_chunks(self, message: Message) -> bool:
+        """Whether ``split`` would cut ``message`` (the same test, without building its result)."""
+        for name in tensor_fields(type(message)):
+            tensor = getattr(message, name)
+            if tensor is not None and tensor.ref is None and len(tensor.data) > self._limits.chunk_bytes:
+                return True
+        return False
 
     def _check_open(self) -> None:
         if self._closing or self.conn.state is not State.OPEN or self.transport.is_closing():
