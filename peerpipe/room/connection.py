@@ -52,6 +52,7 @@ _LEN = struct.Struct(">I")
 HEADER_BYTES = _LEN.size
 MAX_HANDSHAKE_FRAME = 64
 MIN_READ = 256 * 1024  # the least free space get_buffer() offers a read
+MAX_IDLE_BUFFER = 4 * 1024 * 1024  # an emptied receive buffer above this is given back
 _PAKE = 1
 _CONFIRM = 2
 
@@ -201,6 +202,10 @@ class Connection:
         buf, start, end = self._rbuf, self._rstart, self._rend
         if start == end or self.closed_event is not None:
             start = end = 0  # all handled (or nothing matters any more): reuse from the front
+            if len(buf) > MAX_IDLE_BUFFER:
+                # One huge frame must not pin its buffer for the life of the connection.
+                buf = self._rbuf = bytearray()
+                self._rview = memoryview(buf)
         want = max(sizehint, MIN_READ)
         if len(buf) - end < want:
             pending = end - start

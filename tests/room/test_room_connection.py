@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 
 import numpy as np
@@ -89,6 +90,32 @@ def test_big_tensor_round_trips() -> None:
     [event] = b.receive_data(a.send(ComputeRequest("t", TensorData.from_numpy(arr))))
     assert isinstance(event, MessageReceived)
     np.testing.assert_array_equal(event.message.input_tensor.to_numpy(), arr)  # type: ignore[union-attr]
+
+
+def test_reads_into_the_receive_buffer_in_odd_pieces() -> None:
+    # The socket path: the loop reads into get_buffer() views, in pieces that cut frames anywhere.
+    a, b, _, _ = pair()
+    big = np.arange(1_500_000, dtype=np.float32)  # one 6 MB record: the buffer has to grow
+    wire = a.send(Ping(1)) + a.send(ComputeRequest("t", TensorData.from_numpy(big))) + a.send(Ping(2))
+    events: list[Event] = []
+    pos = 0
+    for size in itertools.cycle([1, 7, 4096, 100_003, 1 << 20]):
+        if pos == len(wire):
+            break
+        view = b.get_buffer(-1)
+        n = min(size, len(view), len(wire) - pos)
+        view[:n] = wire[pos : pos + n]
+        b.buffer_updated(n)
+        pos += n
+        events += b.receive_buffered()
+    assert [type(e.message).__name__ for e in events if isinstance(e, MessageReceived)] == [
+        "Ping",
+        "ComputeRequest",
+        "Ping",
+    ]
+    np.testing.assert_array_equal(events[1].message.input_tensor.to_numpy(), big)  # type: ignore[union-attr]
+    assert b.buffered_bytes == 0
+    assert len(b.get_buffer(-1)) < 1 << 20  # the emptied big buffer was given back
 
 
 def test_wrong_code_fails_on_both_sides_with_wrong_code_error() -> None:
