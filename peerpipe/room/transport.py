@@ -262,9 +262,6 @@ class Channel:
                             await deliver(full)
                     elif isinstance(event, Closed):
                         return event
-                if self._reassembler.pending_tensors:
-                    for error in self._reassembler.expire(self.clock()):
-                        log.warning("dropped a stalled tensor: %s", error)
                 if conn.buffered_bytes:
                     continue  # more arrived while we delivered
             elif stream.at_eof:
@@ -274,7 +271,8 @@ class Channel:
             await stream.wait_readable()
 
     async def _watchdog(self) -> None:
-        """Keepalive and idle deadline: ping a quiet link, drop a peer we stopped hearing from."""
+        """Keepalive and idle deadline: ping a quiet link, drop a peer we stopped hearing from,
+        free tensors whose chunks stopped coming."""
         period = min(self.config.keepalive_s, self.config.idle_timeout_s / 4)
         while True:
             await asyncio.sleep(period)
@@ -285,6 +283,9 @@ class Channel:
                 )
                 self.transport.abort()  # wakes the reader with EOF
                 return
+            if self._reassembler.pending_tensors:
+                for error in self._reassembler.expire(now):
+                    log.warning("dropped a stalled tensor: %s", error)
             if now - self._last_tx >= self.config.keepalive_s and not self._closing:
                 nonce = next(self._nonces)
                 self._pings[nonce] = now
