@@ -47,7 +47,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object with text, ids and speed")
     p.add_argument("--no-cuda-graphs", action="store_true", help="decode without CUDA graphs")
     p.add_argument(
-        "--compile", action="store_true", help="on CUDA, torch.compile the layers first (slower start, faster decode)"
+        "--compile",
+        action="store_true",
+        help="on CUDA, torch.compile the layers first (slower start, faster decode)",
     )
     p.set_defaults(func=run)
 
