@@ -141,6 +141,14 @@ def _apply_rope(qk: Tensor, rope: Tensor) -> None:
     so the rotation is one complex multiply instead of slicing halves. Attention scores do not
     change: q and k are permuted alike and a dot product ignores the order of its terms.
     """
+    if torch.compiler.is_compiling():
+        # Inductor generates no code for complex numbers: spell the rotation out in reals.
+        cos_sin = torch.view_as_real(rope)
+        cos, sin = cos_sin[..., 0], cos_sin[..., 1]
+        x = qk.float().unflatten(-1, (-1, 2))
+        even, odd = x[..., 0], x[..., 1]
+        qk.copy_(torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2))
+        return
     if qk.dtype == torch.float32:
         torch.view_as_complex(qk.unflatten(-1, (-1, 2))).mul_(rope)
         return
