@@ -17,6 +17,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -114,57 +115,64 @@ def bandwidth_gbs(device: torch.device, dtype: torch.dtype) -> float:
     return total / (time.perf_counter() - t) / 1e9
 
 
-def bench_peerpipe(path: Path, args: argparse.Namespace, graphs: bool, compile_layers: bool = False) -> dict:
-    device = torch.device(args.device)
-    stage, _ = load_stage(path, device=device, dtype=args.dtype)
-    engine = LocalEngine(
-        stage,
-        Tokenizer.from_dir(path),
-        max_seq=args.prompt_len + args.new_tokens + 1,
-        cuda_graphs=graphs,
-        compile_layers=compile_layers,
-    )
-    prompt = list(range(10, 10 + args.prompt_len))
-    params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
-    engine.generate(prompt, params)  # warm-up: allocator, kernels, graph capture
-    runs = [engine.generate(prompt, params) for _ in range(args.repeats)]
-    tokens = runs[0].tokens
-    del engine, stage
-    return {
-        "tok_s": statistics.median(r.tok_s for r in runs),
-        "ttft_ms": statistics.median(r.prefill_s for r in runs) * 1000,
-        "tokens": tokens,
-    }
+@dataclass
+class Run:
+    tok_s: float
+    ttft_ms: float
+    tokens: list[int]
 
 
-def bench_transformers(path: Path, args: argparse.Namespace, attn: str) -> dict:
-    from transformers import AutoModelForCausalLM
+class PeerpipeRunner:
+    def __init__(
+        self, path: Path, args: argparse.Namespace, graphs: bool, compile_layers: bool = False
+    ) -> None:
+        stage, _ = load_stage(path, device=args.device, dtype=args.dtype)
+        self.engine = LocalEngine(
+            stage,
+            Tokenizer.from_dir(path),
+            max_seq=args.prompt_len + args.new_tokens + 1,
+            cuda_graphs=graphs,
+            compile_layers=compile_layers,
+        )
+        self.prompt = list(range(10, 10 + args.prompt_len))
+        self.params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
+        self.run()  # warm-up: allocator, kernels, graph capture, compilation
 
-    device = torch.device(args.device)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[args.dtype], attn_implementation=attn)
-    model = model.to(device).eval()
-    ids = torch.arange(10, 10 + args.prompt_len, device=device)[None]
-    mask = torch.ones_like(ids)
+    def run(self) -> Run:
+        r = self.engine.generate(self.prompt, self.params)
+        return Run(r.tok_s, r.prefill_s * 1000, r.tokens)
 
-    def run(n: int) -> tuple[float, list[int]]:
-        sync(device)
+
+class TransformersRunner:
+    def __init__(self, path: Path, args: argparse.Namespace, attn: str) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.device = torch.device(args.device)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[args.dtype], attn_implementation=attn)
+        self.model = model.to(self.device).eval()
+        self.ids = torch.arange(10, 10 + args.prompt_len, device=self.device)[None]
+        self.new_tokens = args.new_tokens
+        self._generate(4)
+
+    def _generate(self, n: int) -> tuple[float, list[int]]:
+        sync(self.device)
         t = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(
-                ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
+            out = self.model.generate(
+                self.ids,
+                attention_mask=torch.ones_like(self.ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
             )
-        sync(device)
-        return time.perf_counter() - t, out[0, args.prompt_len :].tolist()
+        sync(self.device)
+        return time.perf_counter() - t, out[0, self.ids.shape[1] :].tolist()
 
-    run(4)
-    first = statistics.median(run(1)[0] for _ in range(args.repeats))
-    full = [run(args.new_tokens) for _ in range(args.repeats)]
-    total = statistics.median(t for t, _ in full)
-    return {
-        "tok_s": (args.new_tokens - 1) / (total - first),
-        "ttft_ms": first * 1000,
-        "tokens": full[0][1],
-    }
+    def run(self) -> Run:
+        first, _ = self._generate(1)
+        full, tokens = self._generate(self.new_tokens)
+        return Run((self.new_tokens - 1) / (full - first), first * 1000, tokens)
 
 
 def main() -> None:
@@ -204,29 +212,50 @@ def main() -> None:
     bw = bandwidth_gbs(device, DTYPES[args.dtype])
     bound = bw * 1e9 / bytes_per_token
 
-    rows: list[tuple[str, dict]] = []
+    runners: list[tuple[str, PeerpipeRunner | TransformersRunner]] = []
     if gpu and args.compile:
         log("peerpipe, CUDA graphs over torch.compile'd layers (compiling...)")
-        t = time.perf_counter()
-        rows.append(
-            ("peerpipe (graphs+compile)", bench_peerpipe(path, args, graphs=True, compile_layers=True))
+        runners.append(
+            ("peerpipe (graphs+compile)", PeerpipeRunner(path, args, graphs=True, compile_layers=True))
         )
-        log(f"compiled and measured in {time.perf_counter() - t:.0f} s")
     if gpu:
         log("peerpipe, CUDA graphs")
-        rows.append(("peerpipe (CUDA graphs)", bench_peerpipe(path, args, graphs=True)))
+        runners.append(("peerpipe (CUDA graphs)", PeerpipeRunner(path, args, graphs=True)))
         log("peerpipe, eager")
-        rows.append(("peerpipe (eager)", bench_peerpipe(path, args, graphs=False)))
+        runners.append(("peerpipe (eager)", PeerpipeRunner(path, args, graphs=False)))
     else:
         log("peerpipe")
-        rows.append(("peerpipe", bench_peerpipe(path, args, graphs=False)))
+        runners.append(("peerpipe", PeerpipeRunner(path, args, graphs=False)))
     if not args.skip_transformers:
         for attn in ("eager", "sdpa") if gpu else ("sdpa",):
             log(f"transformers generate ({attn})")
-            rows.append((f"transformers ({attn})", bench_transformers(path, args, attn)))
+            runners.append((f"transformers ({attn})", TransformersRunner(path, args, attn)))
 
-    reference = [r for name, r in rows if name.startswith("transformers")]
-    base = reference[0]["tok_s"] if reference else None  # eager on a GPU, the default (sdpa) on a CPU
+    # Interleave the engines' runs so a noisy moment on a shared machine hits all of them.
+    runs: dict[str, list[Run]] = {name: [] for name, _ in runners}
+    for i in range(args.repeats):
+        log(f"round {i + 1} of {args.repeats}")
+        for name, runner in runners:
+            runs[name].append(runner.run())
+    rows = [
+        (
+            name,
+            {
+                "tok_s": statistics.median(r.tok_s for r in rs),
+                "ttft_ms": statistics.median(r.ttft_ms for r in rs),
+                "tokens": rs[0].tokens,
+            },
+        )
+        for name, rs in runs.items()
+    ]
+    reference = next((name for name, _ in rows if name.startswith("transformers")), None)
+    base = dict(rows)[reference]["tok_s"] if reference else None  # eager on a GPU, sdpa on a CPU
+    # The speed-up is the median over rounds of each round's ratio, the steadiest figure here.
+    speedup = (
+        statistics.median(a.tok_s / b.tok_s for a, b in zip(runs[rows[0][0]], runs[reference], strict=True))
+        if reference
+        else None
+    )
     print(f"\nmodel {args.shape}: {n_params / 1e6:.1f}M params, {args.dtype}, device {args.device}", end="")
     print(f", threads {args.threads}" if not gpu else "")
     print(f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, median of {args.repeats}")
@@ -261,8 +290,9 @@ def main() -> None:
             name: {"tok_s": round(r["tok_s"], 2), "ttft_ms": round(r["ttft_ms"], 2)} for name, r in rows
         },
     }
-    if base:
-        summary["speedup_vs_transformers"] = round(rows[0][1]["tok_s"] / base, 3)
+    if speedup is not None:
+        summary["speedup_vs_transformers"] = round(speedup, 3)
+        print(f"{rows[0][0]} over {reference}: {speedup:.2f}x (median of per-round ratios)")
     print(json.dumps(summary))
 
 

@@ -23,7 +23,7 @@ class Batch:
     """Where one forward reads and writes: one row per session.
 
     ``positions`` is ``[B, S]``: the absolute position of every new token. ``kv_len`` bounds the
-    keys attended to (at least ``positions.max() + 1``). ``slot_start`` is set when the slots are
+    keys attended to (at least ``positions.max() + 1``; keys past a row's position are masked). ``slot_start`` is set when the slots are
     the contiguous range ``slot_start .. slot_start + B``, which lets attention read a view
     instead of gathering. ``single`` is ``(slot, start)`` when the batch is one session whose
     positions are known on the host: writes then become one slice copy instead of a scatter.
@@ -45,14 +45,21 @@ class Batch:
             return
         store.index_put_((self.slots[:, None], self.positions), new)
 
-    def read(self, store: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the first ``kv_len`` positions of every row: ``[B, KV, L, D]`` each."""
-        if self.slot_start is not None:
-            rows = store.narrow(0, self.slot_start, self.slots.shape[0])
-        else:
-            rows = store.index_select(0, self.slots)
-        kv = rows.narrow(1, 0, self.kv_len)  # [B, L, 2, KV, D]
-        return kv.select(2, 0).transpose(1, 2), kv.select(2, 1).transpose(1, 2)
+    def gather(self, store: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of scattered slots, copied out: ``[B, KV, L, D]`` each."""
+        return _split(store.index_select(0, self.slots).narrow(1, 0, self.kv_len))
+
+
+KeysValues = tuple[torch.Tensor, torch.Tensor]
+
+
+def _split(kv: torch.Tensor) -> KeysValues:
+    """``[B, L, 2, KV, D]`` -> keys and values ``[B, KV, L, D]`` (views)."""
+    return kv.select(2, 0).transpose(1, 2), kv.select(2, 1).transpose(1, 2)
+
+
+DECODE_BUCKET = 64
+_MAX_CACHED_READS = 256
 
 
 class KVCache:
@@ -74,6 +81,8 @@ class KVCache:
         self.kv = torch.zeros(shape, dtype=dtype, device=device)
         # Per-layer views, so the hot loop does not re-select a layer on every access.
         self.layers = list(self.kv.unbind(0))
+        # Read views per (first slot, rows, kv_len), reused while decode stays in a KV bucket.
+        self._reads: dict[tuple[int, int, int], list[KeysValues]] = {}
         self.max_slots = max_slots
         self.max_seq = max_seq
         self.scratch_position = max_seq
@@ -138,14 +147,34 @@ class KVCache:
         positions = (start[:, None] + torch.arange(n_new)[None, :]).to(self.device)
         first = slots[0]
         contiguous = list(slots) == list(range(first, first + len(slots)))
+        kv_len = max(starts) + n_new
+        if n_new == 1:
+            # Decode attends to a whole bucket (the mask hides the tail), so the read views of
+            # one bucket serve many steps.
+            kv_len = min(self.max_seq, -(-kv_len // DECODE_BUCKET) * DECODE_BUCKET)
         return Batch(
             slots=torch.tensor(list(slots), dtype=torch.long, device=self.device),
             positions=positions,
-            kv_len=max(starts) + n_new,
+            kv_len=kv_len,
             slot_start=first if contiguous else None,
             single=(first, starts[0]) if len(slots) == 1 else None,
             slot_ids=tuple(slots),
         )
+
+    def reads(self, batch: Batch) -> list[KeysValues | None]:
+        """For every layer, views of the batch's keys and values (first ``kv_len`` positions).
+
+        Views alias the cache, so they show what a layer writes just before reading. Rows that
+        are not contiguous slots must be gathered instead, after the write: None then."""
+        if batch.slot_start is None:
+            return [None] * len(self.layers)
+        key = (batch.slot_start, batch.slots.shape[0], batch.kv_len)
+        views = self._reads.get(key)
+        if views is None:
+            views = [_split(store.narrow(0, key[0], key[1]).narrow(1, 0, key[2])) for store in self.layers]
+            if len(self._reads) < _MAX_CACHED_READS:
+                self._reads[key] = views
+        return views
 
     def _check(self, slot: int) -> None:
         if slot not in self._in_use:

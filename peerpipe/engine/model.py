@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from peerpipe.engine.config import ModelConfig
-from peerpipe.engine.kvcache import Batch, KVCache
+from peerpipe.engine.kvcache import Batch, KeysValues, KVCache
 
 
 class RMSNorm(nn.Module):
@@ -31,10 +31,12 @@ class RMSNorm(nn.Module):
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    # torch.rms_norm rather than F.rms_norm: the same kernel without a Python wrapper, on the
+    # hot path twice per layer.
     if x.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+        return torch.rms_norm(x, (x.shape[-1],), weight, eps)
     # Half precision: normalise in float32 and cast back before the weight, as HF does.
-    return weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
+    return weight * torch.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
 
 
 # The modules below only hold parameters, so checkpoints load by name; the forward pass runs on
@@ -111,6 +113,7 @@ def layer_forward(
     rope: Tensor,
     mask: Tensor | None,
     store: Tensor,
+    reads: KeysValues | None,
     batch: Batch,
 ) -> Tensor:
     # Written for few dispatches per layer (a decode step of a small model is mostly dispatch
@@ -124,11 +127,14 @@ def layer_forward(
     _apply_rope(qk, rope)
 
     batch.write(store, qkv.narrow(2, h, 2 * kvh).view(b, s, 2, kvh, d))
-    keys, values = batch.read(store)  # [B, KV, L, D]
+    # [B, KV, L, D]; views of `store` see what was just written, scattered rows are gathered now.
+    keys, values = reads if reads is not None else batch.gather(store)
     attn = F.scaled_dot_product_attention(
         qkv.narrow(2, 0, h).transpose(1, 2), keys, values, attn_mask=mask, scale=d**-0.5, enable_gqa=kvh != h
     )  # [B, H, S, D]
-    x = x + F.linear(attn.transpose(1, 2).reshape(b, s, cfg.q_size), w.wo, w.bo)
+    # One new token: [B, H, 1, D] already lies in memory as [B, 1, H*D].
+    attn = attn.view(b, 1, cfg.q_size) if s == 1 else attn.transpose(1, 2).reshape(b, s, cfg.q_size)
+    x = x + F.linear(attn, w.wo, w.bo)
 
     gate, up = F.linear(rms_norm(x, w.mlp_norm, eps), w.w_gate_up, w.b_gate_up).chunk(2, -1)
     return x + F.linear(F.silu(gate, inplace=True).mul_(up), w.w_down, w.b_down)
@@ -242,8 +248,8 @@ class Stage(nn.Module):
         rope = self.rope[batch.positions].unsqueeze(2)
         masks = _masks(batch, self.cfg.windows[self.start : self.end], x.dtype)
         cfg = self.cfg
-        for w, store in zip(self._weights, cache.layers, strict=True):
-            x = layer_fn(cfg, w, x, rope, masks[w.window], store, batch)
+        for w, store, reads in zip(self._weights, cache.layers, cache.reads(batch), strict=True):
+            x = layer_fn(cfg, w, x, rope, masks[w.window], store, reads, batch)
         if not self.is_last:
             return x
         if last_only:
@@ -259,7 +265,7 @@ def _masks(
     One session decoding one token with full attention sees every cached key: no mask at all.
     """
     b, s = batch.positions.shape
-    if b == 1 and s == 1 and batch.single is not None:
+    if b == 1 and s == 1 and batch.single is not None and batch.kv_len == batch.single[1] + 1:
         return {w: None for w in set(windows) if w is None} | {
             w: _mask(batch, w, dtype) for w in set(windows) if w is not None
         }
