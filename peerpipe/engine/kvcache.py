@@ -172,8 +172,8 @@ class KVCache:
         views = self._reads.get(key)
         if views is None:
             views = [_split(store.narrow(0, key[0], key[1]).narrow(1, 0, key[2])) for store in self.layers]
-            if len(self._reads) < _MAX_CACHED_READS:
-                self._reads[key] = views
+            if batch.positions.shape[1] == 1 and len(self._reads) < _MAX_CACHED_READS:
+                self._reads[key] = views  # decode comes back to the same bucket; prefill rarely does
         return views
 
     def _check(self, slot: int) -> None:
