@@ -105,3 +105,9 @@ def test_unsupported_architecture_is_one_clear_line(tiny_model_dir, tmp_path: Pa
 def test_bad_sampling_values_are_refused(tiny_model_dir) -> None:
     out = peerpipe("generate", "--model", str(tiny_model_dir("llama")), "--top-p", "3", "x")
     assert out.returncode == 1 and "top_p" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_asking_beyond_the_context_is_one_line(tiny_model_dir) -> None:
+    out = peerpipe("generate", "--model", str(tiny_model_dir("llama")), "--max-tokens", "100000000000", "x")
+    assert out.returncode == 1 and "context of 256 positions" in out.stderr
+    assert "Traceback" not in out.stderr

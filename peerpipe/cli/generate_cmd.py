@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from peerpipe.cli.progress import LoadProgress
+from peerpipe.engine.errors import CacheError
 from peerpipe.engine.sampling import SamplingParams
 
 
@@ -92,6 +93,11 @@ def run(args: argparse.Namespace) -> int:
     params = sampling_params(args, args.model)
     tokenizer = Tokenizer.from_dir(args.model)
     ids = encode_prompt(tokenizer, args.prompt, chat=args.chat, system=args.system)
+    if len(ids) + args.max_tokens > cfg.max_positions:
+        raise CacheError(
+            f"the prompt ({len(ids)} tokens) plus --max-tokens {args.max_tokens} exceeds this model's "
+            f"context of {cfg.max_positions} positions"
+        )
     with LoadProgress("loading model") as progress:
         stage, _ = load_stage(args.model, device=args.device, dtype=args.dtype, progress=progress, cfg=cfg)
     # Size the cache for this one request instead of the model's whole context.
@@ -100,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         tokenizer,
         max_seq=len(ids) + args.max_tokens,
         cuda_graphs=False if args.no_cuda_graphs else None,
+        compile_layers=args.compile,
     )
     if args.json:
         result = engine.generate(ids, params)

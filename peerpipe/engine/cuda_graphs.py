@@ -18,6 +18,7 @@ from peerpipe.engine.kvcache import Batch, KVCache
 from peerpipe.engine.model import Stage, layer_forward
 
 MIN_BUCKET = 64
+MAX_GRAPHS = 64  # each holds its own activations; batches of many slot sets would pile them up
 
 
 def bucket_for(kv_len: int, max_seq: int) -> int:
@@ -52,10 +53,12 @@ class GraphedDecoder:
         """Same contract as ``stage(x, cache, batch)`` for a decode batch (``S == 1``)."""
         slots = batch.slot_ids or tuple(batch.slots.tolist())
         key = (slots, bucket_for(batch.kv_len, self.cache.max_seq))
-        g = self._graphs.get(key)
+        g = self._graphs.pop(key, None)
         if g is None:
+            if len(self._graphs) >= MAX_GRAPHS:
+                del self._graphs[next(iter(self._graphs))]  # the least recently used one
             g = self._capture(slots, key[1], x)
-            self._graphs[key] = g
+        self._graphs[key] = g  # (re)inserted last: the dict keeps recency order
         g.x.copy_(x)
         g.batch.positions.copy_(batch.positions)
         g.graph.replay()

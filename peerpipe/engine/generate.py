@@ -95,11 +95,20 @@ class LocalEngine:
         max_sessions: int = 1,
         progress: ProgressFn | None = None,
         cuda_graphs: bool | None = None,
+        compile_layers: bool = False,
     ) -> tuple[LocalEngine, LoadStats]:
         tokenizer = Tokenizer.from_dir(path)
         stage, stats = load_stage(path, device=device, dtype=dtype, progress=progress)
         seq = max_seq or min(stage.cfg.max_positions, 4096)
-        return cls(stage, tokenizer, max_seq=seq, max_sessions=max_sessions, cuda_graphs=cuda_graphs), stats
+        engine = cls(
+            stage,
+            tokenizer,
+            max_seq=seq,
+            max_sessions=max_sessions,
+            cuda_graphs=cuda_graphs,
+            compile_layers=compile_layers,
+        )
+        return engine, stats
 
     @property
     def device(self) -> torch.device:

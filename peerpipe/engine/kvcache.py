@@ -47,7 +47,7 @@ class Batch:
 
     def gather(self, store: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of scattered slots, copied out: ``[B, KV, L, D]`` each."""
-        return _split(store.index_select(0, self.slots).narrow(1, 0, self.kv_len))
+        return _split(store.narrow(1, 0, self.kv_len).index_select(0, self.slots))
 
 
 KeysValues = tuple[torch.Tensor, torch.Tensor]

@@ -198,6 +198,7 @@ def load_stage(
     if missing:
         raise ModelLoadError(f"checkpoint lacks {len(missing)} tensor(s) the stage needs, e.g. {missing[0]}")
     entries = [index[n] for n in wanted]
+    _check_shapes(cfg, entries)
     need = sum(e.nbytes for e in entries)
     done = 0
 
@@ -209,7 +210,6 @@ def load_stage(
 
     hf, bytes_read = read_tensors(entries, on_bytes)
     sd = _stage_state_dict(hf, cfg, start, end)
-    _check_shapes(cfg, start, end, sd)
     with torch.device("meta"):
         stage = Stage(cfg, start, end)
     # Convert tensor by tensor so only one extra copy exists at a time.
@@ -227,14 +227,35 @@ def load_stage(
     return stage, stats
 
 
-def _check_shapes(cfg: ModelConfig, start: int, end: int, sd: dict[str, torch.Tensor]) -> None:
-    with torch.device("meta"):
-        expected = Stage(cfg, start, end).state_dict()
-    for name, ref in expected.items():
-        got = sd.get(name)
-        if got is None:
-            raise ModelLoadError(f"checkpoint has no tensor for {name}")
-        if tuple(got.shape) != tuple(ref.shape):
+def _expected_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
+    """The shape config.json implies for a Hugging Face tensor name."""
+    h, hd = cfg.hidden_size, cfg.head_dim
+    leaf = name.rsplit(".", 2)[-2:]  # e.g. ["q_proj", "weight"]
+    rows = {
+        "q_proj": cfg.q_size,
+        "k_proj": cfg.kv_size,
+        "v_proj": cfg.kv_size,
+        "o_proj": h,
+        "gate_proj": cfg.intermediate_size,
+        "up_proj": cfg.intermediate_size,
+        "down_proj": h,
+    }
+    cols = {"o_proj": cfg.q_size, "down_proj": cfg.intermediate_size}
+    if leaf[0] in rows:
+        return (rows[leaf[0]],) if leaf[1] == "bias" else (rows[leaf[0]], cols.get(leaf[0], h))
+    if leaf[0] in ("q_norm", "k_norm"):
+        return (hd,)
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        return (cfg.vocab_size, h)
+    return (h,)  # input/post-attention layer norms and the final norm
+
+
+def _check_shapes(cfg: ModelConfig, entries: list[TensorEntry]) -> None:
+    """Compare the headers with config.json before reading a byte of tensor data."""
+    for e in entries:
+        expected = _expected_shape(cfg, e.name)
+        if e.shape != expected:
             raise UnsupportedModelError(
-                f"tensor for {name} has shape {tuple(got.shape)}, config.json implies {tuple(ref.shape)}"
+                f"tensor {e.name} has shape {e.shape}, but config.json implies {expected}: "
+                "the checkpoint and its config disagree"
             )

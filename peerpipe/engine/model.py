@@ -111,7 +111,7 @@ def layer_forward(
     w: LayerWeights,
     x: Tensor,
     rope: Tensor,
-    mask: Tensor | None,
+    mask: Tensor,
     store: Tensor,
     reads: KeysValues | None,
     batch: Batch,
@@ -257,18 +257,8 @@ class Stage(nn.Module):
         return F.linear(rms_norm(x, self.norm.weight, cfg.rms_norm_eps), self.lm_head.weight)
 
 
-def _masks(
-    batch: Batch, windows: tuple[int | None, ...], dtype: torch.dtype
-) -> dict[int | None, Tensor | None]:
-    """Additive masks ``[B, 1, S, L]``, one per distinct sliding window among the stage's layers.
-
-    One session decoding one token with full attention sees every cached key: no mask at all.
-    """
-    b, s = batch.positions.shape
-    if b == 1 and s == 1 and batch.single is not None and batch.kv_len == batch.single[1] + 1:
-        return {w: None for w in set(windows) if w is None} | {
-            w: _mask(batch, w, dtype) for w in set(windows) if w is not None
-        }
+def _masks(batch: Batch, windows: tuple[int | None, ...], dtype: torch.dtype) -> dict[int | None, Tensor]:
+    """Additive masks ``[B, 1, S, L]``, one per distinct sliding window among the stage's layers."""
     return {w: _mask(batch, w, dtype) for w in set(windows)}
 
 
