@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from peerpipe.room.errors import CodeFormatError
 from peerpipe.room.words import WORDS
@@ -25,7 +25,7 @@ _WORD_SET = frozenset(WORDS)
 @dataclass(frozen=True)
 class RoomCode:
     nameplate: int
-    words: tuple[str, ...]
+    words: tuple[str, ...] = field(repr=False)  # the secret: never in logs or reprs
 
     def __post_init__(self) -> None:
         if not 1 <= self.nameplate <= MAX_NAMEPLATE:
@@ -70,6 +70,8 @@ def parse_code(text: str) -> RoomCode:
         raise CodeFormatError(
             f"a room code starts with its room number (like 7-amber-falcon), not {parts[0]!r}"
         )
+    if len(head) > len(str(MAX_NAMEPLATE)):
+        raise CodeFormatError(f"the room number must be between 1 and {MAX_NAMEPLATE}")
     return RoomCode(int(head), words)
 
 

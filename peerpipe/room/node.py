@@ -111,6 +111,10 @@ class RoomNode:
         self._events: asyncio.Queue[RoomEvent] = asyncio.Queue(event_queue_size)
         self._on_message = on_message
         self._handshakes = asyncio.Semaphore(max_handshakes)
+        # Connections not yet authenticated, waiting or handshaking: each holds a socket and a
+        # receive buffer, so their number is capped.
+        self._unauthenticated = 0
+        self._max_unauthenticated = 4 * max_handshakes
         self._gates = _Gates()
         self._tasks: set[asyncio.Task[None]] = set()
         self._tg: asyncio.TaskGroup | None = None
@@ -207,28 +211,58 @@ class RoomNode:
 
     async def _accept(self, stream: Stream) -> None:
         address: Address = stream.transport.get_extra_info("peername")[:2]
-        ip = address[0]
-        # One handshake at a time per address, so parallel guesses all pay the delay.
-        async with self._gates.hold(ip), self._handshakes:
-            delay = self.limiter.delay_for(ip)
-            if delay:
-                log.info("delaying handshake from %s by %.1f s after earlier failures", ip, delay)
-                await asyncio.sleep(delay)
-            try:
-                channel = await handshake(stream, self.config)
-            except HandshakeFailed as failed:
-                if failed.code_tried:
-                    self.limiter.failed(ip)
-                stream.transport.close()
-                log.info("refused %s:%d: %s", ip, address[1], failed.error)
-                await self._events.put(HandshakeRefused(address, failed.error))
-                return
-            self.limiter.succeeded(ip)
+        if self._unauthenticated >= self._max_unauthenticated:
+            log.info("refused %s:%d: too many connections waiting to authenticate", *address)
+            stream.transport.close()
+            return
+        self._unauthenticated += 1
+        try:
+            channel = await self._authenticate(stream, address)
+        finally:
+            self._unauthenticated -= 1
+        if channel is None:
+            return
         if reason := self._refusal(channel):
             await channel.refuse(reason)
             return
         peer = await self._register(channel, address)
         await self._pump(peer, channel)
+
+    async def _authenticate(self, stream: Stream, address: Address) -> Channel | None:
+        ip = address[0]
+        # One deadline from accept to authenticated, whatever the connection waits on.
+        deadline = self.limiter.max_delay_s + 2 * self.config.handshake_timeout_s
+        try:
+            async with asyncio.timeout(deadline), self._gates.hold(ip):
+                # One handshake at a time per address, so parallel guesses all pay the delay;
+                # the delay is served before taking a handshake slot, so a penalised address
+                # never holds one while it waits.
+                delay = self.limiter.delay_for(ip)
+                if delay:
+                    log.info("delaying handshake from %s by %.1f s after earlier failures", ip, delay)
+                    await asyncio.sleep(delay)
+                async with self._handshakes:
+                    channel = await handshake(stream, self.config)
+        except HandshakeFailed as failed:
+            if failed.code_tried:
+                self.limiter.failed(ip)
+            stream.transport.close()
+            log.info("refused %s:%d: %s", ip, address[1], failed.error)
+            self._report(HandshakeRefused(address, failed.error))
+            return None
+        except TimeoutError:
+            stream.transport.close()
+            log.info("refused %s:%d: it did not authenticate within %g s", ip, address[1], deadline)
+            return None
+        self.limiter.succeeded(ip)
+        return channel
+
+    def _report(self, event: RoomEvent) -> None:
+        """Queue an event nobody must wait for; when the queue is full it is dropped, not awaited."""
+        try:
+            self._events.put_nowait(event)
+        except asyncio.QueueFull:
+            log.warning("event queue full: dropped %s", type(event).__name__)
 
     def _refusal(self, channel: Channel) -> str:
         if self._leaving:

@@ -1,9 +1,9 @@
 """The asyncio shell around ``Connection``: one ``Channel`` per TCP stream.
 
 A channel owns a socket, a sans-IO ``Connection`` and a ``SendScheduler``. Its
-``run()`` holds a task group with exactly two loops, a reader and a writer, and
-returns when the connection ends. Every wait has a deadline: connect, handshake,
-each read (idle timeout, kept alive by pings) and each drain.
+``run()`` holds a task group with a writer and a watchdog task and reads in its own
+body, and returns when the connection ends. Every wait has a deadline: connect,
+handshake, each read (idle timeout, kept alive by pings) and each drain.
 """
 
 from __future__ import annotations
@@ -226,9 +226,12 @@ class Channel:
 
     async def run(self, deliver: Deliver) -> Closed:
         """Pump messages to ``deliver`` until the connection ends; returns how it ended."""
-        for message in self._early:
-            await deliver(message)
-        self._early.clear()
+        # Messages that came in the same reads as the peer's Hello take the normal path too:
+        # pings are answered, chunks reassembled.
+        early, self._early = self._early, []
+        for message in early:
+            if (full := self._on_message(message)) is not None:
+                await deliver(full)
         try:
             async with asyncio.TaskGroup() as tg:
                 writer = tg.create_task(self._guarded_write_loop())

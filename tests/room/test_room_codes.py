@@ -60,3 +60,14 @@ def test_generate_uses_word_list_and_short_nameplate() -> None:
 def test_code_is_frozen_value() -> None:
     assert RoomCode(7, ("amber", "falcon")) == parse_code("7-amber-falcon")
     assert not RoomCode(7, ("purple", "falcon")).uses_word_list
+
+
+def test_code_repr_hides_the_secret_words() -> None:
+    code = parse_code("7-amber-falcon")
+    assert "amber" not in repr(code) and "falcon" not in repr(code)
+    assert str(code) == "7-amber-falcon"  # printing it on purpose still works
+
+
+def test_absurdly_long_room_number_is_a_format_error() -> None:
+    with pytest.raises(CodeFormatError, match="room number"):
+        parse_code("1" * 5000 + "-amber-falcon")
