@@ -27,15 +27,25 @@ class FailureLimiter:
     free_failures: int = 1
     forget_after_s: float = 600.0
     max_tracked: int = 4096
+    # Guesses spread over many addresses (a botnet, an IPv6 prefix) meet a room-wide budget:
+    # past it every handshake waits, so a code can't be brute-forced from many places at once.
+    room_free_failures: int = 16
     clock: Callable[[], float] = time.monotonic
     _records: dict[str, _Record] = field(default_factory=dict, init=False, repr=False)
+    _room: _Record = field(default_factory=lambda: _Record(0, 0.0), init=False, repr=False)
 
     def delay_for(self, address: str) -> float:
         """Seconds to wait before answering a new handshake from ``address``."""
         record = self._current(address)
-        if record is None or record.failures <= self.free_failures:
+        if self.clock() - self._room.last > self.forget_after_s:
+            self._room.failures = 0
+        own = self._delay(record.failures if record else 0, self.free_failures)
+        return max(own, self._delay(self._room.failures, self.room_free_failures))
+
+    def _delay(self, failures: int, free: int) -> float:
+        if failures <= free:
             return 0.0
-        return min(self.max_delay_s, self.base_delay_s * 2 ** (record.failures - self.free_failures - 1))
+        return min(self.max_delay_s, self.base_delay_s * 2 ** min(failures - free - 1, 32))
 
     def failed(self, address: str) -> None:
         record = self._current(address)
@@ -45,6 +55,8 @@ class FailureLimiter:
             record = self._records[address] = _Record(0, self.clock())
         record.failures += 1
         record.last = self.clock()
+        self._room.failures += 1  # a success elsewhere never forgives these
+        self._room.last = record.last
 
     def succeeded(self, address: str) -> None:
         self._records.pop(address, None)

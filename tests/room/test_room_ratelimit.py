@@ -50,3 +50,17 @@ def test_memory_is_bounded() -> None:
         lim.failed(f"10.0.0.{i}")
     assert len(lim._records) <= 10
     assert lim.failures("10.0.0.99") == 1
+
+
+def test_guesses_from_many_addresses_meet_a_room_wide_budget() -> None:
+    now = [0.0]
+    limiter = FailureLimiter(room_free_failures=4, clock=lambda: now[0])
+    for i in range(4):
+        limiter.failed(f"10.0.0.{i}")  # each address makes only its free mistake
+    assert limiter.delay_for("10.0.0.99") == 0.0
+    limiter.failed("10.0.0.5")
+    assert limiter.delay_for("10.0.0.99") > 0  # a fresh address now waits too
+    limiter.succeeded("10.0.0.5")
+    assert limiter.delay_for("10.0.0.99") > 0  # one member's success forgives nobody else
+    now[0] += limiter.forget_after_s + 1
+    assert limiter.delay_for("10.0.0.99") == 0.0  # a quiet room forgets
