@@ -6,10 +6,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from peerpipe.cli.progress import LoadProgress
 from peerpipe.engine.errors import CacheError
-from peerpipe.engine.sampling import SamplingParams
+
+if TYPE_CHECKING:  # torch loads only when a model runs: `peerpipe host` starts fast
+    from peerpipe.engine.sampling import SamplingParams
 
 
 def positive_int(text: str) -> int:
@@ -57,6 +60,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def sampling_params(args: argparse.Namespace, model_dir: Path | None = None) -> SamplingParams:
     """Flags first, then the model's generation_config.json, then greedy."""
+    from peerpipe.engine.sampling import SamplingParams
+
     defaults = _generation_defaults(model_dir) if model_dir else {}
     temperature = args.temperature
     if temperature is None:

@@ -9,10 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
-import sys
-from collections.abc import Sequence
 
-from peerpipe.errors import PeerpipeError
 from peerpipe.room import (
     Address,
     ConnectionClosedError,
@@ -161,27 +158,3 @@ async def _join(args: argparse.Namespace) -> int:
         await member.leave("member left")
     say("left the room")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone entry (``python -m peerpipe.cli.room_cmds host|join ...``), same behaviour as ``peerpipe``."""
-    import logging
-
-    from peerpipe.logs import configure
-
-    parser = argparse.ArgumentParser(prog="peerpipe")
-    parser.add_argument("-v", "--verbose", action="count", default=0)
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_host_parser(sub)
-    add_join_parser(sub)
-    args = parser.parse_args(argv)
-    configure({0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG))
-    try:
-        return int(args.func(args))
-    except PeerpipeError as exc:
-        print(f"peerpipe: error: {exc}", file=sys.stderr, flush=True)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,7 +20,7 @@ class RoomProc:
     """A CLI process whose stdout lines we can wait for (never sleep-and-hope)."""
 
     def __init__(self, *args: str, prefix: tuple[str, ...] = ()) -> None:
-        cmd = [*prefix, sys.executable, "-m", "peerpipe.cli.room_cmds", *args]
+        cmd = [*prefix, sys.executable, "-m", "peerpipe", *args]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
             cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
