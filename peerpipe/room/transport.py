@@ -93,7 +93,7 @@ class Channel:
 
     stream: Stream
     config: TransportConfig = field(default_factory=TransportConfig)
-    clock: Callable[[], float] = time.monotonic
+    clock: Callable[[], float] = time.monotonic  # shared with the stream, whose reads it stamps
     rtt_s: float | None = field(default=None, init=False)  # last keepalive round trip
     ended: Closed | None = field(default=None, init=False)  # how it ended, once run() returned
     _sched: SendScheduler[asyncio.Future[None]] = field(default_factory=SendScheduler, init=False)
@@ -107,6 +107,9 @@ class Channel:
     _nonces: itertools.count[int] = field(default_factory=lambda: itertools.count(1), init=False)
 
     def __post_init__(self) -> None:
+        # One clock for both: the watchdog compares our "now" with the stream's last read.
+        self.stream.clock = self.clock
+        self.stream.last_rx = self.clock()
         self.conn = self.stream.conn
         self.transport = self.stream.transport
         self._limits = self.config.limits
