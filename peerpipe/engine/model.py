@@ -129,11 +129,25 @@ def layer_forward(
     batch.write(store, qkv.narrow(2, h, 2 * kvh).view(b, s, 2, kvh, d))
     # [B, KV, L, D]; views of `store` see what was just written, scattered rows are gathered now.
     keys, values = reads if reads is not None else batch.gather(store)
-    attn = F.scaled_dot_product_attention(
-        qkv.narrow(2, 0, h).transpose(1, 2), keys, values, attn_mask=mask, scale=d**-0.5, enable_gqa=kvh != h
-    )  # [B, H, S, D]
-    # One new token: [B, H, 1, D] already lies in memory as [B, 1, H*D].
-    attn = attn.view(b, 1, cfg.q_size) if s == 1 else attn.transpose(1, 2).reshape(b, s, cfg.q_size)
+    if s == 1:
+        # One new token: each KV head's group of query heads attends as G query rows, so SDPA
+        # needs no grouped-query expansion of the keys; [B, KV, G, D] is [B, 1, H*D] in memory.
+        q = qkv.narrow(2, 0, h).view(b, kvh, h // kvh, d)
+        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=d**-0.5)
+        attn = attn.reshape(b, 1, cfg.q_size)
+    else:
+        attn = (
+            F.scaled_dot_product_attention(
+                qkv.narrow(2, 0, h).transpose(1, 2),
+                keys,
+                values,
+                attn_mask=mask,
+                scale=d**-0.5,
+                enable_gqa=kvh != h,
+            )
+            .transpose(1, 2)
+            .reshape(b, s, cfg.q_size)
+        )  # [B, H, S, D] -> [B, S, H*D]
     x = x + F.linear(attn, w.wo, w.bo)
 
     gate, up = F.linear(rms_norm(x, w.mlp_norm, eps), w.w_gate_up, w.b_gate_up).chunk(2, -1)
