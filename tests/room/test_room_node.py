@@ -287,3 +287,37 @@ def test_goodbye_waits_for_queued_transfers() -> None:
             assert left.error is None and left.reason == "done"
 
     arun(main())
+
+
+def test_messages_in_the_same_read_as_hello_are_handled_like_any_other() -> None:
+    """A client sends its Hello and a Ping in one write: the host answers the Ping with a Pong
+    and never shows it to the application, as for a Ping that came later."""
+    from peerpipe.protocol import PROTOCOL_VERSION, Hello, Ping, Pong
+    from peerpipe.room import Connection, MessageReceived, Role, State
+
+    async def main() -> None:
+        async with Host(CODE, name="h") as host:
+            ip, port = await host.open(LOOPBACK, advertise=False)
+            conn = Connection(CODE, Role.DIALER, Hello(PROTOCOL_VERSION, "raw-client", "raw"))
+            reader, writer = await asyncio.open_connection(ip, port)
+            writer.write(conn.start())
+            # Read until we are open, but send nothing more yet: our confirmation, Hello and the
+            # Ping then reach the host together.
+            while conn.state is not State.OPEN:
+                conn.receive_data(await reader.read(65536))
+            writer.write(conn.data_to_send() + conn.send(Ping(77)))
+            seen: list[object] = []
+            async with asyncio.timeout(5):  # the keepalive period is 5 s: a Pong comes sooner
+                while Pong(77) not in seen:
+                    data = await reader.read(65536)
+                    assert data, "the host closed the connection"
+                    seen += [e.message for e in conn.receive_data(data) if isinstance(e, MessageReceived)]
+            writer.close()
+            # Everything the application saw of this client: a join and a leave, no Ping.
+            events = []
+            while not any(isinstance(e, PeerLeft) for e in events):
+                events.append(await host.next_event(timeout=5))
+            assert [type(e) for e in events] == [PeerJoined, PeerLeft]
+            assert all(e.peer.node_id == "raw-client" for e in events)
+
+    arun(main())
