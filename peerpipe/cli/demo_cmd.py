@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 from peerpipe.cli.progress import LoadProgress
@@ -53,6 +52,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from peerpipe.cli.demo_room import run_local_room
+    from peerpipe.cli.generate_cmd import show_text
     from peerpipe.engine.generate import LocalEngine, encode_prompt
     from peerpipe.engine.loader import load_stage
     from peerpipe.engine.sampling import SamplingParams
@@ -69,12 +69,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"prompt: {args.prompt}")
     print("answer: ", end="", flush=True)
 
-    def show(text: str) -> None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-
     params = SamplingParams(temperature=0.8, top_p=0.95, seed=7, max_tokens=args.max_tokens)
-    result = engine.generate(ids, params, on_text=show)
+    result = engine.generate(ids, params, on_text=show_text)
     print()
     print(
         f"[{len(result.tokens)} tokens at {result.tok_s:.1f} tok/s on the CPU; {stats.bytes_read / 1e6:.1f} MB loaded]"

@@ -88,6 +88,12 @@ def _generation_defaults(model_dir: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+def show_text(text: str) -> None:
+    """Stream generated text to the terminal as it comes."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
 def run(args: argparse.Namespace) -> int:
     from peerpipe.engine.config import ModelConfig
     from peerpipe.engine.generate import LocalEngine, encode_prompt
@@ -118,11 +124,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_json(), ensure_ascii=False))
         return 0
 
-    def show(text: str) -> None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-
-    result = engine.generate(ids, params, on_text=show)
+    result = engine.generate(ids, params, on_text=show_text)
     sys.stdout.write("\n")
     print(
         f"[{len(result.tokens)} tokens, {result.tok_s:.1f} tok/s, finish: {result.finish_reason}]",

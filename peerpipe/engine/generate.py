@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,7 +40,6 @@ class GenerationResult:
     finish_reason: str
     prefill_s: float  # prompt forward + first token
     decode_s: float  # every later token
-    extra: dict = field(default_factory=dict)
 
     @property
     def tok_s(self) -> float:
@@ -57,7 +56,6 @@ class GenerationResult:
             "tok_s": round(self.tok_s, 3),
             "prefill_s": round(self.prefill_s, 6),
             "decode_s": round(self.decode_s, 6),
-            **self.extra,
         }
 
 
