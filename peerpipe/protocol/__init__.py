@@ -39,7 +39,7 @@ from peerpipe.protocol.messages import (
     TensorChunk,
     check_hello,
 )
-from peerpipe.protocol.records import NodeInfo, Plan, Stage
+from peerpipe.protocol.records import LayerTiming, LinkStat, MemberState, NodeInfo, Plan, Stage
 from peerpipe.protocol.tensor import DTYPES, ENCODINGS, TensorData
 
 __all__ = [
@@ -64,8 +64,11 @@ __all__ = [
     "Heartbeat",
     "Hello",
     "JoinCluster",
+    "LayerTiming",
     "LeaveCluster",
     "Limits",
+    "LinkStat",
+    "MemberState",
     "Message",
     "NodeInfo",
     "Ping",

@@ -19,12 +19,12 @@ import msgpack
 from peerpipe.protocol.errors import DecodeError, ValidationError
 from peerpipe.protocol.limits import DEFAULT_LIMITS, Limits
 from peerpipe.protocol.messages import BY_TAG, MESSAGE_TYPES, Message
-from peerpipe.protocol.records import NodeInfo, Plan, Stage
+from peerpipe.protocol.records import LayerTiming, LinkStat, MemberState, NodeInfo, Plan, Stage
 from peerpipe.protocol.tensor import DTYPES, ENCODINGS, TensorData, encoded_nbytes
 from peerpipe.protocol.validate import MAX_DIM
 
 _HEADER_LEN = struct.Struct(">I")
-_RECORDS = (NodeInfo, Stage, Plan)
+_RECORDS = (NodeInfo, Stage, Plan, LayerTiming, LinkStat, MemberState)
 _TENSOR_KEYS = frozenset({"dtype", "shape", "encoding", "nbytes", "checksum", "offset", "ref"})
 _BLOB_KEYS = frozenset({"offset", "nbytes"})
 
@@ -191,6 +191,18 @@ def _tuple(item: tuple[_Encode, _Decode]) -> tuple[_Encode, _Decode]:
     return enc, dec
 
 
+def _optional(item: tuple[_Encode, _Decode]) -> tuple[_Encode, _Decode]:
+    enc_item, dec_item = item
+
+    def enc(value: Any, out: _Out) -> Any:
+        return None if value is None else enc_item(value, out)
+
+    def dec(raw: Any, inp: _In, path: str) -> Any:
+        return None if raw is None else dec_item(raw, inp, path)
+
+    return enc, dec
+
+
 def _converter(tp: Any) -> tuple[_Encode, _Decode]:
     if tp is bool:
         return _scalar(bool, (bool,), "a bool")
@@ -207,6 +219,8 @@ def _converter(tp: Any) -> tuple[_Encode, _Decode]:
     args = typing.get_args(tp)
     if isinstance(tp, types.UnionType) and set(args) == {bytes, memoryview}:
         return _encode_blob, _decode_blob
+    if isinstance(tp, types.UnionType) and len(args) == 2 and type(None) in args:
+        return _optional(_converter(next(a for a in args if a is not type(None))))
     if typing.get_origin(tp) is tuple and len(args) == 2 and args[1] is Ellipsis:
         return _tuple(_converter(args[0]))
     raise TypeError(f"the codec has no wire form for {tp!r}")

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, TypeAlias
 
 from peerpipe.protocol.errors import ValidationError, VersionMismatchError
-from peerpipe.protocol.records import MAX_MEMBERS, NodeInfo, Plan
+from peerpipe.protocol.records import MAX_MEMBERS, LayerTiming, LinkStat, MemberState, NodeInfo, Plan
 from peerpipe.protocol.tensor import TensorData, as_byte_view
 from peerpipe.protocol.validate import (
     MAX_NAME_LEN,
@@ -22,6 +22,7 @@ from peerpipe.protocol.validate import (
 
 PROTOCOL_VERSION = 1
 MAX_FEATURES = 64
+MAX_MODEL_SHAPE_LEN = 16384
 HEARTBEAT_STATUSES = frozenset({"idle", "busy", "loading", "draining", "error"})
 
 
@@ -54,11 +55,18 @@ class Hello:
 
 @dataclass(frozen=True, slots=True)
 class Ping:
+    """Answered at once by a ``Pong`` with the same nonce; ``payload`` (ignored) lets a node time
+    a transfer of known size and so measure the link's bandwidth."""
+
     TAG: ClassVar[str] = "ping"
     nonce: int
+    payload: bytes | memoryview = field(default=b"", repr=False)
 
     def __post_init__(self) -> None:
         need_int(self, "nonce")
+        if not isinstance(self.payload, (bytes, bytearray, memoryview)):
+            raise ValidationError(f"Ping.payload must be bytes, got {type(self.payload).__name__}")
+        object.__setattr__(self, "payload", as_byte_view(self.payload))
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,18 +122,25 @@ class Heartbeat:
 
 @dataclass(frozen=True, slots=True)
 class RoomView:
-    """The host's membership view; ``epoch`` grows with every change so stale views are ignored."""
+    """The host's view of the cluster; ``epoch`` grows with every membership or health change,
+    so stale views are ignored. ``plan`` is the current plan, ``acked`` the nodes that loaded it."""
 
     TAG: ClassVar[str] = "room-view"
     epoch: int
-    members: tuple[NodeInfo, ...]
+    members: tuple[MemberState, ...]
+    plan: Plan | None = None
+    acked: tuple[str, ...] = ()
+    links: tuple[LinkStat, ...] = ()
 
     def __post_init__(self) -> None:
         need_int(self, "epoch")
-        need_tuple_of(self, "members", NodeInfo, MAX_MEMBERS)
-        ids = [member.node_id for member in self.members]
+        need_tuple_of(self, "members", MemberState, MAX_MEMBERS)
+        ids = [member.info.node_id for member in self.members]
         if len(set(ids)) != len(ids):
             raise ValidationError("RoomView.members lists a node_id twice")
+        need_instance(self, "plan", Plan, optional=True)
+        need_tuple_of(self, "acked", str, MAX_MEMBERS)
+        need_tuple_of(self, "links", LinkStat, MAX_MEMBERS * 4)
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,16 +169,26 @@ class PlanAck:
 
 @dataclass(frozen=True, slots=True)
 class BenchmarkRequest:
+    """Measure this node: its device, and when ``model_shape`` (the model's ``config.json``) is
+    given one of its layers in ``dtype``, and the links to the nodes in ``links_to``."""
+
     TAG: ClassVar[str] = "benchmark-request"
     request_id: int = 0
+    model_shape: str = ""
+    dtype: str = ""
+    links_to: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         need_int(self, "request_id")
+        need_str(self, "model_shape", MAX_MODEL_SHAPE_LEN)
+        need_str(self, "dtype", MAX_NAME_LEN)
+        need_tuple_of(self, "links_to", str, MAX_MEMBERS)
 
 
 @dataclass(frozen=True, slots=True)
 class BenchmarkResult:
-    """``score`` is the relative performance the planner uses; the rest are the raw measurements."""
+    """``score`` is the relative performance the proportional strategy uses; the rest are the
+    raw measurements. ``error`` says why a requested part could not be measured."""
 
     TAG: ClassVar[str] = "benchmark-result"
     score: float
@@ -171,6 +196,9 @@ class BenchmarkResult:
     matmul_tflops: float = 0.0
     memory_bandwidth_gbps: float = 0.0
     latency_ms: float = 0.0
+    timing: LayerTiming | None = None
+    links: tuple[LinkStat, ...] = ()
+    error: str = ""
 
     def __post_init__(self) -> None:
         need_float(self, "score")
@@ -178,6 +206,9 @@ class BenchmarkResult:
         need_float(self, "matmul_tflops")
         need_float(self, "memory_bandwidth_gbps")
         need_float(self, "latency_ms")
+        need_instance(self, "timing", LayerTiming, optional=True)
+        need_tuple_of(self, "links", LinkStat, MAX_MEMBERS)
+        need_str(self, "error")
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,5 @@
-"""Records nested inside messages: a node's capabilities and a distribution plan."""
+"""Records nested inside messages: a node's capabilities, its state in the cluster, measured layer
+timings and links, and a distribution plan."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from peerpipe.protocol.errors import ValidationError
 from peerpipe.protocol.validate import (
     MAX_NAME_LEN,
     need_bool,
+    need_choice,
     need_float,
     need_id,
+    need_instance,
     need_int,
     need_str,
     need_tuple_of,
@@ -26,16 +29,25 @@ class NodeInfo:
     """What a node tells the cluster about itself when it joins.
 
     ``device`` is a short backend name such as ``cpu``, ``cuda``, ``mps`` or ``wgpu``; it is kept open
-    so new backends need no protocol change.
+    so new backends need no protocol change. ``memory_bytes`` is what the node offers the model (free device memory, or free RAM on a CPU);
+    ``address`` is where it accepts other nodes (``host:port``), empty if it does not listen.
     """
 
     node_id: str
     name: str
     device: str
     memory_bytes: int
-    tflops: float
+    tflops: float  # fp32 matmul
     supports_f16: bool = True
     memory_bandwidth_gbps: float = 0.0
+    address: str = ""
+    device_name: str = ""
+    memory_total_bytes: int = 0
+    tflops_half: float = 0.0  # fp16/bf16 matmul, 0 when not measured
+    latency_ms: float = 0.0  # one tiny kernel, launch to done
+    supports_bf16: bool = False
+    cpu_cores: int = 0
+    ram_bytes: int = 0
 
     def __post_init__(self) -> None:
         need_id(self, "node_id")
@@ -45,6 +57,74 @@ class NodeInfo:
         need_float(self, "tflops")
         need_bool(self, "supports_f16")
         need_float(self, "memory_bandwidth_gbps")
+        need_str(self, "address", MAX_NAME_LEN)
+        need_str(self, "device_name", MAX_NAME_LEN)
+        need_int(self, "memory_total_bytes")
+        need_float(self, "tflops_half")
+        need_float(self, "latency_ms")
+        need_bool(self, "supports_bf16")
+        need_int(self, "cpu_cores", 0, 1 << 20)
+        need_int(self, "ram_bytes")
+
+
+@dataclass(frozen=True, slots=True)
+class LayerTiming:
+    """One decoder layer of the model shape ``shape_key``, timed on a node in ``dtype``:
+    ``decode_ms`` for one token, ``prefill_ms`` for ``prefill_tokens`` tokens at once."""
+
+    shape_key: str
+    dtype: str
+    decode_ms: float
+    prefill_ms: float
+    prefill_tokens: int
+    layer_bytes: int
+
+    def __post_init__(self) -> None:
+        need_id(self, "shape_key")
+        need_id(self, "dtype")
+        need_float(self, "decode_ms")
+        need_float(self, "prefill_ms")
+        need_int(self, "prefill_tokens", 1, 1 << 20)
+        need_int(self, "layer_bytes")
+
+
+@dataclass(frozen=True, slots=True)
+class LinkStat:
+    """The network path from ``src`` to ``dst`` as ``src`` measured it."""
+
+    src: str
+    dst: str
+    rtt_ms: float
+    mib_per_s: float
+
+    def __post_init__(self) -> None:
+        need_id(self, "src")
+        need_id(self, "dst")
+        need_float(self, "rtt_ms")
+        need_float(self, "mib_per_s")
+
+
+HEALTH = frozenset({"alive", "suspected"})
+
+
+@dataclass(frozen=True, slots=True)
+class MemberState:
+    """A member as the host sees it: what it is, whether it is alive, how busy, how fast."""
+
+    info: NodeInfo
+    health: str = "alive"
+    status: str = "idle"
+    load: float = 0.0
+    heartbeat_age_ms: float = 0.0
+    timing: LayerTiming | None = None
+
+    def __post_init__(self) -> None:
+        need_instance(self, "info", NodeInfo)
+        need_choice(self, "health", HEALTH)
+        need_id(self, "status")
+        need_float(self, "load", 0.0, 1.0)
+        need_float(self, "heartbeat_age_ms")
+        need_instance(self, "timing", LayerTiming, optional=True)
 
 
 @dataclass(frozen=True, slots=True)

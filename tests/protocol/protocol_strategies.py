@@ -41,6 +41,33 @@ node_infos = st.builds(
     tflops=nonneg,
     supports_f16=st.booleans(),
     memory_bandwidth_gbps=nonneg,
+    address=names,
+    device_name=names,
+    memory_total_bytes=st.integers(0, 1 << 45),
+    tflops_half=nonneg,
+    latency_ms=nonneg,
+    supports_bf16=st.booleans(),
+    cpu_cores=st.integers(0, 512),
+    ram_bytes=st.integers(0, 1 << 45),
+)
+timings = st.builds(
+    p.LayerTiming,
+    shape_key=ids,
+    dtype=st.sampled_from(["float32", "bfloat16"]),
+    decode_ms=nonneg,
+    prefill_ms=nonneg,
+    prefill_tokens=st.integers(1, 4096),
+    layer_bytes=st.integers(0, 1 << 40),
+)
+links = st.builds(p.LinkStat, src=ids, dst=ids, rtt_ms=nonneg, mib_per_s=nonneg)
+member_states = st.builds(
+    p.MemberState,
+    info=node_infos,
+    health=st.sampled_from(["alive", "suspected"]),
+    status=st.sampled_from(sorted(p.HEARTBEAT_STATUSES)),
+    load=st.floats(0.0, 1.0),
+    heartbeat_age_ms=nonneg,
+    timing=st.none() | timings,
 )
 
 
@@ -75,7 +102,7 @@ STRATEGIES: dict[type, st.SearchStrategy] = {
         software=names,
         features=st.lists(st.text(min_size=1, max_size=20), max_size=5).map(tuple),
     ),
-    p.Ping: st.builds(p.Ping, nonce=u64),
+    p.Ping: st.builds(p.Ping, nonce=u64, payload=st.binary(max_size=64)),
     p.Pong: st.builds(p.Pong, nonce=u64),
     p.Bye: st.builds(p.Bye, reason=texts),
     p.JoinCluster: st.builds(p.JoinCluster, node_info=node_infos),
@@ -86,11 +113,20 @@ STRATEGIES: dict[type, st.SearchStrategy] = {
     p.RoomView: st.builds(
         p.RoomView,
         epoch=u64,
-        members=st.lists(node_infos, max_size=4, unique_by=lambda n: n.node_id).map(tuple),
+        members=st.lists(member_states, max_size=4, unique_by=lambda m: m.info.node_id).map(tuple),
+        plan=st.none() | plans(),
+        acked=st.lists(ids, max_size=3).map(tuple),
+        links=st.lists(links, max_size=3).map(tuple),
     ),
     p.DistributionPlan: st.builds(p.DistributionPlan, plan=plans()),
     p.PlanAck: st.builds(p.PlanAck, version=u64, ok=st.booleans(), error=texts),
-    p.BenchmarkRequest: st.builds(p.BenchmarkRequest, request_id=u64),
+    p.BenchmarkRequest: st.builds(
+        p.BenchmarkRequest,
+        request_id=u64,
+        model_shape=texts,
+        dtype=st.sampled_from(["", "float32", "bfloat16"]),
+        links_to=st.lists(ids, max_size=3).map(tuple),
+    ),
     p.BenchmarkResult: st.builds(
         p.BenchmarkResult,
         score=nonneg,
@@ -98,6 +134,9 @@ STRATEGIES: dict[type, st.SearchStrategy] = {
         matmul_tflops=nonneg,
         memory_bandwidth_gbps=nonneg,
         latency_ms=nonneg,
+        timing=st.none() | timings,
+        links=st.lists(links, max_size=3).map(tuple),
+        error=texts,
     ),
     p.ComputeRequest: st.builds(
         p.ComputeRequest,

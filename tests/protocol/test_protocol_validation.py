@@ -60,7 +60,7 @@ NODE = p.NodeInfo("n1", "laptop", "cpu", 1 << 30, 1.5)
         (lambda: p.NodeInfo("n", "a", "cpu", -1, 0.0), "memory_bytes"),
         (lambda: p.NodeInfo("n", "a", "cpu", 0, float("inf")), "tflops"),
         (lambda: p.JoinCluster(node_info="n1"), "node_info"),
-        (lambda: p.RoomView(epoch=1, members=(NODE, NODE)), "twice"),
+        (lambda: p.RoomView(epoch=1, members=(p.MemberState(NODE), p.MemberState(NODE))), "twice"),
         (lambda: p.Stage("n", 3, 3), "empty"),
         (lambda: p.Plan(1, "m", 4, (p.Stage("a", 0, 2), p.Stage("b", 3, 4))), "gap"),
         (lambda: p.Plan(1, "m", 5, (p.Stage("a", 0, 2), p.Stage("b", 2, 4))), "end at layer 4"),
@@ -106,7 +106,7 @@ def test_bad_limits(kwargs: dict[str, Any]) -> None:
         p.Limits(**kwargs)
 
 
-PING = {"tag": "ping", "fields": {"nonce": 1}}
+PING = {"tag": "pong", "fields": {"nonce": 1}}
 GOOD_TENSOR_FIELDS = {"task_id": "t", "output_tensor": tensor_meta()}
 
 
@@ -123,12 +123,12 @@ GOOD_TENSOR_FIELDS = {"task_id": "t", "output_tensor": tensor_meta()}
         (frame({**PING, "extra": 1}), "unknown fields \\['extra'\\]"),
         (frame({"tag": "pang", "fields": {}}), "unknown message tag 'pang'"),
         (frame({"tag": 7, "fields": {}}), "unknown message tag 7"),
-        (frame({"tag": "ping", "fields": {}}), "ping: missing fields \\['nonce'\\]"),
-        (frame({"tag": "ping", "fields": {"nonce": 1, "x": 2}}), "unknown fields \\['x'\\]"),
-        (frame({"tag": "ping", "fields": {"nonce": "1"}}), "ping.nonce: expected an int, got str"),
-        (frame({"tag": "ping", "fields": {"nonce": True}}), "expected an int, got bool"),
-        (frame({"tag": "ping", "fields": {"nonce": -5}}), "nonce must be in"),
-        (frame({"tag": "ping", "fields": {"nonce": b"x"}}), "not valid msgpack"),
+        (frame({"tag": "pong", "fields": {}}), "pong: missing fields \\[.nonce.\\]"),
+        (frame({"tag": "pong", "fields": {"nonce": 1, "x": 2}}), "unknown fields \\['x'\\]"),
+        (frame({"tag": "pong", "fields": {"nonce": "1"}}), "pong.nonce: expected an int, got str"),
+        (frame({"tag": "pong", "fields": {"nonce": True}}), "expected an int, got bool"),
+        (frame({"tag": "pong", "fields": {"nonce": -5}}), "nonce must be in"),
+        (frame({"tag": "pong", "fields": {"nonce": b"x"}}), "not valid msgpack"),
         (frame({"tag": "heartbeat", "fields": {"load": 2.0, "status": "idle"}}), "load"),
         (frame(PING, b"junk"), "4 trailing bytes"),
         (frame(PING)[:-1], "runs past the end"),
@@ -188,7 +188,7 @@ GOOD_TENSOR_FIELDS = {"task_id": "t", "output_tensor": tensor_meta()}
             "output_tensor: expected a map",
         ),
         (
-            frame({"tag": "room-view", "fields": {"epoch": 1, "members": [{"node_id": "a"}]}}),
+            frame({"tag": "room-view", "fields": {"epoch": 1, "members": [{"info": 1}], "plan": None, "acked": [], "links": []}}),
             "room-view.members\\[0\\]: missing fields",
         ),
         (
