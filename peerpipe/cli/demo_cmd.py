@@ -9,17 +9,16 @@ is the machinery: the code, the encrypted joins, the loading and the decode spee
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from peerpipe.cli.progress import LoadProgress
+from peerpipe.paths import cache_dir
 
 DEMO_PROMPT = "The quiet harbour at dawn"
 
 
 def demo_model_dir() -> Path:
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "peerpipe" / "demo-model-v1"
+    return cache_dir() / "demo-model-v1"
 
 
 def ensure_demo_model(path: Path) -> Path:

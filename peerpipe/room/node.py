@@ -120,6 +120,7 @@ class RoomNode:
         self._tg: asyncio.TaskGroup | None = None
         self._stack = contextlib.AsyncExitStack()
         self._leaving = False
+        self._peer_waiters: dict[str, list[asyncio.Future[None]]] = {}
 
     # -- lifetime ------------------------------------------------------------------------
 
@@ -172,6 +173,29 @@ class RoomNode:
         if channel is None:
             raise UnknownPeerError(f"no connected peer with node id {peer!r}")
         await channel.send(message, stream=stream)
+
+    async def wait_for_peer(self, peer: str, timeout_s: float) -> None:
+        """Return once ``peer`` is connected; ``TimeoutError`` if it is not within ``timeout_s``."""
+        if peer in self._channels:
+            return
+        arrived: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._peer_waiters.setdefault(peer, []).append(arrived)
+        try:
+            async with asyncio.timeout(timeout_s):
+                await arrived
+        finally:
+            waiters = self._peer_waiters.get(peer, [])
+            if arrived in waiters:
+                waiters.remove(arrived)
+            if not waiters:
+                self._peer_waiters.pop(peer, None)
+
+    async def probe(self, peer: str, payload_bytes: int = 0, timeout_s: float | None = None) -> float:
+        """Round-trip seconds of a ping with ``payload_bytes`` to the peer ``peer``."""
+        channel = self._channels.get(peer)
+        if channel is None:
+            raise UnknownPeerError(f"no connected peer with node id {peer!r}")
+        return await channel.probe(payload_bytes, timeout_s)
 
     async def next_event(self, timeout: float | None = None) -> RoomEvent:
         async with asyncio.timeout(timeout):
@@ -277,6 +301,9 @@ class RoomNode:
         self._channels[peer.node_id] = channel
         self._peers[peer.node_id] = peer
         log.info("peer %s (%s) joined from %s:%d", peer.name, peer.node_id, *address)
+        for waiter in self._peer_waiters.pop(peer.node_id, []):
+            if not waiter.done():
+                waiter.set_result(None)
         await self._events.put(PeerJoined(peer))
         return peer
 

@@ -105,6 +105,7 @@ class Channel:
     _write_error: RoomError | None = field(default=None, init=False)
     _pings: dict[int, float] = field(default_factory=dict, init=False)
     _nonces: itertools.count[int] = field(default_factory=lambda: itertools.count(1), init=False)
+    _probes: dict[int, asyncio.Future[float]] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         # One clock for both: the watchdog compares our "now" with the stream's last read.
@@ -148,6 +149,22 @@ class Channel:
         self._sched.add(frames, done, stream)
         self._wake.set()
         await done
+
+    async def probe(self, payload_bytes: int = 0, timeout_s: float | None = None) -> float:
+        """Seconds from sending a ping carrying ``payload_bytes`` to its pong: a round trip, plus
+        the payload's transfer time when it is large (which gives the link's bandwidth)."""
+        nonce = next(self._nonces)
+        pong: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self._probes[nonce] = pong
+        try:
+            async with asyncio.timeout(timeout_s or self.config.idle_timeout_s):
+                sent = self.clock()
+                await self.send(Ping(nonce, bytes(payload_bytes)))
+                return await pong - sent
+        except TimeoutError:
+            raise RoomTimeoutError(f"no answer from {self.peer.name or self.peer.node_id} to a probe") from None
+        finally:
+            self._probes.pop(nonce, None)
 
     def _needs_chunks(self, message: Message) -> bool:
         """Whether ``split`` would cut ``message`` (the same test, without building its result)."""
@@ -312,6 +329,8 @@ class Channel:
             sent = self._pings.pop(message.nonce, None)
             if sent is not None:
                 self.rtt_s = self.clock() - sent
+            elif (probe := self._probes.pop(message.nonce, None)) is not None and not probe.done():
+                probe.set_result(self.clock())
             return None
         try:
             # Only a chunk needs the time (for its tensor's stall deadline).

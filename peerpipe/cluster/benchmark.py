@@ -1,0 +1,261 @@
+"""Measure the local device: matmul TFLOPS, memory bandwidth, launch latency, and one layer of
+a model for decode and prefill. Results are cached per device and model shape.
+
+Every figure is the median of several timed rounds after a warm-up, with the device synchronised
+around each round, so a GPU's asynchronous launches are not mistaken for speed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from peerpipe.cluster.capabilities import DeviceCaps
+from peerpipe.paths import cache_dir
+from peerpipe.protocol import LayerTiming
+
+if TYPE_CHECKING:
+    import torch
+
+    from peerpipe.engine.config import ModelConfig
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class DeviceBench:
+    tflops_1024: float  # fp32, the seed's 1024 x 1024 matmul
+    tflops: float  # fp32 at ``big_size``, a size that fills the device
+    big_size: int
+    tflops_half: float  # bf16 or fp16 at ``big_size``; 0 where half precision is not fast
+    half_dtype: str
+    memory_gbps: float  # copy bandwidth, bytes read + written per second
+    launch_ms: float  # one tiny kernel, launch to done
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _sync(device: torch.device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+    elif device.type == "xpu":
+        torch.xpu.synchronize()
+
+
+def time_it(fn: Callable[[], object], device: torch.device, *, rounds: int = 5, min_round_s: float = 0.02) -> float:
+    """Median seconds per call of ``fn``; each round repeats it until ``min_round_s`` has passed."""
+    fn()
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    once = max(time.perf_counter() - start, 1e-7)
+    reps = max(1, min(10_000, int(min_round_s / once)))
+    samples = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        _sync(device)
+        samples.append((time.perf_counter() - start) / reps)
+    return statistics.median(samples)
+
+
+def bench_device(caps: DeviceCaps, *, quick: bool = False, progress: Progress | None = None) -> DeviceBench:
+    import torch
+
+    say = progress or (lambda _: None)
+    device = torch.device(caps.torch_device)
+    accel = caps.kind != "cpu"
+    rounds = 3 if quick else 5
+
+    def matmul_tflops(n: int, dtype: torch.dtype) -> float:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        out = torch.empty(n, n, device=device, dtype=dtype)
+        seconds = time_it(lambda: torch.mm(a, b, out=out), device, rounds=rounds)
+        return 2 * n**3 / seconds / 1e12
+
+    say("matmul 1024 fp32")
+    t1024 = matmul_tflops(1024, torch.float32)
+    big = (8192 if accel else 2048) if not quick else (4096 if accel else 1024)
+    say(f"matmul {big} fp32")
+    tbig = matmul_tflops(big, torch.float32) if big != 1024 else t1024
+    half_dtype = torch.bfloat16 if caps.supports_bf16 else torch.float16
+    thalf = 0.0
+    if accel:
+        say(f"matmul {big} {half_dtype}".replace("torch.", ""))
+        thalf = matmul_tflops(big, half_dtype)
+    say("memory bandwidth")
+    nbytes = (256 << 20) if accel else (64 << 20)
+    src = torch.empty(nbytes // 4, device=device, dtype=torch.float32).fill_(1.0)
+    dst = torch.empty_like(src)
+    gbps = 2 * nbytes / time_it(lambda: dst.copy_(src), device, rounds=rounds) / 1e9
+    say("launch latency")
+    tiny = torch.zeros(1, device=device)
+
+    def one_kernel() -> None:
+        tiny.add_(1)
+        _sync(device)
+
+    launch = time_it(one_kernel, device, rounds=rounds) * 1e3
+    return DeviceBench(
+        t1024, tbig, big, thalf, str(half_dtype).removeprefix("torch.") if accel else "", gbps, launch
+    )
+
+
+def shape_key(cfg: ModelConfig) -> str:
+    """A short name for what decides a layer's speed: same key, same timing."""
+    parts = (
+        cfg.architecture,
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.n_heads,
+        cfg.n_kv_heads,
+        cfg.head_dim,
+        cfg.qkv_bias,
+        cfg.o_bias,
+        cfg.mlp_bias,
+        cfg.qk_norm,
+    )
+    digest = hashlib.sha1(repr(parts).encode()).hexdigest()[:8]
+    return f"h{cfg.hidden_size}-i{cfg.intermediate_size}-a{cfg.n_heads}x{cfg.head_dim}-kv{cfg.n_kv_heads}-{digest}"
+
+
+def bench_layer(
+    cfg: ModelConfig, device: str, dtype: str, *, prefill_tokens: int = 128, quick: bool = False
+) -> LayerTiming:
+    """Time one decoder layer of ``cfg`` with random weights: one token after a
+    ``prefill_tokens`` prompt (decode), and the ``prefill_tokens`` prompt itself."""
+    import torch
+
+    from peerpipe.engine.model import Stage
+
+    dev = torch.device(device)
+    torch_dtype = getattr(torch, dtype)
+    three = dataclasses.replace(cfg, n_layers=3, windows=())
+    with torch.device("meta"):
+        stage = Stage(three, 1, 2)  # a middle layer: no embedding, no head
+    stage = stage.to_empty(device=dev).to(torch_dtype)
+    generator = torch.Generator(device=dev).manual_seed(0)
+    with torch.no_grad():
+        for name, param in stage.named_parameters():
+            if "norm" in name:
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, 0.02, generator=generator)
+    layer_bytes = sum(p.numel() * p.element_size() for p in stage.parameters())
+    cache = stage.new_cache(1, prefill_tokens + 8)
+    slot = cache.alloc()
+    prompt = torch.randn(1, prefill_tokens, cfg.hidden_size, device=dev, dtype=torch_dtype)
+    token = torch.randn(1, 1, cfg.hidden_size, device=dev, dtype=torch_dtype)
+    rounds = 3 if quick else 5
+
+    def prefill() -> None:
+        cache.rollback(slot, 0)
+        stage(prompt, cache, cache.batch([slot], prefill_tokens))
+
+    def decode() -> None:
+        cache.rollback(slot, prefill_tokens)
+        stage(token, cache, cache.batch([slot], 1))
+
+    with torch.inference_mode():
+        prefill_s = time_it(prefill, dev, rounds=rounds)
+        decode_s = time_it(decode, dev, rounds=rounds)
+    return LayerTiming(shape_key(cfg), dtype, decode_s * 1e3, prefill_s * 1e3, prefill_tokens, layer_bytes)
+
+
+# -- the cache ------------------------------------------------------------------------------
+
+
+def _cache_file(caps: DeviceCaps) -> Path:
+    import torch
+
+    ident = f"{caps.kind}-{caps.name}-{caps.cpu_cores}c-torch{torch.__version__}"
+    return cache_dir() / "bench" / (re.sub(r"[^A-Za-z0-9_.+-]+", "_", ident) + ".json")
+
+
+def _read_cache(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) and data.get("version") == CACHE_VERSION else {}
+
+
+def _write_cache(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)  # atomic, so a concurrent reader never sees half a file
+
+
+class BenchCache:
+    """Benchmarks of this device, measured once and then read from ``~/.cache/peerpipe/bench``."""
+
+    def __init__(self, caps: DeviceCaps, *, use_cache: bool = True, quick: bool = False) -> None:
+        self.caps = caps
+        self.path = _cache_file(caps)
+        self.use_cache = use_cache
+        self.quick = quick
+        self.hits: list[str] = []
+
+    def device(self, progress: Progress | None = None) -> DeviceBench:
+        data = _read_cache(self.path) if self.use_cache else {}
+        if raw := data.get("device"):
+            with_fields = {f.name for f in dataclasses.fields(DeviceBench)}
+            if isinstance(raw, dict) and raw.keys() == with_fields:
+                self.hits.append("device")
+                return DeviceBench(**raw)
+        result = bench_device(self.caps, quick=self.quick, progress=progress)
+        self._store("device", result.to_json())
+        return result
+
+    def layer(self, cfg: ModelConfig, dtype: str, progress: Progress | None = None) -> LayerTiming:
+        key = f"{shape_key(cfg)}/{dtype}"
+        data = _read_cache(self.path) if self.use_cache else {}
+        raw = data.get("layers", {}).get(key)
+        if isinstance(raw, dict):
+            try:
+                timing = LayerTiming(**raw)
+            except (TypeError, ValueError):
+                timing = None
+            if timing is not None:
+                self.hits.append(key)
+                return timing
+        if progress:
+            progress(f"one layer of {shape_key(cfg)} in {dtype}")
+        timing = bench_layer(cfg, self.caps.torch_device, dtype, quick=self.quick)
+        self._store_layer(key, timing)
+        return timing
+
+    def _store(self, field: str, value: Any) -> None:
+        data = _read_cache(self.path) or {"version": CACHE_VERSION}
+        data[field] = value
+        try:
+            _write_cache(self.path, data)
+        except OSError as exc:
+            log.warning("cannot cache benchmarks in %s: %s", self.path, exc)
+
+    def _store_layer(self, key: str, timing: LayerTiming) -> None:
+        data = _read_cache(self.path) or {"version": CACHE_VERSION}
+        layers = data.setdefault("layers", {})
+        layers[key] = {f.name: getattr(timing, f.name) for f in dataclasses.fields(LayerTiming)}
+        data["layers"] = layers
+        self._store("layers", layers)

@@ -1,0 +1,144 @@
+"""What the local device is: kind, name, memory, half-precision support, CPU cores and RAM.
+
+Only reads what the OS and PyTorch report; measuring speed is ``benchmark``'s job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+KINDS = ("cuda", "rocm", "mps", "xpu", "cpu")
+
+
+@dataclass(frozen=True)
+class DeviceCaps:
+    kind: str  # cuda, rocm, mps, xpu or cpu
+    torch_device: str  # what to pass to torch, e.g. "cuda:0"
+    name: str
+    memory_total_bytes: int
+    memory_free_bytes: int
+    supports_f16: bool  # fast half-precision math
+    supports_bf16: bool
+    cpu_cores: int
+    ram_total_bytes: int
+    ram_free_bytes: int
+    wgpu_adapter: str = ""  # the WebGPU adapter, when the optional wgpu extra is installed
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def memory_info() -> tuple[int, int]:
+    """(total, available) RAM in bytes."""
+    with contextlib.suppress(OSError, ValueError):
+        fields = {}
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            fields[key] = int(rest.split()[0]) * 1024
+        return fields["MemTotal"], fields.get("MemAvailable", fields["MemFree"])
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        page = os.sysconf("SC_PAGE_SIZE")
+        return page * os.sysconf("SC_PHYS_PAGES"), page * os.sysconf("SC_AVPHYS_PAGES")
+    return 0, 0
+
+
+def cpu_cores() -> int:
+    with contextlib.suppress(AttributeError):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _cpu_name_and_flags() -> tuple[str, set[str]]:
+    name, flags = "", set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name" and not name:
+                name = value.strip()
+            elif key in ("flags", "Features") and not flags:
+                flags = set(value.split())
+    return name or platform.processor() or platform.machine() or "cpu", flags
+
+
+def wgpu_adapter() -> str:
+    """The WebGPU adapter's description, or "" when wgpu is not installed or finds none."""
+    try:
+        import wgpu  # type: ignore[import-not-found]
+    except ImportError:
+        return ""
+    try:
+        adapter = wgpu.gpu.request_adapter_sync(power_preference="high-performance")
+        info = adapter.info
+        return f"{info.get('device', '?')} ({info.get('backend_type', '?')})"
+    except Exception as exc:  # a broken driver must not stop detection of everything else
+        return f"unavailable: {type(exc).__name__}"
+
+
+def detect(device: str | None = None) -> DeviceCaps:
+    """Capabilities of ``device`` (a torch device string) or of the best accelerator present."""
+    import torch
+
+    ram_total, ram_free = memory_info()
+    cores = cpu_cores()
+    wgpu_name = wgpu_adapter()
+    requested = torch.device(device) if device else None
+    kind = requested.type if requested else _best_kind(torch)
+    if kind == "cuda" and torch.cuda.is_available():
+        index = requested.index if requested and requested.index is not None else torch.cuda.current_device()
+        free, total = torch.cuda.mem_get_info(index)
+        return DeviceCaps(
+            "rocm" if torch.version.hip else "cuda",
+            f"cuda:{index}",
+            torch.cuda.get_device_name(index),
+            total,
+            free,
+            True,
+            torch.cuda.is_bf16_supported(),
+            cores,
+            ram_total,
+            ram_free,
+            wgpu_name,
+        )
+    if kind == "mps" and torch.backends.mps.is_available():
+        total = int(getattr(torch.mps, "recommended_max_memory", lambda: ram_total)())
+        used = int(getattr(torch.mps, "driver_allocated_memory", lambda: 0)())
+        return DeviceCaps(
+            "mps", "mps", "Apple GPU", total, max(0, total - used), True, True, cores, ram_total, ram_free, wgpu_name
+        )
+    xpu = getattr(torch, "xpu", None)
+    if kind == "xpu" and xpu is not None and xpu.is_available():
+        props = xpu.get_device_properties(0)
+        total = int(props.total_memory)
+        return DeviceCaps("xpu", "xpu:0", props.name, total, total, True, True, cores, ram_total, ram_free, wgpu_name)
+    name, flags = _cpu_name_and_flags()
+    return DeviceCaps(
+        "cpu",
+        "cpu",
+        name,
+        ram_total,
+        ram_free,
+        supports_f16=bool(flags & {"avx512_fp16", "amx_fp16", "asimdhp", "fphp"}),
+        supports_bf16=bool(flags & {"avx512_bf16", "amx_bf16", "bf16"}),
+        cpu_cores=cores,
+        ram_total_bytes=ram_total,
+        ram_free_bytes=ram_free,
+        wgpu_adapter=wgpu_name,
+    )
+
+
+def _best_kind(torch: Any) -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return "mps"
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        return "xpu"
+    return "cpu"

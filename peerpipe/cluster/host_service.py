@@ -1,0 +1,361 @@
+"""The host's side of the cluster: membership, failure detection, benchmarks and plans.
+
+The host owns the cluster view. Messages and clock ticks become reducer events; each change of
+the view is broadcast to every connected peer (members and observers such as ``peerpipe
+status``). When the set of live members changes, a debounced replan asks nodes for whatever
+measurements are missing, plans, sends the plan out and collects acknowledgements.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from peerpipe.cluster.links import measure_links
+from peerpipe.cluster.local import LocalDevice
+from peerpipe.cluster.membership import (
+    Beat,
+    ClusterView,
+    Event,
+    Joined,
+    Left,
+    Lost,
+    MembershipConfig,
+    Tick,
+    reduce,
+)
+from peerpipe.cluster.model_choice import ModelChoice
+from peerpipe.cluster.planning import RoomFacts, plan_room, to_protocol
+from peerpipe.plan import Budget, PlanError, PlanResult
+from peerpipe.protocol import (
+    BenchmarkRequest,
+    BenchmarkResult,
+    DistributionPlan,
+    Heartbeat,
+    JoinCluster,
+    LayerTiming,
+    LeaveCluster,
+    LinkStat,
+    MemberState,
+    Message,
+    NodeInfo,
+    Plan,
+    PlanAck,
+    RoomView,
+)
+from peerpipe.room import HandshakeRefused, MessageFrom, PeerJoined, PeerLeft, RoomError, RoomNode
+
+log = logging.getLogger(__name__)
+Report = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    membership: MembershipConfig = field(default_factory=MembershipConfig)
+    replan_debounce_s: float = 1.0
+    benchmark_timeout_s: float = 120.0
+    measure_links: bool = True
+    auto_plan: bool = True
+    expect_nodes: int = 1  # plan once this many nodes (the host included) are alive
+    budget: Budget = field(default_factory=Budget)
+    strategy: str = "optimal"
+    objective: str = "latency"
+
+
+def describe_plan(plan: Plan, names: dict[str, str]) -> str:
+    stages = " -> ".join(f"{names.get(s.node_id, s.node_id[:8])}[{s.start},{s.end})" for s in plan.stages)
+    return f"plan v{plan.version}: {stages}, {plan.predicted_ms:.2f} ms/token predicted"
+
+
+class ClusterHost:
+    def __init__(
+        self,
+        node: RoomNode,
+        device: LocalDevice,
+        config: ClusterConfig | None = None,
+        model: ModelChoice | None = None,
+        *,
+        address: str = "",
+        report: Report | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.node = node
+        self.device = device
+        self.config = config or ClusterConfig()
+        self.model = model
+        self.clock = clock
+        self.report = report or (lambda line: log.info("%s", line))
+        self.info = device.node_info(node.node_id, node.name, address)
+        self.view = reduce(ClusterView(), Joined(self.info, clock()), self.config.membership)
+        self.timings: dict[str, LayerTiming] = {}
+        self.links: dict[tuple[str, str], LinkStat] = {}
+        self.plan: Plan | None = None
+        self.plan_result: PlanResult | None = None
+        self.acked: set[str] = set()
+        self._changed = asyncio.Event()  # set whenever the view, the plan or the acks change
+        self._versions = itertools.count(1)
+        self._versions_used = 0
+        self._request_ids = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[BenchmarkResult]] = {}
+        self._replan = asyncio.Event()
+        self._alive: frozenset[str] = frozenset(self.view.ids)
+        if self.model is not None:
+            self._replan.set()
+
+    # -- running ----------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set; then tell every peer the room is closing."""
+        async with asyncio.TaskGroup() as tg:
+            tasks = [
+                tg.create_task(self._events()),
+                tg.create_task(self._ticks()),
+                tg.create_task(self._planner()),
+            ]
+            await stop.wait()
+            for task in tasks:
+                task.cancel()
+
+    async def _events(self) -> None:
+        async for event in self.node.events():
+            if isinstance(event, PeerJoined):
+                await self._send(event.peer.node_id, self.room_view())
+            elif isinstance(event, MessageFrom):
+                await self._on_message(event.peer.node_id, event.message)
+            elif isinstance(event, PeerLeft):
+                member = self.view.get(event.peer.node_id)
+                gone = Left if event.error is None else Lost
+                await self._apply(gone(event.peer.node_id, self.clock()))
+                if member is not None:
+                    how = "said goodbye" if event.error is None else f"lost: {event.reason}"
+                    self.report(f"left: {member.info.name} ({member.info.node_id[:8]}), {how}")
+            elif isinstance(event, HandshakeRefused):
+                self.report(f"refused {event.address[0]}:{event.address[1]}: {event.error}")
+
+    async def _on_message(self, peer: str, message: Message) -> None:
+        if isinstance(message, Heartbeat):
+            await self._apply(Beat(peer, message.load, message.status, self.clock()))
+        elif isinstance(message, JoinCluster):
+            info = message.node_info
+            if info.node_id != peer:
+                log.warning("peer %s tried to join as %s: ignored", peer, info.node_id)
+                return
+            await self._apply(Joined(info, self.clock()))
+            self.report(f"joined: {info.name} ({peer[:8]}) {describe_device(info)}")
+        elif isinstance(message, LeaveCluster) and message.peer_id == peer:
+            await self._apply(Left(peer, self.clock()))
+        elif isinstance(message, BenchmarkResult):
+            waiter = self._waiting.pop(message.request_id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(message)
+        elif isinstance(message, PlanAck):
+            await self._on_ack(peer, message)
+
+    async def _on_ack(self, peer: str, ack: PlanAck) -> None:
+        if self.plan is None or ack.version != self.plan.version:
+            return
+        if not ack.ok:
+            name = self._names().get(peer, peer[:8])
+            self.report(f"{name} could not take its stage of plan v{ack.version}: {ack.error}")
+            return
+        self.acked.add(peer)
+        await self._broadcast()
+        if self.acked >= {s.node_id for s in self.plan.stages}:
+            self.report(f"plan v{self.plan.version} acknowledged by every stage")
+
+    async def _ticks(self) -> None:
+        period = min(0.25, self.config.membership.heartbeat_s / 4)
+        while True:
+            await asyncio.sleep(period)
+            now = self.clock()
+            # The host beats for itself: it never misses its own heartbeat.
+            await self._apply(Beat(self.node.node_id, self.device.meter.load(), self._status(), now))
+            before = {m.info.node_id: m.health for m in self.view.members}
+            await self._apply(Tick(now))
+            for m in self.view.members:
+                if before.get(m.info.node_id) == "alive" and m.suspected:
+                    self.report(f"suspected: {m.info.name} ({m.info.node_id[:8]}) missed its heartbeats")
+            for node_id in before.keys() - set(self.view.ids):
+                self.report(f"dead: {node_id[:8]} sent no heartbeat for {self.config.membership.dead_after_s:g} s")
+
+    def _status(self) -> str:
+        return "busy" if self.device.meter.busy else "idle"
+
+    async def _apply(self, event: Event) -> None:
+        old = self.view
+        self.view = reduce(old, event, self.config.membership)
+        if self.view.epoch == old.epoch:
+            return
+        alive = frozenset(m.info.node_id for m in self.view.alive())
+        if alive != self._alive:
+            self._alive = alive
+            for gone in set(self.timings) - set(self.view.ids):
+                del self.timings[gone]
+            self.links = {k: v for k, v in self.links.items() if k[0] in alive and k[1] in alive}
+            self._replan.set()
+        await self._broadcast()
+
+    # -- the view ---------------------------------------------------------------------------
+
+    def room_view(self) -> RoomView:
+        now = self.clock()
+        members = tuple(
+            MemberState(
+                m.info,
+                health=m.health,
+                status=m.status,
+                load=m.load,
+                heartbeat_age_ms=max(0.0, (now - m.last_beat) * 1e3),
+                timing=self.timings.get(m.info.node_id),
+            )
+            for m in self.view.members
+        )
+        acked = tuple(sorted(self.acked))
+        return RoomView(self.view.epoch, members, self.plan, acked, tuple(self.links.values()))
+
+    async def wait_until(self, condition: Callable[[ClusterHost], bool], timeout_s: float) -> None:
+        """Return once ``condition(self)`` holds, checked after every change of the view, the plan
+        or the acknowledgements; ``TimeoutError`` after ``timeout_s``."""
+        async with asyncio.timeout(timeout_s):
+            while not condition(self):
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def _broadcast(self, message: Message | None = None) -> None:
+        self._changed.set()
+        message = message or self.room_view()
+        await asyncio.gather(*(self._send(peer, message) for peer in self.node.peers))
+
+    async def _send(self, peer: str, message: Message) -> None:
+        # A peer that just left is not an error of ours: its PeerLeft event follows.
+        with contextlib.suppress(RoomError):
+            await self.node.send(peer, message)
+
+    def _names(self) -> dict[str, str]:
+        return {m.info.node_id: m.info.name for m in self.view.members}
+
+    # -- planning ---------------------------------------------------------------------------
+
+    async def _planner(self) -> None:
+        debounce = self.config.replan_debounce_s
+        while True:
+            await self._replan.wait()
+            # Debounce: several nodes joining together cause one plan, not several.
+            while True:
+                self._replan.clear()
+                try:
+                    async with asyncio.timeout(debounce):
+                        await self._replan.wait()
+                except TimeoutError:
+                    break
+            if self.model is None or not self.config.auto_plan:
+                continue
+            alive = self.view.alive()
+            # expect_nodes gates the first plan only: later, the room replans with whoever is left.
+            if self._versions_used == 0 and len(alive) < self.config.expect_nodes:
+                self.report(f"waiting for nodes: {len(alive)} of {self.config.expect_nodes} in the room")
+                continue
+            await self.measure()
+            if self._replan.is_set():
+                continue  # the room changed while we measured: measure and plan again
+            await self.replan()
+
+    async def measure(self) -> None:
+        """Layer timings and links that are still missing, from every live member at once."""
+        assert self.model is not None
+        model = self.model
+        alive = [m.info.node_id for m in self.view.alive()]
+        me = self.node.node_id
+        jobs = []
+        if me not in self.timings:
+            jobs.append(self._measure_self(model))
+        if self.config.measure_links:
+            jobs.append(self._measure_own_links(alive))
+        for peer in alive:
+            if peer == me:
+                continue
+            links_to = [p for p in alive if p != peer and (peer, p) not in self.links] if self.config.measure_links else []
+            if peer in self.timings and not links_to:
+                continue
+            request = BenchmarkRequest(
+                next(self._request_ids),
+                model.shape_json if peer not in self.timings else "",
+                model.dtype,
+                tuple(links_to),
+            )
+            jobs.append(self._ask(peer, request))
+        await asyncio.gather(*jobs)
+
+    async def _measure_self(self, model: ModelChoice) -> None:
+        self.timings[self.node.node_id] = await self.device.layer_timing(model.shape_json, model.dtype)
+
+    async def _measure_own_links(self, alive: list[str]) -> None:
+        todo = [p for p in alive if p != self.node.node_id and (self.node.node_id, p) not in self.links]
+        stats, failed = await measure_links(self.node, todo)
+        for stat in stats:
+            self.links[(stat.src, stat.dst)] = stat
+        if failed:
+            self.report(f"links not measured: {failed}")
+
+    async def _ask(self, peer: str, request: BenchmarkRequest) -> None:
+        waiter: asyncio.Future[BenchmarkResult] = asyncio.get_running_loop().create_future()
+        self._waiting[request.request_id] = waiter
+        name = self._names().get(peer, peer[:8])
+        try:
+            await self.node.send(peer, request)
+            async with asyncio.timeout(self.config.benchmark_timeout_s):
+                result = await waiter
+        except (RoomError, TimeoutError) as exc:
+            self.report(f"no benchmark from {name} ({exc or 'timed out'}): its speed is estimated")
+            return
+        finally:
+            self._waiting.pop(request.request_id, None)
+        if result.timing is not None:
+            self.timings[peer] = result.timing
+        for stat in result.links:
+            if stat.src == peer:
+                self.links[(stat.src, stat.dst)] = stat
+        if result.error:
+            self.report(f"benchmark on {name}: {result.error}")
+
+    async def replan(self) -> Plan | None:
+        """Plan for the live members now and send the plan out; None if the model does not fit."""
+        assert self.model is not None
+        model = self.model
+        facts = RoomFacts(self.room_view().members, tuple(self.links.values()), self.timings)
+        try:
+            result = plan_room(
+                model.spec,
+                model.shape_key,
+                facts,
+                entry=self.node.node_id,
+                half=model.half,
+                budget=self.config.budget,
+                strategy=self.config.strategy,
+                objective=self.config.objective,
+            )
+        except PlanError as exc:
+            self.plan, self.plan_result, self.acked = None, None, set()
+            self.report(f"cannot plan {model.model_id}: {exc}")
+            await self._broadcast()
+            return None
+        self._versions_used += 1
+        plan = to_protocol(result, next(self._versions), model.spec)
+        self.plan, self.plan_result, self.acked = plan, result, {self.node.node_id}
+        self.report(describe_plan(plan, self._names()))
+        await self._broadcast(DistributionPlan(plan))
+        await self._broadcast()
+        return plan
+
+
+def describe_device(info: NodeInfo) -> str:
+    gib = info.memory_bytes / (1 << 30)
+    return (
+        f"{info.device} {info.device_name}: {info.tflops:.2f} TFLOPS, "
+        f"{info.memory_bandwidth_gbps:.0f} GB/s, {gib:.1f} GiB offered"
+    )

@@ -1,0 +1,147 @@
+"""A member's side of the cluster: join, beat, answer benchmarks, take plans, mesh with peers.
+
+Members connect to each other as well as to the host (the one with the larger node id dials),
+so links can be measured pair by pair and, later, hidden states flow stage to stage directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from peerpipe.cluster.local import LocalDevice
+from peerpipe.cluster.membership import MembershipConfig
+from peerpipe.protocol import (
+    BenchmarkRequest,
+    DistributionPlan,
+    Heartbeat,
+    JoinCluster,
+    LeaveCluster,
+    Message,
+    Plan,
+    PlanAck,
+    RoomView,
+)
+from peerpipe.room import ConnectionClosedError, MessageFrom, PeerLeft, RoomError, RoomNode
+
+log = logging.getLogger(__name__)
+Report = Callable[[str], None]
+# Takes a plan (loads this node's stage, in later versions); returns an error text, or "" if ok.
+OnPlan = Callable[[Plan], Awaitable[str]]
+
+
+async def _accept_plan(plan: Plan) -> str:
+    return ""
+
+
+class ClusterMember:
+    def __init__(
+        self,
+        node: RoomNode,
+        host_id: str,
+        device: LocalDevice,
+        *,
+        address: str = "",
+        membership: MembershipConfig | None = None,
+        on_plan: OnPlan = _accept_plan,
+        report: Report | None = None,
+    ) -> None:
+        self.node = node
+        self.host_id = host_id
+        self.device = device
+        self.membership = membership or MembershipConfig()
+        self.info = device.node_info(node.node_id, node.name, address)
+        self.on_plan = on_plan
+        self.report = report or (lambda line: log.info("%s", line))
+        self.view: RoomView | None = None
+        self.plan: Plan | None = None
+        self.status = "idle"
+        self._dialing: set[str] = set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Be a member until ``stop`` is set or the host goes; raises if the host was lost."""
+        await self.node.send(self.host_id, JoinCluster(self.info))
+        host_gone: asyncio.Future[PeerLeft] = asyncio.get_running_loop().create_future()
+        async with asyncio.TaskGroup() as tg:
+            tasks = [
+                tg.create_task(self._beats()),
+                tg.create_task(self._events(host_gone, tg)),
+            ]
+            stopped = tg.create_task(stop.wait())
+            await asyncio.wait([stopped, host_gone], return_when=asyncio.FIRST_COMPLETED)
+            for task in [*tasks, stopped]:
+                task.cancel()
+        if host_gone.done():
+            left = host_gone.result()
+            if left.error is not None:
+                raise ConnectionClosedError(f"lost the host: {left.error}")
+            self.report(f"left: {left.reason or 'the host closed the room'}")
+            return
+        with contextlib.suppress(RoomError):
+            await self.node.send(self.host_id, LeaveCluster(self.node.node_id))
+
+    async def _beats(self) -> None:
+        while True:
+            status = "busy" if self.device.meter.busy else self.status
+            try:
+                await self.node.send(self.host_id, Heartbeat(self.device.meter.load(), status))
+            except RoomError:
+                return  # the host is gone; _events reports it
+            await asyncio.sleep(self.membership.heartbeat_s)
+
+    async def _events(self, host_gone: asyncio.Future[PeerLeft], tg: asyncio.TaskGroup) -> None:
+        async for event in self.node.events():
+            if isinstance(event, PeerLeft) and event.peer.node_id == self.host_id:
+                host_gone.set_result(event)
+                return
+            if isinstance(event, MessageFrom) and event.peer.node_id == self.host_id:
+                self._from_host(event.message, tg)
+
+    def _from_host(self, message: Message, tg: asyncio.TaskGroup) -> None:
+        if isinstance(message, RoomView):
+            if self.view is None or message.epoch >= self.view.epoch:
+                self.view = message
+                self._mesh(message, tg)
+        elif isinstance(message, BenchmarkRequest):
+            tg.create_task(self._benchmark(message))
+        elif isinstance(message, DistributionPlan):
+            tg.create_task(self._take_plan(message.plan))
+
+    def _mesh(self, view: RoomView, tg: asyncio.TaskGroup) -> None:
+        connected = set(self.node.peers)
+        for member in view.members:
+            peer = member.info
+            if (
+                peer.node_id < self.node.node_id  # the larger id dials, so a pair connects once
+                and peer.address
+                and peer.node_id not in connected
+                and peer.node_id not in self._dialing
+            ):
+                self._dialing.add(peer.node_id)
+                tg.create_task(self._dial(peer.node_id, peer.address))
+
+    async def _dial(self, node_id: str, address: str) -> None:
+        host, _, port = address.rpartition(":")
+        try:
+            await self.node.dial((host.strip("[]"), int(port)))
+        except (RoomError, OSError, ValueError) as exc:
+            log.info("could not reach member %s at %s: %s", node_id[:8], address, exc)
+        finally:
+            self._dialing.discard(node_id)
+
+    async def _benchmark(self, request: BenchmarkRequest) -> None:
+        result = await self.device.answer(self.node, request)
+        with contextlib.suppress(RoomError):
+            await self.node.send(self.host_id, result)
+
+    async def _take_plan(self, plan: Plan) -> None:
+        self.plan = plan
+        self.status = "loading"
+        try:
+            error = await self.on_plan(plan)
+        finally:
+            self.status = "idle"
+        with contextlib.suppress(RoomError):
+            await self.node.send(self.host_id, PlanAck(plan.version, ok=not error, error=error))

@@ -1,0 +1,106 @@
+"""From what the room knows (members, measured layers, measured links) to the planner's inputs.
+
+Pure functions: the host plans with them, and so does ``peerpipe plan`` for a live room or for
+hypothetical machines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from peerpipe.plan import Budget, Link, ModelSpec, Network, NodeSpec, Objective, PlanResult, make_plan
+from peerpipe.protocol import LayerTiming, LinkStat, MemberState, NodeInfo, Plan, Stage
+
+# A device known only by its TFLOPS: assume this much memory bandwidth per TFLOPS (typical of
+# consumer GPUs and laptops; CPUs have more per TFLOPS, datacentre GPUs less).
+GBPS_PER_TFLOPS = 20.0
+
+
+def node_spec(
+    model: ModelSpec, info: NodeInfo, timing: LayerTiming | None, shape: str, *, half: bool
+) -> NodeSpec:
+    """Measured layer times when the node timed this model's shape, else a roofline estimate."""
+    if timing is not None and timing.shape_key == shape and timing.decode_ms > 0:
+        return NodeSpec.measured(
+            info.node_id,
+            model,
+            memory_bytes=info.memory_bytes,
+            decode_layer_ms=timing.decode_ms,
+            prefill_layer_ms=timing.prefill_ms,
+            prefill_tokens=timing.prefill_tokens,
+            measured_layer_bytes=timing.layer_bytes,
+            score=info.tflops_half if half and info.tflops_half else info.tflops,
+        )
+    tflops = (info.tflops_half if half and info.tflops_half else info.tflops) or 0.01
+    gbps = info.memory_bandwidth_gbps or GBPS_PER_TFLOPS * tflops
+    return NodeSpec.estimated(
+        info.node_id,
+        model,
+        memory_bytes=info.memory_bytes,
+        tflops=tflops,
+        memory_gbps=gbps,
+        launch_ms=info.latency_ms or 0.01,
+    )
+
+
+def network_from(links: Iterable[LinkStat]) -> Network:
+    """Measured links; where both ends measured a pair, the slower figure is kept."""
+    pairs: dict[tuple[str, str], Link] = {}
+    for stat in links:
+        if stat.mib_per_s <= 0:
+            continue
+        key = (min(stat.src, stat.dst), max(stat.src, stat.dst))
+        link = Link(stat.rtt_ms, stat.mib_per_s * (1 << 20))
+        old = pairs.get(key)
+        if old is not None:
+            link = Link(max(old.rtt_ms, link.rtt_ms), min(old.bytes_per_s, link.bytes_per_s))
+        pairs[key] = link
+    return Network(pairs)
+
+
+@dataclass(frozen=True)
+class RoomFacts:
+    """What a plan of the live room is made from."""
+
+    members: Sequence[MemberState]
+    links: Sequence[LinkStat] = ()
+    timings: Mapping[str, LayerTiming] | None = None  # overrides the timings inside members
+
+
+def plan_room(
+    model: ModelSpec,
+    shape: str,
+    facts: RoomFacts,
+    *,
+    entry: str,
+    half: bool,
+    budget: Budget | None = None,
+    strategy: str = "optimal",
+    objective: Objective | str = Objective.LATENCY,
+) -> PlanResult:
+    """Plan over the members that are alive; suspected ones get nothing."""
+    alive = [m for m in facts.members if m.health == "alive"]
+    timings = facts.timings or {}
+    specs = [node_spec(model, m.info, timings.get(m.info.node_id, m.timing), shape, half=half) for m in alive]
+    # The entry node goes first: it is "this machine" of the plan.
+    specs.sort(key=lambda s: s.node_id != entry)
+    return make_plan(
+        model,
+        specs,
+        network_from(facts.links),
+        budget,
+        entry=entry,
+        strategy=strategy,
+        objective=objective,
+    )
+
+
+def to_protocol(result: PlanResult, version: int, model: ModelSpec) -> Plan:
+    return Plan(
+        version,
+        model.model_id,
+        model.num_layers,
+        tuple(Stage(s.node_id, s.start, s.end) for s in result.stages),
+        result.predicted_ms_per_token,
+    )
