@@ -21,7 +21,7 @@ EXIT_INTERRUPTED = 130
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from peerpipe.cli import demo_cmd, generate_cmd, room_cmds
+    from peerpipe.cli import cluster_cmds, demo_cmd, generate_cmd, room_cmds
 
     parser = argparse.ArgumentParser(
         prog="peerpipe",
@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate_cmd.add_parser(sub)
     room_cmds.add_host_parser(sub)
     room_cmds.add_join_parser(sub)
+    cluster_cmds.add_status_parser(sub)
+    cluster_cmds.add_plan_parser(sub)
+    cluster_cmds.add_bench_parser(sub)
     return parser
 
 

@@ -10,21 +10,17 @@ import argparse
 import asyncio
 import signal
 
+from peerpipe.cluster.host_service import describe_device
+from peerpipe.errors import PeerpipeError
 from peerpipe.room import (
     Address,
-    ConnectionClosedError,
-    HandshakeRefused,
     Host,
     Member,
-    PeerJoined,
-    PeerLeft,
     default_lan_ip,
     generate_code,
     parse_code,
     run,
 )
-
-POLL_S = 0.5
 
 
 def say(line: str) -> None:
@@ -50,6 +46,24 @@ def _listen_address(text: str) -> Address:
     return parse_address(text, default_port=0)
 
 
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return value
+
+
+def _add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", help="cpu, cuda, cuda:N, mps or xpu (default: the best one present)")
+    parser.add_argument(
+        "--memory", type=_positive, metavar="GB", help="offer at most this much memory to the room (default: all free)"
+    )
+    parser.add_argument("--quick", action="store_true", help="shorter, less precise device benchmarks")
+
+
 def add_host_parser(
     subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
 ) -> argparse.ArgumentParser:
@@ -68,6 +82,23 @@ def add_host_parser(
     parser.add_argument(
         "--no-mdns", action="store_true", help="do not advertise the room; members use --peer"
     )
+    parser.add_argument("--model", metavar="DIR", help="plan this model over the room as nodes come and go")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="weights dtype (bf16 on GPUs, fp32 on CPUs)")
+    parser.add_argument("--expect-nodes", type=int, default=1, metavar="N", help="make the first plan once N nodes are in (1)")
+    parser.add_argument("--strategy", choices=["optimal", "proportional"], default="optimal")
+    parser.add_argument("--objective", choices=["latency", "throughput"], default="latency")
+    parser.add_argument("--context", type=int, default=4096, help="tokens of KV cache per session to plan for (4096)")
+    parser.add_argument("--sessions", type=int, default=1, help="concurrent answers to plan KV cache for (1)")
+    parser.add_argument(
+        "--heartbeat", type=_positive, default=1.0, metavar="S", help="seconds between members' heartbeats (1)"
+    )
+    parser.add_argument(
+        "--suspect-after", type=int, default=3, metavar="BEATS", help="missed heartbeats before a node is suspected (3)"
+    )
+    parser.add_argument(
+        "--dead-after", type=_positive, default=6.0, metavar="S", help="seconds without a heartbeat before a node is dropped (6)"
+    )
+    _add_device_arguments(parser)
     parser.set_defaults(func=host_cmd)
     return parser
 
@@ -83,13 +114,14 @@ def add_join_parser(
     parser.add_argument(
         "--listen",
         metavar="HOST",
-        help="this machine's address on the room's network; mDNS runs there only "
-        "(default: the LAN address of the default route)",
+        help="this machine's address on the room's network: other nodes connect to it there and "
+        "mDNS runs there only (default: the LAN address of the default route)",
     )
     parser.add_argument("--name", default="", help="this node's name (default: the host name)")
     parser.add_argument(
         "--timeout", type=float, default=10.0, help="seconds to look for the host (default 10)"
     )
+    _add_device_arguments(parser)
     parser.set_defaults(func=join_cmd)
     return parser
 
@@ -102,59 +134,80 @@ def _stop_on_signals() -> asyncio.Event:
     return stop
 
 
+async def _measure(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from peerpipe.cluster.local import LocalDevice
+
+    limit = int(args.memory * 1e9) if args.memory else None
+    return await LocalDevice.measure(args.device, quick=args.quick, memory_limit_bytes=limit)
+
+
 def host_cmd(args: argparse.Namespace) -> int:
-    """Open a room: print its code and address, then report members as they come and go."""
+    """Open a room: print its code and address, measure this machine, then report members as
+    they come and go and, with --model, plan the model over the room."""
     return run(_host(args))
 
 
 async def _host(args: argparse.Namespace) -> int:
+    from peerpipe.cli.runtime import registered
+    from peerpipe.cluster.host_service import ClusterConfig, ClusterHost
+    from peerpipe.cluster.membership import MembershipConfig
+    from peerpipe.cluster.model_choice import ModelChoice
+    from peerpipe.plan import Budget
+
     code = parse_code(args.code) if args.code else generate_code()
     listen = args.listen or (default_lan_ip(), 0)
+    try:
+        membership = MembershipConfig(args.heartbeat, args.suspect_after, args.dead_after)
+    except ValueError as exc:
+        raise PeerpipeError(str(exc)) from None
+    if args.context < 1 or args.sessions < 1 or args.expect_nodes < 1:
+        raise PeerpipeError("--context, --sessions and --expect-nodes must be at least 1")
     stop = _stop_on_signals()
     async with Host(code, name=args.name) as host:
         ip, port = await host.open(listen, advertise=not args.no_mdns)
         say(f"room code: {code}")
         say(f"listening on {ip}:{port}")
-        while not stop.is_set():
-            try:
-                event = await host.next_event(POLL_S)
-            except TimeoutError:
-                continue
-            if isinstance(event, PeerJoined):
-                peer = event.peer
-                say(f"joined: {peer.name} ({peer.node_id[:8]}) from {peer.address[0]}:{peer.address[1]}")
-            elif isinstance(event, PeerLeft):
-                how = "said goodbye" if event.error is None else f"lost: {event.reason}"
-                say(f"left: {event.peer.name} ({event.peer.node_id[:8]}), {how}")
-            elif isinstance(event, HandshakeRefused):
-                say(f"refused {event.address[0]}:{event.address[1]}: {event.error}")
+        with registered(str(code), f"{ip}:{port}", "host"):
+            device = await _measure(args)
+            model = ModelChoice.from_dir(args.model, args.dtype or device.default_dtype) if args.model else None
+            config = ClusterConfig(
+                membership=membership,
+                expect_nodes=args.expect_nodes,
+                budget=Budget(context_tokens=args.context, sessions=args.sessions),
+                strategy=args.strategy,
+                objective=args.objective,
+            )
+            service = ClusterHost(host, device, config, model, address=f"{ip}:{port}", report=say)
+            say(f"this node: {describe_device(service.info)}")
+            await service.run(stop)
         await host.leave("the host closed the room")
     say("room closed")
     return 0
 
 
 def join_cmd(args: argparse.Namespace) -> int:
-    """Join a room by code and stay a member until Ctrl-C (which says goodbye politely)."""
+    """Join a room by code, measure this machine and serve the cluster until Ctrl-C (which says
+    goodbye politely) or until the host closes the room."""
     return run(_join(args))
 
 
 async def _join(args: argparse.Namespace) -> int:
+    from peerpipe.cli.runtime import registered
+    from peerpipe.cluster.member_service import ClusterMember
+
     code = parse_code(args.code)
     stop = _stop_on_signals()
     async with Member(code, name=args.name) as member:
         interface = args.listen or default_lan_ip()
         host = await member.join(args.peer, interface=interface, discovery_timeout_s=args.timeout)
         say(f"joined room {code.nameplate}: host {host.name} at {host.address[0]}:{host.address[1]}")
-        while not stop.is_set():
-            try:
-                event = await member.next_event(POLL_S)
-            except TimeoutError:
-                continue
-            if isinstance(event, PeerLeft) and event.peer.node_id == host.node_id:
-                if event.error is not None:
-                    raise ConnectionClosedError(f"lost the host: {event.error}")
-                say(f"left: {event.reason or 'the host left'}")
-                return 0
+        mesh_ip, mesh_port = await member.listen(interface, 0)
+        with registered(str(code), f"{host.address[0]}:{host.address[1]}", "member"):
+            device = await _measure(args)
+            service = ClusterMember(member, host.node_id, device, address=f"{mesh_ip}:{mesh_port}", report=say)
+            await service.run(stop)
+            if not stop.is_set():
+                return 0  # the host closed the room; the service said so
         await member.leave("member left")
     say("left the room")
     return 0

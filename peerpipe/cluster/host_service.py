@@ -146,9 +146,15 @@ class ClusterHost:
                 log.warning("peer %s tried to join as %s: ignored", peer, info.node_id)
                 return
             await self._apply(Joined(info, self.clock()))
-            self.report(f"joined: {info.name} ({peer[:8]}) {describe_device(info)}")
+            seen = self.node.peers.get(peer)
+            where = f" from {seen.address[0]}:{seen.address[1]}" if seen else ""
+            self.report(f"joined: {info.name} ({peer[:8]}){where}")
+            self.report(f"node {info.name}: {describe_device(info)}")
         elif isinstance(message, LeaveCluster) and message.peer_id == peer:
+            member = self.view.get(peer)
             await self._apply(Left(peer, self.clock()))
+            if member is not None:
+                self.report(f"left: {member.info.name} ({peer[:8]}), said goodbye")
         elif isinstance(message, BenchmarkResult):
             waiter = self._waiting.pop(message.request_id, None)
             if waiter is not None and not waiter.done():
@@ -163,9 +169,11 @@ class ClusterHost:
             name = self._names().get(peer, peer[:8])
             self.report(f"{name} could not take its stage of plan v{ack.version}: {ack.error}")
             return
+        stages = {s.node_id for s in self.plan.stages}
+        complete_before = self.acked >= stages
         self.acked.add(peer)
         await self._broadcast()
-        if self.acked >= {s.node_id for s in self.plan.stages}:
+        if self.acked >= stages and not complete_before:
             self.report(f"plan v{self.plan.version} acknowledged by every stage")
 
     async def _ticks(self) -> None:
@@ -216,7 +224,8 @@ class ClusterHost:
             for m in self.view.members
         )
         acked = tuple(sorted(self.acked))
-        return RoomView(self.view.epoch, members, self.plan, acked, tuple(self.links.values()))
+        links = tuple(self.links.values())
+        return RoomView(self.view.epoch, members, self.plan, acked, links, self.config.membership.heartbeat_s)
 
     async def wait_until(self, condition: Callable[[ClusterHost], bool], timeout_s: float) -> None:
         """Return once ``condition(self)`` holds, checked after every change of the view, the plan

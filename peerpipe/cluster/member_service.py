@@ -59,10 +59,11 @@ class ClusterMember:
         self.plan: Plan | None = None
         self.status = "idle"
         self._dialing: set[str] = set()
+        self._in_view = False  # whether a view has listed this node since it (re)joined
 
     async def run(self, stop: asyncio.Event) -> None:
         """Be a member until ``stop`` is set or the host goes; raises if the host was lost."""
-        await self.node.send(self.host_id, JoinCluster(self.info))
+        await self._send(JoinCluster(self.info))  # if the host is already gone, its PeerLeft says so
         host_gone: asyncio.Future[PeerLeft] = asyncio.get_running_loop().create_future()
         async with asyncio.TaskGroup() as tg:
             tasks = [
@@ -82,6 +83,10 @@ class ClusterMember:
         with contextlib.suppress(RoomError):
             await self.node.send(self.host_id, LeaveCluster(self.node.node_id))
 
+    async def _send(self, message: Message) -> None:
+        with contextlib.suppress(RoomError):
+            await self.node.send(self.host_id, message)
+
     async def _beats(self) -> None:
         while True:
             status = "busy" if self.device.meter.busy else self.status
@@ -89,7 +94,8 @@ class ClusterMember:
                 await self.node.send(self.host_id, Heartbeat(self.device.meter.load(), status))
             except RoomError:
                 return  # the host is gone; _events reports it
-            await asyncio.sleep(self.membership.heartbeat_s)
+            # The host says how often it expects a beat.
+            await asyncio.sleep(self.view.heartbeat_s if self.view else self.membership.heartbeat_s)
 
     async def _events(self, host_gone: asyncio.Future[PeerLeft], tg: asyncio.TaskGroup) -> None:
         async for event in self.node.events():
@@ -104,6 +110,12 @@ class ClusterMember:
             if self.view is None or message.epoch >= self.view.epoch:
                 self.view = message
                 self._mesh(message, tg)
+                listed = any(m.info.node_id == self.node.node_id for m in message.members)
+                if self._in_view and not listed:
+                    # Declared dead (frozen, or cut off too long) but still connected: join again.
+                    self.report("the host dropped this node from the room; joining again")
+                    tg.create_task(self._send(JoinCluster(self.info)))
+                self._in_view = listed
         elif isinstance(message, BenchmarkRequest):
             tg.create_task(self._benchmark(message))
         elif isinstance(message, DistributionPlan):

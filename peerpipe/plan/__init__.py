@@ -15,7 +15,13 @@ from peerpipe.plan.proportional import plan_proportional, split_by_score
 from peerpipe.plan.spec import DEFAULT_LINK, Budget, Link, ModelSpec, Network, NodeSpec, Objective
 
 STRATEGIES = ("optimal", "proportional")
-GiB = 1 << 30
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
 
 
 def make_plan(
@@ -66,17 +72,14 @@ def _does_not_fit(model: ModelSpec, nodes: Sequence[NodeSpec], budget: Budget, s
     need = model.total_weight_bytes + kv
     offered = sum(budget.usable(n.memory_bytes) for n in nodes)
     what = (
-        f"{model.model_id} needs {need / GiB:.2f} GiB ({model.total_weight_bytes / GiB:.2f} GiB of weights "
-        f"+ {kv / GiB:.2f} GiB of KV cache for {budget.sessions} x {budget.context_tokens} tokens)"
+        f"{model.model_id} needs {fmt_bytes(need)} ({fmt_bytes(model.total_weight_bytes)} of weights "
+        f"+ {fmt_bytes(kv)} of KV cache for {budget.sessions} x {budget.context_tokens} tokens)"
     )
-    offer = (
-        f"the {len(nodes)} node(s) offer {offered / GiB:.2f} GiB after keeping "
-        f"{budget.headroom:.0%} of each free"
-    )
+    offer = f"the {len(nodes)} node(s) offer {fmt_bytes(offered)} after keeping {budget.headroom:.0%} of each free"
     if need > offered:
         missing = need - offered
         return DoesNotFitError(
-            f"{what}; {offer}: {missing / GiB:.2f} GiB missing. Add a node, or lower the context "
+            f"{what}; {offer}: {fmt_bytes(missing)} missing. Add a node, or lower the context "
             "or the number of sessions.",
             missing,
         )
@@ -86,8 +89,8 @@ def _does_not_fit(model: ModelSpec, nodes: Sequence[NodeSpec], budget: Budget, s
     how = "in proportion to score" if strategy == "proportional" else "into contiguous ranges"
     return DoesNotFitError(
         f"{what}; {offer}, but it cannot be split {how}: the first and last stages must also hold "
-        f"the embedding or the head ({model.embed_bytes / GiB:.2f} GiB), and the largest node offers "
-        f"{biggest / GiB:.2f} GiB. Try --strategy optimal, add a larger node, or lower the context.",
+        f"the embedding or the head ({fmt_bytes(model.embed_bytes)}), and the largest node offers "
+        f"{fmt_bytes(biggest)}. Try --strategy optimal, add a larger node, or lower the context.",
         missing,
     )
 
@@ -108,6 +111,7 @@ __all__ = [
     "StagePlan",
     "capacity",
     "evaluate",
+    "fmt_bytes",
     "make_plan",
     "plan_optimal",
     "plan_proportional",

@@ -71,14 +71,9 @@ class PlanResult:
             "strategy": self.strategy,
             "objective": self.objective.value,
             "entry": self.entry,
-            "stages": [
-                {
-                    "node": s.node_id,
-                    "start": s.start,
-                    "end": s.end,
-                    "memory_bytes": s.memory_bytes,
-                    "compute_ms": round(s.compute_ms, 4),
-                }
+            "stages": [{"node": s.node_id, "start": s.start, "end": s.end} for s in self.stages],
+            "details": [
+                {"node_id": s.node_id, "memory_bytes": s.memory_bytes, "compute_ms": round(s.compute_ms, 4)}
                 for s in self.stages
             ],
             "predicted_ms_per_token": round(self.predicted_ms_per_token, 4),

@@ -131,9 +131,11 @@ class RoomView:
     plan: Plan | None = None
     acked: tuple[str, ...] = ()
     links: tuple[LinkStat, ...] = ()
+    heartbeat_s: float = 1.0  # how often members must beat
 
     def __post_init__(self) -> None:
         need_int(self, "epoch")
+        need_float(self, "heartbeat_s", 0.01, 3600.0)
         need_tuple_of(self, "members", MemberState, MAX_MEMBERS)
         ids = [member.info.node_id for member in self.members]
         if len(set(ids)) != len(ids):

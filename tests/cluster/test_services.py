@@ -32,10 +32,7 @@ def arun(coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
 
 
 @pytest.fixture(scope="module")
-def device(tmp_path_factory: pytest.TempPathFactory) -> LocalDevice:
-    import os
-
-    os.environ["PEERPIPE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+def device(warm_bench: None) -> LocalDevice:
     return asyncio.run(LocalDevice.measure("cpu", quick=True))
 
 

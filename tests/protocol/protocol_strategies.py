@@ -117,6 +117,7 @@ STRATEGIES: dict[type, st.SearchStrategy] = {
         plan=st.none() | plans(),
         acked=st.lists(ids, max_size=3).map(tuple),
         links=st.lists(links, max_size=3).map(tuple),
+        heartbeat_s=st.floats(0.01, 3600.0),
     ),
     p.DistributionPlan: st.builds(p.DistributionPlan, plan=plans()),
     p.PlanAck: st.builds(p.PlanAck, version=u64, ok=st.booleans(), error=texts),

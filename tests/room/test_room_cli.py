@@ -14,7 +14,7 @@ HANDSHAKE_BYTES = (4 + 1 + 11 + 33) + (4 + 1 + 32)  # PAKE frame + key confirmat
 
 
 @pytest.fixture
-def procs() -> Iterator[list[RoomProc]]:
+def procs(warm_bench: None) -> Iterator[list[RoomProc]]:
     started: list[RoomProc] = []
     yield started
     for p in started:

@@ -23,7 +23,7 @@ def _ip(*args: str) -> None:
 
 
 @pytest.fixture
-def two_namespaces() -> Iterator[tuple[tuple[str, str], tuple[str, str]]]:
+def two_namespaces(warm_bench: None) -> Iterator[tuple[tuple[str, str], tuple[str, str]]]:
     if shutil.which("ip") is None:
         pytest.skip("needs iproute2 ('ip' command) to create network namespaces")
     if os.geteuid() != 0:

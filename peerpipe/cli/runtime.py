@@ -1,0 +1,85 @@
+"""Rooms this machine takes part in, so ``peerpipe status`` and ``plan`` find them without a code.
+
+``host`` and ``join`` each write one small file (readable by this user only) with the room's code
+and the host's address, and remove it when they end. The code is the room's secret, so the
+file is as private as an SSH key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from peerpipe.errors import PeerpipeError
+from peerpipe.paths import cache_dir
+
+
+@dataclass(frozen=True)
+class RoomEntry:
+    code: str
+    host: str  # host:port of the room's host
+    role: str
+    pid: int
+
+
+def rooms_dir() -> Path:
+    return cache_dir() / "rooms"
+
+
+@contextlib.contextmanager
+def registered(code: str, host: str, role: str) -> Iterator[Path]:
+    folder = rooms_dir()
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = folder / f"{role}-{os.getpid()}.json"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"code": code, "host": host, "role": role, "pid": os.getpid()}, f)
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def live_rooms() -> list[RoomEntry]:
+    entries = []
+    for path in sorted(rooms_dir().glob("*.json")):
+        try:
+            raw = json.loads(path.read_text())
+            entry = RoomEntry(str(raw["code"]), str(raw["host"]), str(raw["role"]), int(raw["pid"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if _alive(entry.pid):
+            entries.append(entry)
+        else:
+            path.unlink(missing_ok=True)  # left behind by a process that was killed
+    return entries
+
+
+def the_room() -> RoomEntry:
+    """The one room this machine is in, or an error that says what to pass instead."""
+    rooms = live_rooms()
+    codes = {r.code for r in rooms}
+    if not rooms:
+        raise PeerpipeError("this machine is in no room; pass --code CODE (and --peer HOST:PORT)")
+    if len(codes) > 1:
+        raise PeerpipeError(
+            f"this machine is in {len(codes)} rooms; pick one with --code (nameplates: "
+            + ", ".join(sorted(c.split("-")[0] for c in codes))
+            + ")"
+        )
+    hosts = [r for r in rooms if r.role == "host"]
+    return hosts[0] if hosts else rooms[0]

@@ -1,0 +1,153 @@
+"""``peerpipe host/join/status/plan/bench`` as real processes on loopback."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.room.roomproc import REPO, RoomProc
+
+CODE = "3-amber-falcon"
+
+
+@pytest.fixture
+def procs(warm_bench: None) -> Iterator[list[RoomProc]]:
+    started: list[RoomProc] = []
+    yield started
+    for p in started:
+        if p.proc.poll() is None:
+            p.proc.send_signal(signal.SIGCONT)
+        p.stop()
+
+
+def start(procs: list[RoomProc], *args: str) -> RoomProc:
+    p = RoomProc(*args)
+    procs.append(p)
+    return p
+
+
+def peerpipe(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "peerpipe", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def open_room(procs: list[RoomProc], *extra: str) -> tuple[RoomProc, str]:
+    host = start(procs, "host", "--listen", "127.0.0.1:0", "--code", CODE, "--no-mdns", "--name", "h", *extra)
+    port = host.expect(r"^listening on 127\.0\.0\.1:(\d+)$").group(1)
+    return host, f"127.0.0.1:{port}"
+
+
+def join(procs: list[RoomProc], address: str, name: str) -> RoomProc:
+    return start(procs, "join", CODE, "--peer", address, "--listen", "127.0.0.1", "--name", name)
+
+
+def test_sigkill_drops_the_node_within_3_s_and_the_room_replans(procs, tiny_model_dir) -> None:
+    model = tiny_model_dir("llama")
+    host, address = open_room(procs, "--model", str(model), "--expect-nodes", "3", "--dtype", "float32")
+    j1, j2 = join(procs, address, "j1"), join(procs, address, "j2")
+    host.expect(r"^plan v1: ", timeout=30)
+    status = json.loads(peerpipe("status", "--json").stdout)  # finds the room through its file
+    assert sorted(n["name"] for n in status["nodes"]) == ["h", "j1", "j2"]
+    assert status["plan"]["version"] == 1 and len(status["links"]) == 6
+    assert all(n["heartbeat_age_ms"] < 3000 and n["health"] == "alive" for n in status["nodes"])
+    table = peerpipe("status").stdout
+    assert "TFLOPS" in table and "j1" in table and "plan v1 of" in table
+    live = json.loads(peerpipe("plan", "--model", str(model), "--json", "--dtype", "float32").stdout)
+    assert {s["node"] for s in live["stages"]} <= {"h", "j1", "j2"} and live["stages"][-1]["end"] == 4
+    what_if = peerpipe("plan", "--model", str(model), "--add-to-room", "--node", "laptop:mem=16,tflops=2", "--json")
+    assert "laptop" in {s["node"] for s in json.loads(what_if.stdout)["stages"]} | set(json.loads(what_if.stdout)["unused"])
+
+    j2.proc.kill()
+    killed = time.monotonic()
+    host.expect(r"^left: j2 \(\w+\), lost", timeout=3)
+    assert time.monotonic() - killed < 3.0
+    host.expect(r"^plan v2: ", timeout=10)
+    after = json.loads(peerpipe("status", "--json", "--code", CODE, "--peer", address).stdout)
+    assert sorted(n["name"] for n in after["nodes"]) == ["h", "j1"]
+    assert {s["node"] for s in after["plan"]["stages"]} <= {n["node_id"] for n in after["nodes"]}
+    j1.interrupt()
+    assert j1.wait() == 0
+    host.expect(r"^left: j1 \(\w+\), said goodbye$")
+    host.interrupt()
+    assert host.wait() == 0
+    assert "Traceback" not in host.stderr()
+
+
+def test_frozen_node_is_suspected_then_dropped_then_joins_again(procs) -> None:
+    host, address = open_room(procs, "--heartbeat", "0.2", "--suspect-after", "3", "--dead-after", "1.5")
+    member = join(procs, address, "frozen")
+    host.expect(r"^joined: frozen ")
+    member.proc.send_signal(signal.SIGSTOP)  # the connection stays open: only heartbeats tell
+    stopped = time.monotonic()
+    host.expect(r"^suspected: frozen ", timeout=5)
+    suspected = time.monotonic() - stopped
+    host.expect(r"^dead: ", timeout=5)
+    dead = time.monotonic() - stopped
+    assert 0.4 < suspected < dead and 1.3 < dead < 3.5, (suspected, dead)
+    member.proc.send_signal(signal.SIGCONT)
+    host.expect(r"^joined: frozen ", timeout=5)  # it noticed it was dropped and joined again
+    member.expect(r"dropped this node from the room; joining again")
+
+
+def test_plan_for_hypothetical_machines_prints_json(tiny_model_dir) -> None:
+    model = tiny_model_dir("llama", config_overrides={"num_hidden_layers": 32})
+    seed = ["--node", "a:mem=50,tflops=50", "--node", "b:mem=50,tflops=31", "--node", "c:mem=50,tflops=19"]
+    out = peerpipe("plan", "--model", str(model), *seed, "--strategy", "proportional", "--json")
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)
+    assert [(s["node"], s["start"], s["end"]) for s in plan["stages"]] == [("a", 0, 16), ("b", 16, 26), ("c", 26, 32)]
+    assert plan["predicted_ms_per_token"] > 0
+    optimal = json.loads(peerpipe("plan", "--model", str(model), *seed, "--json").stdout)
+    assert optimal["predicted_ms_per_token"] <= plan["predicted_ms_per_token"]
+    assert optimal["stages"][0]["start"] == 0 and optimal["stages"][-1]["end"] == 32
+
+
+def test_plan_that_cannot_fit_exits_nonzero_with_the_reason(tiny_model_dir) -> None:
+    model = tiny_model_dir("llama")
+    out = peerpipe("plan", "--model", str(model), "--node", "tiny:mem=0.000001,tflops=1", "--context", "100000")
+    assert out.returncode == 1 and out.stdout == ""
+    assert "missing" in out.stderr and "KV cache" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("node", "needle"),
+    [("nomem:tflops=1", "missing mem"), ("x:mem=1,tflops=1,speed=3", "unknown field"), ("x:mem=-1,tflops=1", "positive")],
+)
+def test_plan_rejects_bad_node_specs(tiny_model_dir, node: str, needle: str) -> None:
+    out = peerpipe("plan", "--model", str(tiny_model_dir("llama")), "--node", node)
+    assert out.returncode == 2 and needle in out.stderr
+
+
+def test_status_without_a_room_says_what_to_pass(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "peerpipe", "status"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={"PEERPIPE_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin"},
+        timeout=30,
+    )
+    assert out.returncode == 1 and "--code" in out.stderr
+
+
+def test_bench_json_measures_and_then_reads_the_cache(tiny_model_dir, tmp_path: Path) -> None:
+    model = tiny_model_dir("llama")
+    env = {"PEERPIPE_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    run = [sys.executable, "-m", "peerpipe", "bench", "--model", str(model), "--quick", "--json", "--device", "cpu"]
+    first = json.loads(subprocess.run(run, cwd=REPO, capture_output=True, text=True, env=env, timeout=120).stdout)
+    assert first["cached"] == []
+    assert first["device"]["kind"] == "cpu" and first["device"]["cpu_cores"] >= 1
+    bench = first["benchmark"]
+    assert bench["tflops_1024"] > 0 and bench["tflops"] > 0 and bench["memory_gbps"] > 0 and bench["launch_ms"] > 0
+    layer = first["layer"]
+    assert 0 < layer["decode_ms"] < layer["prefill_ms"] and layer["layer_bytes"] > 0 and layer["layers"] == 4
+    second = json.loads(subprocess.run(run, cwd=REPO, capture_output=True, text=True, env=env, timeout=120).stdout)
+    assert len(second["cached"]) == 2 and second["layer"]["decode_ms"] == layer["decode_ms"]
