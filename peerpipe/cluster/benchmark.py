@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from peerpipe.engine.config import ModelConfig
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: layers timed in cache-overflowing stacks, with the stage overhead
 Progress = Callable[[str], None]
 
 
@@ -138,47 +138,83 @@ def shape_key(cfg: ModelConfig) -> str:
     return f"h{cfg.hidden_size}-i{cfg.intermediate_size}-a{cfg.n_heads}x{cfg.head_dim}-kv{cfg.n_kv_heads}-{digest}"
 
 
+# Layers are timed in a stack at least this large, so weights stream from memory as in a real
+# model rather than sitting in a cache (a lone small layer would look several times faster).
+STREAM_BYTES = 256 << 20
+MAX_STACK = 64
+
+
 def bench_layer(
     cfg: ModelConfig, device: str, dtype: str, *, prefill_tokens: int = 128, quick: bool = False
 ) -> LayerTiming:
-    """Time one decoder layer of ``cfg`` with random weights: one token after a
-    ``prefill_tokens`` prompt (decode), and the ``prefill_tokens`` prompt itself."""
+    """Time decoder layers of ``cfg`` with random weights: one token after a ``prefill_tokens``
+    prompt (decode), and the prompt itself (prefill).
+
+    ``k`` distinct layers (enough bytes to overflow the caches) are timed as a stage of ``k`` and
+    as a stage of ``2k`` (the same layers twice, in turn); the difference is ``k`` layers' worth,
+    and what remains is the stage's own cost per step (masks, positions), which a pipeline pays
+    once per stage, not per layer.
+    """
     import torch
 
-    from peerpipe.engine.model import Stage
+    from peerpipe.engine.model import Block, Stage
 
     dev = torch.device(device)
     torch_dtype = getattr(torch, dtype)
-    three = dataclasses.replace(cfg, n_layers=3, windows=())
+    item = torch.tensor([], dtype=torch_dtype).element_size()
+    layer_bytes = cfg.layer_param_count() * item
+    k = max(1, min(MAX_STACK, -(-(STREAM_BYTES // (2 if quick else 1)) // max(1, layer_bytes))))
+    tall = dataclasses.replace(cfg, n_layers=2 * k + 2, windows=())
     with torch.device("meta"):
-        stage = Stage(three, 1, 2)  # a middle layer: no embedding, no head
-    stage = stage.to_empty(device=dev).to(torch_dtype)
+        short = Stage(tall, 1, 1 + k)  # middle layers: no embedding, no head
+        double = Stage(tall, 1, 1 + 2 * k)
     generator = torch.Generator(device=dev).manual_seed(0)
-    with torch.no_grad():
-        for name, param in stage.named_parameters():
-            if "norm" in name:
-                param.fill_(1.0)
-            else:
-                param.normal_(0.0, 0.02, generator=generator)
-    layer_bytes = sum(p.numel() * p.element_size() for p in stage.parameters())
-    cache = stage.new_cache(1, prefill_tokens + 8)
-    slot = cache.alloc()
+    blocks = []
+    for _ in range(k):
+        with torch.device("meta"):
+            block = Block(tall)
+        block = block.to_empty(device=dev).to(torch_dtype)
+        with torch.no_grad():
+            for name, param in block.named_parameters():
+                if "norm" in name:
+                    param.fill_(1.0)
+                else:
+                    param.normal_(0.0, 0.02, generator=generator)
+        blocks.append(block)
+    for i in range(k):
+        short.layers[i] = blocks[i]
+    for i in range(2 * k):
+        double.layers[i] = blocks[i % k]
     prompt = torch.randn(1, prefill_tokens, cfg.hidden_size, device=dev, dtype=torch_dtype)
     token = torch.randn(1, 1, cfg.hidden_size, device=dev, dtype=torch_dtype)
     rounds = 3 if quick else 5
 
-    def prefill() -> None:
-        cache.rollback(slot, 0)
-        stage(prompt, cache, cache.batch([slot], prefill_tokens))
+    def timings(stage: Stage) -> tuple[float, float]:
+        cache = stage.new_cache(1, prefill_tokens + 8)
+        slot = cache.alloc()
 
-    def decode() -> None:
-        cache.rollback(slot, prefill_tokens)
-        stage(token, cache, cache.batch([slot], 1))
+        def prefill() -> None:
+            cache.rollback(slot, 0)
+            stage(prompt, cache, cache.batch([slot], prefill_tokens))
 
-    with torch.inference_mode():
-        prefill_s = time_it(prefill, dev, rounds=rounds)
-        decode_s = time_it(decode, dev, rounds=rounds)
-    return LayerTiming(shape_key(cfg), dtype, decode_s * 1e3, prefill_s * 1e3, prefill_tokens, layer_bytes)
+        def decode() -> None:
+            cache.rollback(slot, prefill_tokens)
+            stage(token, cache, cache.batch([slot], 1))
+
+        with torch.inference_mode():
+            return time_it(prefill, dev, rounds=rounds), time_it(decode, dev, rounds=rounds)
+
+    prefill_k, decode_k = timings(short)
+    prefill_2k, decode_2k = timings(double)
+    decode = (decode_2k - decode_k) / k
+    if decode <= 0:  # noise larger than k layers: no split is credible
+        decode, overhead = decode_2k / (2 * k), 0.0
+    else:
+        overhead = max(0.0, decode_k - k * decode)
+    prefill = max((prefill_2k - prefill_k) / k, prefill_2k / (4 * k))
+    return LayerTiming(
+        shape_key(cfg), dtype, decode * 1e3, prefill * 1e3, prefill_tokens, layer_bytes, overhead * 1e3
+    )
 
 
 # -- the cache ------------------------------------------------------------------------------

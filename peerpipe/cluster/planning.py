@@ -30,6 +30,7 @@ def node_spec(
             prefill_layer_ms=timing.prefill_ms,
             prefill_tokens=timing.prefill_tokens,
             measured_layer_bytes=timing.layer_bytes,
+            stage_ms=timing.stage_overhead_ms,
             score=info.tflops_half if half and info.tflops_half else info.tflops,
         )
     tflops = (info.tflops_half if half and info.tflops_half else info.tflops) or 0.01

@@ -108,14 +108,14 @@ def capacity(model: ModelSpec, budget: Budget, memory_bytes: int, first: bool, l
 
 
 def stage_compute_ms(model: ModelSpec, node: NodeSpec, start: int, end: int) -> float:
-    return (end - start) * node.decode_layer_ms + (end == model.num_layers) * node.head_ms
+    return (end - start) * node.decode_layer_ms + node.stage_ms + (end == model.num_layers) * node.head_ms
 
 
 def _prefill_ms(model: ModelSpec, node: NodeSpec, start: int, end: int) -> float:
     per_layer = node.prefill_layer_ms * PREFILL_TOKENS / node.prefill_tokens
     if per_layer <= 0:
         per_layer = node.decode_layer_ms * PREFILL_TOKENS
-    return (end - start) * per_layer + (end == model.num_layers) * node.head_ms
+    return (end - start) * per_layer + node.stage_ms + (end == model.num_layers) * node.head_ms
 
 
 def evaluate(

@@ -95,7 +95,7 @@ def _single_stage(prob: _Problem) -> tuple[float, Ranges] | None:
     for node in prob.nodes:
         if capacity(prob.model, prob.budget, node.memory_bytes, True, True) < n_layers:
             continue
-        compute = n_layers * node.decode_layer_ms + node.head_ms
+        compute = n_layers * node.decode_layer_ms + node.stage_ms + node.head_ms
         ends = (prob.entry_hop(node), prob.exit_hop(node))
         score = compute + sum(ends) if prob.adds else max(compute, *ends)
         if best is None or score < best[0]:
@@ -121,9 +121,9 @@ def _knapsack(prob: _Problem, hop: float) -> tuple[float, Ranges] | None:
         # where a middle stage sits does not matter on a uniform network. Every stage pays one
         # hop here; a pipeline of s stages has s - 1, corrected at the end.
         options = (
-            (1, caps[(False, False)], hop, 0.0),
-            (2, caps[(True, False)], both(hop, prob.entry_hop(node)), 0.0),
-            (3, caps[(False, True)], both(hop, prob.exit_hop(node)), node.head_ms),
+            (1, caps[(False, False)], hop, node.stage_ms),
+            (2, caps[(True, False)], both(hop, prob.entry_hop(node)), node.stage_ms),
+            (3, caps[(False, True)], both(hop, prob.exit_hop(node)), node.stage_ms + node.head_ms),
         )
         for code, cap, extra, head in options:
             if cap < 1:
@@ -199,7 +199,7 @@ def _along(prob: _Problem, order: Sequence[int]) -> tuple[float, Ranges] | None:
             better[0] = False
             inbound = np.where(better, got, inbound)
             source = np.where(better, best, source)
-        head = np.where(last_col, node.head_ms, 0.0)
+        head = node.stage_ms + np.where(last_col, node.head_ms, 0.0)
         extra = np.where(last_col, prob.exit_hop(node), 0.0)
         row, start = _extend(prob, inbound, node, cap, extra, head)
         value[p], began[p], came_from[p] = row, start, source[start]

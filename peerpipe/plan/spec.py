@@ -19,6 +19,8 @@ GB = 1e9
 # A decode step of one layer launches about this many kernels (norms, fused q/k/v, RoPE, attention,
 # output, fused gate/up, activation, down, residuals); each costs the device's launch latency.
 KERNELS_PER_LAYER = 12
+# ...and a stage's step this many more (mask, positions, RoPE gather).
+STAGE_KERNELS = 6
 # Bytes of framing and encryption around one hidden-state message.
 MESSAGE_OVERHEAD_BYTES = 200
 TOKEN_MESSAGE_BYTES = 100
@@ -79,7 +81,9 @@ class NodeSpec:
 
     ``decode_layer_ms`` is one layer's time for one token; ``prefill_layer_ms`` for
     ``prefill_tokens`` tokens at once; ``head_ms`` the final norm and LM head for one token.
-    ``score`` is the seed's relative performance, used only by the proportional strategy.
+    ``stage_ms`` is what one decode step costs a stage on this node besides its layers (building
+    masks and positions). ``score`` is the seed's relative performance, used only by the
+    proportional strategy.
     """
 
     node_id: str
@@ -89,11 +93,12 @@ class NodeSpec:
     prefill_layer_ms: float = 0.0
     prefill_tokens: int = 128
     score: float = 0.0
+    stage_ms: float = 0.0
 
     def __post_init__(self) -> None:
         if self.memory_bytes < 0:
             raise ValueError(f"node {self.node_id}: memory must not be negative")
-        for name in ("decode_layer_ms", "head_ms", "prefill_layer_ms", "score"):
+        for name in ("decode_layer_ms", "head_ms", "prefill_layer_ms", "score", "stage_ms"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"node {self.node_id}: {name} must be a finite number >= 0, got {value}")
@@ -133,6 +138,7 @@ class NodeSpec:
             prefill_layer_ms=prefill + launches,
             prefill_tokens=prefill_tokens,
             score=tflops,
+            stage_ms=STAGE_KERNELS * launch_ms,
         )
 
     @classmethod
@@ -146,6 +152,7 @@ class NodeSpec:
         prefill_layer_ms: float,
         prefill_tokens: int,
         measured_layer_bytes: int,
+        stage_ms: float = 0.0,
         score: float = 0.0,
     ) -> NodeSpec:
         """A node with measured layer times; the head is scaled from the layer by weight bytes
@@ -159,6 +166,7 @@ class NodeSpec:
             prefill_layer_ms=prefill_layer_ms,
             prefill_tokens=prefill_tokens,
             score=score or 1.0 / decode_layer_ms,
+            stage_ms=stage_ms,
         )
 
 

@@ -70,7 +70,8 @@ class NodeInfo:
 @dataclass(frozen=True, slots=True)
 class LayerTiming:
     """One decoder layer of the model shape ``shape_key``, timed on a node in ``dtype``:
-    ``decode_ms`` for one token, ``prefill_ms`` for ``prefill_tokens`` tokens at once."""
+    ``decode_ms`` for one token, ``prefill_ms`` for ``prefill_tokens`` tokens at once.
+    ``stage_overhead_ms`` is what a decode step costs a stage besides its layers (masks, positions)."""
 
     shape_key: str
     dtype: str
@@ -78,6 +79,7 @@ class LayerTiming:
     prefill_ms: float
     prefill_tokens: int
     layer_bytes: int
+    stage_overhead_ms: float = 0.0
 
     def __post_init__(self) -> None:
         need_id(self, "shape_key")
@@ -86,6 +88,7 @@ class LayerTiming:
         need_float(self, "prefill_ms")
         need_int(self, "prefill_tokens", 1, 1 << 20)
         need_int(self, "layer_bytes")
+        need_float(self, "stage_overhead_ms")
 
 
 @dataclass(frozen=True, slots=True)

@@ -235,6 +235,7 @@ def rooms(draw: st.DrawFn, max_nodes: int = 4, max_layers: int = 7):
             decode_layer_ms=draw(st.floats(0.1, 10)),
             head_ms=draw(st.floats(0, 10)),
             score=draw(st.floats(0.1, 10)),
+            stage_ms=draw(st.sampled_from([0.0, 0.5, 3.0])),
         )
         for i in range(n)
     ]

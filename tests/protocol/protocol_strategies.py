@@ -58,6 +58,7 @@ timings = st.builds(
     prefill_ms=nonneg,
     prefill_tokens=st.integers(1, 4096),
     layer_bytes=st.integers(0, 1 << 40),
+    stage_overhead_ms=nonneg,
 )
 links = st.builds(p.LinkStat, src=ids, dst=ids, rtt_ms=nonneg, mib_per_s=nonneg)
 member_states = st.builds(
