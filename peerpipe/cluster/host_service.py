@@ -31,6 +31,7 @@ from peerpipe.cluster.membership import (
 )
 from peerpipe.cluster.model_choice import ModelChoice
 from peerpipe.cluster.planning import RoomFacts, plan_room, to_protocol
+from peerpipe.errors import PeerpipeError
 from peerpipe.plan import Budget, PlanError, PlanResult
 from peerpipe.protocol import (
     BenchmarkRequest,
@@ -183,13 +184,15 @@ class ClusterHost:
             now = self.clock()
             # The host beats for itself: it never misses its own heartbeat.
             await self._apply(Beat(self.node.node_id, self.device.meter.load(), self._status(), now))
-            before = {m.info.node_id: m.health for m in self.view.members}
+            before = {m.info.node_id: m for m in self.view.members}
             await self._apply(Tick(now))
             for m in self.view.members:
-                if before.get(m.info.node_id) == "alive" and m.suspected:
+                if not before[m.info.node_id].suspected and m.suspected:
                     self.report(f"suspected: {m.info.name} ({m.info.node_id[:8]}) missed its heartbeats")
             for node_id in before.keys() - set(self.view.ids):
-                self.report(f"dead: {node_id[:8]} sent no heartbeat for {self.config.membership.dead_after_s:g} s")
+                name = before[node_id].info.name
+                silent = self.config.membership.dead_after_s
+                self.report(f"dead: {name} ({node_id[:8]}) sent no heartbeat for {silent:g} s")
 
     def _status(self) -> str:
         return "busy" if self.device.meter.busy else "idle"
@@ -301,7 +304,10 @@ class ClusterHost:
         await asyncio.gather(*jobs)
 
     async def _measure_self(self, model: ModelChoice) -> None:
-        self.timings[self.node.node_id] = await self.device.layer_timing(model.shape_json, model.dtype)
+        try:
+            self.timings[self.node.node_id] = await self.device.layer_timing(model.shape_json, model.dtype)
+        except (PeerpipeError, RuntimeError) as exc:  # e.g. out of memory: plan with an estimate
+            self.report(f"could not time a layer here ({exc}): this node's speed is estimated")
 
     async def _measure_own_links(self, alive: list[str]) -> None:
         todo = [p for p in alive if p != self.node.node_id and (self.node.node_id, p) not in self.links]
