@@ -10,7 +10,6 @@ import argparse
 import asyncio
 import signal
 
-from peerpipe.cluster.host_service import describe_device
 from peerpipe.errors import PeerpipeError
 from peerpipe.room import (
     Address,
@@ -149,7 +148,7 @@ def host_cmd(args: argparse.Namespace) -> int:
 
 async def _host(args: argparse.Namespace) -> int:
     from peerpipe.cli.runtime import registered
-    from peerpipe.cluster.host_service import ClusterConfig, ClusterHost
+    from peerpipe.cluster.host_service import ClusterConfig, ClusterHost, describe_device
     from peerpipe.cluster.membership import MembershipConfig
     from peerpipe.cluster.model_choice import ModelChoice
     from peerpipe.plan import Budget

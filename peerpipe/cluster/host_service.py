@@ -31,12 +31,25 @@ from peerpipe.cluster.membership import (
 )
 from peerpipe.cluster.model_choice import ModelChoice
 from peerpipe.cluster.planning import RoomFacts, plan_room, to_protocol
+from peerpipe.engine.generate import GenerationResult, OnText
+from peerpipe.engine.sampling import SamplingParams
+from peerpipe.engine.tokenizer import Tokenizer
 from peerpipe.errors import PeerpipeError
+from peerpipe.inference.errors import NotReadyError
+from peerpipe.inference.pipeline import Pipeline
+from peerpipe.inference.runtime import StageRuntime
 from peerpipe.plan import Budget, PlanError, PlanResult
 from peerpipe.protocol import (
     BenchmarkRequest,
     BenchmarkResult,
+    Cancel,
+    ComputeError,
+    ComputeRequest,
+    ComputeResult,
     DistributionPlan,
+    GenerateDone,
+    GenerateRequest,
+    GenerateText,
     Heartbeat,
     JoinCluster,
     LayerTiming,
@@ -48,6 +61,7 @@ from peerpipe.protocol import (
     Plan,
     PlanAck,
     RoomView,
+    TaskInfo,
 )
 from peerpipe.room import HandshakeRefused, MessageFrom, PeerJoined, PeerLeft, RoomError, RoomNode
 
@@ -66,6 +80,7 @@ class ClusterConfig:
     budget: Budget = field(default_factory=Budget)
     strategy: str = "optimal"
     objective: str = "latency"
+    ready_timeout_s: float = 60.0  # how long a request waits for the stages to load
 
 
 def describe_plan(plan: Plan, names: dict[str, str]) -> str:
@@ -105,22 +120,44 @@ class ClusterHost:
         self._waiting: dict[int, asyncio.Future[BenchmarkResult]] = {}
         self._replan = asyncio.Event()
         self._alive: frozenset[str] = frozenset(self.view.ids)
+        self._tg: asyncio.TaskGroup | None = None
+        # The data plane: this node's own stage, and the pipeline once every stage has loaded.
+        self.runtime: StageRuntime | None = None
+        self.pipeline: Pipeline | None = None
+        self.tokenizer: Tokenizer | None = None
         if self.model is not None:
             self._replan.set()
+            self.runtime = StageRuntime(
+                node.node_id,
+                node.name,
+                self.model.path,
+                device=device.caps.torch_device,
+                memory_bytes=device.offered_bytes,
+                send=self.route,
+                report=self.report,
+            )
 
     # -- running ----------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set; then tell every peer the room is closing."""
+        runtime_stop = asyncio.Event()
         async with asyncio.TaskGroup() as tg:
+            self._tg = tg
             tasks = [
                 tg.create_task(self._events()),
                 tg.create_task(self._ticks()),
                 tg.create_task(self._planner()),
             ]
+            if self.runtime is not None:
+                tg.create_task(self.runtime.run(runtime_stop))
             await stop.wait()
+            if self.pipeline is not None:
+                self.pipeline.close("the host closed the room")
+            runtime_stop.set()
             for task in tasks:
                 task.cancel()
+        self._tg = None
 
     async def _events(self) -> None:
         async for event in self.node.events():
@@ -129,6 +166,8 @@ class ClusterHost:
             elif isinstance(event, MessageFrom):
                 await self._on_message(event.peer.node_id, event.message)
             elif isinstance(event, PeerLeft):
+                if self.pipeline is not None:
+                    self.pipeline.node_lost(event.peer.node_id, event.reason)
                 member = self.view.get(event.peer.node_id)
                 gone = Left if event.error is None else Lost
                 await self._apply(gone(event.peer.node_id, self.clock()))
@@ -162,6 +201,19 @@ class ClusterHost:
                 waiter.set_result(message)
         elif isinstance(message, PlanAck):
             await self._on_ack(peer, message)
+        elif isinstance(message, ComputeResult | ComputeError):
+            if self.pipeline is not None:
+                self.pipeline.deliver(peer, message)
+        elif isinstance(message, ComputeRequest):
+            if self.runtime is None or not self.runtime.submit(message):
+                await self._send(peer, ComputeError(message.task_id, f"{self.node.name} holds no stage"))
+        elif isinstance(message, Cancel):
+            # From a client: stop its request. (Stages' cancels to this node come through route().)
+            if self.pipeline is not None:
+                self.pipeline.cancel(message.task_id)
+        elif isinstance(message, GenerateRequest):
+            assert self._tg is not None
+            self._tg.create_task(self._serve(peer, message))
 
     async def _on_ack(self, peer: str, ack: PlanAck) -> None:
         if self.plan is None or ack.version != self.plan.version:
@@ -176,6 +228,7 @@ class ClusterHost:
         await self._broadcast()
         if self.acked >= stages and not complete_before:
             self.report(f"plan v{self.plan.version} acknowledged by every stage")
+            self._make_pipeline()
 
     async def _ticks(self) -> None:
         period = min(0.25, self.config.membership.heartbeat_s / 4)
@@ -228,7 +281,12 @@ class ClusterHost:
         )
         acked = tuple(sorted(self.acked))
         links = tuple(self.links.values())
-        return RoomView(self.view.epoch, members, self.plan, acked, links, self.config.membership.heartbeat_s)
+        tasks = tuple(
+            TaskInfo(t.task_id, t.status.value, t.prompt_tokens, len(t.tokens), t.tok_s, t.error[:4000])
+            for t in (self.pipeline.active_tasks() if self.pipeline else [])
+        )
+        heartbeat = self.config.membership.heartbeat_s
+        return RoomView(self.view.epoch, members, self.plan, acked, links, heartbeat, tasks)
 
     async def wait_until(self, condition: Callable[[ClusterHost], bool], timeout_s: float) -> None:
         """Return once ``condition(self)`` holds, checked after every change of the view, the plan
@@ -361,11 +419,128 @@ class ClusterHost:
             return None
         self._versions_used += 1
         plan = to_protocol(result, next(self._versions), model.spec)
-        self.plan, self.plan_result, self.acked = plan, result, {self.node.node_id}
+        if self.pipeline is not None:
+            self.pipeline.close(f"the room was planned again (v{plan.version})")
+            self.pipeline = None
+        self.plan, self.plan_result, self.acked = plan, result, set()
         self.report(describe_plan(plan, self._names()))
-        await self._broadcast(DistributionPlan(plan))
+        budget = self.config.budget
+        message = DistributionPlan(plan, model.shape_key, model.dtype, self.max_seq, budget.sessions)
+        await self._broadcast(message)
         await self._broadcast()
+        await self._take_own_stage(message)
         return plan
+
+    @property
+    def max_seq(self) -> int:
+        """Positions per session every stage holds: the planned context, within the model's."""
+        assert self.model is not None
+        return min(self.config.budget.context_tokens, self.model.config.max_positions)
+
+    async def _take_own_stage(self, message: DistributionPlan) -> None:
+        if self.runtime is None:
+            return
+        error = await self.runtime.apply(message, self.node.node_id)
+        if self.plan is None or self.plan.version != message.plan.version:
+            return  # planned again meanwhile
+        if error:
+            self.report(f"{self.node.name} could not take its stage of plan v{message.plan.version}: {error}")
+            return
+        await self._on_ack(self.node.node_id, PlanAck(message.plan.version))
+
+    def _make_pipeline(self) -> None:
+        assert self.plan is not None and self.model is not None and self.model.path is not None
+        if self.tokenizer is None:
+            from peerpipe.engine.tokenizer import Tokenizer
+
+            self.tokenizer = Tokenizer.from_dir(self.model.path)
+        self.pipeline = Pipeline(
+            self.plan,
+            host_id=self.node.node_id,
+            send=self.route,
+            tokenizer=self.tokenizer,
+            sessions=self.config.budget.sessions,
+            max_seq=self.max_seq,
+            names=self._names(),
+        )
+        if self.pipeline.local:
+            self.report("ready: every layer is on this node; answers run locally, with no network hops")
+        else:
+            self.report(f"ready: {' -> '.join(self.pipeline.describe())}")
+        self._changed.set()
+
+    # -- the data plane ---------------------------------------------------------------------
+
+    async def route(self, node_id: str, message: Message) -> None:
+        """Send on the data plane; to this node itself without touching the network."""
+        if node_id != self.node.node_id:
+            await self.node.send(node_id, message)
+        elif isinstance(message, ComputeRequest | Cancel):
+            if self.runtime is None or not self.runtime.submit(message):
+                if isinstance(message, ComputeRequest) and self.pipeline is not None:
+                    self.pipeline.deliver(node_id, ComputeError(message.task_id, "the host holds no stage"))
+        elif isinstance(message, ComputeResult | ComputeError) and self.pipeline is not None:
+            self.pipeline.deliver(node_id, message)
+
+    async def ready_pipeline(self, timeout_s: float) -> Pipeline:
+        """The pipeline once every stage has loaded the current plan; ``NotReadyError`` if it is
+        not ready within ``timeout_s`` (saying what is missing)."""
+        try:
+            await self.wait_until(lambda h: h.pipeline is not None, timeout_s)
+        except TimeoutError:
+            raise NotReadyError(self._why_not_ready()) from None
+        assert self.pipeline is not None
+        return self.pipeline
+
+    def _why_not_ready(self) -> str:
+        if self.model is None:
+            return "the host serves no model: start it with --model DIR"
+        if self.plan is None:
+            return f"the room has no plan for {self.model.model_id} yet (see the host's output)"
+        missing = [s.node_id for s in self.plan.stages if s.node_id not in self.acked]
+        names = self._names()
+        return "waiting for stages to load: " + ", ".join(names.get(m, m[:8]) for m in missing)
+
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, on_text: OnText | None = None, *, timeout_s: float = 60.0
+    ) -> GenerationResult:
+        pipeline = await self.ready_pipeline(timeout_s)
+        return await pipeline.generate(prompt_ids, params, on_text)
+
+    async def _serve(self, peer: str, request: GenerateRequest) -> None:
+        """Answer a client's generate-request, streaming text in order, then generate-done."""
+        from peerpipe.cli.generate_cmd import sampling_params
+        from peerpipe.engine.generate import encode_prompt
+
+        pieces: asyncio.Queue[str | None] = asyncio.Queue()
+
+        async def stream() -> None:
+            while (piece := await pieces.get()) is not None:
+                await self._send(peer, GenerateText(request.request_id, piece))
+
+        assert self._tg is not None
+        streamer = self._tg.create_task(stream())
+        try:
+            pipeline = await self.ready_pipeline(self.config.ready_timeout_s)
+            assert self.model is not None and self.tokenizer is not None
+            params = sampling_params(request, self.model.path)  # type: ignore[arg-type]
+            ids = encode_prompt(self.tokenizer, request.prompt, chat=request.chat, system=request.system or None)
+            result = await pipeline.generate(ids, params, pieces.put_nowait, task_id=request.request_id)
+            done = GenerateDone(
+                request.request_id,
+                result.finish_reason,
+                result.text,
+                tuple(result.tokens),
+                tuple(result.prompt_ids),
+                result.prefill_s,
+                result.decode_s,
+                stages=tuple(pipeline.describe()),
+            )
+        except PeerpipeError as exc:
+            done = GenerateDone(request.request_id, "error", "", (), (), 0.0, 0.0, error=str(exc)[:4000])
+        pieces.put_nowait(None)
+        await streamer
+        await self._send(peer, done)
 
 
 def describe_device(info: NodeInfo) -> str:

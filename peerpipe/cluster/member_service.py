@@ -10,11 +10,16 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from peerpipe.cluster.local import LocalDevice
 from peerpipe.cluster.membership import MembershipConfig
+from peerpipe.inference.runtime import StageRuntime
 from peerpipe.protocol import (
     BenchmarkRequest,
+    Cancel,
+    ComputeError,
+    ComputeRequest,
     DistributionPlan,
     Heartbeat,
     JoinCluster,
@@ -28,12 +33,8 @@ from peerpipe.room import ConnectionClosedError, MessageFrom, PeerLeft, RoomErro
 
 log = logging.getLogger(__name__)
 Report = Callable[[str], None]
-# Takes a plan (loads this node's stage, in later versions); returns an error text, or "" if ok.
-OnPlan = Callable[[Plan], Awaitable[str]]
-
-
-async def _accept_plan(plan: Plan) -> str:
-    return ""
+# Takes a plan (loads this node's stage); returns an error text, or "" if ok.
+OnPlan = Callable[[DistributionPlan], Awaitable[str]]
 
 
 class ClusterMember:
@@ -45,7 +46,8 @@ class ClusterMember:
         *,
         address: str = "",
         membership: MembershipConfig | None = None,
-        on_plan: OnPlan = _accept_plan,
+        model_dir: Path | None = None,
+        on_plan: OnPlan | None = None,
         report: Report | None = None,
     ) -> None:
         self.node = node
@@ -53,8 +55,17 @@ class ClusterMember:
         self.device = device
         self.membership = membership or MembershipConfig()
         self.info = device.node_info(node.node_id, node.name, address)
-        self.on_plan = on_plan
         self.report = report or (lambda line: log.info("%s", line))
+        self.runtime = StageRuntime(
+            node.node_id,
+            node.name,
+            model_dir,
+            device=device.caps.torch_device,
+            memory_bytes=device.offered_bytes,
+            send=node.send,
+            report=self.report,
+        )
+        self.on_plan: OnPlan = on_plan or (lambda message: self.runtime.apply(message, host_id))
         self.view: RoomView | None = None
         self.plan: Plan | None = None
         self.status = "idle"
@@ -65,13 +76,16 @@ class ClusterMember:
         """Be a member until ``stop`` is set or the host goes; raises if the host was lost."""
         await self._send(JoinCluster(self.info))  # if the host is already gone, its PeerLeft says so
         host_gone: asyncio.Future[PeerLeft] = asyncio.get_running_loop().create_future()
+        runtime_stop = asyncio.Event()
         async with asyncio.TaskGroup() as tg:
             tasks = [
                 tg.create_task(self._beats()),
                 tg.create_task(self._events(host_gone, tg)),
             ]
+            tg.create_task(self.runtime.run(runtime_stop))
             stopped = tg.create_task(stop.wait())
             await asyncio.wait([stopped, host_gone], return_when=asyncio.FIRST_COMPLETED)
+            runtime_stop.set()
             for task in [*tasks, stopped]:
                 task.cancel()
         if host_gone.done():
@@ -89,7 +103,7 @@ class ClusterMember:
 
     async def _beats(self) -> None:
         while True:
-            status = "busy" if self.device.meter.busy else self.status
+            status = "busy" if self.device.meter.busy else ("loading" if self.runtime.loading else self.status)
             try:
                 await self.node.send(self.host_id, Heartbeat(self.device.meter.load(), status))
             except RoomError:
@@ -102,8 +116,16 @@ class ClusterMember:
             if isinstance(event, PeerLeft) and event.peer.node_id == self.host_id:
                 host_gone.set_result(event)
                 return
-            if isinstance(event, MessageFrom) and event.peer.node_id == self.host_id:
-                self._from_host(event.message, tg)
+            if not isinstance(event, MessageFrom):
+                continue
+            message = event.message
+            if isinstance(message, ComputeRequest | Cancel):
+                # The data plane: from the previous stage or, for the first stage, the host.
+                if not self.runtime.submit(message) and isinstance(message, ComputeRequest):
+                    error = ComputeError(message.task_id, f"{self.node.name} holds no stage of this plan")
+                    tg.create_task(self._send(error))
+            elif event.peer.node_id == self.host_id:
+                self._from_host(message, tg)
 
     def _from_host(self, message: Message, tg: asyncio.TaskGroup) -> None:
         if isinstance(message, RoomView):
@@ -119,7 +141,7 @@ class ClusterMember:
         elif isinstance(message, BenchmarkRequest):
             tg.create_task(self._benchmark(message))
         elif isinstance(message, DistributionPlan):
-            tg.create_task(self._take_plan(message.plan))
+            tg.create_task(self._take_plan(message))
 
     def _mesh(self, view: RoomView, tg: asyncio.TaskGroup) -> None:
         connected = set(self.node.peers)
@@ -148,12 +170,11 @@ class ClusterMember:
         with contextlib.suppress(RoomError):
             await self.node.send(self.host_id, result)
 
-    async def _take_plan(self, plan: Plan) -> None:
+    async def _take_plan(self, message: DistributionPlan) -> None:
+        plan = message.plan
         self.plan = plan
-        self.status = "loading"
-        try:
-            error = await self.on_plan(plan)
-        finally:
-            self.status = "idle"
+        error = await self.on_plan(message)
+        if error:
+            self.report(f"cannot take the stage of plan v{plan.version}: {error}")
         with contextlib.suppress(RoomError):
-            await self.node.send(self.host_id, PlanAck(plan.version, ok=not error, error=error))
+            await self.node.send(self.host_id, PlanAck(plan.version, ok=not error, error=error[:4000]))

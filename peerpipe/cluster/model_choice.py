@@ -21,6 +21,7 @@ class ModelChoice:
     model_id: str
     shape_json: str  # the config.json that nodes build a layer from to time it
     dtype: str  # what the stages will hold the weights in
+    path: Path | None = None
 
     @classmethod
     def from_dir(cls, path: str | Path, dtype: str = "bfloat16") -> ModelChoice:
@@ -32,7 +33,7 @@ class ModelChoice:
         shape = json.dumps(raw, separators=(",", ":"))
         if len(shape) > MAX_MODEL_SHAPE_LEN:
             raise ModelLoadError(f"{path}/config.json is larger than {MAX_MODEL_SHAPE_LEN} bytes")
-        return cls(config, path.resolve().name, shape, dtype)
+        return cls(config, path.resolve().name, shape, dtype, path)
 
     @property
     def shape_key(self) -> str:

@@ -27,6 +27,9 @@ from peerpipe.protocol.messages import (
     ComputeRequest,
     ComputeResult,
     DistributionPlan,
+    GenerateDone,
+    GenerateRequest,
+    GenerateText,
     Heartbeat,
     Hello,
     JoinCluster,
@@ -39,7 +42,16 @@ from peerpipe.protocol.messages import (
     TensorChunk,
     check_hello,
 )
-from peerpipe.protocol.records import LayerTiming, LinkStat, MemberState, NodeInfo, Plan, Stage
+from peerpipe.protocol.records import (
+    LayerTiming,
+    LinkStat,
+    MemberState,
+    NodeInfo,
+    Plan,
+    SessionSpec,
+    Stage,
+    TaskInfo,
+)
 from peerpipe.protocol.tensor import DTYPES, ENCODINGS, TensorData
 
 __all__ = [
@@ -61,6 +73,9 @@ __all__ = [
     "ComputeResult",
     "DecodeError",
     "DistributionPlan",
+    "GenerateDone",
+    "GenerateRequest",
+    "GenerateText",
     "Heartbeat",
     "Hello",
     "JoinCluster",
@@ -78,7 +93,9 @@ __all__ = [
     "ProtocolError",
     "Reassembler",
     "RoomView",
+    "SessionSpec",
     "Stage",
+    "TaskInfo",
     "TensorChunk",
     "TensorData",
     "ValidationError",

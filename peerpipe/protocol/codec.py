@@ -19,12 +19,21 @@ import msgpack
 from peerpipe.protocol.errors import DecodeError, ValidationError
 from peerpipe.protocol.limits import DEFAULT_LIMITS, Limits
 from peerpipe.protocol.messages import BY_TAG, MESSAGE_TYPES, Message
-from peerpipe.protocol.records import LayerTiming, LinkStat, MemberState, NodeInfo, Plan, Stage
+from peerpipe.protocol.records import (
+    LayerTiming,
+    LinkStat,
+    MemberState,
+    NodeInfo,
+    Plan,
+    SessionSpec,
+    Stage,
+    TaskInfo,
+)
 from peerpipe.protocol.tensor import DTYPES, ENCODINGS, TensorData, encoded_nbytes
 from peerpipe.protocol.validate import MAX_DIM
 
 _HEADER_LEN = struct.Struct(">I")
-_RECORDS = (NodeInfo, Stage, Plan, LayerTiming, LinkStat, MemberState)
+_RECORDS = (NodeInfo, Stage, Plan, LayerTiming, LinkStat, MemberState, SessionSpec, TaskInfo)
 _TENSOR_KEYS = frozenset({"dtype", "shape", "encoding", "nbytes", "checksum", "offset", "ref"})
 _BLOB_KEYS = frozenset({"offset", "nbytes"})
 

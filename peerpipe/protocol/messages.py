@@ -6,7 +6,16 @@ from dataclasses import dataclass, field
 from typing import ClassVar, TypeAlias
 
 from peerpipe.protocol.errors import ValidationError, VersionMismatchError
-from peerpipe.protocol.records import MAX_MEMBERS, LayerTiming, LinkStat, MemberState, NodeInfo, Plan
+from peerpipe.protocol.records import (
+    MAX_MEMBERS,
+    LayerTiming,
+    LinkStat,
+    MemberState,
+    NodeInfo,
+    Plan,
+    SessionSpec,
+    TaskInfo,
+)
 from peerpipe.protocol.tensor import TensorData, as_byte_view
 from peerpipe.protocol.validate import (
     MAX_NAME_LEN,
@@ -23,6 +32,7 @@ from peerpipe.protocol.validate import (
 PROTOCOL_VERSION = 1
 MAX_FEATURES = 64
 MAX_MODEL_SHAPE_LEN = 16384
+MAX_PROMPT_LEN = 1 << 20
 HEARTBEAT_STATUSES = frozenset({"idle", "busy", "loading", "draining", "error"})
 
 
@@ -132,10 +142,12 @@ class RoomView:
     acked: tuple[str, ...] = ()
     links: tuple[LinkStat, ...] = ()
     heartbeat_s: float = 1.0  # how often members must beat
+    tasks: tuple[TaskInfo, ...] = ()  # requests in flight on the host
 
     def __post_init__(self) -> None:
         need_int(self, "epoch")
         need_float(self, "heartbeat_s", 0.01, 3600.0)
+        need_tuple_of(self, "tasks", TaskInfo, MAX_MEMBERS)
         need_tuple_of(self, "members", MemberState, MAX_MEMBERS)
         ids = [member.info.node_id for member in self.members]
         if len(set(ids)) != len(ids):
@@ -147,11 +159,22 @@ class RoomView:
 
 @dataclass(frozen=True, slots=True)
 class DistributionPlan:
+    """A plan for every node; a stage loads its range of the model ``shape_key`` in ``dtype``
+    with a KV cache of ``sessions`` x ``context_tokens``."""
+
     TAG: ClassVar[str] = "distribution-plan"
     plan: Plan
+    shape_key: str = ""
+    dtype: str = ""
+    context_tokens: int = 0
+    sessions: int = 0
 
     def __post_init__(self) -> None:
         need_instance(self, "plan", Plan)
+        need_str(self, "shape_key", MAX_NAME_LEN)
+        need_str(self, "dtype", MAX_NAME_LEN)
+        need_int(self, "context_tokens", 0, 1 << 32)
+        need_int(self, "sessions", 0, 1 << 20)
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +247,7 @@ class ComputeRequest:
     session_id: str = ""
     plan_version: int = 0
     start_pos: int = 0
+    session: SessionSpec | None = None  # on a session's first request: how to sample it
 
     def __post_init__(self) -> None:
         need_id(self, "task_id")
@@ -231,6 +255,7 @@ class ComputeRequest:
         need_str(self, "session_id", MAX_NAME_LEN)
         need_int(self, "plan_version")
         need_int(self, "start_pos", 0, 1 << 40)
+        need_instance(self, "session", SessionSpec, optional=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,6 +287,86 @@ class Cancel:
 
     def __post_init__(self) -> None:
         need_id(self, "task_id")
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateRequest:
+    """A client asks the room's host for an answer. ``None`` sampling fields take the model's
+    defaults; ``chat`` wraps the prompt in the model's chat template."""
+
+    TAG: ClassVar[str] = "generate-request"
+    request_id: str
+    prompt: str
+    max_tokens: int = 128
+    chat: bool = False
+    system: str = ""
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        need_id(self, "request_id")
+        need_str(self, "prompt", MAX_PROMPT_LEN)
+        need_int(self, "max_tokens", 1, 1 << 20)
+        need_bool(self, "chat")
+        need_str(self, "system")
+        for name in ("temperature", "top_p"):
+            if getattr(self, name) is not None:
+                need_float(self, name)
+        if self.top_k is not None:
+            need_int(self, "top_k", 0, 1 << 31)
+        need_float(self, "min_p", 0.0, 1.0)
+        need_float(self, "repetition_penalty")
+        if self.seed is not None:
+            need_int(self, "seed")
+        need_tuple_of(self, "stop", str, 16)
+        need_bool(self, "ignore_eos")
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateText:
+    """Text of the answer to ``request_id`` as it streams (never part of a stop string)."""
+
+    TAG: ClassVar[str] = "generate-text"
+    request_id: str
+    text: str
+
+    def __post_init__(self) -> None:
+        need_id(self, "request_id")
+        need_str(self, "text", MAX_PROMPT_LEN)
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateDone:
+    """The end of the answer to ``request_id``: ``error`` is empty on success. ``stages`` says
+    where it ran (one entry: on the host alone)."""
+
+    TAG: ClassVar[str] = "generate-done"
+    request_id: str
+    finish_reason: str
+    text: str
+    tokens: tuple[int, ...]
+    prompt_ids: tuple[int, ...]
+    prefill_s: float
+    decode_s: float
+    error: str = ""
+    stages: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        need_id(self, "request_id")
+        need_str(self, "finish_reason", MAX_NAME_LEN)
+        need_str(self, "text", MAX_PROMPT_LEN)
+        need_tuple_of(self, "tokens", int, 1 << 20)
+        need_tuple_of(self, "prompt_ids", int, 1 << 20)
+        need_float(self, "prefill_s")
+        need_float(self, "decode_s")
+        need_str(self, "error")
+        need_tuple_of(self, "stages", str, MAX_MEMBERS)
 
 
 def chunk_span(index: int, total_chunks: int, total_bytes: int) -> tuple[int, int]:
@@ -322,6 +427,9 @@ Message: TypeAlias = (
     | ComputeError
     | Cancel
     | TensorChunk
+    | GenerateRequest
+    | GenerateText
+    | GenerateDone
 )
 MESSAGE_TYPES: tuple[type[Message], ...] = Message.__args__
 BY_TAG: dict[str, type[Message]] = {cls.TAG: cls for cls in MESSAGE_TYPES}

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from peerpipe.protocol.errors import ValidationError
+from peerpipe.protocol.tensor import TensorData
 from peerpipe.protocol.validate import (
     MAX_NAME_LEN,
     need_bool,
@@ -128,6 +129,54 @@ class MemberState:
         need_float(self, "load", 0.0, 1.0)
         need_float(self, "heartbeat_age_ms")
         need_instance(self, "timing", LayerTiming, optional=True)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSpec:
+    """How the last stage samples a new session's tokens; rides on its first compute request.
+
+    ``history`` holds the prompt's token ids (int64) when a repetition penalty needs them."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    history: TensorData | None = None
+
+    def __post_init__(self) -> None:
+        need_float(self, "temperature")
+        need_int(self, "top_k", 0, 1 << 31)
+        need_float(self, "top_p", 0.0, 1.0)
+        need_float(self, "min_p", 0.0, 1.0)
+        need_float(self, "repetition_penalty")
+        if self.seed is not None:
+            need_int(self, "seed")
+        need_instance(self, "history", TensorData, optional=True)
+
+
+TASK_STATUSES = frozenset({"queued", "prefill", "decoding", "done", "failed", "cancelled"})
+
+
+@dataclass(frozen=True, slots=True)
+class TaskInfo:
+    """A request the host is running (or just ran)."""
+
+    task_id: str
+    status: str
+    prompt_tokens: int
+    tokens: int
+    tok_s: float
+    error: str = ""
+
+    def __post_init__(self) -> None:
+        need_id(self, "task_id")
+        need_choice(self, "status", TASK_STATUSES)
+        need_int(self, "prompt_tokens")
+        need_int(self, "tokens")
+        need_float(self, "tok_s")
+        need_str(self, "error")
 
 
 @dataclass(frozen=True, slots=True)

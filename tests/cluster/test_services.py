@@ -15,7 +15,7 @@ from peerpipe.cluster.member_service import ClusterMember
 from peerpipe.cluster.membership import MembershipConfig
 from peerpipe.cluster.model_choice import ModelChoice
 from peerpipe.plan import Budget, stage_memory
-from peerpipe.protocol import Plan
+from peerpipe.protocol import DistributionPlan, Plan
 from peerpipe.room import Host, Member, parse_code
 
 T = TypeVar("T")
@@ -36,12 +36,16 @@ def device(warm_bench: None) -> LocalDevice:
     return asyncio.run(LocalDevice.measure("cpu", quick=True))
 
 
-async def start_member(stack, name: str, addr, device: LocalDevice, on_plan=None) -> tuple[ClusterMember, asyncio.Event, asyncio.Task]:
+async def start_member(
+    stack, name: str, addr, device: LocalDevice, on_plan=None, model_dir=None
+) -> tuple[ClusterMember, asyncio.Event, asyncio.Task]:
     member = await stack.enter_async_context(Member(CODE, name=name))
     mesh = await member.listen("127.0.0.1", 0)
     host_peer = await member.join(addr)
     kwargs = {"on_plan": on_plan} if on_plan else {}
-    service = ClusterMember(member, host_peer.node_id, device, address=f"{mesh[0]}:{mesh[1]}", membership=FAST, **kwargs)
+    service = ClusterMember(
+        member, host_peer.node_id, device, address=f"{mesh[0]}:{mesh[1]}", membership=FAST, model_dir=model_dir, **kwargs
+    )
     stop = asyncio.Event()
     return service, stop, asyncio.create_task(service.run(stop))
 
@@ -50,8 +54,8 @@ def test_room_of_three_plans_acks_measures_and_replans_on_leave(device: LocalDev
     model = ModelChoice.from_dir(tiny_model_dir("llama"), dtype="float32")
     plans_seen: list[Plan] = []
 
-    async def on_plan(plan: Plan) -> str:
-        plans_seen.append(plan)
+    async def on_plan(message: DistributionPlan) -> str:
+        plans_seen.append(message.plan)
         return ""
 
     async def main() -> None:

@@ -72,6 +72,18 @@ member_states = st.builds(
 )
 
 
+session_specs = st.builds(
+    p.SessionSpec,
+    temperature=st.floats(0, 5),
+    top_k=st.integers(0, 100),
+    top_p=st.floats(0, 1),
+    min_p=st.floats(0, 1),
+    repetition_penalty=st.floats(0.5, 2),
+    seed=st.none() | u64,
+    history=st.none() | tensors(),
+)
+
+
 @st.composite
 def plans(draw: st.DrawFn) -> p.Plan:
     cuts = sorted(set(draw(st.lists(st.integers(1, 99), max_size=6))))
@@ -119,8 +131,27 @@ STRATEGIES: dict[type, st.SearchStrategy] = {
         acked=st.lists(ids, max_size=3).map(tuple),
         links=st.lists(links, max_size=3).map(tuple),
         heartbeat_s=st.floats(0.01, 3600.0),
+        tasks=st.lists(
+            st.builds(
+                p.TaskInfo,
+                task_id=ids,
+                status=st.sampled_from(["queued", "decoding", "failed"]),
+                prompt_tokens=st.integers(0, 1000),
+                tokens=st.integers(0, 1000),
+                tok_s=nonneg,
+                error=texts,
+            ),
+            max_size=2,
+        ).map(tuple),
     ),
-    p.DistributionPlan: st.builds(p.DistributionPlan, plan=plans()),
+    p.DistributionPlan: st.builds(
+        p.DistributionPlan,
+        plan=plans(),
+        shape_key=names,
+        dtype=st.sampled_from(["", "float32", "bfloat16"]),
+        context_tokens=st.integers(0, 1 << 20),
+        sessions=st.integers(0, 64),
+    ),
     p.PlanAck: st.builds(p.PlanAck, version=u64, ok=st.booleans(), error=texts),
     p.BenchmarkRequest: st.builds(
         p.BenchmarkRequest,
@@ -147,11 +178,41 @@ STRATEGIES: dict[type, st.SearchStrategy] = {
         session_id=names,
         plan_version=u64,
         start_pos=st.integers(0, 1 << 40),
+        session=st.none() | session_specs,
     ),
     p.ComputeResult: st.builds(p.ComputeResult, task_id=ids, output_tensor=tensors()),
     p.ComputeError: st.builds(p.ComputeError, task_id=ids, error=texts),
     p.Cancel: st.builds(p.Cancel, task_id=ids),
     p.TensorChunk: chunks(),
+    p.GenerateRequest: st.builds(
+        p.GenerateRequest,
+        request_id=ids,
+        prompt=texts,
+        max_tokens=st.integers(1, 4096),
+        chat=st.booleans(),
+        system=texts,
+        temperature=st.none() | st.floats(0, 5),
+        top_k=st.none() | st.integers(0, 100),
+        top_p=st.none() | st.floats(0, 1),
+        min_p=st.floats(0, 1),
+        repetition_penalty=st.floats(0.5, 2),
+        seed=st.none() | u64,
+        stop=st.lists(st.text(min_size=1, max_size=5), max_size=3).map(tuple),
+        ignore_eos=st.booleans(),
+    ),
+    p.GenerateText: st.builds(p.GenerateText, request_id=ids, text=texts),
+    p.GenerateDone: st.builds(
+        p.GenerateDone,
+        request_id=ids,
+        finish_reason=st.sampled_from(["stop", "length", "cancelled", "error"]),
+        text=texts,
+        tokens=st.lists(st.integers(0, 1 << 20), max_size=8).map(tuple),
+        prompt_ids=st.lists(st.integers(0, 1 << 20), max_size=8).map(tuple),
+        prefill_s=nonneg,
+        decode_s=nonneg,
+        error=texts,
+        stages=st.lists(names, max_size=3).map(tuple),
+    ),
 }
 
 messages = st.one_of(*STRATEGIES.values())

@@ -188,7 +188,7 @@ GOOD_TENSOR_FIELDS = {"task_id": "t", "output_tensor": tensor_meta()}
             "output_tensor: expected a map",
         ),
         (
-            frame({"tag": "room-view", "fields": {"epoch": 1, "members": [{"info": 1}], "plan": None, "acked": [], "links": [], "heartbeat_s": 1.0}}),
+            frame({"tag": "room-view", "fields": {"epoch": 1, "members": [{"info": 1}], "plan": None, "acked": [], "links": [], "heartbeat_s": 1.0, "tasks": []}}),
             "room-view.members\\[0\\]: missing fields",
         ),
         (

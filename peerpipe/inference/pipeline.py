@@ -1,0 +1,221 @@
+"""The host's side of distributed inference: one task per request, run through the stages.
+
+The host tokenizes, sends the prompt to the first stage, and waits for the last stage's token;
+each next token goes to the first stage again. Hidden states never pass through the host. Every
+wait has a timeout; a compute-error from any stage, or a stage leaving the room, fails the task
+with that stage and reason; a task that ends for any reason frees its KV cache on every stage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+
+import torch
+
+from peerpipe.engine.generate import GenerationResult, OnText
+from peerpipe.engine.sampling import SamplingParams, StopChecker
+from peerpipe.engine.tokenizer import Tokenizer
+from peerpipe.inference.errors import TaskFailedError
+from peerpipe.inference.tasks import Task, TaskStatus
+from peerpipe.inference.wire import to_wire
+from peerpipe.protocol import Cancel, ComputeError, ComputeRequest, ComputeResult, Message, Plan, SessionSpec
+
+Send = Callable[[str, Message], Awaitable[None]]
+KEEP_FINISHED = 256
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class Pipeline:
+    def __init__(
+        self,
+        plan: Plan,
+        *,
+        host_id: str,
+        send: Send,
+        tokenizer: Tokenizer,
+        sessions: int,
+        max_seq: int,
+        names: dict[str, str] | None = None,
+        step_timeout_s: float = 60.0,
+        prefill_timeout_s: float = 300.0,
+    ) -> None:
+        self.plan = plan
+        self.host_id = host_id
+        self.send = send
+        self.tokenizer = tokenizer
+        self.max_seq = max_seq
+        self.names = names or {}
+        self.step_timeout_s = step_timeout_s
+        self.prefill_timeout_s = prefill_timeout_s
+        self.tasks: dict[str, Task] = {}
+        self._slots = asyncio.Semaphore(sessions)
+        self._waiting: dict[str, asyncio.Future[int]] = {}
+        self._closed: str = ""
+
+    @property
+    def stage_nodes(self) -> list[str]:
+        return [s.node_id for s in self.plan.stages]
+
+    @property
+    def local(self) -> bool:
+        """Every layer on the host: no network on the data path."""
+        return self.stage_nodes == [self.host_id]
+
+    def describe(self) -> list[str]:
+        return [f"{self.names.get(s.node_id, s.node_id[:8])}[{s.start},{s.end})" for s in self.plan.stages]
+
+    # -- messages from the stages -----------------------------------------------------------
+
+    def deliver(self, peer: str, message: ComputeResult | ComputeError) -> None:
+        waiter = self._waiting.get(message.task_id)
+        if waiter is None or waiter.done():
+            return
+        if isinstance(message, ComputeError):
+            waiter.set_exception(TaskFailedError(message.error))
+        elif peer != self.stage_nodes[-1]:
+            waiter.set_exception(TaskFailedError(f"a token came from {peer[:8]}, not from the last stage"))
+        else:
+            waiter.set_result(int(message.output_tensor.to_numpy().reshape(-1)[0]))
+
+    def node_lost(self, node_id: str, reason: str) -> None:
+        """A stage left the room: every task in flight needs it, so every one fails."""
+        if node_id not in self.stage_nodes:
+            return
+        name = self.names.get(node_id, node_id[:8])
+        for waiter in self._waiting.values():
+            if not waiter.done():
+                waiter.set_exception(TaskFailedError(f"stage {name} left the room: {reason}"))
+
+    def close(self, reason: str) -> None:
+        """Stop taking work (the plan changed); tasks in flight fail with ``reason``."""
+        self._closed = reason
+        for waiter in self._waiting.values():
+            if not waiter.done():
+                waiter.set_exception(TaskFailedError(reason))
+
+    def cancel(self, task_id: str) -> bool:
+        waiter = self._waiting.get(task_id)
+        task = self.tasks.get(task_id)
+        if task is None or not task.active:
+            return False
+        task.status = TaskStatus.CANCELLED
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(_Cancelled())
+        return True
+
+    def active_tasks(self) -> list[Task]:
+        return [t for t in self.tasks.values() if t.active]
+
+    # -- running a task ---------------------------------------------------------------------
+
+    async def generate(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        on_text: OnText | None = None,
+        *,
+        task_id: str | None = None,
+    ) -> GenerationResult:
+        prompt = list(prompt_ids)
+        if not prompt:
+            raise TaskFailedError("the prompt is empty: give at least one token")
+        if len(prompt) + 1 > self.max_seq:
+            raise TaskFailedError(f"the prompt has {len(prompt)} tokens; the room holds {self.max_seq} positions")
+        if self._closed:
+            raise TaskFailedError(self._closed)
+        task = Task(task_id or uuid.uuid4().hex, len(prompt))
+        self.tasks[task.task_id] = task
+        self._forget_finished()
+        async with self._slots:
+            if task.status is TaskStatus.CANCELLED:
+                return self._result(task, prompt, StopChecker(params, self.tokenizer.eos_ids, self.tokenizer.stream_decoder()), "cancelled")
+            return await self._run(task, prompt, params, on_text)
+
+    async def _run(self, task: Task, prompt: list[int], params: SamplingParams, on_text: OnText | None) -> GenerationResult:
+        budget = min(params.max_tokens, self.max_seq - len(prompt))
+        stopper = StopChecker(params, self.tokenizer.eos_ids, self.tokenizer.stream_decoder())
+        spec = SessionSpec(
+            params.temperature,
+            params.top_k,
+            params.top_p,
+            params.min_p,
+            params.repetition_penalty,
+            params.seed,
+            to_wire(torch.tensor(prompt, dtype=torch.long)) if params.repetition_penalty != 1.0 else None,
+        )
+        first = self.stage_nodes[0]
+        task.status, task.started = TaskStatus.PREFILL, time.monotonic()
+        reason = "error"
+        try:
+            ids = torch.tensor([prompt], dtype=torch.long)
+            await self.send(first, ComputeRequest(task.task_id, to_wire(ids), task.task_id, self.plan.version, 0, spec))
+            token = await self._next(task, self.prefill_timeout_s)
+            task.first_token, task.status = time.monotonic(), TaskStatus.DECODING
+            while True:
+                task.tokens.append(token)
+                step = stopper.update(token)
+                if step.text and on_text is not None:
+                    on_text(step.text)
+                if step.finish_reason is not None:
+                    reason = step.finish_reason
+                    break
+                if len(task.tokens) >= budget:
+                    tail = stopper.finish()
+                    if tail and on_text is not None:
+                        on_text(tail)
+                    reason = "length"
+                    break
+                pos = len(prompt) + len(task.tokens) - 1
+                ids = torch.tensor([[token]], dtype=torch.long)
+                await self.send(first, ComputeRequest(task.task_id, to_wire(ids), task.task_id, self.plan.version, pos))
+                token = await self._next(task, self.step_timeout_s)
+            task.status = TaskStatus.DONE
+        except _Cancelled:
+            reason = "cancelled"
+        except TaskFailedError as exc:
+            task.status, task.error = TaskStatus.FAILED, str(exc)
+            raise
+        except Exception as exc:  # e.g. the first stage's connection broke while sending
+            task.status, task.error = TaskStatus.FAILED, f"{type(exc).__name__}: {exc}"
+            raise TaskFailedError(task.error) from exc
+        finally:
+            task.finished = time.monotonic()
+            await self._free(task.task_id)
+        return self._result(task, prompt, stopper, reason)
+
+    def _result(self, task: Task, prompt: list[int], stopper: StopChecker, reason: str) -> GenerationResult:
+        end = task.finished or time.monotonic()
+        started = task.started or end
+        first = task.first_token or end
+        return GenerationResult(stopper.text, list(task.tokens), prompt, reason, first - started, end - first)
+
+    async def _next(self, task: Task, timeout_s: float) -> int:
+        waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._waiting[task.task_id] = waiter
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await waiter
+        except TimeoutError:
+            raise TaskFailedError(
+                f"no token within {timeout_s:g} s from the pipeline {' -> '.join(self.describe())}"
+            ) from None
+        finally:
+            self._waiting.pop(task.task_id, None)
+
+    async def _free(self, task_id: str) -> None:
+        """Tell every stage to drop the session (best effort: a stage that left has nothing to free)."""
+        for node in dict.fromkeys(self.stage_nodes):
+            with contextlib.suppress(Exception):
+                await self.send(node, Cancel(task_id))
+
+    def _forget_finished(self) -> None:
+        finished = [t for t in self.tasks.values() if not t.active]
+        for task in finished[: max(0, len(finished) - KEEP_FINISHED)]:
+            del self.tasks[task.task_id]

@@ -1,0 +1,215 @@
+"""One node's pipeline stage: compute requests in, hidden states (or sampled tokens) out.
+
+Requests from every session queue up; the worker takes all that are waiting, runs the one-token
+decode steps of different sessions as one batched forward (continuous batching) and each prompt
+on its own, then sends each result on: hidden states to the next stage, or, on the last stage,
+the sampled token id to the host. Each session keeps its own KV-cache slot until the host
+cancels it. The forward runs in a worker thread, so heartbeats and transfers keep flowing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from peerpipe.engine.kvcache import KVCache
+from peerpipe.engine.model import Stage
+from peerpipe.engine.sampling import Sampler, SamplingParams, make_generator
+from peerpipe.inference.wire import from_wire, to_wire
+from peerpipe.protocol import Cancel, ComputeError, ComputeRequest, ComputeResult, Message, SessionSpec
+
+log = logging.getLogger(__name__)
+Send = Callable[[str, Message], Awaitable[None]]
+# Tasks cancelled recently: a request of theirs still on its way from an earlier stage is dropped
+# rather than given a fresh slot nobody would free.
+_FORGET_AFTER = 4096
+
+
+@dataclass
+class _Session:
+    slot: int
+    params: SamplingParams | None = None  # last stage only
+    generator: torch.Generator | None = None
+    history: list[int] = field(default_factory=list)
+
+
+class RequestError(Exception):
+    """A request this stage cannot run; its text goes back to the host."""
+
+
+class StageServer:
+    def __init__(
+        self,
+        stage: Stage,
+        cache: KVCache,
+        *,
+        label: str,
+        next_hop: str | None,
+        host_id: str,
+        send: Send,
+        max_batch: int = 64,
+    ) -> None:
+        self.stage, self.cache = stage, cache
+        self.label = label  # e.g. "node-b layers [8, 16)", for error messages
+        self.next_hop = next_hop  # None: this is the last stage
+        self.host_id = host_id
+        self.send = send
+        self.max_batch = max_batch
+        self.sessions: dict[str, _Session] = {}
+        self._queue: asyncio.Queue[ComputeRequest | Cancel] = asyncio.Queue()
+        self._cancelled: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._sampler = Sampler()
+        self.steps = 0  # forwards run, for tests and status
+        self._changed = asyncio.Event()  # set when a session opens or closes
+
+    @property
+    def device(self) -> torch.device:
+        return self.cache.device
+
+    def submit(self, message: ComputeRequest | Cancel) -> None:
+        self._queue.put_nowait(message)
+
+    async def run(self) -> None:
+        while True:
+            items = [await self._queue.get()]
+            while not self._queue.empty() and len(items) < 4 * self.max_batch:
+                items.append(self._queue.get_nowait())
+            decode: list[ComputeRequest] = []
+            for item in items:
+                if isinstance(item, Cancel):
+                    self._cancel(item.task_id)
+                elif item.task_id in self._cancelled:
+                    continue
+                elif item.input_tensor.shape[-1 if self.stage.is_first else -2] == 1 and len(decode) < self.max_batch:
+                    decode.append(item)
+                else:
+                    await self._run([item])  # a prompt: its own forward
+            if decode:
+                await self._run(decode)
+
+    async def wait_sessions(self, count: int, timeout_s: float) -> None:
+        """Return once exactly ``count`` sessions hold a KV-cache slot here."""
+        async with asyncio.timeout(timeout_s):
+            while len(self.sessions) != count:
+                self._changed.clear()
+                await self._changed.wait()
+
+    def _cancel(self, task_id: str) -> None:
+        session = self.sessions.pop(task_id, None)
+        if session is not None:
+            self.cache.free(session.slot)
+            self._changed.set()
+        self._cancelled[task_id] = None
+        if len(self._cancelled) > _FORGET_AFTER:
+            self._cancelled.popitem(last=False)
+
+    async def _run(self, requests: list[ComputeRequest]) -> None:
+        ready: list[ComputeRequest] = []
+        for request in requests:
+            try:
+                self._admit(request)
+                ready.append(request)
+            except RequestError as exc:
+                await self._fail(request.task_id, str(exc))
+        if not ready:
+            return
+        try:
+            outputs = await asyncio.to_thread(self._forward, ready)
+        except Exception as exc:  # the model failed: every session in the batch fails, typed, with why
+            log.warning("%s: forward failed: %r", self.label, exc)
+            for request in ready:
+                self._cancel(request.task_id)
+                await self._fail(request.task_id, f"{type(exc).__name__}: {exc}")
+            return
+        self.steps += 1
+        for request, output in zip(ready, outputs, strict=True):
+            if self.next_hop is None:
+                await self._send(self.host_id, ComputeResult(request.task_id, output))
+            else:
+                await self._send(
+                    self.next_hop,
+                    ComputeRequest(
+                        request.task_id,
+                        output,
+                        request.session_id,
+                        request.plan_version,
+                        request.start_pos,
+                        request.session,
+                    ),
+                )
+
+    async def _send(self, node: str, message: Message) -> None:
+        try:
+            await self.send(node, message)
+        except Exception as exc:  # the next hop is gone: the host learns it from the room too
+            log.warning("%s: cannot send to %s: %s", self.label, node[:8], exc)
+
+    async def _fail(self, task_id: str, error: str) -> None:
+        await self._send(self.host_id, ComputeError(task_id, f"{self.label}: {error}"[:4000]))
+
+    def _admit(self, request: ComputeRequest) -> None:
+        """Find or open the request's session and check its positions (cheap; on the loop)."""
+        n_new = request.input_tensor.shape[-1 if self.stage.is_first else -2]
+        session = self.sessions.get(request.task_id)
+        if session is None:
+            if request.start_pos != 0:
+                raise RequestError(f"unknown session {request.task_id} at position {request.start_pos}")
+            if self.cache.free_slots == 0:
+                raise RequestError(f"all {self.cache.max_slots} sessions of this stage are in use")
+            session = _Session(self.cache.alloc())
+            if self.next_hop is None:
+                self._open_sampling(session, request.session)
+            self.sessions[request.task_id] = session
+            self._changed.set()
+        length = self.cache.lengths[session.slot]
+        if request.start_pos < length:
+            self.cache.rollback(session.slot, request.start_pos)  # a replayed or redrafted step
+        elif request.start_pos > length:
+            raise RequestError(f"session {request.task_id} holds {length} positions, got one at {request.start_pos}")
+        if request.start_pos + n_new > self.cache.max_seq:
+            raise RequestError(f"session {request.task_id} would reach {request.start_pos + n_new} positions; "
+                               f"this stage holds {self.cache.max_seq}")
+
+    def _open_sampling(self, session: _Session, spec: SessionSpec | None) -> None:
+        spec = spec or SessionSpec()
+        try:
+            params = SamplingParams(
+                temperature=spec.temperature,
+                top_k=spec.top_k,
+                top_p=spec.top_p if spec.top_p > 0 else 1.0,
+                min_p=spec.min_p,
+                repetition_penalty=spec.repetition_penalty,
+                seed=spec.seed,
+            )
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
+        session.params = params
+        session.generator = None if params.greedy else make_generator(params.seed, self.device)
+        if params.repetition_penalty != 1.0 and spec.history is not None:
+            session.history = [int(t) for t in spec.history.to_numpy().reshape(-1)]
+
+    @torch.inference_mode()
+    def _forward(self, requests: list[ComputeRequest]) -> list:
+        sessions = [self.sessions[r.task_id] for r in requests]
+        slots = [s.slot for s in sessions]
+        inputs = [from_wire(r.input_tensor, self.device) for r in requests]
+        x = torch.cat(inputs, dim=0)
+        if self.stage.is_first:
+            x = x.to(torch.long)
+        batch = self.cache.batch(slots, x.shape[1])
+        out = self.stage(x, self.cache, batch, last_only=self.stage.is_last)
+        if self.next_hop is not None:
+            return [to_wire(out[i : i + 1]) for i in range(len(requests))]
+        logits = out[:, -1]
+        params = [s.params or SamplingParams(temperature=0.0) for s in sessions]
+        tokens = self._sampler.sample(logits, params, [s.generator for s in sessions], [s.history for s in sessions])
+        ids = tokens.tolist()
+        for session, token in zip(sessions, ids, strict=True):
+            if session.params is not None and session.params.repetition_penalty != 1.0:
+                session.history.append(int(token))
+        return [to_wire(torch.tensor([token], dtype=torch.long)) for token in ids]

@@ -1,0 +1,185 @@
+"""Distributed inference in one process: a host and members over real loopback sockets, each
+node loading its own stage from the model folder. Outputs must equal one node's."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from peerpipe.cluster.host_service import ClusterConfig, ClusterHost
+from peerpipe.cluster.local import LocalDevice
+from peerpipe.cluster.member_service import ClusterMember
+from peerpipe.cluster.membership import MembershipConfig
+from peerpipe.cluster.model_choice import ModelChoice
+from peerpipe.engine.generate import LocalEngine
+from peerpipe.engine.sampling import SamplingParams
+from peerpipe.inference.errors import TaskFailedError
+from peerpipe.plan import Budget, stage_memory
+from peerpipe.room import Host, Member, parse_code
+
+T = TypeVar("T")
+CODE = parse_code("6-quiet-harbour")
+FAST = MembershipConfig(heartbeat_s=0.5, suspect_after_beats=4, dead_after_s=5.0)
+PROMPTS = [[5, 17, 42, 99, 3], [7, 7, 8], [100, 200, 30, 40, 50, 60, 11], [1, 2]]
+
+
+def arun(coro: Coroutine[Any, Any, T], timeout: float = 120.0) -> T:
+    async def bounded() -> T:
+        async with asyncio.timeout(timeout):
+            return await coro
+
+    return asyncio.run(bounded())
+
+
+@pytest.fixture(scope="module")
+def device(warm_bench: None) -> LocalDevice:
+    return asyncio.run(LocalDevice.measure("cpu", quick=True))
+
+
+@dataclasses.dataclass
+class Room:
+    host: ClusterHost
+    members: list[ClusterMember]
+
+
+@contextlib.asynccontextmanager
+async def room(model: Path, device: LocalDevice, members: int, *, layers_per_node: int | None, sessions: int = 8) -> AsyncIterator[Room]:
+    choice = ModelChoice.from_dir(model, dtype="float32")
+    budget = Budget(context_tokens=64, sessions=sessions)
+    if layers_per_node is not None:
+        # Enough memory for the embedding or head plus this many layers, not more.
+        need = stage_memory(choice.spec, budget, 0, layers_per_node)
+        device = dataclasses.replace(device, memory_limit_bytes=int(need / (1 - budget.headroom)) + 1)
+    stops: list[asyncio.Event] = []
+    async with contextlib.AsyncExitStack() as stack, asyncio.TaskGroup() as tg:
+        node = await stack.enter_async_context(Host(CODE, name="host"))
+        addr = await node.open(("127.0.0.1", 0), advertise=False)
+        config = ClusterConfig(membership=FAST, replan_debounce_s=0.2, expect_nodes=members + 1, budget=budget)
+        host = ClusterHost(node, device, config, choice)
+        stop = asyncio.Event()
+        stops.append(stop)
+        tg.create_task(host.run(stop))
+        services = []
+        for i in range(members):
+            member = await stack.enter_async_context(Member(CODE, name=f"m{i}"))
+            mesh = await member.listen("127.0.0.1", 0)
+            peer = await member.join(addr)
+            service = ClusterMember(
+                member, peer.node_id, device, address=f"{mesh[0]}:{mesh[1]}", membership=FAST, model_dir=model
+            )
+            stop = asyncio.Event()
+            stops.append(stop)
+            tg.create_task(service.run(stop))
+            services.append(service)
+        try:
+            await host.ready_pipeline(60)
+            yield Room(host, services)
+        finally:
+            for stop in reversed(stops):
+                stop.set()
+
+
+def local_tokens(model: Path, prompt: list[int], params: SamplingParams) -> list[int]:
+    engine, _ = LocalEngine.from_dir(model, device="cpu", dtype="float32", max_seq=64)
+    return engine.generate(prompt, params).tokens
+
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_three_stages_give_the_tokens_of_one_node(arch: str, tiny_model_dir, device) -> None:
+    model = tiny_model_dir(arch)
+    expected = [local_tokens(model, p, GREEDY) for p in PROMPTS]
+    seeded = SamplingParams(temperature=0.9, top_p=0.9, seed=1234, max_tokens=12, ignore_eos=True)
+    expected_seeded = local_tokens(model, PROMPTS[0], seeded)
+
+    async def main() -> None:
+        async with room(model, device, members=2, layers_per_node=2) as r:
+            pipeline = r.host.pipeline
+            assert pipeline is not None and len(pipeline.plan.stages) == 3 and not pipeline.local
+            # One at a time, then all at once: batched decode must not change a token.
+            alone = [await pipeline.generate(p, GREEDY) for p in PROMPTS]
+            assert [a.tokens for a in alone] == expected
+            together = await asyncio.gather(*(pipeline.generate(p, GREEDY) for p in PROMPTS * 2))
+            assert [t.tokens for t in together] == expected * 2
+            assert (await pipeline.generate(PROMPTS[0], seeded)).tokens == expected_seeded
+            # Hidden states went stage to stage: every member's stage ran batched steps.
+            servers = [m.runtime.server for m in r.members if m.runtime.server is not None]
+            assert len(servers) >= 2 and all(s.steps > 0 for s in servers)
+            for server in servers:
+                await server.wait_sessions(0, 5)  # every finished task freed its slot
+
+    arun(main())
+
+
+def test_cancel_mid_answer_frees_every_stage(tiny_model_dir, device) -> None:
+    model = tiny_model_dir("llama")
+
+    async def main() -> None:
+        async with room(model, device, members=2, layers_per_node=2) as r:
+            pipeline = r.host.pipeline
+            assert pipeline is not None
+            servers = [m.runtime.server for m in r.members if m.runtime.server] + [r.host.runtime.server]
+            servers = [s for s in servers if s is not None]
+            long = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
+            started = asyncio.Event()
+
+            def on_text(_: str) -> None:
+                started.set()
+
+            task = asyncio.create_task(pipeline.generate(PROMPTS[2], long, on_text, task_id="t-cancel"))
+            await started.wait()
+            assert all(len(s.sessions) == 1 for s in servers)
+            assert pipeline.cancel("t-cancel")
+            result = await task
+            assert result.finish_reason == "cancelled" and 0 < len(result.tokens) < 50
+            for server in servers:
+                await server.wait_sessions(0, 5)
+                assert server.cache.free_slots == server.cache.max_slots
+
+    arun(main())
+
+
+def test_a_failing_stage_fails_the_task_with_its_reason(tiny_model_dir, device, monkeypatch) -> None:
+    model = tiny_model_dir("llama")
+
+    async def main() -> None:
+        async with room(model, device, members=2, layers_per_node=2) as r:
+            pipeline = r.host.pipeline
+            assert pipeline is not None
+            middle = next(m for m in r.members if m.runtime.server and m.runtime.server.next_hop is not None)
+            server = middle.runtime.server
+            original = server._forward
+
+            def broken(requests):  # the model itself raising, as a driver fault would
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+            server._forward = broken
+            with pytest.raises(TaskFailedError, match=r"m\d layers \[\d+, \d+\): RuntimeError: CUDA error"):
+                await pipeline.generate(PROMPTS[0], GREEDY)
+            failed = [t for t in pipeline.tasks.values() if t.status.value == "failed"]
+            assert len(failed) == 1 and "illegal memory access" in failed[0].error
+            server._forward = original
+            assert (await pipeline.generate(PROMPTS[0], GREEDY)).tokens  # the room still answers
+
+    arun(main())
+
+
+def test_a_room_of_one_runs_locally(tiny_model_dir, device) -> None:
+    model = tiny_model_dir("llama")
+    expected = local_tokens(model, PROMPTS[0], GREEDY)
+
+    async def main() -> None:
+        async with room(model, device, members=0, layers_per_node=None) as r:
+            pipeline = r.host.pipeline
+            assert pipeline is not None and pipeline.local
+            assert (await pipeline.generate(PROMPTS[0], GREEDY)).tokens == expected
+
+    arun(main())
