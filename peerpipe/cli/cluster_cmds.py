@@ -262,7 +262,7 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--objective", choices=["latency", "throughput"], default="latency")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16", help="weights dtype (bfloat16)")
     p.add_argument("--context", type=int, default=4096, help="tokens of KV cache per session (4096)")
-    p.add_argument("--sessions", type=int, default=1, help="concurrent answers to hold KV cache for (1)")
+    p.add_argument("--sessions", type=int, default=4, help="concurrent answers to hold KV cache for (4)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_room_arguments(p)
     p.set_defaults(func=plan_cmd)

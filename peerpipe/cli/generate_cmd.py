@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from peerpipe.cli.progress import LoadProgress
 from peerpipe.engine.errors import CacheError
+from peerpipe.errors import PeerpipeError
 
 if TYPE_CHECKING:  # torch loads only when a model runs: `peerpipe host` starts fast
     from peerpipe.engine.sampling import SamplingParams
@@ -40,9 +41,14 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="generate text with a model on this machine")
+    p = sub.add_parser(
+        "generate", help="generate text with a model on this machine, or ask a room (--room)", description=run.__doc__
+    )
     p.add_argument("prompt", metavar="PROMPT", help="the prompt text")
-    p.add_argument("--model", required=True, type=Path, metavar="DIR", help="Hugging Face model folder")
+    p.add_argument("--model", type=Path, metavar="DIR", help="Hugging Face model folder (to run it here)")
+    p.add_argument("--room", metavar="CODE", help="ask the room with this code instead of running a model here")
+    p.add_argument("--peer", metavar="HOST:PORT", help="the room's host (default: found by code)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for a room's answer (600)")
     add_sampling_arguments(p)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the best one here)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
@@ -95,6 +101,12 @@ def show_text(text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Generate text: with --model on this machine, or with --room CODE on a room's pipeline (the
+    host runs the prompt through its stages and streams the answer back)."""
+    if args.room:
+        return run_remote(args)
+    if args.model is None:
+        raise PeerpipeError("give --model DIR to run a model here, or --room CODE to ask a room")
     from peerpipe.engine.config import ModelConfig
     from peerpipe.engine.generate import LocalEngine, encode_prompt
     from peerpipe.engine.loader import load_stage
@@ -130,4 +142,63 @@ def run(args: argparse.Namespace) -> int:
         f"[{len(result.tokens)} tokens, {result.tok_s:.1f} tok/s, finish: {result.finish_reason}]",
         file=sys.stderr,
     )
+    return 0
+
+
+def run_remote(args: argparse.Namespace) -> int:
+    import uuid
+
+    from peerpipe.cli.room_cmds import parse_address
+    from peerpipe.cli.runtime import live_rooms
+    from peerpipe.inference.client import remote_generate
+    from peerpipe.inference.errors import InferenceError
+    from peerpipe.protocol import GenerateRequest
+    from peerpipe.room import default_lan_ip, find_host, parse_code, run
+
+    code = parse_code(args.room)
+    if args.peer:
+        address = parse_address(args.peer)
+    else:
+        known = [r for r in live_rooms() if r.code == str(code)]
+        if known:
+            address = parse_address(known[0].host)
+        else:
+            found = run(find_host(code.nameplate, 10.0, default_lan_ip()))
+            address = (found.address, found.port)
+    request = GenerateRequest(
+        uuid.uuid4().hex,
+        args.prompt,
+        max_tokens=args.max_tokens,
+        chat=args.chat,
+        system=args.system or "",
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=tuple(args.stop),
+        ignore_eos=args.ignore_eos,
+    )
+    done = run(remote_generate(code, address, request, None if args.json else show_text, timeout_s=args.timeout))
+    if done.error:
+        raise InferenceError(done.error)
+    n = len(done.tokens) - 1
+    tok_s = n / done.decode_s if n > 0 and done.decode_s > 0 else 0.0
+    if args.json:
+        out = {
+            "text": done.text,
+            "tokens": list(done.tokens),
+            "prompt_ids": list(done.prompt_ids),
+            "finish_reason": done.finish_reason,
+            "tok_s": round(tok_s, 3),
+            "prefill_s": round(done.prefill_s, 6),
+            "decode_s": round(done.decode_s, 6),
+            "stages": list(done.stages),
+        }
+        print(json.dumps(out, ensure_ascii=False))
+        return 0
+    sys.stdout.write("\n")
+    where = " -> ".join(done.stages)
+    print(f"[{len(done.tokens)} tokens, {tok_s:.1f} tok/s, finish: {done.finish_reason}; {where}]", file=sys.stderr)
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+from pathlib import Path
 
 from peerpipe.errors import PeerpipeError
 from peerpipe.room import (
@@ -81,13 +82,13 @@ def add_host_parser(
     parser.add_argument(
         "--no-mdns", action="store_true", help="do not advertise the room; members use --peer"
     )
-    parser.add_argument("--model", metavar="DIR", help="plan this model over the room as nodes come and go")
+    parser.add_argument("--model", metavar="DIR", help="plan this model over the room as nodes come and go, and serve it")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="weights dtype (bf16 on GPUs, fp32 on CPUs)")
     parser.add_argument("--expect-nodes", type=int, default=1, metavar="N", help="make the first plan once N nodes are in (1)")
     parser.add_argument("--strategy", choices=["optimal", "proportional"], default="optimal")
     parser.add_argument("--objective", choices=["latency", "throughput"], default="latency")
     parser.add_argument("--context", type=int, default=4096, help="tokens of KV cache per session to plan for (4096)")
-    parser.add_argument("--sessions", type=int, default=1, help="concurrent answers to plan KV cache for (1)")
+    parser.add_argument("--sessions", type=int, default=4, help="concurrent answers to hold KV cache for (4)")
     parser.add_argument(
         "--heartbeat", type=_positive, default=1.0, metavar="S", help="seconds between members' heartbeats (1)"
     )
@@ -119,6 +120,9 @@ def add_join_parser(
     parser.add_argument("--name", default="", help="this node's name (default: the host name)")
     parser.add_argument(
         "--timeout", type=float, default=10.0, help="seconds to look for the host (default 10)"
+    )
+    parser.add_argument(
+        "--model", type=Path, metavar="DIR", help="this machine's copy of the room's model, to serve a stage of it"
     )
     _add_device_arguments(parser)
     parser.set_defaults(func=join_cmd)
@@ -203,7 +207,9 @@ async def _join(args: argparse.Namespace) -> int:
         mesh_ip, mesh_port = await member.listen(interface, 0)
         with registered(str(code), f"{host.address[0]}:{host.address[1]}", "member"):
             device = await _measure(args)
-            service = ClusterMember(member, host.node_id, device, address=f"{mesh_ip}:{mesh_port}", report=say)
+            service = ClusterMember(
+                member, host.node_id, device, address=f"{mesh_ip}:{mesh_port}", model_dir=args.model, report=say
+            )
             await service.run(stop)
             if not stop.is_set():
                 return 0  # the host closed the room; the service said so

@@ -525,7 +525,10 @@ class ClusterHost:
             assert self.model is not None and self.tokenizer is not None
             params = sampling_params(request, self.model.path)  # type: ignore[arg-type]
             ids = encode_prompt(self.tokenizer, request.prompt, chat=request.chat, system=request.system or None)
+            tag = request.request_id[:8]
+            self.report(f"request {tag}: started, {len(ids)} prompt tokens")
             result = await pipeline.generate(ids, params, pieces.put_nowait, task_id=request.request_id)
+            self.report(f"request {tag}: {len(result.tokens)} tokens, {result.tok_s:.1f} tok/s, {result.finish_reason}")
             done = GenerateDone(
                 request.request_id,
                 result.finish_reason,
@@ -537,6 +540,7 @@ class ClusterHost:
                 stages=tuple(pipeline.describe()),
             )
         except PeerpipeError as exc:
+            self.report(f"request {request.request_id[:8]}: failed: {exc}")
             done = GenerateDone(request.request_id, "error", "", (), (), 0.0, 0.0, error=str(exc)[:4000])
         pieces.put_nowait(None)
         await streamer

@@ -89,9 +89,7 @@ class Pipeline:
         if node_id not in self.stage_nodes:
             return
         name = self.names.get(node_id, node_id[:8])
-        for waiter in self._waiting.values():
-            if not waiter.done():
-                waiter.set_exception(TaskFailedError(f"stage {name} left the room: {reason}"))
+        self.close(f"stage {name} left the room: {reason}")
 
     def close(self, reason: str) -> None:
         """Stop taking work (the plan changed); tasks in flight fail with ``reason``."""
@@ -197,6 +195,8 @@ class Pipeline:
         return GenerationResult(stopper.text, list(task.tokens), prompt, reason, first - started, end - first)
 
     async def _next(self, task: Task, timeout_s: float) -> int:
+        if self._closed:
+            raise TaskFailedError(self._closed)
         waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._waiting[task.task_id] = waiter
         try:

@@ -1,0 +1,45 @@
+"""Ask a room's host for an answer: connect by code (as an observer), send a generate-request,
+stream the text, return the generate-done. Interrupting the wait cancels the request."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+from peerpipe.inference.errors import InferenceError
+from peerpipe.protocol import Cancel, GenerateDone, GenerateRequest, GenerateText
+from peerpipe.room import Address, MessageFrom, PeerLeft, RoomCode, RoomError, RoomNode
+
+
+async def remote_generate(
+    code: RoomCode,
+    host: Address,
+    request: GenerateRequest,
+    on_text: Callable[[str], None] | None = None,
+    *,
+    timeout_s: float = 600.0,
+) -> GenerateDone:
+    async with RoomNode(code, name="client") as node:
+        peer = await node.dial(host)
+        await node.send(peer.node_id, request)
+        try:
+            async with asyncio.timeout(timeout_s):
+                async for event in node.events():
+                    if isinstance(event, MessageFrom):
+                        message = event.message
+                        if isinstance(message, GenerateText) and message.request_id == request.request_id:
+                            if on_text is not None:
+                                on_text(message.text)
+                        elif isinstance(message, GenerateDone) and message.request_id == request.request_id:
+                            return message
+                    elif isinstance(event, PeerLeft) and event.peer.node_id == peer.node_id:
+                        raise InferenceError(f"the host left before answering: {event.reason}")
+        except TimeoutError:
+            raise InferenceError(f"no complete answer within {timeout_s:g} s") from None
+        except asyncio.CancelledError:
+            with contextlib.suppress(RoomError, TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await node.send(peer.node_id, Cancel(request.request_id))
+            raise
+        raise InferenceError("the connection ended before the answer")

@@ -1,0 +1,117 @@
+"""A room of three real processes on loopback serves a model; ``peerpipe generate --room`` gets
+the same tokens as ``peerpipe generate --model`` on one node."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from peerpipe.cluster.model_choice import ModelChoice
+from peerpipe.plan import Budget, stage_memory
+from tests.room.roomproc import REPO, RoomProc
+
+CODE = "2-amber-falcon"
+CONTEXT, SESSIONS = 64, 4
+ARCHS = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
+
+
+@pytest.fixture
+def procs(warm_bench: None) -> Iterator[list[RoomProc]]:
+    started: list[RoomProc] = []
+    yield started
+    for p in started:
+        p.stop()
+
+
+def peerpipe(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "peerpipe", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def memory_gb(model: Path, layers: int) -> str:
+    """What a node may offer so that it holds at most ``layers`` layers (plus embedding or head)."""
+    spec = ModelChoice.from_dir(model, dtype="float32").spec
+    need = stage_memory(spec, Budget(CONTEXT, SESSIONS), 0, layers)
+    return f"{need / 0.9 / 1e9 + 1e-9:.9f}"
+
+
+def open_room(procs: list[RoomProc], model: Path, members: int, layers_per_node: int | None) -> tuple[RoomProc, str, list[RoomProc]]:
+    memory = ["--memory", memory_gb(model, layers_per_node)] if layers_per_node else []
+    common = ["--quick", *memory]
+    host = RoomProc(
+        "host", "--listen", "127.0.0.1:0", "--no-mdns", "--code", CODE, "--name", "h", "--model", str(model),
+        "--dtype", "float32", "--expect-nodes", str(members + 1), "--context", str(CONTEXT),
+        "--sessions", str(SESSIONS), "--device", "cpu", *common,
+    )
+    procs.append(host)
+    address = "127.0.0.1:" + host.expect(r"^listening on 127\.0\.0\.1:(\d+)$").group(1)
+    joined = []
+    for i in range(members):
+        member = RoomProc(
+            "join", CODE, "--peer", address, "--listen", "127.0.0.1", "--name", f"m{i}", "--model", str(model),
+            "--device", "cpu", *common,
+        )
+        procs.append(member)
+        joined.append(member)
+    host.expect(r"^ready: ", timeout=60)
+    return host, address, joined
+
+
+def generate(*args: str) -> dict:
+    out = peerpipe("generate", "--json", "--max-tokens", "12", "--ignore-eos", *args)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.slow) if a != "llama" else a for a in ARCHS])
+def test_three_processes_answer_like_one(arch: str, procs, tiny_model_dir) -> None:
+    model = tiny_model_dir(arch)
+    _host, address, _ = open_room(procs, model, members=2, layers_per_node=2)
+    room = ["--room", CODE, "--peer", address]
+    for prompt in ("the quiet harbour", "a b c"):
+        local = generate("--model", str(model), "--dtype", "float32", "--device", "cpu", "--temperature", "0", prompt)
+        remote = generate(*room, "--temperature", "0", prompt)
+        assert len(remote["stages"]) == 3, remote["stages"]
+        assert remote["tokens"] == local["tokens"] and remote["prompt_ids"] == local["prompt_ids"]
+        assert remote["text"] == local["text"]
+    seeded = ["--temperature", "0.8", "--top-p", "0.9", "--seed", "77", "the quiet harbour"]
+    local = generate("--model", str(model), "--dtype", "float32", "--device", "cpu", *seeded)
+    assert generate(*room, *seeded)["tokens"] == local["tokens"] == generate(*room, *seeded)["tokens"]
+    status = json.loads(peerpipe("status", "--json", "--code", CODE, "--peer", address).stdout)
+    assert len(status["plan"]["stages"]) == 3 and sorted(status["plan"]["acked"]) == sorted(
+        n["node_id"] for n in status["nodes"]
+    )
+
+
+def test_a_stage_killed_mid_answer_fails_the_request_with_its_name(procs, tiny_model_dir) -> None:
+    model = tiny_model_dir("llama")
+    host, address, members = open_room(procs, model, members=2, layers_per_node=2)
+    client = RoomProc("generate", "--room", CODE, "--peer", address, "--max-tokens", "100000", "--ignore-eos",
+                      "--temperature", "0", "x")
+    procs.append(client)
+    host.expect(r"^request \w+: started")
+    members[0].proc.kill()
+    assert client.wait(timeout=30) == 1
+    assert "stage m0 left the room" in client.stderr(), client.stderr()
+    host.expect(r"^request \w+: failed: stage m0 left the room")
+    host.expect(r"^left: m0 \(\w+\), lost")
+
+
+def test_a_room_of_one_answers_locally(procs, tiny_model_dir) -> None:
+    model = tiny_model_dir("llama")
+    host, address, _ = open_room(procs, model, members=0, layers_per_node=None)
+    assert "runs locally" in host.seen[-1] or any("locally" in line for line in host.seen)
+    local = generate("--model", str(model), "--dtype", "float32", "--device", "cpu", "--temperature", "0", "hi")
+    remote = generate("--room", CODE, "--peer", address, "--temperature", "0", "hi")
+    assert remote["tokens"] == local["tokens"] and remote["stages"] == ["h[0,4)"]
+
+
+def test_generate_needs_a_model_or_a_room() -> None:
+    out = peerpipe("generate", "hello")
+    assert out.returncode == 1 and "--room" in out.stderr
