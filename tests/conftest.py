@@ -52,6 +52,23 @@ def warm_bench() -> None:
     BenchCache(detect("cpu"), quick=True).device()
 
 
+@pytest.fixture(scope="session")
+def warm_layers(warm_bench: None) -> Callable[[Path], None]:
+    """``warm(model_dir)``: time a layer of that model's shape once, here, so the nodes of a room
+    on this one machine read it from the cache instead of timing it all at once (several
+    processes' thread pools on two cores slow each other down by orders of magnitude)."""
+    from peerpipe.cluster.benchmark import BenchCache
+    from peerpipe.cluster.capabilities import detect
+    from peerpipe.engine.config import ModelConfig
+
+    cache = BenchCache(detect("cpu"), quick=True)
+
+    def warm(model_dir: Path, dtype: str = "float32") -> None:
+        cache.layer(ModelConfig.from_dir(model_dir), dtype)
+
+    return warm
+
+
 def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
 

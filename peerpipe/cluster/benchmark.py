@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import re
 import statistics
 import time
@@ -141,7 +142,7 @@ def shape_key(cfg: ModelConfig) -> str:
 # Layers are timed in a stack at least this large, so weights stream from memory as in a real
 # model rather than sitting in a cache (a lone small layer would look several times faster).
 STREAM_BYTES = 256 << 20
-MAX_STACK = 64
+MAX_STACK = 32
 
 
 def bench_layer(
@@ -237,7 +238,7 @@ def _read_cache(path: Path) -> dict[str, Any]:
 
 def _write_cache(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # nodes on one machine write the same cache
     tmp.write_text(json.dumps(data, indent=1))
     tmp.replace(path)  # atomic, so a concurrent reader never sees half a file
 

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Hashable
 from dataclasses import dataclass, field
@@ -56,8 +57,9 @@ def install_event_loop() -> bool:
 
 
 def run(main: Coroutine[Any, Any, T], *, use_uvloop: bool = True) -> T:
-    """``asyncio.run`` on uvloop when it is installed (and wanted)."""
-    if use_uvloop:
+    """``asyncio.run`` on uvloop when it is installed (and wanted; ``PEERPIPE_EVENT_LOOP=asyncio``
+    says not)."""
+    if use_uvloop and os.environ.get("PEERPIPE_EVENT_LOOP", "uvloop") != "asyncio":
         try:
             import uvloop
         except ImportError:

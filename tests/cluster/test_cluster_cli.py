@@ -49,8 +49,9 @@ def join(procs: list[RoomProc], address: str, name: str) -> RoomProc:
     return start(procs, "join", CODE, "--peer", address, "--listen", "127.0.0.1", "--name", name)
 
 
-def test_sigkill_drops_the_node_within_3_s_and_the_room_replans(procs, tiny_model_dir) -> None:
+def test_sigkill_drops_the_node_within_3_s_and_the_room_replans(procs, tiny_model_dir, warm_layers) -> None:
     model = tiny_model_dir("llama")
+    warm_layers(model)
     host, address = open_room(procs, "--model", str(model), "--expect-nodes", "3", "--dtype", "float32")
     j1, j2 = join(procs, address, "j1"), join(procs, address, "j2")
     host.expect(r"^plan v1: ", timeout=30)

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.netns
 RATE_MBIT = 40
 
 
-def test_measured_bandwidth_finds_a_shaped_link(two_namespaces, tiny_model_dir) -> None:
+def test_measured_bandwidth_finds_a_shaped_link(two_namespaces, tiny_model_dir, warm_layers) -> None:
     if shutil.which("tc") is None:
         pytest.skip("needs tc (iproute2) to shape the link")
     (host_ns, host_ip), (join_ns, join_ip) = two_namespaces
@@ -29,6 +29,7 @@ def test_measured_bandwidth_finds_a_shaped_link(two_namespaces, tiny_model_dir) 
              "rate", f"{RATE_MBIT}mbit", "burst", "16kb", "latency", "100ms"],
             check=True, capture_output=True, timeout=10,
         )
+    warm_layers(tiny_model_dir("llama"))
     model = str(tiny_model_dir("llama"))
     code = "8-amber-falcon"
     procs: list[RoomProc] = []

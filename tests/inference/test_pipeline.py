@@ -94,8 +94,9 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_three_stages_give_the_tokens_of_one_node(arch: str, tiny_model_dir, device) -> None:
+def test_three_stages_give_the_tokens_of_one_node(arch: str, tiny_model_dir, device, warm_layers) -> None:
     model = tiny_model_dir(arch)
+    warm_layers(model)
     expected = [local_tokens(model, p, GREEDY) for p in PROMPTS]
     seeded = SamplingParams(temperature=0.9, top_p=0.9, seed=1234, max_tokens=12, ignore_eos=True)
     expected_seeded = local_tokens(model, PROMPTS[0], seeded)
@@ -119,8 +120,9 @@ def test_three_stages_give_the_tokens_of_one_node(arch: str, tiny_model_dir, dev
     arun(main())
 
 
-def test_cancel_mid_answer_frees_every_stage(tiny_model_dir, device) -> None:
+def test_cancel_mid_answer_frees_every_stage(tiny_model_dir, device, warm_layers) -> None:
     model = tiny_model_dir("llama")
+    warm_layers(model)
 
     async def main() -> None:
         async with room(model, device, members=2, layers_per_node=2) as r:
@@ -147,8 +149,9 @@ def test_cancel_mid_answer_frees_every_stage(tiny_model_dir, device) -> None:
     arun(main())
 
 
-def test_a_failing_stage_fails_the_task_with_its_reason(tiny_model_dir, device, monkeypatch) -> None:
+def test_a_failing_stage_fails_the_task_with_its_reason(tiny_model_dir, device, warm_layers, monkeypatch) -> None:
     model = tiny_model_dir("llama")
+    warm_layers(model)
 
     async def main() -> None:
         async with room(model, device, members=2, layers_per_node=2) as r:
@@ -172,8 +175,9 @@ def test_a_failing_stage_fails_the_task_with_its_reason(tiny_model_dir, device, 
     arun(main())
 
 
-def test_a_room_of_one_runs_locally(tiny_model_dir, device) -> None:
+def test_a_room_of_one_runs_locally(tiny_model_dir, device, warm_layers) -> None:
     model = tiny_model_dir("llama")
+    warm_layers(model)
     expected = local_tokens(model, PROMPTS[0], GREEDY)
 
     async def main() -> None:

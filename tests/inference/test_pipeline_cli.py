@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from peerpipe.cluster.model_choice import ModelChoice
+from peerpipe.engine.generate import LocalEngine, encode_prompt
+from peerpipe.engine.sampling import SamplingParams
 from peerpipe.plan import Budget, stage_memory
 from tests.room.roomproc import REPO, RoomProc
 
@@ -63,34 +65,46 @@ def open_room(procs: list[RoomProc], model: Path, members: int, layers_per_node:
     return host, address, joined
 
 
+def local(model: Path, prompt: str, params: SamplingParams) -> dict:
+    """What ``peerpipe generate --model`` gives, computed in this process (torch is loaded here)."""
+    engine, _ = LocalEngine.from_dir(model, device="cpu", dtype="float32", max_seq=CONTEXT)
+    ids = encode_prompt(engine.tokenizer, prompt)
+    result = engine.generate(ids, params)
+    return {"tokens": result.tokens, "prompt_ids": result.prompt_ids, "text": result.text}
+
+
 def generate(*args: str) -> dict:
     out = peerpipe("generate", "--json", "--max-tokens", "12", "--ignore-eos", *args)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
 
-@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.slow) if a != "llama" else a for a in ARCHS])
-def test_three_processes_answer_like_one(arch: str, procs, tiny_model_dir) -> None:
+@pytest.mark.parametrize("arch", ARCHS)
+def test_three_processes_answer_like_one(arch: str, procs, tiny_model_dir, warm_layers) -> None:
     model = tiny_model_dir(arch)
+    warm_layers(model)
     _host, address, _ = open_room(procs, model, members=2, layers_per_node=2)
     room = ["--room", CODE, "--peer", address]
+    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     for prompt in ("the quiet harbour", "a b c"):
-        local = generate("--model", str(model), "--dtype", "float32", "--device", "cpu", "--temperature", "0", prompt)
+        expected = local(model, prompt, greedy)
         remote = generate(*room, "--temperature", "0", prompt)
         assert len(remote["stages"]) == 3, remote["stages"]
-        assert remote["tokens"] == local["tokens"] and remote["prompt_ids"] == local["prompt_ids"]
-        assert remote["text"] == local["text"]
-    seeded = ["--temperature", "0.8", "--top-p", "0.9", "--seed", "77", "the quiet harbour"]
-    local = generate("--model", str(model), "--dtype", "float32", "--device", "cpu", *seeded)
-    assert generate(*room, *seeded)["tokens"] == local["tokens"] == generate(*room, *seeded)["tokens"]
+        assert remote["tokens"] == expected["tokens"] and remote["prompt_ids"] == expected["prompt_ids"]
+        assert remote["text"] == expected["text"]
+    seeded = SamplingParams(temperature=0.8, top_p=0.9, seed=77, max_tokens=12, ignore_eos=True)
+    flags = ["--temperature", "0.8", "--top-p", "0.9", "--seed", "77", "the quiet harbour"]
+    expected = local(model, "the quiet harbour", seeded)["tokens"]
+    assert generate(*room, *flags)["tokens"] == expected == generate(*room, *flags)["tokens"]
     status = json.loads(peerpipe("status", "--json", "--code", CODE, "--peer", address).stdout)
     assert len(status["plan"]["stages"]) == 3 and sorted(status["plan"]["acked"]) == sorted(
         n["node_id"] for n in status["nodes"]
     )
 
 
-def test_a_stage_killed_mid_answer_fails_the_request_with_its_name(procs, tiny_model_dir) -> None:
+def test_a_stage_killed_mid_answer_fails_the_request_with_its_name(procs, tiny_model_dir, warm_layers) -> None:
     model = tiny_model_dir("llama")
+    warm_layers(model)
     host, address, members = open_room(procs, model, members=2, layers_per_node=2)
     client = RoomProc("generate", "--room", CODE, "--peer", address, "--max-tokens", "100000", "--ignore-eos",
                       "--temperature", "0", "x")
@@ -103,13 +117,14 @@ def test_a_stage_killed_mid_answer_fails_the_request_with_its_name(procs, tiny_m
     host.expect(r"^left: m0 \(\w+\), lost")
 
 
-def test_a_room_of_one_answers_locally(procs, tiny_model_dir) -> None:
+def test_a_room_of_one_answers_locally(procs, tiny_model_dir, warm_layers) -> None:
     model = tiny_model_dir("llama")
+    warm_layers(model)
     host, address, _ = open_room(procs, model, members=0, layers_per_node=None)
     assert "runs locally" in host.seen[-1] or any("locally" in line for line in host.seen)
-    local = generate("--model", str(model), "--dtype", "float32", "--device", "cpu", "--temperature", "0", "hi")
+    expected = local(model, "hi", SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
     remote = generate("--room", CODE, "--peer", address, "--temperature", "0", "hi")
-    assert remote["tokens"] == local["tokens"] and remote["stages"] == ["h[0,4)"]
+    assert remote["tokens"] == expected["tokens"] and remote["stages"] == ["h[0,4)"]
 
 
 def test_generate_needs_a_model_or_a_room() -> None:
