@@ -1,0 +1,37 @@
+"""The Python API in the seed's order: create a room, nodes join, plan, generate."""
+
+from __future__ import annotations
+
+import asyncio
+
+from peerpipe.cluster.model_choice import ModelChoice
+from peerpipe.engine.generate import LocalEngine
+from peerpipe.plan import Budget, stage_memory
+from peerpipe.rooms import create_room, join_room
+
+
+def test_create_join_plan_generate(tiny_model_dir, warm_layers) -> None:
+    model = tiny_model_dir("llama")
+    warm_layers(model)
+    engine, _ = LocalEngine.from_dir(model, device="cpu", dtype="float32", max_seq=64)
+    from peerpipe.engine.sampling import SamplingParams
+
+    expected = engine.generate([5, 6, 7], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)).tokens
+    spec = ModelChoice.from_dir(model, "float32").spec
+    memory_gb = stage_memory(spec, Budget(64, 4), 0, 2) / 0.9 / 1e9 + 1e-9
+
+    async def main() -> None:
+        kw = {"device": "cpu", "memory_gb": memory_gb}
+        async with create_room(model, dtype="float32", context=64, expect_nodes=3, **kw) as room:
+            peer = room.address
+            async with join_room(str(room.code), peer=peer, model=model, **kw), join_room(
+                str(room.code), peer=peer, model=model, **kw
+            ):
+                await room.wait_for_nodes(3)
+                plan = await room.plan()
+                assert len(plan.stages) == 3 and plan.stages[-1].end == 4
+                result = await room.generate([5, 6, 7], temperature=0.0, max_tokens=8, ignore_eos=True)
+                assert result.tokens == expected
+                assert {m.info.node_id for m in room.view().members} >= {s.node_id for s in plan.stages}
+
+    asyncio.run(asyncio.wait_for(main(), 120))
