@@ -528,7 +528,10 @@ class ClusterHost:
             pipeline = await self.ready_pipeline(self.config.ready_timeout_s)
             assert self.model is not None and self.tokenizer is not None
             params = sampling_params(request, self.model.path)  # type: ignore[arg-type]
-            ids = encode_prompt(self.tokenizer, request.prompt, chat=request.chat, system=request.system or None)
+            if request.prompt_ids:
+                ids = list(request.prompt_ids)
+            else:
+                ids = encode_prompt(self.tokenizer, request.prompt, chat=request.chat, system=request.system or None)
             tag = request.request_id[:8]
             self.report(f"request {tag}: started, {len(ids)} prompt tokens")
             result = await pipeline.generate(ids, params, pieces.put_nowait, task_id=request.request_id)

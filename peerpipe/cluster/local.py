@@ -3,7 +3,6 @@ event loop so heartbeats keep flowing, and the answer to a benchmark request."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -12,6 +11,7 @@ from dataclasses import dataclass, field
 from peerpipe.cluster.benchmark import BenchCache, DeviceBench, Progress
 from peerpipe.cluster.capabilities import DeviceCaps, detect
 from peerpipe.cluster.links import measure_links
+from peerpipe.compute import run_compute
 from peerpipe.errors import PeerpipeError
 from peerpipe.protocol import BenchmarkRequest, BenchmarkResult, LayerTiming, NodeInfo
 from peerpipe.room import RoomNode
@@ -71,7 +71,7 @@ class LocalDevice:
             cache = BenchCache(caps, use_cache=use_cache, quick=quick)
             return cls(caps, cache.device(progress), cache, memory_limit_bytes)
 
-        return await asyncio.to_thread(work)
+        return await run_compute(work)
 
     @property
     def default_dtype(self) -> str:
@@ -116,7 +116,7 @@ class LocalDevice:
         cfg = ModelConfig.from_hf(raw)
         self.meter.start()
         try:
-            return await asyncio.to_thread(self.cache.layer, cfg, dtype or self.default_dtype)
+            return await run_compute(self.cache.layer, cfg, dtype or self.default_dtype)
         finally:
             self.meter.stop()
 

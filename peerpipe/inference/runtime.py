@@ -17,6 +17,7 @@ from pathlib import Path
 
 from peerpipe.cluster.benchmark import shape_key
 from peerpipe.cluster.model_choice import DTYPE_BYTES
+from peerpipe.compute import run_compute
 from peerpipe.errors import PeerpipeError
 from peerpipe.inference.errors import StageLoadError
 from peerpipe.inference.stage_server import Send, StageServer
@@ -105,7 +106,7 @@ class StageRuntime:
             # Same layers: keep the weights, forget the sessions of the old plan.
             self._stop_worker()
             stage = self.server.stage
-            cache = stage.new_cache(want.sessions, want.context)
+            cache = await run_compute(stage.new_cache, want.sessions, want.context)
         else:
             self._stop_worker()
             self.server = None
@@ -149,12 +150,10 @@ class StageRuntime:
                     self.report(f"loading layers [{want.start}, {want.end}): {mark}%")
 
         try:
-            stage, stats = await asyncio.to_thread(
-                lambda: load_stage(
-                    self.model_dir, want.start, want.end, device=self.device, dtype=dtype, progress=progress, cfg=cfg
-                )
+            stage, stats = await run_compute(
+                load_stage, self.model_dir, want.start, want.end, device=self.device, dtype=dtype, progress=progress, cfg=cfg
             )
-            cache = stage.new_cache(max(1, want.sessions), max(2, want.context))
+            cache = await run_compute(stage.new_cache, max(1, want.sessions), max(2, want.context))
         finally:
             self.loading = False
         self.report(f"loaded layers [{want.start}, {want.end}): {stats.bytes_read / 1e6:.1f} MB read")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from peerpipe.compute import run_compute
 from peerpipe.engine.kvcache import KVCache
 from peerpipe.engine.model import Stage
 from peerpipe.engine.sampling import Sampler, SamplingParams, make_generator
@@ -119,7 +120,7 @@ class StageServer:
         if not ready:
             return
         try:
-            outputs = await asyncio.to_thread(self._forward, ready)
+            outputs = await run_compute(self._forward, ready)
         except Exception as exc:  # the model failed: every session in the batch fails, typed, with why
             log.warning("%s: forward failed: %r", self.label, exc)
             for request in ready:

@@ -308,10 +308,12 @@ class GenerateRequest:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    prompt_ids: tuple[int, ...] = ()  # when given, the prompt's token ids (prompt is then unused)
 
     def __post_init__(self) -> None:
         need_id(self, "request_id")
         need_str(self, "prompt", MAX_PROMPT_LEN)
+        need_tuple_of(self, "prompt_ids", int, 1 << 20)
         need_int(self, "max_tokens", 1, 1 << 20)
         need_bool(self, "chat")
         need_str(self, "system")

@@ -199,6 +199,7 @@ STRATEGIES: dict[type, st.SearchStrategy] = {
         seed=st.none() | u64,
         stop=st.lists(st.text(min_size=1, max_size=5), max_size=3).map(tuple),
         ignore_eos=st.booleans(),
+        prompt_ids=st.lists(st.integers(0, 1 << 20), max_size=5).map(tuple),
     ),
     p.GenerateText: st.builds(p.GenerateText, request_id=ids, text=texts),
     p.GenerateDone: st.builds(

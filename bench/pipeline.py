@@ -1,0 +1,278 @@
+"""Distributed inference against one node, side by side in one run.
+
+    python bench/pipeline.py                     # CPU: tiny and cpu-75m shapes, loopback
+    python bench/pipeline.py --shapes cpu-75m --new-tokens 64
+
+For each model shape (random weights, fp32): one node (the local engine, in this process), then
+rooms of 1, 2 and 3 real `peerpipe` processes on loopback, each node allowed just enough memory
+to force that many stages. Measured through the host, as a client sees it:
+decode tok/s of one answer; time to first token of a 512-token prompt; with 3 stages, aggregate
+tok/s of 1, 4 and 16 concurrent answers; and the planner's predicted ms/token next to the
+measured one. Ratios are against the one-node engine. Prints a table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import queue
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from engine import SHAPES  # noqa: E402
+
+from peerpipe.devtools.tiny_model import tiny_config, write_random_model  # noqa: E402
+
+SHAPES = {
+    **SHAPES,
+    "tiny": dict(
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+    ),
+}
+CODE = "5-bench-pipeline"
+PROMPT_LEN, LONG_PROMPT = 32, 512
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+class Proc:
+    """A peerpipe process whose stdout lines we wait for."""
+
+    def __init__(self, *args: str, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "peerpipe", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+
+    def expect(self, pattern: str, timeout: float = 120.0) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        seen = []
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self.lines.get(timeout=left)
+            except queue.Empty:
+                break
+            seen.append(line.strip())
+            if m := re.search(pattern, line):
+                return m
+        raise TimeoutError(f"no {pattern!r} within {timeout:g} s; saw {seen[-5:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def local_baseline(model: Path, new_tokens: int, repeats: int, device: str, dtype: str, graphs: bool = False) -> dict:
+    from peerpipe.engine.generate import LocalEngine
+    from peerpipe.engine.sampling import SamplingParams
+
+    engine, _ = LocalEngine.from_dir(
+        model, device=device, dtype=dtype, max_seq=LONG_PROMPT + new_tokens + 1, cuda_graphs=graphs
+    )
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    prompt = [10 + i % 200 for i in range(PROMPT_LEN)]
+    engine.generate(prompt, params)
+    tok_s = statistics.median(engine.generate(prompt, params).tok_s for _ in range(repeats))
+    long = [10 + i % 200 for i in range(LONG_PROMPT)]
+    one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    engine.generate(long, one)
+    ttft = statistics.median(engine.generate(long, one).prefill_s for _ in range(repeats))
+    return {"tok_s": tok_s, "ttft_s": ttft}
+
+
+async def ask(address: tuple[str, int], prompts: list[list[int]], new_tokens: int) -> tuple[list, float]:
+    """Send every prompt at once over one connection; the answers and the wall time."""
+    from peerpipe.protocol import GenerateDone, GenerateRequest
+    from peerpipe.room import MessageFrom, RoomNode, parse_code
+
+    async with RoomNode(parse_code(CODE), name="bench") as node:
+        peer = await node.dial(address)
+        ids = [uuid.uuid4().hex for _ in prompts]
+        start = time.perf_counter()
+        for rid, prompt in zip(ids, prompts, strict=True):
+            request = GenerateRequest(
+                rid, "", max_tokens=new_tokens, temperature=0.0, ignore_eos=True, prompt_ids=tuple(prompt)
+            )
+            await node.send(peer.node_id, request)
+        done: dict[str, GenerateDone] = {}
+        async for event in node.events():
+            if isinstance(event, MessageFrom) and isinstance(event.message, GenerateDone):
+                if event.message.error:
+                    raise RuntimeError(event.message.error)
+                done[event.message.request_id] = event.message
+                if len(done) == len(ids):
+                    break
+        return [done[r] for r in ids], time.perf_counter() - start
+
+
+def room(
+    model: Path, stages: int, layers: int, env: dict[str, str], sessions: int, args: argparse.Namespace
+) -> tuple[list[Proc], tuple[str, int]]:
+    from peerpipe.cluster.model_choice import ModelChoice
+    from peerpipe.plan import Budget, stage_memory
+
+    context = LONG_PROMPT + 128
+    spec = ModelChoice.from_dir(model, args.dtype).spec
+    per_node = -(-layers // stages)
+    budget = Budget(context, sessions)
+    need = max(stage_memory(spec, budget, 0, per_node), stage_memory(spec, budget, layers - per_node, layers))
+    need = need if stages > 1 else None
+    memory = ["--memory", f"{need / 0.9 / 1e9 + 1e-9:.9f}"] if need else []
+    common = ["--device", args.device, *memory]
+    gpus = args.gpus
+
+    def on_gpu(i: int) -> dict[str, str]:
+        return {**env, "CUDA_VISIBLE_DEVICES": str(i % gpus)} if gpus else env
+
+    host = Proc(
+        "host", "--listen", "127.0.0.1:0", "--no-mdns", "--code", CODE, "--name", "h", "--model", str(model),
+        "--dtype", args.dtype, "--expect-nodes", str(stages), "--context", str(context), "--sessions", str(sessions),
+        *common, env=on_gpu(0),
+    )
+    port = int(host.expect(r"^listening on 127\.0\.0\.1:(\d+)$").group(1))
+    procs = [host]
+    for i in range(stages - 1):
+        procs.append(
+            Proc("join", CODE, "--peer", f"127.0.0.1:{port}", "--listen", "127.0.0.1", "--name", f"m{i}",
+                 "--model", str(model), *common, env=on_gpu(i + 1))
+        )
+    host.expect(r"^ready: ")
+    return procs, ("127.0.0.1", port)
+
+
+def predicted_ms(address: tuple[str, int], env: dict[str, str]) -> float:
+    out = subprocess.run(
+        [sys.executable, "-m", "peerpipe", "status", "--json", "--code", CODE, "--peer", f"{address[0]}:{address[1]}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )
+    data = json.loads(out.stdout)
+    return float(data["plan"]["predicted_ms_per_token"]), len(data["plan"]["stages"])
+
+
+def bench_shape(shape: str, root: Path, env: dict[str, str], args: argparse.Namespace) -> dict:
+    from peerpipe.cluster.benchmark import BenchCache
+    from peerpipe.cluster.capabilities import detect
+    from peerpipe.engine.config import ModelConfig
+
+    model = root / shape
+    if not (model / "config.json").is_file():
+        log(f"writing a random {shape} checkpoint")
+        write_random_model(model, tiny_config("llama", **SHAPES[shape]), seed=0, dtype=args.dtype)
+    cfg = ModelConfig.from_dir(model)
+    log(f"{shape}: timing a layer once for every node (they share this machine)")
+    if args.device == "cpu":
+        BenchCache(detect("cpu")).layer(cfg, args.dtype)
+    log(f"{shape}: one node, local engine")
+    base = local_baseline(model, args.new_tokens, args.repeats, args.device, args.dtype)
+    rows = {"shape": shape, "layers": cfg.n_layers, "local": base, "rooms": []}
+    if args.device != "cpu":
+        rows["local_cuda_graphs"] = local_baseline(model, args.new_tokens, args.repeats, args.device, args.dtype, True)
+    prompt = [10 + i % 200 for i in range(PROMPT_LEN)]
+    long = [10 + i % 200 for i in range(LONG_PROMPT)]
+    for stages in [int(s) for s in args.stages.split(",")]:
+        log(f"{shape}: room with {stages} stage(s)")
+        # Nodes share this machine's cores: each gets its share, as each would have its own
+        # machine in a real room (spinning thread pools of several processes slow all of them).
+        threads = args.node_threads or max(1, (os.cpu_count() or 1) // (1 if args.gpus else stages))
+        node_env = {**env, "OMP_NUM_THREADS": str(threads)}
+        procs, address = room(model, stages, cfg.n_layers, node_env, 16, args)
+        try:
+            predicted, planned = predicted_ms(address, env)
+            asyncio.run(ask(address, [prompt], 4))  # warm-up
+            singles = [asyncio.run(ask(address, [prompt], args.new_tokens))[0][0] for _ in range(args.repeats)]
+            tok_s = statistics.median((len(d.tokens) - 1) / d.decode_s for d in singles)
+            ttfts = [asyncio.run(ask(address, [long], 1))[0][0].prefill_s for _ in range(args.repeats)]
+            entry = {
+                "stages": planned,
+                "threads_per_node": threads,
+                "tok_s": tok_s,
+                "vs_local": tok_s / base["tok_s"],
+                "ttft_s": statistics.median(ttfts),
+                "ttft_vs_local": statistics.median(ttfts) / base["ttft_s"],
+                "predicted_ms": predicted,
+                "measured_ms": 1e3 / tok_s,
+            }
+            if stages == max(int(s) for s in args.stages.split(",")):
+                streams = {}
+                for n in (1, 4, 16):
+                    answers, wall = asyncio.run(ask(address, [prompt] * n, args.new_tokens))
+                    streams[n] = sum(len(a.tokens) for a in answers) / wall
+                entry["aggregate_tok_s"] = streams
+                entry["16_vs_1"] = streams[16] / streams[1]
+                entry["streams_at_stages"] = stages
+            rows["rooms"].append(entry)
+        finally:
+            for p in reversed(procs):
+                p.stop()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="tiny,cpu-75m")
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--stages", default="1,2,3", help="room sizes to run (1,2,3)")
+    parser.add_argument("--gpus", type=int, default=0, help="put node i on GPU i mod GPUS (0: no GPUs)")
+    parser.add_argument(
+        "--node-threads", type=int, default=0, help="CPU threads per node process (default: cores / nodes)"
+    )
+    args = parser.parse_args()
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "PEERPIPE_CACHE": str(Path(tmp) / "cache"), "PYTHONUNBUFFERED": "1"}
+        os.environ["PEERPIPE_CACHE"] = env["PEERPIPE_CACHE"]
+        for shape in args.shapes.split(","):
+            results.append(bench_shape(shape, Path(tmp), env, args))
+    print(f"{'shape':>8} {'stages':>6} {'tok/s':>8} {'vs 1 node':>9} {'TTFT 512':>9} {'vs 1 node':>9} {'pred ms':>8} {'meas ms':>8}  streams 1/4/16 tok/s")
+    for r in results:
+        base = r["local"]
+        print(f"{r['shape']:>8} {'local':>6} {base['tok_s']:>8.1f} {1.0:>9.2f} {base['ttft_s'] * 1e3:>7.1f}ms {1.0:>9.2f}")
+        if graphs := r.get("local_cuda_graphs"):
+            print(f"{'':>8} {'graphs':>6} {graphs['tok_s']:>8.1f} {graphs['tok_s'] / base['tok_s']:>9.2f}  (local engine with CUDA graphs)")
+        for e in r["rooms"]:
+            streams = e.get("aggregate_tok_s")
+            extra = f"  {streams[1]:.0f} / {streams[4]:.0f} / {streams[16]:.0f} ({e['16_vs_1']:.2f}x)" if streams else ""
+            print(
+                f"{r['shape']:>8} {e['stages']:>6} {e['tok_s']:>8.1f} {e['vs_local']:>9.2f} {e['ttft_s'] * 1e3:>7.1f}ms "
+                f"{e['ttft_vs_local']:>9.2f} {e['predicted_ms']:>8.2f} {e['measured_ms']:>8.2f}{extra}"
+            )
+    print(json.dumps({"results": results}))
+
+
+if __name__ == "__main__":
+    main()
