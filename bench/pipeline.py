@@ -19,6 +19,7 @@ import json
 import os
 import queue
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -58,9 +59,9 @@ def log(msg: str) -> None:
 class Proc:
     """A peerpipe process whose stdout lines we wait for."""
 
-    def __init__(self, *args: str, env: dict[str, str]) -> None:
+    def __init__(self, *args: str, env: dict[str, str], prefix: tuple[str, ...] = ()) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "peerpipe", *args],
+            [*prefix, sys.executable, "-m", "peerpipe", *args],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
@@ -172,9 +173,10 @@ def room(
     return procs, ("127.0.0.1", port)
 
 
-def predicted_ms(address: tuple[str, int], env: dict[str, str]) -> float:
+def predicted_ms(address: tuple[str, int], env: dict[str, str], prefix: tuple[str, ...] = ()) -> tuple[float, int]:
     out = subprocess.run(
-        [sys.executable, "-m", "peerpipe", "status", "--json", "--code", CODE, "--peer", f"{address[0]}:{address[1]}"],
+        [*prefix, sys.executable, "-m", "peerpipe", "status", "--json", "--code", CODE, "--peer",
+         f"{address[0]}:{address[1]}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
     )
     data = json.loads(out.stdout)
@@ -239,6 +241,139 @@ def bench_shape(shape: str, root: Path, env: dict[str, str], args: argparse.Name
     return rows
 
 
+# -- separate network namespaces ------------------------------------------------------------
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
+
+
+class Namespaces:
+    """``n`` namespaces on one bridge (in a namespace of its own), each link capped by ``tc tbf``.
+    Nothing touches this machine's own interfaces."""
+
+    def __init__(self, n: int, rate: str) -> None:
+        tag = os.getpid() % 10000
+        self.switch = f"ppsw{tag}"
+        self.names = [f"ppn{tag}-{i}" for i in range(n)]
+        subnet = 20 + os.getpid() % 200
+        self.ips = [f"10.214.{subnet}.{i + 1}" for i in range(n)]
+        self.rate = rate
+
+    def __enter__(self) -> Namespaces:
+        _ip("netns", "add", self.switch)
+        _ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
+        _ip("-n", self.switch, "link", "set", "br0", "up")
+        for i, (ns, ip) in enumerate(zip(self.names, self.ips, strict=True)):
+            _ip("netns", "add", ns)
+            _ip("link", "add", f"ppv{i}", "type", "veth", "peer", "name", f"ppb{i}")
+            _ip("link", "set", f"ppv{i}", "netns", ns)
+            _ip("link", "set", f"ppb{i}", "netns", self.switch)
+            _ip("-n", self.switch, "link", "set", f"ppb{i}", "master", "br0", "up")
+            _ip("-n", ns, "addr", "add", f"{ip}/24", "dev", f"ppv{i}")
+            _ip("-n", ns, "link", "set", f"ppv{i}", "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+            subprocess.run(
+                ["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", f"ppv{i}", "root", "tbf", "rate", self.rate,
+                 "burst", "64kb", "latency", "50ms"],
+                check=True, capture_output=True, timeout=10,
+            )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for ns in [*self.names, self.switch]:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+
+    def prefix(self, i: int) -> tuple[str, ...]:
+        return ("ip", "netns", "exec", self.names[i])
+
+
+def netns_room(model: Path, layers: int, nets: Namespaces, env: dict[str, str], args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from peerpipe.cluster.model_choice import ModelChoice
+    from peerpipe.plan import Budget, stage_memory
+
+    stages = len(nets.names)
+    context = LONG_PROMPT + 128
+    spec = ModelChoice.from_dir(model, args.dtype).spec
+    per_node = -(-layers // stages)
+    budget = Budget(context, 16)
+    need = max(stage_memory(spec, budget, 0, per_node), stage_memory(spec, budget, layers - per_node, layers))
+    common = ["--device", "cpu", "--memory", f"{need / 0.9 / 1e9 + 1e-9:.9f}"]
+    host = Proc(
+        "host", "--listen", f"{nets.ips[0]}:0", "--no-mdns", "--code", CODE, "--name", "h", "--model", str(model),
+        "--dtype", args.dtype, "--expect-nodes", str(stages), "--context", str(context), "--sessions", "16",
+        *common, env=env, prefix=nets.prefix(0),
+    )
+    port = int(host.expect(r"^listening on [\d.]+:(\d+)$").group(1))
+    procs = [host]
+    for i in range(1, stages):
+        procs.append(
+            Proc("join", CODE, "--peer", f"{nets.ips[0]}:{port}", "--listen", nets.ips[i], "--name", f"m{i}",
+                 "--model", str(model), *common, env=env, prefix=nets.prefix(i))
+        )
+    host.expect(r"^ready: ", timeout=180)
+    return procs, (nets.ips[0], port)
+
+
+def client(address: tuple[str, int], prefix: tuple[str, ...], env: dict[str, str], count: int, prompt_len: int,
+           new_tokens: int) -> dict:
+    """Run the asking client inside the host's namespace (this process cannot reach it)."""
+    out = subprocess.run(
+        [*prefix, sys.executable, str(Path(__file__).resolve()), "--client", f"{address[0]}:{address[1]}",
+         "--count", str(count), "--prompt-len", str(prompt_len), "--new-tokens", str(new_tokens)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    if out.returncode:
+        raise RuntimeError(out.stderr[-2000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def client_main(args: argparse.Namespace) -> None:
+    host, _, port = args.client.rpartition(":")
+    prompt = [10 + i % 200 for i in range(args.prompt_len)]
+    answers, wall = asyncio.run(ask((host, int(port)), [prompt] * args.count, args.new_tokens))
+    print(json.dumps({
+        "tok_s": [(len(a.tokens) - 1) / a.decode_s if a.decode_s > 0 else 0.0 for a in answers],
+        "prefill_s": [a.prefill_s for a in answers],
+        "aggregate_tok_s": sum(len(a.tokens) for a in answers) / wall,
+    }))
+
+
+def bench_netns(shape: str, root: Path, env: dict[str, str], args: argparse.Namespace, local: dict) -> list[dict]:
+    from peerpipe.engine.config import ModelConfig
+
+    if shutil.which("ip") is None or shutil.which("tc") is None or os.geteuid() != 0:
+        log("skipping the network-namespace runs: they need root, ip and tc")
+        return []
+    model = root / shape
+    layers = ModelConfig.from_dir(model).n_layers
+    rows = []
+    for delay_ms, rate in ((1, "1gbit"), (5, "1gbit"), (1, "100mbit"), (5, "100mbit")):
+        log(f"{shape}: 3 namespaces, +{delay_ms} ms per hop, {rate}")
+        node_env = {**env, "PEERPIPE_LINK_DELAY_MS": str(delay_ms),
+                    "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // 3))}
+        with Namespaces(3, rate) as nets:
+            procs, address = netns_room(model, layers, nets, node_env, args)
+            try:
+                predicted, planned = predicted_ms(address, env, nets.prefix(0))
+                client(address, nets.prefix(0), env, 1, PROMPT_LEN, 4)
+                single = [client(address, nets.prefix(0), env, 1, PROMPT_LEN, args.new_tokens) for _ in range(args.repeats)]
+                tok_s = statistics.median(s["tok_s"][0] for s in single)
+                ttft = statistics.median(
+                    client(address, nets.prefix(0), env, 1, LONG_PROMPT, 1)["prefill_s"][0] for _ in range(args.repeats)
+                )
+                many = client(address, nets.prefix(0), env, 16, PROMPT_LEN, args.new_tokens)["aggregate_tok_s"]
+                rows.append({
+                    "delay_ms": delay_ms, "rate": rate, "stages": planned, "tok_s": tok_s,
+                    "vs_local": tok_s / local["tok_s"], "ttft_s": ttft, "ttft_vs_local": ttft / local["ttft_s"],
+                    "predicted_ms": predicted, "measured_ms": 1e3 / tok_s, "aggregate_16": many,
+                })
+            finally:
+                for p in reversed(procs):
+                    p.stop()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="tiny,cpu-75m")
@@ -251,13 +386,22 @@ def main() -> None:
     parser.add_argument(
         "--node-threads", type=int, default=0, help="CPU threads per node process (default: cores / nodes)"
     )
+    parser.add_argument("--netns-shapes", default="cpu-75m", help="shapes to also run across namespaces ('' = none)")
+    parser.add_argument("--client", help=argparse.SUPPRESS)
+    parser.add_argument("--count", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--prompt-len", type=int, default=PROMPT_LEN, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.client:
+        client_main(args)
+        return
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "PEERPIPE_CACHE": str(Path(tmp) / "cache"), "PYTHONUNBUFFERED": "1"}
         os.environ["PEERPIPE_CACHE"] = env["PEERPIPE_CACHE"]
         for shape in args.shapes.split(","):
             results.append(bench_shape(shape, Path(tmp), env, args))
+            if shape in args.netns_shapes.split(",") and args.device == "cpu":
+                results[-1]["netns"] = bench_netns(shape, Path(tmp), env, args, results[-1]["local"])
     print(f"{'shape':>8} {'stages':>6} {'tok/s':>8} {'vs 1 node':>9} {'TTFT 512':>9} {'vs 1 node':>9} {'pred ms':>8} {'meas ms':>8}  streams 1/4/16 tok/s")
     for r in results:
         base = r["local"]
@@ -270,6 +414,13 @@ def main() -> None:
             print(
                 f"{r['shape']:>8} {e['stages']:>6} {e['tok_s']:>8.1f} {e['vs_local']:>9.2f} {e['ttft_s'] * 1e3:>7.1f}ms "
                 f"{e['ttft_vs_local']:>9.2f} {e['predicted_ms']:>8.2f} {e['measured_ms']:>8.2f}{extra}"
+            )
+    for r in results:
+        for e in r.get("netns", []):
+            print(
+                f"{r['shape']:>8} netns +{e['delay_ms']}ms/{e['rate']:>7}: {e['stages']} stages {e['tok_s']:.1f} tok/s "
+                f"({e['vs_local']:.2f}x), TTFT {e['ttft_s'] * 1e3:.0f} ms ({e['ttft_vs_local']:.2f}x), "
+                f"pred {e['predicted_ms']:.1f} / meas {e['measured_ms']:.1f} ms, 16 streams {e['aggregate_16']:.0f} tok/s"
             )
     print(json.dumps({"results": results}))
 
