@@ -81,6 +81,8 @@ class ClusterConfig:
     strategy: str = "optimal"
     objective: str = "latency"
     ready_timeout_s: float = 60.0  # how long a request waits for the stages to load
+    prefill_timeout_s: float = 300.0  # the first token of an answer
+    step_timeout_s: float = 60.0  # every later token
 
 
 def describe_plan(plan: Plan, names: dict[str, str]) -> str:
@@ -225,10 +227,11 @@ class ClusterHost:
         stages = {s.node_id for s in self.plan.stages}
         complete_before = self.acked >= stages
         self.acked.add(peer)
-        await self._broadcast()
+        # Decided before awaiting anything: acks handled meanwhile must not build a second pipeline.
         if self.acked >= stages and not complete_before:
             self.report(f"plan v{self.plan.version} acknowledged by every stage")
             self._make_pipeline()
+        await self._broadcast()
 
     async def _ticks(self) -> None:
         period = min(0.25, self.config.membership.heartbeat_s / 4)
@@ -454,6 +457,8 @@ class ClusterHost:
 
     def _make_pipeline(self) -> None:
         assert self.plan is not None and self.model is not None and self.model.path is not None
+        if self.pipeline is not None and self.pipeline.plan.version == self.plan.version:
+            return
         if self.tokenizer is None:
             from peerpipe.engine.tokenizer import Tokenizer
 
@@ -466,6 +471,8 @@ class ClusterHost:
             sessions=self.config.budget.sessions,
             max_seq=self.max_seq,
             names=self._names(),
+            step_timeout_s=self.config.step_timeout_s,
+            prefill_timeout_s=self.config.prefill_timeout_s,
         )
         if self.pipeline.local:
             self.report("ready: every layer is on this node; answers run locally, with no network hops")

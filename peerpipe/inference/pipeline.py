@@ -153,8 +153,8 @@ class Pipeline:
         reason = "error"
         try:
             ids = torch.tensor([prompt], dtype=torch.long)
-            await self.send(first, ComputeRequest(task.task_id, to_wire(ids), task.task_id, self.plan.version, 0, spec))
-            token = await self._next(task, self.prefill_timeout_s)
+            request = ComputeRequest(task.task_id, to_wire(ids), task.task_id, self.plan.version, 0, spec)
+            token = await self._step(task, first, request, self.prefill_timeout_s)
             task.first_token, task.status = time.monotonic(), TaskStatus.DECODING
             while True:
                 task.tokens.append(token)
@@ -172,8 +172,8 @@ class Pipeline:
                     break
                 pos = len(prompt) + len(task.tokens) - 1
                 ids = torch.tensor([[token]], dtype=torch.long)
-                await self.send(first, ComputeRequest(task.task_id, to_wire(ids), task.task_id, self.plan.version, pos))
-                token = await self._next(task, self.step_timeout_s)
+                request = ComputeRequest(task.task_id, to_wire(ids), task.task_id, self.plan.version, pos)
+                token = await self._step(task, first, request, self.step_timeout_s)
             task.status = TaskStatus.DONE
         except _Cancelled:
             reason = "cancelled"
@@ -194,13 +194,16 @@ class Pipeline:
         first = task.first_token or end
         return GenerationResult(stopper.text, list(task.tokens), prompt, reason, first - started, end - first)
 
-    async def _next(self, task: Task, timeout_s: float) -> int:
+    async def _step(self, task: Task, first: str, request: ComputeRequest, timeout_s: float) -> int:
+        """Send one step to the first stage and wait for the last stage's token."""
         if self._closed:
             raise TaskFailedError(self._closed)
+        # Armed before sending: an answer (or an error) may arrive while the send still waits.
         waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._waiting[task.task_id] = waiter
         try:
             async with asyncio.timeout(timeout_s):
+                await self.send(first, request)
                 return await waiter
         except TimeoutError:
             raise TaskFailedError(

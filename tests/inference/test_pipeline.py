@@ -24,6 +24,7 @@ from peerpipe.plan import Budget, stage_memory
 from peerpipe.room import Host, Member, parse_code
 
 T = TypeVar("T")
+LINES: list[str] = []
 CODE = parse_code("6-quiet-harbour")
 FAST = MembershipConfig(heartbeat_s=0.5, suspect_after_beats=4, dead_after_s=5.0)
 PROMPTS = [[5, 17, 42, 99, 3], [7, 7, 8], [100, 200, 30, 40, 50, 60, 11], [1, 2]]
@@ -31,8 +32,14 @@ PROMPTS = [[5, 17, 42, 99, 3], [7, 7, 8], [100, 200, 30, 40, 50, 60, 11], [1, 2]
 
 def arun(coro: Coroutine[Any, Any, T], timeout: float = 120.0) -> T:
     async def bounded() -> T:
-        async with asyncio.timeout(timeout):
-            return await coro
+        LINES.clear()
+        try:
+            async with asyncio.timeout(timeout):
+                return await coro
+        except BaseException:
+            import sys
+            print("\n".join(LINES), file=sys.stderr)
+            raise
 
     return asyncio.run(bounded())
 
@@ -60,8 +67,15 @@ async def room(model: Path, device: LocalDevice, members: int, *, layers_per_nod
     async with contextlib.AsyncExitStack() as stack, asyncio.TaskGroup() as tg:
         node = await stack.enter_async_context(Host(CODE, name="host"))
         addr = await node.open(("127.0.0.1", 0), advertise=False)
-        config = ClusterConfig(membership=FAST, replan_debounce_s=0.2, expect_nodes=members + 1, budget=budget)
-        host = ClusterHost(node, device, config, choice)
+        config = ClusterConfig(
+            membership=FAST,
+            replan_debounce_s=0.2,
+            expect_nodes=members + 1,
+            budget=budget,
+            prefill_timeout_s=10,
+            step_timeout_s=10,
+        )
+        host = ClusterHost(node, device, config, choice, report=LINES.append)
         stop = asyncio.Event()
         stops.append(stop)
         tg.create_task(host.run(stop))
@@ -71,7 +85,8 @@ async def room(model: Path, device: LocalDevice, members: int, *, layers_per_nod
             mesh = await member.listen("127.0.0.1", 0)
             peer = await member.join(addr)
             service = ClusterMember(
-                member, peer.node_id, device, address=f"{mesh[0]}:{mesh[1]}", membership=FAST, model_dir=model
+                member, peer.node_id, device, address=f"{mesh[0]}:{mesh[1]}", membership=FAST, model_dir=model,
+                report=lambda line, i=i: LINES.append(f"m{i}: {line}"),
             )
             stop = asyncio.Event()
             stops.append(stop)
