@@ -77,7 +77,7 @@ def test_chat_flag_uses_the_template(tiny_model_dir) -> None:
         (["generate", "--model", ".", "x"], 1, "config.json"),
         (["generate", "--model", ".", "--max-tokens", "0", "x"], 2, "positive integer"),
         (["generate", "--model", ".", "--dtype", "int4", "x"], 2, "invalid choice"),
-        (["generate", "x"], 2, "--model"),
+        (["generate", "x"], 1, "--model DIR to run a model here, or --room CODE"),
     ],
 )
 def test_errors_are_one_line_without_traceback(args: list[str], code: int, needle: str) -> None:
