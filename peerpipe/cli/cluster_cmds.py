@@ -173,6 +173,17 @@ def view_to_json(view) -> dict[str, Any]:  # type: ignore[no-untyped-def]
             "acked": list(view.acked),
         },
         "links": [{"src": x.src, "dst": x.dst, "rtt_ms": x.rtt_ms, "mib_per_s": x.mib_per_s} for x in view.links],
+        "tasks": [
+            {
+                "task_id": t.task_id,
+                "status": t.status,
+                "prompt_tokens": t.prompt_tokens,
+                "tokens": t.tokens,
+                "tok_s": t.tok_s,
+                "error": t.error,
+            }
+            for t in view.tasks
+        ],
     }
 
 
@@ -208,6 +219,12 @@ def status_cmd(args: argparse.Namespace) -> int:
         print(f"plan v{plan['version']} of {plan['model']}: {plan['predicted_ms_per_token']:.2f} ms/token predicted, acknowledged by {acked}")
     else:
         print("no plan yet")
+    if data["tasks"]:
+        task_rows = [
+            [t["task_id"][:8], t["status"], str(t["prompt_tokens"]), str(t["tokens"]), f"{t['tok_s']:.1f}"]
+            for t in data["tasks"]
+        ]
+        print(_table(task_rows, ["task", "status", "prompt", "tokens", "tok/s"]))
     if data["links"]:
         link_rows = [
             [names.get(x["src"], x["src"][:8]), names.get(x["dst"], x["dst"][:8]), f"{x['rtt_ms']:.3f}", f"{x['mib_per_s']:.0f}"]

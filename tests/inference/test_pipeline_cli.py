@@ -110,6 +110,8 @@ def test_a_stage_killed_mid_answer_fails_the_request_with_its_name(procs, tiny_m
                       "--temperature", "0", "x")
     procs.append(client)
     host.expect(r"^request \w+: started")
+    tasks = json.loads(peerpipe("status", "--json", "--code", CODE, "--peer", address).stdout)["tasks"]
+    assert [t["status"] for t in tasks] in (["prefill"], ["decoding"])
     members[0].proc.kill()
     assert client.wait(timeout=30) == 1
     assert "stage m0 left the room" in client.stderr(), client.stderr()
