@@ -66,32 +66,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def sampling_params(args: argparse.Namespace, model_dir: Path | None = None) -> SamplingParams:
     """Flags first, then the model's generation_config.json, then greedy."""
-    from peerpipe.engine.sampling import SamplingParams
+    from peerpipe.engine.defaults import sampling_params as from_request
 
-    defaults = _generation_defaults(model_dir) if model_dir else {}
-    temperature = args.temperature
-    if temperature is None:
-        temperature = float(defaults.get("temperature", 1.0)) if defaults.get("do_sample") else 0.0
-    return SamplingParams(
-        temperature=temperature,
-        top_k=args.top_k if args.top_k is not None else int(defaults.get("top_k", 0) or 0),
-        top_p=args.top_p if args.top_p is not None else float(defaults.get("top_p", 1.0) or 1.0),
-        min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-        max_tokens=args.max_tokens,
-        stop=tuple(args.stop),
-        ignore_eos=args.ignore_eos,
-    )
-
-
-def _generation_defaults(model_dir: Path) -> dict:
-    path = model_dir / "generation_config.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    return from_request(args, model_dir)
 
 
 def show_text(text: str) -> None:

@@ -520,7 +520,7 @@ class ClusterHost:
 
     async def _serve(self, peer: str, request: GenerateRequest) -> None:
         """Answer a client's generate-request, streaming text in order, then generate-done."""
-        from peerpipe.cli.generate_cmd import sampling_params
+        from peerpipe.engine.defaults import sampling_params
         from peerpipe.engine.generate import encode_prompt
 
         pieces: asyncio.Queue[str | None] = asyncio.Queue()
@@ -534,7 +534,7 @@ class ClusterHost:
         try:
             pipeline = await self.ready_pipeline(self.config.ready_timeout_s)
             assert self.model is not None and self.tokenizer is not None
-            params = sampling_params(request, self.model.path)  # type: ignore[arg-type]
+            params = sampling_params(request, self.model.path)
             if request.prompt_ids:
                 ids = list(request.prompt_ids)
             else:
