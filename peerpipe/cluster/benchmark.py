@@ -283,16 +283,14 @@ class BenchCache:
         return timing
 
     def _store(self, field: str, value: Any) -> None:
+        """Write ``field`` into the cache file; a dict value is merged into what is there."""
         data = _read_cache(self.path) or {"version": CACHE_VERSION}
-        data[field] = value
+        old = data.get(field)
+        data[field] = {**old, **value} if isinstance(old, dict) and isinstance(value, dict) else value
         try:
             _write_cache(self.path, data)
         except OSError as exc:
             log.warning("cannot cache benchmarks in %s: %s", self.path, exc)
 
     def _store_layer(self, key: str, timing: LayerTiming) -> None:
-        data = _read_cache(self.path) or {"version": CACHE_VERSION}
-        layers = data.setdefault("layers", {})
-        layers[key] = {f.name: getattr(timing, f.name) for f in dataclasses.fields(LayerTiming)}
-        data["layers"] = layers
-        self._store("layers", layers)
+        self._store("layers", {key: {f.name: getattr(timing, f.name) for f in dataclasses.fields(LayerTiming)}})

@@ -362,12 +362,9 @@ class ClusterHost:
                 tuple(links_to),
             )
             jobs.append(self._ask(peer, request))
-        log.info("measuring: %d jobs", len(jobs))
         await asyncio.gather(*jobs)
-        log.info("measured")
 
     async def _measure_self(self, model: ModelChoice) -> None:
-        log.info("timing a layer of %s here", model.model_id)
         try:
             self.timings[self.node.node_id] = await self.device.layer_timing(model.shape_json, model.dtype)
         except (PeerpipeError, RuntimeError) as exc:  # e.g. out of memory: plan with an estimate
@@ -376,7 +373,6 @@ class ClusterHost:
     async def _measure_own_links(self, alive: list[str]) -> None:
         todo = [p for p in alive if p != self.node.node_id and (self.node.node_id, p) not in self.links]
         stats, failed = await measure_links(self.node, todo)
-        log.info("links from here measured: %d, failed: %s", len(stats), failed or "none")
         for stat in stats:
             self.links[(stat.src, stat.dst)] = stat
         if failed:

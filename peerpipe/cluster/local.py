@@ -4,7 +4,6 @@ event loop so heartbeats keep flowing, and the answer to a benchmark request."""
 from __future__ import annotations
 
 import json
-import logging
 import time
 from dataclasses import dataclass, field
 
@@ -15,8 +14,6 @@ from peerpipe.compute import run_compute
 from peerpipe.errors import PeerpipeError
 from peerpipe.protocol import BenchmarkRequest, BenchmarkResult, LayerTiming, NodeInfo
 from peerpipe.room import RoomNode
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -123,15 +120,12 @@ class LocalDevice:
     async def answer(self, node: RoomNode, request: BenchmarkRequest) -> BenchmarkResult:
         """Run what ``request`` asks for; a part that fails is reported in ``error``, not raised."""
         timing, errors = None, []
-        log.info("benchmark request %d: layer %s, links to %d peers", request.request_id, bool(request.model_shape), len(request.links_to))
         if request.model_shape:
             try:
                 timing = await self.layer_timing(request.model_shape, request.dtype)
             except (PeerpipeError, ValueError, RuntimeError) as exc:
                 errors.append(f"layer benchmark failed: {exc}")
-        log.info("benchmark request %d: layer done", request.request_id)
         links, failed = await measure_links(node, request.links_to)
-        log.info("benchmark request %d: links done", request.request_id)
         if failed:
             errors.append(f"links not measured: {failed}")
         bench = self.bench

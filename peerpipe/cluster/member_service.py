@@ -68,7 +68,6 @@ class ClusterMember:
         self.on_plan: OnPlan = on_plan or (lambda message: self.runtime.apply(message, host_id))
         self.view: RoomView | None = None
         self.plan: Plan | None = None
-        self.status = "idle"
         self._dialing: set[str] = set()
         self._in_view = False  # whether a view has listed this node since it (re)joined
 
@@ -103,7 +102,7 @@ class ClusterMember:
 
     async def _beats(self) -> None:
         while True:
-            status = "busy" if self.device.meter.busy else ("loading" if self.runtime.loading else self.status)
+            status = "busy" if self.device.meter.busy else ("loading" if self.runtime.loading else "idle")
             try:
                 await self.node.send(self.host_id, Heartbeat(self.device.meter.load(), status))
             except RoomError:

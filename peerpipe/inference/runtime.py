@@ -9,7 +9,6 @@ progress. The stage's server runs in this runtime's task group.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -158,8 +157,3 @@ class StageRuntime:
             self.loading = False
         self.report(f"loaded layers [{want.start}, {want.end}): {stats.bytes_read / 1e6:.1f} MB read")
         return stage, cache
-
-    async def aclose(self) -> None:
-        self._stop_worker()
-        with contextlib.suppress(Exception):
-            self.server = None

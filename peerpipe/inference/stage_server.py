@@ -86,7 +86,7 @@ class StageServer:
                     self._cancel(item.task_id)
                 elif item.task_id in self._cancelled:
                     continue
-                elif item.input_tensor.shape[-1 if self.stage.is_first else -2] == 1 and len(decode) < self.max_batch:
+                elif self._new_positions(item) == 1 and len(decode) < self.max_batch:
                     decode.append(item)
                 else:
                     await self._run([item])  # a prompt: its own forward
@@ -99,6 +99,10 @@ class StageServer:
             while len(self.sessions) != count:
                 self._changed.clear()
                 await self._changed.wait()
+
+    def _new_positions(self, request: ComputeRequest) -> int:
+        # Token ids [B, n] into the first stage, hidden states [B, n, H] into the others.
+        return request.input_tensor.shape[-1 if self.stage.is_first else -2]
 
     def _cancel(self, task_id: str) -> None:
         session = self.sessions.pop(task_id, None)
@@ -155,7 +159,7 @@ class StageServer:
 
     def _admit(self, request: ComputeRequest) -> None:
         """Find or open the request's session and check its positions (cheap; on the loop)."""
-        n_new = request.input_tensor.shape[-1 if self.stage.is_first else -2]
+        n_new = self._new_positions(request)
         session = self.sessions.get(request.task_id)
         if session is None:
             if request.start_pos != 0:

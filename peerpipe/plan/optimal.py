@@ -17,6 +17,7 @@ Nodes that would slow the answer down (a slow device, a slow link) are simply sk
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from collections.abc import Sequence
@@ -47,11 +48,7 @@ class _Problem:
         return self.objective is Objective.LATENCY
 
     def caps(self, node: NodeSpec) -> dict[tuple[bool, bool], int]:
-        return {
-            (f, g): capacity(self.model, self.budget, node.memory_bytes, f, g)
-            for f in (False, True)
-            for g in (False, True)
-        }
+        return _caps(self.model, self.budget, node.memory_bytes)
 
     def entry_hop(self, node: NodeSpec) -> float:
         return self.network.hop_ms(self.entry, node.node_id, TOKEN_MESSAGE_BYTES)
@@ -60,11 +57,20 @@ class _Problem:
         return self.network.hop_ms(node.node_id, self.entry, TOKEN_MESSAGE_BYTES)
 
 
+@functools.lru_cache(maxsize=4096)
+def _caps(model: ModelSpec, budget: Budget, memory_bytes: int) -> dict[tuple[bool, bool], int]:
+    """Layers a node can hold as (first, last) stage; asked for once per node and order."""
+    return {(f, g): capacity(model, budget, memory_bytes, f, g) for f in (False, True) for g in (False, True)}
+
+
+@functools.lru_cache(maxsize=16)
 def _grid(n_layers: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``count[l, l2] = l2 - l`` over start ``l`` in ``[0, L]`` and end ``l2`` in ``[0, L]``."""
     ends = np.arange(n_layers + 1)
-    count = ends[None, :] - ends[:, None]
-    return count, ends[:, None] == 0, ends[None, :] == n_layers
+    grids = (ends[None, :] - ends[:, None], ends[:, None] == 0, ends[None, :] == n_layers)
+    for grid in grids:
+        grid.flags.writeable = False  # shared by every call: cached
+    return grids
 
 
 def _extend(
