@@ -138,19 +138,29 @@ async def ask(address: tuple[str, int], prompts: list[list[int]], new_tokens: in
         return [done[r] for r in ids], time.perf_counter() - start
 
 
-def room(
-    model: Path, stages: int, layers: int, env: dict[str, str], sessions: int, args: argparse.Namespace
-) -> tuple[list[Proc], tuple[str, int]]:
+CONTEXT = LONG_PROMPT + 128
+
+
+def memory_cap(model: Path, dtype: str, layers: int, stages: int, sessions: int) -> list[str]:
+    """``--memory`` that lets a node hold its share of the layers (plus embedding or head) and no
+    more, so the planner must use ``stages`` nodes."""
     from peerpipe.cluster.model_choice import ModelChoice
     from peerpipe.plan import Budget, stage_memory
 
-    context = LONG_PROMPT + 128
-    spec = ModelChoice.from_dir(model, args.dtype).spec
+    if stages == 1:
+        return []
+    spec = ModelChoice.from_dir(model, dtype).spec
     per_node = -(-layers // stages)
-    budget = Budget(context, sessions)
+    budget = Budget(CONTEXT, sessions)
     need = max(stage_memory(spec, budget, 0, per_node), stage_memory(spec, budget, layers - per_node, layers))
-    need = need if stages > 1 else None
-    memory = ["--memory", f"{need / 0.9 / 1e9 + 1e-9:.9f}"] if need else []
+    return ["--memory", f"{need / 0.9 / 1e9 + 1e-9:.9f}"]
+
+
+def room(
+    model: Path, stages: int, layers: int, env: dict[str, str], sessions: int, args: argparse.Namespace
+) -> tuple[list[Proc], tuple[str, int]]:
+    context = CONTEXT
+    memory = memory_cap(model, args.dtype, layers, stages, sessions)
     common = ["--device", args.device, *memory]
     gpus = args.gpus
 
@@ -289,16 +299,9 @@ class Namespaces:
 
 
 def netns_room(model: Path, layers: int, nets: Namespaces, env: dict[str, str], args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from peerpipe.cluster.model_choice import ModelChoice
-    from peerpipe.plan import Budget, stage_memory
-
     stages = len(nets.names)
-    context = LONG_PROMPT + 128
-    spec = ModelChoice.from_dir(model, args.dtype).spec
-    per_node = -(-layers // stages)
-    budget = Budget(context, 16)
-    need = max(stage_memory(spec, budget, 0, per_node), stage_memory(spec, budget, layers - per_node, layers))
-    common = ["--device", "cpu", "--memory", f"{need / 0.9 / 1e9 + 1e-9:.9f}"]
+    context = CONTEXT
+    common = ["--device", "cpu", *memory_cap(model, args.dtype, layers, stages, 16)]
     host = Proc(
         "host", "--listen", f"{nets.ips[0]}:0", "--no-mdns", "--code", CODE, "--name", "h", "--model", str(model),
         "--dtype", args.dtype, "--expect-nodes", str(stages), "--context", str(context), "--sessions", "16",
