@@ -99,6 +99,9 @@ def add_host_parser(
         "--dead-after", type=_positive, default=6.0, metavar="S", help="seconds without a heartbeat before a node is dropped (6)"
     )
     _add_device_arguments(parser)
+    from peerpipe.cli.http_opts import add_http_arguments
+
+    add_http_arguments(parser)
     parser.set_defaults(func=host_cmd)
     return parser
 
@@ -151,6 +154,7 @@ def host_cmd(args: argparse.Namespace) -> int:
 
 
 async def _host(args: argparse.Namespace) -> int:
+    from peerpipe.cli.http_opts import start_api
     from peerpipe.cli.runtime import registered
     from peerpipe.cluster.host_service import ClusterConfig, ClusterHost, describe_device
     from peerpipe.cluster.membership import MembershipConfig
@@ -182,7 +186,12 @@ async def _host(args: argparse.Namespace) -> int:
             )
             service = ClusterHost(host, device, config, model, address=f"{ip}:{port}", report=say)
             say(f"this node: {describe_device(service.info)}")
-            await service.run(stop)
+            api = await start_api(service, args, say)
+            try:
+                await service.run(stop)
+            finally:
+                if api is not None:
+                    await api.close()
         await host.leave("the host closed the room")
     say("room closed")
     return 0

@@ -181,7 +181,8 @@ class ClusterHost:
 
     async def _on_message(self, peer: str, message: Message) -> None:
         if isinstance(message, Heartbeat):
-            await self._apply(Beat(peer, message.load, message.status, self.clock()))
+            beat = Beat(peer, message.load, message.status, self.clock(), message.steps, message.compute_s)
+            await self._apply(beat)
         elif isinstance(message, JoinCluster):
             info = message.node_info
             if info.node_id != peer:
@@ -221,7 +222,7 @@ class ClusterHost:
         if self.plan is None or ack.version != self.plan.version:
             return
         if not ack.ok:
-            name = self._names().get(peer, peer[:8])
+            name = self.names().get(peer, peer[:8])
             self.report(f"{name} could not take its stage of plan v{ack.version}: {ack.error}")
             return
         stages = {s.node_id for s in self.plan.stages}
@@ -239,7 +240,9 @@ class ClusterHost:
             await asyncio.sleep(period)
             now = self.clock()
             # The host beats for itself: it never misses its own heartbeat.
-            await self._apply(Beat(self.node.node_id, self.device.meter.load(), self._status(), now))
+            stats = self.runtime.stats if self.runtime else None
+            steps, compute_s = (stats.steps, stats.compute_s) if stats else (0, 0.0)
+            await self._apply(Beat(self.node.node_id, self.device.meter.load(), self._status(), now, steps, compute_s))
             before = {m.info.node_id: m for m in self.view.members}
             await self._apply(Tick(now))
             for m in self.view.members:
@@ -279,6 +282,8 @@ class ClusterHost:
                 load=m.load,
                 heartbeat_age_ms=max(0.0, (now - m.last_beat) * 1e3),
                 timing=self.timings.get(m.info.node_id),
+                steps=m.steps,
+                compute_s=m.compute_s,
             )
             for m in self.view.members
         )
@@ -309,7 +314,7 @@ class ClusterHost:
         with contextlib.suppress(RoomError):
             await self.node.send(peer, message)
 
-    def _names(self) -> dict[str, str]:
+    def names(self) -> dict[str, str]:
         return {m.info.node_id: m.info.name for m in self.view.members}
 
     # -- planning ---------------------------------------------------------------------------
@@ -381,7 +386,7 @@ class ClusterHost:
     async def _ask(self, peer: str, request: BenchmarkRequest) -> None:
         waiter: asyncio.Future[BenchmarkResult] = asyncio.get_running_loop().create_future()
         self._waiting[request.request_id] = waiter
-        name = self._names().get(peer, peer[:8])
+        name = self.names().get(peer, peer[:8])
         try:
             await self.node.send(peer, request)
             async with asyncio.timeout(self.config.benchmark_timeout_s):
@@ -426,7 +431,7 @@ class ClusterHost:
             self.pipeline.close(f"the room was planned again (v{plan.version})")
             self.pipeline = None
         self.plan, self.plan_result, self.acked = plan, result, set()
-        self.report(describe_plan(plan, self._names()))
+        self.report(describe_plan(plan, self.names()))
         budget = self.config.budget
         message = DistributionPlan(plan, model.shape_key, model.dtype, self.max_seq, budget.sessions)
         await self._broadcast(message)
@@ -466,7 +471,7 @@ class ClusterHost:
             tokenizer=self.tokenizer,
             sessions=self.config.budget.sessions,
             max_seq=self.max_seq,
-            names=self._names(),
+            names=self.names(),
             step_timeout_s=self.config.step_timeout_s,
             prefill_timeout_s=self.config.prefill_timeout_s,
         )
@@ -495,17 +500,17 @@ class ClusterHost:
         try:
             await self.wait_until(lambda h: h.pipeline is not None, timeout_s)
         except TimeoutError:
-            raise NotReadyError(self._why_not_ready()) from None
+            raise NotReadyError(self.why_not_ready()) from None
         assert self.pipeline is not None
         return self.pipeline
 
-    def _why_not_ready(self) -> str:
+    def why_not_ready(self) -> str:
         if self.model is None:
             return "the host serves no model: start it with --model DIR"
         if self.plan is None:
             return f"the room has no plan for {self.model.model_id} yet (see the host's output)"
         missing = [s.node_id for s in self.plan.stages if s.node_id not in self.acked]
-        names = self._names()
+        names = self.names()
         return "waiting for stages to load: " + ", ".join(names.get(m, m[:8]) for m in missing)
 
     async def generate(

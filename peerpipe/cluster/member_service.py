@@ -104,7 +104,9 @@ class ClusterMember:
         while True:
             status = "busy" if self.device.meter.busy else ("loading" if self.runtime.loading else "idle")
             try:
-                await self.node.send(self.host_id, Heartbeat(self.device.meter.load(), status))
+                stats = self.runtime.stats
+                beat = Heartbeat(self.device.meter.load(), status, stats.steps, stats.compute_s)
+                await self.node.send(self.host_id, beat)
             except RoomError:
                 return  # the host is gone; _events reports it
             # The host says how often it expects a beat.

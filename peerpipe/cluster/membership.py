@@ -44,6 +44,8 @@ class MemberRecord:
     load: float = 0.0
     status: str = "idle"
     suspected: bool = False
+    steps: int = 0
+    compute_s: float = 0.0
 
     @property
     def health(self) -> str:
@@ -97,6 +99,8 @@ class Beat:
     load: float
     status: str
     now: float
+    steps: int = 0
+    compute_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -124,7 +128,15 @@ def reduce(view: ClusterView, event: Event, config: MembershipConfig) -> Cluster
         old = view.get(event.node_id)
         if old is None:
             return view  # a beat from someone who has not joined (or was declared dead) is ignored
-        new = dataclasses.replace(old, last_beat=event.now, load=event.load, status=event.status, suspected=False)
+        new = dataclasses.replace(
+            old,
+            last_beat=event.now,
+            load=event.load,
+            status=event.status,
+            suspected=False,
+            steps=event.steps,
+            compute_s=event.compute_s,
+        )
         members = tuple(new if m is old else m for m in view.members)
         return ClusterView(view.epoch + old.suspected, members)
     return _tick(view, event.now, config)

@@ -185,6 +185,8 @@ class Pipeline:
             raise TaskFailedError(task.error) from exc
         finally:
             task.finished = time.monotonic()
+            if task.active:  # the caller's coroutine was cancelled: never leave a task "running"
+                task.status = TaskStatus.CANCELLED
             await self._free(task.task_id)
         return self._result(task, prompt, stopper, reason)
 

@@ -19,7 +19,7 @@ from peerpipe.cluster.model_choice import DTYPE_BYTES
 from peerpipe.compute import run_compute
 from peerpipe.errors import PeerpipeError
 from peerpipe.inference.errors import StageLoadError
-from peerpipe.inference.stage_server import Send, StageServer
+from peerpipe.inference.stage_server import Send, StageServer, StageStats
 from peerpipe.plan import Budget, ModelSpec, fmt_bytes, stage_memory
 from peerpipe.protocol import Cancel, ComputeRequest, DistributionPlan
 
@@ -56,6 +56,7 @@ class StageRuntime:
         self.send = send
         self.report = report or (lambda line: log.info("%s", line))
         self.server: StageServer | None = None
+        self.stats = StageStats()  # every stage this node served, across plans
         self.loading = False
         self._loaded: _Loaded | None = None
         self._worker: asyncio.Task[None] | None = None
@@ -111,7 +112,9 @@ class StageRuntime:
             self.server = None
             stage, cache = await self._load(message, want)
         label = f"{self.label} layers [{want.start}, {want.end})"
-        self.server = StageServer(stage, cache, label=label, next_hop=next_hop, host_id=host_id, send=self.send)
+        self.server = StageServer(
+            stage, cache, label=label, next_hop=next_hop, host_id=host_id, send=self.send, stats=self.stats
+        )
         self._loaded = want
         assert self._tg is not None, "call run() first"
         self._worker = self._tg.create_task(self.server.run())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -39,6 +40,14 @@ class _Session:
     history: list[int] = field(default_factory=list)
 
 
+@dataclass
+class StageStats:
+    """Forwards run and the seconds they took; one per node, kept across plans."""
+
+    steps: int = 0
+    compute_s: float = 0.0
+
+
 class RequestError(Exception):
     """A request this stage cannot run; its text goes back to the host."""
 
@@ -54,6 +63,7 @@ class StageServer:
         host_id: str,
         send: Send,
         max_batch: int = 64,
+        stats: StageStats | None = None,
     ) -> None:
         self.stage, self.cache = stage, cache
         self.label = label  # e.g. "node-b layers [8, 16)", for error messages
@@ -65,7 +75,7 @@ class StageServer:
         self._queue: asyncio.Queue[ComputeRequest | Cancel] = asyncio.Queue()
         self._cancelled: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._sampler = Sampler()
-        self.steps = 0  # forwards run, for tests and status
+        self.stats = stats or StageStats()
         self._changed = asyncio.Event()  # set when a session opens or closes
 
     @property
@@ -123,6 +133,7 @@ class StageServer:
                 await self._fail(request.task_id, str(exc))
         if not ready:
             return
+        began = time.perf_counter()
         try:
             outputs = await run_compute(self._forward, ready)
         except Exception as exc:  # the model failed: every session in the batch fails, typed, with why
@@ -131,7 +142,8 @@ class StageServer:
                 self._cancel(request.task_id)
                 await self._fail(request.task_id, f"{type(exc).__name__}: {exc}")
             return
-        self.steps += 1
+        self.stats.steps += 1
+        self.stats.compute_s += time.perf_counter() - began
         for request, output in zip(ready, outputs, strict=True):
             if self.next_hop is None:
                 await self._send(self.host_id, ComputeResult(request.task_id, output))

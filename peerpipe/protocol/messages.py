@@ -119,15 +119,22 @@ class LeaveCluster:
 
 @dataclass(frozen=True, slots=True)
 class Heartbeat:
-    """Periodic liveness and load report; ``load`` is the busy fraction in ``[0, 1]``."""
+    """Periodic liveness and load report; ``load`` is the busy fraction in ``[0, 1]``.
+
+    ``steps`` and ``compute_s`` count the forwards this node's stage has run and the seconds they
+    took, since it started: the host exports them as each stage's latency."""
 
     TAG: ClassVar[str] = "heartbeat"
     load: float
     status: str
+    steps: int = 0
+    compute_s: float = 0.0
 
     def __post_init__(self) -> None:
         need_float(self, "load", 0.0, 1.0)
         need_choice(self, "status", HEARTBEAT_STATUSES)
+        need_int(self, "steps")
+        need_float(self, "compute_s")
 
 
 @dataclass(frozen=True, slots=True)

@@ -121,6 +121,8 @@ class MemberState:
     load: float = 0.0
     heartbeat_age_ms: float = 0.0
     timing: LayerTiming | None = None
+    steps: int = 0  # forwards its stage has run
+    compute_s: float = 0.0  # seconds those forwards took
 
     def __post_init__(self) -> None:
         need_instance(self, "info", NodeInfo)
@@ -129,6 +131,8 @@ class MemberState:
         need_float(self, "load", 0.0, 1.0)
         need_float(self, "heartbeat_age_ms")
         need_instance(self, "timing", LayerTiming, optional=True)
+        need_int(self, "steps")
+        need_float(self, "compute_s")
 
 
 @dataclass(frozen=True, slots=True)

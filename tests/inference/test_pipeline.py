@@ -128,7 +128,7 @@ def test_three_stages_give_the_tokens_of_one_node(arch: str, tiny_model_dir, dev
             assert (await pipeline.generate(PROMPTS[0], seeded)).tokens == expected_seeded
             # Hidden states went stage to stage: every member's stage ran batched steps.
             servers = [m.runtime.server for m in r.members if m.runtime.server is not None]
-            assert len(servers) >= 2 and all(s.steps > 0 for s in servers)
+            assert len(servers) >= 2 and all(s.stats.steps > 0 for s in servers)
             for server in servers:
                 await server.wait_sessions(0, 5)  # every finished task freed its slot
 

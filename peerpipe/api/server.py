@@ -1,0 +1,282 @@
+"""The host's HTTP face: the OpenAI-compatible API, the dashboard, its live feed and /metrics.
+
+It listens on 127.0.0.1 unless told otherwise; with an API key, everything but the dashboard's
+static page needs ``Authorization: Bearer KEY`` (the dashboard's live feed, which a browser's
+EventSource cannot give headers, takes ``?key=``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from typing import Any
+
+from aiohttp import web
+
+from peerpipe.api.errors import ApiError, ListenError, bad_request
+from peerpipe.api.generation import Generations, Job, cancel_on_exit
+from peerpipe.api.metrics import Metrics
+from peerpipe.api.requests import ChatRequest, CompletionRequest, parse_chat, parse_completion
+from peerpipe.api.responses import ChunkWriter, chat_completion, completion
+from peerpipe.api.snapshot import room_snapshot
+from peerpipe.cluster.host_service import ClusterHost
+from peerpipe.engine.generate import GenerationResult
+
+log = logging.getLogger(__name__)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+MAX_BODY_BYTES = 4 << 20
+STATIC = resources.files("peerpipe.api") / "static"
+
+
+def _error_response(error: ApiError) -> web.Response:
+    headers = {"Retry-After": "1"} if error.code == "server_busy" else None
+    return web.json_response(error.body(), status=error.status, headers=headers)
+
+
+class ApiServer:
+    def __init__(
+        self,
+        host: ClusterHost,
+        *,
+        api_key: str | None = None,
+        max_pending: int = 64,
+        ready_timeout_s: float = 60.0,
+        feed_interval_s: float = 1.0,
+    ) -> None:
+        self.host = host
+        self.api_key = api_key or None
+        self.metrics = Metrics()
+        self.feed_interval_s = feed_interval_s
+        model = host.model
+        self.model_id = model.model_id if model else ""
+        self.created = int(time.time())
+        self.totals = {"requests": 0, "tokens": 0}
+
+        async def ready() -> Any:
+            return await host.ready_pipeline(ready_timeout_s)
+
+        self.generations = Generations(
+            ready,
+            model_id=self.model_id,
+            model_dir=model.path if model else None,
+            sessions=host.config.budget.sessions,
+            max_pending=max_pending,
+        )
+        self.app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._errors, self._auth])
+        self.app.add_routes(
+            [
+                web.get("/", self._index),
+                web.get("/v1/models", self._models),
+                web.get("/v1/models/{model}", self._model),
+                web.post("/v1/chat/completions", self._chat),
+                web.post("/v1/completions", self._completions),
+                web.get("/metrics", self._metrics),
+                web.get("/api/room", self._room),
+                web.get("/api/events", self._events),
+                web.static("/static", str(STATIC)),
+            ]
+        )
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self, host: str = "127.0.0.1", port: int = 8088) -> str:
+        """Listen; returns the base URL (the real port when ``port`` is 0)."""
+        self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            raise ListenError(f"cannot serve HTTP on {host}:{port}: {exc.strerror or exc}") from exc
+        bound = self._runner.addresses[0]
+        shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+        self.url = f"http://{shown}:{bound[1]}"
+        return self.url
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> ApiServer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- middlewares --------------------------------------------------------------------------
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        endpoint = request.match_info.route.resource.canonical if request.match_info.route.resource else "other"
+        try:
+            response = await handler(request)
+        except ApiError as exc:
+            response = _error_response(exc)
+        except web.HTTPException as exc:
+            if not request.path.startswith(("/v1", "/api", "/metrics")):
+                raise
+            kind = "invalid_request_error" if exc.status < 500 else "server_error"
+            code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status)
+            response = _error_response(ApiError(exc.status, exc.reason, kind, code))
+        except Exception as exc:
+            if not request.path.startswith(("/v1", "/api", "/metrics")):
+                raise
+            log.exception("%s %s failed", request.method, request.path)
+            response = _error_response(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error"))
+        self.metrics.requests.inc(endpoint=endpoint, status=str(response.status))
+        return response
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        open_paths = request.path == "/" or request.path.startswith("/static/")
+        if self.api_key and not open_paths and not self._authorized(request):
+            raise ApiError(
+                401, "a valid API key is required: send 'Authorization: Bearer KEY'", "invalid_request_error",
+                "invalid_api_key",
+            )
+        return await handler(request)
+
+    def _authorized(self, request: web.Request) -> bool:
+        assert self.api_key is not None
+        header = request.headers.get("Authorization", "")
+        given = header[7:] if header.startswith("Bearer ") else ""
+        if not given and request.path.startswith("/api/"):
+            given = request.query.get("key", "")
+        return hmac.compare_digest(given.encode(), self.api_key.encode())
+
+    # -- OpenAI -------------------------------------------------------------------------------
+
+    def _model_object(self) -> dict[str, Any]:
+        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "peerpipe"}
+
+    async def _models(self, request: web.Request) -> web.Response:
+        data = [self._model_object()] if self.model_id else []
+        return web.json_response({"object": "list", "data": data})
+
+    async def _model(self, request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        if not self.model_id or name != self.model_id:
+            raise ApiError(404, f"the model {name!r} does not exist here", "invalid_request_error", "model_not_found")
+        return web.json_response(self._model_object())
+
+    async def _body(self, request: web.Request) -> object:
+        try:
+            return json.loads(await request.read())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise bad_request(f"the request body is not valid JSON: {exc}") from exc
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._answer(request, parse_chat(await self._body(request)))
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._answer(request, parse_completion(await self._body(request)))
+
+    async def _answer(self, request: web.Request, parsed: ChatRequest | CompletionRequest) -> web.StreamResponse:
+        if not self.model_id:
+            raise ApiError(503, "this host serves no model: start it with --model DIR", "server_error", "no_model")
+        job = await self.generations.start(parsed)
+        began = time.monotonic()
+        chat = isinstance(parsed, ChatRequest)
+        echo = ""
+        if isinstance(parsed, CompletionRequest) and parsed.echo:
+            echo = job.pipeline.tokenizer.decode(job.prompt_ids)
+        with cancel_on_exit(job):
+            if parsed.stream:
+                return await self._stream(request, job, chat=chat, echo=echo, include_usage=parsed.include_usage)
+            result = await job.result()
+        self._record(result, time.monotonic() - began)
+        body = chat_completion(job.job_id, self.model_id, result) if chat else completion(
+            job.job_id, self.model_id, result, echo
+        )
+        return web.json_response(body)
+
+    async def _stream(
+        self, request: web.Request, job: Job, *, chat: bool, echo: str, include_usage: bool
+    ) -> web.StreamResponse:
+        began = time.monotonic()
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
+        await response.prepare(request)
+        chunks = ChunkWriter(job.job_id, self.model_id, chat=chat)
+        try:
+            if (first := chunks.first()) is not None:
+                await response.write(first)
+            if echo:
+                await response.write(chunks.text(echo))
+            async for piece in job.stream():
+                await response.write(chunks.text(piece))
+            try:
+                result = await job.result()
+            except ApiError as exc:
+                await response.write(chunks.error(exc.body()))
+                return response
+            self._record(result, time.monotonic() - began)
+            await response.write(chunks.last(result))
+            if include_usage:
+                await response.write(chunks.usage(result))
+            await response.write(chunks.done())
+            await response.write_eof()
+        except ConnectionError:
+            log.info("client left during the stream of %s", job.job_id)  # cancel_on_exit frees the stages
+        return response
+
+    def _record(self, result: GenerationResult, seconds: float) -> None:
+        self.metrics.prompt_tokens.inc(len(result.prompt_ids))
+        self.metrics.generated_tokens.inc(len(result.tokens))
+        self.metrics.latency.observe(seconds)
+        self.metrics.ttft.observe(result.prefill_s)
+        self.totals["requests"] += 1
+        self.totals["tokens"] += len(result.tokens)
+
+    # -- dashboard, feed, metrics ---------------------------------------------------------------
+
+    async def _index(self, request: web.Request) -> web.StreamResponse:
+        html = (STATIC / "index.html").read_text(encoding="utf-8")
+        return web.Response(text=html, content_type="text/html", headers={"Cache-Control": "no-cache"})
+
+    def snapshot(self) -> dict[str, Any]:
+        host = self.host
+        model = None
+        if host.model is not None:
+            cfg = host.model.config
+            model = {"id": self.model_id, "layers": cfg.n_layers, "dtype": host.model.dtype, "hidden": cfg.hidden_size}
+        ready = host.pipeline is not None
+        return room_snapshot(
+            host.room_view(),
+            host_id=host.node.node_id,
+            code=str(host.node.code),
+            model=model,
+            ready=ready,
+            why_not_ready="" if ready else host.why_not_ready(),
+            totals=dict(self.totals),
+        )
+
+    async def _room(self, request: web.Request) -> web.Response:
+        return web.json_response(self.snapshot())
+
+    async def _events(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
+        await response.prepare(request)
+        with contextlib.suppress(ConnectionError):
+            while True:
+                await response.write(b"event: room\ndata: " + json.dumps(self.snapshot()).encode() + b"\n\n")
+                await asyncio.sleep(self.feed_interval_s)
+        return response
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = self.metrics.render(self.host.room_view(), self.host.names())
+        return web.Response(body=body.encode(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+

@@ -1,0 +1,65 @@
+"""``--http`` and ``--api-key``: where the host serves the OpenAI API and the dashboard."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+from collections.abc import Callable
+
+from peerpipe.api.server import ApiServer
+from peerpipe.cluster.host_service import ClusterHost
+from peerpipe.room import Address
+
+DEFAULT_HTTP = "127.0.0.1:8088"
+
+
+def _http_address(text: str) -> Address | None:
+    from peerpipe.cli.room_cmds import parse_address
+
+    if text.lower() == "off":
+        return None
+    return parse_address(text, default_port=8088)
+
+
+def add_http_arguments(parser: argparse.ArgumentParser, default: str = DEFAULT_HTTP) -> None:
+    parser.add_argument(
+        "--http",
+        type=_http_address,
+        default=_http_address(default),
+        metavar="HOST:PORT",
+        help=f"serve the OpenAI API and the dashboard here ({default}; 0.0.0.0:PORT serves the LAN; 'off' for none)",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("PEERPIPE_API_KEY") or None,
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on the API (default: $PEERPIPE_API_KEY, else none)",
+    )
+    parser.add_argument(
+        "--max-pending", type=int, default=64, metavar="N", help="requests that may wait for a session before 'busy' (64)"
+    )
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+async def start_api(service: ClusterHost, args: argparse.Namespace, say: Callable[[str], None]) -> ApiServer | None:
+    """Start the HTTP server the arguments ask for and say where it is; None with --http off."""
+    if args.http is None:
+        return None
+    if args.max_pending < 0:
+        from peerpipe.errors import PeerpipeError
+
+        raise PeerpipeError("--max-pending must be 0 or more")
+    api = ApiServer(service, api_key=args.api_key, max_pending=args.max_pending)
+    url = await api.start(*args.http)
+    say(f"dashboard: {url}/")
+    say(f"OpenAI API: {url}/v1" + (" (needs the API key)" if args.api_key else ""))
+    if not _loopback(args.http[0]) and not args.api_key:
+        say("warning: the API is open to the network with no --api-key; anyone who can reach it can use the room")
+    return api
