@@ -80,12 +80,15 @@ async def create_room(
     context: int = 4096,
     sessions: int = 4,
     config: ClusterConfig | None = None,
+    quick: bool = False,
 ) -> AsyncIterator[Room]:
     """Open a room (mDNS only when ``advertise``), measure this machine, and serve ``model``."""
     room_code = parse_code(code) if code else generate_code()
     async with Host(room_code, name=name) as host:
         address = await host.open(listen, advertise=advertise)
-        local = await LocalDevice.measure(device, memory_limit_bytes=int(memory_gb * 1e9) if memory_gb else None)
+        local = await LocalDevice.measure(
+            device, quick=quick, memory_limit_bytes=int(memory_gb * 1e9) if memory_gb else None
+        )
         choice = ModelChoice.from_dir(model, dtype or local.default_dtype) if model else None
         config = config or ClusterConfig(
             expect_nodes=expect_nodes, budget=Budget(context_tokens=context, sessions=sessions)
@@ -123,13 +126,16 @@ async def join_room(
     device: str | None = None,
     memory_gb: float | None = None,
     discovery_timeout_s: float = 10.0,
+    quick: bool = False,
 ) -> AsyncIterator[Node]:
     """Join a room by code (by mDNS on ``listen``'s network, or at ``peer``) and serve a stage
     of ``model`` when the plan gives this node one."""
     async with Member(parse_code(code), name=name) as member:
         host = await member.join(peer, interface=listen, discovery_timeout_s=discovery_timeout_s)
         mesh = await member.listen(listen, 0)
-        local = await LocalDevice.measure(device, memory_limit_bytes=int(memory_gb * 1e9) if memory_gb else None)
+        local = await LocalDevice.measure(
+            device, quick=quick, memory_limit_bytes=int(memory_gb * 1e9) if memory_gb else None
+        )
         service = ClusterMember(
             member, host.node_id, local, address=f"{mesh[0]}:{mesh[1]}", model_dir=Path(model) if model else None
         )

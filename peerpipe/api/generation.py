@@ -87,9 +87,17 @@ class Job:
 
 class Generations:
     def __init__(
-        self, ready: Ready, *, model_id: str, model_dir: Path | None, sessions: int, max_pending: int
+        self,
+        ready: Ready,
+        *,
+        model_id: str,
+        model_dir: Path | None,
+        sessions: int,
+        max_pending: int,
+        on_finish: Callable[[asyncio.Task[GenerationResult]], None] | None = None,
     ) -> None:
         self.ready = ready
+        self.on_finish = on_finish
         self.model_id = model_id
         self.model_dir = model_dir
         self.capacity = sessions + max_pending
@@ -127,9 +135,11 @@ class Generations:
         task = asyncio.create_task(pipeline.generate(ids, params, pieces.put_nowait, task_id=job_id))
         self.in_flight += 1
 
-        def finished(_: asyncio.Task[GenerationResult]) -> None:
+        def finished(done: asyncio.Task[GenerationResult]) -> None:
             self.in_flight -= 1
             pieces.put_nowait(None)
+            if self.on_finish is not None:
+                self.on_finish(done)
 
         task.add_done_callback(finished)
         return Job(job_id, ids, task, pipeline, pieces)

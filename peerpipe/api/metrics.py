@@ -83,6 +83,7 @@ def _gauge(name: str, help_text: str, samples: Iterable[tuple[Labels, float]]) -
 class Metrics:
     def __init__(self) -> None:
         self.requests = Counter("peerpipe_requests_total", "API requests answered, by endpoint and HTTP status.")
+        self.answers = Counter("peerpipe_answers_total", "Answers ended, by finish reason (stop, length, cancelled, error).")
         self.prompt_tokens = Counter("peerpipe_prompt_tokens_total", "Prompt tokens of finished requests.")
         self.generated_tokens = Counter("peerpipe_generated_tokens_total", "Tokens generated for finished requests.")
         self.latency = Histogram("peerpipe_request_duration_seconds", "Time from request to last token.")
@@ -90,7 +91,7 @@ class Metrics:
 
     def render(self, view: RoomView | None, names: dict[str, str]) -> str:
         lines: list[str] = []
-        for metric in (self.requests, self.prompt_tokens, self.generated_tokens, self.latency, self.ttft):
+        for metric in (self.requests, self.answers, self.prompt_tokens, self.generated_tokens, self.latency, self.ttft):
             lines.extend(metric.render())
         if view is not None:
             lines.extend(_room_gauges(view, names))

@@ -56,7 +56,7 @@ class ApiServer:
         model = host.model
         self.model_id = model.model_id if model else ""
         self.created = int(time.time())
-        self.totals = {"requests": 0, "tokens": 0}
+        self.totals = {"answers": 0, "tokens": 0, "cancelled": 0, "failed": 0}
 
         async def ready() -> Any:
             return await host.ready_pipeline(ready_timeout_s)
@@ -67,6 +67,7 @@ class ApiServer:
             model_dir=model.path if model else None,
             sessions=host.config.budget.sessions,
             max_pending=max_pending,
+            on_finish=self._finished,
         )
         self.app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._errors, self._auth])
         self.app.add_routes(
@@ -232,12 +233,23 @@ class ApiServer:
         return response
 
     def _record(self, result: GenerationResult, seconds: float) -> None:
-        self.metrics.prompt_tokens.inc(len(result.prompt_ids))
-        self.metrics.generated_tokens.inc(len(result.tokens))
         self.metrics.latency.observe(seconds)
         self.metrics.ttft.observe(result.prefill_s)
-        self.totals["requests"] += 1
+
+    def _finished(self, task: asyncio.Task[GenerationResult]) -> None:
+        """Count every answer once, however it ended (a client that left cancels it)."""
+        if task.cancelled() or task.exception() is not None:
+            self.metrics.answers.inc(finish_reason="error")
+            self.totals["failed"] += 1
+            return
+        result = task.result()
+        self.metrics.answers.inc(finish_reason=result.finish_reason)
+        self.metrics.prompt_tokens.inc(len(result.prompt_ids))
+        self.metrics.generated_tokens.inc(len(result.tokens))
+        self.totals["answers"] += 1
         self.totals["tokens"] += len(result.tokens)
+        if result.finish_reason == "cancelled":
+            self.totals["cancelled"] += 1
 
     # -- dashboard, feed, metrics ---------------------------------------------------------------
 

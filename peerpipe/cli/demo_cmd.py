@@ -1,77 +1,119 @@
 """``peerpipe demo``: see peerpipe work on this machine with nothing downloaded.
 
-Until the trained bundled model lands, the demo writes a small random-weight Llama (with a real
-BPE tokenizer) into the user's cache folder, opens a room of local nodes on 127.0.0.1 that join
-it by code, and generates a short answer. The answer is gibberish by construction; the point
-is the machinery: the code, the encrypted joins, the loading and the decode speed.
+It opens a room of local nodes on 127.0.0.1 (mDNS bound to 127.0.0.1 too), the members join it by
+code, the room measures them and splits the bundled model across them, one answer streams
+through the pipeline, and then the host serves the OpenAI API and the dashboard until Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import signal
+import time
 from pathlib import Path
 
-from peerpipe.cli.progress import LoadProgress
-from peerpipe.paths import cache_dir
+from peerpipe.cli.http_opts import add_http_arguments, start_api
+from peerpipe.errors import PeerpipeError
 
-DEMO_PROMPT = "The quiet harbour at dawn"
-
-
-def demo_model_dir() -> Path:
-    return cache_dir() / "demo-model-v1"
-
-
-def ensure_demo_model(path: Path) -> Path:
-    from peerpipe.devtools.tiny_model import tiny_config, write_random_model
-
-    if (path / "config.json").is_file():
-        return path
-    cfg = tiny_config(
-        "llama",
-        hidden_size=256,
-        intermediate_size=768,
-        num_hidden_layers=6,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-    )
-    tmp = path.with_name(path.name + ".partial")
-    write_random_model(tmp, cfg, seed=1234)
-    tmp.rename(path)  # atomic: a crash never leaves a half-written model behind
-    return path
+DEMO_PROMPT = "It was a fine morning in April, and Emma"
+LOOPBACK = "127.0.0.1"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run a room of local nodes with a small built-in model")
+    p = sub.add_parser(
+        "demo", help="run a room of local nodes with the bundled model and serve it", description=run.__doc__
+    )
     p.add_argument("--nodes", type=int, default=3, help="local nodes in the room (3)")
-    p.add_argument("--max-tokens", type=int, default=40)
-    p.add_argument("--prompt", default=DEMO_PROMPT)
+    p.add_argument("--model", type=Path, metavar="DIR", help="serve this model instead of the bundled one")
+    p.add_argument("--prompt", default=DEMO_PROMPT, help="the sample prompt")
+    p.add_argument("--max-tokens", type=int, default=60)
+    p.add_argument("--no-serve", action="store_true", help="exit after the sample answer")
+    add_http_arguments(p)
     p.set_defaults(func=run)
 
 
+def say(line: str) -> None:
+    print(line, flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
-    from peerpipe.cli.demo_room import run_local_room
+    """Start a room of local nodes with the bundled model, plan it, print the code, the dashboard's
+    address and an answer to a sample prompt, then serve the API and the dashboard until Ctrl-C."""
+    from peerpipe.room import run as run_loop
+
+    if args.nodes < 1 or args.max_tokens < 1:
+        raise PeerpipeError("--nodes and --max-tokens must be at least 1")
+    return run_loop(_demo(args))
+
+
+async def _demo(args: argparse.Namespace) -> int:
     from peerpipe.cli.generate_cmd import show_text
-    from peerpipe.engine.generate import LocalEngine, encode_prompt
-    from peerpipe.engine.loader import load_stage
-    from peerpipe.engine.sampling import SamplingParams
-    from peerpipe.engine.tokenizer import Tokenizer
+    from peerpipe.cluster.host_service import ClusterConfig, describe_plan
+    from peerpipe.plan import Budget
+    from peerpipe.rooms import create_room, join_room
 
-    model = ensure_demo_model(demo_model_dir())
-    print(f"model: {model} (small random-weight Llama; the trained bundled model is still to come)")
-    run_local_room(args.nodes)
-    tokenizer = Tokenizer.from_dir(model)
-    ids = encode_prompt(tokenizer, args.prompt)
-    with LoadProgress("loading model") as progress:
-        stage, stats = load_stage(model, device="cpu", progress=progress)
-    engine = LocalEngine(stage, tokenizer, max_seq=len(ids) + args.max_tokens)
-    print(f"prompt: {args.prompt}")
-    print("answer: ", end="", flush=True)
+    if args.model is None:
+        from peerpipe.models import default_model_dir
 
-    params = SamplingParams(temperature=0.8, top_p=0.95, seed=7, max_tokens=args.max_tokens)
-    result = engine.generate(ids, params, on_text=show_text)
-    print()
-    print(
-        f"[{len(result.tokens)} tokens at {result.tok_s:.1f} tok/s on the CPU; {stats.bytes_read / 1e6:.1f} MB loaded]"
+        args.model = default_model_dir()
+    model = args.model
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    # Co-located nodes are equals, so the optimal planner would keep every layer on one of them
+    # (no hops beats any split); the demo splits evenly to show a real pipeline.
+    config = ClusterConfig(
+        expect_nodes=args.nodes, strategy="proportional", budget=Budget(context_tokens=1024, sessions=4)
     )
+    began = time.monotonic()
+    say(f"model: {model}")
+    async with (
+        create_room(model, listen=(LOOPBACK, 0), advertise=True, name="demo-host", config=config, quick=True) as room,
+        contextlib.AsyncExitStack() as nodes,
+    ):
+        say(f"room code: {room.code}   (host on {room.address[0]}:{room.address[1]}, mDNS on {LOOPBACK} only)")
+        for i in range(1, args.nodes):
+            # Each member finds the host by the code alone, as `peerpipe join CODE` does on a LAN.
+            await nodes.enter_async_context(
+                join_room(str(room.code), model=model, listen=LOOPBACK, name=f"demo-node-{i}", quick=True)
+            )
+            say(f"joined: demo-node-{i} (encrypted, authenticated by the code)")
+        await room.wait_for_nodes(args.nodes)
+        plan = await room.plan()
+        say(describe_plan(plan, room.service.names()))
+        say(f"room ready: {args.nodes} nodes, {time.monotonic() - began:.1f} s after start")
+        api = await start_api(room.service, args, say)
+        try:
+            say(f"prompt: {args.prompt}")
+            print("answer: ", end="", flush=True)
+            result = await room.generate(args.prompt, on_text=show_text, max_tokens=args.max_tokens, **_sampling(model))
+            print(flush=True)
+            say(
+                f"[{len(result.tokens)} tokens at {result.tok_s:.1f} tok/s through "
+                f"{len(plan.stages)} stages; first token after {result.prefill_s * 1e3:.0f} ms]"
+            )
+            if args.no_serve or api is None:
+                return 0
+            say("serving the API and the dashboard; Ctrl-C stops the room")
+            await stop.wait()
+            say("stopping")
+        finally:
+            if api is not None:
+                await api.close()
     return 0
+
+
+def _sampling(model: Path) -> dict[str, object]:
+    """The model's own sampling defaults, with a fixed seed so the demo tells the same story."""
+    from peerpipe.engine.defaults import generation_defaults
+
+    defaults = generation_defaults(model)
+    return {
+        "temperature": float(defaults.get("temperature", 0.8)),
+        "top_p": float(defaults.get("top_p", 0.95)),
+        "repetition_penalty": float(defaults.get("repetition_penalty", 1.0)),
+        "seed": 7,
+    }

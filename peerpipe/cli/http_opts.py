@@ -12,6 +12,7 @@ from peerpipe.cluster.host_service import ClusterHost
 from peerpipe.room import Address
 
 DEFAULT_HTTP = "127.0.0.1:8088"
+HTTP_ENV = "PEERPIPE_HTTP"  # overrides the default address (tests set 127.0.0.1:0)
 
 
 def _http_address(text: str) -> Address | None:
@@ -22,13 +23,15 @@ def _http_address(text: str) -> Address | None:
     return parse_address(text, default_port=8088)
 
 
-def add_http_arguments(parser: argparse.ArgumentParser, default: str = DEFAULT_HTTP) -> None:
+def add_http_arguments(parser: argparse.ArgumentParser) -> None:
+    default = os.environ.get(HTTP_ENV) or DEFAULT_HTTP
     parser.add_argument(
         "--http",
         type=_http_address,
         default=_http_address(default),
         metavar="HOST:PORT",
-        help=f"serve the OpenAI API and the dashboard here ({default}; 0.0.0.0:PORT serves the LAN; 'off' for none)",
+        help=f"serve the OpenAI API and the dashboard here ({default}, or ${HTTP_ENV}; 0.0.0.0:PORT serves "
+        "the LAN; 'off' for none)",
     )
     parser.add_argument(
         "--api-key",

@@ -20,6 +20,8 @@ function el(tag, attrs = {}, ...children) {
   return node;
 }
 
+function layers(s) { return s.end - s.start === 1 ? `layer ${s.start}` : `layers ${s.start}–${s.end - 1}`; }
+
 function fmt(x, digits = 1) { return x === null || x === undefined ? "–" : Number(x).toFixed(digits); }
 
 function connect() {
@@ -40,7 +42,7 @@ function render(r) {
   $("#model").textContent = r.model ? `${r.model.id} (${r.model.layers} layers, ${r.model.dtype})` : "none";
   $("#state").textContent = r.ready ? "ready" : "planning";
   $("#state").className = "pill " + (r.ready ? "ready" : "waiting");
-  $("#totals").textContent = `${r.totals.requests} answers · ${r.totals.tokens} tokens`;
+  $("#totals").textContent = `answers ${r.totals.answers} · tokens ${r.totals.tokens}`;
   $("#why").textContent = r.why_not_ready || "";
   renderPipeline(r);
   renderNodes(r);
@@ -59,9 +61,9 @@ function renderPipeline(r) {
     box.append(el("div", {
       class: "stage" + (s.loaded ? "" : " pending"),
       style: `flex: ${width} 1 0; background: ${COLORS[i % COLORS.length]}`,
-      title: `${s.name}: layers ${s.start}–${s.end - 1}` + (s.loaded ? "" : " (loading)"),
+      title: `${s.name}: ${layers(s)}` + (s.loaded ? "" : " (loading)"),
       "data-node": s.name,
-    }, el("span", { class: "name" }, s.name), el("span", { class: "range" }, `layers ${s.start}–${s.end - 1}`)));
+    }, el("span", { class: "name" }, s.name), el("span", { class: "range" }, layers(s))));
   });
 }
 
@@ -78,7 +80,7 @@ function renderNodes(r) {
       el("td", { class: "num" }, fmt(n.gbps, 0)),
       el("td", {}, el("span", { class: "dot " + n.health }), `${n.status} · ${beat}`),
       el("td", { class: "num" }, `${Math.round(100 * n.load)} %`),
-      el("td", {}, s ? `${s.start}–${s.end - 1}` : "–"),
+      el("td", {}, s ? layers(s).replace("layers ", "").replace("layer ", "") : "–"),
       el("td", { class: "num" }, fmt(n.ms_per_forward, 2)));
   });
   $("#nodes tbody").replaceChildren(...rows);

@@ -1,0 +1,70 @@
+"""Admission, API keys and clients that leave, on a room whose member answers slowly (its writes
+are delayed 20 ms), so that an answer is still running when the next request arrives."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.api.apiroom import ApiRoom, http, open_api_room, wait_feed
+
+KEY = "sekrit-key"
+LONG = {"max_tokens": 50, "stream": True, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir) -> Path:  # type: ignore[no-untyped-def]
+    return tiny_model_dir("llama")
+
+
+@pytest.fixture(scope="module")
+def room(model: Path, warm_bench: None, warm_layers) -> Iterator[ApiRoom]:  # type: ignore[no-untyped-def]
+    warm_layers(model)
+    room = open_api_room(
+        model, 1, code="5-amber-falcon", host_args=("--sessions", "1", "--max-pending", "0", "--api-key", KEY),
+        member_prefix=("env", "PEERPIPE_LINK_DELAY_MS=20"),
+    )
+    yield room
+    room.stop()
+
+
+def open_stream(room: ApiRoom, model: Path, key: str = KEY):  # type: ignore[no-untyped-def]
+    body = json.dumps({"model": model.name, "prompt": "A long story", **LONG}).encode()
+    request = urllib.request.Request(
+        room.url + "/v1/completions", data=body, method="POST", headers={"Authorization": f"Bearer {key}"}
+    )
+    return urllib.request.urlopen(request, timeout=30)
+
+
+def test_api_key_is_required_but_the_page_is_open(room: ApiRoom, model: Path) -> None:
+    wrong = openai.OpenAI(base_url=room.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as refused:
+        wrong.models.list()
+    assert refused.value.code == "invalid_api_key"
+    right = openai.OpenAI(base_url=room.url + "/v1", api_key=KEY, max_retries=0)
+    assert [m.id for m in right.models.list().data] == [model.name]
+    assert http("GET", room.url + "/metrics")[0] == 401
+    assert http("GET", room.url + "/api/room")[0] == 401
+    assert http("GET", room.url + f"/api/room?key={KEY}")[0] == 200
+    status, headers, page = http("GET", room.url + "/")
+    assert status == 200 and b"<title>peerpipe</title>" in page
+
+
+def test_busy_then_a_leaving_client_frees_the_session(room: ApiRoom, model: Path) -> None:
+    client = openai.OpenAI(base_url=room.url + "/v1", api_key=KEY, max_retries=0)
+    with open_stream(room, model) as first:
+        assert first.readline().startswith(b"data: ")  # the one session is taken
+        with pytest.raises(openai.InternalServerError) as busy:
+            client.completions.create(model=model.name, prompt="me too", max_tokens=2)
+        assert busy.value.status_code == 503 and busy.value.code == "server_busy"
+        assert busy.value.response.headers["Retry-After"] == "1"
+    # Closing the stream cancels that answer long before its 50 slow tokens are done.
+    snapshot = wait_feed(room.url, lambda s: s["totals"]["cancelled"] >= 1 and not s["tasks"], key=KEY)
+    assert snapshot["totals"]["tokens"] < 50
+    reply = client.completions.create(model=model.name, prompt="now", max_tokens=2, extra_body={"ignore_eos": True})
+    assert reply.usage is not None and reply.usage.completion_tokens == 2
