@@ -51,7 +51,7 @@ def test_api_key_is_required_but_the_page_is_open(room: ApiRoom, model: Path) ->
     assert http("GET", room.url + "/metrics")[0] == 401
     assert http("GET", room.url + "/api/room")[0] == 401
     assert http("GET", room.url + f"/api/room?key={KEY}")[0] == 200
-    status, headers, page = http("GET", room.url + "/")
+    status, _, page = http("GET", room.url + "/")
     assert status == 200 and b"<title>peerpipe</title>" in page
 
 
