@@ -6,6 +6,7 @@ and are benchmarked, the room plans, and answers run through the pipeline.
         await room.wait_for_nodes(3)
         plan = await room.plan()                # measured, planned, every stage loaded
         result = await room.generate("Why is the sky blue?", max_tokens=100)
+        api = await room.serve_http(("127.0.0.1", 8088))   # OpenAI API, dashboard, /metrics
 
     async with join_room("7-amber-falcon", peer=("192.168.1.20", 7000), model="models/llama") as node:
         await node.closed()                     # serve a stage until the host closes the room
@@ -18,6 +19,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from peerpipe.cluster.host_service import ClusterConfig, ClusterHost
 from peerpipe.cluster.local import LocalDevice
@@ -28,6 +30,9 @@ from peerpipe.engine.sampling import SamplingParams
 from peerpipe.plan import Budget
 from peerpipe.protocol import Plan, RoomView
 from peerpipe.room import Address, Host, Member, RoomCode, generate_code, parse_code
+
+if TYPE_CHECKING:
+    from peerpipe.api import ApiServer
 
 
 @dataclass
@@ -63,6 +68,16 @@ class Room:
         pipeline = await self.service.ready_pipeline(timeout_s)
         ids = prompt if isinstance(prompt, list) else encode_prompt(pipeline.tokenizer, prompt, chat=chat)
         return await pipeline.generate(ids, SamplingParams(**sampling), on_text)  # type: ignore[arg-type]
+
+    async def serve_http(
+        self, listen: Address = ("127.0.0.1", 8088), *, api_key: str | None = None, max_pending: int = 64
+    ) -> ApiServer:
+        """Serve the OpenAI API, the dashboard and /metrics for this room; ``await api.close()`` stops it."""
+        from peerpipe.api import ApiServer
+
+        api = ApiServer(self.service, api_key=api_key, max_pending=max_pending)
+        await api.start(*listen)
+        return api
 
 
 @contextlib.asynccontextmanager

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import aiohttp
+
 from peerpipe.cluster.model_choice import ModelChoice
 from peerpipe.engine.generate import LocalEngine
 from peerpipe.plan import Budget, stage_memory
@@ -33,5 +35,13 @@ def test_create_join_plan_generate(tiny_model_dir, warm_layers) -> None:
                 result = await room.generate([5, 6, 7], temperature=0.0, max_tokens=8, ignore_eos=True)
                 assert result.tokens == expected
                 assert {m.info.node_id for m in room.view().members} >= {s.node_id for s in plan.stages}
+                api = await room.serve_http(("127.0.0.1", 0))
+                try:
+                    body = {"model": model.name, "prompt": [5, 6, 7], "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+                    async with aiohttp.ClientSession() as http, http.post(f"{api.url}/v1/completions", json=body) as r:
+                        reply = await r.json()
+                    assert reply["choices"][0]["text"] == engine.tokenizer.decode(expected)
+                finally:
+                    await api.close()
 
     asyncio.run(asyncio.wait_for(main(), 120))
