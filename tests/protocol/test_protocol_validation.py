@@ -129,7 +129,7 @@ GOOD_TENSOR_FIELDS = {"task_id": "t", "output_tensor": tensor_meta()}
         (frame({"tag": "pong", "fields": {"nonce": True}}), "expected an int, got bool"),
         (frame({"tag": "pong", "fields": {"nonce": -5}}), "nonce must be in"),
         (frame({"tag": "pong", "fields": {"nonce": b"x"}}), "not valid msgpack"),
-        (frame({"tag": "heartbeat", "fields": {"load": 2.0, "status": "idle"}}), "load"),
+        (frame({"tag": "heartbeat", "fields": {"load": 2.0, "status": "idle", "steps": 0, "compute_s": 0.0}}), "load"),
         (frame(PING, b"junk"), "4 trailing bytes"),
         (frame(PING)[:-1], "runs past the end"),
         (frame(PING, header_len=3), "not valid msgpack"),
