@@ -84,13 +84,14 @@ class ApiServer:
             ]
         )
         self._runner: web.AppRunner | None = None
+        self._closing = asyncio.Event()  # ends the open feeds, so closing never waits on them
         self.url = ""
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def start(self, host: str = "127.0.0.1", port: int = 8088) -> str:
         """Listen; returns the base URL (the real port when ``port`` is 0)."""
-        self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+        self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, reuse_address=True)
         try:
@@ -104,6 +105,7 @@ class ApiServer:
         return self.url
 
     async def close(self) -> None:
+        self._closing.set()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -283,9 +285,10 @@ class ApiServer:
         )
         await response.prepare(request)
         with contextlib.suppress(ConnectionError):
-            while True:
+            while not self._closing.is_set():
                 await response.write(b"event: room\ndata: " + json.dumps(self.snapshot()).encode() + b"\n\n")
-                await asyncio.sleep(self.feed_interval_s)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closing.wait(), self.feed_interval_s)
         return response
 
     async def _metrics(self, request: web.Request) -> web.Response:

@@ -29,7 +29,7 @@ from peerpipe.protocol.validate import (
     need_tuple_of,
 )
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_FEATURES = 64
 MAX_MODEL_SHAPE_LEN = 16384
 MAX_PROMPT_LEN = 1 << 20

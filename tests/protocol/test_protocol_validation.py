@@ -93,9 +93,10 @@ def test_ints_are_accepted_for_float_fields_and_stored_as_float() -> None:
 def test_check_hello() -> None:
     p.check_hello(p.Hello(p.PROTOCOL_VERSION, "n", "a"))
     future = p.decode(p.encode(p.Hello(p.PROTOCOL_VERSION + 1, "n", "desk")))
-    with pytest.raises(p.VersionMismatchError, match="version 2") as info:
+    newer = p.PROTOCOL_VERSION + 1
+    with pytest.raises(p.VersionMismatchError, match=f"version {newer}") as info:
         p.check_hello(future)
-    assert (info.value.local, info.value.remote) == (1, 2)
+    assert (info.value.local, info.value.remote) == (p.PROTOCOL_VERSION, newer)
 
 
 @pytest.mark.parametrize(
