@@ -6,10 +6,13 @@ import argparse
 import ipaddress
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from peerpipe.api.server import ApiServer
-from peerpipe.cluster.host_service import ClusterHost
 from peerpipe.room import Address
+
+if TYPE_CHECKING:  # both pull in torch and aiohttp: every command's start would pay for them
+    from peerpipe.api.server import ApiServer
+    from peerpipe.cluster.host_service import ClusterHost
 
 DEFAULT_HTTP = "127.0.0.1:8088"
 HTTP_ENV = "PEERPIPE_HTTP"  # overrides the default address (tests set 127.0.0.1:0)
@@ -55,6 +58,8 @@ async def start_api(service: ClusterHost, args: argparse.Namespace, say: Callabl
     """Start the HTTP server the arguments ask for and say where it is; None with --http off."""
     if args.http is None:
         return None
+    from peerpipe.api.server import ApiServer
+
     if args.max_pending < 0:
         from peerpipe.errors import PeerpipeError
 

@@ -43,7 +43,9 @@ def memory_gb(model: Path, layers: int) -> str:
     return f"{need / 0.9 / 1e9 + 1e-9:.9f}"
 
 
-def open_room(procs: list[RoomProc], model: Path, members: int, layers_per_node: int | None) -> tuple[RoomProc, str, list[RoomProc]]:
+def open_room(
+    procs: list[RoomProc], model: Path, members: int, layers_per_node: int | None, member_prefix: tuple[str, ...] = ()
+) -> tuple[RoomProc, str, list[RoomProc]]:
     memory = ["--memory", memory_gb(model, layers_per_node)] if layers_per_node else []
     common = ["--quick", *memory]
     host = RoomProc(
@@ -57,7 +59,7 @@ def open_room(procs: list[RoomProc], model: Path, members: int, layers_per_node:
     for i in range(members):
         member = RoomProc(
             "join", CODE, "--peer", address, "--listen", "127.0.0.1", "--name", f"m{i}", "--model", str(model),
-            "--device", "cpu", *common,
+            "--device", "cpu", *common, prefix=member_prefix,
         )
         procs.append(member)
         joined.append(member)
@@ -105,7 +107,9 @@ def test_three_processes_answer_like_one(arch: str, procs, tiny_model_dir, warm_
 def test_a_stage_killed_mid_answer_fails_the_request_with_its_name(procs, tiny_model_dir, warm_layers) -> None:
     model = tiny_model_dir("llama")
     warm_layers(model)
-    host, address, members = open_room(procs, model, members=2, layers_per_node=2)
+    # Members' writes are delayed 30 ms, so the answer (63 tokens) runs for seconds, not milliseconds.
+    slow = ("env", "PEERPIPE_LINK_DELAY_MS=30")
+    host, address, members = open_room(procs, model, members=2, layers_per_node=2, member_prefix=slow)
     client = RoomProc("generate", "--room", CODE, "--peer", address, "--max-tokens", "100000", "--ignore-eos",
                       "--temperature", "0", "x")
     procs.append(client)
