@@ -69,8 +69,17 @@ class Job:
     pieces: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue)
 
     async def stream(self) -> AsyncIterator[str]:
+        """Text as it comes; pieces that queued up while the last one was written go out as one,
+        so a slow client costs fewer writes rather than falling further behind."""
         while (piece := await self.pieces.get()) is not None:
-            yield piece
+            more = []
+            while not self.pieces.empty():
+                nxt = self.pieces.get_nowait()
+                if nxt is None:
+                    self.pieces.put_nowait(None)  # seen again by the outer loop, which ends
+                    break
+                more.append(nxt)
+            yield piece + "".join(more)
 
     async def result(self) -> GenerationResult:
         """The finished answer; a stage failure becomes a 500 in OpenAI's shape."""
