@@ -2,7 +2,7 @@
 not, one client and several), side by side in one run.
 
     python bench/api.py                          # the bundled model, CPU, float32
-    python bench/api.py --model DIR --device cuda --dtype bfloat16
+    python bench/api.py --shape llama-3.2-1b --device cuda --dtype bfloat16   # random weights
 
 The host is a real ``peerpipe host`` process serving one node (every layer local), so the API
 path adds HTTP, JSON, SSE and the host's task bookkeeping to the engine's work; the client is
@@ -24,9 +24,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import openai  # noqa: E402
+from engine import SHAPES  # noqa: E402
 
+from peerpipe.devtools.tiny_model import tiny_config, write_random_model  # noqa: E402
 from peerpipe.engine.generate import LocalEngine  # noqa: E402
 from peerpipe.engine.sampling import SamplingParams  # noqa: E402
 from peerpipe.models import default_model_dir  # noqa: E402
@@ -34,8 +37,8 @@ from peerpipe.models import default_model_dir  # noqa: E402
 PROMPT = "It was a fine morning in April, and Emma"
 
 
-def local_tok_s(model: Path, args: argparse.Namespace) -> float:
-    engine, _ = LocalEngine.from_dir(model, device=args.device, dtype=args.dtype, max_seq=1024)
+def local_tok_s(model: Path, args: argparse.Namespace, *, cuda_graphs: bool | None = None) -> float:
+    engine, _ = LocalEngine.from_dir(model, device=args.device, dtype=args.dtype, max_seq=1024, cuda_graphs=cuda_graphs)
     ids = engine.tokenizer.encode(PROMPT)
     params = SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True)
     engine.generate(ids, params)  # warm-up
@@ -88,6 +91,7 @@ async def api_tok_s(url: str, model: str, args: argparse.Namespace, *, stream: b
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=default_model_dir())
+    parser.add_argument("--shape", choices=sorted(SHAPES), help="a random-weight model of this shape instead")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--tokens", type=int, default=128)
@@ -95,13 +99,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
+    if args.shape:
+        args.model = ROOT / ".bench" / f"api-{args.shape}-{args.dtype}"
+        if not (args.model / "config.json").is_file():
+            write_random_model(args.model, tiny_config("llama", **SHAPES[args.shape]), seed=0, dtype=args.dtype)
     print(f"local engine: {args.tokens} tokens x {args.repeats} ...", file=sys.stderr, flush=True)
     local = local_tok_s(args.model, args)
+    eager = local_tok_s(args.model, args, cuda_graphs=False) if args.device.startswith("cuda") else None
     print("starting a host ...", file=sys.stderr, flush=True)
     host, url = start_host(args.model, args)
     try:
         model = args.model.resolve().name
         rows = {"local engine": local}
+        if eager is not None:
+            rows["local engine, eager"] = eager
         for name, stream, clients in (
             ("API, one answer", False, 1),
             ("API, one stream", True, 1),
