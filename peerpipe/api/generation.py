@@ -120,13 +120,6 @@ class Generations:
 
     async def start(self, request: ChatRequest | CompletionRequest) -> Job:
         check_model(request.model, self.model_id)
-        if self.in_flight >= self.capacity:
-            raise ApiError(
-                503,
-                f"the server is busy: {self.in_flight} requests are running or waiting; try again shortly",
-                "server_error",
-                "server_busy",
-            )
         pipeline = await self.pipeline()
         ids = self._prompt_ids(pipeline, request)
         room = pipeline.max_seq - len(ids)
@@ -139,6 +132,14 @@ class Generations:
             )
         wanted = request.sampling.max_tokens
         params = _params(request.sampling, min(wanted, room) if wanted else room, self.model_dir)
+        # Checked with no await before the task starts, so concurrent requests cannot overshoot.
+        if self.in_flight >= self.capacity:
+            raise ApiError(
+                503,
+                f"the server is busy: {self.in_flight} requests are running or waiting; try again shortly",
+                "server_error",
+                "server_busy",
+            )
         job_id = ("chatcmpl-" if isinstance(request, ChatRequest) else "cmpl-") + uuid.uuid4().hex
         pieces: asyncio.Queue[str | None] = asyncio.Queue()
         task = asyncio.create_task(pipeline.generate(ids, params, pieces.put_nowait, task_id=job_id))
