@@ -120,6 +120,9 @@ def main() -> None:
     # All tensor work on the compute thread, as in a node (a second thread's pool would skew it).
     on_compute = lambda fn, *a: asyncio.run(run_compute(fn, *a))  # noqa: E731
     rows = {"engine, eager": on_compute(engine_ms, engine, args.tokens)}
+    if args.device.startswith("cuda"):
+        # On a GPU there is no CPU thread pool to skew; does the launching thread itself matter?
+        rows["engine, eager, main thread"] = engine_ms(engine, args.tokens)
     direct = DirectStage(engine)
     rows["stage step, back to back"] = on_compute(direct.loop, args.tokens)
     rows["stage step, hop per token"] = direct.hops(args.tokens)
