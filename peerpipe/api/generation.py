@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,6 +24,7 @@ from peerpipe.engine.sampling import InvalidSamplingParams, SamplingParams
 from peerpipe.inference.errors import NotReadyError, TaskFailedError
 from peerpipe.inference.pipeline import Pipeline
 
+log = logging.getLogger(__name__)
 Ready = Callable[[], Awaitable[Pipeline]]  # the room's pipeline once every stage has loaded
 
 
@@ -67,6 +70,8 @@ class Job:
     task: asyncio.Task[GenerationResult]
     pipeline: Pipeline
     pieces: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue)
+    created: float = field(default_factory=time.monotonic)
+    first_piece: float | None = None  # when the first text arrived, for time to first token
 
     async def stream(self) -> AsyncIterator[str]:
         """Text as it comes; pieces that queued up while the last one was written go out as one,
@@ -87,6 +92,11 @@ class Job:
             return await asyncio.shield(self.task)
         except TaskFailedError as exc:
             raise ApiError(500, f"the room failed this request: {exc}", "server_error", "stage_failed") from exc
+        except (ApiError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            log.exception("answer %s failed", self.job_id)
+            raise ApiError(500, f"the answer failed: {type(exc).__name__}", "server_error", "internal") from exc
 
     def cancel(self) -> None:
         """The client went away: free every stage's slot for this answer."""
@@ -120,8 +130,46 @@ class Generations:
 
     async def start(self, request: ChatRequest | CompletionRequest) -> Job:
         check_model(request.model, self.model_id)
-        pipeline = await self.pipeline()
-        ids = self._prompt_ids(pipeline, request)
+        # Counted from arrival, so requests waiting for the room to be ready are bounded too.
+        if self.in_flight >= self.capacity:
+            raise ApiError(
+                503,
+                f"the server is busy: {self.in_flight} requests are running or waiting; try again shortly",
+                "server_error",
+                "server_busy",
+            )
+        self.in_flight += 1
+        try:
+            pipeline = await self.pipeline()
+            ids = self._prompt_ids(pipeline, request)
+            params = self._params_for(pipeline, request, ids)
+        except BaseException:
+            self.in_flight -= 1
+            raise
+        job_id = ("chatcmpl-" if isinstance(request, ChatRequest) else "cmpl-") + uuid.uuid4().hex
+        pieces: asyncio.Queue[str | None] = asyncio.Queue()
+        job: Job
+
+        def on_text(piece: str) -> None:
+            if job.first_piece is None:
+                job.first_piece = time.monotonic()
+            pieces.put_nowait(piece)
+
+        task = asyncio.create_task(pipeline.generate(ids, params, on_text, task_id=job_id))
+        job = Job(job_id, ids, task, pipeline, pieces)
+
+        def finished(done: asyncio.Task[GenerationResult]) -> None:
+            self.in_flight -= 1
+            pieces.put_nowait(None)
+            if self.on_finish is not None:
+                self.on_finish(done)
+
+        task.add_done_callback(finished)
+        return job
+
+    def _params_for(
+        self, pipeline: Pipeline, request: ChatRequest | CompletionRequest, ids: list[int]
+    ) -> SamplingParams:
         room = pipeline.max_seq - len(ids)
         if room < 1:
             raise bad_request(
@@ -131,28 +179,7 @@ class Generations:
                 code="context_length_exceeded",
             )
         wanted = request.sampling.max_tokens
-        params = _params(request.sampling, min(wanted, room) if wanted else room, self.model_dir)
-        # Checked with no await before the task starts, so concurrent requests cannot overshoot.
-        if self.in_flight >= self.capacity:
-            raise ApiError(
-                503,
-                f"the server is busy: {self.in_flight} requests are running or waiting; try again shortly",
-                "server_error",
-                "server_busy",
-            )
-        job_id = ("chatcmpl-" if isinstance(request, ChatRequest) else "cmpl-") + uuid.uuid4().hex
-        pieces: asyncio.Queue[str | None] = asyncio.Queue()
-        task = asyncio.create_task(pipeline.generate(ids, params, pieces.put_nowait, task_id=job_id))
-        self.in_flight += 1
-
-        def finished(done: asyncio.Task[GenerationResult]) -> None:
-            self.in_flight -= 1
-            pieces.put_nowait(None)
-            if self.on_finish is not None:
-                self.on_finish(done)
-
-        task.add_done_callback(finished)
-        return Job(job_id, ids, task, pipeline, pieces)
+        return _params(request.sampling, min(wanted, room) if wanted else room, self.model_dir)
 
     def _prompt_ids(self, pipeline: Pipeline, request: ChatRequest | CompletionRequest) -> list[int]:
         tokenizer = pipeline.tokenizer

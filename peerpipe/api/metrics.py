@@ -121,7 +121,7 @@ def _room_gauges(view: RoomView, names: dict[str, str]) -> Iterable[str]:
 
     def stage(m_id: str) -> Labels:
         s = stages[m_id]
-        return (*node(m_id), ("layers", f"{s.start}-{s.end}"))
+        return (*node(m_id), ("layers", f"{s.start}-{s.end - 1}"))  # inclusive, as the dashboard shows
 
     # A summary's _sum and _count: rate(sum) / rate(count) is each stage's latency per forward.
     yield "# HELP peerpipe_stage_forward_seconds Time each stage spends in its forwards."
@@ -146,5 +146,8 @@ def _room_gauges(view: RoomView, names: dict[str, str]) -> Iterable[str]:
     yield from _gauge(
         "peerpipe_link_rtt_seconds",
         "Measured round trip between two nodes.",
-        (((*node(link.src), ("peer", names.get(link.dst, link.dst[:8]))), link.rtt_ms / 1e3) for link in view.links),
+        (
+            ((*node(link.src), ("peer", names.get(link.dst, link.dst[:8])), ("peer_id", link.dst)), link.rtt_ms / 1e3)
+            for link in view.links
+        ),
     )

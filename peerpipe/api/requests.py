@@ -8,6 +8,7 @@ fields that change nothing here (``user``, ``metadata``, ``store``) are accepted
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -112,10 +113,13 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
     for name in ("presence_penalty", "frequency_penalty"):
         if _number(body, name, -2.0, 2.0) not in (None, 0.0):
             raise unsupported(name, "a non-zero value (use repetition_penalty)")
-    if body.get("logprobs") not in (None, False) or body.get("top_logprobs") is not None:
+    if body.get("logprobs") not in (None, False) or body.get("top_logprobs") not in (None, 0):
         raise unsupported("logprobs", "returning log-probabilities")
     if body.get("tools") or body.get("functions"):
         raise unsupported("tools", "tool calling")
+    for name in ("tool_choice", "function_call"):
+        if body.get(name) not in (None, "none", "auto"):
+            raise unsupported(name, "tool calling")
     response_format = body.get("response_format")
     if response_format is not None and (
         not isinstance(response_format, dict) or response_format.get("type", "text") != "text"
@@ -132,7 +136,8 @@ def _sampling(body: dict[str, Any], max_tokens_fields: tuple[str, ...]) -> Sampl
         value = _int(body, name, 1)
         if value is not None:
             max_tokens = value
-    top_k = _int(body, "top_k", -1)
+    top_k = _int(body, "top_k", -1, 1 << 31)
+    seed = _int(body, "seed", -(2**63), 2**63 - 1)
     return Sampling(
         max_tokens=max_tokens,
         temperature=_number(body, "temperature", 0.0, 2.0),
@@ -140,7 +145,8 @@ def _sampling(body: dict[str, Any], max_tokens_fields: tuple[str, ...]) -> Sampl
         top_k=None if top_k is None else max(top_k, 0),  # vLLM's -1 means off, as our 0 does
         min_p=_number(body, "min_p", 0.0, 1.0) or 0.0,
         repetition_penalty=_number(body, "repetition_penalty", 0.0, 10.0, lo_open=True) or 1.0,
-        seed=_int(body, "seed", -(2**63), 2**63 - 1),
+        # OpenAI's seeds are signed 64-bit; the stages' generators take unsigned ones.
+        seed=None if seed is None else seed % 2**63,
         stop=_stop(body),
         ignore_eos=_bool(body, "ignore_eos"),
     )
@@ -232,7 +238,7 @@ def parse_completion(body: object) -> CompletionRequest:
     sampling = _sampling(body, ("max_tokens",))
     if sampling.max_tokens is None:
         # OpenAI's legacy completions stop after 16 tokens unless told otherwise.
-        sampling = Sampling(**{**sampling.__dict__, "max_tokens": 16})
+        sampling = dataclasses.replace(sampling, max_tokens=16)
     stream = _bool(body, "stream")
     return CompletionRequest(model, prompt, sampling, stream, _include_usage(body, stream), _bool(body, "echo"))
 

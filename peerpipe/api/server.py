@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import json
 import logging
 import time
@@ -32,6 +33,16 @@ log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_BODY_BYTES = 4 << 20
 STATIC = resources.files("peerpipe.api") / "static"
+
+
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _error_response(error: ApiError) -> web.Response:
@@ -69,7 +80,9 @@ class ApiServer:
             max_pending=max_pending,
             on_finish=self._finished,
         )
-        self.app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._errors, self._auth])
+        self.app = web.Application(
+            client_max_size=MAX_BODY_BYTES, middlewares=[self._errors, self._guard, self._auth]
+        )
         self.app.add_routes(
             [
                 web.get("/", self._index),
@@ -84,6 +97,7 @@ class ApiServer:
             ]
         )
         self._runner: web.AppRunner | None = None
+        self._loopback = True
         self._closing = asyncio.Event()  # ends the open feeds, so closing never waits on them
         self.url = ""
 
@@ -100,6 +114,7 @@ class ApiServer:
             await self._runner.cleanup()
             raise ListenError(f"cannot serve HTTP on {host}:{port}: {exc.strerror or exc}") from exc
         bound = self._runner.addresses[0]
+        self._loopback = _is_loopback(bound[0])
         shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
         self.url = f"http://{shown}:{bound[1]}"
         return self.url
@@ -135,9 +150,23 @@ class ApiServer:
             if not request.path.startswith(("/v1", "/api", "/metrics")):
                 raise
             log.exception("%s %s failed", request.method, request.path)
-            response = _error_response(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error"))
+            message = f"internal error ({type(exc).__name__}); the host's log has the details"
+            response = _error_response(ApiError(500, message, "server_error", "internal"))
         self.metrics.requests.inc(endpoint=endpoint, status=str(response.status))
         return response
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Keep web pages the user visits from using a local API: a page can post a form or plain
+        text to any address without asking (so bodies must be declared JSON), and through DNS
+        rebinding it can reach 127.0.0.1 under its own name (so on loopback the Host must be ours)."""
+        if self._loopback and request.host.rsplit(":", 1)[0].strip("[]").lower() not in LOOPBACK_NAMES:
+            raise ApiError(403, f"this host serves {self.url} only; Host {request.host!r} is refused", code="bad_host")
+        if request.method == "POST" and request.content_type != "application/json":
+            raise ApiError(
+                415, "send the body as JSON, with 'Content-Type: application/json'", code="unsupported_media_type"
+            )
+        return await handler(request)
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -151,11 +180,13 @@ class ApiServer:
 
     def _authorized(self, request: web.Request) -> bool:
         assert self.api_key is not None
-        header = request.headers.get("Authorization", "")
-        given = header[7:] if header.startswith("Bearer ") else ""
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer":
+            given = ""
         if not given and request.path.startswith("/api/"):
             given = request.query.get("key", "")
-        return hmac.compare_digest(given.encode(), self.api_key.encode())
+        # Headers arrive decoded with surrogate escapes: encode them back the same way.
+        return hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), self.api_key.encode())
 
     # -- OpenAI -------------------------------------------------------------------------------
 
@@ -175,8 +206,8 @@ class ApiServer:
     async def _body(self, request: web.Request) -> object:
         try:
             return json.loads(await request.read())
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise bad_request(f"the request body is not valid JSON: {exc}") from exc
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise bad_request(f"the request body is not valid JSON: {str(exc)[:200]}") from exc
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         return await self._answer(request, parse_chat(await self._body(request)))
@@ -187,26 +218,27 @@ class ApiServer:
     async def _answer(self, request: web.Request, parsed: ChatRequest | CompletionRequest) -> web.StreamResponse:
         if not self.model_id:
             raise ApiError(503, "this host serves no model: start it with --model DIR", "server_error", "no_model")
-        job = await self.generations.start(parsed)
         began = time.monotonic()
+        job = await self.generations.start(parsed)
         chat = isinstance(parsed, ChatRequest)
-        echo = ""
-        if isinstance(parsed, CompletionRequest) and parsed.echo:
-            echo = job.pipeline.tokenizer.decode(job.prompt_ids)
         with cancel_on_exit(job):
+            echo = ""
+            if isinstance(parsed, CompletionRequest) and parsed.echo:
+                echo = job.pipeline.tokenizer.decode(job.prompt_ids)
             if parsed.stream:
-                return await self._stream(request, job, chat=chat, echo=echo, include_usage=parsed.include_usage)
+                return await self._stream(
+                    request, job, chat=chat, echo=echo, include_usage=parsed.include_usage, began=began
+                )
             result = await job.result()
-        self._record(result, time.monotonic() - began)
+        self._record(job, began)
         body = chat_completion(job.job_id, self.model_id, result) if chat else completion(
             job.job_id, self.model_id, result, echo
         )
         return web.json_response(body)
 
     async def _stream(
-        self, request: web.Request, job: Job, *, chat: bool, echo: str, include_usage: bool
+        self, request: web.Request, job: Job, *, chat: bool, echo: str, include_usage: bool, began: float
     ) -> web.StreamResponse:
-        began = time.monotonic()
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         )
@@ -221,10 +253,10 @@ class ApiServer:
                 await response.write(chunks.text(piece))
             try:
                 result = await job.result()
-            except ApiError as exc:
+            except ApiError as exc:  # the headers are out: the error goes in the stream
                 await response.write(chunks.error(exc.body()))
                 return response
-            self._record(result, time.monotonic() - began)
+            self._record(job, began)
             await response.write(chunks.last(result))
             if include_usage:
                 await response.write(chunks.usage(result))
@@ -234,9 +266,11 @@ class ApiServer:
             log.info("client left during the stream of %s", job.job_id)  # cancel_on_exit frees the stages
         return response
 
-    def _record(self, result: GenerationResult, seconds: float) -> None:
-        self.metrics.latency.observe(seconds)
-        self.metrics.ttft.observe(result.prefill_s)
+    def _record(self, job: Job, began: float) -> None:
+        """Latencies as the client sees them: from the request's arrival, queueing included."""
+        now = time.monotonic()
+        self.metrics.latency.observe(now - began)
+        self.metrics.ttft.observe((job.first_piece or now) - began)
 
     def _finished(self, task: asyncio.Task[GenerationResult]) -> None:
         """Count every answer once, however it ended (a client that left cancels it)."""

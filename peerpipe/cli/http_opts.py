@@ -31,7 +31,7 @@ def add_http_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--http",
         type=_http_address,
-        default=_http_address(default),
+        default=default,  # argparse parses a string default only when the command runs
         metavar="HOST:PORT",
         help=f"serve the OpenAI API and the dashboard here ({default}, or ${HTTP_ENV}; 0.0.0.0:PORT serves "
         "the LAN; 'off' for none)",

@@ -498,7 +498,7 @@ class ClusterHost:
         """The pipeline once every stage has loaded the current plan; ``NotReadyError`` if it is
         not ready within ``timeout_s`` (saying what is missing)."""
         try:
-            await self.wait_until(lambda h: h.pipeline is not None, timeout_s)
+            await self.wait_until(lambda h: h.pipeline is not None and not h.pipeline.closed, timeout_s)
         except TimeoutError:
             raise NotReadyError(self.why_not_ready()) from None
         assert self.pipeline is not None

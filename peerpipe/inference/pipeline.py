@@ -64,6 +64,11 @@ class Pipeline:
         return [s.node_id for s in self.plan.stages]
 
     @property
+    def closed(self) -> bool:
+        """The plan changed or a stage left: this pipeline takes no more work."""
+        return bool(self._closed)
+
+    @property
     def local(self) -> bool:
         """Every layer on the host: no network on the data path."""
         return self.stage_nodes == [self.host_id]
@@ -139,19 +144,19 @@ class Pipeline:
     async def _run(self, task: Task, prompt: list[int], params: SamplingParams, on_text: OnText | None) -> GenerationResult:
         budget = min(params.max_tokens, self.max_seq - len(prompt))
         stopper = StopChecker(params, self.tokenizer.eos_ids, self.tokenizer.stream_decoder())
-        spec = SessionSpec(
-            params.temperature,
-            params.top_k,
-            params.top_p,
-            params.min_p,
-            params.repetition_penalty,
-            params.seed,
-            to_wire(torch.tensor(prompt, dtype=torch.long)) if params.repetition_penalty != 1.0 else None,
-        )
         first = self.stage_nodes[0]
         task.status, task.started = TaskStatus.PREFILL, time.monotonic()
         reason = "error"
         try:
+            spec = SessionSpec(
+                params.temperature,
+                params.top_k,
+                params.top_p,
+                params.min_p,
+                params.repetition_penalty,
+                params.seed,
+                to_wire(torch.tensor(prompt, dtype=torch.long)) if params.repetition_penalty != 1.0 else None,
+            )
             ids = torch.tensor([prompt], dtype=torch.long)
             request = ComputeRequest(task.task_id, to_wire(ids), task.task_id, self.plan.version, 0, spec)
             token = await self._step(task, first, request, self.prefill_timeout_s)
@@ -170,6 +175,8 @@ class Pipeline:
                         on_text(tail)
                     reason = "length"
                     break
+                if task.status is TaskStatus.CANCELLED:  # cancelled while no step was in flight
+                    raise _Cancelled
                 pos = len(prompt) + len(task.tokens) - 1
                 ids = torch.tensor([[token]], dtype=torch.long)
                 request = ComputeRequest(task.task_id, to_wire(ids), task.task_id, self.plan.version, pos)

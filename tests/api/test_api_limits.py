@@ -36,7 +36,7 @@ def room(model: Path, warm_bench: None, warm_layers) -> Iterator[ApiRoom]:  # ty
 def open_stream(room: ApiRoom, model: Path, key: str = KEY):  # type: ignore[no-untyped-def]
     body = json.dumps({"model": model.name, "prompt": "A long story", **LONG}).encode()
     request = urllib.request.Request(
-        room.url + "/v1/completions", data=body, method="POST", headers={"Authorization": f"Bearer {key}"}
+        room.url + "/v1/completions", data=body, method="POST", headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
     )
     return urllib.request.urlopen(request, timeout=30)
 
@@ -49,6 +49,8 @@ def test_api_key_is_required_but_the_page_is_open(room: ApiRoom, model: Path) ->
     right = openai.OpenAI(base_url=room.url + "/v1", api_key=KEY, max_retries=0)
     assert [m.id for m in right.models.list().data] == [model.name]
     assert http("GET", room.url + "/metrics")[0] == 401
+    assert http("GET", room.url + "/metrics", headers={"Authorization": "Bearer \xff\xfe"})[0] == 401
+    assert http("GET", room.url + "/metrics", headers={"Authorization": f"bearer {KEY}"})[0] == 200
     assert http("GET", room.url + "/api/room")[0] == 401
     assert http("GET", room.url + f"/api/room?key={KEY}")[0] == 200
     status, _, page = http("GET", room.url + "/")

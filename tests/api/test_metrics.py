@@ -36,7 +36,7 @@ def test_exposition_is_well_formed_and_follows_the_view() -> None:
     assert 'peerpipe_request_duration_seconds_bucket{le="0.5"} 1' in text
     assert 'peerpipe_request_duration_seconds_bucket{le="+Inf"} 2' in text
     assert "peerpipe_request_duration_seconds_count 2" in text
-    assert re.search(r'peerpipe_stage_forward_seconds_count\{node="laptop",node_id="b+",layers="6-8"\} 4', text)
+    assert re.search(r'peerpipe_stage_forward_seconds_count\{node="laptop",node_id="b+",layers="6-7"\} 4', text)
     assert 'peerpipe_tasks{status="decoding"} 1' in text and 'peerpipe_tasks{status="queued"} 1' in text
     assert re.search(r'peerpipe_node_heartbeat_age_seconds\{node="laptop",node_id="b+"\} 4\b', text)
     assert "peerpipe_plan_predicted_seconds_per_token" in text

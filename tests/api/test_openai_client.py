@@ -100,6 +100,7 @@ def test_seed_repeats_and_differs(client: openai.OpenAI, model: Path) -> None:
 
     assert ask(5) == ask(5)
     assert ask(5) != ask(6)
+    assert ask(-1) == ask(-1)  # OpenAI's seeds are signed
 
 
 def test_completions_plain_echo_and_stream(client: openai.OpenAI, model: Path, engine: LocalEngine) -> None:
@@ -176,6 +177,15 @@ def test_errors_have_openai_shape(client: openai.OpenAI, room: ApiRoom, model: P
     assert status == 405 and json.loads(body)["error"]["code"] == "method_not_allowed"
     status, _, body = http("POST", room.url + "/v1/completions", b" " * (5 << 20))
     assert status == 413 and json.loads(body)["error"]["code"] == "request_too_large"
+    status, _, body = http("POST", room.url + "/v1/completions", b"[" * 100_000 + b"]" * 100_000)
+    assert status == 400 and "JSON" in json.loads(body)["error"]["message"]
+    # What a web page could send without asking: a plain-text body, or a rebound host name.
+    text = json.dumps({"model": model.name, "prompt": "hi"}).encode()
+    status, _, body = http("POST", room.url + "/v1/completions", text, {"Content-Type": "text/plain"})
+    assert status == 415 and json.loads(body)["error"]["code"] == "unsupported_media_type"
+    status, _, body = http("GET", room.url + "/api/room", headers={"Host": "evil.example"})
+    assert status == 403 and json.loads(body)["error"]["code"] == "bad_host"
+    assert http("GET", room.url.replace("127.0.0.1", "localhost") + "/v1/models")[0] == 200
     status, _, body = http("POST", room.url + "/v1/completions", json.dumps({"model": model.name, "prompt": [10**9]}).encode())
     assert status == 400 and json.loads(body)["error"]["param"] == "prompt"
 

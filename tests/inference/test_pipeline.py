@@ -164,6 +164,25 @@ def test_cancel_mid_answer_frees_every_stage(tiny_model_dir, device, warm_layers
     arun(main())
 
 
+def test_a_cancel_between_steps_is_not_lost(tiny_model_dir, device, warm_layers) -> None:
+    """Cancelled while no step is in flight (here: from the text callback, right after a token),
+    the answer still stops at once instead of running to max_tokens."""
+    model = tiny_model_dir("llama")
+    warm_layers(model)
+
+    async def main() -> None:
+        async with room(model, device, members=2, layers_per_node=2) as r:
+            pipeline = r.host.pipeline
+            assert pipeline is not None
+            long = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
+            result = await pipeline.generate(
+                PROMPTS[1], long, lambda _: pipeline.cancel("t-between"), task_id="t-between"
+            )
+            assert result.finish_reason == "cancelled" and len(result.tokens) <= 2
+
+    arun(main())
+
+
 def test_a_failing_stage_fails_the_task_with_its_reason(tiny_model_dir, device, warm_layers, monkeypatch) -> None:
     model = tiny_model_dir("llama")
     warm_layers(model)

@@ -87,13 +87,14 @@ function renderNodes(r) {
 }
 
 function renderLinks(r) {
-  const names = r.nodes.map((n) => n.name);
-  const rtt = new Map(r.links.map((l) => [l.src_name + "\u0000" + l.dst_name, l]));
+  const ids = r.nodes.map((n) => n.id);
+  const names = new Map(r.nodes.map((n) => [n.id, n.name]));
+  const rtt = new Map(r.links.map((l) => [l.src + " " + l.dst, l]));
   $("#links-empty").hidden = r.links.length > 0;
   if (!r.links.length) { $("#links thead").replaceChildren(); $("#links tbody").replaceChildren(); return; }
-  $("#links thead").replaceChildren(el("tr", {}, el("th", {}, "from \\ to"), ...names.map((n) => el("th", { class: "num" }, n))));
-  $("#links tbody").replaceChildren(...names.map((a) => el("tr", {}, el("td", {}, a), ...names.map((b) => {
-    const l = rtt.get(a + "\u0000" + b) || rtt.get(b + "\u0000" + a);
+  $("#links thead").replaceChildren(el("tr", {}, el("th", {}, "from \\ to"), ...ids.map((n) => el("th", { class: "num" }, names.get(n)))));
+  $("#links tbody").replaceChildren(...ids.map((a) => el("tr", {}, el("td", {}, names.get(a)), ...ids.map((b) => {
+    const l = rtt.get(a + " " + b) || rtt.get(b + " " + a);
     return el("td", { class: "num", title: l ? `${fmt(l.mib_per_s, 0)} MiB/s` : "" }, a === b ? "·" : l ? `${fmt(l.rtt_ms, 2)} ms` : "–");
   }))));
 }
