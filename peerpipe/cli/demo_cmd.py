@@ -85,7 +85,7 @@ async def _demo(args: argparse.Namespace) -> int:
         plan = await room.plan()
         say(describe_plan(plan, room.service.names()))
         say(f"room ready: {args.nodes} nodes, {time.monotonic() - began:.1f} s after start")
-        api = None if args.no_serve else await start_api(room.service, args, say)
+        api = None if args.no_serve else await start_api(room.service, args, say, any_port_if_busy=True)
         try:
             say(f"prompt: {args.prompt}")
             print("answer: ", end="", flush=True)

@@ -54,10 +54,15 @@ def _loopback(host: str) -> bool:
         return host == "localhost"
 
 
-async def start_api(service: ClusterHost, args: argparse.Namespace, say: Callable[[str], None]) -> ApiServer | None:
-    """Start the HTTP server the arguments ask for and say where it is; None with --http off."""
+async def start_api(
+    service: ClusterHost, args: argparse.Namespace, say: Callable[[str], None], *, any_port_if_busy: bool = False
+) -> ApiServer | None:
+    """Start the HTTP server the arguments ask for and say where it is; None with --http off.
+
+    With ``any_port_if_busy`` (the demo), a default port that is taken gives way to a free one."""
     if args.http is None:
         return None
+    from peerpipe.api.errors import ListenError
     from peerpipe.api.server import ApiServer
 
     if args.max_pending < 0:
@@ -65,7 +70,13 @@ async def start_api(service: ClusterHost, args: argparse.Namespace, say: Callabl
 
         raise PeerpipeError("--max-pending must be 0 or more")
     api = ApiServer(service, api_key=args.api_key, max_pending=args.max_pending)
-    url = await api.start(*args.http)
+    try:
+        url = await api.start(*args.http)
+    except ListenError as exc:
+        if not any_port_if_busy or args.http[1] == 0:
+            raise
+        say(f"{exc}; using a free port instead")
+        url = await api.start(args.http[0], 0)
     say(f"dashboard: {url}/")
     say(f"OpenAI API: {url}/v1" + (" (needs the API key)" if args.api_key else ""))
     if not _loopback(args.http[0]) and not args.api_key:

@@ -4,6 +4,9 @@ are delayed 20 ms), so that an answer is still running when the next request arr
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,3 +73,15 @@ def test_busy_then_a_leaving_client_frees_the_session(room: ApiRoom, model: Path
     assert snapshot["totals"]["tokens"] < 50
     reply = client.completions.create(model=model.name, prompt="now", max_tokens=2, extra_body={"ignore_eos": True})
     assert reply.usage is not None and reply.usage.completion_tokens == 2
+
+
+def test_a_taken_http_port_is_a_clear_error(warm_bench: None) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        out = subprocess.run(
+            [sys.executable, "-m", "peerpipe", "host", "--listen", "127.0.0.1:0", "--no-mdns", "--quick",
+             "--device", "cpu", "--http", f"127.0.0.1:{port}"],
+            capture_output=True, text=True, timeout=120, check=False,
+        )
+    assert out.returncode == 1
+    assert f"cannot serve HTTP on 127.0.0.1:{port}" in out.stderr and "Traceback" not in out.stderr
