@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -28,33 +29,9 @@ log = logging.getLogger(__name__)
 Ready = Callable[[], Awaitable[Pipeline]]  # the room's pipeline once every stage has loaded
 
 
-@dataclass
-class _SamplingRequest:
-    """``Sampling`` in the shape ``engine.defaults.sampling_params`` reads."""
-
-    temperature: float | None
-    top_k: int | None
-    top_p: float | None
-    min_p: float
-    repetition_penalty: float
-    seed: int | None
-    max_tokens: int
-    stop: tuple[str, ...]
-    ignore_eos: bool
-
-
 def _params(sampling: Sampling, max_tokens: int, model_dir: Path | None) -> SamplingParams:
-    request = _SamplingRequest(
-        sampling.temperature,
-        sampling.top_k,
-        sampling.top_p,
-        sampling.min_p,
-        sampling.repetition_penalty,
-        sampling.seed,
-        max_tokens,
-        sampling.stop,
-        sampling.ignore_eos,
-    )
+    # Sampling has the fields engine.defaults.sampling_params reads; only max_tokens is settled here.
+    request = dataclasses.replace(sampling, max_tokens=max_tokens)
     try:
         return sampling_params(request, model_dir)
     except InvalidSamplingParams as exc:
@@ -92,8 +69,6 @@ class Job:
             return await asyncio.shield(self.task)
         except TaskFailedError as exc:
             raise ApiError(500, f"the room failed this request: {exc}", "server_error", "stage_failed") from exc
-        except (ApiError, asyncio.CancelledError):
-            raise
         except Exception as exc:
             log.exception("answer %s failed", self.job_id)
             raise ApiError(500, f"the answer failed: {type(exc).__name__}", "server_error", "internal") from exc

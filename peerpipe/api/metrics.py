@@ -89,6 +89,17 @@ class Metrics:
         self.latency = Histogram("peerpipe_request_duration_seconds", "Time from request to last token.")
         self.ttft = Histogram("peerpipe_time_to_first_token_seconds", "Time from prompt to first token.")
 
+    def totals(self) -> dict[str, int]:
+        """What the dashboard's header shows, read off the counters."""
+        answers = {dict(labels)["finish_reason"]: int(n) for labels, n in self.answers.values.items()}
+        failed = answers.pop("error", 0)
+        return {
+            "answers": sum(answers.values()),
+            "tokens": int(sum(self.generated_tokens.values.values())),
+            "cancelled": answers.get("cancelled", 0),
+            "failed": failed,
+        }
+
     def render(self, view: RoomView | None, names: dict[str, str]) -> str:
         lines: list[str] = []
         for metric in (self.requests, self.answers, self.prompt_tokens, self.generated_tokens, self.latency, self.ttft):

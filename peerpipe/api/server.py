@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import ipaddress
 import json
@@ -67,13 +68,8 @@ class ApiServer:
         model = host.model
         self.model_id = model.model_id if model else ""
         self.created = int(time.time())
-        self.totals = {"answers": 0, "tokens": 0, "cancelled": 0, "failed": 0}
-
-        async def ready() -> Any:
-            return await host.ready_pipeline(ready_timeout_s)
-
         self.generations = Generations(
-            ready,
+            functools.partial(host.ready_pipeline, ready_timeout_s),
             model_id=self.model_id,
             model_dir=model.path if model else None,
             sessions=host.config.budget.sessions,
@@ -97,7 +93,7 @@ class ApiServer:
             ]
         )
         self._runner: web.AppRunner | None = None
-        self._loopback = True
+        self.loopback = True  # where it listens; set by start()
         self._closing = asyncio.Event()  # ends the open feeds, so closing never waits on them
         self.url = ""
 
@@ -114,7 +110,7 @@ class ApiServer:
             await self._runner.cleanup()
             raise ListenError(f"cannot serve HTTP on {host}:{port}: {exc.strerror or exc}") from exc
         bound = self._runner.addresses[0]
-        self._loopback = _is_loopback(bound[0])
+        self.loopback = _is_loopback(bound[0])
         shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
         self.url = f"http://{shown}:{bound[1]}"
         return self.url
@@ -160,7 +156,7 @@ class ApiServer:
         """Keep web pages the user visits from using a local API: a page can post a form or plain
         text to any address without asking (so bodies must be declared JSON), and through DNS
         rebinding it can reach 127.0.0.1 under its own name (so on loopback the Host must be ours)."""
-        if self._loopback and request.host.rsplit(":", 1)[0].strip("[]").lower() not in LOOPBACK_NAMES:
+        if self.loopback and request.host.rsplit(":", 1)[0].strip("[]").lower() not in LOOPBACK_NAMES:
             raise ApiError(403, f"this host serves {self.url} only; Host {request.host!r} is refused", code="bad_host")
         if request.method == "POST" and request.content_type != "application/json":
             raise ApiError(
@@ -276,16 +272,11 @@ class ApiServer:
         """Count every answer once, however it ended (a client that left cancels it)."""
         if task.cancelled() or task.exception() is not None:
             self.metrics.answers.inc(finish_reason="error")
-            self.totals["failed"] += 1
             return
         result = task.result()
         self.metrics.answers.inc(finish_reason=result.finish_reason)
         self.metrics.prompt_tokens.inc(len(result.prompt_ids))
         self.metrics.generated_tokens.inc(len(result.tokens))
-        self.totals["answers"] += 1
-        self.totals["tokens"] += len(result.tokens)
-        if result.finish_reason == "cancelled":
-            self.totals["cancelled"] += 1
 
     # -- dashboard, feed, metrics ---------------------------------------------------------------
 
@@ -299,7 +290,7 @@ class ApiServer:
         if host.model is not None:
             cfg = host.model.config
             model = {"id": self.model_id, "layers": cfg.n_layers, "dtype": host.model.dtype, "hidden": cfg.hidden_size}
-        ready = host.pipeline is not None
+        ready = host.ready
         return room_snapshot(
             host.room_view(),
             host_id=host.node.node_id,
@@ -307,7 +298,7 @@ class ApiServer:
             model=model,
             ready=ready,
             why_not_ready="" if ready else host.why_not_ready(),
-            totals=dict(self.totals),
+            totals=self.metrics.totals(),
         )
 
     async def _room(self, request: web.Request) -> web.Response:

@@ -43,7 +43,7 @@ def room_snapshot(
     model: dict[str, Any] | None,
     ready: bool,
     why_not_ready: str,
-    totals: dict[str, float],
+    totals: dict[str, int],
 ) -> dict[str, Any]:
     names = {m.info.node_id: m.info.name or m.info.node_id[:8] for m in view.members}
     acked = set(view.acked)

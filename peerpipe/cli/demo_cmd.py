@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import signal
 import time
 from pathlib import Path
@@ -49,8 +50,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _demo(args: argparse.Namespace) -> int:
+    from peerpipe.api.requests import Sampling
     from peerpipe.cli.generate_cmd import show_text
     from peerpipe.cluster.host_service import ClusterConfig, describe_plan
+    from peerpipe.engine.defaults import sampling_params
     from peerpipe.plan import Budget
     from peerpipe.rooms import create_room, join_room
 
@@ -89,7 +92,9 @@ async def _demo(args: argparse.Namespace) -> int:
         try:
             say(f"prompt: {args.prompt}")
             print("answer: ", end="", flush=True)
-            result = await room.generate(args.prompt, on_text=show_text, max_tokens=args.max_tokens, **_sampling(model))
+            # The model's own sampling defaults, with a fixed seed so the demo tells the same story.
+            params = sampling_params(Sampling(max_tokens=args.max_tokens, seed=7), model)
+            result = await room.generate(args.prompt, on_text=show_text, **dataclasses.asdict(params))
             print(flush=True)
             say(
                 f"[{len(result.tokens)} tokens at {result.tok_s:.1f} tok/s through "
@@ -105,15 +110,3 @@ async def _demo(args: argparse.Namespace) -> int:
                 await api.close()
     return 0
 
-
-def _sampling(model: Path) -> dict[str, object]:
-    """The model's own sampling defaults, with a fixed seed so the demo tells the same story."""
-    from peerpipe.engine.defaults import generation_defaults
-
-    defaults = generation_defaults(model)
-    return {
-        "temperature": float(defaults.get("temperature", 0.8)),
-        "top_p": float(defaults.get("top_p", 0.95)),
-        "repetition_penalty": float(defaults.get("repetition_penalty", 1.0)),
-        "seed": 7,
-    }

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -47,13 +46,6 @@ def add_http_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 async def start_api(
     service: ClusterHost, args: argparse.Namespace, say: Callable[[str], None], *, any_port_if_busy: bool = False
 ) -> ApiServer | None:
@@ -79,6 +71,6 @@ async def start_api(
         url = await api.start(args.http[0], 0)
     say(f"dashboard: {url}/")
     say(f"OpenAI API: {url}/v1" + (" (needs the API key)" if args.api_key else ""))
-    if not _loopback(args.http[0]) and not args.api_key:
+    if not api.loopback and not args.api_key:
         say("warning: the API is open to the network with no --api-key; anyone who can reach it can use the room")
     return api

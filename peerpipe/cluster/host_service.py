@@ -498,11 +498,16 @@ class ClusterHost:
         """The pipeline once every stage has loaded the current plan; ``NotReadyError`` if it is
         not ready within ``timeout_s`` (saying what is missing)."""
         try:
-            await self.wait_until(lambda h: h.pipeline is not None and not h.pipeline.closed, timeout_s)
+            await self.wait_until(lambda h: h.ready, timeout_s)
         except TimeoutError:
             raise NotReadyError(self.why_not_ready()) from None
         assert self.pipeline is not None
         return self.pipeline
+
+    @property
+    def ready(self) -> bool:
+        """A pipeline whose stages have all loaded the current plan, and still takes work."""
+        return self.pipeline is not None and not self.pipeline.closed
 
     def why_not_ready(self) -> str:
         if self.model is None:

@@ -21,11 +21,6 @@ NO_EOS = {"ignore_eos": True}
 
 
 @pytest.fixture(scope="module")
-def model(tiny_model_dir) -> Path:  # type: ignore[no-untyped-def]
-    return tiny_model_dir("llama")
-
-
-@pytest.fixture(scope="module")
 def room(model: Path, warm_bench: None, warm_layers) -> Iterator[ApiRoom]:  # type: ignore[no-untyped-def]
     warm_layers(model)
     room = open_api_room(model, 1, code="4-amber-falcon", context=CONTEXT)
