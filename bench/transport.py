@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from peerpipe.protocol import ComputeRequest, ComputeResult, Message, TensorData, decode, encode
-from peerpipe.room import Host, Member, PeerInfo, TransportConfig, parse_code
-from peerpipe.room.transport import run
+from peerpipe.room import Host, Member, PeerInfo, parse_code
+from peerpipe.transport import TransportConfig, run
 
 CODE = parse_code("7-amber-falcon")
 LEN = struct.Struct(">I")

@@ -29,7 +29,8 @@ from peerpipe.engine.generate import GenerationResult, OnText, encode_prompt
 from peerpipe.engine.sampling import SamplingParams
 from peerpipe.plan import Budget
 from peerpipe.protocol import Plan, RoomView
-from peerpipe.room import Address, Host, Member, RoomCode, generate_code, parse_code
+from peerpipe.room import Host, Member, RoomCode, generate_code, parse_code
+from peerpipe.transport import Address
 
 if TYPE_CHECKING:
     from peerpipe.api import ApiServer

@@ -117,7 +117,8 @@ def _add_room_arguments(p: argparse.ArgumentParser) -> None:
 def _fetch_view(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from peerpipe.cli.runtime import the_room
     from peerpipe.cluster.observer import fetch_view
-    from peerpipe.room import find_host, parse_code, run
+    from peerpipe.room import find_host, parse_code
+    from peerpipe.transport import run
 
     if args.code:
         code = parse_code(args.code)

@@ -42,7 +42,7 @@ def say(line: str) -> None:
 def run(args: argparse.Namespace) -> int:
     """Start a room of local nodes with the bundled model, plan it, print the code, the dashboard's
     address and an answer to a sample prompt, then serve the API and the dashboard until Ctrl-C."""
-    from peerpipe.room import run as run_loop
+    from peerpipe.transport import run as run_loop
 
     if args.nodes < 1 or args.max_tokens < 1:
         raise PeerpipeError("--nodes and --max-tokens must be at least 1")

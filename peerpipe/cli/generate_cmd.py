@@ -130,7 +130,8 @@ def run_remote(args: argparse.Namespace) -> int:
     from peerpipe.inference.client import remote_generate
     from peerpipe.inference.errors import InferenceError
     from peerpipe.protocol import GenerateRequest
-    from peerpipe.room import default_lan_ip, find_host, parse_code, run
+    from peerpipe.room import default_lan_ip, find_host, parse_code
+    from peerpipe.transport import run
 
     code = parse_code(args.room)
     if args.peer:

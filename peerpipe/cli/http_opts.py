@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from peerpipe.room import Address
+from peerpipe.transport import Address
 
 if TYPE_CHECKING:  # both pull in torch and aiohttp: every command's start would pay for them
     from peerpipe.api.server import ApiServer

@@ -53,11 +53,24 @@ def setup_logging(verbosity: int) -> None:
     configure(level)
 
 
+def emulate_links() -> None:
+    """Tests and benchmarks slow this process's links with PEERPIPE_LINK_DELAY_MS; imported only
+    then, so every command's start stays light."""
+    if os.environ.get("PEERPIPE_LINK_DELAY_MS"):
+        from peerpipe.transport.emulation import delay_from_environment
+
+        try:
+            delay_from_environment()
+        except ValueError as exc:
+            raise PeerpipeError(str(exc)) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     try:
+        emulate_links()
         return int(args.func(args) or 0)
     except PeerpipeError as exc:
         print(f"peerpipe: error: {exc}", file=sys.stderr)

@@ -12,15 +12,8 @@ import signal
 from pathlib import Path
 
 from peerpipe.errors import PeerpipeError
-from peerpipe.room import (
-    Address,
-    Host,
-    Member,
-    default_lan_ip,
-    generate_code,
-    parse_code,
-    run,
-)
+from peerpipe.room import Host, Member, default_lan_ip, generate_code, parse_code
+from peerpipe.transport import Address, run
 
 
 def say(line: str) -> None:

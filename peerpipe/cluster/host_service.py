@@ -63,7 +63,7 @@ from peerpipe.protocol import (
     RoomView,
     TaskInfo,
 )
-from peerpipe.room import HandshakeRefused, MessageFrom, PeerJoined, PeerLeft, RoomError, RoomNode
+from peerpipe.room import LINK_ERRORS, HandshakeRefused, MessageFrom, PeerJoined, PeerLeft, RoomNode
 
 log = logging.getLogger(__name__)
 Report = Callable[[str], None]
@@ -311,7 +311,7 @@ class ClusterHost:
 
     async def _send(self, peer: str, message: Message) -> None:
         # A peer that just left is not an error of ours: its PeerLeft event follows.
-        with contextlib.suppress(RoomError):
+        with contextlib.suppress(*LINK_ERRORS):
             await self.node.send(peer, message)
 
     def names(self) -> dict[str, str]:
@@ -391,7 +391,7 @@ class ClusterHost:
             await self.node.send(peer, request)
             async with asyncio.timeout(self.config.benchmark_timeout_s):
                 result = await waiter
-        except (RoomError, TimeoutError) as exc:
+        except (*LINK_ERRORS, TimeoutError) as exc:
             self.report(f"no benchmark from {name} ({exc or 'timed out'}): its speed is estimated")
             return
         finally:

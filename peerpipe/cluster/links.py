@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from peerpipe.protocol import LinkStat
-from peerpipe.room import RoomError, RoomNode
+from peerpipe.room import LINK_ERRORS, RoomNode
 
 PROBE_BYTES = 1 << 20
 
@@ -36,6 +36,6 @@ async def measure_links(node: RoomNode, peers: Iterable[str], **kwargs: float) -
             continue
         try:
             stats.append(await measure_link(node, peer, **kwargs))  # type: ignore[arg-type]
-        except (TimeoutError, RoomError) as exc:
+        except (*LINK_ERRORS, TimeoutError) as exc:
             failed.append(f"{peer[:8]}: {exc}")
     return tuple(stats), "; ".join(failed)

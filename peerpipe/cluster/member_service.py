@@ -29,7 +29,8 @@ from peerpipe.protocol import (
     PlanAck,
     RoomView,
 )
-from peerpipe.room import ConnectionClosedError, MessageFrom, PeerLeft, RoomError, RoomNode
+from peerpipe.room import LINK_ERRORS, MessageFrom, PeerLeft, RoomNode
+from peerpipe.transport import ConnectionClosedError
 
 log = logging.getLogger(__name__)
 Report = Callable[[str], None]
@@ -93,11 +94,11 @@ class ClusterMember:
                 raise ConnectionClosedError(f"lost the host: {left.error}")
             self.report(f"left: {left.reason or 'the host closed the room'}")
             return
-        with contextlib.suppress(RoomError):
+        with contextlib.suppress(*LINK_ERRORS):
             await self.node.send(self.host_id, LeaveCluster(self.node.node_id))
 
     async def _send(self, message: Message) -> None:
-        with contextlib.suppress(RoomError):
+        with contextlib.suppress(*LINK_ERRORS):
             await self.node.send(self.host_id, message)
 
     async def _beats(self) -> None:
@@ -107,7 +108,7 @@ class ClusterMember:
                 stats = self.runtime.stats
                 beat = Heartbeat(self.device.meter.load(), status, stats.steps, stats.compute_s)
                 await self.node.send(self.host_id, beat)
-            except RoomError:
+            except LINK_ERRORS:
                 return  # the host is gone; _events reports it
             # The host says how often it expects a beat.
             await asyncio.sleep(self.view.heartbeat_s if self.view else self.membership.heartbeat_s)
@@ -161,14 +162,14 @@ class ClusterMember:
         host, _, port = address.rpartition(":")
         try:
             await self.node.dial((host.strip("[]"), int(port)))
-        except (RoomError, OSError, ValueError) as exc:
+        except (*LINK_ERRORS, OSError, ValueError) as exc:
             log.info("could not reach member %s at %s: %s", node_id[:8], address, exc)
         finally:
             self._dialing.discard(node_id)
 
     async def _benchmark(self, request: BenchmarkRequest) -> None:
         result = await self.device.answer(self.node, request)
-        with contextlib.suppress(RoomError):
+        with contextlib.suppress(*LINK_ERRORS):
             await self.node.send(self.host_id, result)
 
     async def _take_plan(self, message: DistributionPlan) -> None:
@@ -177,5 +178,5 @@ class ClusterMember:
         error = await self.on_plan(message)
         if error:
             self.report(f"cannot take the stage of plan v{plan.version}: {error}")
-        with contextlib.suppress(RoomError):
+        with contextlib.suppress(*LINK_ERRORS):
             await self.node.send(self.host_id, PlanAck(plan.version, ok=not error, error=error[:4000]))

@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 
 from peerpipe.protocol import RoomView
-from peerpipe.room import Address, MessageFrom, PeerLeft, RoomCode, RoomError, RoomNode, RoomTimeoutError
+from peerpipe.room import MessageFrom, PeerLeft, RoomCode, RoomError, RoomNode
+from peerpipe.transport import Address, TransportTimeoutError
 
 
 async def fetch_view(code: RoomCode, host: Address, *, timeout_s: float = 10.0, name: str = "observer") -> RoomView:
@@ -23,5 +24,5 @@ async def fetch_view(code: RoomCode, host: Address, *, timeout_s: float = 10.0, 
                     if isinstance(event, PeerLeft) and event.peer.node_id == peer.node_id:
                         raise RoomError(f"the host closed the connection: {event.reason}")
         except TimeoutError:
-            raise RoomTimeoutError(f"the host at {host[0]}:{host[1]} sent no room view within {timeout_s:g} s") from None
+            raise TransportTimeoutError(f"the host at {host[0]}:{host[1]} sent no room view within {timeout_s:g} s") from None
         raise RoomError("the connection ended before the host sent its view")

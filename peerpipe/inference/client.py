@@ -9,7 +9,8 @@ from collections.abc import Callable
 
 from peerpipe.inference.errors import InferenceError
 from peerpipe.protocol import Cancel, GenerateDone, GenerateRequest, GenerateText
-from peerpipe.room import Address, MessageFrom, PeerLeft, RoomCode, RoomError, RoomNode
+from peerpipe.room import LINK_ERRORS, MessageFrom, PeerLeft, RoomCode, RoomNode
+from peerpipe.transport import Address
 
 
 async def remote_generate(
@@ -38,7 +39,7 @@ async def remote_generate(
         except TimeoutError:
             raise InferenceError(f"no complete answer within {timeout_s:g} s") from None
         except asyncio.CancelledError:
-            with contextlib.suppress(RoomError, TimeoutError):
+            with contextlib.suppress(*LINK_ERRORS, TimeoutError):
                 async with asyncio.timeout(2.0):
                     await node.send(peer.node_id, Cancel(request.request_id))
             raise

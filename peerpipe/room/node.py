@@ -21,19 +21,20 @@ from typing import Any, TypeVar
 from peerpipe.errors import PeerpipeError
 from peerpipe.protocol import PROTOCOL_VERSION, Hello, Message
 from peerpipe.room.codes import RoomCode
-from peerpipe.room.crypto import Role
-from peerpipe.room.errors import ConnectionClosedError, UnknownPeerError
+from peerpipe.room.errors import UnknownPeerError
 from peerpipe.room.ratelimit import FailureLimiter
-from peerpipe.room.stream import Stream
-from peerpipe.room.transport import (
+from peerpipe.transport import (
     Address,
     Channel,
+    ConnectionClosedError,
     HandshakeFailed,
+    Role,
     TransportConfig,
     dial,
     handshake,
     stream_factory,
 )
+from peerpipe.transport.stream import Stream
 
 log = logging.getLogger(__name__)
 

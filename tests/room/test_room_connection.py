@@ -21,7 +21,8 @@ from peerpipe.protocol import (
     VersionMismatchError,
     encode,
 )
-from peerpipe.room import (
+from peerpipe.room import parse_code
+from peerpipe.transport import (
     Closed,
     Connection,
     FrameTooLargeError,
@@ -34,10 +35,9 @@ from peerpipe.room import (
     Role,
     State,
     WrongCodeError,
-    parse_code,
 )
-from peerpipe.room.connection import TRANSITIONS, Event, Input
-from peerpipe.room.crypto import RecordSealer
+from peerpipe.transport.connection import TRANSITIONS, Event, Input
+from peerpipe.transport.crypto import RecordSealer
 
 CODE = parse_code("7-amber-falcon")
 

@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from peerpipe.protocol import PROTOCOL_VERSION, Heartbeat, Hello
-from peerpipe.room import Closed, Connection, MessageReceived, Role, State, parse_code
+from peerpipe.room import parse_code
+from peerpipe.transport import Closed, Connection, MessageReceived, Role, State
 
 CODE = parse_code("7-amber-falcon")
 

@@ -19,13 +19,10 @@ from peerpipe.room import (
     MessageFrom,
     PeerJoined,
     PeerLeft,
-    RecordAuthError,
     RoomEvent,
-    RoomTimeoutError,
-    TransportConfig,
-    WrongCodeError,
     parse_code,
 )
+from peerpipe.transport import RecordAuthError, TransportConfig, TransportTimeoutError, WrongCodeError
 
 T = TypeVar("T")
 CODE = parse_code("7-amber-falcon")
@@ -232,7 +229,7 @@ def test_silent_client_times_out_in_handshake() -> None:
             addr = await host.open(LOOPBACK, advertise=False)
             _, writer = await asyncio.open_connection(*addr)
             refused = await next_of(host, HandshakeRefused)
-            assert isinstance(refused.error, RoomTimeoutError)
+            assert isinstance(refused.error, TransportTimeoutError)
             writer.close()
 
     arun(main())
@@ -293,7 +290,7 @@ def test_messages_in_the_same_read_as_hello_are_handled_like_any_other() -> None
     """A client sends its Hello and a Ping in one write: the host answers the Ping with a Pong
     and never shows it to the application, as for a Ping that came later."""
     from peerpipe.protocol import PROTOCOL_VERSION, Hello, Ping, Pong
-    from peerpipe.room import Connection, MessageReceived, Role, State
+    from peerpipe.transport import Connection, MessageReceived, Role, State
 
     async def main() -> None:
         async with Host(CODE, name="h") as host:

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from peerpipe.protocol import Bye, Heartbeat, Message, Ping, TensorChunk
-from peerpipe.room.scheduler import SendScheduler
+from peerpipe.transport.scheduler import SendScheduler
 
 
 def chunk(tid: str, i: int, n: int = 3) -> TensorChunk:

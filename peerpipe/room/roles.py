@@ -6,7 +6,7 @@ import logging
 
 from peerpipe.room.discovery import Advertiser, find_host
 from peerpipe.room.node import PeerInfo, RoomNode
-from peerpipe.room.transport import Address
+from peerpipe.transport import Address
 
 log = logging.getLogger(__name__)
 

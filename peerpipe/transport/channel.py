@@ -12,11 +12,10 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from peerpipe.protocol import (
     DEFAULT_LIMITS,
@@ -32,41 +31,16 @@ from peerpipe.protocol import (
     split,
     tensor_fields,
 )
-from peerpipe.room.codes import RoomCode
-from peerpipe.room.connection import Closed, Connection, MessageReceived, State
-from peerpipe.room.crypto import Role
-from peerpipe.room.errors import ConnectionClosedError, HandshakeError, RoomError, RoomTimeoutError
-from peerpipe.room.scheduler import SendScheduler
-from peerpipe.room.stream import Stream
+from peerpipe.transport.connection import Closed, MessageReceived, State
+from peerpipe.transport.errors import ConnectionClosedError, TransportError, TransportTimeoutError
+from peerpipe.transport.scheduler import SendScheduler
+from peerpipe.transport.stream import Stream
 
 log = logging.getLogger(__name__)
 _OPEN = State.OPEN  # a module global reads faster than an Enum member (per message)
 T = TypeVar("T")
 Address = tuple[str, int]
 Deliver = Callable[[Message], Awaitable[None]]
-
-
-def install_event_loop() -> bool:
-    """Make new event loops uvloop ones when uvloop is installed; returns whether it is."""
-    try:
-        import uvloop
-    except ImportError:
-        return False
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return True
-
-
-def run(main: Coroutine[Any, Any, T], *, use_uvloop: bool = True) -> T:
-    """``asyncio.run`` on uvloop when it is installed (and wanted; ``PEERPIPE_EVENT_LOOP=asyncio``
-    says not)."""
-    if use_uvloop and os.environ.get("PEERPIPE_EVENT_LOOP", "uvloop") != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            pass
-        else:
-            return uvloop.run(main)
-    return asyncio.run(main)
 
 
 @dataclass(frozen=True)
@@ -100,11 +74,11 @@ class Channel:
     ended: Closed | None = field(default=None, init=False)  # how it ended, once run() returned
     _sched: SendScheduler[asyncio.Future[None]] = field(default_factory=SendScheduler, init=False)
     _wake: asyncio.Event = field(default_factory=asyncio.Event, init=False)
-    _early: list[Message] = field(default_factory=list, init=False)
+    early: list[Message] = field(default_factory=list, init=False)  # arrived with the handshake
     _closing: bool = field(default=False, init=False)
     _bye_reason: str = field(default="", init=False)
     _writer_done: asyncio.Event = field(default_factory=asyncio.Event, init=False)
-    _write_error: RoomError | None = field(default=None, init=False)
+    _write_error: TransportError | None = field(default=None, init=False)
     _pings: dict[int, float] = field(default_factory=dict, init=False)
     _nonces: itertools.count[int] = field(default_factory=lambda: itertools.count(1), init=False)
     _probes: dict[int, asyncio.Future[float]] = field(default_factory=dict, init=False)
@@ -164,7 +138,7 @@ class Channel:
                 await self.send(Ping(nonce, bytes(payload_bytes)))
                 return await pong - sent
         except TimeoutError:
-            raise RoomTimeoutError(f"no answer from {self.peer.name or self.peer.node_id} to a probe") from None
+            raise TransportTimeoutError(f"no answer from {self.peer.name or self.peer.node_id} to a probe") from None
         finally:
             self._probes.pop(nonce, None)
 
@@ -191,7 +165,7 @@ class Channel:
             async with asyncio.timeout(self.config.write_timeout_s):
                 await self.stream.drain()
         except TimeoutError:
-            raise RoomTimeoutError(
+            raise TransportTimeoutError(
                 f"the peer read nothing for {self.config.write_timeout_s:g} s: giving up on it"
             ) from None
 
@@ -200,8 +174,8 @@ class Channel:
         # reader with EOF, so the task group never has to carry an exception group.
         try:
             await self._write_loop()
-        except (RoomError, ConnectionError, OSError) as exc:
-            self._write_error = exc if isinstance(exc, RoomError) else ConnectionClosedError(str(exc))
+        except (TransportError, ConnectionError, OSError) as exc:
+            self._write_error = exc if isinstance(exc, TransportError) else ConnectionClosedError(str(exc))
             self.transport.abort()
         finally:
             self._writer_done.set()
@@ -238,7 +212,7 @@ class Channel:
 
     async def refuse(self, reason: str) -> None:
         """Say ``Bye(reason)`` on a channel that never started running, and close it."""
-        with contextlib.suppress(RoomError, ConnectionError, OSError):
+        with contextlib.suppress(TransportError, ConnectionError, OSError):
             self.transport.writelines(self.conn.send_parts(Bye(reason)))
             await self._drain()
         self.conn.close()
@@ -250,7 +224,7 @@ class Channel:
         """Pump messages to ``deliver`` until the connection ends; returns how it ended."""
         # Messages that came in the same reads as the peer's Hello take the normal path too:
         # pings are answered, chunks reassembled.
-        early, self._early = self._early, []
+        early, self.early = self.early, []
         for message in early:
             if (full := self._on_message(message)) is not None:
                 await deliver(full)
@@ -303,7 +277,7 @@ class Channel:
             await asyncio.sleep(period)
             now = self.clock()
             if now - self.stream.last_rx > self.config.idle_timeout_s:
-                self._write_error = RoomTimeoutError(
+                self._write_error = TransportTimeoutError(
                     f"heard nothing from the peer for {self.config.idle_timeout_s:g} s: dropped it"
                 )
                 self.transport.abort()  # wakes the reader with EOF
@@ -350,109 +324,3 @@ class Channel:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.config.close_timeout_s):
                 await self.stream.wait_closed()
-
-
-# -- opening channels ---------------------------------------------------------------------
-
-
-def stream_factory(
-    code: RoomCode,
-    role: Role,
-    hello: Hello,
-    config: TransportConfig,
-    on_open: Callable[[Stream], None] | None = None,
-) -> Callable[[], Stream]:
-    """A protocol factory for ``loop.create_connection`` / ``create_server``: one fresh connection each."""
-
-    def make() -> Stream:
-        conn = Connection(code, role, hello, config.limits)
-        return Stream(
-            conn, read_bytes=config.read_bytes, write_buffer_bytes=config.write_buffer_bytes, on_open=on_open
-        )
-
-    return make
-
-
-async def handshake(stream: Stream, config: TransportConfig) -> Channel:
-    """Run the PAKE, key confirmation and Hello on a fresh stream; returns an open channel.
-
-    Raises ``HandshakeFailed`` carrying the typed error and whether the peer spent a guess at
-    the code (for the rate limiter); the caller closes the transport then.
-    """
-    conn, transport = stream.conn, stream.transport
-    channel = Channel(stream, config)
-    transport.write(conn.start())
-    try:
-        async with asyncio.timeout(config.handshake_timeout_s):
-            while True:
-                events = conn.receive_buffered()
-                if not events and stream.at_eof:
-                    events = conn.receive_data(b"")
-                if out := conn.data_to_send():
-                    transport.write(out)
-                    await stream.drain()
-                for event in events:
-                    if isinstance(event, Closed):
-                        await _linger(stream)
-                        raise HandshakeFailed(event.error or HandshakeError(event.reason), conn.code_tried)
-                    if isinstance(event, MessageReceived):
-                        channel._early.append(event.message)
-                if conn.state is State.OPEN:
-                    return channel
-                await stream.wait_readable()
-    except TimeoutError:
-        raise HandshakeFailed(
-            RoomTimeoutError(f"the handshake did not finish within {config.handshake_timeout_s:g} s"),
-            conn.code_tried,
-        ) from None
-    except (ConnectionError, OSError) as exc:
-        raise HandshakeFailed(
-            HandshakeError(f"the connection broke during the handshake ({exc})"), conn.code_tried
-        ) from exc
-
-
-class HandshakeFailed(Exception):
-    """Internal carrier: the typed error plus whether the peer spent a guess at the code."""
-
-    def __init__(self, error: BaseException, code_tried: bool) -> None:
-        super().__init__(str(error))
-        self.error = error
-        self.code_tried = code_tried
-
-
-async def _linger(stream: Stream) -> None:
-    # After a failed handshake the peer fails too. Closing at once could reset the stream and
-    # lose its last frame (its own verdict), so half-close and wait briefly for its end.
-    transport = stream.transport
-    with contextlib.suppress(ConnectionError, OSError, TimeoutError, RuntimeError):
-        if transport.can_write_eof() and not transport.is_closing():
-            transport.write_eof()
-        async with asyncio.timeout(1.0):
-            while not stream.at_eof:  # what arrives meanwhile is dropped: the connection is closed
-                await stream.wait_readable()
-
-
-async def dial(
-    address: Address, code: RoomCode, hello: Hello, config: TransportConfig | None = None
-) -> Channel:
-    """Connect to ``address`` and authenticate with ``code``. Raises a ``RoomError`` on failure."""
-    config = config or TransportConfig()
-    host, port = address
-    factory = stream_factory(code, Role.DIALER, hello, config)
-    try:
-        async with asyncio.timeout(config.connect_timeout_s):
-            _, stream = await asyncio.get_running_loop().create_connection(factory, host, port)
-    except TimeoutError:
-        raise RoomTimeoutError(
-            f"could not reach {host}:{port} within {config.connect_timeout_s:g} s"
-        ) from None
-    except OSError as exc:
-        raise ConnectionClosedError(f"could not connect to {host}:{port}: {exc.strerror or exc}") from exc
-    try:
-        return await handshake(stream, config)
-    except HandshakeFailed as failed:
-        stream.transport.close()
-        raise failed.error from None
-    except BaseException:
-        stream.transport.close()
-        raise

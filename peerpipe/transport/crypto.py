@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import struct
 from enum import Enum
+from typing import Protocol
 
 import spake2
 from cryptography.exceptions import InvalidTag
@@ -20,7 +21,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from peerpipe.room.errors import HandshakeError, RecordAuthError, WrongCodeError
+from peerpipe.transport.errors import HandshakeError, RecordAuthError, WrongCodeError
 
 APP_ID = b"peerpipe/v1"
 TAG_BYTES = 16
@@ -29,6 +30,13 @@ CONFIRM_BYTES = 32
 PAKE_MSG_BYTES = 33
 # Far below 2**96: a sender stops long before a nonce could repeat.
 MAX_RECORDS = 2**64
+
+
+class Secret(Protocol):
+    """What both ends must share: the room code's normalised text is the PAKE password."""
+
+    @property
+    def password(self) -> bytes: ...
 
 
 class Role(Enum):

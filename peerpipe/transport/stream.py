@@ -10,12 +10,21 @@ write-side flow control (``drain``) that ``StreamWriter`` used to.
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
-from peerpipe.room.connection import Connection
+from peerpipe.transport.connection import Connection
+
+# Wraps each new socket transport (link emulation in tests and benchmarks); None in normal use.
+WrapTransport = Callable[[asyncio.BaseTransport, asyncio.AbstractEventLoop], asyncio.BaseTransport]
+_wrap: WrapTransport | None = None
+
+
+def wrap_transports(wrap: WrapTransport | None) -> None:
+    """Have every stream opened from now on write through ``wrap(transport)``; None undoes it."""
+    global _wrap
+    _wrap = wrap
 
 
 class Stream(asyncio.BufferedProtocol):
@@ -54,8 +63,8 @@ class Stream(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport
-        if delay := link_delay_s():
-            self.transport = DelayedTransport(transport, delay, self._loop)  # type: ignore[assignment]
+        if _wrap is not None:
+            self.transport = _wrap(transport, self._loop)  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -136,37 +145,3 @@ class Stream(asyncio.BufferedProtocol):
 
     async def wait_closed(self) -> None:
         await asyncio.shield(self._closed)
-
-
-def link_delay_s() -> float:
-    """Added one-way latency for link emulation (``PEERPIPE_LINK_DELAY_MS``); 0 unless a test or
-    benchmark sets it: this kernel's netem is missing, so latency is added here, in user space."""
-    try:
-        return max(0.0, float(os.environ.get("PEERPIPE_LINK_DELAY_MS", "0"))) / 1e3
-    except ValueError:
-        return 0.0
-
-
-class DelayedTransport:
-    """A transport whose writes (and close) leave ``delay`` seconds late, in order: a link with
-    that much more latency and the same bandwidth."""
-
-    def __init__(self, transport: asyncio.BaseTransport, delay: float, loop: asyncio.AbstractEventLoop) -> None:
-        self._transport = transport
-        self._delay = delay
-        self._loop = loop
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._transport, name)
-
-    def _later(self, fn: Callable[..., object], *args: object) -> None:
-        self._loop.call_later(self._delay, fn, *args)
-
-    def write(self, data: bytes | memoryview) -> None:
-        self._later(self._transport.write, bytes(data))  # type: ignore[attr-defined]
-
-    def writelines(self, parts: Iterable[bytes | memoryview]) -> None:
-        self._later(self._transport.write, b"".join(parts))  # type: ignore[attr-defined]
-
-    def close(self) -> None:
-        self._later(self._transport.close)

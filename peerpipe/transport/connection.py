@@ -28,8 +28,7 @@ from peerpipe.protocol import (
     decode,
     encode,
 )
-from peerpipe.room.codes import RoomCode
-from peerpipe.room.crypto import (
+from peerpipe.transport.crypto import (
     APP_ID,
     CONFIRM_BYTES,
     TAG_BYTES,
@@ -37,15 +36,16 @@ from peerpipe.room.crypto import (
     RecordOpener,
     RecordSealer,
     Role,
+    Secret,
     SessionKeys,
 )
-from peerpipe.room.errors import (
+from peerpipe.transport.errors import (
     ConnectionClosedError,
     FrameTooLargeError,
     HandshakeError,
     IllegalTransitionError,
     PeerProtocolError,
-    RoomError,
+    TransportError,
 )
 
 _LEN = struct.Struct(">I")
@@ -117,14 +117,14 @@ _OPEN = State.OPEN  # a module global reads faster than an Enum member on the pe
 class Connection:
     """One end of an authenticated, encrypted peerpipe stream (no I/O)."""
 
-    def __init__(self, code: RoomCode, role: Role, hello: Hello, limits: Limits = DEFAULT_LIMITS) -> None:
+    def __init__(self, secret: Secret, role: Role, hello: Hello, limits: Limits = DEFAULT_LIMITS) -> None:
         self.role = role
         self.limits = limits
         self.state = State.HANDSHAKE
         self.peer_hello: Hello | None = None
         self.closed_event: Closed | None = None
         self._hello = hello
-        self._pake = Pake(code.password, role)
+        self._pake = Pake(secret.password, role)
         self._keys: SessionKeys | None = None
         self._sealer: RecordSealer | None = None
         self._opener: RecordOpener | None = None
@@ -279,7 +279,7 @@ class Connection:
                     events.append(event)
         except IllegalTransitionError:
             raise  # our caller's bug, not the peer's fault
-        except (RoomError, ProtocolError) as exc:
+        except (TransportError, ProtocolError) as exc:
             events.extend(self._finish(Input.FAIL, Closed(str(exc), exc)))
         return events
 
