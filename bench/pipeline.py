@@ -115,7 +115,7 @@ def local_baseline(model: Path, new_tokens: int, repeats: int, device: str, dtyp
 
 async def ask(address: tuple[str, int], prompts: list[list[int]], new_tokens: int) -> tuple[list, float]:
     """Send every prompt at once over one connection; the answers and the wall time."""
-    from peerpipe.protocol import GenerateDone, GenerateRequest
+    from peerpipe.protocol import GenerateDone, GenerateRequest, Sampling
     from peerpipe.room import MessageFrom, RoomNode, parse_code
 
     async with RoomNode(parse_code(CODE), name="bench") as node:
@@ -124,7 +124,7 @@ async def ask(address: tuple[str, int], prompts: list[list[int]], new_tokens: in
         start = time.perf_counter()
         for rid, prompt in zip(ids, prompts, strict=True):
             request = GenerateRequest(
-                rid, "", max_tokens=new_tokens, temperature=0.0, ignore_eos=True, prompt_ids=tuple(prompt)
+                rid, "", Sampling(temperature=0.0, max_tokens=new_tokens, ignore_eos=True), prompt_ids=tuple(prompt)
             )
             await node.send(peer.node_id, request)
         done: dict[str, GenerateDone] = {}

@@ -90,7 +90,7 @@ class DirectStage:
 
 
 def room_ms(model: Path, args: argparse.Namespace, n: int) -> float:
-    from peerpipe.rooms import create_room
+    from peerpipe.python_api import create_room
 
     async def main() -> float:
         async with create_room(model, device=args.device, dtype=args.dtype, context=256, sessions=1, quick=True) as room:

@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
@@ -32,3 +33,11 @@ def configure(level: int = logging.WARNING) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+
+
+# A line for the person watching a node (the CLI prints it; library use logs it at info).
+Report = Callable[[str], None]
+
+
+def log_reporter(logger: logging.Logger) -> Report:
+    return lambda line: logger.info("%s", line)

@@ -6,10 +6,10 @@ import asyncio
 
 import aiohttp
 
+from peerpipe import create_room, join_room
 from peerpipe.cluster.model_choice import ModelChoice
 from peerpipe.engine.generate import LocalEngine
 from peerpipe.plan import Budget, stage_memory
-from peerpipe.rooms import create_room, join_room
 
 
 def test_create_join_plan_generate(tiny_model_dir, warm_layers) -> None:

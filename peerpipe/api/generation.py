@@ -1,4 +1,4 @@
-"""Run an API request through the room: tokens in, a stream of text pieces and a result out.
+"""Run an API request through the room's inference entry: a stream of text pieces and a result.
 
 Admission happens here: the room runs ``sessions`` answers at once and lets ``max_pending`` more
 wait; beyond that a request is refused at once ("server busy") rather than queued without bound.
@@ -8,34 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from peerpipe.api.errors import ApiError, bad_request
-from peerpipe.api.requests import ChatRequest, CompletionRequest, Sampling, check_model
-from peerpipe.engine.defaults import sampling_params
-from peerpipe.engine.errors import TokenizerError
-from peerpipe.engine.generate import GenerationResult
-from peerpipe.engine.sampling import InvalidSamplingParams, SamplingParams
-from peerpipe.inference.errors import NotReadyError, TaskFailedError
+from peerpipe.api.requests import ChatRequest, CompletionRequest, check_model
+from peerpipe.engine.decode import GenerationResult
+from peerpipe.inference.entry import Entry
+from peerpipe.inference.errors import ContextLengthError, NotReadyError, PromptError, TaskFailedError
 from peerpipe.inference.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
-Ready = Callable[[], Awaitable[Pipeline]]  # the room's pipeline once every stage has loaded
-
-
-def _params(sampling: Sampling, max_tokens: int, model_dir: Path | None) -> SamplingParams:
-    # Sampling has the fields engine.defaults.sampling_params reads; only max_tokens is settled here.
-    request = dataclasses.replace(sampling, max_tokens=max_tokens)
-    try:
-        return sampling_params(request, model_dir)
-    except InvalidSamplingParams as exc:
-        raise bad_request(str(exc)) from exc
 
 
 @dataclass
@@ -80,31 +66,41 @@ class Job:
 
 
 class Generations:
+    """The API's answers; every one is kept until it ends, and ``close`` cancels and awaits them."""
+
     def __init__(
         self,
-        ready: Ready,
+        entry: Entry,
         *,
         model_id: str,
-        model_dir: Path | None,
-        sessions: int,
         max_pending: int,
         on_finish: Callable[[asyncio.Task[GenerationResult]], None] | None = None,
     ) -> None:
-        self.ready = ready
+        self.entry = entry
         self.on_finish = on_finish
         self.model_id = model_id
-        self.model_dir = model_dir
-        self.capacity = sessions + max_pending
+        self.capacity = entry.config.sessions + max_pending
         self.in_flight = 0
+        self._tasks: set[asyncio.Task[GenerationResult]] = set()
+        self._closed = False
+
+    async def close(self) -> None:
+        """Cancel the answers still running and wait for them to end."""
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def pipeline(self) -> Pipeline:
         try:
-            return await self.ready()
+            return await self.entry.wait_ready()
         except NotReadyError as exc:
             raise ApiError(503, f"the room is not ready: {exc}", "server_error", "not_ready") from exc
 
     async def start(self, request: ChatRequest | CompletionRequest) -> Job:
         check_model(request.model, self.model_id)
+        if self._closed:
+            raise ApiError(503, "the server is stopping", "server_error", "not_ready")
         # Counted from arrival, so requests waiting for the room to be ready are bounded too.
         if self.in_flight >= self.capacity:
             raise ApiError(
@@ -116,8 +112,15 @@ class Generations:
         self.in_flight += 1
         try:
             pipeline = await self.pipeline()
-            ids = self._prompt_ids(pipeline, request)
-            params = self._params_for(pipeline, request, ids)
+            ids = self._prompt_ids(request)
+            params = self.entry.params(request.sampling, len(ids))
+        except ContextLengthError as exc:
+            self.in_flight -= 1
+            param = "messages" if isinstance(request, ChatRequest) else "prompt"
+            raise bad_request(str(exc), param=param, code="context_length_exceeded") from exc
+        except PromptError as exc:
+            self.in_flight -= 1
+            raise bad_request(str(exc)) from exc
         except BaseException:
             self.in_flight -= 1
             raise
@@ -131,9 +134,11 @@ class Generations:
             pieces.put_nowait(piece)
 
         task = asyncio.create_task(pipeline.generate(ids, params, on_text, task_id=job_id))
+        self._tasks.add(task)
         job = Job(job_id, ids, task, pipeline, pieces)
 
         def finished(done: asyncio.Task[GenerationResult]) -> None:
+            self._tasks.discard(done)
             self.in_flight -= 1
             pieces.put_nowait(None)
             if self.on_finish is not None:
@@ -142,33 +147,16 @@ class Generations:
         task.add_done_callback(finished)
         return job
 
-    def _params_for(
-        self, pipeline: Pipeline, request: ChatRequest | CompletionRequest, ids: list[int]
-    ) -> SamplingParams:
-        room = pipeline.max_seq - len(ids)
-        if room < 1:
-            raise bad_request(
-                f"the prompt has {len(ids)} tokens; this room's context holds {pipeline.max_seq}, "
-                "which leaves no room for an answer",
-                param="messages" if isinstance(request, ChatRequest) else "prompt",
-                code="context_length_exceeded",
-            )
-        wanted = request.sampling.max_tokens
-        return _params(request.sampling, min(wanted, room) if wanted else room, self.model_dir)
-
-    def _prompt_ids(self, pipeline: Pipeline, request: ChatRequest | CompletionRequest) -> list[int]:
-        tokenizer = pipeline.tokenizer
+    def _prompt_ids(self, request: ChatRequest | CompletionRequest) -> list[int]:
         if isinstance(request, ChatRequest):
             try:
-                return tokenizer.apply_chat_template_ids(list(request.messages), add_generation_prompt=True)
-            except TokenizerError as exc:
+                return self.entry.prompt_ids(list(request.messages))
+            except PromptError as exc:
                 raise bad_request(str(exc), param="messages") from exc
-        if isinstance(request.prompt, str):
-            return tokenizer.encode(request.prompt)
-        vocab = tokenizer.vocab_size
-        if max(request.prompt) >= vocab:
-            raise bad_request(f"prompt token ids must be below the vocabulary size {vocab}", param="prompt")
-        return list(request.prompt)
+        try:
+            return self.entry.prompt_ids(request.prompt)
+        except PromptError as exc:
+            raise bad_request(str(exc), param="prompt") from exc
 
 
 @contextlib.contextmanager

@@ -14,24 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from peerpipe.api.errors import ApiError, bad_request, unsupported
+from peerpipe.protocol import Sampling
 
 MAX_STOP = 16
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant"})
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """The sampling fields of a request; ``None`` means the model's default (generation_config.json)."""
-
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
 
 
 @dataclass(frozen=True)
@@ -135,7 +121,7 @@ def _sampling(body: dict[str, Any], max_tokens_fields: tuple[str, ...]) -> Sampl
     for name in max_tokens_fields:
         value = _int(body, name, 1)
         if value is not None:
-            max_tokens = value
+            max_tokens = min(value, 1 << 20)  # beyond any context: it is cut to the context anyway
     top_k = _int(body, "top_k", -1, 1 << 31)
     seed = _int(body, "seed", -(2**63), 2**63 - 1)
     return Sampling(

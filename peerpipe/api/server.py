@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import hmac
 import ipaddress
 import json
@@ -28,7 +27,8 @@ from peerpipe.api.requests import ChatRequest, CompletionRequest, parse_chat, pa
 from peerpipe.api.responses import ChunkWriter, chat_completion, completion
 from peerpipe.api.snapshot import room_snapshot
 from peerpipe.cluster.host_service import ClusterHost
-from peerpipe.engine.generate import GenerationResult
+from peerpipe.engine.decode import GenerationResult
+from peerpipe.inference.entry import Entry
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -52,29 +52,30 @@ def _error_response(error: ApiError) -> web.Response:
 
 
 class ApiServer:
+    """Serves one room: ``cluster`` for the view, the dashboard and /metrics; ``inference`` (None on
+    a host without a model) for answers."""
+
     def __init__(
         self,
-        host: ClusterHost,
+        cluster: ClusterHost,
+        inference: Entry | None,
         *,
         api_key: str | None = None,
         max_pending: int = 64,
-        ready_timeout_s: float = 60.0,
         feed_interval_s: float = 1.0,
     ) -> None:
-        self.host = host
+        self.cluster = cluster
+        self.inference = inference
         self.api_key = api_key or None
         self.metrics = Metrics()
         self.feed_interval_s = feed_interval_s
-        model = host.model
+        model = cluster.model
         self.model_id = model.model_id if model else ""
         self.created = int(time.time())
-        self.generations = Generations(
-            functools.partial(host.ready_pipeline, ready_timeout_s),
-            model_id=self.model_id,
-            model_dir=model.path if model else None,
-            sessions=host.config.budget.sessions,
-            max_pending=max_pending,
-            on_finish=self._finished,
+        self.generations = (
+            Generations(inference, model_id=self.model_id, max_pending=max_pending, on_finish=self._finished)
+            if inference is not None
+            else None
         )
         self.app = web.Application(
             client_max_size=MAX_BODY_BYTES, middlewares=[self._errors, self._guard, self._auth]
@@ -117,6 +118,8 @@ class ApiServer:
 
     async def close(self) -> None:
         self._closing.set()
+        if self.generations is not None:
+            await self.generations.close()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -212,7 +215,7 @@ class ApiServer:
         return await self._answer(request, parse_completion(await self._body(request)))
 
     async def _answer(self, request: web.Request, parsed: ChatRequest | CompletionRequest) -> web.StreamResponse:
-        if not self.model_id:
+        if self.generations is None:
             raise ApiError(503, "this host serves no model: start it with --model DIR", "server_error", "no_model")
         began = time.monotonic()
         job = await self.generations.start(parsed)
@@ -285,19 +288,19 @@ class ApiServer:
         return web.Response(text=html, content_type="text/html", headers={"Cache-Control": "no-cache"})
 
     def snapshot(self) -> dict[str, Any]:
-        host = self.host
+        cluster = self.cluster
         model = None
-        if host.model is not None:
-            cfg = host.model.config
-            model = {"id": self.model_id, "layers": cfg.n_layers, "dtype": host.model.dtype, "hidden": cfg.hidden_size}
-        ready = host.ready
+        if cluster.model is not None:
+            cfg = cluster.model.config
+            model = {"id": self.model_id, "layers": cfg.n_layers, "dtype": cluster.model.dtype, "hidden": cfg.hidden_size}
+        ready = self.inference is not None and self.inference.ready
         return room_snapshot(
-            host.room_view(),
-            host_id=host.node.node_id,
-            code=str(host.node.code),
+            cluster.room_view(),
+            host_id=cluster.node.node_id,
+            code=str(cluster.node.code),
             model=model,
             ready=ready,
-            why_not_ready="" if ready else host.why_not_ready(),
+            why_not_ready="" if ready else cluster.why_not_ready(),
             totals=self.metrics.totals(),
         )
 
@@ -317,6 +320,6 @@ class ApiServer:
         return response
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        body = self.metrics.render(self.host.room_view(), self.host.names())
+        body = self.metrics.render(self.cluster.room_view(), self.cluster.names())
         return web.Response(body=body.encode(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 

@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-from peerpipe.cli.room_cmds import parse_address
+from peerpipe.cli.args import parse_address
 from peerpipe.errors import PeerpipeError
 
 GiB = 1 << 30
@@ -115,7 +115,7 @@ def _add_room_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _fetch_view(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from peerpipe.cli.runtime import the_room
+    from peerpipe.cli.room_registry import the_room
     from peerpipe.cluster.observer import fetch_view
     from peerpipe.room import find_host, parse_code
     from peerpipe.transport import run

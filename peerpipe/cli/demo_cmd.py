@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import signal
 import time
 from pathlib import Path
@@ -50,12 +49,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _demo(args: argparse.Namespace) -> int:
-    from peerpipe.api.requests import Sampling
     from peerpipe.cli.generate_cmd import show_text
-    from peerpipe.cluster.host_service import ClusterConfig, describe_plan
-    from peerpipe.engine.defaults import sampling_params
+    from peerpipe.cluster.host_service import ClusterConfig
+    from peerpipe.cluster.rollout import describe_plan
     from peerpipe.plan import Budget
-    from peerpipe.rooms import create_room, join_room
+    from peerpipe.python_api import create_room, join_room
 
     if args.model is None:
         from peerpipe.models import default_model_dir
@@ -86,15 +84,14 @@ async def _demo(args: argparse.Namespace) -> int:
             say(f"joined: demo-node-{i} (encrypted, authenticated by the code)")
         await room.wait_for_nodes(args.nodes)
         plan = await room.plan()
-        say(describe_plan(plan, room.service.names()))
+        say(describe_plan(plan, room.cluster.names()))
         say(f"room ready: {args.nodes} nodes, {time.monotonic() - began:.1f} s after start")
-        api = None if args.no_serve else await start_api(room.service, args, say, any_port_if_busy=True)
+        api = None if args.no_serve else await start_api(room, args, say, any_port_if_busy=True)
         try:
             say(f"prompt: {args.prompt}")
             print("answer: ", end="", flush=True)
             # The model's own sampling defaults, with a fixed seed so the demo tells the same story.
-            params = sampling_params(Sampling(max_tokens=args.max_tokens, seed=7), model)
-            result = await room.generate(args.prompt, on_text=show_text, **dataclasses.asdict(params))
+            result = await room.generate(args.prompt, on_text=show_text, max_tokens=args.max_tokens, seed=7)
             print(flush=True)
             say(
                 f"[{len(result.tokens)} tokens at {result.tok_s:.1f} tok/s through "

@@ -64,11 +64,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def sampling_params(args: argparse.Namespace, model_dir: Path | None = None) -> SamplingParams:
+def sampling_params(args: argparse.Namespace, model_dir: Path) -> SamplingParams:
     """Flags first, then the model's generation_config.json, then greedy."""
-    from peerpipe.engine.defaults import sampling_params as from_request
+    from peerpipe.engine.defaults import GenerationDefaults
+    from peerpipe.inference.sampling import sampling_from
 
-    return from_request(args, model_dir)
+    return GenerationDefaults.from_dir(model_dir).resolve(sampling_from(vars(args)), args.max_tokens)
 
 
 def show_text(text: str) -> None:
@@ -125,10 +126,11 @@ def run(args: argparse.Namespace) -> int:
 def run_remote(args: argparse.Namespace) -> int:
     import uuid
 
-    from peerpipe.cli.room_cmds import parse_address
-    from peerpipe.cli.runtime import live_rooms
+    from peerpipe.cli.args import parse_address
+    from peerpipe.cli.room_registry import live_rooms
     from peerpipe.inference.client import remote_generate
     from peerpipe.inference.errors import InferenceError
+    from peerpipe.inference.sampling import sampling_from
     from peerpipe.protocol import GenerateRequest
     from peerpipe.room import default_lan_ip, find_host, parse_code
     from peerpipe.transport import run
@@ -144,19 +146,7 @@ def run_remote(args: argparse.Namespace) -> int:
             found = run(find_host(code.nameplate, 10.0, default_lan_ip()))
             address = (found.address, found.port)
     request = GenerateRequest(
-        uuid.uuid4().hex,
-        args.prompt,
-        max_tokens=args.max_tokens,
-        chat=args.chat,
-        system=args.system or "",
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-        stop=tuple(args.stop),
-        ignore_eos=args.ignore_eos,
+        uuid.uuid4().hex, args.prompt, sampling_from(vars(args)), chat=args.chat, system=args.system or ""
     )
     done = run(remote_generate(code, address, request, None if args.json else show_text, timeout_s=args.timeout))
     if done.error:

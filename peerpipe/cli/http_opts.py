@@ -7,19 +7,18 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from peerpipe.cli.args import parse_address
 from peerpipe.transport import Address
 
 if TYPE_CHECKING:  # both pull in torch and aiohttp: every command's start would pay for them
     from peerpipe.api.server import ApiServer
-    from peerpipe.cluster.host_service import ClusterHost
+    from peerpipe.python_api import Room
 
 DEFAULT_HTTP = "127.0.0.1:8088"
 HTTP_ENV = "PEERPIPE_HTTP"  # overrides the default address (tests set 127.0.0.1:0)
 
 
 def _http_address(text: str) -> Address | None:
-    from peerpipe.cli.room_cmds import parse_address
-
     if text.lower() == "off":
         return None
     return parse_address(text, default_port=8088)
@@ -47,7 +46,7 @@ def add_http_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def start_api(
-    service: ClusterHost, args: argparse.Namespace, say: Callable[[str], None], *, any_port_if_busy: bool = False
+    room: Room, args: argparse.Namespace, say: Callable[[str], None], *, any_port_if_busy: bool = False
 ) -> ApiServer | None:
     """Start the HTTP server the arguments ask for and say where it is; None with --http off.
 
@@ -61,7 +60,7 @@ async def start_api(
         from peerpipe.errors import PeerpipeError
 
         raise PeerpipeError("--max-pending must be 0 or more")
-    api = ApiServer(service, api_key=args.api_key, max_pending=args.max_pending)
+    api = ApiServer(room.cluster, room.inference, api_key=args.api_key, max_pending=args.max_pending)
     try:
         url = await api.start(*args.http)
     except ListenError as exc:

@@ -8,31 +8,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 from pathlib import Path
 
+from peerpipe.cli.args import parse_address
 from peerpipe.errors import PeerpipeError
-from peerpipe.room import Host, Member, default_lan_ip, generate_code, parse_code
+from peerpipe.room import PeerInfo, RoomCode, default_lan_ip, parse_code
 from peerpipe.transport import Address, run
 
 
 def say(line: str) -> None:
     print(line, flush=True)
-
-
-def parse_address(text: str, *, default_port: int | None = None) -> Address:
-    """``HOST:PORT`` (or ``HOST`` when a default port is given) -> ``(host, port)``."""
-    host, sep, port_text = text.rpartition(":")
-    if not sep:
-        host, port_text = text, ""
-    host = host.strip("[]")
-    if not port_text:
-        if default_port is None:
-            raise argparse.ArgumentTypeError(f"{text!r} needs a port: HOST:PORT")
-        return host, default_port
-    if not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
-    return host, int(port_text)
 
 
 def _listen_address(text: str) -> Address:
@@ -133,13 +120,6 @@ def _stop_on_signals() -> asyncio.Event:
     return stop
 
 
-async def _measure(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from peerpipe.cluster.local import LocalDevice
-
-    limit = int(args.memory * 1e9) if args.memory else None
-    return await LocalDevice.measure(args.device, quick=args.quick, memory_limit_bytes=limit)
-
-
 def host_cmd(args: argparse.Namespace) -> int:
     """Open a room: print its code and address, measure this machine, then report members as
     they come and go and, with --model, plan the model over the room."""
@@ -148,44 +128,54 @@ def host_cmd(args: argparse.Namespace) -> int:
 
 async def _host(args: argparse.Namespace) -> int:
     from peerpipe.cli.http_opts import start_api
-    from peerpipe.cli.runtime import registered
-    from peerpipe.cluster.host_service import ClusterConfig, ClusterHost, describe_device
+    from peerpipe.cli.room_registry import registered
+    from peerpipe.cluster.host_service import ClusterConfig, describe_device
     from peerpipe.cluster.membership import MembershipConfig
-    from peerpipe.cluster.model_choice import ModelChoice
     from peerpipe.plan import Budget
+    from peerpipe.python_api import create_room
 
-    code = parse_code(args.code) if args.code else generate_code()
-    listen = args.listen or (default_lan_ip(), 0)
     try:
         membership = MembershipConfig(args.heartbeat, args.suspect_after, args.dead_after)
     except ValueError as exc:
         raise PeerpipeError(str(exc)) from None
     if args.context < 1 or args.sessions < 1 or args.expect_nodes < 1:
         raise PeerpipeError("--context, --sessions and --expect-nodes must be at least 1")
+    config = ClusterConfig(
+        membership=membership,
+        expect_nodes=args.expect_nodes,
+        budget=Budget(context_tokens=args.context, sessions=args.sessions),
+        strategy=args.strategy,
+        objective=args.objective,
+    )
     stop = _stop_on_signals()
-    async with Host(code, name=args.name) as host:
-        ip, port = await host.open(listen, advertise=not args.no_mdns)
-        say(f"room code: {code}")
-        say(f"listening on {ip}:{port}")
-        with registered(str(code), f"{ip}:{port}", "host"):
-            device = await _measure(args)
-            model = ModelChoice.from_dir(args.model, args.dtype or device.default_dtype) if args.model else None
-            config = ClusterConfig(
-                membership=membership,
-                expect_nodes=args.expect_nodes,
-                budget=Budget(context_tokens=args.context, sessions=args.sessions),
-                strategy=args.strategy,
-                objective=args.objective,
-            )
-            service = ClusterHost(host, device, config, model, address=f"{ip}:{port}", report=say)
-            say(f"this node: {describe_device(service.info)}")
-            api = await start_api(service, args, say)
+    with contextlib.ExitStack() as registry:
+
+        def opened(code: RoomCode, address: Address) -> None:
+            say(f"room code: {code}")
+            say(f"listening on {address[0]}:{address[1]}")
+            registry.enter_context(registered(str(code), f"{address[0]}:{address[1]}", "host"))
+
+        async with create_room(
+            args.model,
+            listen=args.listen or (default_lan_ip(), 0),
+            code=args.code,
+            name=args.name,
+            advertise=not args.no_mdns,
+            device=args.device,
+            dtype=args.dtype,
+            memory_gb=args.memory,
+            config=config,
+            quick=args.quick,
+            report=say,
+            on_open=opened,
+        ) as room:
+            say(f"this node: {describe_device(room.cluster.info)}")
+            api = await start_api(room, args, say)
             try:
-                await service.run(stop)
+                await stop.wait()
             finally:
                 if api is not None:
                     await api.close()
-        await host.leave("the host closed the room")
     say("room closed")
     return 0
 
@@ -197,24 +187,33 @@ def join_cmd(args: argparse.Namespace) -> int:
 
 
 async def _join(args: argparse.Namespace) -> int:
-    from peerpipe.cli.runtime import registered
-    from peerpipe.cluster.member_service import ClusterMember
+    from peerpipe.cli.room_registry import registered
+    from peerpipe.python_api import join_room
 
     code = parse_code(args.code)
     stop = _stop_on_signals()
-    async with Member(code, name=args.name) as member:
-        interface = args.listen or default_lan_ip()
-        host = await member.join(args.peer, interface=interface, discovery_timeout_s=args.timeout)
-        say(f"joined room {code.nameplate}: host {host.name} at {host.address[0]}:{host.address[1]}")
-        mesh_ip, mesh_port = await member.listen(interface, 0)
-        with registered(str(code), f"{host.address[0]}:{host.address[1]}", "member"):
-            device = await _measure(args)
-            service = ClusterMember(
-                member, host.node_id, device, address=f"{mesh_ip}:{mesh_port}", model_dir=args.model, report=say
-            )
-            await service.run(stop)
+    with contextlib.ExitStack() as registry:
+
+        def joined(host: PeerInfo) -> None:
+            say(f"joined room {code.nameplate}: host {host.name} at {host.address[0]}:{host.address[1]}")
+            registry.enter_context(registered(str(code), f"{host.address[0]}:{host.address[1]}", "member"))
+
+        async with join_room(
+            str(code),
+            peer=args.peer,
+            model=args.model,
+            listen=args.listen or default_lan_ip(),
+            name=args.name,
+            device=args.device,
+            memory_gb=args.memory,
+            discovery_timeout_s=args.timeout,
+            quick=args.quick,
+            report=say,
+            stop=stop,
+            on_join=joined,
+        ) as node:
+            await node.closed()
             if not stop.is_set():
                 return 0  # the host closed the room; the service said so
-        await member.leave("member left")
     say("left the room")
     return 0

@@ -8,7 +8,6 @@ around each round, so a GPU's asynchronous launches are not mistaken for speed.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -121,24 +120,6 @@ def bench_device(caps: DeviceCaps, *, quick: bool = False, progress: Progress | 
     )
 
 
-def shape_key(cfg: ModelConfig) -> str:
-    """A short name for what decides a layer's speed: same key, same timing."""
-    parts = (
-        cfg.architecture,
-        cfg.hidden_size,
-        cfg.intermediate_size,
-        cfg.n_heads,
-        cfg.n_kv_heads,
-        cfg.head_dim,
-        cfg.qkv_bias,
-        cfg.o_bias,
-        cfg.mlp_bias,
-        cfg.qk_norm,
-    )
-    digest = hashlib.sha1(repr(parts).encode()).hexdigest()[:8]
-    return f"h{cfg.hidden_size}-i{cfg.intermediate_size}-a{cfg.n_heads}x{cfg.head_dim}-kv{cfg.n_kv_heads}-{digest}"
-
-
 # Layers are timed in a stack at least this large, so weights stream from memory as in a real
 # model rather than sitting in a cache (a lone small layer would look several times faster).
 STREAM_BYTES = 256 << 20
@@ -214,7 +195,7 @@ def bench_layer(
         overhead = max(0.0, decode_k - k * decode)
     prefill = max((prefill_2k - prefill_k) / k, prefill_2k / (4 * k))
     return LayerTiming(
-        shape_key(cfg), dtype, decode * 1e3, prefill * 1e3, prefill_tokens, layer_bytes, overhead * 1e3
+        cfg.shape_key, dtype, decode * 1e3, prefill * 1e3, prefill_tokens, layer_bytes, overhead * 1e3
     )
 
 
@@ -265,7 +246,7 @@ class BenchCache:
         return result
 
     def layer(self, cfg: ModelConfig, dtype: str, progress: Progress | None = None) -> LayerTiming:
-        key = f"{shape_key(cfg)}/{dtype}"
+        key = f"{cfg.shape_key}/{dtype}"
         data = _read_cache(self.path) if self.use_cache else {}
         raw = data.get("layers", {}).get(key)
         if isinstance(raw, dict):
@@ -277,7 +258,7 @@ class BenchCache:
                 self.hits.append(key)
                 return timing
         if progress:
-            progress(f"one layer of {shape_key(cfg)} in {dtype}")
+            progress(f"one layer of {cfg.shape_key} in {dtype}")
         timing = bench_layer(cfg, self.caps.torch_device, dtype, quick=self.quick)
         self._store_layer(key, timing)
         return timing

@@ -1,7 +1,8 @@
 """A member's side of the cluster: join, beat, answer benchmarks, take plans, mesh with peers.
 
 Members connect to each other as well as to the host (the one with the larger node id dials),
-so links can be measured pair by pair and, later, hidden states flow stage to stage directly.
+so links can be measured pair by pair and hidden states flow stage to stage directly. Events
+come in through ``on_event`` from the node's dispatcher, which keeps the data plane's messages.
 """
 
 from __future__ import annotations
@@ -9,17 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 from peerpipe.cluster.local import LocalDevice
+from peerpipe.cluster.local_stage import LocalStage
 from peerpipe.cluster.membership import MembershipConfig
-from peerpipe.inference.runtime import StageRuntime
+from peerpipe.logs import Report, log_reporter
 from peerpipe.protocol import (
     BenchmarkRequest,
-    Cancel,
-    ComputeError,
-    ComputeRequest,
     DistributionPlan,
     Heartbeat,
     JoinCluster,
@@ -29,13 +26,10 @@ from peerpipe.protocol import (
     PlanAck,
     RoomView,
 )
-from peerpipe.room import LINK_ERRORS, MessageFrom, PeerLeft, RoomNode
+from peerpipe.room import LINK_ERRORS, MessageFrom, PeerLeft, RoomEvent, RoomNode
 from peerpipe.transport import ConnectionClosedError
 
 log = logging.getLogger(__name__)
-Report = Callable[[str], None]
-# Takes a plan (loads this node's stage); returns an error text, or "" if ok.
-OnPlan = Callable[[DistributionPlan], Awaitable[str]]
 
 
 class ClusterMember:
@@ -44,50 +38,38 @@ class ClusterMember:
         node: RoomNode,
         host_id: str,
         device: LocalDevice,
+        stage: LocalStage,
         *,
         address: str = "",
         membership: MembershipConfig | None = None,
-        model_dir: Path | None = None,
-        on_plan: OnPlan | None = None,
         report: Report | None = None,
     ) -> None:
         self.node = node
         self.host_id = host_id
         self.device = device
+        self.stage = stage
         self.membership = membership or MembershipConfig()
         self.info = device.node_info(node.node_id, node.name, address)
-        self.report = report or (lambda line: log.info("%s", line))
-        self.runtime = StageRuntime(
-            node.node_id,
-            node.name,
-            model_dir,
-            device=device.caps.torch_device,
-            memory_bytes=device.offered_bytes,
-            send=node.send,
-            report=self.report,
-        )
-        self.on_plan: OnPlan = on_plan or (lambda message: self.runtime.apply(message, host_id))
+        self.report = report or log_reporter(log)
         self.view: RoomView | None = None
         self.plan: Plan | None = None
         self._dialing: set[str] = set()
         self._in_view = False  # whether a view has listed this node since it (re)joined
+        self._host_gone: asyncio.Future[PeerLeft] | None = None
+        self._tg: asyncio.TaskGroup | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Be a member until ``stop`` is set or the host goes; raises if the host was lost."""
-        await self._send(JoinCluster(self.info))  # if the host is already gone, its PeerLeft says so
-        host_gone: asyncio.Future[PeerLeft] = asyncio.get_running_loop().create_future()
-        runtime_stop = asyncio.Event()
+        host_gone = self._host_gone = asyncio.get_running_loop().create_future()
         async with asyncio.TaskGroup() as tg:
-            tasks = [
-                tg.create_task(self._beats()),
-                tg.create_task(self._events(host_gone, tg)),
-            ]
-            tg.create_task(self.runtime.run(runtime_stop))
+            self._tg = tg  # set before the first await: from here on, no event of the host is dropped
+            await self._send(JoinCluster(self.info))  # if the host is already gone, its PeerLeft says so
+            beats = tg.create_task(self._beats())
             stopped = tg.create_task(stop.wait())
             await asyncio.wait([stopped, host_gone], return_when=asyncio.FIRST_COMPLETED)
-            runtime_stop.set()
-            for task in [*tasks, stopped]:
+            for task in (beats, stopped):
                 task.cancel()
+        self._tg = None
         if host_gone.done():
             left = host_gone.result()
             if left.error is not None:
@@ -103,31 +85,23 @@ class ClusterMember:
 
     async def _beats(self) -> None:
         while True:
-            status = "busy" if self.device.meter.busy else ("loading" if self.runtime.loading else "idle")
+            status = "busy" if self.device.meter.busy else ("loading" if self.stage.loading else "idle")
             try:
-                stats = self.runtime.stats
+                stats = self.stage.stats
                 beat = Heartbeat(self.device.meter.load(), status, stats.steps, stats.compute_s)
                 await self.node.send(self.host_id, beat)
             except LINK_ERRORS:
-                return  # the host is gone; _events reports it
+                return  # the host is gone; on_event reports it
             # The host says how often it expects a beat.
             await asyncio.sleep(self.view.heartbeat_s if self.view else self.membership.heartbeat_s)
 
-    async def _events(self, host_gone: asyncio.Future[PeerLeft], tg: asyncio.TaskGroup) -> None:
-        async for event in self.node.events():
-            if isinstance(event, PeerLeft) and event.peer.node_id == self.host_id:
-                host_gone.set_result(event)
-                return
-            if not isinstance(event, MessageFrom):
-                continue
-            message = event.message
-            if isinstance(message, ComputeRequest | Cancel):
-                # The data plane: from the previous stage or, for the first stage, the host.
-                if not self.runtime.submit(message) and isinstance(message, ComputeRequest):
-                    error = ComputeError(message.task_id, f"{self.node.name} holds no stage of this plan")
-                    tg.create_task(self._send(error))
-            elif event.peer.node_id == self.host_id:
-                self._from_host(message, tg)
+    async def on_event(self, event: RoomEvent) -> None:
+        """Take one of the node's events (start ``run`` first, or the host's messages are dropped)."""
+        if isinstance(event, PeerLeft) and event.peer.node_id == self.host_id:
+            if self._host_gone is not None and not self._host_gone.done():
+                self._host_gone.set_result(event)
+        elif isinstance(event, MessageFrom) and event.peer.node_id == self.host_id and self._tg is not None:
+            self._from_host(event.message, self._tg)
 
     def _from_host(self, message: Message, tg: asyncio.TaskGroup) -> None:
         if isinstance(message, RoomView):
@@ -175,7 +149,7 @@ class ClusterMember:
     async def _take_plan(self, message: DistributionPlan) -> None:
         plan = message.plan
         self.plan = plan
-        error = await self.on_plan(message)
+        error = await self.stage.apply(message, self.host_id)
         if error:
             self.report(f"cannot take the stage of plan v{plan.version}: {error}")
         with contextlib.suppress(*LINK_ERRORS):

@@ -6,13 +6,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from peerpipe.cluster.benchmark import shape_key
+from peerpipe.dtypes import ITEMSIZE, WEIGHT_DTYPES
 from peerpipe.engine.config import ModelConfig
 from peerpipe.engine.errors import ModelLoadError
 from peerpipe.plan import ModelSpec
 from peerpipe.protocol.messages import MAX_MODEL_SHAPE_LEN
-
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass(frozen=True)
@@ -21,14 +19,14 @@ class ModelChoice:
     model_id: str
     shape_json: str  # the config.json that nodes build a layer from to time it
     dtype: str  # what the stages will hold the weights in
-    path: Path | None = None
+    path: Path  # the host's copy
 
     @classmethod
     def from_dir(cls, path: str | Path, dtype: str = "bfloat16") -> ModelChoice:
         path = Path(path)
         config = ModelConfig.from_dir(path)  # validates and explains a bad folder
-        if dtype not in DTYPE_BYTES:
-            raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_BYTES)}")
+        if dtype not in WEIGHT_DTYPES:
+            raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {', '.join(WEIGHT_DTYPES)}")
         raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
         shape = json.dumps(raw, separators=(",", ":"))
         if len(shape) > MAX_MODEL_SHAPE_LEN:
@@ -37,12 +35,12 @@ class ModelChoice:
 
     @property
     def shape_key(self) -> str:
-        return shape_key(self.config)
+        return self.config.shape_key
 
     @property
     def spec(self) -> ModelSpec:
-        return ModelSpec.from_config(self.config, self.model_id, DTYPE_BYTES[self.dtype])
+        return ModelSpec.from_config(self.config, self.model_id, ITEMSIZE[self.dtype])
 
     @property
     def half(self) -> bool:
-        return DTYPE_BYTES[self.dtype] == 2
+        return ITEMSIZE[self.dtype] == 2

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from peerpipe.plan import Budget, Link, ModelSpec, Network, NodeSpec, Objective, PlanResult, make_plan
-from peerpipe.protocol import LayerTiming, LinkStat, MemberState, NodeInfo, Plan, Stage
+from peerpipe.protocol import LayerTiming, LinkStat, MemberState, NodeInfo, Plan, PlanStage
 
 # A device known only by its TFLOPS: assume this much memory bandwidth per TFLOPS (typical of
 # consumer GPUs and laptops; CPUs have more per TFLOPS, datacentre GPUs less).
@@ -102,6 +102,6 @@ def to_protocol(result: PlanResult, version: int, model: ModelSpec) -> Plan:
         version,
         model.model_id,
         model.num_layers,
-        tuple(Stage(s.node_id, s.start, s.end) for s in result.stages),
+        tuple(PlanStage(s.node_id, s.start, s.end) for s in result.stages),
         result.predicted_ms_per_token,
     )

@@ -24,6 +24,8 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from peerpipe.engine.loader import DTYPE_NAMES
+
 ARCHITECTURES = ("llama", "llama3", "qwen2", "qwen3", "mistral")
 
 SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>")
@@ -39,11 +41,7 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
+DTYPES = DTYPE_NAMES
 
 _CORPUS = Path(__file__).with_name("corpus.txt")
 _MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")

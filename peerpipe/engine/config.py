@@ -7,6 +7,7 @@ reads switches, never architecture names.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,8 +94,22 @@ class ModelConfig:
         return self.n_kv_heads * self.head_dim
 
     @property
-    def group_size(self) -> int:
-        return self.n_heads // self.n_kv_heads
+    def shape_key(self) -> str:
+        """A short name for what decides a layer's speed: same key, same timing."""
+        parts = (
+            self.architecture,
+            self.hidden_size,
+            self.intermediate_size,
+            self.n_heads,
+            self.n_kv_heads,
+            self.head_dim,
+            self.qkv_bias,
+            self.o_bias,
+            self.mlp_bias,
+            self.qk_norm,
+        )
+        digest = hashlib.sha1(repr(parts).encode()).hexdigest()[:8]
+        return f"h{self.hidden_size}-i{self.intermediate_size}-a{self.n_heads}x{self.head_dim}-kv{self.n_kv_heads}-{digest}"
 
     def layer_param_count(self) -> int:
         h, i = self.hidden_size, self.intermediate_size

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from peerpipe.engine.cuda_graphs import GraphedDecoder
-from peerpipe.engine.errors import CacheError
+from peerpipe.engine.decode import Decoding, GenerationResult, OnText
 from peerpipe.engine.kvcache import Batch
 from peerpipe.engine.loader import LoadStats, ProgressFn, load_stage
 from peerpipe.engine.model import Stage
-from peerpipe.engine.sampling import Sampler, SamplingParams, StopChecker, make_generator
+from peerpipe.engine.sampling import Sampler, SamplingParams, make_generator
 from peerpipe.engine.tokenizer import Tokenizer
-
-OnText = Callable[[str], None]
 
 
 def encode_prompt(
@@ -30,33 +26,6 @@ def encode_prompt(
         {"role": "user", "content": prompt}
     ]
     return tokenizer.apply_chat_template_ids(messages, add_generation_prompt=True)
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    text: str
-    tokens: list[int]
-    prompt_ids: list[int]
-    finish_reason: str
-    prefill_s: float  # prompt forward + first token
-    decode_s: float  # every later token
-
-    @property
-    def tok_s(self) -> float:
-        """Decode speed: tokens after the first, over the time they took."""
-        n = len(self.tokens) - 1
-        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
-
-    def to_json(self) -> dict:
-        return {
-            "text": self.text,
-            "tokens": self.tokens,
-            "prompt_ids": self.prompt_ids,
-            "finish_reason": self.finish_reason,
-            "tok_s": round(self.tok_s, 3),
-            "prefill_s": round(self.prefill_s, 6),
-            "decode_s": round(self.decode_s, 6),
-        }
 
 
 class LocalEngine:
@@ -122,53 +91,20 @@ class LocalEngine:
     def generate(
         self, prompt_ids: Sequence[int], params: SamplingParams, on_text: OnText | None = None
     ) -> GenerationResult:
-        prompt = list(prompt_ids)
-        if not prompt:
-            raise CacheError("the prompt is empty: give at least one token")
-        limit = self.cache.max_seq
-        if len(prompt) + 1 > limit:
-            raise CacheError(
-                f"the prompt has {len(prompt)} tokens; this engine holds {limit} positions in all"
-            )
-        budget = min(params.max_tokens, limit - len(prompt))
-        stopper = StopChecker(params, self.tokenizer.eos_ids, self.tokenizer.stream_decoder())
+        decoding = Decoding(prompt_ids, params, self.tokenizer, max_seq=self.cache.max_seq, on_text=on_text)
         generator = make_generator(params.seed, self.device) if not params.greedy else None
-        history = list(prompt)
+        history = list(decoding.prompt)  # the sampler's view, grown in place
         slot = self.cache.alloc()
-        tokens: list[int] = []
         try:
-            t0 = time.perf_counter()
-            ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
-            logits = self.forward(ids, self.cache.batch([slot], len(prompt)))
-            t_first = time.perf_counter()
+            ids = torch.tensor([history], dtype=torch.long, device=self.device)
+            logits = self.forward(ids, self.cache.batch([slot], len(history)))
             while True:
                 token = int(self._sampler.sample(logits, [params], [generator], [history])[0])
-                if not tokens:
-                    t_first = time.perf_counter()
-                tokens.append(token)
                 history.append(token)
-                result = stopper.update(token)
-                if result.text and on_text is not None:
-                    on_text(result.text)
-                if result.finish_reason is not None:
-                    reason = result.finish_reason
-                    break
-                if len(tokens) >= budget:
-                    tail = stopper.finish()
-                    if tail and on_text is not None:
-                        on_text(tail)
-                    reason = "length"
+                if not decoding.push(token):
                     break
                 ids = torch.tensor([[token]], dtype=torch.long, device=self.device)
                 logits = self.forward(ids, self.cache.batch([slot], 1))
-            t2 = time.perf_counter()
         finally:
             self.cache.free(slot)
-        return GenerationResult(
-            text=stopper.text,
-            tokens=tokens,
-            prompt_ids=prompt,
-            finish_reason=reason,
-            prefill_s=t_first - t0,
-            decode_s=t2 - t_first,
-        )
+        return decoding.result()

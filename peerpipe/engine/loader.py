@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from peerpipe.dtypes import WEIGHT_DTYPES
 from peerpipe.engine.config import ModelConfig
 from peerpipe.engine.errors import ModelLoadError, UnsupportedModelError
 from peerpipe.engine.model import Stage, interleave_rope_dims
@@ -17,7 +18,7 @@ from peerpipe.engine.safetensors_io import TensorEntry, read_header, read_tensor
 
 ProgressFn = Callable[[int, int], None]  # (bytes done, bytes total)
 
-DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = {name: getattr(torch, name) for name in WEIGHT_DTYPES}
 
 
 @dataclass(frozen=True)

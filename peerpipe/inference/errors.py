@@ -17,3 +17,12 @@ class TaskFailedError(InferenceError):
 
 class StageLoadError(InferenceError):
     """This node cannot take the stage a plan gives it."""
+
+
+class PromptError(InferenceError, ValueError):
+    """A request the room cannot run as given: a bad prompt, too long for the context, or sampling
+    values out of range. The caller's fault; the message names what to change."""
+
+
+class ContextLengthError(PromptError):
+    """The prompt leaves no position for an answer in the room's context."""

@@ -12,19 +12,20 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from peerpipe.engine.generate import GenerationResult, OnText
-from peerpipe.engine.sampling import SamplingParams, StopChecker
+from peerpipe.engine.decode import Decoding, GenerationResult, OnText, check_prompt
+from peerpipe.engine.errors import CacheError
+from peerpipe.engine.sampling import SamplingParams
 from peerpipe.engine.tokenizer import Tokenizer
 from peerpipe.inference.errors import TaskFailedError
 from peerpipe.inference.tasks import Task, TaskStatus
-from peerpipe.inference.wire import to_wire
-from peerpipe.protocol import Cancel, ComputeError, ComputeRequest, ComputeResult, Message, Plan, SessionSpec
+from peerpipe.inference.wire import sampling_to_wire, to_wire
+from peerpipe.protocol import Cancel, ComputeError, ComputeRequest, ComputeResult, Plan, SessionSpec
+from peerpipe.room import Send
 
-Send = Callable[[str, Message], Awaitable[None]]
 KEEP_FINISHED = 256
 
 
@@ -127,63 +128,44 @@ class Pipeline:
         task_id: str | None = None,
     ) -> GenerationResult:
         prompt = list(prompt_ids)
-        if not prompt:
-            raise TaskFailedError("the prompt is empty: give at least one token")
-        if len(prompt) + 1 > self.max_seq:
-            raise TaskFailedError(f"the prompt has {len(prompt)} tokens; the room holds {self.max_seq} positions")
+        try:
+            check_prompt(prompt, self.max_seq, "the room")
+        except CacheError as exc:
+            raise TaskFailedError(str(exc)) from None
         if self._closed:
             raise TaskFailedError(self._closed)
         task = Task(task_id or uuid.uuid4().hex, len(prompt))
         self.tasks[task.task_id] = task
         self._forget_finished()
         async with self._slots:
+            # Made once a session is free: waiting for one is not prefill time.
+            decoding = Decoding(prompt, params, self.tokenizer, max_seq=self.max_seq, on_text=on_text)
             if task.status is TaskStatus.CANCELLED:
-                return self._result(task, prompt, StopChecker(params, self.tokenizer.eos_ids, self.tokenizer.stream_decoder()), "cancelled")
-            return await self._run(task, prompt, params, on_text)
+                decoding.finish("cancelled")
+                return decoding.result()
+            return await self._run(task, decoding)
 
-    async def _run(self, task: Task, prompt: list[int], params: SamplingParams, on_text: OnText | None) -> GenerationResult:
-        budget = min(params.max_tokens, self.max_seq - len(prompt))
-        stopper = StopChecker(params, self.tokenizer.eos_ids, self.tokenizer.stream_decoder())
+    async def _run(self, task: Task, decoding: Decoding) -> GenerationResult:
+        params, prompt = decoding.params, decoding.prompt
         first = self.stage_nodes[0]
         task.status, task.started = TaskStatus.PREFILL, time.monotonic()
-        reason = "error"
+        task.tokens = decoding.tokens  # the task's view of the answer, for status and the dashboard
         try:
-            spec = SessionSpec(
-                params.temperature,
-                params.top_k,
-                params.top_p,
-                params.min_p,
-                params.repetition_penalty,
-                params.seed,
-                to_wire(torch.tensor(prompt, dtype=torch.long)) if params.repetition_penalty != 1.0 else None,
-            )
+            history = to_wire(torch.tensor(prompt, dtype=torch.long)) if params.repetition_penalty != 1.0 else None
+            spec = SessionSpec(sampling_to_wire(params), history)
             ids = torch.tensor([prompt], dtype=torch.long)
             request = ComputeRequest(task.task_id, to_wire(ids), task.task_id, self.plan.version, 0, spec)
             token = await self._step(task, first, request, self.prefill_timeout_s)
             task.first_token, task.status = time.monotonic(), TaskStatus.DECODING
-            while True:
-                task.tokens.append(token)
-                step = stopper.update(token)
-                if step.text and on_text is not None:
-                    on_text(step.text)
-                if step.finish_reason is not None:
-                    reason = step.finish_reason
-                    break
-                if len(task.tokens) >= budget:
-                    tail = stopper.finish()
-                    if tail and on_text is not None:
-                        on_text(tail)
-                    reason = "length"
-                    break
+            while decoding.push(token):
                 if task.status is TaskStatus.CANCELLED:  # cancelled while no step was in flight
                     raise _Cancelled
-                pos = len(prompt) + len(task.tokens) - 1
                 ids = torch.tensor([[token]], dtype=torch.long)
-                request = ComputeRequest(task.task_id, to_wire(ids), task.task_id, self.plan.version, pos)
+                request = ComputeRequest(task.task_id, to_wire(ids), task.task_id, self.plan.version, decoding.next_position)
                 token = await self._step(task, first, request, self.step_timeout_s)
             task.status = TaskStatus.DONE
         except _Cancelled:
-            reason = "cancelled"
+            decoding.finish("cancelled")
         except TaskFailedError as exc:
             task.status, task.error = TaskStatus.FAILED, str(exc)
             raise
@@ -195,13 +177,7 @@ class Pipeline:
             if task.active:  # the caller's coroutine was cancelled: never leave a task "running"
                 task.status = TaskStatus.CANCELLED
             await self._free(task.task_id)
-        return self._result(task, prompt, stopper, reason)
-
-    def _result(self, task: Task, prompt: list[int], stopper: StopChecker, reason: str) -> GenerationResult:
-        end = task.finished or time.monotonic()
-        started = task.started or end
-        first = task.first_token or end
-        return GenerationResult(stopper.text, list(task.tokens), prompt, reason, first - started, end - first)
+        return decoding.result()
 
     async def _step(self, task: Task, first: str, request: ComputeRequest, timeout_s: float) -> int:
         """Send one step to the first stage and wait for the last stage's token."""

@@ -10,21 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from peerpipe.cluster.benchmark import shape_key
-from peerpipe.cluster.model_choice import DTYPE_BYTES
 from peerpipe.compute import run_compute
+from peerpipe.dtypes import ITEMSIZE
 from peerpipe.errors import PeerpipeError
 from peerpipe.inference.errors import StageLoadError
-from peerpipe.inference.stage_server import Send, StageServer, StageStats
+from peerpipe.inference.stage_server import StageServer, StageStats
+from peerpipe.logs import Report, log_reporter
 from peerpipe.plan import Budget, ModelSpec, fmt_bytes, stage_memory
 from peerpipe.protocol import Cancel, ComputeRequest, DistributionPlan
+from peerpipe.room import Send
 
 log = logging.getLogger(__name__)
-Report = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -54,7 +53,7 @@ class StageRuntime:
         self.device = device
         self.memory_bytes = memory_bytes
         self.send = send
-        self.report = report or (lambda line: log.info("%s", line))
+        self.report = report or log_reporter(log)
         self.server: StageServer | None = None
         self.stats = StageStats()  # every stage this node served, across plans
         self.loading = False
@@ -126,14 +125,14 @@ class StageRuntime:
         if self.model_dir is None:
             raise StageLoadError("the plan gives this node layers, but it has no model: join with --model DIR")
         cfg = ModelConfig.from_dir(self.model_dir)
-        if message.shape_key and shape_key(cfg) != message.shape_key:
+        if message.shape_key and cfg.shape_key != message.shape_key:
             raise StageLoadError(
-                f"{self.model_dir} is not the room's model (shape {shape_key(cfg)}, the room plans {message.shape_key})"
+                f"{self.model_dir} is not the room's model (shape {cfg.shape_key}, the room plans {message.shape_key})"
             )
         if cfg.n_layers != message.plan.num_layers:
             raise StageLoadError(f"{self.model_dir} has {cfg.n_layers} layers, the plan {message.plan.num_layers}")
         dtype = message.dtype or "float32"
-        spec = ModelSpec.from_config(cfg, message.plan.model_id, DTYPE_BYTES.get(dtype, 4))
+        spec = ModelSpec.from_config(cfg, message.plan.model_id, ITEMSIZE.get(dtype, 4))
         need = stage_memory(spec, Budget(want.context or 1, want.sessions or 1, headroom=0.0), want.start, want.end)
         if need > self.memory_bytes:
             raise StageLoadError(

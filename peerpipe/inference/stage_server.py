@@ -13,7 +13,6 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -22,11 +21,11 @@ from peerpipe.compute import run_compute
 from peerpipe.engine.kvcache import KVCache
 from peerpipe.engine.model import Stage
 from peerpipe.engine.sampling import Sampler, SamplingParams, make_generator
-from peerpipe.inference.wire import from_wire, to_wire
+from peerpipe.inference.wire import from_wire, sampling_from_wire, to_wire
 from peerpipe.protocol import Cancel, ComputeError, ComputeRequest, ComputeResult, Message, SessionSpec
+from peerpipe.room import Send
 
 log = logging.getLogger(__name__)
-Send = Callable[[str, Message], Awaitable[None]]
 # Tasks cancelled recently: a request of theirs still on its way from an earlier stage is dropped
 # rather than given a fresh slot nobody would free.
 _FORGET_AFTER = 4096
@@ -195,14 +194,7 @@ class StageServer:
     def _open_sampling(self, session: _Session, spec: SessionSpec | None) -> None:
         spec = spec or SessionSpec()
         try:
-            params = SamplingParams(
-                temperature=spec.temperature,
-                top_k=spec.top_k,
-                top_p=spec.top_p if spec.top_p > 0 else 1.0,
-                min_p=spec.min_p,
-                repetition_penalty=spec.repetition_penalty,
-                seed=spec.seed,
-            )
+            params = sampling_from_wire(spec.sampling)
         except ValueError as exc:
             raise RequestError(str(exc)) from None
         session.params = params

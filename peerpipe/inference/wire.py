@@ -1,11 +1,13 @@
-"""Tensors to and from the wire, in the model's own dtype (bf16 travels as its bit patterns)."""
+"""Tensors to and from the wire, in the model's own dtype (bf16 travels as its bit patterns), and
+sampling parameters to and from their wire record."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from peerpipe.protocol import TensorData
+from peerpipe.engine.sampling import SamplingParams
+from peerpipe.protocol import Sampling, TensorData
 
 _AS_WIRE = {
     torch.float32: "float32",
@@ -36,3 +38,34 @@ def from_wire(data: TensorData, device: torch.device) -> torch.Tensor:
     if dtype == torch.bfloat16:
         t = t.view(torch.int16).view(torch.bfloat16)
     return t.to(device, non_blocking=True)
+
+
+def sampling_to_wire(params: SamplingParams) -> Sampling:
+    """The resolved parameters as the sampling record a session's first request carries."""
+    return Sampling(
+        params.temperature,
+        params.top_k,
+        params.top_p,
+        params.min_p,
+        params.repetition_penalty,
+        params.seed,
+        params.max_tokens,
+        params.stop,
+        params.ignore_eos,
+    )
+
+
+def sampling_from_wire(record: Sampling) -> SamplingParams:
+    """A stage's parameters from the record; fields a host left open take the neutral values.
+    Raises ``InvalidSamplingParams`` for values the sampler cannot use."""
+    return SamplingParams(
+        temperature=0.0 if record.temperature is None else record.temperature,
+        top_k=record.top_k or 0,
+        top_p=record.top_p if record.top_p else 1.0,
+        min_p=record.min_p,
+        repetition_penalty=record.repetition_penalty,
+        seed=record.seed,
+        max_tokens=record.max_tokens or 1,
+        stop=record.stop,
+        ignore_eos=record.ignore_eos,
+    )

@@ -25,15 +25,16 @@ from peerpipe.protocol.records import (
     MemberState,
     NodeInfo,
     Plan,
+    PlanStage,
+    Sampling,
     SessionSpec,
-    Stage,
     TaskInfo,
 )
 from peerpipe.protocol.tensor import DTYPES, ENCODINGS, TensorData, encoded_nbytes
 from peerpipe.protocol.validate import MAX_DIM
 
 _HEADER_LEN = struct.Struct(">I")
-_RECORDS = (NodeInfo, Stage, Plan, LayerTiming, LinkStat, MemberState, SessionSpec, TaskInfo)
+_RECORDS = (NodeInfo, PlanStage, Plan, LayerTiming, LinkStat, MemberState, Sampling, SessionSpec, TaskInfo)
 _TENSOR_KEYS = frozenset({"dtype", "shape", "encoding", "nbytes", "checksum", "offset", "ref"})
 _BLOB_KEYS = frozenset({"offset", "nbytes"})
 

@@ -13,6 +13,7 @@ from peerpipe.protocol.records import (
     MemberState,
     NodeInfo,
     Plan,
+    Sampling,
     SessionSpec,
     TaskInfo,
 )
@@ -29,7 +30,7 @@ from peerpipe.protocol.validate import (
     need_tuple_of,
 )
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAX_FEATURES = 64
 MAX_MODEL_SHAPE_LEN = 16384
 MAX_PROMPT_LEN = 1 << 20
@@ -298,43 +299,24 @@ class Cancel:
 
 @dataclass(frozen=True, slots=True)
 class GenerateRequest:
-    """A client asks the room's host for an answer. ``None`` sampling fields take the model's
-    defaults; ``chat`` wraps the prompt in the model's chat template."""
+    """A client asks the room's host for an answer; ``chat`` wraps the prompt in the model's chat
+    template."""
 
     TAG: ClassVar[str] = "generate-request"
     request_id: str
     prompt: str
-    max_tokens: int = 128
+    sampling: Sampling = field(default_factory=Sampling)
     chat: bool = False
     system: str = ""
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
     prompt_ids: tuple[int, ...] = ()  # when given, the prompt's token ids (prompt is then unused)
 
     def __post_init__(self) -> None:
         need_id(self, "request_id")
         need_str(self, "prompt", MAX_PROMPT_LEN)
+        need_instance(self, "sampling", Sampling)
         need_tuple_of(self, "prompt_ids", int, 1 << 20)
-        need_int(self, "max_tokens", 1, 1 << 20)
         need_bool(self, "chat")
         need_str(self, "system")
-        for name in ("temperature", "top_p"):
-            if getattr(self, name) is not None:
-                need_float(self, name)
-        if self.top_k is not None:
-            need_int(self, "top_k", 0, 1 << 31)
-        need_float(self, "min_p", 0.0, 1.0)
-        need_float(self, "repetition_penalty")
-        if self.seed is not None:
-            need_int(self, "seed")
-        need_tuple_of(self, "stop", str, 16)
-        need_bool(self, "ignore_eos")
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,7 +3,7 @@ timings and links, and a distribution plan."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from peerpipe.protocol.errors import ValidationError
 from peerpipe.protocol.tensor import TensorData
@@ -136,27 +136,49 @@ class MemberState:
 
 
 @dataclass(frozen=True, slots=True)
+class Sampling:
+    """How an answer picks its tokens and when it stops: the one sampling record, from a client's
+    generate-request to the last stage. ``None`` means the model's default (generation_config.json,
+    else greedy; ``max_tokens``: the rest of the context); the host fills every default in before a
+    session's first compute request."""
+
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("temperature", "top_p"):
+            if getattr(self, name) is not None:
+                need_float(self, name)
+        if self.top_k is not None:
+            need_int(self, "top_k", 0, 1 << 31)
+        need_float(self, "min_p", 0.0, 1.0)
+        need_float(self, "repetition_penalty")
+        if self.seed is not None:
+            need_int(self, "seed")
+        if self.max_tokens is not None:
+            need_int(self, "max_tokens", 1, 1 << 20)
+        need_tuple_of(self, "stop", str, 16)
+        need_bool(self, "ignore_eos")
+
+
+@dataclass(frozen=True, slots=True)
 class SessionSpec:
     """How the last stage samples a new session's tokens; rides on its first compute request.
 
     ``history`` holds the prompt's token ids (int64) when a repetition penalty needs them."""
 
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
+    sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.0))
     history: TensorData | None = None
 
     def __post_init__(self) -> None:
-        need_float(self, "temperature")
-        need_int(self, "top_k", 0, 1 << 31)
-        need_float(self, "top_p", 0.0, 1.0)
-        need_float(self, "min_p", 0.0, 1.0)
-        need_float(self, "repetition_penalty")
-        if self.seed is not None:
-            need_int(self, "seed")
+        need_instance(self, "sampling", Sampling)
         need_instance(self, "history", TensorData, optional=True)
 
 
@@ -184,7 +206,7 @@ class TaskInfo:
 
 
 @dataclass(frozen=True, slots=True)
-class Stage:
+class PlanStage:
     """One pipeline stage: ``node_id`` runs layers ``[start, end)``."""
 
     node_id: str
@@ -196,7 +218,7 @@ class Stage:
         need_int(self, "start", 0, MAX_LAYERS)
         need_int(self, "end", 1, MAX_LAYERS)
         if self.start >= self.end:
-            raise ValidationError(f"Stage layer range [{self.start}, {self.end}) is empty")
+            raise ValidationError(f"PlanStage layer range [{self.start}, {self.end}) is empty")
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,7 +228,7 @@ class Plan:
     version: int
     model_id: str
     num_layers: int
-    stages: tuple[Stage, ...]
+    stages: tuple[PlanStage, ...]
     predicted_ms: float = 0.0
 
     def __post_init__(self) -> None:
@@ -215,7 +237,7 @@ class Plan:
         if not self.model_id:
             raise ValidationError("Plan.model_id must not be empty")
         need_int(self, "num_layers", 1, MAX_LAYERS)
-        need_tuple_of(self, "stages", Stage, MAX_STAGES)
+        need_tuple_of(self, "stages", PlanStage, MAX_STAGES)
         need_float(self, "predicted_ms")
         if not self.stages:
             raise ValidationError("Plan.stages must not be empty")

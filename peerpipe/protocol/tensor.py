@@ -7,22 +7,13 @@ import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from peerpipe.dtypes import ITEMSIZE
 from peerpipe.protocol.errors import ChecksumError, ValidationError
 from peerpipe.protocol.validate import MAX_DIM, MAX_DIMS, check_id
 
 if TYPE_CHECKING:
     import numpy as np
 
-ITEMSIZE: dict[str, int] = {
-    "float32": 4,
-    "float16": 2,
-    "bfloat16": 2,
-    "int8": 1,
-    "int32": 4,
-    "int64": 8,
-    "uint8": 1,
-    "bool": 1,
-}
 DTYPES = frozenset(ITEMSIZE)
 # Only "raw" exists today; the field is on the wire so compressed encodings can be added without a
 # format change (each new encoding defines its byte length as a function of dtype and shape).

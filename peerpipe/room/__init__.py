@@ -20,6 +20,7 @@ from peerpipe.room.node import (
     PeerLeft,
     RoomEvent,
     RoomNode,
+    Send,
 )
 from peerpipe.room.ratelimit import FailureLimiter
 from peerpipe.room.roles import Host, Member
@@ -44,6 +45,7 @@ __all__ = [
     "RoomError",
     "RoomEvent",
     "RoomNode",
+    "Send",
     "UnknownPeerError",
     "default_lan_ip",
     "find_host",

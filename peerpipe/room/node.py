@@ -75,6 +75,8 @@ class HandshakeRefused:
 
 
 RoomEvent = PeerJoined | PeerLeft | MessageFrom | HandshakeRefused
+# How a part hands a message to a node by id (the node itself, or a peer through the room).
+Send = Callable[[str, Message], Awaitable[None]]
 # Called from the peer's reader in place of a MessageFrom event: no task switch on the data
 # path, and while it runs that peer's messages wait (backpressure), others do not.
 OnMessage = Callable[[PeerInfo, Message], Awaitable[None]]

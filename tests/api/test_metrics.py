@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from peerpipe.api.metrics import Metrics
-from peerpipe.protocol import LinkStat, MemberState, NodeInfo, Plan, RoomView, Stage, TaskInfo
+from peerpipe.protocol import LinkStat, MemberState, NodeInfo, Plan, PlanStage, RoomView, TaskInfo
 
 SAMPLE = re.compile(r'^[a-z_]+(\{([a-z_]+="([^"\\]|\\.)*",?)+\})? (-?[0-9.e+-]+|\+Inf)$')
 
@@ -13,7 +13,7 @@ SAMPLE = re.compile(r'^[a-z_]+(\{([a-z_]+="([^"\\]|\\.)*",?)+\})? (-?[0-9.e+-]+|
 def view() -> RoomView:
     a = NodeInfo("a" * 32, 'pc "one"', "cuda", 8 << 30, 80.0)
     b = NodeInfo("b" * 32, "laptop", "cpu", 4 << 30, 1.0)
-    plan = Plan(3, "m", 8, (Stage(a.node_id, 0, 6), Stage(b.node_id, 6, 8)), predicted_ms=12.5)
+    plan = Plan(3, "m", 8, (PlanStage(a.node_id, 0, 6), PlanStage(b.node_id, 6, 8)), predicted_ms=12.5)
     members = (
         MemberState(a, heartbeat_age_ms=250.0, steps=10, compute_s=0.5),
         MemberState(b, health="suspected", heartbeat_age_ms=4000.0, steps=4, compute_s=0.2),

@@ -14,6 +14,8 @@ from peerpipe.cluster.local import LocalDevice
 from peerpipe.cluster.member_service import ClusterMember
 from peerpipe.cluster.membership import MembershipConfig
 from peerpipe.cluster.model_choice import ModelChoice
+from peerpipe.inference.dataplane import DataPlane
+from peerpipe.inference.stage_server import StageStats
 from peerpipe.plan import Budget, stage_memory
 from peerpipe.protocol import DistributionPlan, Plan
 from peerpipe.room import Host, Member, parse_code
@@ -36,28 +38,43 @@ def device(warm_bench: None) -> LocalDevice:
     return asyncio.run(LocalDevice.measure("cpu", quick=True))
 
 
+class PlanTaker:
+    """This node's stage as the cluster sees it (``LocalStage``): records the plans it is given."""
+
+    def __init__(self) -> None:
+        self.loading = False
+        self.stats = StageStats()
+        self.plans: list[Plan] = []
+
+    async def apply(self, message: DistributionPlan, host_id: str) -> str:
+        self.plans.append(message.plan)
+        return ""
+
+
+async def serve(node, service, stop: asyncio.Event) -> None:
+    """Run a cluster service with its node's dispatcher, as a host or member process does."""
+    async with asyncio.TaskGroup() as tg:
+        dispatcher = tg.create_task(DataPlane(node).run(service.on_event))
+        await service.run(stop)
+        dispatcher.cancel()
+
+
 async def start_member(
-    stack, name: str, addr, device: LocalDevice, on_plan=None, model_dir=None
+    stack, name: str, addr, device: LocalDevice, stage: PlanTaker | None = None
 ) -> tuple[ClusterMember, asyncio.Event, asyncio.Task]:
     member = await stack.enter_async_context(Member(CODE, name=name))
     mesh = await member.listen("127.0.0.1", 0)
     host_peer = await member.join(addr)
-    kwargs = {"on_plan": on_plan} if on_plan else {}
     service = ClusterMember(
-        member, host_peer.node_id, device, address=f"{mesh[0]}:{mesh[1]}", membership=FAST, model_dir=model_dir, **kwargs
+        member, host_peer.node_id, device, stage or PlanTaker(), address=f"{mesh[0]}:{mesh[1]}", membership=FAST
     )
     stop = asyncio.Event()
-    return service, stop, asyncio.create_task(service.run(stop))
+    return service, stop, asyncio.create_task(serve(member, service, stop))
 
 
 def test_room_of_three_plans_acks_measures_and_replans_on_leave(device: LocalDevice, tiny_model_dir) -> None:
     model = ModelChoice.from_dir(tiny_model_dir("llama"), dtype="float32")
-    plans_seen: list[Plan] = []
-
-    async def on_plan(message: DistributionPlan) -> str:
-        plans_seen.append(message.plan)
-        return ""
-
+    taker = PlanTaker()
     async def main() -> None:
         import contextlib
 
@@ -69,14 +86,14 @@ def test_room_of_three_plans_acks_measures_and_replans_on_leave(device: LocalDev
             # No node may hold the whole model, so the plan needs two stages or more.
             half = stage_memory(model.spec, budget, 0, model.config.n_layers - 1)
             small = dataclasses.replace(device, memory_limit_bytes=int(half / (1 - budget.headroom)) + 1)
-            host = ClusterHost(host_node, small, config, model)
+            host = ClusterHost(host_node, small, config, model, stage=PlanTaker())
             host_stop = asyncio.Event()
-            host_task = asyncio.create_task(host.run(host_stop))
-            a, a_stop, a_task = await start_member(stack, "a", addr, small, on_plan)
-            b, b_stop, b_task = await start_member(stack, "b", addr, small, on_plan)
+            host_task = asyncio.create_task(serve(host_node, host, host_stop))
+            a, a_stop, a_task = await start_member(stack, "a", addr, small, taker)
+            b, b_stop, b_task = await start_member(stack, "b", addr, small, taker)
 
             def planned_for_three(h: ClusterHost) -> bool:
-                return h.plan is not None and len(h.view.alive()) == 3 and len(h.acked) >= 1
+                return h.rollout is not None and h.rollout.plan is not None and len(h.view.alive()) == 3 and len(h.rollout.acked) >= 1
             await host.wait_until(planned_for_three, 30)
             view = host.room_view()
             assert {m.info.name for m in view.members} == {"host", "a", "b"}
@@ -86,20 +103,21 @@ def test_room_of_three_plans_acks_measures_and_replans_on_leave(device: LocalDev
             ids = [m.info.node_id for m in view.members]
             assert all((x, y) in pairs for x in ids for y in ids if x != y), pairs
             assert all(link.rtt_ms > 0 and link.mib_per_s > 1 for link in view.links)
-            plan = host.plan
+            assert host.rollout is not None
+            plan = host.rollout.plan
             assert plan is not None and plan.stages[0].start == 0 and plan.stages[-1].end == model.config.n_layers
             assert len(plan.stages) >= 2
             # Every node acknowledges the plan, stage or not.
-            await host.wait_until(lambda h: h.acked >= set(ids), 10)
-            assert a.plan == plan == b.plan and plan in plans_seen
+            await host.wait_until(lambda h: h.rollout.acked >= set(ids), 10)
+            assert a.plan == plan == b.plan and plan in taker.plans
 
             # b leaves politely: gone at once, and the room is planned again without it.
             version = plan.version
             b_stop.set()
             await b_task
             await host.wait_until(lambda h: b.node.node_id not in h.view.ids, 5)
-            await host.wait_until(lambda h: h.plan is not None and h.plan.version > version, 10)
-            assert b.node.node_id not in {s.node_id for s in host.plan.stages}
+            await host.wait_until(lambda h: h.rollout.plan is not None and h.rollout.plan.version > version, 10)
+            assert b.node.node_id not in {s.node_id for s in host.rollout.plan.stages}
             a_stop.set()
             await a_task
             host_stop.set()
@@ -117,7 +135,7 @@ def test_silent_member_is_suspected_then_dropped(device: LocalDevice) -> None:
             addr = await host_node.open(("127.0.0.1", 0), advertise=False)
             host = ClusterHost(host_node, device, ClusterConfig(membership=FAST))
             host_stop = asyncio.Event()
-            host_task = asyncio.create_task(host.run(host_stop))
+            host_task = asyncio.create_task(serve(host_node, host, host_stop))
             a, _, a_task = await start_member(stack, "a", addr, device)
             a_id = a.node.node_id
             await host.wait_until(lambda h: a_id in h.view.ids, 5)

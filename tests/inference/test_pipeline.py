@@ -12,16 +12,21 @@ from typing import Any, TypeVar
 
 import pytest
 
-from peerpipe.cluster.host_service import ClusterConfig, ClusterHost
+from peerpipe.cluster.host_service import ClusterConfig
 from peerpipe.cluster.local import LocalDevice
-from peerpipe.cluster.member_service import ClusterMember
 from peerpipe.cluster.membership import MembershipConfig
 from peerpipe.cluster.model_choice import ModelChoice
 from peerpipe.engine.generate import LocalEngine
 from peerpipe.engine.sampling import SamplingParams
+from peerpipe.inference.entry import EntryConfig
 from peerpipe.inference.errors import TaskFailedError
+from peerpipe.inference.pipeline import Pipeline
+from peerpipe.inference.runtime import StageRuntime
+from peerpipe.inference.stage_server import StageServer
 from peerpipe.plan import Budget, stage_memory
-from peerpipe.room import Host, Member, parse_code
+from peerpipe.python_api import Node, create_room, join_room
+from peerpipe.python_api import Room as PyRoom
+from peerpipe.room import parse_code
 
 T = TypeVar("T")
 LINES: list[str] = []
@@ -51,8 +56,18 @@ def device(warm_bench: None) -> LocalDevice:
 
 @dataclasses.dataclass
 class Room:
-    host: ClusterHost
-    members: list[ClusterMember]
+    host: PyRoom
+    members: list[Node]
+
+    @property
+    def pipeline(self) -> Pipeline | None:
+        assert self.host.inference is not None
+        return self.host.inference.pipeline
+
+    def servers(self) -> list[StageServer]:
+        """Every stage server in the room, the host's included."""
+        runtimes = [m.stage for m in self.members] + [self.host.cluster.stage]
+        return [r.server for r in runtimes if isinstance(r, StageRuntime) and r.server is not None]
 
 
 @contextlib.asynccontextmanager
@@ -63,41 +78,25 @@ async def room(model: Path, device: LocalDevice, members: int, *, layers_per_nod
         # Enough memory for the embedding or head plus this many layers, not more.
         need = stage_memory(choice.spec, budget, 0, layers_per_node)
         device = dataclasses.replace(device, memory_limit_bytes=int(need / (1 - budget.headroom)) + 1)
-    stops: list[asyncio.Event] = []
-    async with contextlib.AsyncExitStack() as stack, asyncio.TaskGroup() as tg:
-        node = await stack.enter_async_context(Host(CODE, name="host"))
-        addr = await node.open(("127.0.0.1", 0), advertise=False)
-        config = ClusterConfig(
-            membership=FAST,
-            replan_debounce_s=0.2,
-            expect_nodes=members + 1,
-            budget=budget,
-            prefill_timeout_s=10,
-            step_timeout_s=10,
-        )
-        host = ClusterHost(node, device, config, choice, report=LINES.append)
-        stop = asyncio.Event()
-        stops.append(stop)
-        tg.create_task(host.run(stop))
-        services = []
-        for i in range(members):
-            member = await stack.enter_async_context(Member(CODE, name=f"m{i}"))
-            mesh = await member.listen("127.0.0.1", 0)
-            peer = await member.join(addr)
-            service = ClusterMember(
-                member, peer.node_id, device, address=f"{mesh[0]}:{mesh[1]}", membership=FAST, model_dir=model,
-                report=lambda line, i=i: LINES.append(f"m{i}: {line}"),
+    config = ClusterConfig(membership=FAST, replan_debounce_s=0.2, expect_nodes=members + 1, budget=budget)
+    async with contextlib.AsyncExitStack() as stack:
+        host = await stack.enter_async_context(
+            create_room(
+                model, code=str(CODE), name="host", dtype="float32", config=config, measured=device,
+                entry_config=EntryConfig(prefill_timeout_s=10, step_timeout_s=10), report=LINES.append,
             )
-            stop = asyncio.Event()
-            stops.append(stop)
-            tg.create_task(service.run(stop))
-            services.append(service)
-        try:
-            await host.ready_pipeline(60)
-            yield Room(host, services)
-        finally:
-            for stop in reversed(stops):
-                stop.set()
+        )
+        nodes = []
+        for i in range(members):
+            node = await stack.enter_async_context(
+                join_room(
+                    str(CODE), peer=host.address, model=model, name=f"m{i}", membership=FAST, measured=device,
+                    report=lambda line, i=i: LINES.append(f"m{i}: {line}"),
+                )
+            )
+            nodes.append(node)
+        await host.plan(60)
+        yield Room(host, nodes)
 
 
 def local_tokens(model: Path, prompt: list[int], params: SamplingParams) -> list[int]:
@@ -118,7 +117,7 @@ def test_three_stages_give_the_tokens_of_one_node(arch: str, tiny_model_dir, dev
 
     async def main() -> None:
         async with room(model, device, members=2, layers_per_node=2) as r:
-            pipeline = r.host.pipeline
+            pipeline = r.pipeline
             assert pipeline is not None and len(pipeline.plan.stages) == 3 and not pipeline.local
             # One at a time, then all at once: batched decode must not change a token.
             alone = [await pipeline.generate(p, GREEDY) for p in PROMPTS]
@@ -127,7 +126,7 @@ def test_three_stages_give_the_tokens_of_one_node(arch: str, tiny_model_dir, dev
             assert [t.tokens for t in together] == expected * 2
             assert (await pipeline.generate(PROMPTS[0], seeded)).tokens == expected_seeded
             # Hidden states went stage to stage: every member's stage ran batched steps.
-            servers = [m.runtime.server for m in r.members if m.runtime.server is not None]
+            servers = [m.stage.server for m in r.members if m.stage.server is not None]
             assert len(servers) >= 2 and all(s.stats.steps > 0 for s in servers)
             for server in servers:
                 await server.wait_sessions(0, 5)  # every finished task freed its slot
@@ -141,10 +140,9 @@ def test_cancel_mid_answer_frees_every_stage(tiny_model_dir, device, warm_layers
 
     async def main() -> None:
         async with room(model, device, members=2, layers_per_node=2) as r:
-            pipeline = r.host.pipeline
+            pipeline = r.pipeline
             assert pipeline is not None
-            servers = [m.runtime.server for m in r.members if m.runtime.server] + [r.host.runtime.server]
-            servers = [s for s in servers if s is not None]
+            servers = r.servers()
             long = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
             started = asyncio.Event()
 
@@ -172,7 +170,7 @@ def test_a_cancel_between_steps_is_not_lost(tiny_model_dir, device, warm_layers)
 
     async def main() -> None:
         async with room(model, device, members=2, layers_per_node=2) as r:
-            pipeline = r.host.pipeline
+            pipeline = r.pipeline
             assert pipeline is not None
             long = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
             result = await pipeline.generate(
@@ -183,27 +181,27 @@ def test_a_cancel_between_steps_is_not_lost(tiny_model_dir, device, warm_layers)
     arun(main())
 
 
-def test_a_failing_stage_fails_the_task_with_its_reason(tiny_model_dir, device, warm_layers, monkeypatch) -> None:
+def test_a_failing_stage_fails_the_task_with_its_reason(tiny_model_dir, device, warm_layers) -> None:
     model = tiny_model_dir("llama")
     warm_layers(model)
 
     async def main() -> None:
         async with room(model, device, members=2, layers_per_node=2) as r:
-            pipeline = r.host.pipeline
+            pipeline = r.pipeline
             assert pipeline is not None
-            middle = next(m for m in r.members if m.runtime.server and m.runtime.server.next_hop is not None)
-            server = middle.runtime.server
-            original = server._forward
+            middle = next(m for m in r.members if m.stage.server and m.stage.server.next_hop is not None)
+            server = middle.stage.server
+            assert server is not None
 
-            def broken(requests):  # the model itself raising, as a driver fault would
+            def broken(module, args):  # the model itself raising, as a driver fault would
                 raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-            server._forward = broken
+            hook = server.stage.register_forward_pre_hook(broken)
             with pytest.raises(TaskFailedError, match=r"m\d layers \[\d+, \d+\): RuntimeError: CUDA error"):
                 await pipeline.generate(PROMPTS[0], GREEDY)
             failed = [t for t in pipeline.tasks.values() if t.status.value == "failed"]
             assert len(failed) == 1 and "illegal memory access" in failed[0].error
-            server._forward = original
+            hook.remove()
             assert (await pipeline.generate(PROMPTS[0], GREEDY)).tokens  # the room still answers
 
     arun(main())
@@ -216,7 +214,7 @@ def test_a_room_of_one_runs_locally(tiny_model_dir, device, warm_layers) -> None
 
     async def main() -> None:
         async with room(model, device, members=0, layers_per_node=None) as r:
-            pipeline = r.host.pipeline
+            pipeline = r.pipeline
             assert pipeline is not None and pipeline.local
             assert (await pipeline.generate(PROMPTS[0], GREEDY)).tokens == expected
 

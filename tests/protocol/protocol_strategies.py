@@ -72,16 +72,19 @@ member_states = st.builds(
 )
 
 
-session_specs = st.builds(
-    p.SessionSpec,
-    temperature=st.floats(0, 5),
-    top_k=st.integers(0, 100),
-    top_p=st.floats(0, 1),
+samplings = st.builds(
+    p.Sampling,
+    temperature=st.none() | st.floats(0, 5),
+    top_k=st.none() | st.integers(0, 100),
+    top_p=st.none() | st.floats(0, 1),
     min_p=st.floats(0, 1),
     repetition_penalty=st.floats(0.5, 2),
     seed=st.none() | u64,
-    history=st.none() | tensors(),
+    max_tokens=st.none() | st.integers(1, 4096),
+    stop=st.lists(st.text(min_size=1, max_size=5), max_size=3).map(tuple),
+    ignore_eos=st.booleans(),
 )
+session_specs = st.builds(p.SessionSpec, sampling=samplings, history=st.none() | tensors())
 
 
 @st.composite
@@ -89,7 +92,7 @@ def plans(draw: st.DrawFn) -> p.Plan:
     cuts = sorted(set(draw(st.lists(st.integers(1, 99), max_size=6))))
     num_layers = draw(st.integers((cuts[-1] + 1) if cuts else 1, 100))
     bounds = [0, *cuts, num_layers]
-    stages = tuple(p.Stage(draw(ids), a, b) for a, b in itertools.pairwise(bounds))
+    stages = tuple(p.PlanStage(draw(ids), a, b) for a, b in itertools.pairwise(bounds))
     return p.Plan(draw(u64), draw(ids), num_layers, stages, draw(nonneg))
 
 
@@ -188,17 +191,9 @@ STRATEGIES: dict[type, st.SearchStrategy] = {
         p.GenerateRequest,
         request_id=ids,
         prompt=texts,
-        max_tokens=st.integers(1, 4096),
+        sampling=samplings,
         chat=st.booleans(),
         system=texts,
-        temperature=st.none() | st.floats(0, 5),
-        top_k=st.none() | st.integers(0, 100),
-        top_p=st.none() | st.floats(0, 1),
-        min_p=st.floats(0, 1),
-        repetition_penalty=st.floats(0.5, 2),
-        seed=st.none() | u64,
-        stop=st.lists(st.text(min_size=1, max_size=5), max_size=3).map(tuple),
-        ignore_eos=st.booleans(),
         prompt_ids=st.lists(st.integers(0, 1 << 20), max_size=5).map(tuple),
     ),
     p.GenerateText: st.builds(p.GenerateText, request_id=ids, text=texts),

@@ -36,7 +36,7 @@ def seed_messages() -> list[p.Message]:
         p.LeaveCluster("node-b"),
         p.Heartbeat(0.25, "busy"),
         p.RoomView(3, (p.MemberState(NODE), p.MemberState(p.NodeInfo("n2", "pi", "cpu", 1 << 30, 0.1)))),
-        p.DistributionPlan(p.Plan(2, "llama", 8, (p.Stage("n1", 0, 5), p.Stage("n2", 5, 8)), 12.5)),
+        p.DistributionPlan(p.Plan(2, "llama", 8, (p.PlanStage("n1", 0, 5), p.PlanStage("n2", 5, 8)), 12.5)),
         p.PlanAck(2, False, "out of memory"),
         p.BenchmarkRequest(9),
         p.BenchmarkResult(0.5, 9, 20.0, 300.0, 1.2),

@@ -1,0 +1,237 @@
+"""Plan rollout on the host: measure what is missing, plan, send the plan, collect acks.
+
+When the set of live members changes the host asks for a replan; after a debounce the rollout
+asks nodes for the layer timings and links it lacks, plans, broadcasts the plan, hands the host's
+own stage its part, and, once every stage has acknowledged, tells the data plane (``on_ready``).
+A new plan first tells it the old one is gone (``on_replan``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from peerpipe.cluster.links import measure_links
+from peerpipe.cluster.local_stage import LocalStage
+from peerpipe.cluster.model_choice import ModelChoice
+from peerpipe.cluster.planning import RoomFacts, plan_room, to_protocol
+from peerpipe.errors import PeerpipeError
+from peerpipe.plan import PlanError, PlanResult
+from peerpipe.protocol import (
+    BenchmarkRequest,
+    BenchmarkResult,
+    DistributionPlan,
+    LayerTiming,
+    LinkStat,
+    Plan,
+    PlanAck,
+)
+from peerpipe.room import LINK_ERRORS
+
+if TYPE_CHECKING:
+    from peerpipe.cluster.host_service import ClusterHost
+
+log = logging.getLogger(__name__)
+
+
+def describe_plan(plan: Plan, names: dict[str, str]) -> str:
+    stages = " -> ".join(f"{names.get(s.node_id, s.node_id[:8])}[{s.start},{s.end})" for s in plan.stages)
+    return f"plan v{plan.version}: {stages}, {plan.predicted_ms:.2f} ms/token predicted"
+
+
+class Rollout:
+    def __init__(self, host: ClusterHost, model: ModelChoice, *, stage: LocalStage | None = None) -> None:
+        self.host = host
+        self.model = model
+        self.stage = stage  # the host's own stage, if it serves one
+        self.config = host.config
+        self.timings: dict[str, LayerTiming] = {}
+        self.links: dict[tuple[str, str], LinkStat] = {}
+        self.plan: Plan | None = None
+        self.plan_result: PlanResult | None = None
+        self.acked: set[str] = set()
+        # The data plane's hooks: a plan every stage has loaded, and a plan that replaces it.
+        self.on_ready: Callable[[Plan, dict[str, str]], None] = lambda plan, names: None
+        self.on_replan: Callable[[Plan], None] = lambda plan: None
+        self._versions = itertools.count(1)
+        self._planned = 0
+        self._request_ids = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[BenchmarkResult]] = {}
+        self._wanted = asyncio.Event()
+        self._wanted.set()
+
+    @property
+    def max_seq(self) -> int:
+        """Positions per session every stage holds: the planned context, within the model's."""
+        return min(self.config.budget.context_tokens, self.model.config.max_positions)
+
+    def want_replan(self, alive: frozenset[str]) -> None:
+        """The live members changed: forget what the gone ones measured, and plan again."""
+        for gone in set(self.timings) - alive:
+            del self.timings[gone]
+        self.links = {k: v for k, v in self.links.items() if k[0] in alive and k[1] in alive}
+        self._wanted.set()
+
+    def why_not_ready(self) -> str:
+        if self.plan is None:
+            return f"the room has no plan for {self.model.model_id} yet (see the host's output)"
+        names = self.host.names()
+        missing = [s.node_id for s in self.plan.stages if s.node_id not in self.acked]
+        return "waiting for stages to load: " + ", ".join(names.get(m, m[:8]) for m in missing)
+
+    # -- the planner loop -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        debounce = self.config.replan_debounce_s
+        while True:
+            await self._wanted.wait()
+            # Debounce: several nodes joining together cause one plan, not several.
+            while True:
+                self._wanted.clear()
+                try:
+                    async with asyncio.timeout(debounce):
+                        await self._wanted.wait()
+                except TimeoutError:
+                    break
+            if not self.config.auto_plan:
+                continue
+            alive = self.host.view.alive()
+            # expect_nodes gates the first plan only: later, the room replans with whoever is left.
+            if self._planned == 0 and len(alive) < self.config.expect_nodes:
+                self.host.report(f"waiting for nodes: {len(alive)} of {self.config.expect_nodes} in the room")
+                continue
+            await self.measure()
+            if self._wanted.is_set():
+                continue  # the room changed while we measured: measure and plan again
+            await self.replan()
+
+    async def measure(self) -> None:
+        """Layer timings and links that are still missing, from every live member at once."""
+        host, model = self.host, self.model
+        alive = [m.info.node_id for m in host.view.alive()]
+        me = host.node.node_id
+        jobs = []
+        if me not in self.timings:
+            jobs.append(self._measure_self())
+        if self.config.measure_links:
+            jobs.append(self._measure_own_links(alive))
+        for peer in alive:
+            if peer == me:
+                continue
+            links_to = [p for p in alive if p != peer and (peer, p) not in self.links] if self.config.measure_links else []
+            if peer in self.timings and not links_to:
+                continue
+            request = BenchmarkRequest(
+                next(self._request_ids),
+                model.shape_json if peer not in self.timings else "",
+                model.dtype,
+                tuple(links_to),
+            )
+            jobs.append(self._ask(peer, request))
+        await asyncio.gather(*jobs)
+
+    async def _measure_self(self) -> None:
+        host = self.host
+        try:
+            self.timings[host.node.node_id] = await host.device.layer_timing(self.model.shape_json, self.model.dtype)
+        except (PeerpipeError, RuntimeError) as exc:  # e.g. out of memory: plan with an estimate
+            host.report(f"could not time a layer here ({exc}): this node's speed is estimated")
+
+    async def _measure_own_links(self, alive: list[str]) -> None:
+        me = self.host.node.node_id
+        todo = [p for p in alive if p != me and (me, p) not in self.links]
+        stats, failed = await measure_links(self.host.node, todo)
+        for stat in stats:
+            self.links[(stat.src, stat.dst)] = stat
+        if failed:
+            self.host.report(f"links not measured: {failed}")
+
+    async def _ask(self, peer: str, request: BenchmarkRequest) -> None:
+        waiter: asyncio.Future[BenchmarkResult] = asyncio.get_running_loop().create_future()
+        self._waiting[request.request_id] = waiter
+        name = self.host.names().get(peer, peer[:8])
+        try:
+            await self.host.node.send(peer, request)
+            async with asyncio.timeout(self.config.benchmark_timeout_s):
+                result = await waiter
+        except (*LINK_ERRORS, TimeoutError) as exc:
+            self.host.report(f"no benchmark from {name} ({exc or 'timed out'}): its speed is estimated")
+            return
+        finally:
+            self._waiting.pop(request.request_id, None)
+        if result.timing is not None:
+            self.timings[peer] = result.timing
+        for stat in result.links:
+            if stat.src == peer:
+                self.links[(stat.src, stat.dst)] = stat
+        if result.error:
+            self.host.report(f"benchmark on {name}: {result.error}")
+
+    def on_benchmark(self, result: BenchmarkResult) -> None:
+        waiter = self._waiting.pop(result.request_id, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(result)
+
+    # -- plans and acks ---------------------------------------------------------------------
+
+    async def replan(self) -> Plan | None:
+        """Plan for the live members now and send the plan out; None if the model does not fit."""
+        host, model = self.host, self.model
+        facts = RoomFacts(host.room_view().members, tuple(self.links.values()), self.timings)
+        try:
+            result = plan_room(
+                model.spec,
+                model.shape_key,
+                facts,
+                entry=host.node.node_id,
+                half=model.half,
+                budget=self.config.budget,
+                strategy=self.config.strategy,
+                objective=self.config.objective,
+            )
+        except PlanError as exc:
+            self.plan, self.plan_result, self.acked = None, None, set()
+            host.report(f"cannot plan {model.model_id}: {exc}")
+            await host.broadcast()
+            return None
+        self._planned += 1
+        plan = to_protocol(result, next(self._versions), model.spec)
+        self.on_replan(plan)
+        self.plan, self.plan_result, self.acked = plan, result, set()
+        host.report(describe_plan(plan, host.names()))
+        message = DistributionPlan(plan, model.shape_key, model.dtype, self.max_seq, self.config.budget.sessions)
+        await host.broadcast(message)
+        await host.broadcast()
+        await self._take_own_stage(message)
+        return plan
+
+    async def _take_own_stage(self, message: DistributionPlan) -> None:
+        if self.stage is None:
+            return
+        host = self.host
+        error = await self.stage.apply(message, host.node.node_id)
+        if self.plan is None or self.plan.version != message.plan.version:
+            return  # planned again meanwhile
+        if error:
+            host.report(f"{host.node.name} could not take its stage of plan v{message.plan.version}: {error}")
+            return
+        await self.on_ack(host.node.node_id, PlanAck(message.plan.version))
+
+    async def on_ack(self, peer: str, ack: PlanAck) -> None:
+        if self.plan is None or ack.version != self.plan.version:
+            return
+        if not ack.ok:
+            name = self.host.names().get(peer, peer[:8])
+            self.host.report(f"{name} could not take its stage of plan v{ack.version}: {ack.error}")
+            return
+        stages = {s.node_id for s in self.plan.stages}
+        complete_before = self.acked >= stages
+        self.acked.add(peer)
+        # Decided before awaiting anything: acks handled meanwhile must not build a second pipeline.
+        if self.acked >= stages and not complete_before:
+            self.host.report(f"plan v{self.plan.version} acknowledged by every stage")
+            self.on_ready(self.plan, self.host.names())
+        await self.host.broadcast()

@@ -1,0 +1,94 @@
+"""A node's data plane, and the one dispatcher of its room events (host and members alike).
+
+Compute requests, results, errors, cancels and clients' generate-requests are handled here; every
+other event goes on to the node's control plane (the cluster service) as it came. ``send`` is the
+data plane's way out: to a peer through the room, to this node's own stage or answers without
+touching the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from peerpipe.errors import PeerpipeError
+from peerpipe.inference.entry import Entry
+from peerpipe.inference.runtime import StageRuntime
+from peerpipe.protocol import (
+    Cancel,
+    ComputeError,
+    ComputeRequest,
+    ComputeResult,
+    GenerateDone,
+    GenerateRequest,
+    Message,
+)
+from peerpipe.room import MessageFrom, PeerLeft, RoomEvent, RoomNode
+
+log = logging.getLogger(__name__)
+DATA_PLANE = (ComputeRequest, ComputeResult, ComputeError, Cancel, GenerateRequest)
+Control = Callable[[RoomEvent], Awaitable[None]]
+
+
+class DataPlane:
+    """``stage`` and ``entry`` are set once made (each needs ``send``); a member has no entry."""
+
+    def __init__(self, node: RoomNode, *, no_entry: str = "this node is not the room's host") -> None:
+        self.node = node
+        self.stage: StageRuntime | None = None
+        self.entry: Entry | None = None
+        self.no_entry = no_entry  # what a client asking this node for an answer is told
+
+    async def run(self, control: Control) -> None:
+        """Dispatch the node's events until cancelled."""
+        async with asyncio.TaskGroup() as tg:
+            async for event in self.node.events():
+                if isinstance(event, MessageFrom) and isinstance(event.message, DATA_PLANE):
+                    self._on_message(event.peer.node_id, event.message, tg)
+                    continue
+                if isinstance(event, PeerLeft) and self.entry is not None:
+                    self.entry.node_lost(event.peer.node_id, event.reason)
+                await control(event)
+
+    def _on_message(self, peer: str, message: Message, tg: asyncio.TaskGroup) -> None:
+        if isinstance(message, ComputeRequest):
+            # From the previous stage or, for the first stage, the host.
+            if self.stage is None or not self.stage.submit(message):
+                error = ComputeError(message.task_id, f"{self.node.name} holds no stage of this plan")
+                tg.create_task(self._send_quietly(peer, error))
+        elif isinstance(message, Cancel):
+            # At the host a peer's cancel is a client's (stages get the host's through send()).
+            if self.entry is not None:
+                self.entry.cancel(message.task_id)
+            elif self.stage is not None:
+                self.stage.submit(message)
+        elif isinstance(message, ComputeResult | ComputeError):
+            self._deliver(peer, message)
+        elif isinstance(message, GenerateRequest):
+            if self.entry is not None:
+                tg.create_task(self.entry.serve(peer, message))
+            else:
+                done = GenerateDone(message.request_id, "error", "", (), (), 0.0, 0.0, error=self.no_entry)
+                tg.create_task(self._send_quietly(peer, done))
+
+    def _deliver(self, peer: str, message: ComputeResult | ComputeError) -> None:
+        pipeline = self.entry.pipeline if self.entry is not None else None
+        if pipeline is not None:
+            pipeline.deliver(peer, message)
+
+    async def send(self, node_id: str, message: Message) -> None:
+        """Send on the data plane; to this node itself without touching the network."""
+        if node_id != self.node.node_id:
+            await self.node.send(node_id, message)
+        elif isinstance(message, ComputeRequest | Cancel):
+            if (self.stage is None or not self.stage.submit(message)) and isinstance(message, ComputeRequest):
+                self._deliver(node_id, ComputeError(message.task_id, f"{self.node.name} holds no stage"))
+        elif isinstance(message, ComputeResult | ComputeError):
+            self._deliver(node_id, message)
+
+    async def _send_quietly(self, peer: str, message: Message) -> None:
+        try:
+            await self.node.send(peer, message)
+        except PeerpipeError as exc:  # the peer left: its PeerLeft event says so
+            log.info("cannot answer %s: %s", peer[:8], exc)

@@ -1,0 +1,226 @@
+"""The host's way into inference: the one place that turns a prompt and sampling choices into an
+answer through the room's pipeline, for the API, the CLI's remote clients and Python alike.
+
+It holds the model's tokenizer and sampling defaults (read once), makes the pipeline when every
+stage has loaded a plan and closes it when the plan changes or a stage leaves, and waits (bounded)
+for the room to be ready. It knows nothing of membership: the cluster's rollout tells it about
+plans, and ``why_not_ready`` is the cluster's own account of what is missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from peerpipe.engine.decode import GenerationResult, OnText
+from peerpipe.engine.defaults import GenerationDefaults
+from peerpipe.engine.errors import TokenizerError
+from peerpipe.engine.generate import encode_prompt
+from peerpipe.engine.sampling import InvalidSamplingParams, SamplingParams
+from peerpipe.engine.tokenizer import Tokenizer
+from peerpipe.errors import PeerpipeError
+from peerpipe.inference.errors import ContextLengthError, NotReadyError, PromptError
+from peerpipe.inference.pipeline import Pipeline
+from peerpipe.inference.tasks import Task
+from peerpipe.logs import Report, log_reporter
+from peerpipe.protocol import GenerateDone, GenerateRequest, GenerateText, Plan, Sampling, TaskInfo
+from peerpipe.room import Send
+
+log = logging.getLogger(__name__)
+Messages = Sequence[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class EntryConfig:
+    sessions: int = 4  # answers the stages hold KV cache for at once
+    max_seq: int = 4096  # positions per session on every stage
+    ready_timeout_s: float = 60.0  # how long a request waits for the stages to load
+    prefill_timeout_s: float = 300.0  # the first token of an answer
+    step_timeout_s: float = 60.0  # every later token
+
+
+class Entry:
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        host_id: str,
+        send: Send,
+        config: EntryConfig | None = None,
+        why_not_ready: Callable[[], str] = lambda: "the room has no plan yet",
+        report: Report | None = None,
+    ) -> None:
+        self.model_dir = model_dir
+        self.host_id = host_id
+        self.send = send
+        self.config = config or EntryConfig()
+        self.why_not_ready = why_not_ready
+        self.report = report or log_reporter(log)
+        self.tokenizer = Tokenizer.from_dir(model_dir)
+        self.defaults = GenerationDefaults.from_dir(model_dir)
+        self.pipeline: Pipeline | None = None
+        self._changed = asyncio.Event()
+
+    # -- plans, from the cluster ------------------------------------------------------------
+
+    def use_plan(self, plan: Plan, names: dict[str, str]) -> None:
+        """Every stage has loaded ``plan``: answers run through it from now on."""
+        if self.pipeline is not None and self.pipeline.plan.version == plan.version:
+            return
+        config = self.config
+        self.pipeline = Pipeline(
+            plan,
+            host_id=self.host_id,
+            send=self.send,
+            tokenizer=self.tokenizer,
+            sessions=config.sessions,
+            max_seq=config.max_seq,
+            names=names,
+            step_timeout_s=config.step_timeout_s,
+            prefill_timeout_s=config.prefill_timeout_s,
+        )
+        if self.pipeline.local:
+            self.report("ready: every layer is on this node; answers run locally, with no network hops")
+        else:
+            self.report(f"ready: {' -> '.join(self.pipeline.describe())}")
+        self._changed.set()
+
+    def drop_plan(self, reason: str) -> None:
+        """The plan changed: answers in flight on the old pipeline fail with ``reason``."""
+        if self.pipeline is not None:
+            self.pipeline.close(reason)
+            self.pipeline = None
+
+    def node_lost(self, node_id: str, reason: str) -> None:
+        if self.pipeline is not None:
+            self.pipeline.node_lost(node_id, reason)
+
+    @property
+    def ready(self) -> bool:
+        """A pipeline whose stages have all loaded the current plan, and still takes work."""
+        return self.pipeline is not None and not self.pipeline.closed
+
+    async def wait_ready(self, timeout_s: float | None = None) -> Pipeline:
+        """The pipeline once every stage has loaded the current plan; ``NotReadyError`` saying what
+        is missing if that takes longer than ``timeout_s`` (default: the configured wait)."""
+        try:
+            async with asyncio.timeout(self.config.ready_timeout_s if timeout_s is None else timeout_s):
+                while not self.ready:
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            raise NotReadyError(self.why_not_ready()) from None
+        assert self.pipeline is not None
+        return self.pipeline
+
+    # -- prompts and sampling ---------------------------------------------------------------
+
+    def prompt_ids(
+        self, prompt: str | Sequence[int] | Messages, *, chat: bool = False, system: str | None = None
+    ) -> list[int]:
+        """Token ids of text (wrapped in the chat template with ``chat``), of chat messages, or
+        checked ids; ``PromptError`` says what is wrong with it."""
+        tokenizer = self.tokenizer
+        try:
+            if isinstance(prompt, str):
+                return encode_prompt(tokenizer, prompt, chat=chat, system=system)
+            items = list(prompt)
+            if items and all(isinstance(m, dict) for m in items):
+                return tokenizer.apply_chat_template_ids(items, add_generation_prompt=True)  # type: ignore[arg-type]
+        except TokenizerError as exc:
+            raise PromptError(str(exc)) from exc
+        ids = [int(t) for t in items]  # type: ignore[arg-type]
+        if ids and (max(ids) >= tokenizer.vocab_size or min(ids) < 0):
+            raise PromptError(f"prompt token ids must be in [0, {tokenizer.vocab_size}), the vocabulary size")
+        return ids
+
+    def params(self, sampling: Sampling, prompt_tokens: int) -> SamplingParams:
+        """The model's defaults under the request's choices; ``max_tokens`` left open (or too large)
+        becomes what the context has room for. ``PromptError`` when it has none."""
+        room = self.config.max_seq - prompt_tokens
+        if room < 1:
+            raise ContextLengthError(
+                f"the prompt has {prompt_tokens} tokens; this room's context holds {self.config.max_seq}, "
+                "which leaves no room for an answer"
+            )
+        wanted = sampling.max_tokens
+        try:
+            return self.defaults.resolve(sampling, min(wanted, room) if wanted else room)
+        except InvalidSamplingParams as exc:
+            raise PromptError(str(exc)) from exc
+
+    # -- answers ----------------------------------------------------------------------------
+
+    async def generate(
+        self,
+        prompt: str | Sequence[int] | Messages,
+        sampling: Sampling,
+        on_text: OnText | None = None,
+        *,
+        chat: bool = False,
+        system: str | None = None,
+        task_id: str | None = None,
+        timeout_s: float | None = None,
+    ) -> GenerationResult:
+        """One answer through the room, once it is ready."""
+        pipeline = await self.wait_ready(timeout_s)
+        ids = self.prompt_ids(prompt, chat=chat, system=system)
+        return await pipeline.generate(ids, self.params(sampling, len(ids)), on_text, task_id=task_id)
+
+    async def serve(self, peer: str, request: GenerateRequest) -> None:
+        """Answer a remote client's generate-request: text in order, then generate-done."""
+        pieces: asyncio.Queue[str | None] = asyncio.Queue()
+
+        async def stream() -> None:
+            while (piece := await pieces.get()) is not None:
+                await self._send_quietly(peer, GenerateText(request.request_id, piece))
+
+        tag = request.request_id[:8]
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(stream())
+            try:
+                pipeline = await self.wait_ready()
+                prompt = list(request.prompt_ids) if request.prompt_ids else request.prompt
+                ids = self.prompt_ids(prompt, chat=request.chat, system=request.system or None)
+                params = self.params(request.sampling, len(ids))
+                self.report(f"request {tag}: started, {len(ids)} prompt tokens")
+                result = await pipeline.generate(ids, params, pieces.put_nowait, task_id=request.request_id)
+                self.report(f"request {tag}: {len(result.tokens)} tokens, {result.tok_s:.1f} tok/s, {result.finish_reason}")
+                done = GenerateDone(
+                    request.request_id,
+                    result.finish_reason,
+                    result.text,
+                    tuple(result.tokens),
+                    tuple(result.prompt_ids),
+                    result.prefill_s,
+                    result.decode_s,
+                    stages=tuple(pipeline.describe()),
+                )
+            except PeerpipeError as exc:
+                self.report(f"request {tag}: failed: {exc}")
+                done = GenerateDone(request.request_id, "error", "", (), (), 0.0, 0.0, error=str(exc)[:4000])
+            pieces.put_nowait(None)
+        await self._send_quietly(peer, done)
+
+    async def _send_quietly(self, peer: str, message: GenerateText | GenerateDone) -> None:
+        # A client that left is not an error of ours: its answer is cancelled by the data plane.
+        try:
+            await self.send(peer, message)
+        except PeerpipeError as exc:
+            log.info("client %s is gone: %s", peer[:8], exc)
+
+    def cancel(self, task_id: str) -> bool:
+        return self.pipeline is not None and self.pipeline.cancel(task_id)
+
+    def active_tasks(self) -> list[Task]:
+        return self.pipeline.active_tasks() if self.pipeline is not None else []
+
+    def task_infos(self) -> tuple[TaskInfo, ...]:
+        """The answers running now, as the room view shows them."""
+        return tuple(
+            TaskInfo(t.task_id, t.status.value, t.prompt_tokens, len(t.tokens), t.tok_s, t.error[:4000])
+            for t in self.active_tasks()
+        )

@@ -1,0 +1,259 @@
+"""The Python API, in the seed's order: create a room (or join one), the nodes join its cluster
+and are benchmarked, the room plans, and answers run through the pipeline. ``peerpipe host`` and
+``peerpipe join`` run exactly these two functions: this is the one place a node is assembled.
+
+    async with create_room("models/llama", listen=("0.0.0.0", 7000)) as room:
+        print(room.code)                        # give it to the other machines
+        await room.wait_for_nodes(3)
+        plan = await room.plan()                # measured, planned, every stage loaded
+        result = await room.generate("Why is the sky blue?", max_tokens=100)
+        api = await room.serve_http(("127.0.0.1", 8088))   # OpenAI API, dashboard, /metrics
+
+    async with join_room("7-amber-falcon", peer=("192.168.1.20", 7000), model="models/llama") as node:
+        await node.closed()                     # serve a stage until the host closes the room
+
+A host holds three parts over one room node: the cluster service (membership, plans), its own
+stage, and the inference entry (answers); one dispatcher hands each room event to its part.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from peerpipe.cluster.host_service import ClusterConfig, ClusterHost
+from peerpipe.cluster.local import LocalDevice
+from peerpipe.cluster.member_service import ClusterMember
+from peerpipe.cluster.membership import MembershipConfig
+from peerpipe.cluster.model_choice import ModelChoice
+from peerpipe.engine.decode import GenerationResult, OnText
+from peerpipe.errors import PeerpipeError
+from peerpipe.inference.dataplane import DataPlane
+from peerpipe.inference.entry import Entry, EntryConfig
+from peerpipe.inference.errors import NotReadyError
+from peerpipe.inference.runtime import StageRuntime
+from peerpipe.inference.sampling import sampling_from
+from peerpipe.logs import Report
+from peerpipe.plan import Budget
+from peerpipe.protocol import Plan, RoomView
+from peerpipe.room import Host, Member, PeerInfo, RoomCode, generate_code, parse_code
+from peerpipe.transport import Address
+
+if TYPE_CHECKING:
+    from peerpipe.api import ApiServer
+
+
+@dataclass
+class Room:
+    """A room this process hosts: its cluster service and, with a model, its inference entry."""
+
+    code: RoomCode
+    address: Address
+    cluster: ClusterHost
+    inference: Entry | None
+
+    def view(self) -> RoomView:
+        return self.cluster.room_view()
+
+    def _entry(self) -> Entry:
+        if self.inference is None:
+            raise NotReadyError(self.cluster.why_not_ready())
+        return self.inference
+
+    async def wait_for_nodes(self, count: int, timeout_s: float = 60.0) -> None:
+        """Return once ``count`` nodes (this one included) are alive in the cluster."""
+        await self.cluster.wait_until(lambda h: len(h.view.alive()) >= count, timeout_s)
+
+    async def plan(self, timeout_s: float = 120.0) -> Plan:
+        """The current plan, once every stage has loaded it (measuring and planning first)."""
+        pipeline = await self._entry().wait_ready(timeout_s)
+        return pipeline.plan
+
+    async def generate(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        chat: bool = False,
+        system: str | None = None,
+        on_text: OnText | None = None,
+        timeout_s: float = 120.0,
+        **sampling: Any,
+    ) -> GenerationResult:
+        """Run one answer through the room; ``sampling`` takes the ``Sampling`` record's fields
+        (left out: the model's defaults; ``max_tokens``: the rest of the context)."""
+        record = sampling_from(sampling, strict=True)
+        return await self._entry().generate(prompt, record, on_text, chat=chat, system=system, timeout_s=timeout_s)
+
+    async def serve_http(
+        self, listen: Address = ("127.0.0.1", 8088), *, api_key: str | None = None, max_pending: int = 64
+    ) -> ApiServer:
+        """Serve the OpenAI API, the dashboard and /metrics for this room; ``await api.close()`` stops it."""
+        from peerpipe.api import ApiServer
+
+        api = ApiServer(self.cluster, self.inference, api_key=api_key, max_pending=max_pending)
+        await api.start(*listen)
+        return api
+
+
+async def _measure(device: str | None, memory_gb: float | None, quick: bool) -> LocalDevice:
+    limit = int(memory_gb * 1e9) if memory_gb else None
+    return await LocalDevice.measure(device, quick=quick, memory_limit_bytes=limit)
+
+
+@contextlib.asynccontextmanager
+async def create_room(
+    model: str | Path | None = None,
+    *,
+    listen: Address = ("127.0.0.1", 0),
+    code: str | None = None,
+    name: str = "",
+    advertise: bool = False,
+    expect_nodes: int = 1,
+    device: str | None = None,
+    dtype: str | None = None,
+    memory_gb: float | None = None,
+    context: int = 4096,
+    sessions: int = 4,
+    config: ClusterConfig | None = None,
+    entry_config: EntryConfig | None = None,
+    quick: bool = False,
+    measured: LocalDevice | None = None,
+    report: Report | None = None,
+    on_open: Callable[[RoomCode, Address], None] | None = None,
+) -> AsyncIterator[Room]:
+    """Open a room (mDNS only when ``advertise``), measure this machine, and serve ``model``.
+    ``on_open`` hears the code and address as soon as the room listens, before measuring;
+    ``measured`` is this machine already measured (``device``, ``memory_gb`` and ``quick`` unused)."""
+    room_code = parse_code(code) if code else generate_code()
+    config = config or ClusterConfig(expect_nodes=expect_nodes, budget=Budget(context_tokens=context, sessions=sessions))
+    async with Host(room_code, name=name) as node:
+        address = await node.open(listen, advertise=advertise)
+        if on_open is not None:
+            on_open(room_code, address)
+        local = measured or await _measure(device, memory_gb, quick)
+        choice = ModelChoice.from_dir(model, dtype or local.default_dtype) if model else None
+        plane = DataPlane(node, no_entry="the host serves no model: start it with --model DIR")
+        stage = None
+        if choice is not None:
+            stage = StageRuntime(
+                node.node_id, node.name, choice.path, device=local.caps.torch_device,
+                memory_bytes=local.offered_bytes, send=plane.send, report=report,
+            )
+        cluster = ClusterHost(
+            node, local, config, choice, stage=stage, address=f"{address[0]}:{address[1]}", report=report
+        )
+        entry = None
+        if choice is not None and cluster.rollout is not None:
+            settings = dataclasses.replace(
+                entry_config or EntryConfig(), sessions=config.budget.sessions, max_seq=cluster.rollout.max_seq
+            )
+            entry = Entry(
+                choice.path, host_id=node.node_id, send=plane.send, config=settings,
+                why_not_ready=cluster.why_not_ready, report=report,
+            )
+            cluster.rollout.on_ready = entry.use_plan
+            cluster.rollout.on_replan = lambda plan: entry.drop_plan(f"the room was planned again (v{plan.version})")
+            cluster.tasks = entry.task_infos
+        plane.stage, plane.entry = stage, entry
+        stop = asyncio.Event()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(cluster.run(stop))
+                if stage is not None:
+                    tg.create_task(stage.run(stop))
+                dispatcher = tg.create_task(plane.run(cluster.on_event))
+                try:
+                    yield Room(room_code, address, cluster, entry)
+                finally:
+                    if entry is not None:
+                        entry.drop_plan("the host closed the room")
+                    stop.set()
+                    dispatcher.cancel()
+        finally:
+            await node.leave("the host closed the room")
+
+
+@dataclass
+class Node:
+    """This process as a member of someone else's room."""
+
+    cluster: ClusterMember
+    stage: StageRuntime
+    _ended: asyncio.Future[None]
+
+    async def closed(self) -> None:
+        """Wait until this node is out of the room: the host closed it (or was lost: that raises),
+        or the ``stop`` given to ``join_room`` was set."""
+        await asyncio.shield(self._ended)
+
+
+@contextlib.asynccontextmanager
+async def join_room(
+    code: str,
+    *,
+    peer: Address | None = None,
+    model: str | Path | None = None,
+    listen: str = "127.0.0.1",
+    name: str = "",
+    device: str | None = None,
+    memory_gb: float | None = None,
+    discovery_timeout_s: float = 10.0,
+    membership: MembershipConfig | None = None,
+    quick: bool = False,
+    measured: LocalDevice | None = None,
+    report: Report | None = None,
+    stop: asyncio.Event | None = None,
+    on_join: Callable[[PeerInfo], None] | None = None,
+) -> AsyncIterator[Node]:
+    """Join a room by code (by mDNS on ``listen``'s network, or at ``peer``) and serve a stage
+    of ``model`` when the plan gives this node one, until ``stop`` is set, the block ends or the
+    host closes the room. ``on_join`` hears of the host as soon as the handshake is done;
+    ``measured`` is as for ``create_room``."""
+    stop = stop or asyncio.Event()
+    async with Member(parse_code(code), name=name) as node:
+        host = await node.join(peer, interface=listen, discovery_timeout_s=discovery_timeout_s)
+        if on_join is not None:
+            on_join(host)
+        mesh = await node.listen(listen, 0)
+        local = measured or await _measure(device, memory_gb, quick)
+        plane = DataPlane(node)
+        stage = StageRuntime(
+            node.node_id, node.name, Path(model) if model else None, device=local.caps.torch_device,
+            memory_bytes=local.offered_bytes, send=plane.send, report=report,
+        )
+        plane.stage = stage
+        cluster = ClusterMember(
+            node, host.node_id, local, stage, address=f"{mesh[0]}:{mesh[1]}", membership=membership, report=report
+        )
+        ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        stage_stop = asyncio.Event()
+
+        async def member() -> None:
+            # The member's end is the node's: it stops the stage and the dispatcher, and its error
+            # (the host was lost) reaches whoever awaits closed(), not the task group.
+            try:
+                await cluster.run(stop)
+            except PeerpipeError as exc:
+                ended.set_exception(exc)
+            else:
+                ended.set_result(None)
+            finally:
+                stage_stop.set()
+                dispatcher.cancel()
+
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(member())  # first: it is ready for the host's messages before they flow
+            tg.create_task(stage.run(stage_stop))
+            dispatcher = tg.create_task(plane.run(cluster.on_event))
+            try:
+                yield Node(cluster, stage, ended)
+            finally:
+                stop.set()
+        if ended.done() and not ended.cancelled():
+            ended.exception()  # retrieved: closed() reports it to those who asked
+        await node.leave("member left")
