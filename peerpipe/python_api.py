@@ -100,6 +100,20 @@ class Room:
         return api
 
 
+@contextlib.asynccontextmanager
+async def _task_group() -> AsyncIterator[asyncio.TaskGroup]:
+    """A task group whose body's own error comes out as itself (a plain ``TaskGroup`` wraps it in
+    an ExceptionGroup, which would hide a ``ListenError`` from the command line)."""
+    error: Exception | None = None
+    async with asyncio.TaskGroup() as tg:
+        try:
+            yield tg
+        except Exception as exc:
+            error = exc
+    if error is not None:
+        raise error
+
+
 async def _measure(device: str | None, memory_gb: float | None, quick: bool) -> LocalDevice:
     limit = int(memory_gb * 1e9) if memory_gb else None
     return await LocalDevice.measure(device, quick=quick, memory_limit_bytes=limit)
@@ -162,7 +176,7 @@ async def create_room(
         plane.stage, plane.entry = stage, entry
         stop = asyncio.Event()
         try:
-            async with asyncio.TaskGroup() as tg:
+            async with _task_group() as tg:
                 tg.create_task(cluster.run(stop))
                 if stage is not None:
                     tg.create_task(stage.run(stop))
@@ -246,7 +260,7 @@ async def join_room(
                 stage_stop.set()
                 dispatcher.cancel()
 
-        async with asyncio.TaskGroup() as tg:
+        async with _task_group() as tg:
             tg.create_task(member())  # first: it is ready for the host's messages before they flow
             tg.create_task(stage.run(stage_stop))
             dispatcher = tg.create_task(plane.run(cluster.on_event))

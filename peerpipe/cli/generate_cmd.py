@@ -91,7 +91,6 @@ def run(args: argparse.Namespace) -> int:
     from peerpipe.engine.tokenizer import Tokenizer
 
     cfg = ModelConfig.from_dir(args.model)  # first: it says best whether this is a model we run
-    params = sampling_params(args, args.model)
     tokenizer = Tokenizer.from_dir(args.model)
     ids = encode_prompt(tokenizer, args.prompt, chat=args.chat, system=args.system)
     if len(ids) + args.max_tokens > cfg.max_positions:
@@ -99,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
             f"the prompt ({len(ids)} tokens) plus --max-tokens {args.max_tokens} exceeds this model's "
             f"context of {cfg.max_positions} positions"
         )
+    params = sampling_params(args, args.model)
     with LoadProgress("loading model") as progress:
         stage, _ = load_stage(args.model, device=args.device, dtype=args.dtype, progress=progress, cfg=cfg)
     # Size the cache for this one request instead of the model's whole context.
