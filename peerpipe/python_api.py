@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from peerpipe.cluster.host_service import ClusterConfig, ClusterHost
+from peerpipe.cluster.config import ClusterConfig
+from peerpipe.cluster.host_service import ClusterHost
 from peerpipe.cluster.local import LocalDevice
 from peerpipe.cluster.member_service import ClusterMember
 from peerpipe.cluster.membership import MembershipConfig

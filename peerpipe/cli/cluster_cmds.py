@@ -286,29 +286,11 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=plan_cmd)
 
 
-def _hypothetical(model, nodes: list[dict[str, Any]]):  # type: ignore[no-untyped-def]
-    from peerpipe.plan import Link, NodeSpec
-
-    specs, nic = [], {}
-    for n in nodes:
-        specs.append(
-            NodeSpec.estimated(
-                n["name"],
-                model,
-                memory_bytes=int(n["mem"] * 1e9),
-                tflops=n["tflops"],
-                memory_gbps=n.get("gbps", 20.0 * n["tflops"]),
-            )
-        )
-        nic[n["name"]] = Link(n.get("rtt", 0.5), n.get("mbit", 1000.0) * 1e6 / 8 * 0.94)
-    return specs, nic
-
-
 def plan_cmd(args: argparse.Namespace) -> int:
     """Plan which layers of --model each node holds: for the live room, for hypothetical
     machines (--node), or for both (--add-to-room). Exits non-zero when the model cannot fit."""
     from peerpipe.cluster.model_choice import ModelChoice
-    from peerpipe.cluster.planning import network_from, node_spec
+    from peerpipe.cluster.planning import hypothetical_nodes, links_with, network_from, node_spec
     from peerpipe.plan import Budget, Link, Network, make_plan
 
     if args.context < 1 or args.sessions < 1:
@@ -316,7 +298,7 @@ def plan_cmd(args: argparse.Namespace) -> int:
     model = ModelChoice.from_dir(args.model, dtype=args.dtype)
     spec = model.spec
     budget = Budget(context_tokens=args.context, sessions=args.sessions)
-    specs, nic = _hypothetical(spec, args.node)
+    specs, nic = hypothetical_nodes(spec, args.node)
     names = {s.node_id: s.node_id for s in specs}
     links: dict[tuple[str, str], Link] = {}
     entry = specs[0].node_id if specs else None
@@ -331,13 +313,7 @@ def plan_cmd(args: argparse.Namespace) -> int:
         specs = room + specs
     if len(set(names.values())) != len(names):
         raise PeerpipeError("two nodes share a name; give hypothetical nodes names of their own")
-    # Pairs involving a hypothetical node: the slower of the two ends' networks.
-    default = Link(0.5, 1000e6 / 8 * 0.94)
-    for a in specs:
-        for b in specs:
-            if a.node_id < b.node_id and (a.node_id in nic or b.node_id in nic):
-                la, lb = nic.get(a.node_id, default), nic.get(b.node_id, default)
-                links[(a.node_id, b.node_id)] = Link(max(la.rtt_ms, lb.rtt_ms), min(la.bytes_per_s, lb.bytes_per_s))
+    links = links_with(specs, links, nic)
     started = time.perf_counter()
     result = make_plan(spec, specs, Network(links), budget, entry=entry, strategy=args.strategy, objective=args.objective)
     took = time.perf_counter() - started

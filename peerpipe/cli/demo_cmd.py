@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
 
 async def _demo(args: argparse.Namespace) -> int:
     from peerpipe.cli.generate_cmd import show_text
-    from peerpipe.cluster.host_service import ClusterConfig
+    from peerpipe.cluster.config import ClusterConfig
     from peerpipe.cluster.rollout import describe_plan
     from peerpipe.plan import Budget
     from peerpipe.python_api import create_room, join_room

@@ -129,7 +129,8 @@ def host_cmd(args: argparse.Namespace) -> int:
 async def _host(args: argparse.Namespace) -> int:
     from peerpipe.cli.http_opts import start_api
     from peerpipe.cli.room_registry import registered
-    from peerpipe.cluster.host_service import ClusterConfig, describe_device
+    from peerpipe.cluster.config import ClusterConfig
+    from peerpipe.cluster.host_service import describe_device
     from peerpipe.cluster.membership import MembershipConfig
     from peerpipe.plan import Budget
     from peerpipe.python_api import create_room

@@ -13,8 +13,8 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
+from peerpipe.cluster.config import ClusterConfig
 from peerpipe.cluster.local import LocalDevice
 from peerpipe.cluster.local_stage import LocalStage
 from peerpipe.cluster.membership import (
@@ -24,14 +24,12 @@ from peerpipe.cluster.membership import (
     Joined,
     Left,
     Lost,
-    MembershipConfig,
     Tick,
     reduce,
 )
 from peerpipe.cluster.model_choice import ModelChoice
 from peerpipe.cluster.rollout import Rollout
 from peerpipe.logs import Report, log_reporter
-from peerpipe.plan import Budget
 from peerpipe.protocol import (
     BenchmarkResult,
     Heartbeat,
@@ -55,19 +53,6 @@ from peerpipe.room import (
 )
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ClusterConfig:
-    membership: MembershipConfig = field(default_factory=MembershipConfig)
-    replan_debounce_s: float = 1.0
-    benchmark_timeout_s: float = 120.0
-    measure_links: bool = True
-    auto_plan: bool = True
-    expect_nodes: int = 1  # plan once this many nodes (the host included) are alive
-    budget: Budget = field(default_factory=Budget)
-    strategy: str = "optimal"
-    objective: str = "latency"
 
 
 class ClusterHost:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from peerpipe.plan import Budget, Link, ModelSpec, Network, NodeSpec, Objective, PlanResult, make_plan
 from peerpipe.protocol import LayerTiming, LinkStat, MemberState, NodeInfo, Plan, PlanStage
@@ -43,6 +44,42 @@ def node_spec(
         memory_gbps=gbps,
         launch_ms=info.latency_ms or 0.01,
     )
+
+
+# A machine known only by what its owner says: a gigabit LAN at 94% of the line rate.
+DEFAULT_NIC = Link(0.5, 1000e6 / 8 * 0.94)
+
+
+def hypothetical_nodes(model: ModelSpec, nodes: Sequence[Mapping[str, Any]]) -> tuple[list[NodeSpec], dict[str, Link]]:
+    """Planner nodes for machines described by name, memory (GB), TFLOPS and optionally memory
+    GB/s, link RTT (ms) and Mbit/s; and each one's network link."""
+    specs, nic = [], {}
+    for n in nodes:
+        specs.append(
+            NodeSpec.estimated(
+                n["name"],
+                model,
+                memory_bytes=int(n["mem"] * 1e9),
+                tflops=n["tflops"],
+                memory_gbps=n.get("gbps", GBPS_PER_TFLOPS * n["tflops"]),
+            )
+        )
+        nic[n["name"]] = Link(n.get("rtt", 0.5), n.get("mbit", 1000.0) * 1e6 / 8 * 0.94)
+    return specs, nic
+
+
+def links_with(
+    specs: Sequence[NodeSpec], measured: Mapping[tuple[str, str], Link], nic: Mapping[str, Link]
+) -> dict[tuple[str, str], Link]:
+    """The measured links plus, for each pair with a hypothetical end, the slower of the two ends'
+    networks."""
+    links = dict(measured)
+    for a in specs:
+        for b in specs:
+            if a.node_id < b.node_id and (a.node_id in nic or b.node_id in nic):
+                la, lb = nic.get(a.node_id, DEFAULT_NIC), nic.get(b.node_id, DEFAULT_NIC)
+                links[(a.node_id, b.node_id)] = Link(max(la.rtt_ms, lb.rtt_ms), min(la.bytes_per_s, lb.bytes_per_s))
+    return links
 
 
 def network_from(links: Iterable[LinkStat]) -> Network:

@@ -12,13 +12,17 @@ import asyncio
 import itertools
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from peerpipe.cluster.config import ClusterConfig
 from peerpipe.cluster.links import measure_links
+from peerpipe.cluster.local import LocalDevice
 from peerpipe.cluster.local_stage import LocalStage
+from peerpipe.cluster.membership import ClusterView
 from peerpipe.cluster.model_choice import ModelChoice
 from peerpipe.cluster.planning import RoomFacts, plan_room, to_protocol
 from peerpipe.errors import PeerpipeError
+from peerpipe.logs import Report
 from peerpipe.plan import PlanError, PlanResult
 from peerpipe.protocol import (
     BenchmarkRequest,
@@ -26,13 +30,26 @@ from peerpipe.protocol import (
     DistributionPlan,
     LayerTiming,
     LinkStat,
+    Message,
     Plan,
     PlanAck,
+    RoomView,
 )
-from peerpipe.room import LINK_ERRORS
+from peerpipe.room import LINK_ERRORS, RoomNode
 
-if TYPE_CHECKING:
-    from peerpipe.cluster.host_service import ClusterHost
+
+class Host(Protocol):
+    """What the rollout needs of the host's cluster service."""
+
+    node: RoomNode
+    device: LocalDevice
+    config: ClusterConfig
+    view: ClusterView
+    report: Report
+
+    def names(self) -> dict[str, str]: ...
+    def room_view(self) -> RoomView: ...
+    async def broadcast(self, message: Message | None = None) -> None: ...
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +60,7 @@ def describe_plan(plan: Plan, names: dict[str, str]) -> str:
 
 
 class Rollout:
-    def __init__(self, host: ClusterHost, model: ModelChoice, *, stage: LocalStage | None = None) -> None:
+    def __init__(self, host: Host, model: ModelChoice, *, stage: LocalStage | None = None) -> None:
         self.host = host
         self.model = model
         self.stage = stage  # the host's own stage, if it serves one

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
 
 
 class TaskStatus(StrEnum):
@@ -42,16 +41,3 @@ class Task:
             return 0.0
         end = self.finished or time.monotonic()
         return (len(self.tokens) - 1) / max(end - self.first_token, 1e-9)
-
-    def to_json(self) -> dict[str, Any]:
-        now = time.monotonic()
-        return {
-            "task_id": self.task_id,
-            "status": self.status.value,
-            "prompt_tokens": self.prompt_tokens,
-            "tokens": len(self.tokens),
-            "error": self.error,
-            "age_s": round(now - self.created, 3),
-            "ttft_s": None if self.first_token is None or self.started is None else round(self.first_token - self.started, 4),
-            "tok_s": round(self.tok_s, 2),
-        }

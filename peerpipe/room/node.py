@@ -1,7 +1,7 @@
 """A room node: listens and dials with the same code, keeps one channel per peer.
 
-Hosts and members are both ``RoomNode``s; later, members listen too, so pipeline
-stages can send hidden states to each other directly. The node's task group owns
+Hosts and members are both ``RoomNode``s; members listen too, so pipeline stages send hidden
+states to each other directly. The node's task group owns
 every connection task; ``events()`` yields joins, leaves, refusals and messages.
 """
 

@@ -9,7 +9,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-from peerpipe.cluster.host_service import ClusterConfig, ClusterHost
+from peerpipe.cluster.config import ClusterConfig
+from peerpipe.cluster.host_service import ClusterHost
 from peerpipe.cluster.local import LocalDevice
 from peerpipe.cluster.member_service import ClusterMember
 from peerpipe.cluster.membership import MembershipConfig

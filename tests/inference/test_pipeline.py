@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from peerpipe.cluster.host_service import ClusterConfig
+from peerpipe.cluster.config import ClusterConfig
 from peerpipe.cluster.local import LocalDevice
 from peerpipe.cluster.membership import MembershipConfig
 from peerpipe.cluster.model_choice import ModelChoice
