@@ -169,10 +169,11 @@ async def create_room(
             )
             entry = Entry(
                 choice.path, host_id=node.node_id, send=plane.send, config=settings,
-                why_not_ready=cluster.why_not_ready, report=report,
+                why_not_ready=cluster.why_not_ready, on_stall=cluster.check_stalled, report=report,
             )
             cluster.rollout.on_ready = entry.use_plan
-            cluster.rollout.on_replan = lambda plan: entry.drop_plan(f"the room was planned again (v{plan.version})")
+            cluster.rollout.on_replan = entry.replanned
+            cluster.rollout.on_cannot_plan = entry.cannot_plan
             cluster.tasks = entry.task_infos
         plane.stage, plane.entry = stage, entry
         stop = asyncio.Event()
@@ -186,7 +187,7 @@ async def create_room(
                     yield Room(room_code, address, cluster, entry)
                 finally:
                     if entry is not None:
-                        entry.drop_plan("the host closed the room")
+                        entry.close("the host closed the room")
                     stop.set()
                     dispatcher.cancel()
         finally:

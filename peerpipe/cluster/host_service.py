@@ -164,10 +164,33 @@ class ClusterHost:
             return
         alive = frozenset(m.info.node_id for m in self.view.alive())
         if alive != self._alive:
+            lost = self._alive - alive
             self._alive = alive
             if self.rollout is not None:
-                self.rollout.want_replan(alive)
+                self.rollout.want_replan(alive, urgent=bool(lost))
         await self.broadcast()
+
+    async def check_stalled(self, node_ids: list[str], timeout_s: float = 1.0) -> None:
+        """Answers stalled on these nodes: probe each, and drop from the room those that do not
+        answer (asleep, stopped, cut off), as if their heartbeats had stopped. They join again
+        when they wake."""
+        me = self.node.node_id
+
+        async def answers(peer: str) -> bool:
+            try:
+                await self.node.probe(peer, 0, timeout_s)
+            except (*LINK_ERRORS, TimeoutError):
+                return False
+            return True
+
+        peers = [p for p in dict.fromkeys(node_ids) if p != me and p in self.view.ids]
+        replies = await asyncio.gather(*(answers(p) for p in peers))
+        for peer, ok in zip(peers, replies, strict=True):
+            if not ok:
+                member = self.view.get(peer)
+                name = member.info.name if member else peer[:8]
+                self.report(f"stalled: {name} ({peer[:8]}) did not answer within {timeout_s:g} s; planning without it")
+                await self._apply(Lost(peer, self.clock()))
 
     # -- the view ---------------------------------------------------------------------------
 

@@ -1,9 +1,12 @@
 """Plan rollout on the host: measure what is missing, plan, send the plan, collect acks.
 
-When the set of live members changes the host asks for a replan; after a debounce the rollout
-asks nodes for the layer timings and links it lacks, plans, broadcasts the plan, hands the host's
-own stage its part, and, once every stage has acknowledged, tells the data plane (``on_ready``).
-A new plan first tells it the old one is gone (``on_replan``).
+When the set of live members changes the host asks for a replan: at once when a node is lost
+(answers are waiting), after a debounce when nodes join. The rollout asks nodes for the layer
+timings and links it lacks, plans, broadcasts the plan, hands the host's own stage its part, and,
+once every stage has acknowledged, tells the data plane (``on_ready``). A new plan first tells it
+what is coming (``on_replan``); a room that cannot hold the model tells it why
+(``on_cannot_plan``). A node that cannot load its stage is left out of plans, with its reason,
+until it leaves the room.
 """
 
 from __future__ import annotations
@@ -73,6 +76,9 @@ class Rollout:
         # The data plane's hooks: a plan every stage has loaded, and a plan that replaces it.
         self.on_ready: Callable[[Plan, dict[str, str]], None] = lambda plan, names: None
         self.on_replan: Callable[[Plan], None] = lambda plan: None
+        self.on_cannot_plan: Callable[[str], None] = lambda reason: None
+        self.unable: dict[str, str] = {}  # nodes that could not load a stage, and why
+        self._urgent = False
         self._versions = itertools.count(1)
         self._planned = 0
         self._request_ids = itertools.count(1)
@@ -85,12 +91,22 @@ class Rollout:
         """Positions per session every stage holds: the planned context, within the model's."""
         return min(self.config.budget.context_tokens, self.model.config.max_positions)
 
-    def want_replan(self, alive: frozenset[str]) -> None:
-        """The live members changed: forget what the gone ones measured, and plan again."""
+    def want_replan(self, alive: frozenset[str], *, urgent: bool = False) -> None:
+        """The live members changed: forget what the gone ones measured, and plan again (without
+        the debounce when ``urgent``: a node was lost and answers wait)."""
         for gone in set(self.timings) - alive:
             del self.timings[gone]
+        for gone in set(self.unable) - alive:
+            del self.unable[gone]  # it may come back fixed
         self.links = {k: v for k, v in self.links.items() if k[0] in alive and k[1] in alive}
+        self._urgent = self._urgent or urgent
         self._wanted.set()
+
+    def _left_out(self) -> str:
+        names = self.host.names()
+        if not self.unable:
+            return ""
+        return "; left out: " + ", ".join(f"{names.get(n, n[:8])} ({why})" for n, why in self.unable.items())
 
     def why_not_ready(self) -> str:
         if self.plan is None:
@@ -105,14 +121,17 @@ class Rollout:
         debounce = self.config.replan_debounce_s
         while True:
             await self._wanted.wait()
-            # Debounce: several nodes joining together cause one plan, not several.
-            while True:
+            # Debounce: several nodes joining together cause one plan, not several. A loss does
+            # not wait: answers are paused until the next plan.
+            while not self._urgent:
                 self._wanted.clear()
                 try:
                     async with asyncio.timeout(debounce):
                         await self._wanted.wait()
                 except TimeoutError:
                     break
+            self._urgent = False
+            self._wanted.clear()
             if not self.config.auto_plan:
                 continue
             alive = self.host.view.alive()
@@ -197,7 +216,8 @@ class Rollout:
     async def replan(self) -> Plan | None:
         """Plan for the live members now and send the plan out; None if the model does not fit."""
         host, model = self.host, self.model
-        facts = RoomFacts(host.room_view().members, tuple(self.links.values()), self.timings)
+        members = [m for m in host.room_view().members if m.info.node_id not in self.unable]
+        facts = RoomFacts(members, tuple(self.links.values()), self.timings)
         try:
             result = plan_room(
                 model.spec,
@@ -212,6 +232,7 @@ class Rollout:
         except PlanError as exc:
             self.plan, self.plan_result, self.acked = None, None, set()
             host.report(f"cannot plan {model.model_id}: {exc}")
+            self.on_cannot_plan(f"cannot plan {model.model_id}: {exc}{self._left_out()}")
             await host.broadcast()
             return None
         self._planned += 1
@@ -232,17 +253,19 @@ class Rollout:
         error = await self.stage.apply(message, host.node.node_id)
         if self.plan is None or self.plan.version != message.plan.version:
             return  # planned again meanwhile
-        if error:
-            host.report(f"{host.node.name} could not take its stage of plan v{message.plan.version}: {error}")
-            return
-        await self.on_ack(host.node.node_id, PlanAck(message.plan.version))
+        await self.on_ack(host.node.node_id, PlanAck(message.plan.version, ok=not error, error=error[:4000]))
 
     async def on_ack(self, peer: str, ack: PlanAck) -> None:
         if self.plan is None or ack.version != self.plan.version:
             return
         if not ack.ok:
             name = self.host.names().get(peer, peer[:8])
+            stages = {s.node_id for s in self.plan.stages}
             self.host.report(f"{name} could not take its stage of plan v{ack.version}: {ack.error}")
+            if peer in stages:
+                self.unable[peer] = ack.error
+                self.host.report(f"planning around {name} until it leaves the room")
+                self.want_replan(frozenset(m.info.node_id for m in self.host.view.alive()), urgent=True)
             return
         stages = {s.node_id for s in self.plan.stages}
         complete_before = self.acked >= stages

@@ -99,7 +99,7 @@ class LocalEngine:
             ids = torch.tensor([history], dtype=torch.long, device=self.device)
             logits = self.forward(ids, self.cache.batch([slot], len(history)))
             while True:
-                token = int(self._sampler.sample(logits, [params], [generator], [history])[0])
+                token = int(self._sampler.sample(logits, [params], [generator], [history], [len(history)])[0])
                 history.append(token)
                 if not decoding.push(token):
                     break

@@ -102,13 +102,27 @@ class SamplingParams:
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
-    """A session's generator, on the device where its logits live; seeded once per session."""
+    """A session's generator, on the device where its logits live. A seeded session's draws are
+    keyed by position (``draw_seed``), so this seed only serves unseeded ones."""
     g = torch.Generator(device=device)
     if seed is None:
         g.seed()
     else:
         g.manual_seed(seed % (1 << 64))
     return g
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def draw_seed(seed: int, position: int) -> int:
+    """The seed of a seeded session's draw for the token at ``position`` (splitmix64 of both): the
+    draw depends on where it is, not on how many draws came before, so a stage that replays an
+    answer after a failover, or a verifier that rolls back, draws the same numbers again."""
+    z = (seed * 0x9E3779B97F4A7C15 + position + 1) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) & ((1 << 63) - 1)
 
 
 History = Sequence[int] | torch.Tensor
@@ -161,11 +175,14 @@ class Sampler:
         params: Sequence[SamplingParams],
         generators: Sequence[torch.Generator | None] | None = None,
         history: Sequence[History | None] | None = None,
+        positions: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """Return a LongTensor [B] on ``logits.device``.
 
         ``generators[i]`` must live on ``logits.device``; None uses torch's global generator.
         ``history[i]`` (prompt and output ids) is needed only when row i has a repetition penalty.
+        ``positions[i]`` is where row i's new token goes; with a seed, its draw depends only on
+        (seed, position).
         """
         if logits.dim() != 2 or logits.shape[0] != len(params):
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(params)} rows of params")
@@ -188,7 +205,11 @@ class Sampler:
             for j, i in enumerate(sampled):
                 # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p; only this row's
                 # generator is consumed, so batch neighbours cannot change the outcome.
-                noise[j].exponential_(1.0, generator=generators[i] if generators else None)
+                generator = generators[i] if generators else None
+                seed = params[i].seed
+                if generator is not None and seed is not None and positions is not None:
+                    generator.manual_seed(draw_seed(seed, positions[i]))
+                noise[j].exponential_(1.0, generator=generator)
             out[rows] = probs.div_(noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
         return out
 

@@ -73,9 +73,8 @@ class DataPlane:
                 tg.create_task(self._send_quietly(peer, done))
 
     def _deliver(self, peer: str, message: ComputeResult | ComputeError) -> None:
-        pipeline = self.entry.pipeline if self.entry is not None else None
-        if pipeline is not None:
-            pipeline.deliver(peer, message)
+        if self.entry is not None:
+            self.entry.pipeline.deliver(peer, message)
 
     async def send(self, node_id: str, message: Message) -> None:
         """Send on the data plane; to this node itself without touching the network."""

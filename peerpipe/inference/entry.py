@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from peerpipe.engine.decode import GenerationResult, OnText
@@ -23,7 +23,7 @@ from peerpipe.engine.sampling import InvalidSamplingParams, SamplingParams
 from peerpipe.engine.tokenizer import Tokenizer
 from peerpipe.errors import PeerpipeError
 from peerpipe.inference.errors import ContextLengthError, NotReadyError, PromptError
-from peerpipe.inference.pipeline import Pipeline
+from peerpipe.inference.pipeline import OnStall, Pipeline, Timeouts
 from peerpipe.inference.tasks import Task
 from peerpipe.logs import Report, log_reporter
 from peerpipe.protocol import GenerateDone, GenerateRequest, GenerateText, Plan, Sampling, TaskInfo
@@ -38,8 +38,7 @@ class EntryConfig:
     sessions: int = 4  # answers the stages hold KV cache for at once
     max_seq: int = 4096  # positions per session on every stage
     ready_timeout_s: float = 60.0  # how long a request waits for the stages to load
-    prefill_timeout_s: float = 300.0  # the first token of an answer
-    step_timeout_s: float = 60.0  # every later token
+    timeouts: Timeouts = field(default_factory=Timeouts)  # of an answer's steps and recoveries
 
 
 class Entry:
@@ -51,57 +50,59 @@ class Entry:
         send: Send,
         config: EntryConfig | None = None,
         why_not_ready: Callable[[], str] = lambda: "the room has no plan yet",
+        on_stall: OnStall | None = None,
         report: Report | None = None,
     ) -> None:
         self.model_dir = model_dir
         self.host_id = host_id
-        self.send = send
         self.config = config or EntryConfig()
         self.why_not_ready = why_not_ready
         self.report = report or log_reporter(log)
         self.tokenizer = Tokenizer.from_dir(model_dir)
         self.defaults = GenerationDefaults.from_dir(model_dir)
-        self.pipeline: Pipeline | None = None
+        self.send = send
+        self.pipeline = Pipeline(
+            host_id=host_id,
+            send=send,
+            tokenizer=self.tokenizer,
+            sessions=self.config.sessions,
+            max_seq=self.config.max_seq,
+            timeouts=self.config.timeouts,
+            on_stall=on_stall,
+            report=self.report,
+        )
         self._changed = asyncio.Event()
 
     # -- plans, from the cluster ------------------------------------------------------------
 
     def use_plan(self, plan: Plan, names: dict[str, str]) -> None:
-        """Every stage has loaded ``plan``: answers run through it from now on."""
-        if self.pipeline is not None and self.pipeline.plan.version == plan.version:
-            return
-        config = self.config
-        self.pipeline = Pipeline(
-            plan,
-            host_id=self.host_id,
-            send=self.send,
-            tokenizer=self.tokenizer,
-            sessions=config.sessions,
-            max_seq=config.max_seq,
-            names=names,
-            step_timeout_s=config.step_timeout_s,
-            prefill_timeout_s=config.prefill_timeout_s,
-        )
-        if self.pipeline.local:
+        """Every stage has loaded ``plan``: answers run (or resume) through it from now on."""
+        kept = self.pipeline.keeps(plan)
+        self.pipeline.use_plan(plan, names)
+        if not kept and self.pipeline.local:
             self.report("ready: every layer is on this node; answers run locally, with no network hops")
-        else:
+        elif not kept:
             self.report(f"ready: {' -> '.join(self.pipeline.describe())}")
         self._changed.set()
 
-    def drop_plan(self, reason: str) -> None:
-        """The plan changed: answers in flight on the old pipeline fail with ``reason``."""
-        if self.pipeline is not None:
-            self.pipeline.close(reason)
-            self.pipeline = None
+    def replanned(self, plan: Plan) -> None:
+        """A new plan is on its way to the stages; answers pause unless it keeps their stages."""
+        if not self.pipeline.keeps(plan):
+            self.pipeline.suspend(f"the room was planned again (v{plan.version})")
+
+    def cannot_plan(self, reason: str) -> None:
+        self.pipeline.cannot_plan(reason)
 
     def node_lost(self, node_id: str, reason: str) -> None:
-        if self.pipeline is not None:
-            self.pipeline.node_lost(node_id, reason)
+        self.pipeline.node_lost(node_id, reason)
+
+    def close(self, reason: str) -> None:
+        self.pipeline.close(reason)
 
     @property
     def ready(self) -> bool:
-        """A pipeline whose stages have all loaded the current plan, and still takes work."""
-        return self.pipeline is not None and not self.pipeline.closed
+        """Every stage has loaded the current plan, and answers are taken."""
+        return self.pipeline.ready
 
     async def wait_ready(self, timeout_s: float | None = None) -> Pipeline:
         """The pipeline once every stage has loaded the current plan; ``NotReadyError`` saying what
@@ -109,11 +110,12 @@ class Entry:
         try:
             async with asyncio.timeout(self.config.ready_timeout_s if timeout_s is None else timeout_s):
                 while not self.ready:
+                    if self.pipeline.closed:
+                        raise NotReadyError("the host closed the room")
                     self._changed.clear()
                     await self._changed.wait()
         except TimeoutError:
             raise NotReadyError(self.why_not_ready()) from None
-        assert self.pipeline is not None
         return self.pipeline
 
     # -- prompts and sampling ---------------------------------------------------------------
@@ -213,10 +215,10 @@ class Entry:
             log.info("client %s is gone: %s", peer[:8], exc)
 
     def cancel(self, task_id: str) -> bool:
-        return self.pipeline is not None and self.pipeline.cancel(task_id)
+        return self.pipeline.cancel(task_id)
 
     def active_tasks(self) -> list[Task]:
-        return self.pipeline.active_tasks() if self.pipeline is not None else []
+        return self.pipeline.active_tasks()
 
     def task_infos(self) -> tuple[TaskInfo, ...]:
         """The answers running now, as the room view shows them."""

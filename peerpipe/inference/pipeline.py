@@ -1,18 +1,25 @@
-"""The host's side of distributed inference: one task per request, run through the stages.
+"""The host's side of distributed inference: every answer, run through whatever plan the room has.
 
 The host tokenizes, sends the prompt to the first stage, and waits for the last stage's token;
-each next token goes to the first stage again. Hidden states never pass through the host. Every
-wait has a timeout; a compute-error from any stage, or a stage leaving the room, fails the task
-with that stage and reason; a task that ends for any reason frees its KV cache on every stage.
+each next token goes to the first stage again. Hidden states never pass through the host.
+
+Answers outlive plans. When a stage is lost (its connection drops, the room plans again without
+it, or a step stalls past the stall timeout) the answers it held pause: once the room has a plan
+again they replay, prefilling prompt and emitted tokens on the new stages, and go on. A seeded
+answer draws by (seed, position), so replay changes no token. A plan with the same stages as
+before disturbs nothing. Answers fail only for what replay cannot mend: a stage's own compute
+error, a room that cannot hold the model any more, or no plan within the recovery timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -23,50 +30,91 @@ from peerpipe.engine.tokenizer import Tokenizer
 from peerpipe.inference.errors import TaskFailedError
 from peerpipe.inference.tasks import Task, TaskStatus
 from peerpipe.inference.wire import sampling_to_wire, to_wire
+from peerpipe.logs import Report, log_reporter
 from peerpipe.protocol import Cancel, ComputeError, ComputeRequest, ComputeResult, Plan, SessionSpec
-from peerpipe.room import Send
+from peerpipe.room import LINK_ERRORS, Send
 
+log = logging.getLogger(__name__)
 KEEP_FINISHED = 256
+MAX_RECOVERIES = 8  # per answer: a room that keeps failing under it fails it in the end
+# Without a stall timeout of its own, a step stalls past this many predicted token times (and
+# never sooner than MIN_STALL_S: a loaded machine has hiccups that are not failures).
+STALL_STEPS = 50
+MIN_STALL_S = 5.0
+# Told which stages did not answer in time; finds out which of them are gone (the cluster probes).
+OnStall = Callable[[list[str]], Awaitable[None]]
 
 
 class _Cancelled(Exception):
     pass
 
 
+class _Lost(Exception):
+    """The plan under a step went away; the answer resumes on the next one."""
+
+
+@dataclass
+class RecoveryStats:
+    failovers: int = 0  # times a plan under running answers went away
+    replayed_tokens: int = 0  # positions prefilled again to rebuild lost KV caches
+    stall_s: float = 0.0  # summed over answers: last token before a loss to the first after
+    stalls: int = 0  # answers that resumed
+
+
+def _stages(plan: Plan) -> tuple[tuple[str, int, int], ...]:
+    return tuple((s.node_id, s.start, s.end) for s in plan.stages)
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    prefill_s: float = 300.0  # the first token of an answer (or of a replay)
+    stall_s: float | None = None  # every later token; past it the stages are checked and the answer
+    # replays (None: derived from the plan's predicted time per token)
+    recover_s: float = 120.0  # how long a paused answer waits for the room to have a plan again
+
+
 class Pipeline:
     def __init__(
         self,
-        plan: Plan,
         *,
         host_id: str,
         send: Send,
         tokenizer: Tokenizer,
         sessions: int,
         max_seq: int,
-        names: dict[str, str] | None = None,
-        step_timeout_s: float = 60.0,
-        prefill_timeout_s: float = 300.0,
+        timeouts: Timeouts | None = None,
+        on_stall: OnStall | None = None,
+        report: Report | None = None,
     ) -> None:
-        self.plan = plan
         self.host_id = host_id
         self.send = send
         self.tokenizer = tokenizer
         self.max_seq = max_seq
-        self.names = names or {}
-        self.step_timeout_s = step_timeout_s
-        self.prefill_timeout_s = prefill_timeout_s
+        self.timeouts = timeouts or Timeouts()
+        self.on_stall = on_stall
+        self.report = report or log_reporter(log)
+        self.plan: Plan | None = None
+        self.names: dict[str, str] = {}
         self.tasks: dict[str, Task] = {}
+        self.recovery = RecoveryStats()
         self._slots = asyncio.Semaphore(sessions)
         self._waiting: dict[str, asyncio.Future[int]] = {}
-        self._closed: str = ""
+        self._changed = asyncio.Event()  # a plan came, went, or cannot be made
+        self._closed = ""  # final: this pipeline takes no more work
+        self._unplannable = ""  # why the room cannot hold the model now
+
+    # -- plans ------------------------------------------------------------------------------
 
     @property
     def stage_nodes(self) -> list[str]:
-        return [s.node_id for s in self.plan.stages]
+        return [s.node_id for s in self.plan.stages] if self.plan else []
+
+    @property
+    def ready(self) -> bool:
+        return self.plan is not None and not self._closed
 
     @property
     def closed(self) -> bool:
-        """The plan changed or a stage left: this pipeline takes no more work."""
         return bool(self._closed)
 
     @property
@@ -75,7 +123,68 @@ class Pipeline:
         return self.stage_nodes == [self.host_id]
 
     def describe(self) -> list[str]:
-        return [f"{self.names.get(s.node_id, s.node_id[:8])}[{s.start},{s.end})" for s in self.plan.stages]
+        stages = self.plan.stages if self.plan else ()
+        return [f"{self.names.get(s.node_id, s.node_id[:8])}[{s.start},{s.end})" for s in stages]
+
+    def keeps(self, plan: Plan) -> bool:
+        """Whether ``plan`` has exactly the stages answers run on now (then it disturbs nothing)."""
+        return self.plan is not None and _stages(self.plan) == _stages(plan)
+
+    def use_plan(self, plan: Plan, names: dict[str, str]) -> None:
+        """Every stage has loaded ``plan``: answers run (or resume) on it."""
+        self.plan, self.names, self._unplannable = plan, names, ""
+        self._changed.set()
+
+    def suspend(self, reason: str) -> None:
+        """The current plan is gone: answers pause (steps in flight end) until the next one."""
+        if self.plan is None:
+            return
+        self.plan = None
+        running = [t for t in self.tasks.values() if t.active and t.status is not TaskStatus.QUEUED]
+        if running:
+            self.recovery.failovers += 1
+            self.report(f"recovering: {reason}; replaying {len(running)} answer(s) once the room has a plan")
+        self._fail_waiters(_Lost(reason))
+        self._changed.set()
+
+    def cannot_plan(self, reason: str) -> None:
+        """The room cannot hold the model now: paused answers fail with ``reason``."""
+        self._unplannable = reason
+        self._changed.set()
+
+    def node_lost(self, node_id: str, reason: str) -> None:
+        if node_id in self.stage_nodes:
+            self.suspend(f"stage {self.names.get(node_id, node_id[:8])} left the room: {reason}")
+
+    def close(self, reason: str) -> None:
+        """Take no more work; answers in flight or paused fail with ``reason``."""
+        self._closed = reason
+        self.plan = None
+        self._fail_waiters(TaskFailedError(reason))
+        self._changed.set()
+
+    def _fail_waiters(self, error: Exception) -> None:
+        for waiter in self._waiting.values():
+            if not waiter.done():
+                waiter.set_exception(error)
+
+    async def _wait_plan(self, task: Task, timeout_s: float) -> Plan:
+        """The current plan, once there is one; ``TaskFailedError`` for what will not mend."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    if task.status is TaskStatus.CANCELLED:
+                        raise _Cancelled
+                    if self._closed:
+                        raise TaskFailedError(self._closed)
+                    if self.plan is not None:
+                        return self.plan
+                    if self._unplannable:
+                        raise TaskFailedError(f"the room cannot hold the model now: {self._unplannable}")
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            raise TaskFailedError(f"the room had no plan again within {timeout_s:g} s") from None
 
     # -- messages from the stages -----------------------------------------------------------
 
@@ -85,24 +194,10 @@ class Pipeline:
             return
         if isinstance(message, ComputeError):
             waiter.set_exception(TaskFailedError(message.error))
-        elif peer != self.stage_nodes[-1]:
+        elif peer != (self.stage_nodes or [peer])[-1]:
             waiter.set_exception(TaskFailedError(f"a token came from {peer[:8]}, not from the last stage"))
         else:
             waiter.set_result(int(message.output_tensor.to_numpy().reshape(-1)[0]))
-
-    def node_lost(self, node_id: str, reason: str) -> None:
-        """A stage left the room: every task in flight needs it, so every one fails."""
-        if node_id not in self.stage_nodes:
-            return
-        name = self.names.get(node_id, node_id[:8])
-        self.close(f"stage {name} left the room: {reason}")
-
-    def close(self, reason: str) -> None:
-        """Stop taking work (the plan changed); tasks in flight fail with ``reason``."""
-        self._closed = reason
-        for waiter in self._waiting.values():
-            if not waiter.done():
-                waiter.set_exception(TaskFailedError(reason))
 
     def cancel(self, task_id: str) -> bool:
         waiter = self._waiting.get(task_id)
@@ -112,12 +207,13 @@ class Pipeline:
         task.status = TaskStatus.CANCELLED
         if waiter is not None and not waiter.done():
             waiter.set_exception(_Cancelled())
+        self._changed.set()  # a paused answer stops waiting
         return True
 
     def active_tasks(self) -> list[Task]:
         return [t for t in self.tasks.values() if t.active]
 
-    # -- running a task ---------------------------------------------------------------------
+    # -- running an answer ------------------------------------------------------------------
 
     async def generate(
         self,
@@ -146,23 +242,47 @@ class Pipeline:
             return await self._run(task, decoding)
 
     async def _run(self, task: Task, decoding: Decoding) -> GenerationResult:
-        params, prompt = decoding.params, decoding.prompt
-        first = self.stage_nodes[0]
         task.status, task.started = TaskStatus.PREFILL, time.monotonic()
         task.tokens = decoding.tokens  # the task's view of the answer, for status and the dashboard
+        on: tuple[tuple[str, int, int], ...] | None = None  # the stages holding this answer's KV
+        touched: set[str] = set()  # every node that may hold a session of it, to free at the end
+        last_token_at = task.started
+        stalled_at: float | None = None  # when the answer's last token came, while it is paused
+        recoveries = 0
         try:
-            history = to_wire(torch.tensor(prompt, dtype=torch.long)) if params.repetition_penalty != 1.0 else None
-            spec = SessionSpec(sampling_to_wire(params), history)
-            ids = torch.tensor([prompt], dtype=torch.long)
-            request = ComputeRequest(task.task_id, to_wire(ids), task.task_id, self.plan.version, 0, spec)
-            token = await self._step(task, first, request, self.prefill_timeout_s)
-            task.first_token, task.status = time.monotonic(), TaskStatus.DECODING
-            while decoding.push(token):
+            while decoding.finish_reason is None:
                 if task.status is TaskStatus.CANCELLED:  # cancelled while no step was in flight
                     raise _Cancelled
-                ids = torch.tensor([[token]], dtype=torch.long)
-                request = ComputeRequest(task.task_id, to_wire(ids), task.task_id, self.plan.version, decoding.next_position)
-                token = await self._step(task, first, request, self.step_timeout_s)
+                plan = self.plan
+                if plan is None or _stages(plan) != on:
+                    # A new answer, or one whose stages changed: (re)build its KV caches.
+                    plan = await self._wait_plan(task, self.timeouts.recover_s)
+                    request = self._prefill(task, decoding, plan)
+                    timeout = self.timeouts.prefill_s
+                    on = _stages(plan)
+                    touched.update(node for node, _, _ in on)
+                else:
+                    ids = torch.tensor([[decoding.tokens[-1]]], dtype=torch.long)
+                    request = ComputeRequest(task.task_id, to_wire(ids), task.task_id, plan.version, decoding.next_position)
+                    timeout = self.timeouts.stall_s or max(MIN_STALL_S, STALL_STEPS * plan.predicted_ms / 1e3)
+                try:
+                    token = await self._step(task, plan, request, timeout)
+                except _Lost as exc:
+                    recoveries += 1
+                    if recoveries > MAX_RECOVERIES:
+                        raise TaskFailedError(f"gave up after {MAX_RECOVERIES} recoveries: {exc}") from None
+                    task.status, on = TaskStatus.RECOVERING, None
+                    stalled_at = last_token_at
+                    continue
+                last_token_at = time.monotonic()
+                if stalled_at is not None:
+                    self.recovery.stalls += 1
+                    self.recovery.stall_s += last_token_at - stalled_at
+                    stalled_at = None
+                if task.first_token is None:
+                    task.first_token = last_token_at
+                task.status = TaskStatus.DECODING
+                decoding.push(token)
             task.status = TaskStatus.DONE
         except _Cancelled:
             decoding.finish("cancelled")
@@ -176,30 +296,43 @@ class Pipeline:
             task.finished = time.monotonic()
             if task.active:  # the caller's coroutine was cancelled: never leave a task "running"
                 task.status = TaskStatus.CANCELLED
-            await self._free(task.task_id)
+            await self._free(task.task_id, touched)
         return decoding.result()
 
-    async def _step(self, task: Task, first: str, request: ComputeRequest, timeout_s: float) -> int:
+    def _prefill(self, task: Task, decoding: Decoding, plan: Plan) -> ComputeRequest:
+        """The first step on a plan: the prompt and every token emitted so far."""
+        history = decoding.history
+        if decoding.tokens:
+            self.recovery.replayed_tokens += len(history)
+        params = decoding.params
+        penalty = to_wire(torch.tensor(history, dtype=torch.long)) if params.repetition_penalty != 1.0 else None
+        spec = SessionSpec(sampling_to_wire(params), penalty)
+        ids = torch.tensor([history], dtype=torch.long)
+        return ComputeRequest(task.task_id, to_wire(ids), task.task_id, plan.version, 0, spec)
+
+    async def _step(self, task: Task, plan: Plan, request: ComputeRequest, timeout_s: float) -> int:
         """Send one step to the first stage and wait for the last stage's token."""
-        if self._closed:
-            raise TaskFailedError(self._closed)
         # Armed before sending: an answer (or an error) may arrive while the send still waits.
         waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._waiting[task.task_id] = waiter
         try:
             async with asyncio.timeout(timeout_s):
-                await self.send(first, request)
+                try:
+                    await self.send(plan.stages[0].node_id, request)
+                except LINK_ERRORS as exc:  # the first stage is gone: its PeerLeft follows
+                    raise _Lost(f"cannot reach the first stage: {exc}") from None
                 return await waiter
         except TimeoutError:
-            raise TaskFailedError(
-                f"no token within {timeout_s:g} s from the pipeline {' -> '.join(self.describe())}"
-            ) from None
+            stages = [s.node_id for s in plan.stages]
+            if self.on_stall is not None:
+                await self.on_stall(stages)  # the cluster drops those that no longer answer
+            raise _Lost(f"no token within {timeout_s:g} s from {' -> '.join(self.describe()) or 'the stages'}") from None
         finally:
             self._waiting.pop(task.task_id, None)
 
-    async def _free(self, task_id: str) -> None:
+    async def _free(self, task_id: str, nodes: set[str]) -> None:
         """Tell every stage to drop the session (best effort: a stage that left has nothing to free)."""
-        for node in dict.fromkeys(self.stage_nodes):
+        for node in sorted(nodes):
             with contextlib.suppress(Exception):
                 await self.send(node, Cancel(task_id))
 

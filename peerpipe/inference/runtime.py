@@ -102,14 +102,13 @@ class StageRuntime:
         next_hop = plan.stages[index + 1].node_id if index + 1 < len(plan.stages) else None
         want = _Loaded(stage_plan.start, stage_plan.end, message.dtype, message.context_tokens, message.sessions)
         if self.server is not None and self._loaded == want:
-            # Same layers: keep the weights, forget the sessions of the old plan.
-            self._stop_worker()
-            stage = self.server.stage
-            cache = await run_compute(stage.new_cache, want.sessions, want.context)
-        else:
-            self._stop_worker()
-            self.server = None
-            stage, cache = await self._load(message, want)
+            # Same layers: keep the weights and every session, so answers the host keeps running
+            # (the same stages) go on, and those it replays roll their sessions back.
+            self.server.next_hop, self.server.host_id = next_hop, host_id
+            return
+        self._stop_worker()
+        self.server = None
+        stage, cache = await self._load(message, want)
         label = f"{self.label} layers [{want.start}, {want.end})"
         self.server = StageServer(
             stage, cache, label=label, next_hop=next_hop, host_id=host_id, send=self.send, stats=self.stats

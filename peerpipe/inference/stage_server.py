@@ -216,7 +216,10 @@ class StageServer:
             return [to_wire(out[i : i + 1]) for i in range(len(requests))]
         logits = out[:, -1]
         params = [s.params or SamplingParams(temperature=0.0) for s in sessions]
-        tokens = self._sampler.sample(logits, params, [s.generator for s in sessions], [s.history for s in sessions])
+        positions = [int(self.cache.lengths[s.slot]) for s in sessions]  # where each new token goes
+        tokens = self._sampler.sample(
+            logits, params, [s.generator for s in sessions], [s.history for s in sessions], positions
+        )
         ids = tokens.tolist()
         for session, token in zip(sessions, ids, strict=True):
             if session.params is not None and session.params.repetition_penalty != 1.0:

@@ -11,6 +11,7 @@ class TaskStatus(StrEnum):
     QUEUED = "queued"  # waiting for a free session
     PREFILL = "prefill"
     DECODING = "decoding"
+    RECOVERING = "recovering"  # its stages went away; it replays once the room has a plan again
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"

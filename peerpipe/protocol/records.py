@@ -182,7 +182,7 @@ class SessionSpec:
         need_instance(self, "history", TensorData, optional=True)
 
 
-TASK_STATUSES = frozenset({"queued", "prefill", "decoding", "done", "failed", "cancelled"})
+TASK_STATUSES = frozenset({"queued", "prefill", "decoding", "recovering", "done", "failed", "cancelled"})
 
 
 @dataclass(frozen=True, slots=True)

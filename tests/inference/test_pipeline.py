@@ -20,7 +20,7 @@ from peerpipe.engine.generate import LocalEngine
 from peerpipe.engine.sampling import SamplingParams
 from peerpipe.inference.entry import EntryConfig
 from peerpipe.inference.errors import TaskFailedError
-from peerpipe.inference.pipeline import Pipeline
+from peerpipe.inference.pipeline import Pipeline, Timeouts
 from peerpipe.inference.runtime import StageRuntime
 from peerpipe.inference.stage_server import StageServer
 from peerpipe.plan import Budget, stage_memory
@@ -83,7 +83,7 @@ async def room(model: Path, device: LocalDevice, members: int, *, layers_per_nod
         host = await stack.enter_async_context(
             create_room(
                 model, code=str(CODE), name="host", dtype="float32", config=config, measured=device,
-                entry_config=EntryConfig(prefill_timeout_s=10, step_timeout_s=10), report=LINES.append,
+                entry_config=EntryConfig(timeouts=Timeouts(prefill_s=10, stall_s=10)), report=LINES.append,
             )
         )
         nodes = []
