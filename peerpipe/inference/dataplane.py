@@ -55,7 +55,9 @@ class DataPlane:
         if isinstance(message, ComputeRequest):
             # From the previous stage or, for the first stage, the host.
             if self.stage is None or not self.stage.submit(message):
-                error = ComputeError(message.task_id, f"{self.node.name} holds no stage of this plan")
+                error = ComputeError(
+                    message.task_id, f"{self.node.name} holds no stage of this plan", message.plan_version, message.start_pos
+                )
                 tg.create_task(self._send_quietly(peer, error))
         elif isinstance(message, Cancel):
             # At the host a peer's cancel is a client's (stages get the host's through send()).
@@ -82,7 +84,8 @@ class DataPlane:
             await self.node.send(node_id, message)
         elif isinstance(message, ComputeRequest | Cancel):
             if (self.stage is None or not self.stage.submit(message)) and isinstance(message, ComputeRequest):
-                self._deliver(node_id, ComputeError(message.task_id, f"{self.node.name} holds no stage"))
+                error = ComputeError(message.task_id, f"{self.node.name} holds no stage", message.plan_version, message.start_pos)
+                self._deliver(node_id, error)
         elif isinstance(message, ComputeResult | ComputeError):
             self._deliver(node_id, message)
 

@@ -98,7 +98,9 @@ class Pipeline:
         self.tasks: dict[str, Task] = {}
         self.recovery = RecoveryStats()
         self._slots = asyncio.Semaphore(sessions)
-        self._waiting: dict[str, asyncio.Future[int]] = {}
+        # Each task's step in flight: its token's future, and the (plan version, position) it was
+        # sent with, so a late answer to a step given up on (after a failover) is not taken.
+        self._waiting: dict[str, tuple[asyncio.Future[int], int, int]] = {}
         self._changed = asyncio.Event()  # a plan came, went, or cannot be made
         self._closed = ""  # final: this pipeline takes no more work
         self._unplannable = ""  # why the room cannot hold the model now
@@ -164,7 +166,7 @@ class Pipeline:
         self._changed.set()
 
     def _fail_waiters(self, error: Exception) -> None:
-        for waiter in self._waiting.values():
+        for waiter, _, _ in self._waiting.values():
             if not waiter.done():
                 waiter.set_exception(error)
 
@@ -189,8 +191,11 @@ class Pipeline:
     # -- messages from the stages -----------------------------------------------------------
 
     def deliver(self, peer: str, message: ComputeResult | ComputeError) -> None:
-        waiter = self._waiting.get(message.task_id)
-        if waiter is None or waiter.done():
+        step = self._waiting.get(message.task_id)
+        if step is None or step[1:] != (message.plan_version, message.start_pos):
+            return  # no step waits, or this answers one given up on
+        waiter = step[0]
+        if waiter.done():
             return
         if isinstance(message, ComputeError):
             waiter.set_exception(TaskFailedError(message.error))
@@ -200,13 +205,13 @@ class Pipeline:
             waiter.set_result(int(message.output_tensor.to_numpy().reshape(-1)[0]))
 
     def cancel(self, task_id: str) -> bool:
-        waiter = self._waiting.get(task_id)
+        step = self._waiting.get(task_id)
         task = self.tasks.get(task_id)
         if task is None or not task.active:
             return False
         task.status = TaskStatus.CANCELLED
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(_Cancelled())
+        if step is not None and not step[0].done():
+            step[0].set_exception(_Cancelled())
         self._changed.set()  # a paused answer stops waiting
         return True
 
@@ -314,7 +319,7 @@ class Pipeline:
         """Send one step to the first stage and wait for the last stage's token."""
         # Armed before sending: an answer (or an error) may arrive while the send still waits.
         waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._waiting[task.task_id] = waiter
+        self._waiting[task.task_id] = (waiter, request.plan_version, request.start_pos)
         try:
             async with asyncio.timeout(timeout_s):
                 try:

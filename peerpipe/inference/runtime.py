@@ -60,6 +60,9 @@ class StageRuntime:
         self._loaded: _Loaded | None = None
         self._worker: asyncio.Task[None] | None = None
         self._tg: asyncio.TaskGroup | None = None
+        # Plans apply one at a time, in the order they came: a later plan that keeps the layers an
+        # earlier one is still loading must find them loaded, not load them again.
+        self._applying = asyncio.Lock()
 
     async def run(self, stop: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -83,7 +86,8 @@ class StageRuntime:
     async def apply(self, message: DistributionPlan, host_id: str) -> str:
         """Take this node's part of the plan; returns "" or why it could not."""
         try:
-            await self._apply(message, host_id)
+            async with self._applying:
+                await self._apply(message, host_id)
         except (PeerpipeError, RuntimeError, OSError, ValueError) as exc:
             self._stop_worker()
             self.server, self._loaded = None, None

@@ -129,7 +129,7 @@ class StageServer:
                 self._admit(request)
                 ready.append(request)
             except RequestError as exc:
-                await self._fail(request.task_id, str(exc))
+                await self._fail(request, str(exc))
         if not ready:
             return
         began = time.perf_counter()
@@ -139,13 +139,15 @@ class StageServer:
             log.warning("%s: forward failed: %r", self.label, exc)
             for request in ready:
                 self._cancel(request.task_id)
-                await self._fail(request.task_id, f"{type(exc).__name__}: {exc}")
+                await self._fail(request, f"{type(exc).__name__}: {exc}")
             return
         self.stats.steps += 1
         self.stats.compute_s += time.perf_counter() - began
         for request, output in zip(ready, outputs, strict=True):
             if self.next_hop is None:
-                await self._send(self.host_id, ComputeResult(request.task_id, output))
+                await self._send(
+                    self.host_id, ComputeResult(request.task_id, output, request.plan_version, request.start_pos)
+                )
             else:
                 await self._send(
                     self.next_hop,
@@ -165,8 +167,9 @@ class StageServer:
         except Exception as exc:  # the next hop is gone: the host learns it from the room too
             log.warning("%s: cannot send to %s: %s", self.label, node[:8], exc)
 
-    async def _fail(self, task_id: str, error: str) -> None:
-        await self._send(self.host_id, ComputeError(task_id, f"{self.label}: {error}"[:4000]))
+    async def _fail(self, request: ComputeRequest, error: str) -> None:
+        message = f"{self.label}: {error}"[:4000]
+        await self._send(self.host_id, ComputeError(request.task_id, message, request.plan_version, request.start_pos))
 
     def _admit(self, request: ComputeRequest) -> None:
         """Find or open the request's session and check its positions (cheap; on the loop)."""

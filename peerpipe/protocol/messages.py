@@ -268,24 +268,37 @@ class ComputeRequest:
 
 @dataclass(frozen=True, slots=True)
 class ComputeResult:
+    """The last stage's answer to the step of ``task_id`` that was sent with ``plan_version`` and
+    ``start_pos`` (echoed, so a late answer to a step the host gave up on is told apart)."""
+
     TAG: ClassVar[str] = "compute-result"
     task_id: str
     output_tensor: TensorData
+    plan_version: int = 0
+    start_pos: int = 0
 
     def __post_init__(self) -> None:
         need_id(self, "task_id")
         need_instance(self, "output_tensor", TensorData)
+        need_int(self, "plan_version")
+        need_int(self, "start_pos", 0, 1 << 40)
 
 
 @dataclass(frozen=True, slots=True)
 class ComputeError:
+    """A stage could not run the step of ``task_id`` sent with ``plan_version`` and ``start_pos``."""
+
     TAG: ClassVar[str] = "compute-error"
     task_id: str
     error: str
+    plan_version: int = 0
+    start_pos: int = 0
 
     def __post_init__(self) -> None:
         need_id(self, "task_id")
         need_str(self, "error")
+        need_int(self, "plan_version")
+        need_int(self, "start_pos", 0, 1 << 40)
 
 
 @dataclass(frozen=True, slots=True)

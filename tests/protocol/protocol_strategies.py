@@ -183,8 +183,12 @@ STRATEGIES: dict[type, st.SearchStrategy] = {
         start_pos=st.integers(0, 1 << 40),
         session=st.none() | session_specs,
     ),
-    p.ComputeResult: st.builds(p.ComputeResult, task_id=ids, output_tensor=tensors()),
-    p.ComputeError: st.builds(p.ComputeError, task_id=ids, error=texts),
+    p.ComputeResult: st.builds(
+        p.ComputeResult, task_id=ids, output_tensor=tensors(), plan_version=u64, start_pos=st.integers(0, 1 << 40)
+    ),
+    p.ComputeError: st.builds(
+        p.ComputeError, task_id=ids, error=texts, plan_version=u64, start_pos=st.integers(0, 1 << 40)
+    ),
     p.Cancel: st.builds(p.Cancel, task_id=ids),
     p.TensorChunk: chunks(),
     p.GenerateRequest: st.builds(

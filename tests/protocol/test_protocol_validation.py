@@ -108,7 +108,7 @@ def test_bad_limits(kwargs: dict[str, Any]) -> None:
 
 
 PING = {"tag": "pong", "fields": {"nonce": 1}}
-GOOD_TENSOR_FIELDS = {"task_id": "t", "output_tensor": tensor_meta()}
+GOOD_TENSOR_FIELDS = {"task_id": "t", "output_tensor": tensor_meta(), "plan_version": 1, "start_pos": 0}
 
 
 @pytest.mark.parametrize(
@@ -239,7 +239,7 @@ def test_limits_apply_to_frames_and_strings() -> None:
 @pytest.mark.parametrize("ref", [None, "chunks"])
 def test_huge_tensor_claim_is_rejected_before_allocation(ref: str | None) -> None:
     meta = tensor_meta(dtype="float32", shape=[25, GiB], nbytes=100 * GiB, offset=None if ref else 0, ref=ref)
-    body = frame({"tag": "compute-result", "fields": {"task_id": "t", "output_tensor": meta}})
+    body = frame({"tag": "compute-result", "fields": {**GOOD_TENSOR_FIELDS, "output_tensor": meta}})
     tracemalloc.start()
     try:
         with pytest.raises(p.DecodeError, match="exceeds limit"):

@@ -1,0 +1,266 @@
+"""A room that survives its members: a host (in this process, so the test sees every token as it
+comes) and members as real ``peerpipe join`` processes that the test kills, stops or starves.
+Every answer that can be finished is finished, with the tokens of one undisturbed node."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import signal
+from collections.abc import AsyncIterator, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from peerpipe.cluster.config import ClusterConfig
+from peerpipe.cluster.local import LocalDevice
+from peerpipe.cluster.membership import MembershipConfig
+from peerpipe.cluster.model_choice import ModelChoice
+from peerpipe.engine.generate import LocalEngine
+from peerpipe.engine.sampling import SamplingParams
+from peerpipe.inference.entry import EntryConfig
+from peerpipe.inference.errors import TaskFailedError
+from peerpipe.inference.pipeline import Pipeline, Timeouts
+from peerpipe.plan import Budget, stage_memory
+from peerpipe.python_api import Room, create_room
+from tests.room.roomproc import RoomProc
+
+T = TypeVar("T")
+CODE = "3-amber-falcon"
+CONTEXT, SESSIONS = 96, 8
+FAST = MembershipConfig(heartbeat_s=0.5, suspect_after_beats=4, dead_after_s=30.0)
+PROMPT = [5, 17, 42, 99, 3, 8]
+SLOW = ("env", "PEERPIPE_LINK_DELAY_MS=20")  # members' writes: answers last seconds, not milliseconds
+
+
+def arun(coro: Coroutine[Any, Any, T], lines: list[str], timeout: float = 150.0) -> T:
+    async def bounded() -> T:
+        try:
+            async with asyncio.timeout(timeout):
+                return await coro
+        except BaseException:
+            import sys
+
+            print("\n".join(lines), file=sys.stderr)
+            raise
+
+    return asyncio.run(bounded())
+
+
+@pytest.fixture(scope="module")
+def device(warm_bench: None) -> LocalDevice:
+    return asyncio.run(LocalDevice.measure("cpu", quick=True))
+
+
+@pytest.fixture
+def model(tiny_model_dir, warm_layers) -> Path:
+    path = tiny_model_dir("llama", config_overrides={"num_hidden_layers": 6})
+    warm_layers(path)
+    return path
+
+
+def offer(model: Path, layers: int) -> int:
+    """Bytes a node may offer so that it holds at most ``layers`` layers (plus embedding or head)."""
+    spec = ModelChoice.from_dir(model, dtype="float32").spec
+    return int(stage_memory(spec, Budget(CONTEXT, SESSIONS), 0, layers) / 0.9) + 1
+
+
+def local_tokens(model: Path, params: SamplingParams, prompt: list[int] = PROMPT) -> list[int]:
+    engine, _ = LocalEngine.from_dir(model, device="cpu", dtype="float32", max_seq=CONTEXT)
+    return engine.generate(prompt, params).tokens
+
+
+@dataclasses.dataclass
+class Failover:
+    room: Room
+    members: dict[str, RoomProc]
+    lines: list[str]
+
+    @property
+    def pipeline(self) -> Pipeline:
+        assert self.room.inference is not None
+        return self.room.inference.pipeline
+
+    def stage_names(self) -> list[str]:
+        plan = self.pipeline.plan
+        assert plan is not None
+        return [self.pipeline.names[s.node_id] for s in plan.stages]
+
+    async def answer_after(self, tokens: int, params: SamplingParams, prompt: list[int] = PROMPT):  # type: ignore[no-untyped-def]
+        """Start an answer; return its task once ``tokens`` of it have streamed."""
+        seen = asyncio.Event()
+        count = 0
+
+        def on_text(_: str) -> None:
+            nonlocal count
+            count += 1
+            if count >= tokens:
+                seen.set()
+
+        fields = {f.name: getattr(params, f.name) for f in dataclasses.fields(params) if f.name != "stop_token_ids"}
+        task = asyncio.create_task(self.room.generate(prompt, on_text=on_text, **fields))
+        waiting = asyncio.create_task(seen.wait())
+        await asyncio.wait([task, waiting], return_when=asyncio.FIRST_COMPLETED)
+        waiting.cancel()
+        assert not task.done(), "the answer ended before it could be disturbed"
+        return task
+
+
+@contextlib.asynccontextmanager
+async def failover_room(
+    model: Path,
+    device: LocalDevice,
+    *,
+    members: int,
+    layers_per_node: int = 3,
+    strategy: str = "proportional",
+    member_model: dict[int, str] | None = None,
+) -> AsyncIterator[Failover]:
+    """The proportional planner puts layers on every node (a stage to lose wherever the test
+    wants one); ``layers_per_node`` caps what each may hold."""
+    lines: list[str] = []
+    budget = Budget(context_tokens=CONTEXT, sessions=SESSIONS)
+    config = ClusterConfig(
+        membership=FAST, replan_debounce_s=0.3, expect_nodes=members + 1, budget=budget, strategy=strategy
+    )
+    limited = dataclasses.replace(device, memory_limit_bytes=offer(model, layers_per_node))
+    memory = f"{offer(model, layers_per_node) / 1e9:.9f}"
+    procs: dict[str, RoomProc] = {}
+    try:
+        async with create_room(
+            model, code=CODE, name="h", dtype="float32", config=config, measured=limited, report=lines.append,
+            entry_config=EntryConfig(timeouts=Timeouts(prefill_s=30, stall_s=4, recover_s=60)),
+        ) as room:
+            address = f"{room.address[0]}:{room.address[1]}"
+            for i in range(members):
+                folder = (member_model or {}).get(i, str(model))
+                procs[f"m{i}"] = RoomProc(
+                    "join", CODE, "--peer", address, "--listen", "127.0.0.1", "--name", f"m{i}", "--model", folder,
+                    "--device", "cpu", "--quick", "--memory", memory, prefix=SLOW,
+                )
+            await room.plan(90)
+            yield Failover(room, procs, lines)
+    finally:
+        for proc in procs.values():
+            if proc.proc.poll() is None:
+                proc.proc.send_signal(signal.SIGCONT)
+            proc.stop()
+
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+SEEDED = SamplingParams(temperature=0.9, top_p=0.95, seed=1234, max_tokens=40, ignore_eos=True)
+
+
+@pytest.mark.parametrize("victim", ["middle", "last"])
+def test_a_stage_killed_mid_answer_is_replayed_with_the_same_tokens(model, device, victim: str) -> None:
+    expected = local_tokens(model, GREEDY)
+
+    async def main(r: list[str]) -> None:
+        async with failover_room(model, device, members=3) as f:
+            r[:] = f.lines
+            stages = f.stage_names()
+            assert len(stages) >= 3 and stages[0] == "h", stages
+            name = stages[1] if victim == "middle" else stages[-1]
+            task = await f.answer_after(5, GREEDY)
+            f.members[name].proc.kill()
+            result = await task
+            assert result.tokens == expected
+            assert name not in f.stage_names()
+            assert f.pipeline.recovery.failovers == 1 and f.pipeline.recovery.stalls == 1
+            assert f.pipeline.recovery.replayed_tokens >= len(PROMPT) + 5
+            assert any(line.startswith("recovering: stage " + name) for line in f.lines), f.lines
+
+    lines: list[str] = []
+    arun(main(lines), lines)
+
+
+def test_eight_streams_and_seeded_sampling_survive_a_kill(model, device) -> None:
+    prompts = [[5 + i, 17, 42 + i, 99, 3] for i in range(7)]
+    expected = [local_tokens(model, GREEDY, p) for p in prompts] + [local_tokens(model, SEEDED)]
+
+    async def main(lines: list[str]) -> None:
+        async with failover_room(model, device, members=3) as f:
+            lines[:] = f.lines
+            name = f.stage_names()[-1]  # the sampler
+            first = await f.answer_after(3, SEEDED)
+            others = [asyncio.create_task(f.room.generate(p, temperature=0.0, max_tokens=40, ignore_eos=True)) for p in prompts]
+            f.members[name].proc.kill()
+            results = await asyncio.gather(*others, first)
+            assert [r.tokens for r in results] == expected
+
+    lines: list[str] = []
+    arun(main(lines), lines)
+
+
+def test_survivors_too_small_fail_the_answer_saying_so(model, device) -> None:
+    async def main(lines: list[str]) -> None:
+        # Each node holds two layers at most: the six layers and the embedding and head need all four.
+        async with failover_room(model, device, members=3, layers_per_node=2, strategy="optimal") as f:
+            lines[:] = f.lines
+            assert len(f.stage_names()) == 4
+            task = await f.answer_after(3, GREEDY)
+            f.members[f.stage_names()[-1]].proc.kill()
+            with pytest.raises(TaskFailedError, match="the room cannot hold the model now: cannot plan"):
+                await task
+
+    lines: list[str] = []
+    arun(main(lines), lines)
+
+
+def test_a_member_with_no_layers_leaving_disturbs_nothing(model, device) -> None:
+    expected = local_tokens(model, GREEDY)
+
+    async def main(lines: list[str]) -> None:
+        # The optimal planner keeps hops few: every layer fits on two nodes, so two stay idle.
+        async with failover_room(model, device, members=3, strategy="optimal") as f:
+            lines[:] = f.lines
+            idle = sorted(set(f.members) - set(f.stage_names()))
+            assert idle, f.stage_names()
+            before = f.pipeline.plan
+            task = await f.answer_after(5, GREEDY)
+            f.members[idle[0]].proc.kill()
+            result = await task
+            assert result.tokens == expected
+            assert f.pipeline.recovery.failovers == 0
+            assert f.pipeline.plan is not None and before is not None
+            assert f.pipeline.plan.version > before.version  # planned again, the same stages
+
+    lines: list[str] = []
+    arun(main(lines), lines)
+
+
+def test_a_member_without_the_model_is_planned_around(model, device, tmp_path) -> None:
+    async def main(lines: list[str]) -> None:
+        missing = str(tmp_path / "no-such-model")
+        async with failover_room(model, device, members=3, member_model={0: missing}) as f:
+            lines[:] = f.lines
+            assert "m0" not in f.stage_names()
+            assert f.room.cluster.rollout is not None and f.room.cluster.rollout.unable
+            result = await f.room.generate(PROMPT, temperature=0.0, max_tokens=8, ignore_eos=True)
+            assert len(result.tokens) == 8
+
+    lines: list[str] = []
+    arun(main(lines), lines)
+    assert any("planning around m0" in line for line in lines), lines
+
+
+def test_a_stopped_stage_is_planned_around_and_the_answer_goes_on(model, device) -> None:
+    expected = local_tokens(model, GREEDY)
+
+    async def main(lines: list[str]) -> None:
+        async with failover_room(model, device, members=3) as f:
+            lines[:] = f.lines
+            name = f.stage_names()[1]
+            task = await f.answer_after(5, GREEDY)
+            f.members[name].proc.send_signal(signal.SIGSTOP)
+            result = await task
+            assert result.tokens == expected
+            assert f.pipeline.recovery.failovers >= 1
+            f.members[name].proc.send_signal(signal.SIGCONT)
+            # Awake again, it beats and is a member once more.
+            await f.room.cluster.wait_until(lambda h: any(m.info.name == name for m in h.view.alive()), 20)
+
+    lines: list[str] = []
+    arun(main(lines), lines)
