@@ -19,3 +19,4 @@ class ClusterConfig:
     budget: Budget = field(default_factory=Budget)
     strategy: str = "optimal"
     objective: str = "latency"
+    replicas: int = 0  # standby copies of each stage, where memory allows (failover without loading)

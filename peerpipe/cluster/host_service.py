@@ -167,7 +167,7 @@ class ClusterHost:
             lost = self._alive - alive
             self._alive = alive
             if self.rollout is not None:
-                self.rollout.want_replan(alive, urgent=bool(lost))
+                self.rollout.want_replan(alive, lost=lost)
         await self.broadcast()
 
     async def check_stalled(self, node_ids: list[str], timeout_s: float = 1.0) -> None:

@@ -134,11 +134,14 @@ def plan_room(
     )
 
 
-def to_protocol(result: PlanResult, version: int, model: ModelSpec) -> Plan:
+def to_protocol(
+    result: PlanResult, version: int, model: ModelSpec, standbys: Sequence[tuple[str, int, int]] = ()
+) -> Plan:
     return Plan(
         version,
         model.model_id,
         model.num_layers,
         tuple(PlanStage(s.node_id, s.start, s.end) for s in result.stages),
         result.predicted_ms_per_token,
+        tuple(PlanStage(*s) for s in standbys),
     )

@@ -26,7 +26,8 @@ from peerpipe.cluster.model_choice import ModelChoice
 from peerpipe.cluster.planning import RoomFacts, plan_room, to_protocol
 from peerpipe.errors import PeerpipeError
 from peerpipe.logs import Report
-from peerpipe.plan import PlanError, PlanResult
+from peerpipe.plan import PlanError
+from peerpipe.plan.standby import place_standbys, promote, uncovered
 from peerpipe.protocol import (
     BenchmarkRequest,
     BenchmarkResult,
@@ -36,6 +37,7 @@ from peerpipe.protocol import (
     Message,
     Plan,
     PlanAck,
+    PlanStage,
     RoomView,
 )
 from peerpipe.room import LINK_ERRORS, RoomNode
@@ -71,14 +73,14 @@ class Rollout:
         self.timings: dict[str, LayerTiming] = {}
         self.links: dict[tuple[str, str], LinkStat] = {}
         self.plan: Plan | None = None
-        self.plan_result: PlanResult | None = None
         self.acked: set[str] = set()
         # The data plane's hooks: a plan every stage has loaded, and a plan that replaces it.
         self.on_ready: Callable[[Plan, dict[str, str]], None] = lambda plan, names: None
         self.on_replan: Callable[[Plan], None] = lambda plan: None
         self.on_cannot_plan: Callable[[str], None] = lambda reason: None
         self.unable: dict[str, str] = {}  # nodes that could not load a stage, and why
-        self._urgent = False
+        self._lost: set[str] = set()  # nodes lost since the last plan: replan without the debounce
+        self._names: dict[str, str] = {}  # the nodes' names when the current plan was made
         self._versions = itertools.count(1)
         self._planned = 0
         self._request_ids = itertools.count(1)
@@ -91,15 +93,15 @@ class Rollout:
         """Positions per session every stage holds: the planned context, within the model's."""
         return min(self.config.budget.context_tokens, self.model.config.max_positions)
 
-    def want_replan(self, alive: frozenset[str], *, urgent: bool = False) -> None:
-        """The live members changed: forget what the gone ones measured, and plan again (without
-        the debounce when ``urgent``: a node was lost and answers wait)."""
+    def want_replan(self, alive: frozenset[str], *, lost: frozenset[str] = frozenset()) -> None:
+        """The live members changed: forget what the gone ones measured, and plan again: at once
+        when nodes were ``lost`` (answers wait), by promoting standbys where the plan has them."""
         for gone in set(self.timings) - alive:
             del self.timings[gone]
         for gone in set(self.unable) - alive:
             del self.unable[gone]  # it may come back fixed
         self.links = {k: v for k, v in self.links.items() if k[0] in alive and k[1] in alive}
-        self._urgent = self._urgent or urgent
+        self._lost |= lost
         self._wanted.set()
 
     def _left_out(self) -> str:
@@ -123,14 +125,14 @@ class Rollout:
             await self._wanted.wait()
             # Debounce: several nodes joining together cause one plan, not several. A loss does
             # not wait: answers are paused until the next plan.
-            while not self._urgent:
+            while not self._lost:
                 self._wanted.clear()
                 try:
                     async with asyncio.timeout(debounce):
                         await self._wanted.wait()
                 except TimeoutError:
                     break
-            self._urgent = False
+            lost, self._lost = frozenset(self._lost), set()
             self._wanted.clear()
             if not self.config.auto_plan:
                 continue
@@ -138,6 +140,8 @@ class Rollout:
             # expect_nodes gates the first plan only: later, the room replans with whoever is left.
             if self._planned == 0 and len(alive) < self.config.expect_nodes:
                 self.host.report(f"waiting for nodes: {len(alive)} of {self.config.expect_nodes} in the room")
+                continue
+            if lost and await self._promote(lost):
                 continue
             await self.measure()
             if self._wanted.is_set():
@@ -230,21 +234,58 @@ class Rollout:
                 objective=self.config.objective,
             )
         except PlanError as exc:
-            self.plan, self.plan_result, self.acked = None, None, set()
+            self.plan, self.acked = None, set()
             host.report(f"cannot plan {model.model_id}: {exc}")
             self.on_cannot_plan(f"cannot plan {model.model_id}: {exc}{self._left_out()}")
             await host.broadcast()
             return None
         self._planned += 1
-        plan = to_protocol(result, next(self._versions), model.spec)
+        stages = [(s.node_id, s.start, s.end) for s in result.stages]
+        memory = {m.info.node_id: m.info.memory_bytes for m in members if m.health == "alive"}
+        standbys = place_standbys(model.spec, self.config.budget, memory, stages, self.config.replicas)
+        if self.config.replicas and (bare := uncovered(stages, standbys)):
+            names = host.names()
+            host.report("no memory for a standby of " + ", ".join(f"{names.get(n, n[:8])}[{a},{b})" for n, a, b in bare))
+        plan = to_protocol(result, next(self._versions), model.spec, standbys)
+        await self._publish(plan)
+        return plan
+
+    async def _promote(self, lost: frozenset[str]) -> bool:
+        """Fail over to the plan's standbys: each stage of a lost node goes to a node that holds
+        its layers already, so the room serves again without loading anything."""
+        plan = self.plan
+        if plan is None or not plan.standbys:
+            return False
+        stages = [(s.node_id, s.start, s.end) for s in plan.stages]
+        if not any(node in lost for node, _, _ in stages):
+            return False
+        promoted = promote(stages, [(s.node_id, s.start, s.end) for s in plan.standbys], lost)
+        if promoted is None:
+            return False
+        names = self._names  # as the plan knew them: the lost are no longer in the view
+        self.host.report("failover: standbys take over from " + ", ".join(names.get(n, n[:8]) for n in sorted(lost)))
+        stages_after, spares = promoted
+        failover = Plan(
+            next(self._versions),
+            plan.model_id,
+            plan.num_layers,
+            tuple(PlanStage(*s) for s in stages_after),
+            plan.predicted_ms,
+            tuple(PlanStage(*s) for s in spares),
+        )
+        await self._publish(failover)
+        return True
+
+    async def _publish(self, plan: Plan) -> None:
+        """Make ``plan`` the room's: tell the data plane, every node, and the host's own stage."""
+        host, model = self.host, self.model
         self.on_replan(plan)
-        self.plan, self.plan_result, self.acked = plan, result, set()
-        host.report(describe_plan(plan, host.names()))
+        self.plan, self.acked, self._names = plan, set(), host.names()
+        host.report(describe_plan(plan, self._names))
         message = DistributionPlan(plan, model.shape_key, model.dtype, self.max_seq, self.config.budget.sessions)
         await host.broadcast(message)
         await host.broadcast()
         await self._take_own_stage(message)
-        return plan
 
     async def _take_own_stage(self, message: DistributionPlan) -> None:
         if self.stage is None:
@@ -265,7 +306,7 @@ class Rollout:
             if peer in stages:
                 self.unable[peer] = ack.error
                 self.host.report(f"planning around {name} until it leaves the room")
-                self.want_replan(frozenset(m.info.node_id for m in self.host.view.alive()), urgent=True)
+                self.want_replan(frozenset(m.info.node_id for m in self.host.view.alive()), lost=frozenset({peer}))
             return
         stages = {s.node_id for s in self.plan.stages}
         complete_before = self.acked >= stages

@@ -1,9 +1,11 @@
-"""A node's stage across plans: load the layers a plan gives this node, serve them, swap them
-when the plan changes.
+"""A node's stages across plans: load the layer ranges a plan gives this node (its stages, and
+standby copies of other nodes' stages), serve its stages, and change them when the plan does.
 
-Loading checks first that the model folder is the room's model (same shape) and that the stage
-fits in the memory this node offers, then reads only that layer range from disk, reporting
-progress. The stage's server runs in this runtime's task group.
+Loading checks first that the model folder is the room's model (same shape) and that everything
+the plan gives this node fits in the memory it offers, then reads only those layer ranges from
+disk, reporting progress. A range a new plan keeps stays loaded, with its sessions: answers the
+host keeps running go on, and a standby promoted to a stage serves at once. Each stage's server
+runs in this runtime's task group.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from peerpipe.compute import run_compute
 from peerpipe.dtypes import ITEMSIZE
@@ -24,15 +27,22 @@ from peerpipe.protocol import Cancel, ComputeRequest, DistributionPlan
 from peerpipe.room import Send
 
 log = logging.getLogger(__name__)
+Range = tuple[int, int]
 
 
 @dataclass(frozen=True)
-class _Loaded:
-    start: int
-    end: int
+class _Shape:
+    """What a loaded range was loaded for: a plan with another shape loads it again."""
+
     dtype: str
     context: int
     sessions: int
+
+
+@dataclass
+class _Held:
+    stage: Any  # engine.model.Stage (torch loads only when a plan gives this node layers)
+    cache: Any  # engine.kvcache.KVCache
 
 
 class StageRuntime:
@@ -54,34 +64,53 @@ class StageRuntime:
         self.memory_bytes = memory_bytes
         self.send = send
         self.report = report or log_reporter(log)
-        self.server: StageServer | None = None
+        self.servers: dict[int, StageServer] = {}  # this node's stages, by first layer
         self.stats = StageStats()  # every stage this node served, across plans
         self.loading = False
-        self._loaded: _Loaded | None = None
-        self._worker: asyncio.Task[None] | None = None
+        self._held: dict[Range, _Held] = {}  # every loaded range: stages and standbys
+        self._shape: _Shape | None = None
+        self._workers: dict[int, asyncio.Task[None]] = {}
         self._tg: asyncio.TaskGroup | None = None
         # Plans apply one at a time, in the order they came: a later plan that keeps the layers an
         # earlier one is still loading must find them loaded, not load them again.
         self._applying = asyncio.Lock()
 
+    @property
+    def server(self) -> StageServer | None:
+        """The stage this node serves (the first, when a failover gave it several)."""
+        return self.servers[min(self.servers)] if self.servers else None
+
+    @property
+    def standbys(self) -> list[Range]:
+        """Ranges held loaded for another node's stage."""
+        serving = {(s.stage.start, s.stage.end) for s in self.servers.values()}
+        return sorted(set(self._held) - serving)
+
     async def run(self, stop: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             await stop.wait()
-            self._stop_worker()
+            self._stop_servers(set(self.servers))
         self._tg = None
 
     def submit(self, message: ComputeRequest | Cancel) -> bool:
-        """Hand a data-plane message to the stage; False when this node serves none."""
-        if self.server is None:
+        """Hand a data-plane message to the stage it is for; False when this node serves none."""
+        if isinstance(message, Cancel):
+            for server in self.servers.values():
+                server.submit(message)
+            return bool(self.servers)
+        server = self.servers.get(message.layer)
+        if server is None:
             return False
-        self.server.submit(message)
+        server.submit(message)
         return True
 
-    def _stop_worker(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            self._worker = None
+    def _stop_servers(self, starts: set[int]) -> None:
+        for start in starts:
+            worker = self._workers.pop(start, None)
+            if worker is not None:
+                worker.cancel()
+            self.servers.pop(start, None)
 
     async def apply(self, message: DistributionPlan, host_id: str) -> str:
         """Take this node's part of the plan; returns "" or why it could not."""
@@ -89,39 +118,43 @@ class StageRuntime:
             async with self._applying:
                 await self._apply(message, host_id)
         except (PeerpipeError, RuntimeError, OSError, ValueError) as exc:
-            self._stop_worker()
-            self.server, self._loaded = None, None
+            self._stop_servers(set(self.servers))
+            self._held.clear()
             return str(exc)
         return ""
 
     async def _apply(self, message: DistributionPlan, host_id: str) -> None:
         plan = message.plan
-        mine = [i for i, s in enumerate(plan.stages) if s.node_id == self.node_id]
-        if not mine:
-            self._stop_worker()
-            self.server, self._loaded = None, None
-            return
-        index = mine[0]
-        stage_plan = plan.stages[index]
-        next_hop = plan.stages[index + 1].node_id if index + 1 < len(plan.stages) else None
-        want = _Loaded(stage_plan.start, stage_plan.end, message.dtype, message.context_tokens, message.sessions)
-        if self.server is not None and self._loaded == want:
-            # Same layers: keep the weights and every session, so answers the host keeps running
-            # (the same stages) go on, and those it replays roll their sessions back.
-            self.server.next_hop, self.server.host_id = next_hop, host_id
-            return
-        self._stop_worker()
-        self.server = None
-        stage, cache = await self._load(message, want)
-        label = f"{self.label} layers [{want.start}, {want.end})"
-        self.server = StageServer(
-            stage, cache, label=label, next_hop=next_hop, host_id=host_id, send=self.send, stats=self.stats
-        )
-        self._loaded = want
-        assert self._tg is not None, "call run() first"
-        self._worker = self._tg.create_task(self.server.run())
+        stages = [(i, s) for i, s in enumerate(plan.stages) if s.node_id == self.node_id]
+        wanted = {(s.start, s.end) for _, s in stages} | {(s.start, s.end) for s in plan.standbys if s.node_id == self.node_id}
+        shape = _Shape(message.dtype, message.context_tokens, message.sessions)
+        if shape != self._shape:
+            self._stop_servers(set(self.servers))
+            self._held.clear()
+        self._shape = shape
+        # Ranges this plan drops go first (their memory is needed); kept ones keep their sessions.
+        for gone in set(self._held) - wanted:
+            del self._held[gone]
+        self._stop_servers({start for start, server in self.servers.items() if (start, server.stage.end) not in wanted})
+        missing = sorted(wanted - set(self._held))
+        if missing:
+            await self._load(message, missing, sorted(wanted))
+        for index, planned in stages:
+            next_hop = plan.stages[index + 1].node_id if index + 1 < len(plan.stages) else None
+            server = self.servers.get(planned.start)
+            if server is not None:  # kept (or promoted earlier): only where it sends may change
+                server.next_hop, server.host_id = next_hop, host_id
+                continue
+            held = self._held[(planned.start, planned.end)]
+            label = f"{self.label} layers [{planned.start}, {planned.end})"
+            server = StageServer(
+                held.stage, held.cache, label=label, next_hop=next_hop, host_id=host_id, send=self.send, stats=self.stats
+            )
+            self.servers[planned.start] = server
+            assert self._tg is not None, "call run() first"
+            self._workers[planned.start] = self._tg.create_task(server.run())
 
-    async def _load(self, message: DistributionPlan, want: _Loaded):  # type: ignore[no-untyped-def]
+    async def _load(self, message: DistributionPlan, ranges: list[Range], wanted: list[Range]) -> None:
         from peerpipe.engine.config import ModelConfig
         from peerpipe.engine.loader import load_stage
 
@@ -135,30 +168,39 @@ class StageRuntime:
         if cfg.n_layers != message.plan.num_layers:
             raise StageLoadError(f"{self.model_dir} has {cfg.n_layers} layers, the plan {message.plan.num_layers}")
         dtype = message.dtype or "float32"
+        sessions, context = max(1, message.sessions), max(2, message.context_tokens)
         spec = ModelSpec.from_config(cfg, message.plan.model_id, ITEMSIZE.get(dtype, 4))
-        need = stage_memory(spec, Budget(want.context or 1, want.sessions or 1, headroom=0.0), want.start, want.end)
+        budget = Budget(context, sessions, headroom=0.0)
+        need = sum(stage_memory(spec, budget, start, end) for start, end in wanted)
         if need > self.memory_bytes:
+            shown = ", ".join(f"[{a}, {b})" for a, b in wanted)
             raise StageLoadError(
-                f"layers [{want.start}, {want.end}) need {fmt_bytes(need)} with their KV cache; this node "
-                f"offers {fmt_bytes(self.memory_bytes)}"
+                f"layers {shown} need {fmt_bytes(need)} with their KV cache; this node offers {fmt_bytes(self.memory_bytes)}"
             )
         self.loading = True
-        self.report(f"loading layers [{want.start}, {want.end}) of {message.plan.model_id} ({fmt_bytes(need)})")
-        marks = {25, 50, 75}
-
-        def progress(done: int, total: int) -> None:
-            pct = 100 * done // max(1, total)
-            for mark in sorted(marks):
-                if pct >= mark:
-                    marks.discard(mark)
-                    self.report(f"loading layers [{want.start}, {want.end}): {mark}%")
-
         try:
-            stage, stats = await run_compute(
-                load_stage, self.model_dir, want.start, want.end, device=self.device, dtype=dtype, progress=progress, cfg=cfg
-            )
-            cache = await run_compute(stage.new_cache, max(1, want.sessions), max(2, want.context))
+            for start, end in ranges:
+                role = "" if any(s.node_id == self.node_id and s.start == start for s in message.plan.stages) else " (standby)"
+                self.report(f"loading layers [{start}, {end}) of {message.plan.model_id}{role} ({fmt_bytes(need)})")
+                progress = _progress(self.report, f"loading layers [{start}, {end})")
+                stage, stats = await run_compute(
+                    load_stage, self.model_dir, start, end, device=self.device, dtype=dtype, progress=progress, cfg=cfg
+                )
+                cache = await run_compute(stage.new_cache, sessions, context)
+                self._held[(start, end)] = _Held(stage, cache)
+                self.report(f"loaded layers [{start}, {end}): {stats.bytes_read / 1e6:.1f} MB read")
         finally:
             self.loading = False
-        self.report(f"loaded layers [{want.start}, {want.end}): {stats.bytes_read / 1e6:.1f} MB read")
-        return stage, cache
+
+
+def _progress(report: Report, what: str):  # type: ignore[no-untyped-def]
+    marks = {25, 50, 75}
+
+    def progress(done: int, total: int) -> None:
+        pct = 100 * done // max(1, total)
+        for mark in sorted(marks):
+            if pct >= mark:
+                marks.discard(mark)
+                report(f"{what}: {mark}%")
+
+    return progress

@@ -158,6 +158,7 @@ class StageServer:
                         request.plan_version,
                         request.start_pos,
                         request.session,
+                        layer=self.stage.end,
                     ),
                 )
 

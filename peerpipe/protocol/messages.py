@@ -7,6 +7,7 @@ from typing import ClassVar, TypeAlias
 
 from peerpipe.protocol.errors import ValidationError, VersionMismatchError
 from peerpipe.protocol.records import (
+    MAX_LAYERS,
     MAX_MEMBERS,
     LayerTiming,
     LinkStat,
@@ -256,6 +257,7 @@ class ComputeRequest:
     plan_version: int = 0
     start_pos: int = 0
     session: SessionSpec | None = None  # on a session's first request: how to sample it
+    layer: int = 0  # the first layer of the stage it is for (a node may hold several)
 
     def __post_init__(self) -> None:
         need_id(self, "task_id")
@@ -264,6 +266,7 @@ class ComputeRequest:
         need_int(self, "plan_version")
         need_int(self, "start_pos", 0, 1 << 40)
         need_instance(self, "session", SessionSpec, optional=True)
+        need_int(self, "layer", 0, MAX_LAYERS)
 
 
 @dataclass(frozen=True, slots=True)

@@ -230,6 +230,7 @@ class Plan:
     num_layers: int
     stages: tuple[PlanStage, ...]
     predicted_ms: float = 0.0
+    standbys: tuple[PlanStage, ...] = ()  # second copies of stages' ranges, for failover
 
     def __post_init__(self) -> None:
         need_int(self, "version")
@@ -248,3 +249,11 @@ class Plan:
             cursor = stage.end
         if cursor != self.num_layers:
             raise ValidationError(f"Plan.stages end at layer {cursor}, model has {self.num_layers}")
+        need_tuple_of(self, "standbys", PlanStage, MAX_STAGES)
+        held = {(s.start, s.end): s.node_id for s in self.stages}
+        for spare in self.standbys:
+            owner = held.get((spare.start, spare.end))
+            if owner is None:
+                raise ValidationError(f"Plan.standbys: [{spare.start}, {spare.end}) is no stage's range")
+            if owner == spare.node_id:
+                raise ValidationError(f"Plan.standbys: {spare.node_id} already holds [{spare.start}, {spare.end})")

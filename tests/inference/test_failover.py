@@ -116,6 +116,7 @@ async def failover_room(
     members: int,
     layers_per_node: int = 3,
     strategy: str = "proportional",
+    replicas: int = 0,
     member_model: dict[int, str] | None = None,
 ) -> AsyncIterator[Failover]:
     """The proportional planner puts layers on every node (a stage to lose wherever the test
@@ -123,7 +124,8 @@ async def failover_room(
     lines: list[str] = []
     budget = Budget(context_tokens=CONTEXT, sessions=SESSIONS)
     config = ClusterConfig(
-        membership=FAST, replan_debounce_s=0.3, expect_nodes=members + 1, budget=budget, strategy=strategy
+        membership=FAST, replan_debounce_s=0.3, expect_nodes=members + 1, budget=budget, strategy=strategy,
+        replicas=replicas,
     )
     limited = dataclasses.replace(device, memory_limit_bytes=offer(model, layers_per_node))
     memory = f"{offer(model, layers_per_node) / 1e9:.9f}"
@@ -201,7 +203,7 @@ def test_survivors_too_small_fail_the_answer_saying_so(model, device) -> None:
             lines[:] = f.lines
             assert len(f.stage_names()) == 4
             task = await f.answer_after(3, GREEDY)
-            f.members[f.stage_names()[-1]].proc.kill()
+            f.members[[n for n in f.stage_names() if n != "h"][-1]].proc.kill()
             with pytest.raises(TaskFailedError, match="the room cannot hold the model now: cannot plan"):
                 await task
 
@@ -261,6 +263,31 @@ def test_a_stopped_stage_is_planned_around_and_the_answer_goes_on(model, device)
             f.members[name].proc.send_signal(signal.SIGCONT)
             # Awake again, it beats and is a member once more.
             await f.room.cluster.wait_until(lambda h: any(m.info.name == name for m in h.view.alive()), 20)
+
+    lines: list[str] = []
+    arun(main(lines), lines)
+
+
+def test_a_standby_takes_over_a_killed_stage_without_loading(model, device) -> None:
+    expected = local_tokens(model, GREEDY)
+
+    async def main(lines: list[str]) -> None:
+        # Four layers a node: the proportional plan uses a layer or two of each, so every node
+        # has room for a standby copy of another's stage.
+        async with failover_room(model, device, members=3, layers_per_node=4, replicas=1) as f:
+            lines[:] = f.lines
+            plan = f.pipeline.plan
+            assert plan is not None and len(plan.standbys) == len(plan.stages)
+            name = f.stage_names()[2]
+            task = await f.answer_after(5, GREEDY)
+            f.members[name].proc.kill()
+            loads_before = sum("loading layers" in line for line in f.lines)
+            result = await task
+            assert result.tokens == expected
+            assert any(line.startswith("failover: standbys take over from " + name) for line in f.lines), f.lines
+            assert name not in f.stage_names()
+            assert sum("loading layers" in line for line in f.lines) == loads_before  # the host loaded nothing
+            assert f.pipeline.recovery.stalls == 1
 
     lines: list[str] = []
     arun(main(lines), lines)

@@ -93,7 +93,10 @@ def plans(draw: st.DrawFn) -> p.Plan:
     num_layers = draw(st.integers((cuts[-1] + 1) if cuts else 1, 100))
     bounds = [0, *cuts, num_layers]
     stages = tuple(p.PlanStage(draw(ids), a, b) for a, b in itertools.pairwise(bounds))
-    return p.Plan(draw(u64), draw(ids), num_layers, stages, draw(nonneg))
+    spares = tuple(
+        p.PlanStage(f"spare-{s.node_id}", s.start, s.end) for s in stages if draw(st.booleans())
+    )
+    return p.Plan(draw(u64), draw(ids), num_layers, stages, draw(nonneg), spares)
 
 
 @st.composite
@@ -182,6 +185,7 @@ STRATEGIES: dict[type, st.SearchStrategy] = {
         plan_version=u64,
         start_pos=st.integers(0, 1 << 40),
         session=st.none() | session_specs,
+        layer=st.integers(0, 1 << 20),
     ),
     p.ComputeResult: st.builds(
         p.ComputeResult, task_id=ids, output_tensor=tensors(), plan_version=u64, start_pos=st.integers(0, 1 << 40)

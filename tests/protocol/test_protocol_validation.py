@@ -64,6 +64,8 @@ NODE = p.NodeInfo("n1", "laptop", "cpu", 1 << 30, 1.5)
         (lambda: p.PlanStage("n", 3, 3), "empty"),
         (lambda: p.Plan(1, "m", 4, (p.PlanStage("a", 0, 2), p.PlanStage("b", 3, 4))), "gap"),
         (lambda: p.Plan(1, "m", 5, (p.PlanStage("a", 0, 2), p.PlanStage("b", 2, 4))), "end at layer 4"),
+        (lambda: p.Plan(1, "m", 4, (p.PlanStage("a", 0, 4),), standbys=(p.PlanStage("b", 0, 2),)), "no stage's range"),
+        (lambda: p.Plan(1, "m", 4, (p.PlanStage("a", 0, 4),), standbys=(p.PlanStage("a", 0, 4),)), "already holds"),
         (lambda: p.Plan(1, "m", 4, ()), "empty"),
         (lambda: p.TensorData("float64", (1,), b"x" * 8), "dtype"),
         (lambda: p.TensorData("uint8", (2,), b"x"), "needs 2 bytes"),
