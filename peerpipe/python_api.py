@@ -230,7 +230,7 @@ async def join_room(
     of ``model`` when the plan gives this node one, until ``stop`` is set, the block ends or the
     host closes the room. ``on_join`` hears of the host as soon as the handshake is done;
     ``measured`` is as for ``create_room``."""
-    stop = stop or asyncio.Event()
+    leave = asyncio.Event()  # set by ``stop`` or by the end of the block; the caller's event is theirs
     async with Member(parse_code(code), name=name) as node:
         host = await node.join(peer, interface=listen, discovery_timeout_s=discovery_timeout_s)
         if on_join is not None:
@@ -253,7 +253,7 @@ async def join_room(
             # The member's end is the node's: it stops the stage and the dispatcher, and its error
             # (the host was lost) reaches whoever awaits closed(), not the task group.
             try:
-                await cluster.run(stop)
+                await cluster.run(leave)
             except PeerpipeError as exc:
                 ended.set_exception(exc)
             else:
@@ -262,14 +262,21 @@ async def join_room(
                 stage_stop.set()
                 dispatcher.cancel()
 
+        async def relay(outer: asyncio.Event) -> None:
+            await outer.wait()
+            leave.set()
+
         async with _task_group() as tg:
             tg.create_task(member())  # first: it is ready for the host's messages before they flow
             tg.create_task(stage.run(stage_stop))
             dispatcher = tg.create_task(plane.run(cluster.on_event))
+            relaying = tg.create_task(relay(stop)) if stop is not None else None
             try:
                 yield Node(cluster, stage, ended)
             finally:
-                stop.set()
+                leave.set()
+                if relaying is not None:
+                    relaying.cancel()
         if ended.done() and not ended.cancelled():
             ended.exception()  # retrieved: closed() reports it to those who asked
         await node.leave("member left")

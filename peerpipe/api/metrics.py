@@ -10,6 +10,7 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
+from peerpipe.inference.pipeline import RecoveryStats
 from peerpipe.protocol import RoomView
 
 Labels = tuple[tuple[str, str], ...]
@@ -100,13 +101,27 @@ class Metrics:
             "failed": failed,
         }
 
-    def render(self, view: RoomView | None, names: dict[str, str]) -> str:
+    def render(self, view: RoomView | None, names: dict[str, str], recovery: RecoveryStats | None = None) -> str:
         lines: list[str] = []
         for metric in (self.requests, self.answers, self.prompt_tokens, self.generated_tokens, self.latency, self.ttft):
             lines.extend(metric.render())
+        if recovery is not None:
+            lines.extend(_recovery_counters(recovery))
         if view is not None:
             lines.extend(_room_gauges(view, names))
         return "\n".join(lines) + "\n"
+
+
+def _recovery_counters(recovery: RecoveryStats) -> Iterable[str]:
+    for name, help_text, value in (
+        ("peerpipe_failovers_total", "Times the stages under running answers went away.", recovery.failovers),
+        ("peerpipe_resumed_answers_total", "Answers that resumed on a new plan after a failover.", recovery.stalls),
+        ("peerpipe_replayed_tokens_total", "Positions prefilled again to rebuild lost KV caches.", recovery.replayed_tokens),
+        ("peerpipe_stall_seconds_total", "Summed over resumed answers: last token before a loss to the first after.", recovery.stall_s),
+    ):
+        yield f"# HELP {name} {help_text}"
+        yield f"# TYPE {name} counter"
+        yield f"{name} {_number(value)}"
 
 
 def _room_gauges(view: RoomView, names: dict[str, str]) -> Iterable[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import ipaddress
 import json
@@ -302,6 +303,7 @@ class ApiServer:
             ready=ready,
             why_not_ready="" if ready else cluster.why_not_ready(),
             totals=self.metrics.totals(),
+            recovery=dataclasses.asdict(self.inference.pipeline.recovery) if self.inference else None,
         )
 
     async def _room(self, request: web.Request) -> web.Response:
@@ -320,6 +322,7 @@ class ApiServer:
         return response
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        body = self.metrics.render(self.cluster.room_view(), self.cluster.names())
+        recovery = self.inference.pipeline.recovery if self.inference is not None else None
+        body = self.metrics.render(self.cluster.room_view(), self.cluster.names(), recovery)
         return web.Response(body=body.encode(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 

@@ -44,6 +44,7 @@ def room_snapshot(
     ready: bool,
     why_not_ready: str,
     totals: dict[str, int],
+    recovery: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     names = {m.info.node_id: m.info.name or m.info.node_id[:8] for m in view.members}
     acked = set(view.acked)
@@ -96,4 +97,5 @@ def room_snapshot(
             for t in view.tasks
         ],
         "totals": totals,
+        "recovery": recovery,
     }

@@ -36,6 +36,14 @@ def _positive(text: str) -> float:
     return value
 
 
+def _replicas(text: str) -> int:
+    if text == "auto":
+        return 1
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of replicas (or auto)")
+    return int(text)
+
+
 def _add_device_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu, cuda, cuda:N, mps or xpu (default: the best one present)")
     parser.add_argument(
@@ -78,6 +86,22 @@ def add_host_parser(
     parser.add_argument(
         "--dead-after", type=_positive, default=6.0, metavar="S", help="seconds without a heartbeat before a node is dropped (6)"
     )
+    parser.add_argument(
+        "--replicas",
+        type=_replicas,
+        default=0,
+        metavar="N|auto",
+        help="standby copies of each stage on other nodes, where memory allows: a lost node's stage is "
+        "taken over without loading (0; auto = 1)",
+    )
+    parser.add_argument(
+        "--stall-timeout",
+        type=_positive,
+        default=None,
+        metavar="S",
+        help="a token that takes longer has its stages checked and the answer replayed on those that answer "
+        "(default: 50 predicted token times, at least 5 s)",
+    )
     _add_device_arguments(parser)
     from peerpipe.cli.http_opts import add_http_arguments
 
@@ -103,6 +127,11 @@ def add_join_parser(
     parser.add_argument("--name", default="", help="this node's name (default: the host name)")
     parser.add_argument(
         "--timeout", type=float, default=10.0, help="seconds to look for the host (default 10)"
+    )
+    parser.add_argument(
+        "--wait-for-host",
+        action="store_true",
+        help="when the host is lost, wait for a host of the same code (a restarted one) instead of exiting",
     )
     parser.add_argument(
         "--model", type=Path, metavar="DIR", help="this machine's copy of the room's model, to serve a stage of it"
@@ -132,6 +161,8 @@ async def _host(args: argparse.Namespace) -> int:
     from peerpipe.cluster.config import ClusterConfig
     from peerpipe.cluster.host_service import describe_device
     from peerpipe.cluster.membership import MembershipConfig
+    from peerpipe.inference.entry import EntryConfig
+    from peerpipe.inference.pipeline import Timeouts
     from peerpipe.plan import Budget
     from peerpipe.python_api import create_room
 
@@ -147,7 +178,9 @@ async def _host(args: argparse.Namespace) -> int:
         budget=Budget(context_tokens=args.context, sessions=args.sessions),
         strategy=args.strategy,
         objective=args.objective,
+        replicas=args.replicas,
     )
+    timeouts = Timeouts(stall_s=args.stall_timeout)
     stop = _stop_on_signals()
     with contextlib.ExitStack() as registry:
 
@@ -166,6 +199,7 @@ async def _host(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             memory_gb=args.memory,
             config=config,
+            entry_config=EntryConfig(timeouts=timeouts),
             quick=args.quick,
             report=say,
             on_open=opened,
@@ -190,31 +224,49 @@ def join_cmd(args: argparse.Namespace) -> int:
 async def _join(args: argparse.Namespace) -> int:
     from peerpipe.cli.room_registry import registered
     from peerpipe.python_api import join_room
+    from peerpipe.room import RoomError
+    from peerpipe.transport import TransportError
 
     code = parse_code(args.code)
     stop = _stop_on_signals()
-    with contextlib.ExitStack() as registry:
+    attempt = 0
+    while True:
+        with contextlib.ExitStack() as registry:
 
-        def joined(host: PeerInfo) -> None:
-            say(f"joined room {code.nameplate}: host {host.name} at {host.address[0]}:{host.address[1]}")
-            registry.enter_context(registered(str(code), f"{host.address[0]}:{host.address[1]}", "member"))
+            def joined(host: PeerInfo) -> None:
+                say(f"joined room {code.nameplate}: host {host.name} at {host.address[0]}:{host.address[1]}")
+                registry.enter_context(registered(str(code), f"{host.address[0]}:{host.address[1]}", "member"))
 
-        async with join_room(
-            str(code),
-            peer=args.peer,
-            model=args.model,
-            listen=args.listen or default_lan_ip(),
-            name=args.name,
-            device=args.device,
-            memory_gb=args.memory,
-            discovery_timeout_s=args.timeout,
-            quick=args.quick,
-            report=say,
-            stop=stop,
-            on_join=joined,
-        ) as node:
-            await node.closed()
-            if not stop.is_set():
-                return 0  # the host closed the room; the service said so
+            try:
+                async with join_room(
+                    str(code),
+                    peer=args.peer,
+                    model=args.model,
+                    listen=args.listen or default_lan_ip(),
+                    name=args.name,
+                    device=args.device,
+                    memory_gb=args.memory,
+                    discovery_timeout_s=args.timeout,
+                    quick=args.quick,
+                    report=say,
+                    stop=stop,
+                    on_join=joined,
+                ) as node:
+                    attempt = 0
+                    await node.closed()
+                    if not stop.is_set():
+                        return 0  # the host closed the room; the service said so
+                break
+            except (RoomError, TransportError) as exc:
+                if not args.wait_for_host or stop.is_set():
+                    raise
+                attempt += 1
+                if attempt == 1:
+                    say(f"{exc}; waiting for a host of room {code.nameplate} (Ctrl-C stops)")
+        # A short pause between tries, cut short by Ctrl-C: the host may take a while to come back.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), min(5.0, 0.5 * attempt))
+        if stop.is_set():
+            break
     say("left the room")
     return 0

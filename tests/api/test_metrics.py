@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from peerpipe.api.metrics import Metrics
+from peerpipe.inference.pipeline import RecoveryStats
 from peerpipe.protocol import LinkStat, MemberState, NodeInfo, Plan, PlanStage, RoomView, TaskInfo
 
 SAMPLE = re.compile(r'^[a-z_]+(\{([a-z_]+="([^"\\]|\\.)*",?)+\})? (-?[0-9.e+-]+|\+Inf)$')
@@ -40,3 +41,11 @@ def test_exposition_is_well_formed_and_follows_the_view() -> None:
     assert 'peerpipe_tasks{status="decoding"} 1' in text and 'peerpipe_tasks{status="queued"} 1' in text
     assert re.search(r'peerpipe_node_heartbeat_age_seconds\{node="laptop",node_id="b+"\} 4\b', text)
     assert "peerpipe_plan_predicted_seconds_per_token" in text
+
+
+def test_failover_counters_follow_the_pipeline() -> None:
+    text = Metrics().render(view(), {}, RecoveryStats(failovers=2, replayed_tokens=130, stall_s=1.5, stalls=3))
+    assert "peerpipe_failovers_total 2\n" in text and "peerpipe_replayed_tokens_total 130\n" in text
+    assert "peerpipe_stall_seconds_total 1.5\n" in text and "peerpipe_resumed_answers_total 3\n" in text
+    samples = [line for line in text.splitlines() if line and not line.startswith("#")]
+    assert all(SAMPLE.match(line) for line in samples)

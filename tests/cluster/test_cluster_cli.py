@@ -152,3 +152,26 @@ def test_bench_json_measures_and_then_reads_the_cache(tiny_model_dir, tmp_path: 
     assert 0 < layer["decode_ms"] < layer["prefill_ms"] and layer["layer_bytes"] > 0 and layer["layers"] == 4
     second = json.loads(subprocess.run(run, cwd=REPO, capture_output=True, text=True, env=env, timeout=120).stdout)
     assert len(second["cached"]) == 2 and second["layer"]["decode_ms"] == layer["decode_ms"]
+
+
+def test_a_member_told_to_wait_rejoins_a_host_that_comes_back(procs) -> None:
+    host, address = open_room(procs)
+    member = start(procs, "join", CODE, "--peer", address, "--listen", "127.0.0.1", "--name", "m", "--wait-for-host")
+    member.expect(r"^joined room 3: host h")
+    host.expect(r"^joined: m ")
+    host.proc.kill()
+    member.expect(r"lost the host.*; waiting for a host of room 3", timeout=30)
+    again = start(procs, "host", "--listen", address, "--code", CODE, "--no-mdns", "--name", "h2")
+    again.expect(r"^joined: m ", timeout=30)
+    member.expect(r"^joined room 3: host h2", timeout=10)
+    member.interrupt()
+    assert member.wait(timeout=15) == 0
+
+
+def test_a_member_not_told_to_wait_exits_when_the_host_is_lost(procs) -> None:
+    host, address = open_room(procs)
+    member = join(procs, address, "m")
+    host.expect(r"^joined: m ")
+    host.proc.kill()
+    assert member.wait(timeout=30) == 1
+    assert "lost the host" in member.stderr()

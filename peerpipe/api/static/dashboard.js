@@ -42,7 +42,11 @@ function render(r) {
   $("#model").textContent = r.model ? `${r.model.id} (${r.model.layers} layers, ${r.model.dtype})` : "none";
   $("#state").textContent = r.ready ? "ready" : "planning";
   $("#state").className = "pill " + (r.ready ? "ready" : "waiting");
-  $("#totals").textContent = `answers ${r.totals.answers} · tokens ${r.totals.tokens}`;
+  const rec = r.recovery;
+  const failovers = rec && rec.failovers ? ` · failovers ${rec.failovers} (stalled ${rec.stall_s.toFixed(1)} s)` : "";
+  const recovering = r.tasks.filter((t) => t.status === "recovering").length;
+  $("#totals").textContent = `answers ${r.totals.answers} · tokens ${r.totals.tokens}${failovers}` +
+    (recovering ? ` · recovering: replaying ${recovering} answer(s)` : "");
   $("#why").textContent = r.why_not_ready || "";
   renderPipeline(r);
   renderNodes(r);
