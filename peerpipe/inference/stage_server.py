@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from peerpipe.compute import run_compute
+from peerpipe.engine.cuda_graphs import GraphedDecoder
 from peerpipe.engine.kvcache import KVCache
 from peerpipe.engine.model import Stage
 from peerpipe.engine.sampling import Sampler, SamplingParams, make_generator
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 # Tasks cancelled recently: a request of theirs still on its way from an earlier stage is dropped
 # rather than given a fresh slot nobody would free.
 _FORGET_AFTER = 4096
+_CPU = torch.device("cpu")
 
 
 @dataclass
@@ -63,6 +65,7 @@ class StageServer:
         send: Send,
         max_batch: int = 64,
         stats: StageStats | None = None,
+        cuda_graphs: bool | None = None,
     ) -> None:
         self.stage, self.cache = stage, cache
         self.label = label  # e.g. "node-b layers [8, 16)", for error messages
@@ -76,6 +79,9 @@ class StageServer:
         self._sampler = Sampler()
         self.stats = stats or StageStats()
         self._changed = asyncio.Event()  # set when a session opens or closes
+        # On CUDA, decode steps replay captured graphs, as the local engine's do (None: on CUDA).
+        use_graphs = cache.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self._graphed = GraphedDecoder(stage, cache) if use_graphs else None
 
     @property
     def device(self) -> torch.device:
@@ -210,14 +216,18 @@ class StageServer:
     def _forward(self, requests: list[ComputeRequest]) -> list:
         sessions = [self.sessions[r.task_id] for r in requests]
         slots = [s.slot for s in sessions]
-        inputs = [from_wire(r.input_tensor, self.device) for r in requests]
-        x = torch.cat(inputs, dim=0)
+        # Joined on the host and copied to the device once, not once per session.
+        x = torch.cat([from_wire(r.input_tensor, _CPU) for r in requests], dim=0).to(self.device, non_blocking=True)
         if self.stage.is_first:
             x = x.to(torch.long)
         batch = self.cache.batch(slots, x.shape[1])
-        out = self.stage(x, self.cache, batch, last_only=self.stage.is_last)
+        if self._graphed is not None and x.shape[1] == 1:
+            out = self._graphed(x, batch)
+        else:
+            out = self.stage(x, self.cache, batch, last_only=self.stage.is_last)
         if self.next_hop is not None:
-            return [to_wire(out[i : i + 1]) for i in range(len(requests))]
+            hidden = out.to(_CPU)  # one copy off the device (and one sync) for the whole batch
+            return [to_wire(hidden[i : i + 1]) for i in range(len(requests))]
         logits = out[:, -1]
         params = [s.params or SamplingParams(temperature=0.0) for s in sessions]
         positions = [int(self.cache.lengths[s.slot]) for s in sessions]  # where each new token goes
