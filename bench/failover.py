@@ -121,19 +121,22 @@ class Bench:
 
 
 @contextlib.asynccontextmanager
-async def bench_room(model: Path, device: LocalDevice, *, members: int, replicas: int, relay_for: str | None = None):  # type: ignore[no-untyped-def]
+async def bench_room(model: Path, device: LocalDevice, *, members: int, replicas: int, relays: bool = False):  # type: ignore[no-untyped-def]
+    """A room of this host and ``members`` member processes; with ``relays``, each member reaches
+    the host through a relay the bench can cut."""
     spec = ModelChoice.from_dir(model, dtype="float32").spec
     budget = Budget(CONTEXT, SESSIONS)
     share = -(-spec.num_layers // (members + 1))
-    # Room for a share and, with standbys, another's share; not for the whole model on one node.
-    offer = int(stage_memory(spec, budget, 0, share * (2 if replicas else 1)) / 0.9) + 1
+    # Room for a share and a layer more (survivors must absorb a lost share) and, with standbys,
+    # another's share; not for the whole model on one node.
+    offer = int(stage_memory(spec, budget, 0, share * (2 if replicas else 1) + 1) / 0.9) + 1
     lines: list[tuple[float, str]] = []
     config = ClusterConfig(
         membership=HEARTBEAT, replan_debounce_s=0.3, expect_nodes=members + 1, budget=budget,
         strategy="proportional", replicas=replicas,
     )
     limited = dataclasses.replace(device, memory_limit_bytes=offer)
-    relay: Relay | None = None
+    cuts: dict[str, Relay] = {}
     procs: dict[str, RoomProc] = {}
     try:
         async with create_room(
@@ -148,15 +151,15 @@ async def bench_room(model: Path, device: LocalDevice, *, members: int, replicas
             for i in range(members):
                 name = f"m{i}"
                 peer = address
-                if name == relay_for:
-                    relay = Relay(room.address)
-                    host, port = await relay.start()
+                if relays:
+                    cuts[name] = Relay(room.address)
+                    host, port = await cuts[name].start()
                     peer = f"{host}:{port}"
                 bench.start_member(name, peer)
             await room.plan(300)
-            yield bench, relay, address
+            yield bench, cuts, address
     finally:
-        if relay is not None:
+        for relay in cuts.values():
             await relay.close()
         for proc in procs.values():
             with contextlib.suppress(ProcessLookupError):
@@ -174,10 +177,10 @@ async def timed_answer(room: Room, prompt: list[int], stamps: list[float], start
 
 
 async def one_fault(model: Path, device: LocalDevice, fault: str, replicas: int, expected: list[int]) -> dict:
-    relay_for = "m1" if fault == "cut" else None
-    async with bench_room(model, device, members=3, replicas=replicas, relay_for=relay_for) as (b, relay, _):
-        victim = "m1"
-        assert victim in b.plan_names, b.plan_names
+    async with bench_room(model, device, members=3, replicas=replicas, relays=fault == "cut") as (b, cuts, _):
+        # The stage after the host's: the host's link to it carries the hidden states.
+        victim = b.plan_names[1]
+        assert b.plan_names[0] == "h" and victim != "h", b.plan_names
         stamps: list[float] = []
         started = asyncio.Event()
         task = asyncio.create_task(timed_answer(b.room, PROMPT, stamps, started, 8))
@@ -189,8 +192,7 @@ async def one_fault(model: Path, device: LocalDevice, fault: str, replicas: int,
         elif fault == "stop":
             b.members[victim].proc.send_signal(signal.SIGSTOP)
         else:
-            assert relay is not None
-            relay.cut.set()
+            cuts[victim].cut.set()
         result = await task
         detected = b.when("recovering:", mark) or b.when("failover:", mark)
         before = max(t for t in stamps if t <= fault_at)
