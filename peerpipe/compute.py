@@ -24,3 +24,14 @@ async def run_compute(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> 
     """Run ``fn`` on the compute thread; the caller's event loop keeps running meanwhile."""
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(_executor, functools.partial(fn, *args, **kwargs))
+
+
+def set_threads(count: int) -> None:
+    """Give this process's tensor work ``count`` CPU threads. OpenMP keeps the setting per thread,
+    so it is made on the compute thread (where forwards run) and on this one (a local engine)."""
+    import torch
+
+    if count < 1:
+        raise ValueError(f"a node needs at least one thread, not {count}")
+    torch.set_num_threads(count)
+    _executor.submit(torch.set_num_threads, count).result()

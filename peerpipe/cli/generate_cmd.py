@@ -52,6 +52,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_sampling_arguments(p)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the best one here)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for the model (default: one per core)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", default=None, help="system message for --chat")
     p.add_argument("--json", action="store_true", help="print one JSON object with text, ids and speed")
@@ -91,6 +92,13 @@ def run(args: argparse.Namespace) -> int:
     from peerpipe.engine.tokenizer import Tokenizer
 
     cfg = ModelConfig.from_dir(args.model)  # first: it says best whether this is a model we run
+    if args.threads is not None:
+        from peerpipe.compute import set_threads
+
+        try:
+            set_threads(args.threads)
+        except ValueError as exc:
+            raise PeerpipeError(str(exc)) from None
     tokenizer = Tokenizer.from_dir(args.model)
     ids = encode_prompt(tokenizer, args.prompt, chat=args.chat, system=args.system)
     if len(ids) + args.max_tokens > cfg.max_positions:

@@ -36,6 +36,17 @@ def _positive(text: str) -> float:
     return value
 
 
+def _use_threads(args: argparse.Namespace) -> None:
+    if args.threads is None:
+        return
+    from peerpipe.compute import set_threads
+
+    try:
+        set_threads(args.threads)
+    except ValueError as exc:
+        raise PeerpipeError(str(exc)) from None
+
+
 def _replicas(text: str) -> int:
     if text == "auto":
         return 1
@@ -50,6 +61,13 @@ def _add_device_arguments(parser: argparse.ArgumentParser) -> None:
         "--memory", type=_positive, metavar="GB", help="offer at most this much memory to the room (default: all free)"
     )
     parser.add_argument("--quick", action="store_true", help="shorter, less precise device benchmarks")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="CPU threads for this node's tensor work (default: PyTorch's, one per core); give each node on "
+        "one machine its share, or their thread pools fight",
+    )
 
 
 def add_host_parser(
@@ -181,6 +199,7 @@ async def _host(args: argparse.Namespace) -> int:
         replicas=args.replicas,
     )
     timeouts = Timeouts(stall_s=args.stall_timeout)
+    _use_threads(args)
     stop = _stop_on_signals()
     with contextlib.ExitStack() as registry:
 
@@ -228,6 +247,7 @@ async def _join(args: argparse.Namespace) -> int:
     from peerpipe.transport import TransportError
 
     code = parse_code(args.code)
+    _use_threads(args)
     stop = _stop_on_signals()
     attempt = 0
     while True:

@@ -66,6 +66,7 @@ class StageServer:
         max_batch: int = 64,
         stats: StageStats | None = None,
         cuda_graphs: bool | None = None,
+        micro_batches: int = 1,
     ) -> None:
         self.stage, self.cache = stage, cache
         self.label = label  # e.g. "node-b layers [8, 16)", for error messages
@@ -73,6 +74,7 @@ class StageServer:
         self.host_id = host_id
         self.send = send
         self.max_batch = max_batch
+        self.micro_batches = max(1, micro_batches)  # the pipeline's stage count
         self.sessions: dict[str, _Session] = {}
         self._queue: asyncio.Queue[ComputeRequest | Cancel] = asyncio.Queue()
         self._cancelled: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -91,22 +93,36 @@ class StageServer:
         self._queue.put_nowait(message)
 
     async def run(self) -> None:
+        held: collections.deque[ComputeRequest] = collections.deque()  # decode steps for the next round
         while True:
-            items = [await self._queue.get()]
-            while not self._queue.empty() and len(items) < 4 * self.max_batch:
+            if not held:
+                held.append(await self._queue.get())  # type: ignore[arg-type]
+            items: list[ComputeRequest | Cancel] = [*held]
+            held.clear()
+            while not self._queue.empty():
                 items.append(self._queue.get_nowait())
+            limit = self.micro_batch()
             decode: list[ComputeRequest] = []
             for item in items:
                 if isinstance(item, Cancel):
                     self._cancel(item.task_id)
                 elif item.task_id in self._cancelled:
                     continue
-                elif self._new_positions(item) == 1 and len(decode) < self.max_batch:
+                elif self._new_positions(item) != 1:
+                    await self._run([item])  # a prompt: its own forward
+                elif len(decode) < limit:
                     decode.append(item)
                 else:
-                    await self._run([item])  # a prompt: its own forward
+                    held.append(item)  # the next micro-batch
             if decode:
                 await self._run(decode)
+
+    def micro_batch(self) -> int:
+        """How many decode steps one forward takes. With S stages, a batch of a 1/S share of the
+        sessions lets stage 1 run the next share while stage 2 runs this one, so all S stages
+        work at once instead of in turn (docs/inference.md, "Pipelined batches")."""
+        share = -(-len(self.sessions) // self.micro_batches)
+        return max(1, min(self.max_batch, share))
 
     async def wait_sessions(self, count: int, timeout_s: float) -> None:
         """Return once exactly ``count`` sessions hold a KV-cache slot here."""
