@@ -31,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,6 +44,7 @@ from peerpipe.cluster.config import ClusterConfig  # noqa: E402
 from peerpipe.cluster.local import LocalDevice  # noqa: E402
 from peerpipe.cluster.membership import MembershipConfig  # noqa: E402
 from peerpipe.cluster.model_choice import ModelChoice  # noqa: E402
+from peerpipe.compute import set_threads  # noqa: E402
 from peerpipe.devtools.tiny_model import tiny_config, write_random_model  # noqa: E402
 from peerpipe.engine.generate import LocalEngine  # noqa: E402
 from peerpipe.engine.sampling import SamplingParams  # noqa: E402
@@ -127,9 +129,11 @@ async def bench_room(model: Path, device: LocalDevice, *, members: int, replicas
     spec = ModelChoice.from_dir(model, dtype="float32").spec
     budget = Budget(CONTEXT, SESSIONS)
     share = -(-spec.num_layers // (members + 1))
-    # Room for a share and a layer more (survivors must absorb a lost share) and, with standbys,
-    # another's share; not for the whole model on one node.
-    offer = int(stage_memory(spec, budget, 0, share * (2 if replicas else 1) + 1) / 0.9) + 1
+    # Room for what the survivors' shares grow to when one node is lost and, with standbys,
+    # another's share as well; never for the whole model on one node.
+    survivors_share = -(-spec.num_layers // members) + 1
+    layers = max(survivors_share, 2 * share + 1) if replicas else survivors_share
+    offer = int(stage_memory(spec, budget, 0, layers) / 0.9) + 1
     lines: list[tuple[float, str]] = []
     config = ClusterConfig(
         membership=HEARTBEAT, replan_debounce_s=0.3, expect_nodes=members + 1, budget=budget,
@@ -145,8 +149,10 @@ async def bench_room(model: Path, device: LocalDevice, *, members: int, replicas
             entry_config=EntryConfig(timeouts=Timeouts(prefill_s=60, stall_s=30, recover_s=120)),
         ) as room:
             address = f"{room.address[0]}:{room.address[1]}"
+            # One thread a node: four processes share this machine's cores, and OpenMP pools that
+            # spin against each other slow every node down by orders of magnitude.
             join_args = ["--listen", "127.0.0.1", "--model", str(model), "--device", "cpu", "--quick",
-                         "--memory", f"{offer / 1e9:.9f}"]
+                         "--memory", f"{offer / 1e9:.9f}", "--threads", "1"]
             bench = Bench(room, procs, lines, join_args)
             for i in range(members):
                 name = f"m{i}"
@@ -168,12 +174,32 @@ async def bench_room(model: Path, device: LocalDevice, *, members: int, replicas
 
 
 async def timed_answer(room: Room, prompt: list[int], stamps: list[float], started: asyncio.Event, after: int):  # type: ignore[no-untyped-def]
-    def on_text(_: str) -> None:
-        stamps.append(time.monotonic())
+    """One greedy answer; ``stamps`` gets each token's arrival time (read off the answer's task every
+    millisecond: text pieces are not tokens), ``started`` is set at the ``after``-th token."""
+    assert room.inference is not None
+    pipeline = room.inference.pipeline
+    task_id = uuid.uuid4().hex
+    answer = asyncio.create_task(
+        room.inference.pipeline.generate(prompt, SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True), task_id=task_id)
+    )
+    while not answer.done():
+        task = pipeline.tasks.get(task_id)
+        while task is not None and len(stamps) < len(task.tokens):
+            stamps.append(time.monotonic())
         if len(stamps) >= after:
             started.set()
+        await asyncio.sleep(0.001)
+    return await answer
 
-    return await room.generate(prompt, on_text=on_text, temperature=0.0, max_tokens=NEW, ignore_eos=True)
+
+async def until_started(task: asyncio.Task, started: asyncio.Event) -> None:  # type: ignore[type-arg]
+    """Wait for the answer's first tokens; an answer that ended first has failed the bench."""
+    waiting = asyncio.create_task(started.wait())
+    await asyncio.wait([task, waiting], return_when=asyncio.FIRST_COMPLETED)
+    waiting.cancel()
+    if task.done():
+        task.result()  # raises what went wrong
+        raise RuntimeError("the answer ended before the fault")
 
 
 async def one_fault(model: Path, device: LocalDevice, fault: str, replicas: int, expected: list[int]) -> dict:
@@ -184,7 +210,7 @@ async def one_fault(model: Path, device: LocalDevice, fault: str, replicas: int,
         stamps: list[float] = []
         started = asyncio.Event()
         task = asyncio.create_task(timed_answer(b.room, PROMPT, stamps, started, 8))
-        await started.wait()
+        await until_started(task, started)
         mark = len(b.lines)
         fault_at = time.monotonic()
         if fault == "kill":
@@ -221,7 +247,7 @@ async def random_kills(model: Path, device: LocalDevice, kills: int, replicas: i
                 asyncio.create_task(timed_answer(b.room, list(p), s, started if i == 0 else asyncio.Event(), rng.randint(1, NEW // 2)))
                 for i, (p, s) in enumerate(zip(prompts, stamps, strict=True))
             ]
-            await started.wait()
+            await until_started(tasks[0], started)
             victims = [n for n in b.plan_names if n != "h"]
             victim = rng.choice(victims)
             fault_at = time.monotonic()
@@ -271,6 +297,7 @@ def main() -> None:
     streams = {p: engine.generate(list(p), greedy).tokens for p in prompts}
     del engine
     device = asyncio.run(LocalDevice.measure("cpu", quick=True))
+    set_threads(1)  # the host's share, as each member's
     rows = []
     for fault, replicas in (("kill", 0), ("kill", 1), ("stop", 0), ("cut", 0)):
         log(f"{fault}, replicas {replicas}")
