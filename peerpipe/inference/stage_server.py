@@ -86,6 +86,11 @@ class StageServer:
         self._graphed = GraphedDecoder(stage, cache) if use_graphs else None
 
     @property
+    def graphed(self) -> bool:
+        """Whether decode steps replay captured CUDA graphs."""
+        return self._graphed is not None
+
+    @property
     def device(self) -> torch.device:
         return self.cache.device
 
