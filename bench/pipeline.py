@@ -236,9 +236,11 @@ def bench_shape(shape: str, root: Path, env: dict[str, str], args: argparse.Name
                 "predicted_ms": predicted,
                 "measured_ms": 1e3 / tok_s,
             }
+            if graphs := rows.get("local_cuda_graphs"):
+                entry["vs_local_graphs"] = tok_s / graphs["tok_s"]
             if stages == max(int(s) for s in args.stages.split(",")):
                 streams = {}
-                for n in (1, 4, 16):
+                for n in (1, 4, 16, 64) if args.device != "cpu" else (1, 4, 16):
                     answers, wall = asyncio.run(ask(address, [prompt] * n, args.new_tokens))
                     streams[n] = sum(len(a.tokens) for a in answers) / wall
                 entry["aggregate_tok_s"] = streams
@@ -405,7 +407,7 @@ def main() -> None:
             results.append(bench_shape(shape, Path(tmp), env, args))
             if shape in args.netns_shapes.split(",") and args.device == "cpu":
                 results[-1]["netns"] = bench_netns(shape, Path(tmp), env, args, results[-1]["local"])
-    print(f"{'shape':>8} {'stages':>6} {'tok/s':>8} {'vs 1 node':>9} {'TTFT 512':>9} {'vs 1 node':>9} {'pred ms':>8} {'meas ms':>8}  streams 1/4/16 tok/s")
+    print(f"{'shape':>8} {'stages':>6} {'tok/s':>8} {'vs 1 node':>9} {'TTFT 512':>9} {'vs 1 node':>9} {'pred ms':>8} {'meas ms':>8}  streams 1/4/16(/64) tok/s")
     for r in results:
         base = r["local"]
         print(f"{r['shape']:>8} {'local':>6} {base['tok_s']:>8.1f} {1.0:>9.2f} {base['ttft_s'] * 1e3:>7.1f}ms {1.0:>9.2f}")
@@ -413,7 +415,11 @@ def main() -> None:
             print(f"{'':>8} {'graphs':>6} {graphs['tok_s']:>8.1f} {graphs['tok_s'] / base['tok_s']:>9.2f}  (local engine with CUDA graphs)")
         for e in r["rooms"]:
             streams = e.get("aggregate_tok_s")
-            extra = f"  {streams[1]:.0f} / {streams[4]:.0f} / {streams[16]:.0f} ({e['16_vs_1']:.2f}x)" if streams else ""
+            extra = (
+                "  " + " / ".join(f"{v:.0f}" for v in streams.values()) + f" ({e['16_vs_1']:.2f}x at 16)" if streams else ""
+            )
+            if "vs_local_graphs" in e:
+                extra += f"  {e['vs_local_graphs']:.2f}x the engine with graphs"
             print(
                 f"{r['shape']:>8} {e['stages']:>6} {e['tok_s']:>8.1f} {e['vs_local']:>9.2f} {e['ttft_s'] * 1e3:>7.1f}ms "
                 f"{e['ttft_vs_local']:>9.2f} {e['predicted_ms']:>8.2f} {e['measured_ms']:>8.2f}{extra}"
