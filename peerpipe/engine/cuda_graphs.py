@@ -21,6 +21,14 @@ MIN_BUCKET = 64
 MAX_GRAPHS = 64  # each holds its own activations; batches of many slot sets would pile them up
 
 
+def batch_bucket(count: int, max_slots: int) -> int:
+    """The smallest power of two >= count, capped at the cache's sessions."""
+    size = 1
+    while size < count:
+        size *= 2
+    return min(size, max_slots)
+
+
 def bucket_for(kv_len: int, max_seq: int) -> int:
     """The smallest power of two >= kv_len (at least MIN_BUCKET), capped at the cache length."""
     bucket = MIN_BUCKET
@@ -40,38 +48,55 @@ class _Graph:
 class GraphedDecoder:
     """Runs ``stage`` for one new token per session, through a graph per (slots, bucket)."""
 
-    def __init__(self, stage: Stage, cache: KVCache, *, compile_layers: bool = False) -> None:
+    def __init__(
+        self, stage: Stage, cache: KVCache, *, compile_layers: bool = False, pad_batches: bool = False
+    ) -> None:
         if cache.device.type != "cuda":
             raise ValueError("CUDA graphs need a stage and cache on a CUDA device")
         self.stage, self.cache = stage, cache
         # torch.compile fuses a layer's small kernels; the graph then replays the fused ones.
         self._layer_fn = torch.compile(layer_forward, dynamic=False) if compile_layers else None
-        self._graphs: dict[tuple[tuple[int, ...], int], _Graph] = {}
+        # With pad_batches a batch of several sessions replays the graph of its size bucket (1, 2,
+        # 4, ...) with the sessions' slots fed in, so batches whose members change (a stage's
+        # continuous batching) capture a few graphs, not one per set of slots.
+        self.pad_batches = pad_batches
+        self._graphs: dict[tuple[object, int], _Graph] = {}
         self._pool = torch.cuda.graph_pool_handle()
 
     def __call__(self, x: Tensor, batch: Batch) -> Tensor:
         """Same contract as ``stage(x, cache, batch)`` for a decode batch (``S == 1``)."""
         slots = batch.slot_ids or tuple(batch.slots.tolist())
-        key = (slots, bucket_for(batch.kv_len, self.cache.max_seq))
+        bucket = bucket_for(batch.kv_len, self.cache.max_seq)
+        padded = self.pad_batches and len(slots) > 1
+        size = batch_bucket(len(slots), self.cache.max_slots) if padded else 0
+        key: tuple[object, int] = (size if padded else slots, bucket)
         g = self._graphs.pop(key, None)
         if g is None:
             if len(self._graphs) >= MAX_GRAPHS:
                 del self._graphs[next(iter(self._graphs))]  # the least recently used one
-            g = self._capture(slots, key[1], x)
+            g = self._capture((slots[0],) * size if padded else slots, bucket, x, gathered=padded)
         self._graphs[key] = g  # (re)inserted last: the dict keeps recency order
-        g.x.copy_(x)
-        g.batch.positions.copy_(batch.positions)
+        n = len(slots)
+        if padded:
+            # Rows past the batch stay aimed at the scratch position of a slot in it: they compute
+            # nothing anyone reads.
+            g.batch.slots[:n].copy_(batch.slots)
+            g.batch.slots[n:].fill_(slots[0])
+            g.batch.positions[n:].fill_(self.cache.scratch_position)
+            g.x[n:].zero_()
+        g.x[:n].copy_(x)
+        g.batch.positions[:n].copy_(batch.positions)
         g.graph.replay()
-        return g.out
+        return g.out[:n] if padded else g.out
 
-    def _capture(self, slots: tuple[int, ...], bucket: int, x: Tensor) -> _Graph:
+    def _capture(self, slots: tuple[int, ...], bucket: int, x: Tensor, *, gathered: bool = False) -> _Graph:
         cache = self.cache
         device = cache.device
-        static_x = torch.zeros_like(x)
+        static_x = torch.zeros((len(slots), *x.shape[1:]), dtype=x.dtype, device=device)
         # Warm-up runs execute for real: aim them at the scratch position so no session is touched.
         positions = torch.full((len(slots), 1), cache.scratch_position, dtype=torch.long, device=device)
         first = slots[0]
-        contiguous = list(slots) == list(range(first, first + len(slots)))
+        contiguous = not gathered and list(slots) == list(range(first, first + len(slots)))
         batch = Batch(
             slots=torch.tensor(slots, dtype=torch.long, device=device),
             positions=positions,
@@ -85,6 +110,7 @@ class GraphedDecoder:
                 self.stage(static_x, cache, batch, layer_fn=self._layer_fn)
         torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool), torch.inference_mode():
+        # thread_local: a stage captures on its event loop while another thread may load layers.
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"), torch.inference_mode():
             out = self.stage(static_x, cache, batch, layer_fn=self._layer_fn)
         return _Graph(graph, static_x, batch, out)

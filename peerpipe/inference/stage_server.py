@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 # rather than given a fresh slot nobody would free.
 _FORGET_AFTER = 4096
 _CPU = torch.device("cpu")
+GATHER_S = 0.001  # how long a stage waits for the rest of a decode batch
 
 
 @dataclass
@@ -83,7 +84,7 @@ class StageServer:
         self._changed = asyncio.Event()  # set when a session opens or closes
         # On CUDA, decode steps replay captured graphs, as the local engine's do (None: on CUDA).
         use_graphs = cache.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        self._graphed = GraphedDecoder(stage, cache) if use_graphs else None
+        self._graphed = GraphedDecoder(stage, cache, pad_batches=True) if use_graphs else None
 
     @property
     def graphed(self) -> bool:
@@ -107,6 +108,7 @@ class StageServer:
             while not self._queue.empty():
                 items.append(self._queue.get_nowait())
             limit = self.micro_batch()
+            await self._gather(items, limit)
             decode: list[ComputeRequest] = []
             for item in items:
                 if isinstance(item, Cancel):
@@ -121,6 +123,24 @@ class StageServer:
                     held.append(item)  # the next micro-batch
             if decode:
                 await self._run(decode)
+
+    async def _gather(self, items: list[ComputeRequest | Cancel], limit: int) -> None:
+        """Wait a moment (at most GATHER_S) for the rest of a batch: the host sends each answer's
+        next step as its token comes back, so steps of one batch arrive a few at a time."""
+        steps = sum(isinstance(i, ComputeRequest) and self._new_positions(i) == 1 for i in items)
+        if steps == 0 or steps >= min(limit, len(self.sessions)):
+            return
+        deadline = asyncio.get_running_loop().time() + GATHER_S
+        while steps < min(limit, len(self.sessions)):
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return
+            try:
+                item = await asyncio.wait_for(self._queue.get(), left)
+            except TimeoutError:
+                return
+            items.append(item)
+            steps += isinstance(item, ComputeRequest) and self._new_positions(item) == 1
 
     def micro_batch(self) -> int:
         """How many decode steps one forward takes. With S stages, a batch of a 1/S share of the
@@ -161,7 +181,12 @@ class StageServer:
             return
         began = time.perf_counter()
         try:
-            outputs = await run_compute(self._forward, ready)
+            if self._graphed is not None and self._new_positions(ready[0]) == 1:
+                # A graph replay is launched in microseconds and the copy out waits for the GPU,
+                # not for Python: a hop to the compute thread (and back) would cost more than it.
+                outputs = self._forward(ready)
+            else:
+                outputs = await run_compute(self._forward, ready)
         except Exception as exc:  # the model failed: every session in the batch fails, typed, with why
             log.warning("%s: forward failed: %r", self.label, exc)
             for request in ready:
