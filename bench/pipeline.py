@@ -95,9 +95,17 @@ class Proc:
             self.proc.wait()
 
 
-def local_baseline(model: Path, new_tokens: int, repeats: int, device: str, dtype: str, graphs: bool = False) -> dict:
+def local_baseline(
+    model: Path, new_tokens: int, repeats: int, device: str, dtype: str, graphs: bool = False, pin: bool = False
+) -> dict:
     from peerpipe.engine.generate import LocalEngine
     from peerpipe.engine.sampling import SamplingParams
+
+    if pin:  # one core, one thread: what each pinned node of a room gets
+        import torch
+
+        os.sched_setaffinity(0, {0})
+        torch.set_num_threads(1)
 
     engine, _ = LocalEngine.from_dir(
         model, device=device, dtype=dtype, max_seq=LONG_PROMPT + new_tokens + 1, cuda_graphs=graphs
@@ -167,17 +175,23 @@ def room(
     def on_gpu(i: int) -> dict[str, str]:
         return {**env, "CUDA_VISIBLE_DEVICES": str(i % gpus)} if gpus else env
 
+    def pinned(i: int) -> tuple[str, ...]:
+        # --pin: node i on core i, with one thread (taskset; the node's own --threads 1).
+        return ("taskset", "-c", str(i % (os.cpu_count() or 1))) if args.pin else ()
+
+    threads = ["--threads", "1"] if args.pin else []
+
     host = Proc(
         "host", "--listen", "127.0.0.1:0", "--no-mdns", "--code", CODE, "--name", "h", "--model", str(model),
         "--dtype", args.dtype, "--expect-nodes", str(stages), "--context", str(context), "--sessions", str(sessions),
-        *common, env=on_gpu(0),
+        *common, *threads, env=on_gpu(0), prefix=pinned(0),
     )
     port = int(host.expect(r"^listening on 127\.0\.0\.1:(\d+)$").group(1))
     procs = [host]
     for i in range(stages - 1):
         procs.append(
             Proc("join", CODE, "--peer", f"127.0.0.1:{port}", "--listen", "127.0.0.1", "--name", f"m{i}",
-                 "--model", str(model), *common, env=on_gpu(i + 1))
+                 "--model", str(model), *common, *threads, env=on_gpu(i + 1), prefix=pinned(i + 1))
         )
     host.expect(r"^ready: ")
     return procs, ("127.0.0.1", port)
@@ -207,7 +221,7 @@ def bench_shape(shape: str, root: Path, env: dict[str, str], args: argparse.Name
     if args.device == "cpu":
         BenchCache(detect("cpu")).layer(cfg, args.dtype)
     log(f"{shape}: one node, local engine")
-    base = local_baseline(model, args.new_tokens, args.repeats, args.device, args.dtype)
+    base = local_baseline(model, args.new_tokens, args.repeats, args.device, args.dtype, pin=args.pin)
     rows = {"shape": shape, "layers": cfg.n_layers, "local": base, "rooms": []}
     if args.device != "cpu":
         rows["local_cuda_graphs"] = local_baseline(model, args.new_tokens, args.repeats, args.device, args.dtype, True)
@@ -217,7 +231,7 @@ def bench_shape(shape: str, root: Path, env: dict[str, str], args: argparse.Name
         log(f"{shape}: room with {stages} stage(s)")
         # Nodes share this machine's cores: each gets its share, as each would have its own
         # machine in a real room (spinning thread pools of several processes slow all of them).
-        threads = args.node_threads or max(1, (os.cpu_count() or 1) // (1 if args.gpus else stages))
+        threads = 1 if args.pin else args.node_threads or max(1, (os.cpu_count() or 1) // (1 if args.gpus else stages))
         node_env = {**env, "OMP_NUM_THREADS": str(threads)}
         procs, address = room(model, stages, cfg.n_layers, node_env, 16, args)
         try:
@@ -392,6 +406,9 @@ def main() -> None:
         "--node-threads", type=int, default=0, help="CPU threads per node process (default: cores / nodes)"
     )
     parser.add_argument("--netns-shapes", default="cpu-75m", help="shapes to also run across namespaces ('' = none)")
+    parser.add_argument(
+        "--pin", action="store_true", help="CPU: the one node and every room node each on one core with one thread"
+    )
     parser.add_argument("--client", help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--prompt-len", type=int, default=PROMPT_LEN, help=argparse.SUPPRESS)
