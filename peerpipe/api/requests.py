@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from peerpipe.api.errors import ApiError, bad_request, unsupported
+from peerpipe.engine.sampling import InvalidSamplingParams
+from peerpipe.inference.sampling import sampling_from
 from peerpipe.protocol import Sampling
 
 MAX_STOP = 16
@@ -124,18 +126,22 @@ def _sampling(body: dict[str, Any], max_tokens_fields: tuple[str, ...]) -> Sampl
             max_tokens = min(value, 1 << 20)  # beyond any context: it is cut to the context anyway
     top_k = _int(body, "top_k", -1, 1 << 31)
     seed = _int(body, "seed", -(2**63), 2**63 - 1)
-    return Sampling(
-        max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 0.0, 2.0),
-        top_p=_number(body, "top_p", 0.0, 1.0, lo_open=True),
-        top_k=None if top_k is None else max(top_k, 0),  # vLLM's -1 means off, as our 0 does
-        min_p=_number(body, "min_p", 0.0, 1.0) or 0.0,
-        repetition_penalty=_number(body, "repetition_penalty", 0.0, 10.0, lo_open=True) or 1.0,
+    fields = {
+        "max_tokens": max_tokens,
+        "temperature": _number(body, "temperature", 0.0, 2.0),
+        "top_p": _number(body, "top_p", 0.0, 1.0, lo_open=True),
+        "top_k": None if top_k is None else max(top_k, 0),  # vLLM's -1 means off, as our 0 does
+        "min_p": _number(body, "min_p", 0.0, 1.0) or 0.0,
+        "repetition_penalty": _number(body, "repetition_penalty", 0.0, 10.0, lo_open=True) or 1.0,
         # OpenAI's seeds are signed 64-bit; the stages' generators take unsigned ones.
-        seed=None if seed is None else seed % 2**63,
-        stop=_stop(body),
-        ignore_eos=_bool(body, "ignore_eos"),
-    )
+        "seed": None if seed is None else seed % 2**63,
+        "stop": _stop(body),
+        "ignore_eos": _bool(body, "ignore_eos"),
+    }
+    try:
+        return sampling_from(fields)  # the one way into the wire's record, as for the CLI and Python
+    except InvalidSamplingParams as exc:
+        raise bad_request(str(exc)) from exc
 
 
 def _include_usage(body: dict[str, Any], stream: bool) -> bool:
