@@ -7,11 +7,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
+import shutil
 import signal
 from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiohttp
 import pytest
 
 from peerpipe.cluster.config import ClusterConfig
@@ -77,11 +80,17 @@ class Failover:
     room: Room
     members: dict[str, RoomProc]
     lines: list[str]
+    address: str
+    join_args: list[str]
 
     @property
     def pipeline(self) -> Pipeline:
         assert self.room.inference is not None
         return self.room.inference.pipeline
+
+    def start_member(self, name: str) -> None:
+        """Another member joins, as the room's first ones did."""
+        self.members[name] = RoomProc("join", CODE, "--peer", self.address, *self.join_args, "--name", name, prefix=SLOW)
 
     def stage_names(self) -> list[str]:
         plan = self.pipeline.plan
@@ -136,14 +145,14 @@ async def failover_room(
             entry_config=EntryConfig(timeouts=Timeouts(prefill_s=30, stall_s=4, recover_s=60)),
         ) as room:
             address = f"{room.address[0]}:{room.address[1]}"
+            common = ["--listen", "127.0.0.1", "--device", "cpu", "--quick", "--memory", memory]
             for i in range(members):
                 folder = (member_model or {}).get(i, str(model))
                 procs[f"m{i}"] = RoomProc(
-                    "join", CODE, "--peer", address, "--listen", "127.0.0.1", "--name", f"m{i}", "--model", folder,
-                    "--device", "cpu", "--quick", "--memory", memory, prefix=SLOW,
+                    "join", CODE, "--peer", address, "--name", f"m{i}", "--model", folder, *common, prefix=SLOW
                 )
             await room.plan(90)
-            yield Failover(room, procs, lines)
+            yield Failover(room, procs, lines, address, [*common, "--model", str(model)])
     finally:
         for proc in procs.values():
             if proc.proc.poll() is None:
@@ -288,6 +297,97 @@ def test_a_standby_takes_over_a_killed_stage_without_loading(model, device) -> N
             assert name not in f.stage_names()
             assert sum("loading layers" in line for line in f.lines) == loads_before  # the host loaded nothing
             assert f.pipeline.recovery.stalls == 1
+
+    lines: list[str] = []
+    arun(main(lines), lines)
+
+
+def test_a_kill_during_prefill_and_a_second_kill_after_the_first_failover(model, device) -> None:
+    prompt = [(7 * i) % 500 + 3 for i in range(40)]
+    expected = local_tokens(model, GREEDY, prompt)
+
+    async def main(lines: list[str]) -> None:
+        async with failover_room(model, device, members=3, layers_per_node=4) as f:
+            lines[:] = f.lines
+            first, second = [n for n in f.stage_names() if n != "h"][:2]
+            task = asyncio.create_task(f.room.generate(prompt, temperature=0.0, max_tokens=40, ignore_eos=True))
+            await f.room.cluster.wait_until(lambda _: any(t.prompt_tokens == 40 for t in f.pipeline.active_tasks()), 10)
+            f.members[first].proc.kill()  # the prompt is on its way through the stages
+            await f.room.cluster.wait_until(lambda _: f.pipeline.recovery.stalls >= 1, 60)
+            f.members[second].proc.kill()  # and again, once the answer runs on the survivors
+            result = await task
+            assert result.tokens == expected
+            assert f.pipeline.recovery.failovers == 2 and set(f.stage_names()) <= {"h", "m0", "m1", "m2"} - {first, second}
+
+    lines: list[str] = []
+    arun(main(lines), lines)
+
+
+def test_a_member_joining_mid_answer_is_planned_in_and_the_answer_goes_on(model, device) -> None:
+    expected = local_tokens(model, GREEDY)
+
+    async def main(lines: list[str]) -> None:
+        async with failover_room(model, device, members=2) as f:
+            lines[:] = f.lines
+            task = await f.answer_after(3, GREEDY)
+            f.start_member("m9")
+            await f.room.cluster.wait_until(lambda h: any(m.info.name == "m9" for m in h.view.alive()), 30)
+            result = await task
+            assert result.tokens == expected
+            await f.room.plan(60)
+            assert "m9" in f.stage_names()  # the proportional planner gives every node layers
+
+    lines: list[str] = []
+    arun(main(lines), lines)
+
+
+def test_a_member_with_a_corrupt_model_is_planned_around(model, device, tmp_path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(model, broken)
+    for shard in broken.glob("*.safetensors"):
+        with shard.open("r+b") as f:
+            f.truncate(shard.stat().st_size // 2)
+
+    async def main(lines: list[str]) -> None:
+        async with failover_room(model, device, members=3, member_model={1: str(broken)}) as f:
+            lines[:] = f.lines
+            assert "m1" not in f.stage_names()
+            result = await f.room.generate(PROMPT, temperature=0.0, max_tokens=8, ignore_eos=True)
+            assert len(result.tokens) == 8
+
+    lines: list[str] = []
+    arun(main(lines), lines)
+    assert any("m1 could not take its stage" in line for line in lines), lines
+
+
+def test_a_streaming_api_client_sees_no_error_across_a_failover(model, device) -> None:
+    expected = local_tokens(model, GREEDY)
+
+    async def main(lines: list[str]) -> None:
+        async with failover_room(model, device, members=3) as f:
+            lines[:] = f.lines
+            api = await f.room.serve_http(("127.0.0.1", 0))
+            try:
+                body = {"model": model.name, "prompt": PROMPT, "max_tokens": 40, "temperature": 0, "ignore_eos": True,
+                        "stream": True}
+                events: list[str] = []
+                async with aiohttp.ClientSession() as http, http.post(f"{api.url}/v1/completions", json=body) as response:
+                    assert response.status == 200
+                    async for raw in response.content:
+                        line = raw.decode().strip()
+                        if line.startswith("data: "):
+                            events.append(line[6:])
+                            if len(events) == 6:
+                                f.members[f.stage_names()[-1]].proc.kill()
+            finally:
+                await api.close()
+            assert events[-1] == "[DONE]"
+            chunks = [json.loads(e) for e in events[:-1]]
+            assert not any("error" in c for c in chunks)
+            text = "".join(c["choices"][0]["text"] for c in chunks)
+            engine, _ = LocalEngine.from_dir(model, device="cpu", dtype="float32", max_seq=CONTEXT)
+            assert text == engine.tokenizer.decode(expected)
+            assert f.pipeline.recovery.failovers == 1
 
     lines: list[str] = []
     arun(main(lines), lines)
