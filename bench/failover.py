@@ -45,6 +45,7 @@ from peerpipe.cluster.local import LocalDevice  # noqa: E402
 from peerpipe.cluster.membership import MembershipConfig  # noqa: E402
 from peerpipe.cluster.model_choice import ModelChoice  # noqa: E402
 from peerpipe.compute import set_threads  # noqa: E402
+from peerpipe.devtools.relay import Relay  # noqa: E402
 from peerpipe.devtools.tiny_model import tiny_config, write_random_model  # noqa: E402
 from peerpipe.engine.generate import LocalEngine  # noqa: E402
 from peerpipe.engine.sampling import SamplingParams  # noqa: E402
@@ -61,40 +62,6 @@ HEARTBEAT = MembershipConfig(heartbeat_s=0.5, suspect_after_beats=3, dead_after_
 
 def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
-class Relay:
-    """A TCP relay on loopback that can be cut: it keeps the sockets open and passes no more bytes."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.cut = asyncio.Event()
-        self.server: asyncio.Server | None = None
-        self.tasks: set[asyncio.Task[None]] = set()
-
-    async def start(self) -> tuple[str, int]:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return self.server.sockets[0].getsockname()[:2]
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(*self.target)
-
-        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            while data := await src.read(1 << 16):
-                if self.cut.is_set():
-                    await asyncio.Event().wait()  # a cut link: bytes vanish, nothing closes
-                dst.write(data)
-                await dst.drain()
-
-        for src, dst in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(pump(src, dst))
-            self.tasks.add(task)
-
-    async def close(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        if self.server is not None:
-            self.server.close()
 
 
 @dataclasses.dataclass
@@ -218,7 +185,7 @@ async def one_fault(model: Path, device: LocalDevice, fault: str, replicas: int,
         elif fault == "stop":
             b.members[victim].proc.send_signal(signal.SIGSTOP)
         else:
-            cuts[victim].cut.set()
+            cuts[victim].cut()
         result = await task
         detected = b.when("recovering:", mark) or b.when("failover:", mark)
         before = max(t for t in stamps if t <= fault_at)

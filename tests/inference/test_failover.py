@@ -21,6 +21,7 @@ from peerpipe.cluster.config import ClusterConfig
 from peerpipe.cluster.local import LocalDevice
 from peerpipe.cluster.membership import MembershipConfig
 from peerpipe.cluster.model_choice import ModelChoice
+from peerpipe.devtools.relay import Relay
 from peerpipe.engine.generate import LocalEngine
 from peerpipe.engine.sampling import SamplingParams
 from peerpipe.inference.entry import EntryConfig
@@ -82,6 +83,7 @@ class Failover:
     lines: list[str]
     address: str
     join_args: list[str]
+    cuts: dict[str, Relay]
 
     @property
     def pipeline(self) -> Pipeline:
@@ -127,10 +129,15 @@ async def failover_room(
     strategy: str = "proportional",
     replicas: int = 0,
     member_model: dict[int, str] | None = None,
+    relays: bool = False,
+    ready: bool = True,
 ) -> AsyncIterator[Failover]:
     """The proportional planner puts layers on every node (a stage to lose wherever the test
-    wants one); ``layers_per_node`` caps what each may hold."""
+    wants one); ``layers_per_node`` caps what each may hold. With ``relays`` each member reaches
+    the host through a relay the test can cut; without ``ready`` the room is yielded as soon as
+    its members are started, before it plans."""
     lines: list[str] = []
+    cuts: dict[str, Relay] = {}
     budget = Budget(context_tokens=CONTEXT, sessions=SESSIONS)
     config = ClusterConfig(
         membership=FAST, replan_debounce_s=0.3, expect_nodes=members + 1, budget=budget, strategy=strategy,
@@ -148,12 +155,20 @@ async def failover_room(
             common = ["--listen", "127.0.0.1", "--device", "cpu", "--quick", "--memory", memory]
             for i in range(members):
                 folder = (member_model or {}).get(i, str(model))
+                peer = address
+                if relays:
+                    cuts[f"m{i}"] = Relay(room.address)
+                    host, port = await cuts[f"m{i}"].start()
+                    peer = f"{host}:{port}"
                 procs[f"m{i}"] = RoomProc(
-                    "join", CODE, "--peer", address, "--name", f"m{i}", "--model", folder, *common, prefix=SLOW
+                    "join", CODE, "--peer", peer, "--name", f"m{i}", "--model", folder, *common, prefix=SLOW
                 )
-            await room.plan(90)
-            yield Failover(room, procs, lines, address, [*common, "--model", str(model)])
+            if ready:
+                await room.plan(90)
+            yield Failover(room, procs, lines, address, [*common, "--model", str(model)], cuts)
     finally:
+        for relay in cuts.values():
+            await relay.close()
         for proc in procs.values():
             if proc.proc.poll() is None:
                 proc.proc.send_signal(signal.SIGCONT)
@@ -407,6 +422,45 @@ def test_a_streaming_api_client_sees_no_error_across_a_failover(model, device) -
             engine, _ = LocalEngine.from_dir(model, device="cpu", dtype="float32", max_seq=CONTEXT)
             assert text == engine.tokenizer.decode(expected)
             assert f.pipeline.recovery.failovers == 1
+
+    lines: list[str] = []
+    arun(main(lines), lines)
+
+
+def test_a_cut_link_is_planned_around_and_the_node_rejoins_when_it_heals(model, device) -> None:
+    expected = local_tokens(model, GREEDY)
+
+    async def main(lines: list[str]) -> None:
+        async with failover_room(model, device, members=3, relays=True) as f:
+            lines[:] = f.lines
+            name = f.stage_names()[1]  # the host's link to it carries the hidden states
+            task = await f.answer_after(5, GREEDY)
+            f.cuts[name].cut()  # no FIN, no RST: only the silence tells
+            result = await task
+            assert result.tokens == expected
+            assert name not in f.stage_names() and f.pipeline.recovery.failovers == 1
+            assert any(line.startswith(("suspected: " + name, "stalled: " + name)) for line in f.lines), f.lines
+            f.cuts[name].heal()
+            await f.room.cluster.wait_until(lambda h: any(m.info.name == name for m in h.view.alive()), 30)
+
+    lines: list[str] = []
+    arun(main(lines), lines)
+
+
+def test_a_member_killed_while_the_plan_loads_is_planned_around(model, device) -> None:
+    expected = local_tokens(model, GREEDY)
+
+    async def main(lines: list[str]) -> None:
+        async with failover_room(model, device, members=3, ready=False) as f:
+            lines[:] = f.lines
+            await f.room.cluster.wait_until(lambda h: h.rollout is not None and h.rollout.plan is not None, 60)
+            planned = f.room.cluster.rollout.plan  # type: ignore[union-attr]
+            names = f.room.cluster.names()
+            victim = names[planned.stages[-1].node_id]
+            f.members[victim].proc.kill()  # before or while it loads its layers
+            result = await f.room.generate(PROMPT, temperature=0.0, max_tokens=40, ignore_eos=True, timeout_s=60)
+            assert result.tokens == expected
+            assert victim not in f.stage_names()
 
     lines: list[str] = []
     arun(main(lines), lines)
