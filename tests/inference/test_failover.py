@@ -202,6 +202,7 @@ def test_a_stage_killed_mid_answer_is_replayed_with_the_same_tokens(model, devic
     arun(main(lines), lines)
 
 
+@pytest.mark.slow
 def test_eight_streams_and_seeded_sampling_survive_a_kill(model, device) -> None:
     prompts = [[5 + i, 17, 42 + i, 99, 3] for i in range(7)]
     expected = [local_tokens(model, GREEDY, p) for p in prompts] + [local_tokens(model, SEEDED)]
@@ -272,6 +273,7 @@ def test_a_member_without_the_model_is_planned_around(model, device, tmp_path) -
     assert any("planning around m0" in line for line in lines), lines
 
 
+@pytest.mark.slow
 def test_a_stopped_stage_is_planned_around_and_the_answer_goes_on(model, device) -> None:
     expected = local_tokens(model, GREEDY)
 
@@ -317,6 +319,7 @@ def test_a_standby_takes_over_a_killed_stage_without_loading(model, device) -> N
     arun(main(lines), lines)
 
 
+@pytest.mark.slow
 def test_a_kill_during_prefill_and_a_second_kill_after_the_first_failover(model, device) -> None:
     prompt = [(7 * i) % 500 + 3 for i in range(40)]
     expected = local_tokens(model, GREEDY, prompt)
@@ -351,6 +354,7 @@ def test_a_kill_during_prefill_and_a_second_kill_after_the_first_failover(model,
     arun(main(lines), lines)
 
 
+@pytest.mark.slow
 def test_a_member_joining_mid_answer_is_planned_in_and_the_answer_goes_on(model, device) -> None:
     expected = local_tokens(model, GREEDY)
 
@@ -394,6 +398,7 @@ def test_a_member_with_a_corrupt_model_is_planned_around(model, device, tmp_path
     assert any("m1 could not take its stage" in line for line in lines), lines
 
 
+@pytest.mark.slow
 def test_a_streaming_api_client_sees_no_error_across_a_failover(model, device) -> None:
     expected = local_tokens(model, GREEDY)
 
@@ -427,6 +432,7 @@ def test_a_streaming_api_client_sees_no_error_across_a_failover(model, device) -
     arun(main(lines), lines)
 
 
+@pytest.mark.slow
 def test_a_cut_link_is_planned_around_and_the_node_rejoins_when_it_heals(model, device) -> None:
     expected = local_tokens(model, GREEDY)
 
@@ -447,6 +453,7 @@ def test_a_cut_link_is_planned_around_and_the_node_rejoins_when_it_heals(model, 
     arun(main(lines), lines)
 
 
+@pytest.mark.slow
 def test_a_member_killed_while_the_plan_loads_is_planned_around(model, device) -> None:
     expected = local_tokens(model, GREEDY)
 
