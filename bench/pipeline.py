@@ -7,8 +7,10 @@ For each model shape (random weights, fp32): one node (the local engine, in this
 rooms of 1, 2 and 3 real `peerpipe` processes on loopback, each node allowed just enough memory
 to force that many stages. Measured through the host, as a client sees it:
 decode tok/s of one answer; time to first token of a 512-token prompt; with 3 stages, aggregate
-tok/s of 1, 4 and 16 concurrent answers; and the planner's predicted ms/token next to the
-measured one. Ratios are against the one-node engine. Prints a table, then one JSON line.
+tok/s of 1, 4, 16 (and on GPUs 64) concurrent answers; the planner's predicted ms/token next to
+the measured one. Ratios are against the one-node engine (and on GPUs its CUDA-graph run too);
+--pin puts every node, and the one node, on a core of its own with one thread. Prints a table,
+then one JSON line.
 """
 
 from __future__ import annotations
@@ -102,11 +104,10 @@ def local_baseline(
     from peerpipe.engine.sampling import SamplingParams
 
     if pin:  # one core, one thread: what each pinned node of a room gets
-        import torch
+        from peerpipe.compute import set_threads
 
         os.sched_setaffinity(0, {0})
-        torch.set_num_threads(1)
-
+        set_threads(1)
     engine, _ = LocalEngine.from_dir(
         model, device=device, dtype=dtype, max_seq=LONG_PROMPT + new_tokens + 1, cuda_graphs=graphs
     )
@@ -175,8 +176,7 @@ def room(
     def on_gpu(i: int) -> dict[str, str]:
         return {**env, "CUDA_VISIBLE_DEVICES": str(i % gpus)} if gpus else env
 
-    def pinned(i: int) -> tuple[str, ...]:
-        # --pin: node i on core i, with one thread (taskset; the node's own --threads 1).
+    def pinned(i: int) -> tuple[str, ...]:  # --pin: node i on core i (and --threads 1 below)
         return ("taskset", "-c", str(i % (os.cpu_count() or 1))) if args.pin else ()
 
     threads = ["--threads", "1"] if args.pin else []
