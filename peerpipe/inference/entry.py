@@ -1,10 +1,11 @@
 """The host's way into inference: the one place that turns a prompt and sampling choices into an
 answer through the room's pipeline, for the API, the CLI's remote clients and Python alike.
 
-It holds the model's tokenizer and sampling defaults (read once), makes the pipeline when every
-stage has loaded a plan and closes it when the plan changes or a stage leaves, and waits (bounded)
-for the room to be ready. It knows nothing of membership: the cluster's rollout tells it about
-plans, and ``why_not_ready`` is the cluster's own account of what is missing.
+It holds the model's tokenizer and sampling defaults (read once) and the room's pipeline, which
+it hands each plan once every stage has loaded it (answers pause when a plan takes their stages
+away, and replay on the next), and waits (bounded) for the room to be ready. It knows nothing of
+membership: the cluster's rollout tells it about plans, and ``why_not_ready`` is the cluster's
+own account of what is missing.
 """
 
 from __future__ import annotations
