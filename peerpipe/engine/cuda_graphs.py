@@ -89,6 +89,15 @@ class GraphedDecoder:
         g.graph.replay()
         return g.out[:n] if padded else g.out
 
+    def warm(self, slots: tuple[int, ...], kv_lens: range, x: Tensor) -> None:
+        """Capture now, before decoding, the graphs a session in ``slots`` will replay while its
+        attention spans ``kv_lens`` (``x``: an input of the decode step's shape), so no capture
+        happens inside the timed decode."""
+        for bucket in sorted({bucket_for(n, self.cache.max_seq) for n in kv_lens}):
+            key = (slots, bucket)
+            if key not in self._graphs and len(self._graphs) < MAX_GRAPHS:
+                self._graphs[key] = self._capture(slots, bucket, x)
+
     def _capture(self, slots: tuple[int, ...], bucket: int, x: Tensor, *, gathered: bool = False) -> _Graph:
         cache = self.cache
         device = cache.device

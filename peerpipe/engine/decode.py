@@ -28,6 +28,7 @@ class GenerationResult:
     finish_reason: str
     prefill_s: float  # prompt forward + first token
     decode_s: float  # every later token
+    warmup_s: float = 0.0  # CUDA-graph captures made before the prompt's forward, apart from both
 
     @property
     def tok_s(self) -> float:
@@ -44,6 +45,7 @@ class GenerationResult:
             "tok_s": round(self.tok_s, 3),
             "prefill_s": round(self.prefill_s, 6),
             "decode_s": round(self.decode_s, 6),
+            "warmup_s": round(self.warmup_s, 6),
         }
 
 
