@@ -112,12 +112,14 @@ async def failover_room(
     member_model: dict[int, str] | None = None,
     relays: bool = False,
     ready: bool = True,
+    lines: list[str] | None = None,
 ) -> AsyncIterator[Failover]:
     """The proportional planner puts layers on every node (a stage to lose wherever the test
     wants one); ``layers_per_node`` caps what each may hold. With ``relays`` each member reaches
     the host through a relay the test can cut; without ``ready`` the room is yielded as soon as
-    its members are started, before it plans."""
-    lines: list[str] = []
+    its members are started, before it plans. The host reports into ``lines`` (the test's own list,
+    which ``arun`` prints when the test fails)."""
+    lines = [] if lines is None else lines
     cuts: dict[str, Relay] = {}
     budget = Budget(context_tokens=CONTEXT, sessions=SESSIONS)
     config = ClusterConfig(

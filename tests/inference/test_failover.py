@@ -16,9 +16,8 @@ from tests.inference.failover_room import GREEDY, PROMPT, SEEDED, arun, failover
 def test_a_stage_killed_mid_answer_is_replayed_with_the_same_tokens(model, device, victim: str) -> None:
     expected = local_tokens(model, GREEDY)
 
-    async def main(r: list[str]) -> None:
-        async with failover_room(model, device, members=3) as f:
-            r[:] = f.lines
+    async def main(lines: list[str]) -> None:
+        async with failover_room(model, device, members=3, lines=lines) as f:
             stages = f.stage_names()
             assert len(stages) >= 3 and stages[0] == "h", stages
             name = stages[1] if victim == "middle" else stages[-1]
@@ -41,8 +40,7 @@ def test_eight_streams_and_seeded_sampling_survive_a_kill(model, device) -> None
     expected = [local_tokens(model, GREEDY, p) for p in prompts] + [local_tokens(model, SEEDED)]
 
     async def main(lines: list[str]) -> None:
-        async with failover_room(model, device, members=3) as f:
-            lines[:] = f.lines
+        async with failover_room(model, device, members=3, lines=lines) as f:
             name = f.stage_names()[-1]  # the sampler
             first = await f.answer_after(3, SEEDED)
             others = [asyncio.create_task(f.room.generate(p, temperature=0.0, max_tokens=40, ignore_eos=True)) for p in prompts]
@@ -57,8 +55,7 @@ def test_eight_streams_and_seeded_sampling_survive_a_kill(model, device) -> None
 def test_survivors_too_small_fail_the_answer_saying_so(model, device) -> None:
     async def main(lines: list[str]) -> None:
         # Each node holds two layers at most: the six layers and the embedding and head need all four.
-        async with failover_room(model, device, members=3, layers_per_node=2, strategy="optimal") as f:
-            lines[:] = f.lines
+        async with failover_room(model, device, members=3, layers_per_node=2, strategy="optimal", lines=lines) as f:
             assert len(f.stage_names()) == 4
             task = await f.answer_after(3, GREEDY)
             f.members[[n for n in f.stage_names() if n != "h"][-1]].proc.kill()
@@ -74,8 +71,7 @@ def test_a_stopped_stage_is_planned_around_and_the_answer_goes_on(model, device)
     expected = local_tokens(model, GREEDY)
 
     async def main(lines: list[str]) -> None:
-        async with failover_room(model, device, members=3) as f:
-            lines[:] = f.lines
+        async with failover_room(model, device, members=3, lines=lines) as f:
             name = f.stage_names()[1]
             task = await f.answer_after(5, GREEDY)
             f.members[name].proc.send_signal(signal.SIGSTOP)
@@ -96,8 +92,7 @@ def test_a_standby_takes_over_a_killed_stage_without_loading(model, device) -> N
     async def main(lines: list[str]) -> None:
         # Four layers a node: the proportional plan uses a layer or two of each, so every node
         # has room for a standby copy of another's stage.
-        async with failover_room(model, device, members=3, layers_per_node=4, replicas=1) as f:
-            lines[:] = f.lines
+        async with failover_room(model, device, members=3, layers_per_node=4, replicas=1, lines=lines) as f:
             plan = f.pipeline.plan
             assert plan is not None and len(plan.standbys) == len(plan.stages)
             name = f.stage_names()[2]
@@ -121,8 +116,7 @@ def test_a_kill_during_prefill_and_a_second_kill_after_the_first_failover(model,
     expected = local_tokens(model, GREEDY, prompt)
 
     async def main(lines: list[str]) -> None:
-        async with failover_room(model, device, members=3, layers_per_node=4) as f:
-            lines[:] = f.lines
+        async with failover_room(model, device, members=3, layers_per_node=4, lines=lines) as f:
             first, second = [n for n in f.stage_names() if n != "h"][:2]
             pieces: list[str] = []
             resumed = asyncio.Event()
@@ -155,8 +149,7 @@ def test_a_cut_link_is_planned_around_and_the_node_rejoins_when_it_heals(model, 
     expected = local_tokens(model, GREEDY)
 
     async def main(lines: list[str]) -> None:
-        async with failover_room(model, device, members=3, relays=True) as f:
-            lines[:] = f.lines
+        async with failover_room(model, device, members=3, relays=True, lines=lines) as f:
             name = f.stage_names()[1]  # the host's link to it carries the hidden states
             task = await f.answer_after(5, GREEDY)
             f.cuts[name].cut()  # no FIN, no RST: only the silence tells
@@ -176,8 +169,7 @@ def test_a_member_killed_while_the_plan_loads_is_planned_around(model, device) -
     expected = local_tokens(model, GREEDY)
 
     async def main(lines: list[str]) -> None:
-        async with failover_room(model, device, members=3, ready=False) as f:
-            lines[:] = f.lines
+        async with failover_room(model, device, members=3, ready=False, lines=lines) as f:
             await f.room.cluster.wait_until(lambda h: h.rollout is not None and h.rollout.plan is not None, 60)
             planned = f.room.cluster.rollout.plan  # type: ignore[union-attr]
             names = f.room.cluster.names()

@@ -18,8 +18,7 @@ def test_a_member_with_no_layers_leaving_disturbs_nothing(model, device) -> None
 
     async def main(lines: list[str]) -> None:
         # The optimal planner keeps hops few: every layer fits on two nodes, so two stay idle.
-        async with failover_room(model, device, members=3, strategy="optimal") as f:
-            lines[:] = f.lines
+        async with failover_room(model, device, members=3, strategy="optimal", lines=lines) as f:
             idle = sorted(set(f.members) - set(f.stage_names()))
             assert idle, f.stage_names()
             before = f.pipeline.plan
@@ -38,8 +37,7 @@ def test_a_member_with_no_layers_leaving_disturbs_nothing(model, device) -> None
 def test_a_member_without_the_model_is_planned_around(model, device, tmp_path) -> None:
     async def main(lines: list[str]) -> None:
         missing = str(tmp_path / "no-such-model")
-        async with failover_room(model, device, members=3, member_model={0: missing}) as f:
-            lines[:] = f.lines
+        async with failover_room(model, device, members=3, member_model={0: missing}, lines=lines) as f:
             assert "m0" not in f.stage_names()
             assert f.room.cluster.rollout is not None and f.room.cluster.rollout.unable
             result = await f.room.generate(PROMPT, temperature=0.0, max_tokens=8, ignore_eos=True)
@@ -55,8 +53,7 @@ def test_a_member_joining_mid_answer_is_planned_in_and_the_answer_goes_on(model,
     expected = local_tokens(model, GREEDY)
 
     async def main(lines: list[str]) -> None:
-        async with failover_room(model, device, members=2) as f:
-            lines[:] = f.lines
+        async with failover_room(model, device, members=2, lines=lines) as f:
             task = await f.answer_after(3, GREEDY)
             f.start_member("m9")
             await f.room.cluster.wait_until(lambda h: any(m.info.name == "m9" for m in h.view.alive()), 30)
@@ -83,8 +80,7 @@ def test_a_member_with_a_corrupt_model_is_planned_around(model, device, tmp_path
             f.truncate(shard.stat().st_size // 2)
 
     async def main(lines: list[str]) -> None:
-        async with failover_room(model, device, members=3, member_model={1: str(broken)}) as f:
-            lines[:] = f.lines
+        async with failover_room(model, device, members=3, member_model={1: str(broken)}, lines=lines) as f:
             assert "m1" not in f.stage_names()
             result = await f.room.generate(PROMPT, temperature=0.0, max_tokens=8, ignore_eos=True)
             assert len(result.tokens) == 8
@@ -99,8 +95,7 @@ def test_a_streaming_api_client_sees_no_error_across_a_failover(model, device) -
     expected = local_tokens(model, GREEDY)
 
     async def main(lines: list[str]) -> None:
-        async with failover_room(model, device, members=3) as f:
-            lines[:] = f.lines
+        async with failover_room(model, device, members=3, lines=lines) as f:
             api = await f.room.serve_http(("127.0.0.1", 0))
             try:
                 body = {"model": model.name, "prompt": PROMPT, "max_tokens": 40, "temperature": 0, "ignore_eos": True,
