@@ -40,6 +40,7 @@ from peerpipe.inference.errors import NotReadyError
 from peerpipe.inference.runtime import StageRuntime
 from peerpipe.inference.sampling import sampling_from
 from peerpipe.logs import Report
+from peerpipe.models import resolve_model
 from peerpipe.plan import Budget
 from peerpipe.protocol import Plan, RoomView
 from peerpipe.room import Host, Member, PeerInfo, RoomCode, generate_code, parse_code
@@ -70,9 +71,11 @@ class Room:
         """Return once ``count`` nodes (this one included) are alive in the cluster."""
         await self.cluster.wait_until(lambda h: len(h.view.alive()) >= count, timeout_s)
 
-    async def plan(self, timeout_s: float = 120.0) -> Plan:
-        """The current plan, once every stage has loaded it (measuring and planning first)."""
-        pipeline = await self._entry().wait_ready(timeout_s)
+    async def plan(self, timeout_s: float = 120.0, *, fail_fast: bool = False) -> Plan:
+        """The current plan, once every stage has loaded it (measuring and planning first). With
+        ``fail_fast``, a room that tried to plan and could not (no node could load its stage, or
+        the model does not fit) raises ``NotReadyError`` with the reason at once."""
+        pipeline = await self._entry().wait_ready(timeout_s, fail_fast=fail_fast)
         return pipeline.plan
 
     async def generate(
@@ -145,6 +148,7 @@ async def create_room(
     ``on_open`` hears the code and address as soon as the room listens, before measuring;
     ``measured`` is this machine already measured (``device``, ``memory_gb`` and ``quick`` unused)."""
     room_code = parse_code(code) if code else generate_code()
+    model = resolve_model(model) if model else None
     config = config or ClusterConfig(expect_nodes=expect_nodes, budget=Budget(context_tokens=context, sessions=sessions))
     async with Host(room_code, name=name) as node:
         address = await node.open(listen, advertise=advertise)
@@ -239,7 +243,7 @@ async def join_room(
         local = measured or await _measure(device, memory_gb, quick)
         plane = DataPlane(node)
         stage = StageRuntime(
-            node.node_id, node.name, Path(model) if model else None, device=local.caps.torch_device,
+            node.node_id, node.name, resolve_model(model) if model else None, device=local.caps.torch_device,
             memory_bytes=local.offered_bytes, send=plane.send, report=report,
         )
         plane.stage = stage

@@ -14,6 +14,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -101,11 +102,14 @@ class ApiServer:
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    async def start(self, host: str = "127.0.0.1", port: int = 8088) -> str:
-        """Listen; returns the base URL (the real port when ``port`` is 0)."""
+    async def start(self, host: str = "127.0.0.1", port: int = 8088, *, sock: socket.socket | None = None) -> str:
+        """Listen (on ``sock`` when the caller bound one already); returns the base URL (the real
+        port when ``port`` is 0)."""
         self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, reuse_address=True)
+        site: web.BaseSite = (
+            web.SockSite(self._runner, sock) if sock is not None else web.TCPSite(self._runner, host, port, reuse_address=True)
+        )
         try:
             await site.start()
         except OSError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from peerpipe.transport import Address
 
@@ -20,3 +21,30 @@ def parse_address(text: str, *, default_port: int | None = None) -> Address:
     if not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
     return host, int(port_text)
+
+
+def model_path(text: str) -> Path:
+    """``--model``: a model folder, or the bundled model's name."""
+    from peerpipe.models import ModelNotFoundError, resolve_model
+
+    try:
+        return resolve_model(text)
+    except ModelNotFoundError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_strategy_arguments(parser: argparse.ArgumentParser) -> None:
+    """How the planner splits a model: shared by ``host`` and ``plan``."""
+    parser.add_argument(
+        "--strategy",
+        choices=["optimal", "proportional"],
+        default="optimal",
+        help="optimal: the split the cost model predicts fastest, which may leave slow nodes out; "
+        "proportional: every node gets layers in proportion to its speed (optimal)",
+    )
+    parser.add_argument(
+        "--objective",
+        choices=["latency", "throughput"],
+        default="latency",
+        help="latency: fastest single answer; throughput: most tokens per second with many answers at once (latency)",
+    )

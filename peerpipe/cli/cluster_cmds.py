@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-from peerpipe.cli.args import parse_address
+from peerpipe.cli.args import add_strategy_arguments, model_path, parse_address
 from peerpipe.errors import PeerpipeError
 
 GiB = 1 << 30
@@ -30,11 +30,12 @@ def _progress(step: str) -> None:
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measure this machine's device (and one layer of a model)", description=bench_cmd.__doc__)
-    p.add_argument("--model", metavar="DIR", help="also time one layer of this model (Hugging Face folder)")
+    p.add_argument("--model", type=model_path, metavar="DIR", help="also time one layer of this model (Hugging Face folder)")
     p.add_argument("--device", help="cpu, cuda, cuda:N, mps or xpu (default: the best one present)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="dtype of the layer (default: bf16 on GPUs, fp32 on CPUs)")
     p.add_argument("--no-cache", action="store_true", help="measure again instead of reading earlier results")
     p.add_argument("--quick", action="store_true", help="shorter, less precise measurements")
+    p.add_argument("--webgpu", action="store_true", help="also look for a WebGPU adapter (needs the wgpu extra)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=bench_cmd)
 
@@ -56,8 +57,13 @@ def bench_cmd(args: argparse.Namespace) -> int:
         model = ModelChoice.from_dir(args.model, dtype=args.dtype or device.default_dtype)
         timing = asyncio.run(device.layer_timing(model.shape_json, model.dtype))
     caps, bench = device.caps, device.bench
+    webgpu = ""
+    if args.webgpu:
+        from peerpipe.cluster.capabilities import wgpu_adapter
+
+        webgpu = wgpu_adapter()
     out: dict[str, Any] = {
-        "device": caps.to_json(),
+        "device": {**caps.to_json(), "wgpu_adapter": webgpu},
         "benchmark": bench.to_json(),
         "cached": list(device.cache.hits),
         "seconds": round(time.perf_counter() - started, 3),
@@ -84,13 +90,14 @@ def bench_cmd(args: argparse.Namespace) -> int:
         ["half precision", f"fp16 {'yes' if caps.supports_f16 else 'no'}, bf16 {'yes' if caps.supports_bf16 else 'no'}"],
         ["CPU", f"{caps.cpu_cores} cores, {caps.ram_total_bytes / GiB:.1f} GiB RAM"],
         ["matmul fp32 1024", f"{bench.tflops_1024:.3f} TFLOPS"],
-        [f"matmul fp32 {bench.big_size}", f"{bench.tflops:.3f} TFLOPS"],
     ]
+    if bench.big_size != 1024:  # quick CPU runs measure 1024 only: one line, not the same twice
+        rows.append([f"matmul fp32 {bench.big_size}", f"{bench.tflops:.3f} TFLOPS"])
     if bench.tflops_half:
         rows.append([f"matmul {bench.half_dtype} {bench.big_size}", f"{bench.tflops_half:.3f} TFLOPS"])
     rows += [["memory bandwidth", f"{bench.memory_gbps:.1f} GB/s"], ["launch latency", f"{bench.launch_ms * 1e3:.1f} us"]]
-    if caps.wgpu_adapter:
-        rows.append(["WebGPU adapter", caps.wgpu_adapter])
+    if args.webgpu:
+        rows.append(["WebGPU adapter", webgpu or "none (install the wgpu extra: pip install 'peerpipe[wgpu]')"])
     if "layer" in out:
         layer = out["layer"]
         rows += [
@@ -265,7 +272,7 @@ def parse_node(text: str) -> dict[str, Any]:
 
 def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="plan a model over the room or over hypothetical machines", description=plan_cmd.__doc__)
-    p.add_argument("--model", required=True, metavar="DIR", help="the model (Hugging Face folder)")
+    p.add_argument("--model", required=True, type=model_path, metavar="DIR", help="the model (Hugging Face folder, or 'austen')")
     p.add_argument(
         "--node",
         action="append",
@@ -276,14 +283,26 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
         "(default 20 per TFLOPS), rtt=MS and mbit=MBIT/S for its network (default 0.5 ms, 1000)",
     )
     p.add_argument("--add-to-room", action="store_true", help="plan the live room plus the --node machines")
-    p.add_argument("--strategy", choices=["optimal", "proportional"], default="optimal")
-    p.add_argument("--objective", choices=["latency", "throughput"], default="latency")
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16", help="weights dtype (bfloat16)")
+    add_strategy_arguments(p)
+    p.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        help="weights dtype (default: what the room's host loads, float32 on a CPU and bfloat16 on a GPU; "
+        "bfloat16 for hypothetical machines)",
+    )
     p.add_argument("--context", type=int, default=4096, help="tokens of KV cache per session (4096)")
     p.add_argument("--sessions", type=int, default=4, help="concurrent answers to hold KV cache for (4)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_room_arguments(p)
     p.set_defaults(func=plan_cmd)
+
+
+def _host_dtype(view: Any) -> str:
+    """The dtype a room's host loads when not told: float32 on a CPU, half precision elsewhere
+    (as ``LocalDevice.default_dtype``); bfloat16 without a room."""
+    if view is not None and view.members and view.members[0].info.device == "cpu":
+        return "float32"
+    return "bfloat16"
 
 
 def plan_cmd(args: argparse.Namespace) -> int:
@@ -295,15 +314,16 @@ def plan_cmd(args: argparse.Namespace) -> int:
 
     if args.context < 1 or args.sessions < 1:
         raise PeerpipeError("--context and --sessions must be at least 1")
-    model = ModelChoice.from_dir(args.model, dtype=args.dtype)
+    view = _fetch_view(args) if args.add_to_room or not args.node else None
+    dtype = args.dtype or _host_dtype(view)
+    model = ModelChoice.from_dir(args.model, dtype=dtype)
     spec = model.spec
     budget = Budget(context_tokens=args.context, sessions=args.sessions)
     specs, nic = hypothetical_nodes(spec, args.node)
     names = {s.node_id: s.node_id for s in specs}
     links: dict[tuple[str, str], Link] = {}
     entry = specs[0].node_id if specs else None
-    if args.add_to_room or not args.node:
-        view = _fetch_view(args)
+    if view is not None:
         alive = [m for m in view.members if m.health == "alive"]
         room = [node_spec(spec, m.info, m.timing, model.shape_key, half=model.half) for m in alive]
         names = {m.info.node_id: m.info.name for m in alive} | names
@@ -332,7 +352,7 @@ def plan_cmd(args: argparse.Namespace) -> int:
         [d["node"], f"[{s['start']},{s['end']})", str(s["end"] - s["start"]), f"{d['memory_bytes'] / GiB:.2f}", f"{d['compute_ms']:.3f}"]
         for s, d in zip(out["stages"], out["details"], strict=True)
     ]
-    print(f"{model.model_id}: {spec.num_layers} layers, {spec.total_weight_bytes / GiB:.2f} GiB of {args.dtype} weights")
+    print(f"{model.model_id}: {spec.num_layers} layers, {spec.total_weight_bytes / GiB:.2f} GiB of {dtype} weights")
     print(_table(rows, ["node", "layers", "count", "mem GiB", "ms/token"]))
     print(
         f"{args.strategy} plan: {result.predicted_ms_per_token:.2f} ms/token ({result.predicted_tokens_per_s:.1f} tok/s) "

@@ -8,13 +8,13 @@ through the pipeline, and then the host serves the OpenAI API and the dashboard 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
-import signal
 import time
-from pathlib import Path
 
-from peerpipe.cli.http_opts import add_http_arguments, start_api
+from peerpipe.cli.args import model_path
+from peerpipe.cli.http_opts import add_http_arguments, reserve_http, start_api
+from peerpipe.cli.room_cmds import check_model
+from peerpipe.cli.signals import Interrupts
 from peerpipe.errors import PeerpipeError
 
 DEMO_PROMPT = "It was a fine morning in April, and Emma"
@@ -26,9 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "demo", help="run a room of local nodes with the bundled model and serve it", description=run.__doc__
     )
     p.add_argument("--nodes", type=int, default=3, help="local nodes in the room (3)")
-    p.add_argument("--model", type=Path, metavar="DIR", help="serve this model instead of the bundled one")
+    p.add_argument("--model", type=model_path, metavar="DIR", help="serve this model instead of the bundled one")
     p.add_argument("--prompt", default=DEMO_PROMPT, help="the sample prompt")
-    p.add_argument("--max-tokens", type=int, default=60)
+    p.add_argument("--max-tokens", type=int, default=60, help="length of the sample answer in tokens (60)")
     p.add_argument("--no-serve", action="store_true", help="exit after the sample answer")
     add_http_arguments(p)
     p.set_defaults(func=run)
@@ -41,69 +41,70 @@ def say(line: str) -> None:
 def run(args: argparse.Namespace) -> int:
     """Start a room of local nodes with the bundled model, plan it, print the code, the dashboard's
     address and an answer to a sample prompt, then serve the API and the dashboard until Ctrl-C."""
-    from peerpipe.transport import run as run_loop
+    from peerpipe.cli.signals import run_command
 
     if args.nodes < 1 or args.max_tokens < 1:
         raise PeerpipeError("--nodes and --max-tokens must be at least 1")
-    return run_loop(_demo(args))
+    if args.model is None:
+        from peerpipe.models import default_model_dir
+
+        args.model = default_model_dir()
+    check_model(args.model)
+    return run_command(lambda signals: _demo(args, signals))
 
 
-async def _demo(args: argparse.Namespace) -> int:
+async def _demo(args: argparse.Namespace, signals: Interrupts) -> int:
     from peerpipe.cli.generate_cmd import show_text
     from peerpipe.cluster.config import ClusterConfig
     from peerpipe.cluster.rollout import describe_plan
     from peerpipe.plan import Budget
     from peerpipe.python_api import create_room, join_room
 
-    if args.model is None:
-        from peerpipe.models import default_model_dir
-
-        args.model = default_model_dir()
     model = args.model
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     # Co-located nodes are equals, so the optimal planner would keep every layer on one of them
     # (no hops beats any split); the demo splits evenly to show a real pipeline.
     config = ClusterConfig(
         expect_nodes=args.nodes, strategy="proportional", budget=Budget(context_tokens=1024, sessions=4)
     )
     began = time.monotonic()
-    say(f"model: {model}")
-    async with (
-        create_room(model, listen=(LOOPBACK, 0), advertise=True, name="demo-host", config=config, quick=True) as room,
-        contextlib.AsyncExitStack() as nodes,
-    ):
-        say(f"room code: {room.code}   (host on {room.address[0]}:{room.address[1]}, mDNS on {LOOPBACK} only)")
-        for i in range(1, args.nodes):
-            # Each member finds the host by the code alone, as `peerpipe join CODE` does on a LAN.
-            await nodes.enter_async_context(
-                join_room(str(room.code), model=model, listen=LOOPBACK, name=f"demo-node-{i}", quick=True)
-            )
-            say(f"joined: demo-node-{i} (encrypted, authenticated by the code)")
-        await room.wait_for_nodes(args.nodes)
-        plan = await room.plan()
-        say(describe_plan(plan, room.cluster.names()))
-        say(f"room ready: {args.nodes} nodes, {time.monotonic() - began:.1f} s after start")
-        api = None if args.no_serve else await start_api(room, args, say, any_port_if_busy=True)
-        try:
-            say(f"prompt: {args.prompt}")
-            print("answer: ", end="", flush=True)
-            # The model's own sampling defaults, with a fixed seed so the demo tells the same story.
-            result = await room.generate(args.prompt, on_text=show_text, max_tokens=args.max_tokens, seed=7)
-            print(flush=True)
-            say(
-                f"[{len(result.tokens)} tokens at {result.tok_s:.1f} tok/s through "
-                f"{len(plan.stages)} stages; first token after {result.prefill_s * 1e3:.0f} ms]"
-            )
-            if args.no_serve or api is None:
-                return 0
-            say("serving the API and the dashboard; Ctrl-C stops the room")
-            await stop.wait()
-            say("stopping")
-        finally:
-            if api is not None:
-                await api.close()
+    with contextlib.ExitStack() as reserved:
+        http = None if args.no_serve else reserve_http(args, say, any_port_if_busy=True)
+        if http is not None:
+            reserved.callback(http.close)
+        say(f"model: {model}")
+        async with (
+            create_room(model, listen=(LOOPBACK, 0), advertise=True, name="demo-host", config=config, quick=True) as room,
+            contextlib.AsyncExitStack() as nodes,
+        ):
+            say(f"room code: {room.code}   (host on {room.address[0]}:{room.address[1]}, mDNS on {LOOPBACK} only)")
+            for i in range(1, args.nodes):
+                # Each member finds the host by the code alone, as `peerpipe join CODE` does on a LAN.
+                await nodes.enter_async_context(
+                    join_room(str(room.code), model=model, listen=LOOPBACK, name=f"demo-node-{i}", quick=True)
+                )
+                say(f"joined: demo-node-{i} (encrypted, authenticated by the code)")
+            await room.wait_for_nodes(args.nodes)
+            plan = await room.plan(fail_fast=True)
+            say(describe_plan(plan, room.cluster.names()))
+            say(f"room ready: {args.nodes} nodes, {time.monotonic() - began:.1f} s after start")
+            api = await start_api(room, args, say, http)
+            try:
+                say(f"prompt: {args.prompt}")
+                print("answer: ", end="", flush=True)
+                # The model's own sampling defaults, with a fixed seed so the demo tells the same story.
+                result = await room.generate(args.prompt, on_text=show_text, max_tokens=args.max_tokens, seed=7)
+                print(flush=True)
+                say(
+                    f"[{len(result.tokens)} tokens at {result.tok_s:.1f} tok/s through "
+                    f"{len(plan.stages)} stages; first token after {result.prefill_s * 1e3:.0f} ms]"
+                )
+                if api is None:
+                    return 0
+                say("serving the API and the dashboard; Ctrl-C stops the room")
+                signals.serving()
+                await signals.stop.wait()
+                say("stopping")
+            finally:
+                if api is not None:
+                    await api.close()
     return 0
-

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from peerpipe.cli.args import model_path, parse_address
 from peerpipe.cli.progress import LoadProgress
 from peerpipe.engine.errors import CacheError
 from peerpipe.errors import PeerpipeError
@@ -17,9 +18,22 @@ if TYPE_CHECKING:  # torch loads only when a model runs: `peerpipe host` starts 
 
 
 def positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
 
 
@@ -45,13 +59,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "generate", help="generate text with a model on this machine, or ask a room (--room)", description=run.__doc__
     )
     p.add_argument("prompt", metavar="PROMPT", help="the prompt text")
-    p.add_argument("--model", type=Path, metavar="DIR", help="Hugging Face model folder (to run it here)")
+    p.add_argument(
+        "--model", type=model_path, metavar="DIR", help="Hugging Face model folder, or 'austen' for the bundled model (to run it here)"
+    )
     p.add_argument("--room", metavar="CODE", help="ask the room with this code instead of running a model here")
-    p.add_argument("--peer", metavar="HOST:PORT", help="the room's host (default: found by code)")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for a room's answer (600)")
+    p.add_argument("--peer", type=parse_address, metavar="HOST:PORT", help="the room's host (default: found by code)")
+    p.add_argument(
+        "--timeout",
+        type=positive_float,
+        default=600.0,
+        help="seconds to wait for a room's answer, its start-up included (600)",
+    )
     add_sampling_arguments(p)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the best one here)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    p.add_argument(
+        "--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="weights dtype (bf16 on GPUs, fp32 on CPUs)"
+    )
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for the model (default: one per core)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", default=None, help="system message for --chat")
@@ -134,18 +157,18 @@ def run(args: argparse.Namespace) -> int:
 def run_remote(args: argparse.Namespace) -> int:
     import uuid
 
-    from peerpipe.cli.args import parse_address
     from peerpipe.cli.room_registry import live_rooms
     from peerpipe.inference.client import remote_generate
     from peerpipe.inference.errors import InferenceError
     from peerpipe.inference.sampling import sampling_from
     from peerpipe.protocol import GenerateRequest
+    from peerpipe.protocol.answers import MAX_WAIT_S
     from peerpipe.room import default_lan_ip, find_host, parse_code
     from peerpipe.transport import run
 
     code = parse_code(args.room)
     if args.peer:
-        address = parse_address(args.peer)
+        address = args.peer
     else:
         known = [r for r in live_rooms() if r.code == str(code)]
         if known:
@@ -154,9 +177,22 @@ def run_remote(args: argparse.Namespace) -> int:
             found = run(find_host(code.nameplate, 10.0, default_lan_ip()))
             address = (found.address, found.port)
     request = GenerateRequest(
-        uuid.uuid4().hex, args.prompt, sampling_from(vars(args)), chat=args.chat, system=args.system or ""
+        uuid.uuid4().hex,
+        args.prompt,
+        sampling_from(vars(args)),
+        chat=args.chat,
+        system=args.system or "",
+        wait_s=min(args.timeout, MAX_WAIT_S),
     )
-    done = run(remote_generate(code, address, request, None if args.json else show_text, timeout_s=args.timeout))
+
+    def waiting(why: str) -> None:
+        print(f"waiting for the room to be ready ({why}), up to {args.timeout:g} s", file=sys.stderr, flush=True)
+
+    done = run(
+        remote_generate(
+            code, address, request, None if args.json else show_text, timeout_s=args.timeout, on_wait=waiting
+        )
+    )
     if done.error:
         raise InferenceError(done.error)
     n = len(done.tokens) - 1

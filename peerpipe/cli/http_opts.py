@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -45,29 +46,42 @@ def add_http_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-async def start_api(
-    room: Room, args: argparse.Namespace, say: Callable[[str], None], *, any_port_if_busy: bool = False
-) -> ApiServer | None:
-    """Start the HTTP server the arguments ask for and say where it is; None with --http off.
-
-    With ``any_port_if_busy`` (the demo), a default port that is taken gives way to a free one."""
-    if args.http is None:
-        return None
+def reserve_http(args: argparse.Namespace, say: Callable[[str], None], *, any_port_if_busy: bool = False) -> socket.socket | None:
+    """Bind the HTTP address the arguments ask for, before the room is announced, so a taken port
+    is an error at once; None with --http off. With ``any_port_if_busy`` (the demo), a default
+    port that is taken gives way to a free one."""
     from peerpipe.api.errors import ListenError
-    from peerpipe.api.server import ApiServer
+    from peerpipe.errors import PeerpipeError
 
     if args.max_pending < 0:
-        from peerpipe.errors import PeerpipeError
-
         raise PeerpipeError("--max-pending must be 0 or more")
-    api = ApiServer(room.cluster, room.inference, api_key=args.api_key, max_pending=args.max_pending)
+    if args.http is None:
+        return None
+    host, port = args.http
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        url = await api.start(*args.http)
-    except ListenError as exc:
-        if not any_port_if_busy or args.http[1] == 0:
-            raise
-        say(f"{exc}; using a free port instead")
-        url = await api.start(args.http[0], 0)
+        return socket.create_server((host, port), family=family)
+    except OSError as exc:
+        error = ListenError(f"cannot serve HTTP on {host}:{port}: {exc.strerror or exc} (use --http HOST:PORT or --http off)")
+        if not any_port_if_busy or port == 0:
+            raise error from None
+    say(f"{error}; using a free port instead")
+    try:
+        return socket.create_server((host, 0), family=family)
+    except OSError as exc:
+        raise ListenError(f"cannot serve HTTP on {host}: {exc.strerror or exc}") from None
+
+
+async def start_api(
+    room: Room, args: argparse.Namespace, say: Callable[[str], None], sock: socket.socket | None
+) -> ApiServer | None:
+    """Serve the API on the socket ``reserve_http`` bound, and say where it is; None with --http off."""
+    if sock is None:
+        return None
+    from peerpipe.api.server import ApiServer
+
+    api = ApiServer(room.cluster, room.inference, api_key=args.api_key, max_pending=args.max_pending)
+    url = await api.start(sock=sock)
     say(f"dashboard: {url}/")
     say(f"OpenAI API: {url}/v1" + (" (needs the API key)" if args.api_key else ""))
     if not api.loopback and not args.api_key:

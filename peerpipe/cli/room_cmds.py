@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import signal
 from pathlib import Path
 
-from peerpipe.cli.args import parse_address
+from peerpipe.cli.args import add_strategy_arguments, model_path, parse_address
+from peerpipe.cli.signals import Interrupts, run_command
 from peerpipe.errors import PeerpipeError
+from peerpipe.models import BUNDLED
 from peerpipe.room import PeerInfo, RoomCode, default_lan_ip, parse_code
-from peerpipe.transport import Address, run
+from peerpipe.transport import Address
 
 
 def say(line: str) -> None:
@@ -88,11 +89,13 @@ def add_host_parser(
     parser.add_argument(
         "--no-mdns", action="store_true", help="do not advertise the room; members use --peer"
     )
-    parser.add_argument("--model", metavar="DIR", help="plan this model over the room as nodes come and go, and serve it")
+    parser.add_argument(
+        "--model", type=model_path, metavar="DIR", help="plan this model over the room as nodes come and go, and serve it "
+        f"(a Hugging Face folder, or {BUNDLED!r} for the bundled model)"
+    )
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="weights dtype (bf16 on GPUs, fp32 on CPUs)")
     parser.add_argument("--expect-nodes", type=int, default=1, metavar="N", help="make the first plan once N nodes are in (1)")
-    parser.add_argument("--strategy", choices=["optimal", "proportional"], default="optimal")
-    parser.add_argument("--objective", choices=["latency", "throughput"], default="latency")
+    add_strategy_arguments(parser)
     parser.add_argument("--context", type=int, default=4096, help="tokens of KV cache per session to plan for (4096)")
     parser.add_argument("--sessions", type=int, default=4, help="concurrent answers to hold KV cache for (4)")
     parser.add_argument(
@@ -152,29 +155,30 @@ def add_join_parser(
         help="when the host is lost, wait for a host of the same code (a restarted one) instead of exiting",
     )
     parser.add_argument(
-        "--model", type=Path, metavar="DIR", help="this machine's copy of the room's model, to serve a stage of it"
+        "--model", type=model_path, metavar="DIR", help="this machine's copy of the room's model, to serve a stage of it"
     )
     _add_device_arguments(parser)
     parser.set_defaults(func=join_cmd)
     return parser
 
 
-def _stop_on_signals() -> asyncio.Event:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    return stop
+def check_model(model: Path | None) -> None:
+    """A model folder's files, checked before anything is announced: a bad one is one line now,
+    not a room whose stages never load."""
+    if model is not None:
+        from peerpipe.engine.loader import check_model_dir
+
+        check_model_dir(model)
 
 
 def host_cmd(args: argparse.Namespace) -> int:
     """Open a room: print its code and address, measure this machine, then report members as
     they come and go and, with --model, plan the model over the room."""
-    return run(_host(args))
+    return run_command(lambda signals: _host(args, signals))
 
 
-async def _host(args: argparse.Namespace) -> int:
-    from peerpipe.cli.http_opts import start_api
+async def _host(args: argparse.Namespace, signals: Interrupts) -> int:
+    from peerpipe.cli.http_opts import reserve_http, start_api
     from peerpipe.cli.room_registry import registered
     from peerpipe.cluster.config import ClusterConfig
     from peerpipe.cluster.host_service import describe_device
@@ -184,12 +188,15 @@ async def _host(args: argparse.Namespace) -> int:
     from peerpipe.plan import Budget
     from peerpipe.python_api import create_room
 
+    # Everything a user typed is checked before a code is printed: nobody is sent a code for a
+    # room that is about to fail.
     try:
         membership = MembershipConfig(args.heartbeat, args.suspect_after, args.dead_after)
     except ValueError as exc:
         raise PeerpipeError(str(exc)) from None
     if args.context < 1 or args.sessions < 1 or args.expect_nodes < 1:
         raise PeerpipeError("--context, --sessions and --expect-nodes must be at least 1")
+    code = parse_code(args.code) if args.code else None
     config = ClusterConfig(
         membership=membership,
         expect_nodes=args.expect_nodes,
@@ -200,8 +207,11 @@ async def _host(args: argparse.Namespace) -> int:
     )
     timeouts = Timeouts(stall_s=args.stall_timeout)
     _use_threads(args)
-    stop = _stop_on_signals()
+    check_model(args.model)
     with contextlib.ExitStack() as registry:
+        http = reserve_http(args, say)
+        if http is not None:
+            registry.callback(http.close)
 
         def opened(code: RoomCode, address: Address) -> None:
             say(f"room code: {code}")
@@ -211,7 +221,7 @@ async def _host(args: argparse.Namespace) -> int:
         async with create_room(
             args.model,
             listen=args.listen or (default_lan_ip(), 0),
-            code=args.code,
+            code=str(code) if code else None,
             name=args.name,
             advertise=not args.no_mdns,
             device=args.device,
@@ -224,9 +234,10 @@ async def _host(args: argparse.Namespace) -> int:
             on_open=opened,
         ) as room:
             say(f"this node: {describe_device(room.cluster.info)}")
-            api = await start_api(room, args, say)
+            api = await start_api(room, args, say, http)
+            signals.serving()
             try:
-                await stop.wait()
+                await signals.stop.wait()
             finally:
                 if api is not None:
                     await api.close()
@@ -237,10 +248,10 @@ async def _host(args: argparse.Namespace) -> int:
 def join_cmd(args: argparse.Namespace) -> int:
     """Join a room by code, measure this machine and serve the cluster until Ctrl-C (which says
     goodbye politely) or until the host closes the room."""
-    return run(_join(args))
+    return run_command(lambda signals: _join(args, signals))
 
 
-async def _join(args: argparse.Namespace) -> int:
+async def _join(args: argparse.Namespace, signals: Interrupts) -> int:
     from peerpipe.cli.room_registry import registered
     from peerpipe.python_api import join_room
     from peerpipe.room import RoomError
@@ -248,7 +259,8 @@ async def _join(args: argparse.Namespace) -> int:
 
     code = parse_code(args.code)
     _use_threads(args)
-    stop = _stop_on_signals()
+    check_model(args.model)
+    stop = signals.stop
     attempt = 0
     while True:
         with contextlib.ExitStack() as registry:
@@ -273,6 +285,7 @@ async def _join(args: argparse.Namespace) -> int:
                     on_join=joined,
                 ) as node:
                     attempt = 0
+                    signals.serving()
                     await node.closed()
                     if not stop.is_set():
                         return 0  # the host closed the room; the service said so

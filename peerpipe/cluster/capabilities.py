@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import sys
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -67,26 +69,46 @@ def _cpu_name_and_flags() -> tuple[str, set[str]]:
 
 
 def wgpu_adapter() -> str:
-    """The WebGPU adapter's description, or "" when wgpu is not installed or finds none."""
+    """The WebGPU adapter's description, or "" when wgpu is not installed or finds none.
+
+    Only commands that are asked about WebGPU call this: the probe starts a Vulkan loader, which
+    prints its own complaints (``XDG_RUNTIME_DIR is invalid``) on the process's stderr; those are
+    silenced here, since a missing adapter is answered in words."""
     try:
         import wgpu  # type: ignore[import-not-found]
     except ImportError:
         return ""
+    with _quiet_stderr():
+        try:
+            adapter = wgpu.gpu.request_adapter_sync(power_preference="high-performance")
+            info = adapter.info
+            return f"{info.get('device', '?')} ({info.get('backend_type', '?')})"
+        except Exception as exc:  # a broken driver must not stop detection of everything else
+            return f"unavailable: {type(exc).__name__}"
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """File descriptor 2 to /dev/null for the block: native libraries write there directly."""
+    sys.stderr.flush()
+    saved = os.dup(2)
     try:
-        adapter = wgpu.gpu.request_adapter_sync(power_preference="high-performance")
-        info = adapter.info
-        return f"{info.get('device', '?')} ({info.get('backend_type', '?')})"
-    except Exception as exc:  # a broken driver must not stop detection of everything else
-        return f"unavailable: {type(exc).__name__}"
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
-def detect(device: str | None = None) -> DeviceCaps:
-    """Capabilities of ``device`` (a torch device string) or of the best accelerator present."""
+def detect(device: str | None = None, *, webgpu: bool = False) -> DeviceCaps:
+    """Capabilities of ``device`` (a torch device string) or of the best accelerator present;
+    with ``webgpu``, also the WebGPU adapter's name."""
     import torch
 
     ram_total, ram_free = memory_info()
     cores = cpu_cores()
-    wgpu_name = wgpu_adapter()
+    wgpu_name = wgpu_adapter() if webgpu else ""
     requested = torch.device(device) if device else None
     kind = requested.type if requested else _best_kind(torch)
     if kind == "cuda" and torch.cuda.is_available():

@@ -95,6 +95,26 @@ def checkpoint_index(path: Path) -> dict[str, TensorEntry]:
     return entries
 
 
+def check_model_dir(path: str | Path) -> ModelConfig:
+    """Every check a model folder can pass without reading weights: its config, every shard's
+    header against the file's real size (a truncated or missing shard fails here), each tensor
+    the whole model needs with the shape the config implies, and the tokenizer. A command runs it
+    before announcing anything, so a bad folder is one clear line at once, not a stage that never
+    loads."""
+    from peerpipe.engine.tokenizer import Tokenizer  # the tokenizers library: only when checking
+
+    path = Path(path)
+    cfg = ModelConfig.from_dir(path)
+    index = checkpoint_index(path)
+    wanted = stage_tensor_names(cfg, 0, cfg.n_layers, set(index))
+    missing = sorted(n for n in wanted if n not in index)
+    if missing:
+        raise ModelLoadError(f"{path}: the checkpoint lacks {len(missing)} tensor(s), e.g. {missing[0]}")
+    _check_shapes(cfg, [index[n] for n in wanted])
+    Tokenizer.from_dir(path)
+    return cfg
+
+
 def stage_tensor_names(cfg: ModelConfig, start: int, end: int, available: set[str]) -> dict[str, str]:
     """HF tensor name -> role, for the tensors a stage needs."""
     names: dict[str, str] = {}

@@ -8,9 +8,20 @@ import contextlib
 from collections.abc import Callable
 
 from peerpipe.inference.errors import InferenceError
-from peerpipe.protocol import Cancel, GenerateDone, GenerateRequest, GenerateText
+from peerpipe.protocol import Cancel, GenerateDone, GenerateRequest, GenerateText, RoomView
 from peerpipe.room import LINK_ERRORS, MessageFrom, PeerLeft, RoomCode, RoomNode
 from peerpipe.transport import Address
+
+
+def not_ready(view: RoomView) -> str:
+    """Why the room's view says answers would wait now; "" when every stage has its plan."""
+    if view.plan is None:
+        return "the room has no plan yet"
+    names = {m.info.node_id: m.info.name for m in view.members}
+    loading = [s.node_id for s in view.plan.stages if s.node_id not in view.acked]
+    if loading:
+        return "stages are loading: " + ", ".join(names.get(n, n[:8]) for n in loading)
+    return ""
 
 
 async def remote_generate(
@@ -20,20 +31,29 @@ async def remote_generate(
     on_text: Callable[[str], None] | None = None,
     *,
     timeout_s: float = 600.0,
+    on_wait: Callable[[str], None] | None = None,
 ) -> GenerateDone:
+    """Send ``request`` and return its generate-done. The host holds it until the room is ready
+    (within ``request.wait_s``); ``on_wait`` hears, once, why the room's view says it waits."""
     async with RoomNode(code, name="client") as node:
         peer = await node.dial(host)
         await node.send(peer.node_id, request)
+        waiting_said = False
         try:
             async with asyncio.timeout(timeout_s):
                 async for event in node.events():
                     if isinstance(event, MessageFrom):
                         message = event.message
                         if isinstance(message, GenerateText) and message.request_id == request.request_id:
+                            waiting_said = True  # the answer flows: older views say nothing new
                             if on_text is not None:
                                 on_text(message.text)
                         elif isinstance(message, GenerateDone) and message.request_id == request.request_id:
                             return message
+                        elif isinstance(message, RoomView) and not waiting_said and (why := not_ready(message)):
+                            waiting_said = True
+                            if on_wait is not None:
+                                on_wait(why)
                     elif isinstance(event, PeerLeft) and event.peer.node_id == peer.node_id:
                         raise InferenceError(f"the host left before answering: {event.reason}")
         except TimeoutError:

@@ -73,6 +73,7 @@ class Entry:
             report=self.report,
         )
         self._changed = asyncio.Event()
+        self.unplannable = ""  # why the room's last try to plan failed; "" once it plans again
 
     # -- plans, from the cluster ------------------------------------------------------------
 
@@ -88,11 +89,14 @@ class Entry:
 
     def replanned(self, plan: Plan) -> None:
         """A new plan is on its way to the stages; answers pause unless it keeps their stages."""
+        self.unplannable = ""
         if not self.pipeline.keeps(plan):
             self.pipeline.suspend(f"the room was planned again (v{plan.version})")
 
     def cannot_plan(self, reason: str) -> None:
+        self.unplannable = reason
         self.pipeline.cannot_plan(reason)
+        self._changed.set()
 
     def node_lost(self, node_id: str, reason: str) -> None:
         self.pipeline.node_lost(node_id, reason)
@@ -105,18 +109,22 @@ class Entry:
         """Every stage has loaded the current plan, and answers are taken."""
         return self.pipeline.ready
 
-    async def wait_ready(self, timeout_s: float | None = None) -> Pipeline:
+    async def wait_ready(self, timeout_s: float | None = None, *, fail_fast: bool = False) -> Pipeline:
         """The pipeline once every stage has loaded the current plan; ``NotReadyError`` saying what
-        is missing if that takes longer than ``timeout_s`` (default: the configured wait)."""
+        is missing if that takes longer than ``timeout_s`` (default: the configured wait), or at
+        once with ``fail_fast`` when the room tried to plan and could not (a node joining could
+        still fix that, so others wait)."""
         try:
             async with asyncio.timeout(self.config.ready_timeout_s if timeout_s is None else timeout_s):
                 while not self.ready:
                     if self.pipeline.closed:
                         raise NotReadyError("the host closed the room")
+                    if fail_fast and self.unplannable:
+                        raise NotReadyError(self.unplannable)
                     self._changed.clear()
                     await self._changed.wait()
         except TimeoutError:
-            raise NotReadyError(self.why_not_ready()) from None
+            raise NotReadyError(self.unplannable or self.why_not_ready()) from None
         return self.pipeline
 
     # -- prompts and sampling ---------------------------------------------------------------
@@ -185,7 +193,7 @@ class Entry:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(stream())
             try:
-                pipeline = await self.wait_ready()
+                pipeline = await self.wait_ready(request.wait_s or None)
                 prompt = list(request.prompt_ids) if request.prompt_ids else request.prompt
                 ids = self.prompt_ids(prompt, chat=request.chat, system=request.system or None)
                 params = self.params(request.sampling, len(ids))

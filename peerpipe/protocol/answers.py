@@ -20,6 +20,9 @@ from peerpipe.protocol.validate import (
 MAX_PROMPT_LEN = 1 << 20
 
 
+MAX_WAIT_S = 86400.0
+
+
 @dataclass(frozen=True, slots=True)
 class GenerateRequest:
     """A client asks the room's host for an answer; ``chat`` wraps the prompt in the model's chat
@@ -32,6 +35,7 @@ class GenerateRequest:
     chat: bool = False
     system: str = ""
     prompt_ids: tuple[int, ...] = ()  # when given, the prompt's token ids (prompt is then unused)
+    wait_s: float = 0.0  # how long the client lets the host wait for the room to be ready (0: the host's own wait)
 
     def __post_init__(self) -> None:
         need_id(self, "request_id")
@@ -40,6 +44,7 @@ class GenerateRequest:
         need_tuple_of(self, "prompt_ids", int, 1 << 20)
         need_bool(self, "chat")
         need_str(self, "system")
+        need_float(self, "wait_s", 0.0, MAX_WAIT_S)
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,7 @@ from peerpipe.protocol.validate import (
     need_tuple_of,
 )
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 MAX_FEATURES = 64
 MAX_MODEL_SHAPE_LEN = 16384
 HEARTBEAT_STATUSES = frozenset({"idle", "busy", "loading", "draining", "error"})

@@ -9,6 +9,7 @@ from peerpipe.room.errors import (
     CodeFormatError,
     DiscoveryError,
     HostNotFoundError,
+    ListenAddressError,
     RoomError,
     UnknownPeerError,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "HandshakeRefused",
     "Host",
     "HostNotFoundError",
+    "ListenAddressError",
     "Member",
     "MessageFrom",
     "PeerInfo",

@@ -34,6 +34,10 @@ class HostNotFoundError(DiscoveryError):
         self.nameplate = nameplate
 
 
+class ListenAddressError(RoomError):
+    """The room cannot accept members on the address asked for: taken, or not this machine's."""
+
+
 class UnknownPeerError(RoomError):
     """``send`` named a peer that is not (or no longer) connected."""
 

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from peerpipe.errors import PeerpipeError
 from peerpipe.protocol import PROTOCOL_VERSION, Hello, Message
 from peerpipe.room.codes import RoomCode
-from peerpipe.room.errors import UnknownPeerError
+from peerpipe.room.errors import ListenAddressError, UnknownPeerError
 from peerpipe.room.ratelimit import FailureLimiter
 from peerpipe.transport import (
     Address,
@@ -213,7 +213,11 @@ class RoomNode:
     async def listen(self, host: str, port: int = 0) -> Address:
         """Accept peers on ``host:port``; returns the bound address (port 0 picks one)."""
         factory = stream_factory(self.code, Role.LISTENER, self.hello, self.config, on_open=self._on_accept)
-        server = await asyncio.get_running_loop().create_server(factory, host, port)
+        try:
+            server = await asyncio.get_running_loop().create_server(factory, host, port)
+        except OSError as exc:
+            hint = " (is another room or program on that port? pick another or leave the port out)" if exc.errno == 98 else ""
+            raise ListenAddressError(f"cannot listen on {host}:{port}: {exc.strerror or exc}{hint}") from None
         self._stack.push_async_callback(_close_server, server)
         bound = server.sockets[0].getsockname()
         log.info("listening on %s:%d", bound[0], bound[1])

@@ -203,6 +203,7 @@ STRATEGIES: dict[type, st.SearchStrategy] = {
         chat=st.booleans(),
         system=texts,
         prompt_ids=st.lists(st.integers(0, 1 << 20), max_size=5).map(tuple),
+        wait_s=st.floats(0.0, 86400.0),
     ),
     p.GenerateText: st.builds(p.GenerateText, request_id=ids, text=texts),
     p.GenerateDone: st.builds(
