@@ -17,7 +17,7 @@ BASE = {"errors", "paths", "logs", "dtypes", "compute"}  # small modules every p
 ALLOWED: dict[str, set[str]] = {
     "__main__": {"cli"},
     "cli": {"__init__", "python_api", "api", "cluster", "inference", "plan", "engine", "room", "transport", "protocol", "models"},
-    "python_api": {"api", "cluster", "inference", "plan", "engine", "room", "transport", "protocol"},
+    "python_api": {"api", "cluster", "inference", "plan", "engine", "room", "transport", "protocol", "models"},
     "api": {"cluster", "inference", "engine", "protocol", "room", "transport"},
     "cluster": {"plan", "engine", "room", "transport", "protocol"},
     "inference": {"plan", "engine", "room", "transport", "protocol"},

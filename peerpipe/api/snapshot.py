@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from peerpipe.cluster.estimates import measured_ms_per_token
 from peerpipe.protocol import MemberState, RoomView
 
 
@@ -55,6 +56,7 @@ def room_snapshot(
             "model": view.plan.model_id,
             "layers": view.plan.num_layers,
             "predicted_ms": round(view.plan.predicted_ms, 3),
+            "measured_ms": _round(measured_ms_per_token(view.tasks), 3),
             "stages": [
                 {
                     "node": s.node_id,
@@ -62,6 +64,7 @@ def room_snapshot(
                     "start": s.start,
                     "end": s.end,
                     "loaded": s.node_id in acked,
+                    "predicted_ms": round(s.predicted_ms, 3) if s.predicted_ms else None,
                 }
                 for s in view.plan.stages
             ],
@@ -99,3 +102,7 @@ def room_snapshot(
         "totals": totals,
         "recovery": recovery,
     }
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)

@@ -148,7 +148,11 @@ def add_status_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def view_to_json(view) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    from peerpipe.cluster.estimates import measured_ms_per_token
+
     held = {s.node_id: [s.start, s.end] for s in view.plan.stages} if view.plan else {}
+    predicted = {s.node_id: s.predicted_ms for s in view.plan.stages if s.predicted_ms} if view.plan else {}
+    measured = measured_ms_per_token(view.tasks)
     return {
         "epoch": view.epoch,
         "nodes": [
@@ -168,6 +172,8 @@ def view_to_json(view) -> dict[str, Any]:  # type: ignore[no-untyped-def]
                 "heartbeat_age_ms": m.heartbeat_age_ms,
                 "layers": held.get(m.info.node_id),
                 "layer_decode_ms": m.timing.decode_ms if m.timing else None,
+                "predicted_ms_per_step": predicted.get(m.info.node_id),
+                "measured_ms_per_step": m.compute_s * 1e3 / m.steps if m.steps else None,
             }
             for m in view.members
         ],
@@ -178,6 +184,7 @@ def view_to_json(view) -> dict[str, Any]:  # type: ignore[no-untyped-def]
             "model": view.plan.model_id,
             "stages": [{"node": s.node_id, "start": s.start, "end": s.end} for s in view.plan.stages],
             "predicted_ms_per_token": view.plan.predicted_ms,
+            "measured_ms_per_token": measured,
             "acked": list(view.acked),
         },
         "links": [{"src": x.src, "dst": x.dst, "rtt_ms": x.rtt_ms, "mib_per_s": x.mib_per_s} for x in view.links],
@@ -193,6 +200,10 @@ def view_to_json(view) -> dict[str, Any]:  # type: ignore[no-untyped-def]
             for t in view.tasks
         ],
     }
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def status_cmd(args: argparse.Namespace) -> int:
@@ -217,14 +228,21 @@ def status_cmd(args: argparse.Namespace) -> int:
                 f"{n['heartbeat_age_ms'] / 1e3:.1f}s {n['health']}",
                 f"{n['status']} {n['load']:.0%}",
                 f"[{layers[0]},{layers[1]})" if layers else "-",
+                f"{_ms(n['predicted_ms_per_step'])} / {_ms(n['measured_ms_per_step'])}",
             ]
         )
     print(f"room epoch {data['epoch']}: {len(rows)} node(s)")
-    print(_table(rows, ["node", "device", "TFLOPS", "GB/s", "mem GiB", "heartbeat", "load", "layers"]))
+    header = ["node", "device", "TFLOPS", "GB/s", "mem GiB", "heartbeat", "load", "layers", "ms/step pred / meas"]
+    print(_table(rows, header))
     plan = data["plan"]
     if plan:
         acked = len(plan["acked"])
-        print(f"plan v{plan['version']} of {plan['model']}: {plan['predicted_ms_per_token']:.2f} ms/token predicted, acknowledged by {acked}")
+        measured = plan["measured_ms_per_token"]
+        pace = f", {measured:.2f} measured" if measured is not None else ", none measured yet"
+        print(
+            f"plan v{plan['version']} of {plan['model']}: {plan['predicted_ms_per_token']:.2f} ms/token predicted"
+            f"{pace}; acknowledged by {acked}"
+        )
     else:
         print("no plan yet")
     if data["tasks"]:

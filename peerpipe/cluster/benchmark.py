@@ -224,6 +224,9 @@ def _write_cache(path: Path, data: dict[str, Any]) -> None:
     tmp.replace(path)  # atomic, so a concurrent reader never sees half a file
 
 
+MAX_CACHE_AGE_S = 30 * 86400.0
+
+
 class BenchCache:
     """Benchmarks of this device, measured once and then read from ``~/.cache/peerpipe/bench``."""
 
@@ -236,18 +239,25 @@ class BenchCache:
 
     def device(self, progress: Progress | None = None) -> DeviceBench:
         data = _read_cache(self.path) if self.use_cache else {}
-        if raw := data.get("device"):
+        measured_at = data.get("device_measured_at")
+        # A figure is kept for a while, not for ever: drivers, clocks and the machine's load change.
+        fresh = isinstance(measured_at, int | float) and time.time() - measured_at < MAX_CACHE_AGE_S
+        if (raw := data.get("device")) and fresh:
             with_fields = {f.name for f in dataclasses.fields(DeviceBench)}
             if isinstance(raw, dict) and raw.keys() == with_fields:
                 self.hits.append("device")
                 return DeviceBench(**raw)
         result = bench_device(self.caps, quick=self.quick, progress=progress)
         self._store("device", result.to_json())
+        self._store("device_measured_at", time.time())
         return result
 
-    def layer(self, cfg: ModelConfig, dtype: str, progress: Progress | None = None) -> LayerTiming:
+    def layer(
+        self, cfg: ModelConfig, dtype: str, progress: Progress | None = None, *, fresh: bool = False
+    ) -> LayerTiming:
+        """One layer's timing, from the cache unless ``fresh`` (which measures and caches anew)."""
         key = f"{cfg.shape_key}/{dtype}"
-        data = _read_cache(self.path) if self.use_cache else {}
+        data = _read_cache(self.path) if self.use_cache and not fresh else {}
         raw = data.get("layers", {}).get(key)
         if isinstance(raw, dict):
             try:

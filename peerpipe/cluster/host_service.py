@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 
 from peerpipe.cluster.config import ClusterConfig
+from peerpipe.cluster.estimates import EstimateWatch, StageEstimate
 from peerpipe.cluster.local import LocalDevice
 from peerpipe.cluster.local_stage import LocalStage
 from peerpipe.cluster.membership import (
@@ -82,6 +83,13 @@ class ClusterHost:
         self.tasks: Callable[[], tuple[TaskInfo, ...]] = tuple
         self._changed = asyncio.Event()  # set whenever the view, the plan or the acks change
         self._alive: frozenset[str] = frozenset(self.view.ids)
+        rollout = self.rollout
+        self.estimates = EstimateWatch(
+            lambda: rollout.plan if rollout is not None else None,
+            lambda: self.room_view().members,
+            lambda: not any(t.status in ACTIVE_TASKS for t in self.tasks()),
+            rollout.remeasure if rollout is not None else _nothing,
+        )
 
     # -- running ----------------------------------------------------------------------------
 
@@ -92,6 +100,7 @@ class ClusterHost:
             tasks = [tg.create_task(self._ticks())]
             if self.rollout is not None:
                 tasks.append(tg.create_task(self.rollout.run()))
+                tasks.append(tg.create_task(self.estimates.run()))
             await stop.wait()
             for task in tasks:
                 task.cancel()
@@ -243,6 +252,13 @@ class ClusterHost:
 
     def names(self) -> dict[str, str]:
         return {m.info.node_id: m.info.name for m in self.view.members}
+
+
+ACTIVE_TASKS = frozenset({"queued", "prefill", "decoding", "recovering"})
+
+
+async def _nothing(node_id: str, estimate: StageEstimate) -> None:
+    return None
 
 
 def describe_device(info: NodeInfo) -> str:

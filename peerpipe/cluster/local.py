@@ -101,7 +101,7 @@ class LocalDevice:
             ram_bytes=caps.ram_total_bytes,
         )
 
-    async def layer_timing(self, model_shape: str, dtype: str) -> LayerTiming:
+    async def layer_timing(self, model_shape: str, dtype: str, *, fresh: bool = False) -> LayerTiming:
         from peerpipe.engine.config import ModelConfig
 
         try:
@@ -113,7 +113,7 @@ class LocalDevice:
         cfg = ModelConfig.from_hf(raw)
         self.meter.start()
         try:
-            return await run_compute(self.cache.layer, cfg, dtype or self.default_dtype)
+            return await run_compute(self.cache.layer, cfg, dtype or self.default_dtype, fresh=fresh)
         finally:
             self.meter.stop()
 
@@ -122,7 +122,7 @@ class LocalDevice:
         timing, errors = None, []
         if request.model_shape:
             try:
-                timing = await self.layer_timing(request.model_shape, request.dtype)
+                timing = await self.layer_timing(request.model_shape, request.dtype, fresh=request.fresh)
             except (PeerpipeError, ValueError, RuntimeError) as exc:
                 errors.append(f"layer benchmark failed: {exc}")
         links, failed = await measure_links(node, request.links_to)

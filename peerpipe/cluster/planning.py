@@ -141,7 +141,7 @@ def to_protocol(
         version,
         model.model_id,
         model.num_layers,
-        tuple(PlanStage(s.node_id, s.start, s.end) for s in result.stages),
+        tuple(PlanStage(s.node_id, s.start, s.end, s.compute_ms) for s in result.stages),
         result.predicted_ms_per_token,
         tuple(PlanStage(*s) for s in standbys),
     )

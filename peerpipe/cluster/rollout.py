@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from peerpipe.cluster.config import ClusterConfig
+from peerpipe.cluster.estimates import StageEstimate
 from peerpipe.cluster.links import measure_links
 from peerpipe.cluster.local import LocalDevice
 from peerpipe.cluster.local_stage import LocalStage
@@ -209,6 +210,27 @@ class Rollout:
                 self.links[(stat.src, stat.dst)] = stat
         if result.error:
             self.host.report(f"benchmark on {name}: {result.error}")
+
+    async def remeasure(self, node_id: str, estimate: StageEstimate) -> None:
+        """Time ``node_id``'s layer again, past its cache: its stage runs at a pace the plan did
+        not predict. The fresh figure replaces the old one here and in the node's cache."""
+        host, model = self.host, self.model
+        name = host.names().get(node_id, node_id[:8])
+        host.report(
+            f"{name}: predicted {estimate.predicted_ms:.2f} ms per decode step, measured {estimate.measured_ms:.2f}: "
+            "timing its layers again"
+        )
+        before = self.timings.get(node_id)
+        if node_id == host.node.node_id:
+            try:
+                self.timings[node_id] = await host.device.layer_timing(model.shape_json, model.dtype, fresh=True)
+            except (PeerpipeError, RuntimeError) as exc:
+                host.report(f"could not time a layer here again ({exc})")
+        else:
+            await self._ask(node_id, BenchmarkRequest(next(self._request_ids), model.shape_json, model.dtype, fresh=True))
+        after = self.timings.get(node_id)
+        if before is not None and after is not None:
+            host.report(f"{name}: one layer {before.decode_ms:.3f} -> {after.decode_ms:.3f} ms per token (used from the next plan on)")
 
     def on_benchmark(self, result: BenchmarkResult) -> None:
         waiter = self._waiting.pop(result.request_id, None)

@@ -44,7 +44,8 @@ class _Session:
 
 @dataclass
 class StageStats:
-    """Forwards run and the seconds they took; one per node, kept across plans."""
+    """Decode forwards run (one new position per answer; a batch counts once) and the seconds
+    they took; one per node, kept across plans."""
 
     steps: int = 0
     compute_s: float = 0.0
@@ -180,8 +181,9 @@ class StageServer:
         if not ready:
             return
         began = time.perf_counter()
+        decode = self._new_positions(ready[0]) == 1
         try:
-            if self._graphed is not None and self._new_positions(ready[0]) == 1:
+            if self._graphed is not None and decode:
                 # A graph replay is launched in microseconds and the copy out waits for the GPU,
                 # not for Python: a hop to the compute thread (and back) would cost more than it.
                 outputs = self._forward(ready)
@@ -193,8 +195,9 @@ class StageServer:
                 self._cancel(request.task_id)
                 await self._fail(request, f"{type(exc).__name__}: {exc}")
             return
-        self.stats.steps += 1
-        self.stats.compute_s += time.perf_counter() - began
+        if decode:  # prefill chunks would make the per-step figure meaningless
+            self.stats.steps += 1
+            self.stats.compute_s += time.perf_counter() - began
         for request, output in zip(ready, outputs, strict=True):
             if self.next_hop is None:
                 await self._send(

@@ -122,8 +122,9 @@ class LeaveCluster:
 class Heartbeat:
     """Periodic liveness and load report; ``load`` is the busy fraction in ``[0, 1]``.
 
-    ``steps`` and ``compute_s`` count the forwards this node's stage has run and the seconds they
-    took, since it started: the host exports them as each stage's latency."""
+    ``steps`` and ``compute_s`` count the decode forwards (one new position per answer, a batch
+    counting once) this node's stage has run and the seconds they took, since it started: the
+    host shows them next to the plan's prediction and exports them as each stage's latency."""
 
     TAG: ClassVar[str] = "heartbeat"
     load: float
@@ -210,12 +211,14 @@ class BenchmarkRequest:
     model_shape: str = ""
     dtype: str = ""
     links_to: tuple[str, ...] = ()
+    fresh: bool = False  # measure the layer again instead of reading the node's cache
 
     def __post_init__(self) -> None:
         need_int(self, "request_id")
         need_str(self, "model_shape", MAX_MODEL_SHAPE_LEN)
         need_str(self, "dtype", MAX_NAME_LEN)
         need_tuple_of(self, "links_to", str, MAX_MEMBERS)
+        need_bool(self, "fresh")
 
 
 @dataclass(frozen=True, slots=True)

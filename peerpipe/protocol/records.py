@@ -207,16 +207,19 @@ class TaskInfo:
 
 @dataclass(frozen=True, slots=True)
 class PlanStage:
-    """One pipeline stage: ``node_id`` runs layers ``[start, end)``."""
+    """One pipeline stage: ``node_id`` runs layers ``[start, end)``; the planner predicted
+    ``predicted_ms`` per decode step for it (0: not predicted, as for a promoted standby)."""
 
     node_id: str
     start: int
     end: int
+    predicted_ms: float = 0.0
 
     def __post_init__(self) -> None:
         need_id(self, "node_id")
         need_int(self, "start", 0, MAX_LAYERS)
         need_int(self, "end", 1, MAX_LAYERS)
+        need_float(self, "predicted_ms")
         if self.start >= self.end:
             raise ValidationError(f"PlanStage layer range [{self.start}, {self.end}) is empty")
 

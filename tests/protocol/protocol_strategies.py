@@ -92,7 +92,7 @@ def plans(draw: st.DrawFn) -> p.Plan:
     cuts = sorted(set(draw(st.lists(st.integers(1, 99), max_size=6))))
     num_layers = draw(st.integers((cuts[-1] + 1) if cuts else 1, 100))
     bounds = [0, *cuts, num_layers]
-    stages = tuple(p.PlanStage(draw(ids), a, b) for a, b in itertools.pairwise(bounds))
+    stages = tuple(p.PlanStage(draw(ids), a, b, draw(st.floats(0.0, 1e6))) for a, b in itertools.pairwise(bounds))
     spares = tuple(
         p.PlanStage(f"spare-{s.node_id}", s.start, s.end) for s in stages if draw(st.booleans())
     )
@@ -165,6 +165,7 @@ STRATEGIES: dict[type, st.SearchStrategy] = {
         model_shape=texts,
         dtype=st.sampled_from(["", "float32", "bfloat16"]),
         links_to=st.lists(ids, max_size=3).map(tuple),
+        fresh=st.booleans(),
     ),
     p.BenchmarkResult: st.builds(
         p.BenchmarkResult,

@@ -58,7 +58,8 @@ function renderPipeline(r) {
   const box = $("#pipeline");
   box.replaceChildren();
   if (!r.plan) { $("#plan-facts").textContent = "no plan yet"; return; }
-  $("#plan-facts").textContent = `plan v${r.plan.version} · ${r.plan.stages.length} stages · ${fmt(r.plan.predicted_ms, 2)} ms/token predicted`;
+  $("#plan-facts").textContent = `plan v${r.plan.version} · ${r.plan.stages.length} stages · ${fmt(r.plan.predicted_ms, 2)} ms/token predicted` +
+    (r.plan.measured_ms == null ? "" : ` · ${fmt(r.plan.measured_ms, 2)} measured`);
   r.plan.stages.forEach((s, i) => {
     if (i > 0) box.append(el("span", { class: "arrow" }, "→"));
     const width = (100 * (s.end - s.start)) / r.plan.layers;
@@ -85,7 +86,7 @@ function renderNodes(r) {
       el("td", {}, el("span", { class: "dot " + n.health }), `${n.status} · ${beat}`),
       el("td", { class: "num" }, `${Math.round(100 * n.load)} %`),
       el("td", {}, s ? layers(s).replace("layers ", "").replace("layer ", "") : "–"),
-      el("td", { class: "num" }, fmt(n.ms_per_forward, 2)));
+      el("td", { class: "num" }, `${s && s.predicted_ms != null ? fmt(s.predicted_ms, 2) : "–"} · ${fmt(n.ms_per_forward, 2)}`));
   });
   $("#nodes tbody").replaceChildren(...rows);
 }

@@ -1,0 +1,100 @@
+"""Predicted against measured: each stage's decode step as the plan predicted it and as the
+stage's heartbeats report it.
+
+A layer timing that is off by more than ``TOLERANCE`` times (a benchmark taken while the machine
+was busy, a driver or clock that changed since) is measured again, bypassing the node's cache,
+once the room is idle: the node's cache then holds the real figure, and the next plan uses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from peerpipe.protocol import MemberState, Plan, TaskInfo
+
+TOLERANCE = 2.0
+MIN_STEPS = 16  # decode steps since the plan before a stage's figure is trusted
+CHECK_EVERY_S = 1.0
+
+
+@dataclass(frozen=True)
+class StageEstimate:
+    node_id: str
+    predicted_ms: float  # per decode step, 0 when the plan has no prediction for the stage
+    measured_ms: float | None  # per decode step since the plan, None before MIN_STEPS
+    steps: int
+
+    @property
+    def off(self) -> bool:
+        """Measured and predicted disagree by more than the tolerance, either way."""
+        if self.measured_ms is None or self.predicted_ms <= 0:
+            return False
+        ratio = self.measured_ms / self.predicted_ms
+        return ratio > TOLERANCE or ratio < 1 / TOLERANCE
+
+
+def measured_ms_per_token(tasks: Sequence[TaskInfo]) -> float | None:
+    """The room's measured decode pace: the mean ms per token of the answers in the view that
+    decoded at least a few tokens; None when there are none."""
+    paces = [1e3 / t.tok_s for t in tasks if t.tok_s > 0 and t.tokens >= 4]
+    return sum(paces) / len(paces) if paces else None
+
+
+Baselines = dict[str, tuple[int, float]]  # node -> (steps, compute_s) when the plan began
+
+
+def stage_estimates(plan: Plan, members: Sequence[MemberState], baselines: Baselines) -> list[StageEstimate]:
+    """Each stage of ``plan``: predicted and measured ms per decode step (pure)."""
+    by_id = {m.info.node_id: m for m in members}
+    out = []
+    for stage in plan.stages:
+        member = by_id.get(stage.node_id)
+        if member is None:
+            continue
+        steps0, seconds0 = baselines.get(stage.node_id, (0, 0.0))
+        steps = member.steps - steps0
+        measured = (member.compute_s - seconds0) * 1e3 / steps if steps >= MIN_STEPS else None
+        out.append(StageEstimate(stage.node_id, stage.predicted_ms, measured, max(steps, 0)))
+    return out
+
+
+class EstimateWatch:
+    """Keeps the baselines of the current plan and re-measures a node whose figure is off.
+
+    ``remeasure(node_id)`` does the measuring (the rollout's); ``idle()`` says the room runs no
+    answers, so a fresh benchmark competes with nothing."""
+
+    def __init__(
+        self,
+        plan: Callable[[], Plan | None],
+        members: Callable[[], Sequence[MemberState]],
+        idle: Callable[[], bool],
+        remeasure: Callable[[str, StageEstimate], Awaitable[None]],
+    ) -> None:
+        self._plan = plan
+        self._members = members
+        self._idle = idle
+        self._remeasure = remeasure
+        self._version = -1
+        self.baselines: Baselines = {}
+        self.remeasured: set[str] = set()  # once per node and plan: a figure that stays off is the real one
+
+    def estimates(self) -> list[StageEstimate]:
+        plan = self._plan()
+        if plan is None:
+            return []
+        if plan.version != self._version:
+            self._version = plan.version
+            self.baselines = {m.info.node_id: (m.steps, m.compute_s) for m in self._members()}
+            self.remeasured = set()
+        return stage_estimates(plan, self._members(), self.baselines)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(CHECK_EVERY_S)
+            for estimate in self.estimates():
+                if estimate.off and estimate.node_id not in self.remeasured and self._idle():
+                    self.remeasured.add(estimate.node_id)
+                    await self._remeasure(estimate.node_id, estimate)
