@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,7 @@ from peerpipe.inference.entry import Entry, EntryConfig
 from peerpipe.inference.errors import NotReadyError
 from peerpipe.inference.runtime import StageRuntime
 from peerpipe.inference.sampling import sampling_from
-from peerpipe.logs import Report
+from peerpipe.logs import Report, log_reporter
 from peerpipe.models import resolve_model
 from peerpipe.plan import Budget
 from peerpipe.protocol import Plan, RoomView
@@ -48,6 +49,8 @@ from peerpipe.transport import Address
 
 if TYPE_CHECKING:
     from peerpipe.api import ApiServer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,6 +64,12 @@ class Room:
 
     def view(self) -> RoomView:
         return self.cluster.room_view()
+
+    async def rotate_code(self) -> RoomCode:
+        """Give the room a fresh code (someone was guessing the old one): only the new code
+        admits from now on; members already in stay and learn it."""
+        self.code = await self.cluster.rotate_code()
+        return self.code
 
     def _entry(self) -> Entry:
         if self.inference is None:
@@ -229,6 +238,7 @@ async def join_room(
     report: Report | None = None,
     stop: asyncio.Event | None = None,
     on_join: Callable[[PeerInfo], None] | None = None,
+    on_new_code: Callable[[RoomCode], None] | None = None,
 ) -> AsyncIterator[Node]:
     """Join a room by code (by mDNS on ``listen``'s network, or at ``peer``) and serve a stage
     of ``model`` when the plan gives this node one, until ``stop`` is set, the block ends or the
@@ -236,7 +246,12 @@ async def join_room(
     ``measured`` is as for ``create_room``."""
     leave = asyncio.Event()  # set by ``stop`` or by the end of the block; the caller's event is theirs
     async with Member(parse_code(code), name=name) as node:
-        host = await node.join(peer, interface=listen, discovery_timeout_s=discovery_timeout_s)
+        def waiting(seconds: float) -> None:
+            (report or log_reporter(log))(
+                f"the host slows down joins from this address after wrong codes: waiting {seconds:.0f} s for it"
+            )
+
+        host = await node.join(peer, interface=listen, discovery_timeout_s=discovery_timeout_s, on_wait=waiting)
         if on_join is not None:
             on_join(host)
         mesh = await node.listen(listen, 0)
@@ -250,6 +265,7 @@ async def join_room(
         cluster = ClusterMember(
             node, host.node_id, local, stage, address=f"{mesh[0]}:{mesh[1]}", membership=membership, report=report
         )
+        cluster.on_new_code = on_new_code
         ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         stage_stop = asyncio.Event()
 

@@ -9,7 +9,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
+import signal
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from peerpipe.cli.args import add_strategy_arguments, model_path, parse_address
 from peerpipe.cli.signals import Interrupts, run_command
@@ -17,6 +21,9 @@ from peerpipe.errors import PeerpipeError
 from peerpipe.models import BUNDLED
 from peerpipe.room import PeerInfo, RoomCode, default_lan_ip, parse_code
 from peerpipe.transport import Address
+
+if TYPE_CHECKING:
+    from peerpipe.python_api import Room
 
 
 def say(line: str) -> None:
@@ -208,6 +215,7 @@ async def _host(args: argparse.Namespace, signals: Interrupts) -> int:
     timeouts = Timeouts(stall_s=args.stall_timeout)
     _use_threads(args)
     check_model(args.model)
+    record: list[Callable[[str], None]] = []  # the registry entry's writer, once the room is open
     with contextlib.ExitStack() as registry:
         http = reserve_http(args, say)
         if http is not None:
@@ -216,7 +224,7 @@ async def _host(args: argparse.Namespace, signals: Interrupts) -> int:
         def opened(code: RoomCode, address: Address) -> None:
             say(f"room code: {code}")
             say(f"listening on {address[0]}:{address[1]}")
-            registry.enter_context(registered(str(code), f"{address[0]}:{address[1]}", "host"))
+            record.append(registry.enter_context(registered(str(code), f"{address[0]}:{address[1]}", "host")))
 
         async with create_room(
             args.model,
@@ -236,13 +244,32 @@ async def _host(args: argparse.Namespace, signals: Interrupts) -> int:
             say(f"this node: {describe_device(room.cluster.info)}")
             api = await start_api(room, args, say, http)
             signals.serving()
+            room.cluster.rotate_hint = f"kill -USR1 {os.getpid()}"
+            rotating = asyncio.create_task(_rotate_on_sigusr1(room, record[0]))
             try:
                 await signals.stop.wait()
             finally:
+                rotating.cancel()
                 if api is not None:
                     await api.close()
     say("room closed")
     return 0
+
+
+async def _rotate_on_sigusr1(room: Room, record: Callable[[str], None]) -> None:
+    """SIGUSR1 gives the room a fresh code without restarting it (someone was guessing)."""
+    wanted = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGUSR1, wanted.set)
+    try:
+        while True:
+            await wanted.wait()
+            wanted.clear()
+            code = await room.rotate_code()
+            record(str(code))
+            say(f"room code: {code}   (fresh: the old code admits no one; members already in stay)")
+    finally:
+        loop.remove_signal_handler(signal.SIGUSR1)
 
 
 def join_cmd(args: argparse.Namespace) -> int:
@@ -262,12 +289,21 @@ async def _join(args: argparse.Namespace, signals: Interrupts) -> int:
     check_model(args.model)
     stop = signals.stop
     attempt = 0
+    record: list[Callable[[str], None]] = []  # this try's registry entry writer
     while True:
         with contextlib.ExitStack() as registry:
 
+            record.clear()
+
             def joined(host: PeerInfo) -> None:
                 say(f"joined room {code.nameplate}: host {host.name} at {host.address[0]}:{host.address[1]}")
-                registry.enter_context(registered(str(code), f"{host.address[0]}:{host.address[1]}", "member"))
+                record.append(registry.enter_context(registered(str(code), f"{host.address[0]}:{host.address[1]}", "member")))
+
+            def new_code(fresh: RoomCode) -> None:
+                nonlocal code
+                code = fresh  # a rejoin after losing the host uses it too
+                if record:
+                    record[0](str(fresh))
 
             try:
                 async with join_room(
@@ -283,6 +319,7 @@ async def _join(args: argparse.Namespace, signals: Interrupts) -> int:
                     report=say,
                     stop=stop,
                     on_join=joined,
+                    on_new_code=new_code,
                 ) as node:
                     attempt = 0
                     signals.serving()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,15 +31,20 @@ def rooms_dir() -> Path:
 
 
 @contextlib.contextmanager
-def registered(code: str, host: str, role: str) -> Iterator[Path]:
+def registered(code: str, host: str, role: str) -> Iterator[Callable[[str], None]]:
+    """This process's entry while the block runs; the yielded function records a new code."""
     folder = rooms_dir()
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = folder / f"{role}-{os.getpid()}.json"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"code": code, "host": host, "role": role, "pid": os.getpid()}, f)
+
+    def write(code: str) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"code": code, "host": host, "role": role, "pid": os.getpid()}, f)
+
+    write(code)
     try:
-        yield path
+        yield write
     finally:
         path.unlink(missing_ok=True)
 

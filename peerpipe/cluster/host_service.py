@@ -38,6 +38,7 @@ from peerpipe.protocol import (
     LeaveCluster,
     MemberState,
     Message,
+    NewCode,
     NodeInfo,
     PlanAck,
     RoomView,
@@ -46,11 +47,13 @@ from peerpipe.protocol import (
 from peerpipe.room import (
     LINK_ERRORS,
     HandshakeRefused,
+    Host,
     MessageFrom,
     PeerJoined,
     PeerLeft,
+    RoomCode,
     RoomEvent,
-    RoomNode,
+    generate_code,
 )
 
 log = logging.getLogger(__name__)
@@ -59,7 +62,7 @@ log = logging.getLogger(__name__)
 class ClusterHost:
     def __init__(
         self,
-        node: RoomNode,
+        node: Host,
         device: LocalDevice,
         config: ClusterConfig | None = None,
         model: ModelChoice | None = None,
@@ -83,6 +86,7 @@ class ClusterHost:
         self.tasks: Callable[[], tuple[TaskInfo, ...]] = tuple
         self._changed = asyncio.Event()  # set whenever the view, the plan or the acks change
         self._alive: frozenset[str] = frozenset(self.view.ids)
+        self.rotate_hint = "Room.rotate_code() gives it one"  # the CLI names its own way
         rollout = self.rollout
         self.estimates = EstimateWatch(
             lambda: rollout.plan if rollout is not None else None,
@@ -119,6 +123,21 @@ class ClusterHost:
                 self.report(f"left: {member.info.name} ({member.info.node_id[:8]}), {how}")
         elif isinstance(event, HandshakeRefused):
             self.report(f"refused {event.address[0]}:{event.address[1]}: {event.error}")
+            if event.failures in GUESS_WARNINGS or event.room_failures == ROOM_GUESS_WARNING:
+                self.report(
+                    f"warning: {event.failures} wrong code(s) from {event.address[0]}, {event.room_failures} in all: "
+                    "someone may be guessing the room's code. Their joins are slowed down; to shut them out, "
+                    f"give the room a fresh code ({self.rotate_hint}); members already in stay"
+                )
+
+    async def rotate_code(self) -> RoomCode:
+        """A fresh code for the room: only it admits from now on. Members hear it (their new
+        connections to each other use it); connections already open stay."""
+        code = generate_code()
+        await self.node.rotate_code(code)
+        await self.broadcast(NewCode(str(code)))
+        self.report(f"the room's code is now {code} (the old one admits no one)")
+        return code
 
     async def _on_message(self, peer: str, message: Message) -> None:
         if isinstance(message, Heartbeat):
@@ -254,6 +273,8 @@ class ClusterHost:
         return {m.info.node_id: m.info.name for m in self.view.members}
 
 
+GUESS_WARNINGS = frozenset({5, 20, 100, 500})  # wrong codes from one address that make the host warn
+ROOM_GUESS_WARNING = 16  # ... and from all addresses together (the room-wide slow-down starts there)
 ACTIVE_TASKS = frozenset({"queued", "prefill", "decoding", "recovering"})
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 from peerpipe.cluster.local import LocalDevice
 from peerpipe.cluster.local_stage import LocalStage
@@ -22,11 +23,21 @@ from peerpipe.protocol import (
     JoinCluster,
     LeaveCluster,
     Message,
+    NewCode,
     Plan,
     PlanAck,
     RoomView,
 )
-from peerpipe.room import LINK_ERRORS, MessageFrom, PeerLeft, RoomEvent, RoomNode
+from peerpipe.room import (
+    LINK_ERRORS,
+    CodeFormatError,
+    MessageFrom,
+    PeerLeft,
+    RoomCode,
+    RoomEvent,
+    RoomNode,
+    parse_code,
+)
 from peerpipe.transport import ConnectionClosedError
 
 log = logging.getLogger(__name__)
@@ -57,6 +68,7 @@ class ClusterMember:
         self._in_view = False  # whether a view has listed this node since it (re)joined
         self._host_gone: asyncio.Future[PeerLeft] | None = None
         self._tg: asyncio.TaskGroup | None = None
+        self.on_new_code: Callable[[RoomCode], None] | None = None  # the room's code changed
 
     async def run(self, stop: asyncio.Event) -> None:
         """Be a member until ``stop`` is set or the host goes; raises if the host was lost."""
@@ -116,6 +128,15 @@ class ClusterMember:
                 self._in_view = listed
         elif isinstance(message, BenchmarkRequest):
             tg.create_task(self._benchmark(message))
+        elif isinstance(message, NewCode):
+            try:
+                self.node.code = parse_code(message.code)
+            except CodeFormatError as exc:
+                log.warning("the host sent a code that does not parse: %s", exc)
+            else:
+                self.report(f"the host gave the room a fresh code: {self.node.code}")
+                if self.on_new_code is not None:
+                    self.on_new_code(self.node.code)
         elif isinstance(message, DistributionPlan):
             tg.create_task(self._take_plan(message))
 

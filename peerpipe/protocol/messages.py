@@ -119,6 +119,18 @@ class LeaveCluster:
 
 
 @dataclass(frozen=True, slots=True)
+class NewCode:
+    """The host gave the room a fresh code (someone was guessing the old one): members accept
+    and dial new connections with it from now on. Sent only on authenticated channels."""
+
+    TAG: ClassVar[str] = "new-code"
+    code: str
+
+    def __post_init__(self) -> None:
+        need_str(self, "code", MAX_NAME_LEN)
+
+
+@dataclass(frozen=True, slots=True)
 class Heartbeat:
     """Periodic liveness and load report; ``load`` is the busy fraction in ``[0, 1]``.
 
@@ -362,6 +374,7 @@ Message: TypeAlias = (
     | Bye
     | JoinCluster
     | LeaveCluster
+    | NewCode
     | Heartbeat
     | RoomView
     | DistributionPlan

@@ -34,6 +34,7 @@ from peerpipe.transport import (
     handshake,
     stream_factory,
 )
+from peerpipe.transport.connection import wait_notice
 from peerpipe.transport.stream import Stream
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ class HandshakeRefused:
 
     address: Address
     error: BaseException
+    failures: int = 0  # wrong codes from this address lately, this one included
+    room_failures: int = 0  # wrong codes from every address lately
 
 
 RoomEvent = PeerJoined | PeerLeft | MessageFrom | HandshakeRefused
@@ -212,7 +215,10 @@ class RoomNode:
 
     async def listen(self, host: str, port: int = 0) -> Address:
         """Accept peers on ``host:port``; returns the bound address (port 0 picks one)."""
-        factory = stream_factory(self.code, Role.LISTENER, self.hello, self.config, on_open=self._on_accept)
+        def factory() -> Stream:
+            # The code as it is now, for each new connection: a host may give its room a fresh one.
+            return stream_factory(self.code, Role.LISTENER, self.hello, self.config, on_open=self._on_accept)()
+
         try:
             server = await asyncio.get_running_loop().create_server(factory, host, port)
         except OSError as exc:
@@ -223,9 +229,10 @@ class RoomNode:
         log.info("listening on %s:%d", bound[0], bound[1])
         return bound[0], bound[1]
 
-    async def dial(self, address: Address) -> PeerInfo:
-        """Connect to a node at ``address``; raises ``WrongCodeError`` etc. on failure."""
-        channel = await dial(address, self.code, self.hello, self.config)
+    async def dial(self, address: Address, *, on_wait: Callable[[float], None] | None = None) -> PeerInfo:
+        """Connect to a node at ``address``; raises ``WrongCodeError`` etc. on failure. ``on_wait``
+        hears how long the peer makes us wait, when it slows down handshakes from our address."""
+        channel = await dial(address, self.code, self.hello, self.config, on_wait)
         if reason := self._refusal(channel):
             await channel.refuse(reason)
             raise ConnectionClosedError(f"not connecting to {address[0]}:{address[1]}: {reason}")
@@ -271,6 +278,7 @@ class RoomNode:
                 delay = self.limiter.delay_for(ip)
                 if delay:
                     log.info("delaying handshake from %s by %.1f s after earlier failures", ip, delay)
+                    stream.transport.write(wait_notice(delay))  # so a joiner waits rather than gives up
                     await asyncio.sleep(delay)
                 async with self._handshakes:
                     channel = await handshake(stream, self.config)
@@ -279,7 +287,7 @@ class RoomNode:
                 self.limiter.failed(ip)
             stream.transport.close()
             log.info("refused %s:%d: %s", ip, address[1], failed.error)
-            self._report(HandshakeRefused(address, failed.error))
+            self._report(HandshakeRefused(address, failed.error, self.limiter.failures(ip), self.limiter.room_failures()))
             return None
         except TimeoutError:
             stream.transport.close()

@@ -61,6 +61,17 @@ class FailureLimiter:
     def succeeded(self, address: str) -> None:
         self._records.pop(address, None)
 
+    def room_failures(self) -> int:
+        """Failures from every address since the room-wide count was last forgotten."""
+        if self.clock() - self._room.last > self.forget_after_s:
+            return 0
+        return self._room.failures
+
+    def forget_room(self) -> None:
+        """Start the room-wide count again (a fresh code: guesses at the old one tell nothing
+        about it); each address keeps its own count, so a guesser stays slowed down."""
+        self._room = _Record(0, 0.0)
+
     def failures(self, address: str) -> int:
         record = self._current(address)
         return 0 if record is None else record.failures

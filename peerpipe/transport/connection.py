@@ -6,7 +6,8 @@ every message with AES-GCM. It never touches a socket or a clock, so every state
 and every failure is testable by feeding bytes (see docs/transport.md).
 
 Wire, both directions, every frame: ``u32 length (big endian) | body``.
-Handshake bodies are plaintext ``type | payload``; every frame after the peer's
+Handshake bodies are plaintext ``type | payload`` (a listener that delays a handshake first
+sends a wait notice, ``3 | u32 ms``); every frame after the peer's
 confirmation is an encrypted record whose plaintext is one encoded ``Message``.
 """
 
@@ -56,6 +57,8 @@ MIN_READ = 256 * 1024  # the least free space get_buffer() offers a read
 MAX_IDLE_BUFFER = 16 * 1024 * 1024
 _PAKE = 1
 _CONFIRM = 2
+_WAIT = 3  # listener -> dialer, before its PAKE message: "I answer in this many ms" (u32)
+MAX_WAIT_MS = 120_000  # a listener may ask a dialer to wait at most this long per notice
 
 
 class State(Enum):
@@ -110,7 +113,15 @@ class Closed:
     error: PeerpipeError | None = None
 
 
-Event = Opened | MessageReceived | Closed
+@dataclass(frozen=True)
+class Throttled:
+    """The listener slows down handshakes from this address (after wrong codes): it answers in
+    ``seconds``. Plaintext and unauthenticated: it can only make a dialer wait, never admit it."""
+
+    seconds: float
+
+
+Event = Opened | MessageReceived | Closed | Throttled
 _OPEN = State.OPEN  # a module global reads faster than an Enum member on the per-message paths
 
 
@@ -293,8 +304,7 @@ class Connection:
 
     def _handle(self, body: memoryview) -> Event | None:
         if self._opener is None:
-            self._handle_handshake(body)
-            return None
+            return self._handle_handshake(body)
         return self._on_record(decode(self._opener.open(body), self.limits))
 
     def _on_record(self, message: Message) -> Event | None:
@@ -309,8 +319,15 @@ class Connection:
             raise PeerProtocolError("the peer sent a second Hello on an open connection")
         return MessageReceived(message)
 
-    def _handle_handshake(self, body: memoryview) -> None:
+    def _handle_handshake(self, body: memoryview) -> Event | None:
         kind, payload = body[0] if body else -1, bytes(body[1:])
+        if self._keys is None and kind == _WAIT and self.role is Role.DIALER:
+            if len(payload) != _WAIT_MS.size:
+                raise HandshakeError("the peer sent a malformed wait notice")
+            (ms,) = _WAIT_MS.unpack(payload)
+            if ms > MAX_WAIT_MS:
+                raise HandshakeError(f"the peer asked us to wait {ms / 1e3:g} s, more than {MAX_WAIT_MS / 1e3:g} s")
+            return Throttled(ms / 1e3)
         if self._keys is None:
             if kind != _PAKE or not payload.startswith(APP_ID):
                 raise HandshakeError("the peer is not a peerpipe node (or speaks another wire version)")
@@ -320,13 +337,14 @@ class Connection:
             # and the Hello is unreadable to anyone who does not hold the code.
             self._outbuf.append(_frame(bytes([_CONFIRM]) + self._keys.confirmation()))
             self._outbuf.extend(self._seal(encode(self._hello)))
-            return
+            return None
         if kind != _CONFIRM or len(payload) != CONFIRM_BYTES:
             raise HandshakeError("the peer sent a malformed key confirmation")
         self._keys.check_confirmation(payload)
         self._opener = RecordOpener(self._keys.recv_key)
         self._frame_limit = self.limits.max_frame_bytes + TAG_BYTES
         self._apply(Input.PEER_CONFIRMED)
+        return None
 
     def _handle_hello(self, message: Message) -> Event:
         if not isinstance(message, Hello):
@@ -339,6 +357,16 @@ class Connection:
 
 def _frame(body: bytes) -> bytes:
     return _LEN.pack(len(body)) + body
+
+
+_WAIT_MS = struct.Struct(">I")
+
+
+def wait_notice(seconds: float) -> bytes:
+    """The frame a listener writes before it delays a handshake, so the dialer knows to wait
+    (and for how long) instead of giving up at its own deadline."""
+    ms = min(MAX_WAIT_MS, max(0, round(seconds * 1e3)))
+    return _frame(bytes([_WAIT]) + _WAIT_MS.pack(ms))
 
 
 def _lost_error(state: State) -> PeerpipeError | None:

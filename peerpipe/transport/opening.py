@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from peerpipe.protocol import Hello
 from peerpipe.transport.channel import Address, Channel, TransportConfig
-from peerpipe.transport.connection import Closed, Connection, MessageReceived, State
+from peerpipe.transport.connection import Closed, Connection, MessageReceived, State, Throttled
 from peerpipe.transport.crypto import Role, Secret
 from peerpipe.transport.errors import ConnectionClosedError, HandshakeError, TransportTimeoutError
 from peerpipe.transport.stream import Stream
@@ -34,17 +34,22 @@ def stream_factory(
     return make
 
 
-async def handshake(stream: Stream, config: TransportConfig) -> Channel:
+OnWait = Callable[[float], None]
+
+
+async def handshake(stream: Stream, config: TransportConfig, on_wait: OnWait | None = None) -> Channel:
     """Run the PAKE, key confirmation and Hello on a fresh stream; returns an open channel.
 
-    Raises ``HandshakeFailed`` carrying the typed error and whether the peer spent a guess at
-    the code (for the rate limiter); the caller closes the transport then.
+    A listener's wait notice moves the deadline out by the wait it announces, and ``on_wait``
+    hears it. Raises ``HandshakeFailed`` carrying the typed error and whether the peer spent a
+    guess at the code (for the rate limiter); the caller closes the transport then.
     """
     conn, transport = stream.conn, stream.transport
     channel = Channel(stream, config)
     transport.write(conn.start())
+    loop = asyncio.get_running_loop()
     try:
-        async with asyncio.timeout(config.handshake_timeout_s):
+        async with asyncio.timeout(config.handshake_timeout_s) as deadline:
             while True:
                 events = conn.receive_buffered()
                 if not events and stream.at_eof:
@@ -58,6 +63,10 @@ async def handshake(stream: Stream, config: TransportConfig) -> Channel:
                         raise HandshakeFailed(event.error or HandshakeError(event.reason), conn.code_tried)
                     if isinstance(event, MessageReceived):
                         channel.early.append(event.message)
+                    elif isinstance(event, Throttled):
+                        deadline.reschedule(loop.time() + event.seconds + config.handshake_timeout_s)
+                        if on_wait is not None:
+                            on_wait(event.seconds)
                 if conn.state is State.OPEN:
                     return channel
                 await stream.wait_readable()
@@ -94,7 +103,11 @@ async def _linger(stream: Stream) -> None:
 
 
 async def dial(
-    address: Address, secret: Secret, hello: Hello, config: TransportConfig | None = None
+    address: Address,
+    secret: Secret,
+    hello: Hello,
+    config: TransportConfig | None = None,
+    on_wait: OnWait | None = None,
 ) -> Channel:
     """Connect to ``address`` and authenticate with ``secret``. Raises a ``TransportError`` on failure."""
     config = config or TransportConfig()
@@ -110,7 +123,7 @@ async def dial(
     except OSError as exc:
         raise ConnectionClosedError(f"could not connect to {host}:{port}: {exc.strerror or exc}") from exc
     try:
-        return await handshake(stream, config)
+        return await handshake(stream, config, on_wait)
     except HandshakeFailed as failed:
         stream.transport.close()
         raise failed.error from None

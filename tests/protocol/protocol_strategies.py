@@ -126,6 +126,7 @@ STRATEGIES: dict[type, st.SearchStrategy] = {
     p.Bye: st.builds(p.Bye, reason=texts),
     p.JoinCluster: st.builds(p.JoinCluster, node_info=node_infos),
     p.LeaveCluster: st.builds(p.LeaveCluster, peer_id=ids),
+    p.NewCode: st.builds(p.NewCode, code=texts),
     p.Heartbeat: st.builds(
         p.Heartbeat, load=st.floats(0.0, 1.0), status=st.sampled_from(sorted(p.HEARTBEAT_STATUSES))
     ),
