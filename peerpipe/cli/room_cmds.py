@@ -169,6 +169,14 @@ def add_join_parser(
     return parser
 
 
+def check_device(device: str | None) -> None:
+    """``--device``, checked before anything is announced."""
+    if device and not device.startswith("xpu"):
+        from peerpipe.engine.loader import resolve_device
+
+        resolve_device(device)
+
+
 def check_model(model: Path | None) -> None:
     """A model folder's files, checked before anything is announced: a bad one is one line now,
     not a room whose stages never load."""
@@ -214,6 +222,7 @@ async def _host(args: argparse.Namespace, signals: Interrupts) -> int:
     )
     timeouts = Timeouts(stall_s=args.stall_timeout)
     _use_threads(args)
+    check_device(args.device)
     check_model(args.model)
     record: list[Callable[[str], None]] = []  # the registry entry's writer, once the room is open
     with contextlib.ExitStack() as registry:
@@ -286,6 +295,7 @@ async def _join(args: argparse.Namespace, signals: Interrupts) -> int:
 
     code = parse_code(args.code)
     _use_threads(args)
+    check_device(args.device)
     check_model(args.model)
     stop = signals.stop
     attempt = 0

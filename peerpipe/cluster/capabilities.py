@@ -109,7 +109,13 @@ def detect(device: str | None = None, *, webgpu: bool = False) -> DeviceCaps:
     ram_total, ram_free = memory_info()
     cores = cpu_cores()
     wgpu_name = wgpu_adapter() if webgpu else ""
-    requested = torch.device(device) if device else None
+    requested = None
+    if device and not device.startswith("xpu"):  # the engine has no xpu path; the benchmarks do
+        from peerpipe.engine.loader import resolve_device
+
+        requested = resolve_device(device)  # an unknown or absent device is a clear error
+    elif device:
+        requested = torch.device(device)
     kind = requested.type if requested else _best_kind(torch)
     if kind == "cuda" and torch.cuda.is_available():
         index = requested.index if requested and requested.index is not None else torch.cuda.current_device()

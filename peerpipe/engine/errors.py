@@ -15,6 +15,10 @@ class ModelLoadError(EngineError):
     """The model folder or one of its files is missing, unreadable or inconsistent."""
 
 
+class DeviceError(ModelLoadError):
+    """The device asked for (``--device``) does not exist here, or this PyTorch cannot use it."""
+
+
 class TokenizerError(EngineError):
     """The tokenizer or chat template could not be loaded or rendered."""
 

@@ -12,7 +12,7 @@ import torch
 
 from peerpipe.dtypes import WEIGHT_DTYPES
 from peerpipe.engine.config import ModelConfig
-from peerpipe.engine.errors import ModelLoadError, UnsupportedModelError
+from peerpipe.engine.errors import DeviceError, ModelLoadError, UnsupportedModelError
 from peerpipe.engine.model import Stage, interleave_rope_dims
 from peerpipe.engine.safetensors_io import TensorEntry, read_header, read_tensors
 
@@ -44,15 +44,15 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError) as exc:
-        raise ModelLoadError(f"unknown device {name!r}: use cpu, cuda, cuda:N or mps") from exc
+        raise DeviceError(f"unknown device {name!r}: use cpu, cuda, cuda:N or mps") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"device {name!r} asked for, but this PyTorch sees no CUDA GPU")
+        raise DeviceError(f"device {name!r} asked for, but this PyTorch sees no CUDA GPU")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ModelLoadError(f"device {name!r} asked for, but only {torch.cuda.device_count()} GPU(s) exist")
+        raise DeviceError(f"device {name!r} asked for, but only {torch.cuda.device_count()} GPU(s) exist")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ModelLoadError("device 'mps' asked for, but this PyTorch sees no Apple GPU")
+        raise DeviceError("device 'mps' asked for, but this PyTorch sees no Apple GPU")
     if device.type not in ("cpu", "cuda", "mps"):
-        raise ModelLoadError(f"unsupported device {name!r}: use cpu, cuda, cuda:N or mps")
+        raise DeviceError(f"unsupported device {name!r}: use cpu, cuda, cuda:N or mps")
     return device
 
 
