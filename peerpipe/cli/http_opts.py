@@ -25,6 +25,12 @@ def _http_address(text: str) -> Address | None:
     return parse_address(text, default_port=8088)
 
 
+def _non_negative(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number, 0 or more")
+    return int(text)
+
+
 def add_http_arguments(parser: argparse.ArgumentParser) -> None:
     default = os.environ.get(HTTP_ENV) or DEFAULT_HTTP
     parser.add_argument(
@@ -42,7 +48,7 @@ def add_http_arguments(parser: argparse.ArgumentParser) -> None:
         help="require 'Authorization: Bearer KEY' on the API (default: $PEERPIPE_API_KEY, else none)",
     )
     parser.add_argument(
-        "--max-pending", type=int, default=64, metavar="N", help="requests that may wait for a session before 'busy' (64)"
+        "--max-pending", type=_non_negative, default=64, metavar="N", help="requests that may wait for a session before 'busy' (64)"
     )
 
 
@@ -51,10 +57,7 @@ def reserve_http(args: argparse.Namespace, say: Callable[[str], None], *, any_po
     is an error at once; None with --http off. With ``any_port_if_busy`` (the demo), a default
     port that is taken gives way to a free one."""
     from peerpipe.api.errors import ListenError
-    from peerpipe.errors import PeerpipeError
 
-    if args.max_pending < 0:
-        raise PeerpipeError("--max-pending must be 0 or more")
     if args.http is None:
         return None
     host, port = args.http

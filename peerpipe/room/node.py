@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Hashable
@@ -223,7 +224,8 @@ class RoomNode:
             server = await asyncio.get_running_loop().create_server(factory, host, port)
         except OSError as exc:
             hint = " (is another room or program on that port? pick another or leave the port out)" if exc.errno == 98 else ""
-            raise ListenAddressError(f"cannot listen on {host}:{port}: {exc.strerror or exc}{hint}") from None
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise ListenAddressError(f"cannot listen on {host}:{port}: {why}{hint}") from None
         self._stack.push_async_callback(_close_server, server)
         bound = server.sockets[0].getsockname()
         log.info("listening on %s:%d", bound[0], bound[1])

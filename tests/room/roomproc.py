@@ -19,11 +19,19 @@ REPO = Path(__file__).resolve().parents[2]
 class RoomProc:
     """A CLI process whose stdout lines we can wait for (never sleep-and-hope)."""
 
-    def __init__(self, *args: str, prefix: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, *args: str, prefix: tuple[str, ...] = (), merge_stderr: bool = False, env: dict[str, str] | None = None
+    ) -> None:
+        """``merge_stderr``: ``expect`` sees stderr's lines too (and ``stderr()`` is empty)."""
         cmd = [*prefix, sys.executable, "-m", "peerpipe", *args]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(
-            cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            cmd,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
+            text=True,
         )
         self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []
@@ -50,6 +58,16 @@ class RoomProc:
             if m := regex.search(line):
                 return m
 
+    def unread(self) -> list[str]:
+        """Lines not yet matched by ``expect``, all of them once the process has exited."""
+        if self.proc.poll() is not None:
+            self._reader.join(timeout=10)
+        lines = []
+        while not self.lines.empty():
+            lines.append(self.lines.get_nowait())
+        self.seen.extend(lines)
+        return lines
+
     def interrupt(self) -> None:
         self.proc.send_signal(signal.SIGINT)
 
@@ -57,7 +75,8 @@ class RoomProc:
         return self.proc.wait(timeout=timeout)
 
     def stderr(self) -> str:
-        assert self.proc.stderr is not None
+        if self.proc.stderr is None:
+            return ""
         return self.proc.stderr.read()
 
     def stop(self) -> None:

@@ -1,0 +1,115 @@
+"""Every subcommand with what a user can type wrong: missing files, taken ports, bad values.
+Each must end in one line on stderr and exit 1 (what went wrong) or 2 (a bad argument), never a
+traceback, and a host must say nothing about a room it is not going to open."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from peerpipe.cli.main import main
+from peerpipe.models import default_model_dir
+
+
+@pytest.fixture(scope="module")
+def truncated(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled model with its last shard cut short, as an interrupted download leaves it."""
+    folder = tmp_path_factory.mktemp("truncated") / "austen-cut"
+    shutil.copytree(default_model_dir(), folder)
+    shard = folder / "model-00002-of-00002.safetensors"
+    with shard.open("r+b") as f:
+        f.truncate(shard.stat().st_size - 100_000)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def taken() -> Iterator[int]:
+    """A loopback port something is listening on."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        yield server.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def closed() -> int:
+    """A loopback port nothing listens on."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        return server.getsockname()[1]
+
+
+LOOP = ["--listen", "127.0.0.1", "--no-mdns", "--quick"]
+
+# (argv, exit code, words the one line must hold); {truncated}, {taken} and {closed} are filled in.
+CASES: list[tuple[list[str], int, str]] = [
+    (["host", "--model", "/no/such/model", *LOOP], 2, "no model folder"),
+    (["host", "--model", "{truncated}", *LOOP], 1, "file truncated"),
+    (["host", "--listen", "127.0.0.1:{taken}", "--no-mdns", "--quick"], 1, "Address already in use"),
+    (["host", "--http", "127.0.0.1:{taken}", *LOOP], 1, "cannot serve HTTP"),
+    (["host", "--device", "nonsense", *LOOP], 1, "unknown device"),
+    (["host", "--code", "7-amber", *LOOP], 1, "room code"),
+    (["host", "--context", "0", *LOOP], 1, "at least 1"),
+    (["host", "--threads", "0", *LOOP], 1, "thread"),
+    (["host", "--memory", "-1", *LOOP], 2, "must be positive"),
+    (["host", "--heartbeat", "x", *LOOP], 2, "not a number"),
+    (["host", "--replicas", "many", *LOOP], 2, "replicas"),
+    (["host", "--listen", "nohost:99999"], 2, "HOST:PORT"),
+    (["join"], 2, "code"),
+    (["join", "7-amber"], 1, "room code"),
+    (["join", "7-amber-falcon", "--peer", "nonsense"], 2, "HOST:PORT"),
+    (["join", "7-amber-falcon", "--peer", "127.0.0.1:{closed}", "--quick"], 1, "could not connect"),
+    (["join", "7-amber-falcon", "--model", "/no/such/model"], 2, "no model folder"),
+    (["join", "7-amber-falcon", "--model", "{truncated}", "--peer", "127.0.0.1:{closed}"], 1, "file truncated"),
+    (["join", "7-amber-falcon", "--device", "cuda:7", "--peer", "127.0.0.1:{closed}"], 1, "device"),
+    (["generate", "hello"], 1, "--model DIR"),
+    (["generate", "hello", "--model", "/no/such/model"], 2, "no model folder"),
+    (["generate", "hello", "--model", "{truncated}"], 1, "file truncated"),
+    (["generate", "hello", "--model", "austen", "--max-tokens", "0"], 2, "positive"),
+    (["generate", "hello", "--model", "austen", "--max-tokens", "lots"], 2, "whole number"),
+    (["generate", "hello", "--model", "austen", "--temperature", "-1"], 1, "temperature"),
+    (["generate", "hello", "--model", "austen", "--top-p", "7"], 1, "top_p"),
+    (["generate", "hello", "--model", "austen", "--device", "nonsense"], 1, "unknown device"),
+    (["generate", "hello", "--model", "austen", "--dtype", "int3"], 2, "invalid choice"),
+    (["generate", "hello", "--room", "7-amber-falcon", "--peer", "oops"], 2, "HOST:PORT"),
+    (["generate", "hello", "--room", "7-amber-falcon", "--timeout", "0"], 2, "positive"),
+    (["generate", "hello", "--room", "7-amber-falcon", "--peer", "127.0.0.1:{closed}"], 1, "could not connect"),
+    (["status", "--code", "7-amber-falcon", "--peer", "127.0.0.1:{closed}"], 1, "could not connect"),
+    (["status", "--code", "nonsense"], 1, "room code"),
+    (["status", "--bogus"], 2, "unrecognized"),
+    (["plan"], 2, "--model"),
+    (["plan", "--model", "/no/such/model", "--node", "a:mem=8,tflops=1"], 2, "no model folder"),
+    (["plan", "--model", "austen", "--node", "a:mem=lots,tflops=1"], 2, "must be a number"),
+    (["plan", "--model", "austen", "--node", "a:mem=0.001,tflops=1"], 1, "missing"),
+    (["plan", "--model", "austen", "--node", "a:mem=8,tflops=1", "--context", "0"], 1, "at least 1"),
+    (["bench", "--device", "nonsense", "--quick"], 1, "unknown device"),
+    (["bench", "--device", "cuda", "--quick"], 1, "no CUDA GPU"),
+    (["bench", "--model", "/no/such/model"], 2, "no model folder"),
+    (["demo", "--nodes", "0"], 1, "at least 1"),
+    (["demo", "--model", "/no/such/model"], 2, "no model folder"),
+    (["demo", "--model", "{truncated}", "--no-serve"], 1, "file truncated"),
+    (["demo", "--max-pending", "-1"], 2, "0 or more"),
+    (["doctor", "--model", "/no/such/model"], 2, "no model folder"),
+    (["doctor", "--listen", "127.0.0.1:notaport"], 2, "HOST:PORT"),
+    (["frobnicate"], 2, "invalid choice"),
+]
+
+
+@pytest.mark.parametrize(("argv", "code", "words"), CASES, ids=[" ".join(c[0])[:60] for c in CASES])
+def test_bad_input_is_one_line_and_a_clear_exit(
+    argv: list[str], code: int, words: str, truncated: Path, taken: int, closed: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [a.format(truncated=truncated, taken=taken, closed=closed) for a in argv]
+    try:
+        got = main(argv)
+    except SystemExit as exit_:  # argparse's way out for bad arguments
+        got = exit_.code
+    out, err = capsys.readouterr()
+    assert got == code, (got, out, err)
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(("peerpipe: error:", "peerpipe ")), err
+    assert words in last, last
+    if argv[0] == "host":
+        assert "room code" not in out, "a host that fails must not hand out a code"
