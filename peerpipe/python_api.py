@@ -188,6 +188,7 @@ async def create_room(
             cluster.rollout.on_replan = entry.replanned
             cluster.rollout.on_cannot_plan = entry.cannot_plan
             cluster.tasks = entry.task_infos
+            cluster.pace = entry.measured_ms
         plane.stage, plane.entry = stage, entry
         stop = asyncio.Event()
         try:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from peerpipe.cluster.estimates import measured_ms_per_token
 from peerpipe.protocol import MemberState, RoomView
 
 
@@ -56,7 +55,7 @@ def room_snapshot(
             "model": view.plan.model_id,
             "layers": view.plan.num_layers,
             "predicted_ms": round(view.plan.predicted_ms, 3),
-            "measured_ms": _round(measured_ms_per_token(view.tasks), 3),
+            "measured_ms": round(view.measured_ms, 3) if view.measured_ms else None,
             "stages": [
                 {
                     "node": s.node_id,
@@ -102,7 +101,3 @@ def room_snapshot(
         "totals": totals,
         "recovery": recovery,
     }
-
-
-def _round(value: float | None, digits: int) -> float | None:
-    return None if value is None else round(value, digits)

@@ -148,11 +148,9 @@ def add_status_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def view_to_json(view) -> dict[str, Any]:  # type: ignore[no-untyped-def]
-    from peerpipe.cluster.estimates import measured_ms_per_token
-
     held = {s.node_id: [s.start, s.end] for s in view.plan.stages} if view.plan else {}
     predicted = {s.node_id: s.predicted_ms for s in view.plan.stages if s.predicted_ms} if view.plan else {}
-    measured = measured_ms_per_token(view.tasks)
+    measured = view.measured_ms or None
     return {
         "epoch": view.epoch,
         "nodes": [
@@ -315,6 +313,13 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=plan_cmd)
 
 
+def _unique_names(names: dict[str, str]) -> dict[str, str]:
+    """Room nodes by name, told apart by their id where two share one (nodes on one machine
+    take its host name)."""
+    taken = [n for n in names.values()]
+    return {i: f"{n}-{i[:4]}" if taken.count(n) > 1 else n for i, n in names.items()}
+
+
 def _host_dtype(view: Any) -> str:
     """The dtype a room's host loads when not told: float32 on a CPU, half precision elsewhere
     (as ``LocalDevice.default_dtype``); bfloat16 without a room."""
@@ -344,7 +349,7 @@ def plan_cmd(args: argparse.Namespace) -> int:
     if view is not None:
         alive = [m for m in view.members if m.health == "alive"]
         room = [node_spec(spec, m.info, m.timing, model.shape_key, half=model.half) for m in alive]
-        names = {m.info.node_id: m.info.name for m in alive} | names
+        names = _unique_names({m.info.node_id: m.info.name for m in alive}) | names
         measured = network_from(view.links)
         links.update(measured.links)
         entry = room[0].node_id if room else entry  # the host is listed first

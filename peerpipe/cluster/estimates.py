@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from peerpipe.protocol import MemberState, Plan, TaskInfo
+from peerpipe.protocol import MemberState, Plan
 
 TOLERANCE = 2.0
 MIN_STEPS = 16  # decode steps since the plan before a stage's figure is trusted
@@ -33,13 +33,6 @@ class StageEstimate:
             return False
         ratio = self.measured_ms / self.predicted_ms
         return ratio > TOLERANCE or ratio < 1 / TOLERANCE
-
-
-def measured_ms_per_token(tasks: Sequence[TaskInfo]) -> float | None:
-    """The room's measured decode pace: the mean ms per token of the answers in the view that
-    decoded at least a few tokens; None when there are none."""
-    paces = [1e3 / t.tok_s for t in tasks if t.tok_s > 0 and t.tokens >= 4]
-    return sum(paces) / len(paces) if paces else None
 
 
 Baselines = dict[str, tuple[int, float]]  # node -> (steps, compute_s) when the plan began

@@ -84,6 +84,7 @@ class ClusterHost:
         self.rollout = Rollout(self, model, stage=stage) if model is not None else None
         # The answers the data plane is running, for the room view (the assembly sets it).
         self.tasks: Callable[[], tuple[TaskInfo, ...]] = tuple
+        self.pace: Callable[[], float] = lambda: 0.0  # measured ms per token of recent answers
         self._changed = asyncio.Event()  # set whenever the view, the plan or the acks change
         self._alive: frozenset[str] = frozenset(self.view.ids)
         self.rotate_hint = "Room.rotate_code() gives it one"  # the CLI names its own way
@@ -243,7 +244,7 @@ class ClusterHost:
         acked = tuple(sorted(rollout.acked)) if rollout else ()
         links = tuple(rollout.links.values()) if rollout else ()
         heartbeat = self.config.membership.heartbeat_s
-        return RoomView(self.view.epoch, members, plan, acked, links, heartbeat, self.tasks())
+        return RoomView(self.view.epoch, members, plan, acked, links, heartbeat, self.tasks(), self.pace())
 
     def why_not_ready(self) -> str:
         if self.rollout is None:

@@ -31,6 +31,7 @@ from peerpipe.protocol import GenerateDone, GenerateRequest, GenerateText, Plan,
 from peerpipe.room import Send
 
 log = logging.getLogger(__name__)
+RECENT_ANSWERS = 16  # how many finished answers the measured pace averages
 Messages = Sequence[dict[str, str]]
 
 
@@ -228,6 +229,16 @@ class Entry:
 
     def active_tasks(self) -> list[Task]:
         return self.pipeline.active_tasks()
+
+    def measured_ms(self) -> float:
+        """Mean ms per decoded token of the last answers that finished (a few tokens at least);
+        0 before any has."""
+        paces = [
+            1e3 / t.tok_s
+            for t in self.pipeline.tasks.values()
+            if not t.active and not t.error and len(t.tokens) >= 4 and t.tok_s > 0
+        ][-RECENT_ANSWERS:]
+        return sum(paces) / len(paces) if paces else 0.0
 
     def task_infos(self) -> tuple[TaskInfo, ...]:
         """The answers running now, as the room view shows them."""

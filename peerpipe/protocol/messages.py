@@ -164,10 +164,12 @@ class RoomView:
     links: tuple[LinkStat, ...] = ()
     heartbeat_s: float = 1.0  # how often members must beat
     tasks: tuple[TaskInfo, ...] = ()  # requests in flight on the host
+    measured_ms: float = 0.0  # ms per token of the room's last answers, as decoded (0: none yet)
 
     def __post_init__(self) -> None:
         need_int(self, "epoch")
         need_float(self, "heartbeat_s", 0.01, 3600.0)
+        need_float(self, "measured_ms")
         need_tuple_of(self, "tasks", TaskInfo, MAX_MEMBERS)
         need_tuple_of(self, "members", MemberState, MAX_MEMBERS)
         ids = [member.info.node_id for member in self.members]

@@ -150,6 +150,7 @@ STRATEGIES: dict[type, st.SearchStrategy] = {
             ),
             max_size=2,
         ).map(tuple),
+        measured_ms=nonneg,
     ),
     p.DistributionPlan: st.builds(
         p.DistributionPlan,

@@ -191,7 +191,7 @@ GOOD_TENSOR_FIELDS = {"task_id": "t", "output_tensor": tensor_meta(), "plan_vers
             "output_tensor: expected a map",
         ),
         (
-            frame({"tag": "room-view", "fields": {"epoch": 1, "members": [{"info": 1}], "plan": None, "acked": [], "links": [], "heartbeat_s": 1.0, "tasks": []}}),
+            frame({"tag": "room-view", "fields": {"epoch": 1, "members": [{"info": 1}], "plan": None, "acked": [], "links": [], "heartbeat_s": 1.0, "tasks": [], "measured_ms": 0.0}}),
             "room-view.members\\[0\\]: missing fields",
         ),
         (
