@@ -45,3 +45,45 @@ def test_create_join_plan_generate(tiny_model_dir, warm_layers) -> None:
                     await api.close()
 
     asyncio.run(asyncio.wait_for(main(), 120))
+
+
+def test_a_room_that_cannot_plan_says_why_at_once_when_asked(tiny_model_dir, warm_layers) -> None:
+    """``plan(fail_fast=True)``, as the demo uses it: no two-minute wait for a plan that cannot
+    come, and the planner's reason instead of "no plan yet"."""
+    import time
+
+    import pytest
+
+    from peerpipe.inference.errors import NotReadyError
+
+    model = tiny_model_dir("llama")
+    warm_layers(model)
+
+    async def main() -> None:
+        async with create_room(model, dtype="float32", context=64, device="cpu", memory_gb=1e-6) as room:
+            began = time.monotonic()
+            with pytest.raises(NotReadyError, match=r"cannot plan .*missing"):
+                await room.plan(timeout_s=60, fail_fast=True)
+            assert time.monotonic() - began < 30
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_the_bundled_model_by_name() -> None:
+    """``austen`` works wherever a model is taken; a folder of that name here would win."""
+    import pytest
+
+    from peerpipe.models import ModelNotFoundError, default_model_dir, resolve_model
+
+    assert resolve_model("austen") == default_model_dir()
+    with pytest.raises(ModelNotFoundError, match="'austen' for the bundled model"):
+        resolve_model("llama")
+
+    async def main() -> None:
+        async with create_room("austen", dtype="float32", context=64, device="cpu", quick=True) as room:
+            plan = await room.plan(timeout_s=60, fail_fast=True)
+            assert plan.model_id == "austen"
+            result = await room.generate("It was", max_tokens=4, ignore_eos=True)
+            assert len(result.tokens) == 4
+
+    asyncio.run(asyncio.wait_for(main(), 90))

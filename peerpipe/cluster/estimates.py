@@ -84,10 +84,14 @@ class EstimateWatch:
             self.remeasured = set()
         return stage_estimates(plan, self._members(), self.baselines)
 
+    async def check(self) -> None:
+        """Re-measure each stage whose figure is off, once per plan, while the room is idle."""
+        for estimate in self.estimates():
+            if estimate.off and estimate.node_id not in self.remeasured and self._idle():
+                self.remeasured.add(estimate.node_id)
+                await self._remeasure(estimate.node_id, estimate)
+
     async def run(self) -> None:
         while True:
             await asyncio.sleep(CHECK_EVERY_S)
-            for estimate in self.estimates():
-                if estimate.off and estimate.node_id not in self.remeasured and self._idle():
-                    self.remeasured.add(estimate.node_id)
-                    await self._remeasure(estimate.node_id, estimate)
+            await self.check()
