@@ -62,3 +62,15 @@ def test_the_readme_summary_lists_every_option(command: str) -> None:
 def test_the_readme_examples_ask_the_model_the_demo_serves() -> None:
     asked = re.findall(r'model="([^"]+)"|"model": "([^"]+)"', README)
     assert asked and {a or b for a, b in asked} == {BUNDLED}
+
+
+def test_the_walkthroughs_plan_command_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    """The real-model walk-through's "see what fits" step, on the bundled model."""
+    from peerpipe.cli.main import main
+
+    line = next(x.strip() for x in README.splitlines() if x.strip().startswith("peerpipe plan --model ~/models/llama --node"))
+    argv = line.split()[1:]
+    argv[argv.index("~/models/llama")] = BUNDLED
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "pc" in out and "ms/token" in out, out

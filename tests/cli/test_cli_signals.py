@@ -46,7 +46,14 @@ def test_join_waiting_for_a_handshake(procs: list[RoomProc], silent_peer: socket
         interrupted(join, sig)
 
 
-@pytest.mark.parametrize("command", [["generate", "hi", "--room", "7-amber-falcon"], ["status", "--code", "7-amber-falcon"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["generate", "hi", "--room", "7-amber-falcon"],
+        ["status", "--code", "7-amber-falcon"],
+        ["plan", "--model", "austen", "--code", "7-amber-falcon"],
+    ],
+)
 def test_clients_waiting_for_a_host(procs: list[RoomProc], silent_peer: socket.socket, command: list[str]) -> None:
     port = silent_peer.getsockname()[1]
     client = RoomProc(*command, "--peer", f"127.0.0.1:{port}")
