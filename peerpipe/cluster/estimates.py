@@ -74,14 +74,19 @@ class EstimateWatch:
         self.baselines: Baselines = {}
         self.remeasured: set[str] = set()  # once per node and plan: a figure that stays off is the real one
 
+    def begin(self, plan: Plan) -> None:
+        """``plan`` is being sent out: what each node has run so far is not this plan's. Called
+        before any stage can run it (a first look later could miss a short answer entirely)."""
+        self._version = plan.version
+        self.baselines = {m.info.node_id: (m.steps, m.compute_s) for m in self._members()}
+        self.remeasured = set()
+
     def estimates(self) -> list[StageEstimate]:
         plan = self._plan()
         if plan is None:
             return []
         if plan.version != self._version:
-            self._version = plan.version
-            self.baselines = {m.info.node_id: (m.steps, m.compute_s) for m in self._members()}
-            self.remeasured = set()
+            self.begin(plan)
         return stage_estimates(plan, self._members(), self.baselines)
 
     async def check(self) -> None:

@@ -95,6 +95,8 @@ class ClusterHost:
             lambda: not any(t.status in ACTIVE_TASKS for t in self.tasks()),
             rollout.remeasure if rollout is not None else _nothing,
         )
+        if rollout is not None:
+            rollout.on_publish = self.estimates.begin
 
     # -- running ----------------------------------------------------------------------------
 

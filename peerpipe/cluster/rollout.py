@@ -79,6 +79,7 @@ class Rollout:
         self.on_ready: Callable[[Plan, dict[str, str]], None] = lambda plan, names: None
         self.on_replan: Callable[[Plan], None] = lambda plan: None
         self.on_cannot_plan: Callable[[str], None] = lambda reason: None
+        self.on_publish: Callable[[Plan], None] = lambda plan: None  # the estimate watch's baselines
         self.unable: dict[str, str] = {}  # nodes that could not load a stage, and why
         self._lost: set[str] = set()  # nodes lost since the last plan: replan without the debounce
         self._names: dict[str, str] = {}  # the nodes' names when the current plan was made
@@ -302,6 +303,7 @@ class Rollout:
         """Make ``plan`` the room's: tell the data plane, every node, and the host's own stage."""
         host, model = self.host, self.model
         self.on_replan(plan)
+        self.on_publish(plan)
         self.plan, self.acked, self._names = plan, set(), host.names()
         host.report(describe_plan(plan, self._names))
         message = DistributionPlan(plan, model.shape_key, model.dtype, self.max_seq, self.config.budget.sessions)

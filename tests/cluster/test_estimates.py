@@ -55,7 +55,7 @@ def test_the_watch_remeasures_an_off_stage_once_per_plan_and_only_when_idle() ->
     watch = EstimateWatch(lambda: plan[0], lambda: members, lambda: idle[0], remeasure)
 
     async def main() -> None:
-        await watch.check()  # takes the baselines
+        watch.begin(PLAN)  # the plan is sent out: its baselines
         members[0] = member("a", 100, 3.0)  # 30 ms a step against 10 predicted
         await watch.check()
         assert asked == []  # an answer is running: a benchmark now would measure contention
@@ -64,7 +64,7 @@ def test_the_watch_remeasures_an_off_stage_once_per_plan_and_only_when_idle() ->
         await watch.check()
         assert asked == ["a"]  # once: a figure still off afterwards is the real one
         plan[0] = Plan(2, "m", 4, PLAN.stages, 25.0)
-        await watch.check()  # a new plan: new baselines, nothing measured yet
+        await watch.check()  # a new plan seen first here: new baselines, nothing measured yet
         members[0] = member("a", 200, 6.0)
         await watch.check()
         assert asked == ["a", "a"]
@@ -116,9 +116,11 @@ def test_a_room_measures_a_wrong_cached_timing_again(tmp_path: Path, monkeypatch
     need = max(stage_memory(spec, budget, 0, 2), stage_memory(spec, budget, 2, 4))
     memory_gb = need / 0.9 / 1e9 + 1e-8  # two layers each: a real split
     again: list[str] = []
+    said: list[str] = []
     done = asyncio.Event()
 
     def report(line: str) -> None:
+        said.append(line)
         if "one layer" in line:
             again.append(line)
             if len(again) == 2:
@@ -131,7 +133,10 @@ def test_a_room_measures_a_wrong_cached_timing_again(tmp_path: Path, monkeypatch
                 plan = await room.plan(fail_fast=True)
                 assert len(plan.stages) == 2 and all(s.predicted_ms > 0 for s in plan.stages)
                 await room.generate([5, 6, 7], temperature=0.0, max_tokens=40, ignore_eos=True)
-                await asyncio.wait_for(done.wait(), 60)
+                try:
+                    await asyncio.wait_for(done.wait(), 60)
+                except TimeoutError:
+                    raise AssertionError(f"no re-measure; the host said {said}, the view {view_to_json(room.view())}") from None
                 nodes = view_to_json(room.view())["nodes"]
                 for n in nodes:  # predicted (from the wrong figure) far above what the stage measured
                     assert n["predicted_ms_per_step"] > 5 * n["measured_ms_per_step"]
