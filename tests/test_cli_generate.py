@@ -73,7 +73,7 @@ def test_chat_flag_uses_the_template(tiny_model_dir) -> None:
 @pytest.mark.parametrize(
     ("args", "code", "needle"),
     [
-        (["generate", "--model", "/definitely/not/here", "x"], 1, "model folder not found"),
+        (["generate", "--model", "/definitely/not/here", "x"], 2, "no model folder"),
         (["generate", "--model", ".", "x"], 1, "config.json"),
         (["generate", "--model", ".", "--max-tokens", "0", "x"], 2, "positive integer"),
         (["generate", "--model", ".", "--dtype", "int4", "x"], 2, "invalid choice"),

@@ -143,8 +143,9 @@ async def failover_room(
                     cuts[f"m{i}"] = Relay(room.address)
                     host, port = await cuts[f"m{i}"].start()
                     peer = f"{host}:{port}"
+                with_model = ["--model", folder] if folder else []  # "": joins with no model at all
                 procs[f"m{i}"] = RoomProc(
-                    "join", CODE, "--peer", peer, "--name", f"m{i}", "--model", folder, *common, prefix=SLOW
+                    "join", CODE, "--peer", peer, "--name", f"m{i}", *with_model, *common, prefix=SLOW
                 )
             if ready:
                 await room.plan(90)
