@@ -20,6 +20,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Benchmarks and room files of this run (and the processes it starts) stay out of ~/.cache.
 os.environ["PEERPIPE_CACHE"] = tempfile.mkdtemp(prefix="peerpipe-test-cache-")
+# ollama: models resolve in a store of the test's own, never in the user's ~/.ollama.
+os.environ["OLLAMA_MODELS"] = tempfile.mkdtemp(prefix="peerpipe-test-ollama-")
 # Hosts started by tests serve HTTP on a free port, never on the default one.
 os.environ["PEERPIPE_HTTP"] = "127.0.0.1:0"
 

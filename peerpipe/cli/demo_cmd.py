@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import time
+from pathlib import Path
 
 from peerpipe.cli.args import model_path
 from peerpipe.cli.http_opts import add_http_arguments, reserve_http, start_api
@@ -57,6 +58,7 @@ async def _demo(args: argparse.Namespace, signals: Interrupts) -> int:
     from peerpipe.cli.generate_cmd import show_text
     from peerpipe.cluster.config import ClusterConfig
     from peerpipe.cluster.rollout import describe_plan
+    from peerpipe.models import default_model_dir
     from peerpipe.plan import Budget
     from peerpipe.python_api import create_room, join_room
 
@@ -92,7 +94,9 @@ async def _demo(args: argparse.Namespace, signals: Interrupts) -> int:
                 say(f"prompt: {args.prompt}")
                 print("answer: ", end="", flush=True)
                 # The model's own sampling defaults, with a fixed seed so the demo tells the same story.
-                result = await room.generate(args.prompt, on_text=show_text, max_tokens=args.max_tokens, seed=7)
+                # The bundled model continues text; any other (an instruct model) is asked in its chat template.
+                chat = Path(model).resolve() != default_model_dir().resolve()
+                result = await room.generate(args.prompt, chat=chat, on_text=show_text, max_tokens=args.max_tokens, seed=7)
                 print(flush=True)
                 say(
                     f"[{len(result.tokens)} tokens at {result.tok_s:.1f} tok/s through "

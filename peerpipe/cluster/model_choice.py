@@ -27,11 +27,18 @@ class ModelChoice:
         config = ModelConfig.from_dir(path)  # validates and explains a bad folder
         if dtype not in WEIGHT_DTYPES:
             raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {', '.join(WEIGHT_DTYPES)}")
-        raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        if path.is_file():  # a GGUF: its metadata as a config.json, named after the file
+            from peerpipe.engine.gguf_file import open_gguf
+
+            gguf = open_gguf(str(path))
+            raw, model_id = gguf.hf_config, gguf.model_id
+        else:
+            raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+            model_id = path.resolve().name
         shape = json.dumps(raw, separators=(",", ":"))
         if len(shape) > MAX_MODEL_SHAPE_LEN:
             raise ModelLoadError(f"{path}/config.json is larger than {MAX_MODEL_SHAPE_LEN} bytes")
-        return cls(config, path.resolve().name, shape, dtype, path)
+        return cls(config, model_id, shape, dtype, path)
 
     @property
     def shape_key(self) -> str:

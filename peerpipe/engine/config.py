@@ -129,7 +129,14 @@ class ModelConfig:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> ModelConfig:
+        """From a Hugging Face folder's config.json, or from a GGUF file's metadata."""
         path = Path(path)
+        if path.is_file():
+            from peerpipe.engine.gguf_file import is_gguf, open_gguf
+
+            if not is_gguf(path):
+                raise ModelLoadError(f"{path} is a file but not a GGUF model: give a model folder or a .gguf file")
+            return cls.from_hf(open_gguf(str(path)).hf_config)
         if not path.is_dir():
             raise ModelLoadError(f"model folder not found: {path}")
         cfg_file = path / "config.json"

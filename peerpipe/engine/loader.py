@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -105,14 +106,24 @@ def check_model_dir(path: str | Path) -> ModelConfig:
 
     path = Path(path)
     cfg = ModelConfig.from_dir(path)
-    index = checkpoint_index(path)
-    wanted = stage_tensor_names(cfg, 0, cfg.n_layers, set(index))
-    missing = sorted(n for n in wanted if n not in index)
+    shapes = _shapes(path)
+    wanted = stage_tensor_names(cfg, 0, cfg.n_layers, set(shapes))
+    missing = sorted(n for n in wanted if n not in shapes)
     if missing:
         raise ModelLoadError(f"{path}: the checkpoint lacks {len(missing)} tensor(s), e.g. {missing[0]}")
-    _check_shapes(cfg, [index[n] for n in wanted])
+    _check_shapes(cfg, {n: shapes[n] for n in wanted})
     Tokenizer.from_dir(path)
     return cfg
+
+
+def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape by Hugging Face name, from safetensors headers or a GGUF's index."""
+    if path.is_file():
+        from peerpipe.engine.gguf_file import open_gguf
+
+        model = open_gguf(str(path))
+        return {name: model.shape(name) for name in model.tensors}
+    return {name: e.shape for name, e in checkpoint_index(path).items()}
 
 
 def stage_tensor_names(cfg: ModelConfig, start: int, end: int, available: set[str]) -> dict[str, str]:
@@ -213,23 +224,7 @@ def load_stage(
         )
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, cfg, dev)
-    index = checkpoint_index(path)
-    wanted = stage_tensor_names(cfg, start, end, set(index))
-    missing = sorted(n for n in wanted if n not in index)
-    if missing:
-        raise ModelLoadError(f"checkpoint lacks {len(missing)} tensor(s) the stage needs, e.g. {missing[0]}")
-    entries = [index[n] for n in wanted]
-    _check_shapes(cfg, entries)
-    need = sum(e.nbytes for e in entries)
-    done = 0
-
-    def on_bytes(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress is not None:
-            progress(done, need)
-
-    hf, bytes_read = read_tensors(entries, on_bytes)
+    hf, bytes_read, total_bytes, count = _read_stage(path, cfg, start, end, progress)
     sd = _stage_state_dict(hf, cfg, start, end)
     with torch.device("meta"):
         stage = Stage(cfg, start, end)
@@ -242,10 +237,49 @@ def load_stage(
     if cfg.tie_embeddings and stage.is_first and stage.is_last:
         stage.lm_head.weight = stage.embed.weight
     stage.eval().requires_grad_(False)
-    stats = LoadStats(
-        bytes_read, sum(e.nbytes for e in index.values()), len(entries), time.perf_counter() - t0
-    )
+    stats = LoadStats(bytes_read, total_bytes, count, time.perf_counter() - t0)
     return stage, stats
+
+
+def _read_stage(
+    path: Path, cfg: ModelConfig, start: int, end: int, progress: ProgressFn | None
+) -> tuple[dict[str, torch.Tensor], int, int, int]:
+    """The stage's tensors by Hugging Face name, the bytes read, the checkpoint's bytes, the count."""
+    if path.is_file():
+        from peerpipe.engine.gguf_file import open_gguf
+
+        model = open_gguf(str(path))
+        available: dict[str, Any] = model.tensors
+    else:
+        index = checkpoint_index(path)
+        available = index
+    wanted = stage_tensor_names(cfg, start, end, set(available))
+    missing = sorted(n for n in wanted if n not in available)
+    if missing:
+        raise ModelLoadError(f"checkpoint lacks {len(missing)} tensor(s) the stage needs, e.g. {missing[0]}")
+    if path.is_file():
+        _check_shapes(cfg, {n: model.shape(n) for n in wanted})
+        need = sum(model.nbytes(n) for n in wanted)
+        hf, done = {}, 0
+        for name in wanted:  # dequantized one by one: one float32 copy at a time
+            hf[name] = model.read(name)
+            done += model.nbytes(name)
+            if progress is not None:
+                progress(done, need)
+        return hf, done, sum(model.nbytes(n) for n in model.tensors), len(wanted)
+    entries = [index[n] for n in wanted]
+    _check_shapes(cfg, {e.name: e.shape for e in entries})
+    need = sum(e.nbytes for e in entries)
+    done = 0
+
+    def on_bytes(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, need)
+
+    hf, bytes_read = read_tensors(entries, on_bytes)
+    return hf, bytes_read, sum(e.nbytes for e in index.values()), len(entries)
 
 
 def _expected_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
@@ -271,12 +305,12 @@ def _expected_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
     return (h,)  # input/post-attention layer norms and the final norm
 
 
-def _check_shapes(cfg: ModelConfig, entries: list[TensorEntry]) -> None:
+def _check_shapes(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> None:
     """Compare the headers with config.json before reading a byte of tensor data."""
-    for e in entries:
-        expected = _expected_shape(cfg, e.name)
-        if e.shape != expected:
+    for name, shape in shapes.items():
+        expected = _expected_shape(cfg, name)
+        if shape != expected:
             raise UnsupportedModelError(
-                f"tensor {e.name} has shape {e.shape}, but config.json implies {expected}: "
+                f"tensor {name} has shape {shape}, but config.json implies {expected}: "
                 "the checkpoint and its config disagree"
             )

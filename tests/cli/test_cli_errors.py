@@ -27,6 +27,14 @@ def truncated(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def notes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A file that is no model at all."""
+    path = tmp_path_factory.mktemp("notes") / "notes.txt"
+    path.write_text("shopping list")
+    return path
+
+
+@pytest.fixture(scope="module")
 def taken() -> Iterator[int]:
     """A loopback port something is listening on."""
     with socket.create_server(("127.0.0.1", 0)) as server:
@@ -66,6 +74,8 @@ CASES: list[tuple[list[str], int, str]] = [
     (["generate", "hello"], 1, "--model DIR"),
     (["generate", "hello", "--model", "/no/such/model"], 2, "no model folder"),
     (["generate", "hello", "--model", "{truncated}"], 1, "file truncated"),
+    (["generate", "hello", "--model", "ollama:no-such-model"], 2, "ollama pull no-such-model"),
+    (["generate", "hello", "--model", "{notes}"], 1, "not a GGUF"),
     (["generate", "hello", "--model", "austen", "--max-tokens", "0"], 2, "positive"),
     (["generate", "hello", "--model", "austen", "--max-tokens", "lots"], 2, "whole number"),
     (["generate", "hello", "--model", "austen", "--temperature", "-1"], 1, "temperature"),
@@ -98,9 +108,16 @@ CASES: list[tuple[list[str], int, str]] = [
 
 @pytest.mark.parametrize(("argv", "code", "words"), CASES, ids=[" ".join(c[0])[:60] for c in CASES])
 def test_bad_input_is_one_line_and_a_clear_exit(
-    argv: list[str], code: int, words: str, truncated: Path, taken: int, closed: int, capsys: pytest.CaptureFixture[str]
+    argv: list[str],
+    code: int,
+    words: str,
+    truncated: Path,
+    notes: Path,
+    taken: int,
+    closed: int,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    argv = [a.format(truncated=truncated, taken=taken, closed=closed) for a in argv]
+    argv = [a.format(truncated=truncated, notes=notes, taken=taken, closed=closed) for a in argv]
     try:
         got = main(argv)
     except SystemExit as exit_:  # argparse's way out for bad arguments

@@ -1,0 +1,235 @@
+"""GGUF files (llama.cpp, Ollama, LM Studio) as peerpipe models.
+
+The ``gguf`` package (llama.cpp's own) parses the file; from it we take the config (the metadata
+turned into the Hugging Face ``config.json`` fields the engine reads), the tokenizer (rebuilt for
+``tokenizers`` from the vocabulary, merges and special tokens), the chat template, and a stage's
+tensors under their Hugging Face names, dequantized to float32 as they are read. The file is
+memory-mapped, so a stage reads only the pages of its own tensors.
+
+llama.cpp stores Llama's q and k projections permuted for its RoPE layout; they are permuted
+back here, so the rest of the engine sees the Hugging Face layout it loads from safetensors.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from peerpipe.engine.errors import ModelLoadError, TokenizerError, UnsupportedModelError
+
+MAGIC = b"GGUF"
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+# Tensor types that load (dequantized to float32 at load, then to the run dtype).
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+_LAYER = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+# The pre-tokenizer split of each BPE flavour llama.cpp names (``tokenizer.ggml.pre``).
+_LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_QWEN2_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_PRE = {"gpt2": None, "smollm": "digits", "llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}
+
+
+def is_gguf(path: str | Path) -> bool:
+    """A file that starts like a GGUF (Ollama's blobs have no extension)."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            return path.is_file() and f.read(4) == MAGIC
+    except OSError:
+        return False
+
+
+class GGUFModel:
+    """One GGUF file: its config, tokenizer and tensors."""
+
+    def __init__(self, path: str | Path) -> None:
+        import gguf
+
+        self.path = Path(path)
+        try:
+            self.reader = gguf.GGUFReader(self.path)
+        except (ValueError, OSError, IndexError, KeyError, struct.error) as exc:
+            raise ModelLoadError(f"{self.path} is not a readable GGUF file (truncated?): {exc}") from None
+        self.arch = str(self._field("general.architecture", ""))
+        if self.arch not in ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"{self.path}: unsupported GGUF architecture {self.arch!r}; peerpipe runs: {', '.join(ARCHITECTURES)}"
+            )
+        self.tensors = {self._hf_name(t.name): t for t in self.reader.tensors}
+        self.tensors.pop("", None)
+        size = self.path.stat().st_size
+        for name, t in self.tensors.items():
+            if int(t.data_offset) + int(t.n_bytes) > size:
+                raise ModelLoadError(f"{self.path} ends before tensor {name} (truncated?)")
+
+    # -- metadata ---------------------------------------------------------------------------
+
+    def _field(self, key: str, default: Any = None) -> Any:
+        field = self.reader.fields.get(key)
+        return default if field is None else field.contents()
+
+    def _arch_field(self, key: str, default: Any = None) -> Any:
+        return self._field(f"{self.arch}.{key}", default)
+
+    @functools.cached_property
+    def hf_config(self) -> dict[str, Any]:
+        """The Hugging Face ``config.json`` this file's metadata amounts to."""
+        if "rope_freqs.weight" in self.tensors or self._arch_field("rope.scaling.type") not in (None, "none", "linear"):
+            raise UnsupportedModelError(
+                f"{self.path}: RoPE frequency scaling from a GGUF (Llama 3.1+ long context) is not supported yet; "
+                "use the model's Hugging Face folder"
+            )
+        heads = int(self._arch_field("attention.head_count"))
+        kv = self._arch_field("attention.head_count_kv", heads)
+        hidden = int(self._arch_field("embedding_length"))
+        config: dict[str, Any] = {
+            "architectures": [ARCHITECTURES[self.arch]],
+            "model_type": self.arch,
+            "hidden_size": hidden,
+            "intermediate_size": int(self._arch_field("feed_forward_length")),
+            "num_hidden_layers": int(self._arch_field("block_count")),
+            "num_attention_heads": heads,
+            "num_key_value_heads": int(kv if not isinstance(kv, list) else kv[0]),
+            "rms_norm_eps": float(self._arch_field("attention.layer_norm_rms_epsilon", 1e-6)),
+            "rope_theta": float(self._arch_field("rope.freq_base", 10000.0)),
+            "max_position_embeddings": int(self._arch_field("context_length", 4096)),
+            "vocab_size": len(self._field("tokenizer.ggml.tokens", [])) or int(self.tensors["model.embed_tokens.weight"].shape[-1]),
+            "tie_word_embeddings": "lm_head.weight" not in self.tensors,
+            "torch_dtype": "bfloat16",
+        }
+        if (key_length := self._arch_field("attention.key_length")) is not None:
+            config["head_dim"] = int(key_length)
+        if (factor := self._arch_field("rope.scaling.factor")) is not None and self._arch_field("rope.scaling.type") == "linear":
+            config["rope_scaling"] = {"rope_type": "linear", "factor": float(factor)}
+        for key in ("bos_token_id", "eos_token_id"):
+            if (value := self._field(f"tokenizer.ggml.{key}")) is not None:
+                config[key] = int(value)
+        return config
+
+    @property
+    def model_id(self) -> str:
+        """The file's stem; for Ollama's blobs (named by digest) the model's own name."""
+        if not self.path.name.startswith("sha256"):
+            return self.path.stem
+        name = f"{self._field('general.basename') or self._field('general.name') or 'gguf'}-{self._field('general.size_label') or ''}"
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-").lower()
+
+    # -- tensors ----------------------------------------------------------------------------
+
+    def _hf_name(self, name: str) -> str:
+        if name in _GLOBAL:
+            return _GLOBAL[name]
+        m = re.fullmatch(r"blk\.(\d+)\.([a-z_]+)\.(weight|bias)", name)
+        if m and m.group(2) in _LAYER:
+            return f"model.layers.{m.group(1)}.{_LAYER[m.group(2)]}.{m.group(3)}"
+        return ""  # tensors the engine has no use for (rope_freqs is refused above)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's logical shape in PyTorch order (GGUF lists dimensions innermost first)."""
+        return tuple(int(d) for d in reversed(self.tensors[name].shape.tolist()))
+
+    def nbytes(self, name: str) -> int:
+        return int(self.tensors[name].n_bytes)
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor under its Hugging Face name, as float32 (Llama's q/k unpermuted)."""
+        import gguf
+
+        t = self.tensors[name]
+        kind = t.tensor_type.name
+        if kind not in SUPPORTED_TYPES:
+            raise UnsupportedModelError(
+                f"{self.path}: tensor {t.name} is {kind}, which peerpipe does not load; it loads {', '.join(SUPPORTED_TYPES)}"
+            )
+        try:
+            values = gguf.quants.dequantize(t.data, t.tensor_type)
+        except (ValueError, OSError) as exc:
+            raise ModelLoadError(f"{self.path}: cannot read tensor {t.name}: {exc}") from None
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        if not values.flags.writeable:  # float tensors come straight from the memory map
+            values = values.copy()
+        tensor = torch.from_numpy(values).reshape(self.shape(name))
+        if self.arch == "llama" and name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
+            heads = self.hf_config["num_attention_heads" if ".q_proj" in name else "num_key_value_heads"]
+            tensor = _unpermute(tensor, heads)
+        return tensor
+
+    # -- tokenizer --------------------------------------------------------------------------
+
+    def tokenizer_parts(self) -> tuple[Any, dict[str, str], str | None]:
+        """The ``tokenizers`` backend, the named special tokens, and the chat template."""
+        from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+        from tokenizers import Tokenizer as Backend
+
+        kind = self._field("tokenizer.ggml.model")
+        pre = self._field("tokenizer.ggml.pre", "gpt2")
+        if kind != "gpt2" or pre not in _PRE:
+            raise TokenizerError(
+                f"{self.path}: its tokenizer ({kind}, pre-tokenizer {pre}) cannot be rebuilt from a GGUF yet; "
+                f"byte-level BPE ({', '.join(_PRE)}) can. Use the model's Hugging Face folder"
+            )
+        tokens = [str(t) for t in self._field("tokenizer.ggml.tokens")]
+        merges = [tuple(str(m).split(" ", 1)) for m in self._field("tokenizer.ggml.merges", [])]
+        types = self._field("tokenizer.ggml.token_type", [1] * len(tokens))
+        backend = Backend(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
+        split = _PRE[pre]
+        if split is None:
+            backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        elif split == "digits":
+            backend.pre_tokenizer = pre_tokenizers.Sequence(
+                [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+            )
+        else:
+            backend.pre_tokenizer = pre_tokenizers.Sequence(
+                [
+                    pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+                ]
+            )
+        backend.decoder = decoders.ByteLevel()
+        # Control (3) and user-defined (4) tokens are matched whole, never split by BPE.
+        specials = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types, strict=False) if k in (3, 4)]
+        backend.add_special_tokens(specials)
+        named = {}
+        for key, field in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
+            index = self._field(f"tokenizer.ggml.{field}")
+            if index is not None and 0 <= int(index) < len(tokens):
+                named[key] = tokens[int(index)]
+        if self._field("tokenizer.ggml.add_bos_token", False) and "bos_token" in named:
+            from tokenizers import processors
+
+            bos = named["bos_token"]
+            backend.post_processor = processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokens.index(bos))]
+            )
+        return backend, named, self._field("tokenizer.chat_template")
+
+
+def _unpermute(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k permutation: within each head, its pairs back to two halves."""
+    out, rest = weight.shape[0], weight.shape[1:]
+    return weight.reshape(heads, out // heads // 2, 2, *rest).transpose(1, 2).reshape(out, *rest)
+
+
+@functools.lru_cache(maxsize=4)
+def open_gguf(path: str) -> GGUFModel:
+    """Each file parsed once per process (config, tokenizer and loader all ask for it)."""
+    return GGUFModel(path)
