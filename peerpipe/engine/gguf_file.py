@@ -13,8 +13,8 @@ back here, so the rest of the engine sees the Hugging Face layout it loads from 
 from __future__ import annotations
 
 import functools
+import math
 import re
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from peerpipe.engine.errors import ModelLoadError, TokenizerError, UnsupportedModelError
+from peerpipe.engine.gguf_header import read_header
 
 MAGIC = b"GGUF"
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -61,30 +62,29 @@ class GGUFModel:
     """One GGUF file: its config, tokenizer and tensors."""
 
     def __init__(self, path: str | Path) -> None:
-        import gguf
-
         self.path = Path(path)
-        try:
-            self.reader = gguf.GGUFReader(self.path)
-        except (ValueError, OSError, IndexError, KeyError, struct.error) as exc:
-            raise ModelLoadError(f"{self.path} is not a readable GGUF file (truncated?): {exc}") from None
+        header = read_header(self.path)
+        self.fields = header.fields
         self.arch = str(self._field("general.architecture", ""))
         if self.arch not in ARCHITECTURES:
             raise UnsupportedModelError(
                 f"{self.path}: unsupported GGUF architecture {self.arch!r}; peerpipe runs: {', '.join(ARCHITECTURES)}"
             )
-        self.tensors = {self._hf_name(t.name): t for t in self.reader.tensors}
+        self._all = header.tensors
+        self.tensors = {self._hf_name(t.name): t for t in header.tensors}
         self.tensors.pop("", None)
         size = self.path.stat().st_size
         for name, t in self.tensors.items():
-            if int(t.data_offset) + int(t.n_bytes) > size:
-                raise ModelLoadError(f"{self.path} ends before tensor {name} (truncated?)")
+            if t.offset + self.nbytes(name) > size:
+                raise ModelLoadError(f"{self.path} ends before tensor {t.name} (truncated?)")
+        # Copy-on-write: tensors are views of the file (no copy; torch wants writable memory), and
+        # nothing written to them could ever reach the file.
+        self._map = np.memmap(self.path, dtype=np.uint8, mode="c")
 
     # -- metadata ---------------------------------------------------------------------------
 
     def _field(self, key: str, default: Any = None) -> Any:
-        field = self.reader.fields.get(key)
-        return default if field is None else field.contents()
+        return self.fields.get(key, default)
 
     def _arch_field(self, key: str, default: Any = None) -> Any:
         return self._field(f"{self.arch}.{key}", default)
@@ -92,7 +92,7 @@ class GGUFModel:
     @functools.cached_property
     def hf_config(self) -> dict[str, Any]:
         """The Hugging Face ``config.json`` this file's metadata amounts to."""
-        if "rope_freqs.weight" in self.tensors or self._arch_field("rope.scaling.type") not in (None, "none", "linear"):
+        if any(t.name == "rope_freqs.weight" for t in self._all) or self._arch_field("rope.scaling.type") not in (None, "none", "linear"):
             raise UnsupportedModelError(
                 f"{self.path}: RoPE frequency scaling from a GGUF (Llama 3.1+ long context) is not supported yet; "
                 "use the model's Hugging Face folder"
@@ -111,7 +111,7 @@ class GGUFModel:
             "rms_norm_eps": float(self._arch_field("attention.layer_norm_rms_epsilon", 1e-6)),
             "rope_theta": float(self._arch_field("rope.freq_base", 10000.0)),
             "max_position_embeddings": int(self._arch_field("context_length", 4096)),
-            "vocab_size": len(self._field("tokenizer.ggml.tokens", [])) or int(self.tensors["model.embed_tokens.weight"].shape[-1]),
+            "vocab_size": len(self._field("tokenizer.ggml.tokens", [])) or self.shape("model.embed_tokens.weight")[0],
             "tie_word_embeddings": "lm_head.weight" not in self.tensors,
             "torch_dtype": "bfloat16",
         }
@@ -144,29 +144,30 @@ class GGUFModel:
 
     def shape(self, name: str) -> tuple[int, ...]:
         """A tensor's logical shape in PyTorch order (GGUF lists dimensions innermost first)."""
-        return tuple(int(d) for d in reversed(self.tensors[name].shape.tolist()))
+        return tuple(reversed(self.tensors[name].dims))
 
     def nbytes(self, name: str) -> int:
-        return int(self.tensors[name].n_bytes)
+        t = self.tensors[name]
+        block, size = _block(t.kind)
+        return math.prod(t.dims) // block * size
 
     def read(self, name: str) -> torch.Tensor:
         """One tensor under its Hugging Face name, as float32 (Llama's q/k unpermuted)."""
         import gguf
 
         t = self.tensors[name]
-        kind = t.tensor_type.name
+        kind = _type_name(t.kind)
         if kind not in SUPPORTED_TYPES:
             raise UnsupportedModelError(
                 f"{self.path}: tensor {t.name} is {kind}, which peerpipe does not load; it loads {', '.join(SUPPORTED_TYPES)}"
             )
-        try:
-            values = gguf.quants.dequantize(t.data, t.tensor_type)
-        except (ValueError, OSError) as exc:
-            raise ModelLoadError(f"{self.path}: cannot read tensor {t.name}: {exc}") from None
-        values = np.ascontiguousarray(values, dtype=np.float32)
-        if not values.flags.writeable:  # float tensors come straight from the memory map
-            values = values.copy()
-        tensor = torch.from_numpy(values).reshape(self.shape(name))
+        shape = self.shape(name)
+        rows = self._map[t.offset : t.offset + self.nbytes(name)].reshape(math.prod(shape[:-1]), -1)
+        if kind in _TORCH_DEQUANT:
+            tensor = _TORCH_DEQUANT[kind](torch.from_numpy(rows))
+        else:
+            tensor = torch.from_numpy(gguf.quants.dequantize(np.array(rows), gguf.GGMLQuantizationType[kind]).astype(np.float32))
+        tensor = tensor.reshape(shape)
         if self.arch == "llama" and name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
             heads = self.hf_config["num_attention_heads" if ".q_proj" in name else "num_key_value_heads"]
             tensor = _unpermute(tensor, heads)
@@ -186,7 +187,7 @@ class GGUFModel:
                 f"{self.path}: its tokenizer ({kind}, pre-tokenizer {pre}) cannot be rebuilt from a GGUF yet; "
                 f"byte-level BPE ({', '.join(_PRE)}) can. Use the model's Hugging Face folder"
             )
-        tokens = [str(t) for t in self._field("tokenizer.ggml.tokens")]
+        tokens = [str(t) for t in self._field("tokenizer.ggml.tokens", [])]
         merges = [tuple(str(m).split(" ", 1)) for m in self._field("tokenizer.ggml.merges", [])]
         types = self._field("tokenizer.ggml.token_type", [1] * len(tokens))
         backend = Backend(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
@@ -221,6 +222,64 @@ class GGUFModel:
                 single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokens.index(bos))]
             )
         return backend, named, self._field("tokenizer.chat_template")
+
+
+def _block(kind: int) -> tuple[int, int]:
+    """(values per block, bytes per block) of a GGML type."""
+    import gguf
+
+    try:
+        return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)]
+    except (ValueError, KeyError):
+        raise UnsupportedModelError(f"a tensor has GGML type {kind}, which this gguf package does not know") from None
+
+
+def _type_name(kind: int) -> str:
+    import gguf
+
+    return gguf.GGMLQuantizationType(kind).name
+
+
+# Dequantizers for the most common types, in torch (threaded, no temporaries per nibble): the
+# numbers are those of gguf.quants, computed in the same order, so bit for bit the same.
+def _f32(rows: torch.Tensor) -> torch.Tensor:
+    return rows.view(torch.float32).clone()
+
+
+def _f16(rows: torch.Tensor) -> torch.Tensor:
+    return rows.view(torch.float16).float()
+
+
+def _bf16(rows: torch.Tensor) -> torch.Tensor:
+    return rows.view(torch.bfloat16).float()
+
+
+def _q8_0(rows: torch.Tensor) -> torch.Tensor:
+    blocks = rows.reshape(-1, 34)
+    d = blocks[:, :2].contiguous().view(torch.float16).float()
+    return blocks.view(torch.int8)[:, 2:].float().mul_(d).reshape(rows.shape[0], -1)
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """16 bytes per block -> 32 values: the low nibbles first, then the high ones."""
+    return torch.cat([qs & 0x0F, qs >> 4], dim=1)
+
+
+def _q4_0(rows: torch.Tensor) -> torch.Tensor:
+    blocks = rows.reshape(-1, 18)
+    d = blocks[:, :2].contiguous().view(torch.float16).float()
+    q = _nibbles(blocks[:, 2:]).to(torch.int8) - 8
+    return (d * q.float()).reshape(rows.shape[0], -1)
+
+
+def _q4_1(rows: torch.Tensor) -> torch.Tensor:
+    blocks = rows.reshape(-1, 20)
+    d = blocks[:, :2].contiguous().view(torch.float16).float()
+    m = blocks[:, 2:4].contiguous().view(torch.float16).float()
+    return (d * _nibbles(blocks[:, 4:]).float() + m).reshape(rows.shape[0], -1)
+
+
+_TORCH_DEQUANT = {"F32": _f32, "F16": _f16, "BF16": _bf16, "Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1}
 
 
 def _unpermute(weight: torch.Tensor, heads: int) -> torch.Tensor:
