@@ -92,6 +92,12 @@ class GGUFModel:
     @functools.cached_property
     def hf_config(self) -> dict[str, Any]:
         """The Hugging Face ``config.json`` this file's metadata amounts to."""
+        try:
+            return self._hf_config()
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise ModelLoadError(f"{self.path}: its metadata lacks or garbles what a config needs ({exc!r})") from None
+
+    def _hf_config(self) -> dict[str, Any]:
         if any(t.name == "rope_freqs.weight" for t in self._all) or self._arch_field("rope.scaling.type") not in (None, "none", "linear"):
             raise UnsupportedModelError(
                 f"{self.path}: RoPE frequency scaling from a GGUF (Llama 3.1+ long context) is not supported yet; "
@@ -177,6 +183,14 @@ class GGUFModel:
 
     def tokenizer_parts(self) -> tuple[Any, dict[str, str], str | None]:
         """The ``tokenizers`` backend, the named special tokens, and the chat template."""
+        try:
+            return self._tokenizer_parts()
+        except TokenizerError:
+            raise
+        except Exception as exc:  # the Rust library raises bare exceptions for malformed vocabularies
+            raise TokenizerError(f"{self.path}: its vocabulary does not make a tokenizer ({exc})") from None
+
+    def _tokenizer_parts(self) -> tuple[Any, dict[str, str], str | None]:
         from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
         from tokenizers import Tokenizer as Backend
 
@@ -288,7 +302,19 @@ def _unpermute(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, out // heads // 2, 2, *rest).transpose(1, 2).reshape(out, *rest)
 
 
-@functools.lru_cache(maxsize=4)
 def open_gguf(path: str) -> GGUFModel:
-    """Each file parsed once per process (config, tokenizer and loader all ask for it)."""
+    """Each file parsed once per process (config, tokenizer and loader all ask for it), again
+    when it changed on disk."""
+    try:
+        stat = Path(path).stat()
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return _open(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _open(path: str, mtime_ns: int, size: int) -> GGUFModel:
     return GGUFModel(path)
+
+
+open_gguf.cache_clear = _open.cache_clear  # type: ignore[attr-defined]

@@ -125,3 +125,34 @@ def test_ollama_models_resolve_to_their_blob_in_place(tiny_model_dir, tmp_path: 
         resolve_model("ollama:tiny")  # no "latest" tag here
     with pytest.raises(OllamaModelError, match="not an Ollama model name"):
         resolve_model("ollama:../../etc:passwd")
+
+
+def test_any_corruption_of_the_header_is_a_clear_error(tiny_model_dir, tmp_path: Path) -> None:
+    """Cut short or with bytes flipped anywhere in its header, a GGUF is a typed engine error (or,
+    where the flip is harmless, a model that loads): never another exception, never a hang on a
+    huge length. Seeded, so a failure replays."""
+    import random
+
+    from peerpipe.engine.errors import EngineError
+    from peerpipe.engine.gguf_header import read_header
+
+    write_gguf(tiny_model_dir("llama", config_overrides=SHAPE), tmp_path / "m.gguf", linear="Q8_0")
+    good = (tmp_path / "m.gguf").read_bytes()
+    header_end = min(t.offset for t in read_header(tmp_path / "m.gguf").tensors)
+    rng = random.Random(7)
+    outcomes = {"loads": 0, "refused": 0}
+    for case in range(1000):
+        data = bytearray(good)
+        for _ in range(rng.randint(1, 4)):
+            data[rng.randrange(header_end)] ^= rng.randint(1, 255)
+        if rng.random() < 0.3:
+            data = data[: rng.randrange(header_end)]
+        bad = tmp_path / f"bad{case % 2}.gguf"
+        bad.write_bytes(bytes(data))
+        try:
+            check_model_dir(bad)
+            load_stage(bad, device="cpu")
+            outcomes["loads"] += 1
+        except EngineError:
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 800, outcomes
