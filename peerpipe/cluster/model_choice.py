@@ -34,7 +34,7 @@ class ModelChoice:
             raw, model_id = gguf.hf_config, gguf.model_id
         else:
             raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
-            model_id = path.resolve().name
+            model_id = _folder_name(path)
         shape = json.dumps(raw, separators=(",", ":"))
         if len(shape) > MAX_MODEL_SHAPE_LEN:
             raise ModelLoadError(f"{path}/config.json is larger than {MAX_MODEL_SHAPE_LEN} bytes")
@@ -51,3 +51,12 @@ class ModelChoice:
     @property
     def half(self) -> bool:
         return ITEMSIZE[self.dtype] == 2
+
+
+def _folder_name(path: Path) -> str:
+    """A folder's name; for a Hugging Face cache snapshot (``models--org--name/snapshots/<commit>``,
+    named by its commit) the model's name."""
+    resolved = path.resolve()
+    if resolved.parent.name == "snapshots" and resolved.parent.parent.name.startswith("models--"):
+        return resolved.parent.parent.name.split("--")[-1]
+    return resolved.name

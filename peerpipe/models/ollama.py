@@ -12,7 +12,7 @@ import os
 import re
 from pathlib import Path
 
-from peerpipe.models import ModelNotFoundError
+from peerpipe.models.errors import ModelNotFoundError
 
 MODEL_LAYER = "application/vnd.ollama.image.model"
 REGISTRY = "registry.ollama.ai"
