@@ -28,9 +28,14 @@ def model_path(text: str) -> Path:
     from peerpipe.models import ModelNotFoundError, resolve_model
 
     try:
-        return resolve_model(text)
+        path = resolve_model(text)
     except ModelNotFoundError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    if Path(text).expanduser().exists():  # a folder or file of the user's: listed by `peerpipe models`
+        from peerpipe.models.catalog import remember
+
+        remember(path)
+    return path
 
 
 def add_strategy_arguments(parser: argparse.ArgumentParser) -> None:

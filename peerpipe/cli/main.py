@@ -21,7 +21,7 @@ EXIT_INTERRUPTED = 130
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from peerpipe.cli import cluster_cmds, demo_cmd, doctor_cmd, generate_cmd, room_cmds
+    from peerpipe.cli import cluster_cmds, demo_cmd, doctor_cmd, generate_cmd, models_cmd, room_cmds
 
     parser = argparse.ArgumentParser(
         prog="peerpipe",
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     cluster_cmds.add_plan_parser(sub)
     cluster_cmds.add_bench_parser(sub)
     doctor_cmd.add_parser(sub)
+    models_cmd.add_parser(sub)
     for command in sub.choices.values():
         # `peerpipe status -v` as well as `peerpipe -v status`; SUPPRESS keeps the first's count
         # when the command itself has no -v.
