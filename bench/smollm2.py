@@ -2,8 +2,9 @@
 
 - load: peerpipe loading the GGUF (dequantizing as it reads) against loading the same numbers
   from a safetensors conversion of it, and transformers loading the GGUF;
-- decode: peerpipe against transformers' ``generate``, both from the GGUF, float32, greedy, the
-  same chat prompt and thread count (``--threads``).
+- decode: peerpipe against transformers' ``generate``, both from the GGUF, greedy, the same chat
+  prompt, thread count (``--threads``) and dtype, for each of ``--dtypes``; and how many tokens
+  each dtype's answer shares with the first's.
 
     python bench/smollm2.py [--threads 2] [--new-tokens 64] [--repeats 3]
 
@@ -66,6 +67,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtypes", default="float32,bfloat16,float16", help="run dtypes to compare, the first the reference")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     gguf = resolve_model("smollm2")
@@ -86,51 +88,65 @@ def main() -> None:
                     timed(lambda: AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32))
                 )
 
-        engine, _ = LocalEngine.from_dir(gguf, device="cpu", dtype="float32", max_seq=512)
         tokenizer = Tokenizer.from_dir(gguf)
         ids = tokenizer.apply_chat_template_ids([{"role": "user", "content": QUESTION}])
         params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)
-        hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
-        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         prompt = torch.tensor([ids])
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        decode: dict[str, dict[str, float]] = {}
+        ratios: dict[str, float] = {}
+        same: dict[str, bool] = {}
+        agreement: dict[str, float] = {}  # share of tokens equal to the first dtype's, position by position
+        reference_tokens: list[int] | None = None
+        for dtype in args.dtypes.split(","):
+            engine, _ = LocalEngine.from_dir(gguf, device="cpu", dtype=dtype, max_seq=512)
+            hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype)).eval()
 
-        def hf_generate(n: int) -> tuple[float, list[int]]:
-            began = time.perf_counter()
-            with torch.inference_mode():
-                out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n, do_sample=False)
-            return time.perf_counter() - began, out[0, len(ids):].tolist()
+            def hf_generate(n: int, hf=hf) -> tuple[float, list[int]]:  # type: ignore[no-untyped-def]
+                began = time.perf_counter()
+                with torch.inference_mode():
+                    out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+                return time.perf_counter() - began, out[0, len(ids):].tolist()
 
-        engine.generate(ids, params)  # warm-up
-        hf_generate(4)
-        ours, theirs, same = [], [], True
-        for i in range(args.repeats):
-            log(f"decoding, round {i + 1}")
-            r = engine.generate(ids, params)
-            ours.append(r.tok_s)
-            first, _ = hf_generate(1)
-            full, tokens = hf_generate(args.new_tokens)
-            theirs.append((args.new_tokens - 1) / (full - first))
-            same = same and tokens == r.tokens
+            engine.generate(ids, params)  # warm-up
+            hf_generate(4)
+            ours, theirs, agree = [], [], True
+            for i in range(args.repeats):
+                log(f"decoding in {dtype}, round {i + 1}")
+                r = engine.generate(ids, params)
+                ours.append(r.tok_s)
+                first, _ = hf_generate(1)
+                full, tokens = hf_generate(args.new_tokens)
+                theirs.append((args.new_tokens - 1) / (full - first))
+                agree = agree and tokens == r.tokens
+            reference_tokens = reference_tokens or r.tokens
+            decode[dtype] = {"peerpipe": statistics.median(ours), "transformers (sdpa)": statistics.median(theirs)}
+            ratios[dtype] = statistics.median(a / b for a, b in zip(ours, theirs, strict=True))
+            same[dtype] = agree
+            agreement[dtype] = sum(a == b for a, b in zip(r.tokens, reference_tokens, strict=True)) / len(r.tokens)
+            del engine, hf
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     load = {k: statistics.median(v) for k, v in loads.items()}
-    decode = {"peerpipe": statistics.median(ours), "transformers (sdpa)": statistics.median(theirs)}
-    ratio = statistics.median(a / b for a, b in zip(ours, theirs, strict=True))
     load_ratio = load["peerpipe, GGUF"] / load["peerpipe, safetensors"]
-    print(f"\nSmolLM2-135M-Instruct Q4_1 GGUF, float32 on CPU, {args.threads} threads, {len(ids)}-token chat prompt")
-    print(f"{'load':<24}{'seconds':>10}")
-    for name, s in load.items():
-        print(f"{name:<24}{s:>10.2f}")
-    print(f"{'decode':<24}{'tok/s':>10}")
-    for name, tok_s in decode.items():
-        print(f"{name:<24}{tok_s:>10.1f}")
-    print(f"peerpipe / transformers decode: {ratio:.2f}x (goal 1.5x); GGUF / safetensors load: {load_ratio:.2f}x (goal <= 1.2x)")
-    print(f"same greedy tokens: {same}")
+    print(f"\nSmolLM2-135M-Instruct Q4_1 GGUF on CPU, {args.threads} threads, {len(ids)}-token chat prompt, {args.new_tokens} new tokens")
+    print(f"{'load':<28}{'seconds':>10}")
+    for name, sec in load.items():
+        print(f"{name:<28}{sec:>10.2f}")
+    print(f"{'decode tok/s':<28}{'peerpipe':>10}{'transformers':>14}{'ratio':>8}  same as transformers  as the first dtype")
+    for dtype, row in decode.items():
+        print(
+            f"{dtype:<28}{row['peerpipe']:>10.1f}{row['transformers (sdpa)']:>14.1f}{ratios[dtype]:>7.2f}x  "
+            f"{same[dtype]!s:<21} {agreement[dtype]:.0%}"
+        )
+    print(f"GGUF / safetensors load: {load_ratio:.2f}x (goal <= 1.2x); decode goal: 1.5x transformers")
     print(json.dumps({
         "bench": "gguf", "model": "SmolLM2-135M-Instruct.Q4_1", "threads": args.threads, "new_tokens": args.new_tokens,
-        "load_s": {k: round(v, 3) for k, v in load.items()}, "decode_tok_s": {k: round(v, 2) for k, v in decode.items()},
-        "decode_ratio": round(ratio, 3), "load_ratio": round(load_ratio, 3), "same_tokens": same,
+        "load_s": {k: round(v, 3) for k, v in load.items()}, "load_ratio": round(load_ratio, 3),
+        "decode_tok_s": {d: {k: round(v, 2) for k, v in row.items()} for d, row in decode.items()},
+        "decode_ratio": {d: round(v, 3) for d, v in ratios.items()}, "same_tokens": same,
+        "agreement_with_first_dtype": {d: round(v, 3) for d, v in agreement.items()},
     }))
 
 
