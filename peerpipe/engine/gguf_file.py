@@ -283,14 +283,14 @@ def _q4_0(rows: torch.Tensor) -> torch.Tensor:
     blocks = rows.reshape(-1, 18)
     d = blocks[:, :2].contiguous().view(torch.float16).float()
     q = _nibbles(blocks[:, 2:]).to(torch.int8) - 8
-    return (d * q.float()).reshape(rows.shape[0], -1)
+    return q.float().mul_(d).reshape(rows.shape[0], -1)
 
 
 def _q4_1(rows: torch.Tensor) -> torch.Tensor:
     blocks = rows.reshape(-1, 20)
     d = blocks[:, :2].contiguous().view(torch.float16).float()
     m = blocks[:, 2:4].contiguous().view(torch.float16).float()
-    return (d * _nibbles(blocks[:, 4:]).float() + m).reshape(rows.shape[0], -1)
+    return _nibbles(blocks[:, 4:]).float().mul_(d).add_(m).reshape(rows.shape[0], -1)
 
 
 _TORCH_DEQUANT = {"F32": _f32, "F16": _f16, "BF16": _bf16, "Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1}

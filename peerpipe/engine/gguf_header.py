@@ -10,10 +10,11 @@ starts at the next multiple of ``general.alignment`` (32).
 
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from peerpipe.engine.errors import ModelLoadError
 
@@ -38,24 +39,30 @@ class Header:
 
 
 class _Reader:
-    def __init__(self, f: BinaryIO, path: Path) -> None:
-        self.f, self.path = f, path
+    """Reads from a memory map with a cursor; a read past the end is a truncated file."""
+
+    def __init__(self, data: mmap.mmap, path: Path) -> None:
+        self.data, self.path, self.pos = data, path, 0
+
+    def _need(self, size: int) -> None:
+        if self.pos + size > len(self.data):
+            raise ModelLoadError(f"{self.path} ends inside its header (truncated?)")
 
     def take(self, fmt: str) -> Any:
         size = struct.calcsize(fmt)
-        raw = self.f.read(size)
-        if len(raw) != size:
-            raise ModelLoadError(f"{self.path} ends inside its header (truncated?)")
-        return struct.unpack(fmt, raw)[0]
+        self._need(size)
+        value = struct.unpack_from(fmt, self.data, self.pos)[0]
+        self.pos += size
+        return value
 
     def string(self) -> str:
         n = self.take("<Q")
         if n > MAX_STRING:
             raise ModelLoadError(f"{self.path} has a corrupt header (a {n}-byte string)")
-        raw = self.f.read(n)
-        if len(raw) != n:
-            raise ModelLoadError(f"{self.path} ends inside its header (truncated?)")
-        return raw.decode("utf-8", errors="replace")
+        self._need(n)
+        text = self.data[self.pos : self.pos + n].decode("utf-8", errors="replace")
+        self.pos += n
+        return text
 
     def value(self, kind: int) -> Any:
         if kind in _SCALARS:
@@ -67,11 +74,14 @@ class _Reader:
             if count > MAX_STRING:
                 raise ModelLoadError(f"{self.path} has a corrupt header (an array of {count})")
             if inner in _SCALARS and inner != 7:
-                fmt = _SCALARS[inner]
-                raw = self.f.read(struct.calcsize(fmt) * count)
-                if len(raw) != struct.calcsize(fmt) * count:
-                    raise ModelLoadError(f"{self.path} ends inside its header (truncated?)")
-                return list(struct.unpack(f"<{count}{fmt[1]}", raw))
+                fmt = f"<{count}{_SCALARS[inner][1]}"
+                size = struct.calcsize(fmt)
+                self._need(size)
+                values = list(struct.unpack_from(fmt, self.data, self.pos))
+                self.pos += size
+                return values
+            if inner == _STRING:
+                return [self.string() for _ in range(count)]
             return [self.value(inner) for _ in range(count)]
         raise ModelLoadError(f"{self.path} has a corrupt header (value type {kind})")
 
@@ -79,29 +89,39 @@ class _Reader:
 def read_header(path: Path) -> Header:
     try:
         with path.open("rb") as f:
-            r = _Reader(f, path)
-            if f.read(4) != b"GGUF":
-                raise ModelLoadError(f"{path} is not a GGUF file")
-            version = r.take("<I")
-            if version not in (2, 3):
-                raise ModelLoadError(f"{path} is GGUF version {version}; peerpipe reads versions 2 and 3")
-            n_tensors, n_fields = r.take("<Q"), r.take("<Q")
-            if n_tensors > 1 << 20 or n_fields > 1 << 20:
-                raise ModelLoadError(f"{path} has a corrupt header ({n_tensors} tensors, {n_fields} fields)")
-            fields = {}
-            for _ in range(n_fields):
-                key = r.string()
-                fields[key] = r.value(r.take("<I"))
-            infos = []
-            for _ in range(n_tensors):
-                name = r.string()
-                n_dims = r.take("<I")
-                if n_dims > 4:
-                    raise ModelLoadError(f"{path}: tensor {name} has {n_dims} dimensions")
-                dims = tuple(r.take("<Q") for _ in range(n_dims))
-                infos.append((name, dims, r.take("<I"), r.take("<Q")))
-            alignment = int(fields.get("general.alignment", 32)) or 32
-            start = -(-f.tell() // alignment) * alignment
-    except OSError as exc:
+            if path.stat().st_size < 24:
+                raise ModelLoadError(f"{path} is too short to be a GGUF file")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                return _parse(_Reader(data, path), path)
+    except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot read {path}: {exc}") from None
+
+
+def _parse(r: _Reader, path: Path) -> Header:
+    if r.data[:4] != b"GGUF":
+        raise ModelLoadError(f"{path} is not a GGUF file")
+    r.pos = 4
+    version = r.take("<I")
+    if version not in (2, 3):
+        raise ModelLoadError(f"{path} is GGUF version {version}; peerpipe reads versions 2 and 3")
+    n_tensors, n_fields = r.take("<Q"), r.take("<Q")
+    if n_tensors > 1 << 20 or n_fields > 1 << 20:
+        raise ModelLoadError(f"{path} has a corrupt header ({n_tensors} tensors, {n_fields} fields)")
+    fields = {}
+    for _ in range(n_fields):
+        key = r.string()
+        fields[key] = r.value(r.take("<I"))
+    infos = []
+    for _ in range(n_tensors):
+        name = r.string()
+        n_dims = r.take("<I")
+        if n_dims > 4:
+            raise ModelLoadError(f"{path}: tensor {name} has {n_dims} dimensions")
+        dims = tuple(r.take("<Q") for _ in range(n_dims))
+        infos.append((name, dims, r.take("<I"), r.take("<Q")))
+    try:
+        alignment = int(fields.get("general.alignment", 32)) or 32
+    except (TypeError, ValueError):
+        raise ModelLoadError(f"{path} has a corrupt header (general.alignment)") from None
+    start = -(-r.pos // alignment) * alignment
     return Header(version, fields, [TensorInfo(n, d, k, start + o) for n, d, k, o in infos])
