@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
@@ -44,6 +45,18 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> MakeTiny:
         return cache[key]
 
     return make_tiny
+
+
+@pytest.fixture
+def procs(warm_bench: None) -> Iterator[list[Any]]:
+    """The CLI processes (``RoomProc``) a test starts, appended as it starts them: each is
+    resumed if the test froze it, then killed, whatever the test's outcome."""
+    started: list[Any] = []
+    yield started
+    for p in started:
+        if p.proc.poll() is None:
+            p.proc.send_signal(signal.SIGCONT)
+        p.stop()
 
 
 @pytest.fixture(scope="session")

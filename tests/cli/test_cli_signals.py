@@ -13,14 +13,6 @@ from tests.room.roomproc import RoomProc
 
 
 @pytest.fixture
-def procs() -> Iterator[list[RoomProc]]:
-    started: list[RoomProc] = []
-    yield started
-    for p in started:
-        p.stop()
-
-
-@pytest.fixture
 def silent_peer() -> Iterator[socket.socket]:
     """A TCP server that accepts and never says a word: a handshake with it waits."""
     with socket.create_server(("127.0.0.1", 0)) as server:

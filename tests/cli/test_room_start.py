@@ -7,21 +7,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
-
-import pytest
 
 from tests.room.roomproc import REPO, RoomProc
 
 CODE = "4-amber-falcon"
-
-
-@pytest.fixture
-def procs(warm_bench: None) -> Iterator[list[RoomProc]]:
-    started: list[RoomProc] = []
-    yield started
-    for p in started:
-        p.stop()
 
 
 def peerpipe(*args: str) -> subprocess.CompletedProcess[str]:

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,16 +14,6 @@ import pytest
 from tests.room.roomproc import REPO, RoomProc
 
 CODE = "3-amber-falcon"
-
-
-@pytest.fixture
-def procs(warm_bench: None) -> Iterator[list[RoomProc]]:
-    started: list[RoomProc] = []
-    yield started
-    for p in started:
-        if p.proc.poll() is None:
-            p.proc.send_signal(signal.SIGCONT)
-        p.stop()
 
 
 def start(procs: list[RoomProc], *args: str) -> RoomProc:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,14 +19,6 @@ from tests.room.roomproc import REPO, RoomProc
 CODE = "2-amber-falcon"
 CONTEXT, SESSIONS = 64, 4
 ARCHS = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
-
-
-@pytest.fixture
-def procs(warm_bench: None) -> Iterator[list[RoomProc]]:
-    started: list[RoomProc] = []
-    yield started
-    for p in started:
-        p.stop()
 
 
 def peerpipe(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

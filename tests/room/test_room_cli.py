@@ -4,21 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
 
-import pytest
 from roomproc import MdnsSniffer, Relay, RoomProc
 
 CODE = "7-amber-falcon"
 HANDSHAKE_BYTES = (4 + 1 + 11 + 33) + (4 + 1 + 32)  # PAKE frame + key confirmation frame
-
-
-@pytest.fixture
-def procs(warm_bench: None) -> Iterator[list[RoomProc]]:
-    started: list[RoomProc] = []
-    yield started
-    for p in started:
-        p.stop()
 
 
 def start(procs: list[RoomProc], *args: str) -> RoomProc:
