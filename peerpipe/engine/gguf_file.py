@@ -220,6 +220,10 @@ class GGUFModel:
                 ]
             )
         backend.decoder = decoders.ByteLevel()
+        if pre == "qwen2":  # Qwen's tokenizer composes text (NFC) before splitting it
+            from tokenizers import normalizers
+
+            backend.normalizer = normalizers.NFC()
         # Control (3) and user-defined (4) tokens are matched whole, never split by BPE.
         specials = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types, strict=False) if k in (3, 4)]
         backend.add_special_tokens(specials)

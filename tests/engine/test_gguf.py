@@ -78,7 +78,7 @@ def test_config_tokenizer_and_template_come_from_the_metadata(tiny_model_dir, tm
     cfg, ref = ModelConfig.from_dir(tmp_path / "m.gguf"), ModelConfig.from_dir(src)
     assert cfg.shape_key == ref.shape_key and cfg.tie_embeddings == ref.tie_embeddings
     ours, theirs = Tokenizer.from_dir(tmp_path / "m.gguf"), Tokenizer.from_dir(src)
-    for text in ["Hello world", "numbers 1234 and 3.14", "  spaces\tand\nlines", "über naïve"]:
+    for text in ["Hello world", "numbers 1234 and 3.14", "  spaces\tand\nlines", "über naïve", "cafe\u0301 (decomposed)"]:
         assert ours.encode(text) == theirs.encode(text), text
     messages = [{"role": "user", "content": "hi"}]
     assert ours.apply_chat_template_ids(messages) == theirs.apply_chat_template_ids(messages)
