@@ -107,11 +107,26 @@ def write_gguf(
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             decoded = _unpermute(decoded, heads if "q_proj" in name else kv)
         held[name] = decoded
+    scaling = config.get("rope_scaling") or {}
+    if scaling.get("rope_type", scaling.get("type")) == "llama3":
+        # llama.cpp writes Llama 3.1's scaling as per-dimension factors, not as its parameters.
+        writer.add_tensor("rope_freqs.weight", _rope_factors(config))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return held
+
+
+def _rope_factors(config: dict[str, Any]) -> np.ndarray:
+    import torch
+
+    from peerpipe.engine.config import ModelConfig
+    from peerpipe.engine.model import rope_inv_freq
+
+    cfg = ModelConfig.from_hf(config)
+    base = 1.0 / (cfg.rope.theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float() / cfg.head_dim))
+    return (base / rope_inv_freq(cfg)).numpy().astype(np.float32)
 
 
 def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:

@@ -98,9 +98,9 @@ class GGUFModel:
             raise ModelLoadError(f"{self.path}: its metadata lacks or garbles what a config needs ({exc!r})") from None
 
     def _hf_config(self) -> dict[str, Any]:
-        if any(t.name == "rope_freqs.weight" for t in self._all) or self._arch_field("rope.scaling.type") not in (None, "none", "linear"):
+        if self._arch_field("rope.scaling.type") not in (None, "none", "linear"):
             raise UnsupportedModelError(
-                f"{self.path}: RoPE frequency scaling from a GGUF (Llama 3.1+ long context) is not supported yet; "
+                f"{self.path}: RoPE scaling {self._arch_field('rope.scaling.type')!r} from a GGUF is not supported; "
                 "use the model's Hugging Face folder"
             )
         heads = int(self._arch_field("attention.head_count"))
@@ -128,6 +128,12 @@ class GGUFModel:
         for key in ("bos_token_id", "eos_token_id"):
             if (value := self._field(f"tokenizer.ggml.{key}")) is not None:
                 config[key] = int(value)
+        freqs = next((t for t in self._all if t.name == "rope_freqs.weight"), None)
+        if freqs is not None:  # Llama 3.1+: the frequency factors, not the parameters behind them
+            from peerpipe.engine.gguf_rope import llama3_scaling
+
+            factors = torch.from_numpy(self._map[freqs.offset : freqs.offset + 4 * math.prod(freqs.dims)].view(np.float32).copy())
+            config["rope_scaling"] = llama3_scaling(config, factors, self.path)
         return config
 
     @property

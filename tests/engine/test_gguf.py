@@ -45,7 +45,7 @@ def _as_folder(src: Path, held: dict[str, np.ndarray], dest: Path) -> Path:
 
 
 @pytest.mark.parametrize("kind", TYPES)
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "llama3", "qwen2", "qwen3"])
 def test_each_type_loads_the_numbers_the_file_holds(tiny_model_dir, tmp_path: Path, arch: str, kind: str) -> None:
     src = tiny_model_dir(arch, config_overrides=SHAPE)
     held = write_gguf(src, tmp_path / "m.gguf", linear=kind, embed="Q8_0" if kind == "Q4_1" else "F32")
@@ -156,3 +156,46 @@ def test_any_corruption_of_the_header_is_a_clear_error(tiny_model_dir, tmp_path:
         except EngineError:
             outcomes["refused"] += 1
     assert outcomes["refused"] > 800, outcomes
+
+
+@pytest.mark.parametrize("scaling", [
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 2.0, "high_freq_factor": 8.0, "original_max_position_embeddings": 128},
+])
+def test_llama31_rope_factors_give_the_models_own_frequencies(tiny_model_dir, tmp_path: Path, scaling: dict) -> None:
+    """llama.cpp keeps Llama 3.1's scaling as per-dimension factors; the parameters recovered
+    from them give the engine the very frequencies of the original config."""
+    from peerpipe.engine.model import rope_inv_freq
+
+    src = tiny_model_dir("llama3", config_overrides={**SHAPE, "rope_scaling": scaling, "max_position_embeddings": 256})
+    write_gguf(src, tmp_path / "m.gguf")
+    # Equal parameters where they are Llama's own (low 1); equivalent ones otherwise (the factors
+    # fix only two combinations of the three), equal to float32 rounding.
+    ours, theirs = rope_inv_freq(ModelConfig.from_dir(tmp_path / "m.gguf")), rope_inv_freq(ModelConfig.from_dir(src))
+    assert torch.equal(ours, theirs) if scaling["low_freq_factor"] == 1.0 else torch.allclose(ours, theirs, rtol=1e-6, atol=0)
+
+
+def test_rope_factors_that_are_not_llama3s_are_refused(tiny_model_dir, tmp_path: Path) -> None:
+    import gguf
+
+    src = tiny_model_dir("llama", config_overrides=SHAPE)
+    write_gguf(src, tmp_path / "m.gguf")
+    data = bytearray((tmp_path / "m.gguf").read_bytes())
+    # Rewrite the file with a made-up factor per dimension.
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    writer = gguf.GGUFWriter(tmp_path / "odd.gguf", "llama")
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        writer.add_key_value(field.name, field.contents(), field.types[0], field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    writer.add_tensor("rope_freqs.weight", np.linspace(3.0, 1.0, 32, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert data  # the original stays as it was
+    with pytest.raises(UnsupportedModelError, match="not Llama 3's scaling"):
+        ModelConfig.from_dir(tmp_path / "odd.gguf")
