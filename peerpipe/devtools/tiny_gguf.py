@@ -65,7 +65,14 @@ def _encode(w: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[np.ndar
 
 
 def write_gguf(
-    src: Path, dest: Path, *, linear: str = "F32", embed: str = "F32", seed: int = 0, architecture: str | None = None
+    src: Path,
+    dest: Path,
+    *,
+    linear: str = "F32",
+    embed: str = "F32",
+    seed: int = 0,
+    architecture: str | None = None,
+    sentencepiece: list[str] | None = None,
 ) -> dict[str, np.ndarray]:
     """Write ``src`` (a Hugging Face folder) to ``dest``; linear weights in ``linear``, the
     embedding in ``embed``. Returns what the file holds, dequantized, by Hugging Face name."""
@@ -91,7 +98,10 @@ def write_gguf(
     if config.get("head_dim"):
         writer.add_key_length(config["head_dim"])
         writer.add_value_length(config["head_dim"])
-    _add_tokenizer(writer, src, config)
+    if sentencepiece is None:
+        _add_tokenizer(writer, src, config)
+    else:
+        _add_sentencepiece(writer, sentencepiece)
     held: dict[str, np.ndarray] = {}
     for name, w in sorted(weights.items()):
         w = w.astype(np.float32)
@@ -158,3 +168,29 @@ def _add_tokenizer(writer: Any, src: Path, config: dict[str, Any]) -> None:
             add(added[token])
     if isinstance(tcfg.get("chat_template"), str):
         writer.add_chat_template(tcfg["chat_template"])
+
+
+def _add_sentencepiece(writer: Any, words: list[str]) -> None:
+    """A SentencePiece-style vocabulary as Llama 2 GGUFs carry it, grown from ``words``: control
+    tokens, the 256 byte fallbacks, every character, then each word (with its leading "▁") and its
+    prefixes; scores fall with the order, so longer pieces merge last."""
+    tokens, types = ["<unk>", "<s>", "</s>"], [2, 3, 3]
+    tokens += [f"<0x{b:02X}>" for b in range(256)]
+    types += [6] * 256
+    pieces: list[str] = []
+    for word in words:
+        piece = "\u2581" + word
+        for end in range(1, len(piece) + 1):
+            if piece[:end] not in pieces:
+                pieces.append(piece[:end])
+    pieces.sort(key=len)  # every piece's parts come before it
+    tokens += pieces
+    types += [1] * len(pieces)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_scores([0.0] * 259 + [-float(i) for i in range(len(pieces))])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_add_bos_token(True)

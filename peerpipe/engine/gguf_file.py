@@ -202,10 +202,12 @@ class GGUFModel:
 
         kind = self._field("tokenizer.ggml.model")
         pre = self._field("tokenizer.ggml.pre", "gpt2")
+        if kind == "llama":
+            return self._sentencepiece_parts()
         if kind != "gpt2" or pre not in _PRE:
             raise TokenizerError(
                 f"{self.path}: its tokenizer ({kind}, pre-tokenizer {pre}) cannot be rebuilt from a GGUF yet; "
-                f"byte-level BPE ({', '.join(_PRE)}) can. Use the model's Hugging Face folder"
+                f"SentencePiece and byte-level BPE ({', '.join(_PRE)}) can. Use the model's Hugging Face folder"
             )
         tokens = [str(t) for t in self._field("tokenizer.ggml.tokens", [])]
         merges = [tuple(str(m).split(" ", 1)) for m in self._field("tokenizer.ggml.merges", [])]
@@ -233,18 +235,50 @@ class GGUFModel:
         # Control (3) and user-defined (4) tokens are matched whole, never split by BPE.
         specials = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types, strict=False) if k in (3, 4)]
         backend.add_special_tokens(specials)
+        named = self._named_specials(tokens)
+        self._add_bos(backend, named, tokens, default=False)
+        return backend, named, self._field("tokenizer.chat_template")
+
+    def _named_specials(self, tokens: list[str]) -> dict[str, str]:
         named = {}
         for key, field in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
             index = self._field(f"tokenizer.ggml.{field}")
             if index is not None and 0 <= int(index) < len(tokens):
                 named[key] = tokens[int(index)]
-        if self._field("tokenizer.ggml.add_bos_token", False) and "bos_token" in named:
+        return named
+
+    def _add_bos(self, backend: Any, named: dict[str, str], tokens: list[str], *, default: bool) -> None:
+        if self._field("tokenizer.ggml.add_bos_token", default) and "bos_token" in named:
             from tokenizers import processors
 
             bos = named["bos_token"]
             backend.post_processor = processors.TemplateProcessing(
                 single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokens.index(bos))]
             )
+
+    def _sentencepiece_parts(self) -> tuple[Any, dict[str, str], str | None]:
+        """A SentencePiece BPE vocabulary (Llama 2, Mistral): pieces spelled with "▁" for spaces,
+        bytes as <0xNN> fallbacks, and merges ranked by the merged piece's score (from the file's
+        merges when it has them)."""
+        from tokenizers import AddedToken, decoders, models, pre_tokenizers
+        from tokenizers import Tokenizer as Backend
+
+        tokens = [str(t) for t in self._field("tokenizer.ggml.tokens", [])]
+        scores = self._field("tokenizer.ggml.scores", [0.0] * len(tokens))
+        types = self._field("tokenizer.ggml.token_type", [1] * len(tokens))
+        vocab = {t: i for i, t in enumerate(tokens)}
+        if merges_field := self._field("tokenizer.ggml.merges"):
+            merges = [tuple(str(m).split(" ", 1)) for m in merges_field]
+        else:
+            merges = _merges_from_scores(tokens, scores, vocab)
+        named = self._named_specials(tokens)
+        backend = Backend(models.BPE(vocab, merges, unk_token=named.get("unk_token"), fuse_unk=True, byte_fallback=True))
+        prefix = bool(self._field("tokenizer.ggml.add_space_prefix", True))
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first" if prefix else "never", split=False)
+        steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+        backend.decoder = decoders.Sequence([*steps, decoders.Strip(" ", 1, 0)] if prefix else steps)
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types, strict=False) if k == 3])
+        self._add_bos(backend, named, tokens, default=True)
         return backend, named, self._field("tokenizer.chat_template")
 
 
@@ -304,6 +338,18 @@ def _q4_1(rows: torch.Tensor) -> torch.Tensor:
 
 
 _TORCH_DEQUANT = {"F32": _f32, "F16": _f16, "BF16": _bf16, "Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1}
+
+
+def _merges_from_scores(tokens: list[str], scores: list[float], vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """Every way to build a piece from two pieces, best-scored piece first (SentencePiece's merge
+    order), ties by the left part's length, then the right's; within a piece, by the parts' ids."""
+    found = []
+    for token, score in zip(tokens, scores, strict=False):
+        splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in vocab and token[i:] in vocab]
+        splits.sort(key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
+        found += [(left, right, float(score)) for left, right in splits]
+    found.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(left, right) for left, right, _ in found]
 
 
 def _unpermute(weight: torch.Tensor, heads: int) -> torch.Tensor:

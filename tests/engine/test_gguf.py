@@ -199,3 +199,27 @@ def test_rope_factors_that_are_not_llama3s_are_refused(tiny_model_dir, tmp_path:
     assert data  # the original stays as it was
     with pytest.raises(UnsupportedModelError, match="not Llama 3's scaling"):
         ModelConfig.from_dir(tmp_path / "odd.gguf")
+
+
+def test_a_sentencepiece_vocabulary_tokenizes_as_transformers_does(tiny_model_dir, tmp_path: Path) -> None:
+    """Llama 2 and Mistral GGUFs carry SentencePiece pieces and scores, no merges: the merges are
+    rebuilt from the scores, bytes fall back to <0xNN>, and encoding and decoding agree with
+    transformers' own GGUF tokenizer."""
+    import random
+
+    transformers = pytest.importorskip("transformers")
+    from peerpipe.engine.tokenizer import Tokenizer
+
+    words = (Path(__file__).parent / "austen_words.txt").read_text(encoding="utf-8").split()[:400]
+    write_gguf(tiny_model_dir("llama", config_overrides=SHAPE), tmp_path / "spm.gguf", sentencepiece=words)
+    ours = Tokenizer.from_dir(tmp_path / "spm.gguf")
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="spm.gguf")
+    rng = random.Random(3)
+    texts = [" ".join(rng.choice([*words, "Zebra", "naïve", "12", "日本", "😀", "  "]) for _ in range(rng.randint(1, 9))) for _ in range(200)]
+    texts += ["Hello", " leading space", "trailing space ", "tab\\there", "new\\nline"]
+    bad = [t for t in texts if ours.encode(t) != theirs.encode(t)]
+    assert not bad, [(t, ours.encode(t), theirs.encode(t)) for t in bad[:3]]
+    for t in texts:
+        ids = theirs.encode(t)
+        assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True), t
+    assert ours.encode("x")[0] == 1  # BOS, as add_bos_token says
