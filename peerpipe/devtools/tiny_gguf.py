@@ -132,11 +132,11 @@ def _rope_factors(config: dict[str, Any]) -> np.ndarray:
     import torch
 
     from peerpipe.engine.config import ModelConfig
-    from peerpipe.engine.model import rope_inv_freq
+    from peerpipe.engine.rope import rope_inv_freq
 
     cfg = ModelConfig.from_hf(config)
     base = 1.0 / (cfg.rope.theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float() / cfg.head_dim))
-    return (base / rope_inv_freq(cfg)).numpy().astype(np.float32)
+    return (base / rope_inv_freq(cfg.rope, cfg.head_dim)).numpy().astype(np.float32)
 
 
 def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from peerpipe.engine.errors import ModelLoadError, UnsupportedModelError
+from peerpipe.engine.rope import RopeConfig, rope_from_hf
 
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -21,29 +22,6 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
 )
-_SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-
-
-@dataclass(frozen=True)
-class RopeConfig:
-    theta: float = 10000.0
-    kind: str = "default"  # one of _SUPPORTED_ROPE_TYPES
-    factor: float = 1.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_positions: int = 8192
-
-    def __post_init__(self) -> None:
-        if self.kind not in _SUPPORTED_ROPE_TYPES:
-            raise UnsupportedModelError(
-                f"RoPE scaling type {self.kind!r} is not supported; supported: {', '.join(_SUPPORTED_ROPE_TYPES)}"
-            )
-        if self.theta <= 0 or self.factor <= 0:
-            raise UnsupportedModelError("rope_theta and the RoPE scaling factor must be positive")
-        if self.kind == "llama3" and self.high_freq_factor <= self.low_freq_factor:
-            raise UnsupportedModelError("llama3 RoPE scaling needs high_freq_factor > low_freq_factor")
-
-
 @dataclass(frozen=True)
 class ModelConfig:
     architecture: str
@@ -195,7 +173,7 @@ class ModelConfig:
             n_kv_heads=n_kv,
             head_dim=int(head_dim),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            rope=_rope_from_hf(raw),
+            rope=rope_from_hf(raw),
             max_positions=int(raw.get("max_position_embeddings", 4096)),
             tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
             qkv_bias=qwen2 or attention_bias,
@@ -228,23 +206,6 @@ def _dtype_from_hf(raw: dict[str, Any]) -> str:
     }
     name = aliases.get(str(name), str(name))
     return name if name in ("float32", "float16", "bfloat16") else "float32"
-
-
-def _rope_from_hf(raw: dict[str, Any]) -> RopeConfig:
-    # transformers 5 folds rope_theta into rope_parameters; older configs keep rope_scaling apart.
-    params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-    theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
-    kind = params.get("rope_type") or params.get("type") or "default"
-    if kind == "default":
-        return RopeConfig(theta=theta)
-    return RopeConfig(
-        theta=theta,
-        kind=kind,
-        factor=float(params.get("factor", 1.0)),
-        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        original_max_positions=int(params.get("original_max_position_embeddings", 8192)),
-    )
 
 
 def _windows_from_hf(arch: str, raw: dict[str, Any], n_layers: int) -> tuple[int | None, ...]:

@@ -17,19 +17,21 @@ from typing import Any
 import torch
 
 from peerpipe.engine.errors import UnsupportedModelError
+from peerpipe.engine.rope import rope_from_hf, rope_inv_freq
+
+
+def _head_dim(config: dict[str, Any]) -> int:
+    return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
 
 
 def _wavelengths(config: dict[str, Any]) -> torch.Tensor:
-    dim = int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+    dim = _head_dim(config)
     inv = 1.0 / (float(config["rope_theta"]) ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     return 2 * math.pi / inv.double()
 
 
 def llama3_scaling(config: dict[str, Any], factors: torch.Tensor, path: Path) -> dict[str, Any]:
     """The ``rope_scaling`` entry that gives exactly ``factors``, or a clear refusal."""
-    from peerpipe.engine.config import ModelConfig
-    from peerpipe.engine.model import rope_inv_freq
-
     wl, f = _wavelengths(config), factors.double()
     refuse = UnsupportedModelError(f"{path}: its RoPE frequency factors (rope_freqs) are not Llama 3's scaling; use the model's Hugging Face folder")
     if f.shape != wl.shape or not torch.isfinite(f).all() or (f < 1 - 1e-6).any():
@@ -60,8 +62,8 @@ def llama3_scaling(config: dict[str, Any], factors: torch.Tensor, path: Path) ->
         "high_freq_factor": high,
         "original_max_position_embeddings": max(1, round(original)),
     }
-    cfg = ModelConfig.from_hf({**config, "rope_scaling": scaling})
-    base = 1.0 / (cfg.rope.theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float() / cfg.head_dim))
-    if not torch.allclose(base / rope_inv_freq(cfg), factors.float(), rtol=1e-3):
+    rope, dim = rope_from_hf({**config, "rope_scaling": scaling}), _head_dim(config)
+    base = 1.0 / (rope.theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if not torch.allclose(base / rope_inv_freq(rope, dim), factors.float(), rtol=1e-3):
         raise refuse
     return scaling

@@ -8,7 +8,6 @@ at load time, which halves the kernels a decode step launches.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -18,6 +17,7 @@ from torch import Tensor, nn
 
 from peerpipe.engine.config import ModelConfig
 from peerpipe.engine.kvcache import Batch, KeysValues, KVCache
+from peerpipe.engine.rope import rope_inv_freq
 
 
 class RMSNorm(nn.Module):
@@ -221,7 +221,7 @@ class Stage(nn.Module):
     def setup_rope(self, max_seq: int) -> None:
         """Precompute the rotations for positions ``0 .. max_seq`` on the stage's device."""
         device = next(self.parameters()).device
-        inv_freq = rope_inv_freq(self.cfg).to(device)
+        inv_freq = rope_inv_freq(self.cfg.rope, self.cfg.head_dim).to(device)
         pos = torch.arange(max_seq, device=device, dtype=torch.float32)
         freqs = pos[:, None] * inv_freq[None, :]
         self.rope = torch.polar(torch.ones_like(freqs), freqs)
@@ -286,22 +286,3 @@ def _mask(batch: Batch, window: int | None, dtype: torch.dtype) -> Tensor:
     return mask.masked_fill_(~allowed, float("-inf"))[:, None]
 
 
-def rope_inv_freq(cfg: ModelConfig) -> Tensor:
-    """Inverse RoPE frequencies in float32, computed the way the reference implementation does."""
-    rope, dim = cfg.rope, cfg.head_dim
-    inv = 1.0 / (rope.theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    if rope.kind == "linear":
-        return inv / rope.factor
-    if rope.kind != "llama3":
-        return inv
-    # Llama 3.1 keeps high frequencies, divides low ones by `factor`, and blends the band between.
-    low_wavelen = rope.original_max_positions / rope.low_freq_factor
-    high_wavelen = rope.original_max_positions / rope.high_freq_factor
-    wavelen = 2 * math.pi / inv
-    scaled = torch.where(wavelen > low_wavelen, inv / rope.factor, inv)
-    smooth = (rope.original_max_positions / wavelen - rope.low_freq_factor) / (
-        rope.high_freq_factor - rope.low_freq_factor
-    )
-    smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
-    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    return torch.where(medium, smoothed, scaled)

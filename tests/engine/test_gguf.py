@@ -166,13 +166,14 @@ def test_any_corruption_of_the_header_is_a_clear_error(tiny_model_dir, tmp_path:
 def test_llama31_rope_factors_give_the_models_own_frequencies(tiny_model_dir, tmp_path: Path, scaling: dict) -> None:
     """llama.cpp keeps Llama 3.1's scaling as per-dimension factors; the parameters recovered
     from them give the engine the very frequencies of the original config."""
-    from peerpipe.engine.model import rope_inv_freq
+    from peerpipe.engine.rope import rope_inv_freq
 
     src = tiny_model_dir("llama3", config_overrides={**SHAPE, "rope_scaling": scaling, "max_position_embeddings": 256})
     write_gguf(src, tmp_path / "m.gguf")
     # Equal parameters where they are Llama's own (low 1); equivalent ones otherwise (the factors
     # fix only two combinations of the three), equal to float32 rounding.
-    ours, theirs = rope_inv_freq(ModelConfig.from_dir(tmp_path / "m.gguf")), rope_inv_freq(ModelConfig.from_dir(src))
+    mine, original = ModelConfig.from_dir(tmp_path / "m.gguf"), ModelConfig.from_dir(src)
+    ours, theirs = rope_inv_freq(mine.rope, mine.head_dim), rope_inv_freq(original.rope, original.head_dim)
     assert torch.equal(ours, theirs) if scaling["low_freq_factor"] == 1.0 else torch.allclose(ours, theirs, rtol=1e-6, atol=0)
 
 
