@@ -117,7 +117,10 @@ class GGUFModel:
             "rms_norm_eps": float(self._arch_field("attention.layer_norm_rms_epsilon", 1e-6)),
             "rope_theta": float(self._arch_field("rope.freq_base", 10000.0)),
             "max_position_embeddings": int(self._arch_field("context_length", 4096)),
-            "vocab_size": len(self._field("tokenizer.ggml.tokens", [])) or self.shape("model.embed_tokens.weight")[0],
+            # The embedding's rows: a vocabulary padded past its last token still has them.
+            "vocab_size": self.shape("model.embed_tokens.weight")[0]
+            if "model.embed_tokens.weight" in self.tensors
+            else len(self._field("tokenizer.ggml.tokens", [])),
             "tie_word_embeddings": "lm_head.weight" not in self.tensors,
             "torch_dtype": "bfloat16",
         }
@@ -132,6 +135,8 @@ class GGUFModel:
         if freqs is not None:  # Llama 3.1+: the frequency factors, not the parameters behind them
             from peerpipe.engine.gguf_rope import llama3_scaling
 
+            if freqs.kind != 0:
+                raise UnsupportedModelError(f"{self.path}: rope_freqs is {_type_name(freqs.kind)}, not F32")
             factors = torch.from_numpy(self._map[freqs.offset : freqs.offset + 4 * math.prod(freqs.dims)].view(np.float32).copy())
             config["rope_scaling"] = llama3_scaling(config, factors, self.path)
         return config
