@@ -321,11 +321,10 @@ def _unique_names(names: dict[str, str]) -> dict[str, str]:
 
 
 def _host_dtype(view: Any) -> str:
-    """The dtype a room's host loads when not told: float32 on a CPU, half precision elsewhere
-    (as ``LocalDevice.default_dtype``); bfloat16 without a room."""
-    if view is not None and view.members and view.members[0].info.device == "cpu":
-        return "float32"
-    return "bfloat16"
+    """The dtype a room's host (listed first) loads when not told; bfloat16 without a room."""
+    from peerpipe.cluster.capabilities import default_dtype
+
+    return default_dtype(view.members[0].info.device) if view is not None and view.members else "bfloat16"
 
 
 def plan_cmd(args: argparse.Namespace) -> int:

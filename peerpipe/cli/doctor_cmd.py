@@ -226,13 +226,13 @@ def http_check(host: str, port: int) -> Check:
 
 
 def model_check(model: Path, device: str | None) -> Check:
-    from peerpipe.cluster.capabilities import detect
+    from peerpipe.cluster.capabilities import default_dtype, detect
     from peerpipe.cluster.model_choice import ModelChoice
     from peerpipe.errors import PeerpipeError
 
     try:
         caps = detect(device)
-        dtype = "float32" if caps.kind == "cpu" else "bfloat16"
+        dtype = default_dtype(caps.kind, caps.supports_bf16)
         choice = ModelChoice.from_dir(model, dtype)
         from peerpipe.engine.loader import check_model_dir
 

@@ -171,10 +171,9 @@ def add_join_parser(
 
 def check_device(device: str | None) -> None:
     """``--device``, checked before anything is announced."""
-    if device and not device.startswith("xpu"):
-        from peerpipe.engine.loader import resolve_device
+    from peerpipe.cluster.capabilities import check_device as check
 
-        resolve_device(device)
+    check(device)
 
 
 def check_model(model: Path | None) -> None:

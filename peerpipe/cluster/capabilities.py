@@ -101,6 +101,28 @@ def _quiet_stderr() -> Iterator[None]:
         os.close(saved)
 
 
+def check_device(device: str | None) -> Any:
+    """``device`` as a torch device (None for the best one present); an unknown or absent
+    device is a clear error. The engine has no xpu path, the benchmarks do: xpu is taken as is."""
+    if not device:
+        return None
+    if device.startswith("xpu"):
+        import torch
+
+        return torch.device(device)
+    from peerpipe.engine.loader import resolve_device
+
+    return resolve_device(device)
+
+
+def default_dtype(kind: str, supports_bf16: bool = True) -> str:
+    """What a device loads weights in when not told: CPUs run float32 fastest and exactly,
+    accelerators want half precision."""
+    if kind == "cpu":
+        return "float32"
+    return "bfloat16" if supports_bf16 else "float16"
+
+
 def detect(device: str | None = None, *, webgpu: bool = False) -> DeviceCaps:
     """Capabilities of ``device`` (a torch device string) or of the best accelerator present;
     with ``webgpu``, also the WebGPU adapter's name."""
@@ -109,13 +131,7 @@ def detect(device: str | None = None, *, webgpu: bool = False) -> DeviceCaps:
     ram_total, ram_free = memory_info()
     cores = cpu_cores()
     wgpu_name = wgpu_adapter() if webgpu else ""
-    requested = None
-    if device and not device.startswith("xpu"):  # the engine has no xpu path; the benchmarks do
-        from peerpipe.engine.loader import resolve_device
-
-        requested = resolve_device(device)  # an unknown or absent device is a clear error
-    elif device:
-        requested = torch.device(device)
+    requested = check_device(device)
     kind = requested.type if requested else _best_kind(torch)
     if kind == "cuda" and torch.cuda.is_available():
         index = requested.index if requested and requested.index is not None else torch.cuda.current_device()

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 from peerpipe.cluster.benchmark import BenchCache, DeviceBench, Progress
-from peerpipe.cluster.capabilities import DeviceCaps, detect
+from peerpipe.cluster.capabilities import DeviceCaps, default_dtype, detect
 from peerpipe.cluster.links import measure_links
 from peerpipe.compute import run_compute
 from peerpipe.errors import PeerpipeError
@@ -72,9 +72,7 @@ class LocalDevice:
 
     @property
     def default_dtype(self) -> str:
-        if self.caps.kind == "cpu":
-            return "float32"
-        return "bfloat16" if self.caps.supports_bf16 else "float16"
+        return default_dtype(self.caps.kind, self.caps.supports_bf16)
 
     @property
     def offered_bytes(self) -> int:

@@ -26,11 +26,10 @@ class Held:
 
 
 def _size(path: Path) -> int:
+    """Bytes of a file, or of the files under a folder (a symlink counts as what it points to)."""
     if path.is_file():
         return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink()) + sum(
-        p.resolve().stat().st_size for p in path.rglob("*") if p.is_symlink() and p.resolve().is_file()
-    )
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def _used_file() -> Path:
