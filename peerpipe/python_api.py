@@ -33,13 +33,18 @@ from peerpipe.cluster.local import LocalDevice
 from peerpipe.cluster.member_service import ClusterMember
 from peerpipe.cluster.membership import MembershipConfig
 from peerpipe.cluster.model_choice import ModelChoice
+from peerpipe.compute import run_compute
 from peerpipe.engine.decode import GenerationResult, OnText
+from peerpipe.engine.draft_model import DraftModel
+from peerpipe.engine.speculate import DEFAULT_MAX_DRAFT, SpeculationError
+from peerpipe.engine.tokenizer import Tokenizer
 from peerpipe.errors import PeerpipeError
 from peerpipe.inference.dataplane import DataPlane
 from peerpipe.inference.entry import Entry, EntryConfig
 from peerpipe.inference.errors import NotReadyError
 from peerpipe.inference.runtime import StageRuntime
 from peerpipe.inference.sampling import sampling_from
+from peerpipe.inference.speculation import SpeculationConfig
 from peerpipe.logs import Report, log_reporter
 from peerpipe.models import resolve_model
 from peerpipe.plan import Budget
@@ -95,12 +100,16 @@ class Room:
         system: str | None = None,
         on_text: OnText | None = None,
         timeout_s: float = 120.0,
+        speculate: str = "",
         **sampling: Any,
     ) -> GenerationResult:
         """Run one answer through the room; ``sampling`` takes the ``Sampling`` record's fields
-        (left out: the model's defaults; ``max_tokens``: the rest of the context)."""
+        (left out: the model's defaults; ``max_tokens``: the rest of the context); ``speculate``
+        (off, ngram, draft) overrides the room's drafting for this answer."""
         record = sampling_from(sampling, strict=True)
-        return await self._entry().generate(prompt, record, on_text, chat=chat, system=system, timeout_s=timeout_s)
+        return await self._entry().generate(
+            prompt, record, on_text, chat=chat, system=system, timeout_s=timeout_s, speculate=speculate
+        )
 
     async def serve_http(
         self, listen: Address = ("127.0.0.1", 8088), *, api_key: str | None = None, max_pending: int = 64
@@ -152,12 +161,23 @@ async def create_room(
     measured: LocalDevice | None = None,
     report: Report | None = None,
     on_open: Callable[[RoomCode, Address], None] | None = None,
+    speculate: str | None = None,
+    speculate_max: int = DEFAULT_MAX_DRAFT,
+    draft: str | Path | None = None,
 ) -> AsyncIterator[Room]:
     """Open a room (mDNS only when ``advertise``), measure this machine, and serve ``model``.
     ``on_open`` hears the code and address as soon as the room listens, before measuring;
-    ``measured`` is this machine already measured (``device``, ``memory_gb`` and ``quick`` unused)."""
+    ``measured`` is this machine already measured (``device``, ``memory_gb`` and ``quick`` unused).
+
+    Answers draft tokens for the stages to verify (docs/speculative.md): ``speculate`` is off,
+    ngram (prompt lookup, the default) or draft (with the small model ``draft``, run here; the
+    default once one is given), ``speculate_max`` the most tokens a step drafts."""
     room_code = parse_code(code) if code else generate_code()
     model = resolve_model(model) if model else None
+    draft = resolve_model(draft) if draft else None
+    speculation = SpeculationConfig(speculate or ("draft" if draft else "ngram"), speculate_max)
+    if speculation.mode == "draft" and draft is None:
+        raise SpeculationError("speculate=draft needs a draft model (--draft DIR, or austen-draft for the bundled model)")
     config = config or ClusterConfig(expect_nodes=expect_nodes, budget=Budget(context_tokens=context, sessions=sessions))
     async with Host(room_code, name=name) as node:
         address = await node.open(listen, advertise=advertise)
@@ -178,11 +198,19 @@ async def create_room(
         entry = None
         if choice is not None and cluster.rollout is not None:
             settings = dataclasses.replace(
-                entry_config or EntryConfig(), sessions=config.budget.sessions, max_seq=cluster.rollout.max_seq
+                entry_config or EntryConfig(), sessions=config.budget.sessions, max_seq=cluster.rollout.max_seq,
+                speculation=speculation,
             )
+            drafter = None
+            if draft is not None:
+                drafter = await run_compute(
+                    DraftModel.load, draft, Tokenizer.from_dir(choice.path), vocab_limit=choice.config.vocab_size,
+                    sessions=settings.sessions, max_seq=settings.max_seq, device=local.caps.torch_device,
+                    dtype=choice.dtype,
+                )
             entry = Entry(
                 choice.path, host_id=node.node_id, send=plane.send, config=settings,
-                why_not_ready=cluster.why_not_ready, on_stall=cluster.check_stalled, report=report,
+                why_not_ready=cluster.why_not_ready, on_stall=cluster.check_stalled, report=report, draft=drafter,
             )
             cluster.rollout.on_ready = entry.use_plan
             cluster.rollout.on_replan = entry.replanned

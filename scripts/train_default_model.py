@@ -424,6 +424,29 @@ def save_hf(
     (out / "training.json").write_text(json.dumps(figures, indent=2) + "\n")
 
 
+def load_teacher(path: Path, device: torch.device) -> Llama:
+    """A trained model of this script's making (e.g. the shipped default), to distil a smaller
+    one from: ``--teacher`` trains the student on the teacher's next-token distributions."""
+    from safetensors.torch import load_file
+
+    cfg = json.loads((path / "config.json").read_text())
+    targs = ModelArgs(
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        num_hidden_layers=cfg["num_hidden_layers"],
+        num_attention_heads=cfg["num_attention_heads"],
+        num_key_value_heads=cfg["num_key_value_heads"],
+        intermediate_size=cfg["intermediate_size"],
+        max_position_embeddings=cfg["max_position_embeddings"],
+    )
+    teacher = Llama(targs)
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        state.update({k.removeprefix("model."): v.float() for k, v in load_file(str(file)).items()})
+    teacher.load_state_dict(state, strict=True)
+    return teacher.to(device).eval().requires_grad_(False)
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -439,6 +462,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         dropout=args.dropout,
     )
     model = Llama(margs).to(device)
+    teacher = load_teacher(Path(args.teacher), device) if args.teacher else None
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -473,7 +497,14 @@ def cmd_train(args: argparse.Namespace) -> None:
         window = train_dev[starts + offsets]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(window[:, :-1])
+            if teacher is not None:
+                with torch.no_grad():
+                    soft = teacher(window[:, :-1]).float().log_softmax(-1).flatten(0, 1)
         loss = F.cross_entropy(logits.float().flatten(0, 1), window[:, 1:].flatten())
+        if teacher is not None:
+            # A draft's worth is how often it picks what the teacher picks: match its distributions.
+            kl = F.kl_div(logits.float().log_softmax(-1).flatten(0, 1), soft, log_target=True, reduction="batchmean")
+            loss = args.teacher_weight * kl + (1 - args.teacher_weight) * loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -519,6 +550,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         "warmup": args.warmup,
         "weight_decay": args.weight_decay,
         "seed": args.seed,
+        "teacher": Path(args.teacher).name if args.teacher else None,
+        "teacher_weight": args.teacher_weight if args.teacher else None,
         "seconds": round(seconds, 1),
         "final_train_loss": round(history[-1]["train_loss"], 4),
         "final_val_loss": round(history[-1]["val_loss"], 4),
@@ -559,6 +592,8 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--kv-heads", type=int, default=2)
     t.add_argument("--intermediate", type=int, default=1024)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--teacher", default="", help="a trained model folder to distil from (a draft model)")
+    t.add_argument("--teacher-weight", type=float, default=0.9, help="share of the loss that matches the teacher")
     t.add_argument(
         "--max-shard-mib",
         type=float,

@@ -53,3 +53,30 @@ def add_strategy_arguments(parser: argparse.ArgumentParser) -> None:
         default="latency",
         help="latency: fastest single answer; throughput: most tokens per second with many answers at once (latency)",
     )
+
+
+def draft_size(text: str) -> int:
+    from peerpipe.engine.speculate import MAX_DRAFT_LIMIT
+
+    if not text.isdigit() or not 1 <= int(text) <= MAX_DRAFT_LIMIT:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 1 to {MAX_DRAFT_LIMIT}")
+    return int(text)
+
+
+def add_speculation_arguments(parser: argparse.ArgumentParser) -> None:
+    """How a room's host drafts tokens for the stages to verify: shared by ``host`` and ``demo``."""
+    parser.add_argument(
+        "--speculate",
+        choices=["off", "ngram", "draft"],
+        help="draft tokens for the stages to verify in one pass: ngram looks them up in the prompt and "
+        "answer, draft runs the --draft model here (default: draft with --draft, else ngram)",
+    )
+    parser.add_argument(
+        "--speculate-max", type=draft_size, default=8, metavar="K",
+        help="most tokens one step drafts; fewer, or none, where drafting does not pay (8)",
+    )
+    parser.add_argument(
+        "--draft", type=model_path, metavar="DIR",
+        help="a small model with this model's tokenizer, run on this node to draft "
+        "('austen-draft' for the bundled model)",
+    )

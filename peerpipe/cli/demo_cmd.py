@@ -12,9 +12,9 @@ import contextlib
 import time
 from pathlib import Path
 
-from peerpipe.cli.args import model_path
+from peerpipe.cli.args import add_speculation_arguments, model_path
 from peerpipe.cli.http_opts import add_http_arguments, reserve_http, start_api
-from peerpipe.cli.room_cmds import check_model
+from peerpipe.cli.room_cmds import check_draft, check_model
 from peerpipe.cli.signals import Interrupts
 from peerpipe.errors import PeerpipeError
 
@@ -31,6 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", default=DEMO_PROMPT, help="the sample prompt")
     p.add_argument("--max-tokens", type=int, default=60, help="length of the sample answer in tokens (60)")
     p.add_argument("--no-serve", action="store_true", help="exit after the sample answer")
+    add_speculation_arguments(p)
     add_http_arguments(p)
     p.set_defaults(func=run)
 
@@ -46,11 +47,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.nodes < 1 or args.max_tokens < 1:
         raise PeerpipeError("--nodes and --max-tokens must be at least 1")
-    if args.model is None:
-        from peerpipe.models import default_model_dir
+    from peerpipe.models import bundled_draft_for, default_model_dir
 
+    if args.model is None:
         args.model = default_model_dir()
+    if args.draft is None and args.speculate in (None, "draft"):
+        args.draft = bundled_draft_for(Path(args.model))  # the bundled model comes with its draft
     check_model(args.model)
+    check_draft(args.model, args.draft, args.speculate)
     return run_command(lambda signals: _demo(args, signals))
 
 
@@ -75,7 +79,10 @@ async def _demo(args: argparse.Namespace, signals: Interrupts) -> int:
             reserved.callback(http.close)
         say(f"model: {model}")
         async with (
-            create_room(model, listen=(LOOPBACK, 0), advertise=True, name="demo-host", config=config, quick=True) as room,
+            create_room(
+                model, listen=(LOOPBACK, 0), advertise=True, name="demo-host", config=config, quick=True,
+                speculate=args.speculate, speculate_max=args.speculate_max, draft=args.draft,
+            ) as room,
             contextlib.AsyncExitStack() as nodes,
         ):
             say(f"room code: {room.code}   (host on {room.address[0]}:{room.address[1]}, mDNS on {LOOPBACK} only)")
@@ -98,9 +105,14 @@ async def _demo(args: argparse.Namespace, signals: Interrupts) -> int:
                 chat = Path(model).resolve() != default_model_dir().resolve()
                 result = await room.generate(args.prompt, chat=chat, on_text=show_text, max_tokens=args.max_tokens, seed=7)
                 print(flush=True)
+                spec = result.speculation
+                drafted = (
+                    f"; {spec.mode} drafts kept {spec.acceptance:.0%}, {spec.tokens_per_step:.1f} tokens per step"
+                    if spec is not None and spec.drafted else ""
+                )
                 say(
                     f"[{len(result.tokens)} tokens at {result.tok_s:.1f} tok/s through "
-                    f"{len(plan.stages)} stages; first token after {result.prefill_s * 1e3:.0f} ms]"
+                    f"{len(plan.stages)} stages; first token after {result.prefill_s * 1e3:.0f} ms{drafted}]"
                 )
                 if api is None:
                     return 0

@@ -79,6 +79,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", default=None, help="system message for --chat")
     p.add_argument("--json", action="store_true", help="print one JSON object with text, ids and speed")
+    p.add_argument(
+        "--speculate", choices=["off", "ngram", "draft"], default="",
+        help="with --room: how the host drafts tokens for this answer (default: the host's --speculate)",
+    )
     p.add_argument("--no-cuda-graphs", action="store_true", help="decode without CUDA graphs")
     p.add_argument(
         "--compile",
@@ -158,6 +162,7 @@ def run_remote(args: argparse.Namespace) -> int:
     import uuid
 
     from peerpipe.cli.room_registry import live_rooms
+    from peerpipe.engine.speculate import SpecStats
     from peerpipe.inference.client import remote_generate
     from peerpipe.inference.errors import InferenceError
     from peerpipe.inference.sampling import sampling_from
@@ -183,6 +188,7 @@ def run_remote(args: argparse.Namespace) -> int:
         chat=args.chat,
         system=args.system or "",
         wait_s=min(args.timeout, MAX_WAIT_S),
+        speculate=args.speculate,
     )
 
     def waiting(why: str) -> None:
@@ -208,6 +214,9 @@ def run_remote(args: argparse.Namespace) -> int:
             "decode_s": round(done.decode_s, 6),
             "stages": list(done.stages),
         }
+        if done.speculate:
+            spec = SpecStats(done.speculate, done.steps, done.drafted, done.accepted, done.steps + done.accepted)
+            out["speculation"] = spec.to_json()
         print(json.dumps(out, ensure_ascii=False))
         return 0
     sys.stdout.write("\n")

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from peerpipe.cli.args import add_strategy_arguments, model_path, parse_address
+from peerpipe.cli.args import add_speculation_arguments, add_strategy_arguments, model_path, parse_address
 from peerpipe.cli.signals import Interrupts, run_command
 from peerpipe.errors import PeerpipeError
 from peerpipe.models import BUNDLED
@@ -130,6 +130,7 @@ def add_host_parser(
         help="a token that takes longer has its stages checked and the answer replayed on those that answer "
         "(default: 50 predicted token times, at least 5 s)",
     )
+    add_speculation_arguments(parser)
     _add_device_arguments(parser)
     from peerpipe.cli.http_opts import add_http_arguments
 
@@ -185,6 +186,21 @@ def check_model(model: Path | None) -> None:
         check_model_dir(model)
 
 
+def check_draft(model: Path | None, draft: Path | None, mode: str | None) -> None:
+    """A draft model must be a model with the served model's tokenizer (checked before a code is
+    printed, like the model itself)."""
+    if draft is None:
+        if mode == "draft":
+            raise PeerpipeError("--speculate draft needs --draft DIR (austen-draft for the bundled model)")
+        return
+    if model is None:
+        raise PeerpipeError("--draft drafts for --model: give the model too")
+    check_model(draft)
+    from peerpipe.engine.draft_model import check_draft_dir
+
+    check_draft_dir(draft, model)
+
+
 def host_cmd(args: argparse.Namespace) -> int:
     """Open a room: print its code and address, measure this machine, then report members as
     they come and go and, with --model, plan the model over the room."""
@@ -223,6 +239,7 @@ async def _host(args: argparse.Namespace, signals: Interrupts) -> int:
     _use_threads(args)
     check_device(args.device)
     check_model(args.model)
+    check_draft(args.model, args.draft, args.speculate)
     record: list[Callable[[str], None]] = []  # the registry entry's writer, once the room is open
     with contextlib.ExitStack() as registry:
         http = reserve_http(args, say)
@@ -248,6 +265,9 @@ async def _host(args: argparse.Namespace, signals: Interrupts) -> int:
             quick=args.quick,
             report=say,
             on_open=opened,
+            speculate=args.speculate,
+            speculate_max=args.speculate_max,
+            draft=args.draft,
         ) as room:
             say(f"this node: {describe_device(room.cluster.info)}")
             api = await start_api(room, args, say, http)

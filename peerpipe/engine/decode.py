@@ -15,6 +15,7 @@ from typing import Any
 
 from peerpipe.engine.errors import CacheError
 from peerpipe.engine.sampling import SamplingParams, StopChecker
+from peerpipe.engine.speculate import SpecStats
 from peerpipe.engine.tokenizer import Tokenizer
 
 OnText = Callable[[str], None]
@@ -29,6 +30,7 @@ class GenerationResult:
     prefill_s: float  # prompt forward + first token
     decode_s: float  # every later token
     warmup_s: float = 0.0  # CUDA-graph captures made before the prompt's forward, apart from both
+    speculation: SpecStats | None = None  # what drafting did, when the answer drafted
 
     @property
     def tok_s(self) -> float:
@@ -46,6 +48,7 @@ class GenerationResult:
             "prefill_s": round(self.prefill_s, 6),
             "decode_s": round(self.decode_s, 6),
             "warmup_s": round(self.warmup_s, 6),
+            **({"speculation": self.speculation.to_json()} if self.speculation is not None else {}),
         }
 
 

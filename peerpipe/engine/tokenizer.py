@@ -121,6 +121,11 @@ class Tokenizer:
         """Number of token ids the tokenizer knows, added tokens included."""
         return self._backend.get_vocab_size(with_added_tokens=True)
 
+    def vocab(self) -> dict[str, int]:
+        """Every token's text and id, added tokens included (two models share a vocabulary when
+        these are equal)."""
+        return self._backend.get_vocab(with_added_tokens=True)
+
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from peerpipe.engine.decode import GenerationResult, OnText
 from peerpipe.engine.defaults import GenerationDefaults
+from peerpipe.engine.draft_model import DraftModel
 from peerpipe.engine.errors import TokenizerError
 from peerpipe.engine.generate import encode_prompt
 from peerpipe.engine.sampling import InvalidSamplingParams, SamplingParams
@@ -25,6 +26,7 @@ from peerpipe.engine.tokenizer import Tokenizer
 from peerpipe.errors import PeerpipeError
 from peerpipe.inference.errors import ContextLengthError, NotReadyError, PromptError
 from peerpipe.inference.pipeline import OnStall, Pipeline, Timeouts
+from peerpipe.inference.speculation import SpeculationConfig, Speculator
 from peerpipe.inference.tasks import Task
 from peerpipe.logs import Report, log_reporter
 from peerpipe.protocol import GenerateDone, GenerateRequest, GenerateText, Plan, Sampling, TaskInfo
@@ -41,6 +43,7 @@ class EntryConfig:
     max_seq: int = 4096  # positions per session on every stage
     ready_timeout_s: float = 60.0  # how long a request waits for the stages to load
     timeouts: Timeouts = field(default_factory=Timeouts)  # of an answer's steps and recoveries
+    speculation: SpeculationConfig = field(default_factory=SpeculationConfig)  # drafting, by default
 
 
 class Entry:
@@ -54,6 +57,7 @@ class Entry:
         why_not_ready: Callable[[], str] = lambda: "the room has no plan yet",
         on_stall: OnStall | None = None,
         report: Report | None = None,
+        draft: DraftModel | None = None,
     ) -> None:
         self.model_dir = model_dir
         self.host_id = host_id
@@ -72,6 +76,7 @@ class Entry:
             timeouts=self.config.timeouts,
             on_stall=on_stall,
             report=self.report,
+            speculator=Speculator(self.config.speculation, draft),
         )
         self._changed = asyncio.Event()
         self.unplannable = ""  # why the room's last try to plan failed; "" once it plans again
@@ -176,11 +181,14 @@ class Entry:
         system: str | None = None,
         task_id: str | None = None,
         timeout_s: float | None = None,
+        speculate: str = "",
     ) -> GenerationResult:
-        """One answer through the room, once it is ready."""
+        """One answer through the room, once it is ready; ``speculate`` (off, ngram, draft)
+        overrides the room's drafting for it."""
         pipeline = await self.wait_ready(timeout_s)
         ids = self.prompt_ids(prompt, chat=chat, system=system)
-        return await pipeline.generate(ids, self.params(sampling, len(ids)), on_text, task_id=task_id)
+        params = self.params(sampling, len(ids))
+        return await pipeline.generate(ids, params, on_text, task_id=task_id, speculate=speculate)
 
     async def serve(self, peer: str, request: GenerateRequest) -> None:
         """Answer a remote client's generate-request: text in order, then generate-done."""
@@ -199,7 +207,9 @@ class Entry:
                 ids = self.prompt_ids(prompt, chat=request.chat, system=request.system or None)
                 params = self.params(request.sampling, len(ids))
                 self.report(f"request {tag}: started, {len(ids)} prompt tokens")
-                result = await pipeline.generate(ids, params, pieces.put_nowait, task_id=request.request_id)
+                result = await pipeline.generate(
+                    ids, params, pieces.put_nowait, task_id=request.request_id, speculate=request.speculate
+                )
                 self.report(f"request {tag}: {len(result.tokens)} tokens, {result.tok_s:.1f} tok/s, {result.finish_reason}")
                 done = GenerateDone(
                     request.request_id,
@@ -210,6 +220,7 @@ class Entry:
                     result.prefill_s,
                     result.decode_s,
                     stages=tuple(pipeline.describe()),
+                    **_speculation_fields(result),
                 )
             except PeerpipeError as exc:
                 self.report(f"request {tag}: failed: {exc}")
@@ -223,6 +234,10 @@ class Entry:
             await self.send(peer, message)
         except PeerpipeError as exc:
             log.info("client %s is gone: %s", peer[:8], exc)
+
+    @property
+    def speculator(self) -> Speculator:
+        return self.pipeline.speculator
 
     def cancel(self, task_id: str) -> bool:
         return self.pipeline.cancel(task_id)
@@ -246,3 +261,10 @@ class Entry:
             TaskInfo(t.task_id, t.status.value, t.prompt_tokens, len(t.tokens), t.tok_s, t.error[:4000])
             for t in self.active_tasks()
         )
+
+
+def _speculation_fields(result: GenerationResult) -> dict[str, str | int]:
+    spec = result.speculation
+    if spec is None:
+        return {}
+    return {"speculate": spec.mode, "steps": spec.steps, "drafted": spec.drafted, "accepted": spec.accepted}

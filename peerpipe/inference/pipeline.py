@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -28,6 +29,7 @@ from peerpipe.engine.errors import CacheError
 from peerpipe.engine.sampling import SamplingParams
 from peerpipe.engine.tokenizer import Tokenizer
 from peerpipe.inference.errors import TaskFailedError
+from peerpipe.inference.speculation import AnswerDrafts, Speculator
 from peerpipe.inference.tasks import Task, TaskStatus
 from peerpipe.inference.wire import sampling_to_wire, to_wire
 from peerpipe.logs import Report, log_reporter
@@ -85,8 +87,10 @@ class Pipeline:
         timeouts: Timeouts | None = None,
         on_stall: OnStall | None = None,
         report: Report | None = None,
+        speculator: Speculator | None = None,
     ) -> None:
         self.host_id = host_id
+        self.speculator = speculator or Speculator()
         self.send = send
         self.tokenizer = tokenizer
         self.max_seq = max_seq
@@ -100,7 +104,7 @@ class Pipeline:
         self._slots = asyncio.Semaphore(sessions)
         # Each task's step in flight: its token's future, and the (plan version, position) it was
         # sent with, so a late answer to a step given up on (after a failover) is not taken.
-        self._waiting: dict[str, tuple[asyncio.Future[int], int, int]] = {}
+        self._waiting: dict[str, tuple[asyncio.Future[list[int]], int, int]] = {}
         self._changed = asyncio.Event()  # a plan came, went, or cannot be made
         self._closed = ""  # final: this pipeline takes no more work
         self._unplannable = ""  # why the room cannot hold the model now
@@ -134,6 +138,8 @@ class Pipeline:
 
     def use_plan(self, plan: Plan, names: dict[str, str]) -> None:
         """Every stage has loaded ``plan``: answers run (or resume) on it."""
+        if not self.keeps(plan):
+            self.speculator.reset_costs()
         self.plan, self.names, self._unplannable = plan, names, ""
         self._changed.set()
 
@@ -202,7 +208,7 @@ class Pipeline:
         elif peer != (self.stage_nodes or [peer])[-1]:
             waiter.set_exception(TaskFailedError(f"a token came from {peer[:8]}, not from the last stage"))
         else:
-            waiter.set_result(int(message.output_tensor.to_numpy().reshape(-1)[0]))
+            waiter.set_result([int(t) for t in message.output_tensor.to_numpy().reshape(-1)])
 
     def cancel(self, task_id: str) -> bool:
         step = self._waiting.get(task_id)
@@ -227,8 +233,11 @@ class Pipeline:
         on_text: OnText | None = None,
         *,
         task_id: str | None = None,
+        speculate: str = "",
     ) -> GenerationResult:
+        """One answer; ``speculate`` (off, ngram, draft) overrides the room's drafting for it."""
         prompt = list(prompt_ids)
+        mode = self.speculator.mode_for(speculate)
         try:
             check_prompt(prompt, self.max_seq, "the room")
         except CacheError as exc:
@@ -244,9 +253,15 @@ class Pipeline:
             if task.status is TaskStatus.CANCELLED:
                 decoding.finish("cancelled")
                 return decoding.result()
-            return await self._run(task, decoding)
+            drafts = self.speculator.for_answer(mode, decoding)
+            try:
+                result = await self._run(task, decoding, drafts)
+            finally:
+                if drafts is not None:
+                    drafts.close()
+            return dataclasses.replace(result, speculation=drafts.stats) if drafts is not None else result
 
-    async def _run(self, task: Task, decoding: Decoding) -> GenerationResult:
+    async def _run(self, task: Task, decoding: Decoding, drafts: AnswerDrafts | None = None) -> GenerationResult:
         task.status, task.started = TaskStatus.PREFILL, time.monotonic()
         task.tokens = decoding.tokens  # the task's view of the answer, for status and the dashboard
         on: tuple[tuple[str, int, int], ...] | None = None  # the stages holding this answer's KV
@@ -259,6 +274,8 @@ class Pipeline:
                 if task.status is TaskStatus.CANCELLED:  # cancelled while no step was in flight
                     raise _Cancelled
                 plan = self.plan
+                sent: list[int] = []
+                began = time.perf_counter()
                 if plan is None or _stages(plan) != on:
                     # A new answer, or one whose stages changed: (re)build its KV caches.
                     plan = await self._wait_plan(task, self.timeouts.recover_s)
@@ -267,11 +284,14 @@ class Pipeline:
                     on = _stages(plan)
                     touched.update(node for node, _, _ in on)
                 else:
-                    ids = torch.tensor([[decoding.tokens[-1]]], dtype=torch.long)
-                    request = ComputeRequest(task.task_id, to_wire(ids), task.task_id, plan.version, decoding.next_position)
+                    sent = await drafts.propose(decoding) if drafts is not None else []
+                    ids = torch.tensor([[decoding.tokens[-1], *sent]], dtype=torch.long)
+                    request = ComputeRequest(
+                        task.task_id, to_wire(ids), task.task_id, plan.version, decoding.next_position, drafts=tuple(sent)
+                    )
                     timeout = self.timeouts.stall_s or max(MIN_STALL_S, STALL_STEPS * plan.predicted_ms / 1e3)
                 try:
-                    token = await self._step(task, plan, request, timeout)
+                    tokens = await self._step(task, plan, request, timeout)
                 except _Lost as exc:
                     recoveries += 1
                     if recoveries > MAX_RECOVERIES:
@@ -279,6 +299,12 @@ class Pipeline:
                     task.status, on = TaskStatus.RECOVERING, None
                     stalled_at = last_token_at
                     continue
+                if not 1 <= len(tokens) <= len(request.drafts) + 1:
+                    raise TaskFailedError(
+                        f"the last stage returned {len(tokens)} tokens for a step of {len(request.drafts)} drafts"
+                    )
+                if drafts is not None and request.start_pos > 0:
+                    drafts.observe(sent, tokens, time.perf_counter() - began)
                 last_token_at = time.monotonic()
                 if stalled_at is not None:
                     self.recovery.stalls += 1
@@ -287,7 +313,9 @@ class Pipeline:
                 if task.first_token is None:
                     task.first_token = last_token_at
                 task.status = TaskStatus.DECODING
-                decoding.push(token)
+                for token in tokens:  # a stop or the budget inside a kept block ends it there
+                    if not decoding.push(token):
+                        break
             task.status = TaskStatus.DONE
         except _Cancelled:
             decoding.finish("cancelled")
@@ -315,10 +343,11 @@ class Pipeline:
         ids = torch.tensor([history], dtype=torch.long)
         return ComputeRequest(task.task_id, to_wire(ids), task.task_id, plan.version, 0, spec)
 
-    async def _step(self, task: Task, plan: Plan, request: ComputeRequest, timeout_s: float) -> int:
-        """Send one step to the first stage and wait for the last stage's token."""
+    async def _step(self, task: Task, plan: Plan, request: ComputeRequest, timeout_s: float) -> list[int]:
+        """Send one step to the first stage and wait for the last stage's tokens (one, or the drafts
+        it kept and one more)."""
         # Armed before sending: an answer (or an error) may arrive while the send still waits.
-        waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
         self._waiting[task.task_id] = (waiter, request.plan_version, request.start_pos)
         try:
             async with asyncio.timeout(timeout_s):

@@ -22,8 +22,17 @@ from peerpipe.engine.cuda_graphs import GraphedDecoder
 from peerpipe.engine.kvcache import KVCache
 from peerpipe.engine.model import Stage
 from peerpipe.engine.sampling import Sampler, SamplingParams, make_generator
+from peerpipe.engine.speculate import verify
 from peerpipe.inference.wire import from_wire, sampling_from_wire, to_wire
-from peerpipe.protocol import Cancel, ComputeError, ComputeRequest, ComputeResult, Message, SessionSpec
+from peerpipe.protocol import (
+    Cancel,
+    ComputeError,
+    ComputeRequest,
+    ComputeResult,
+    Message,
+    SessionSpec,
+    TensorData,
+)
 from peerpipe.room import Send
 
 log = logging.getLogger(__name__)
@@ -111,17 +120,23 @@ class StageServer:
             limit = self.micro_batch()
             await self._gather(items, limit)
             decode: list[ComputeRequest] = []
+            verify: dict[int, list[ComputeRequest]] = {}  # drafted steps, by their positions
             for item in items:
                 if isinstance(item, Cancel):
                     self._cancel(item.task_id)
                 elif item.task_id in self._cancelled:
                     continue
+                elif item.drafts:
+                    verify.setdefault(self._new_positions(item), []).append(item)
                 elif self._new_positions(item) != 1:
                     await self._run([item])  # a prompt: its own forward
                 elif len(decode) < limit:
                     decode.append(item)
                 else:
                     held.append(item)  # the next micro-batch
+            for group in verify.values():  # steps of as many positions share one forward
+                for at in range(0, len(group), self.max_batch):
+                    await self._run(group[at : at + self.max_batch])
             if decode:
                 await self._run(decode)
 
@@ -214,6 +229,7 @@ class StageServer:
                         request.start_pos,
                         request.session,
                         layer=self.stage.end,
+                        drafts=request.drafts,
                     ),
                 )
 
@@ -270,13 +286,16 @@ class StageServer:
         if self.stage.is_first:
             x = x.to(torch.long)
         batch = self.cache.batch(slots, x.shape[1])
+        drafted = bool(requests[0].drafts)
         if self._graphed is not None and x.shape[1] == 1:
             out = self._graphed(x, batch)
         else:
-            out = self.stage(x, self.cache, batch, last_only=self.stage.is_last)
+            out = self.stage(x, self.cache, batch, last_only=self.stage.is_last and not drafted)
         if self.next_hop is not None:
             hidden = out.to(_CPU)  # one copy off the device (and one sync) for the whole batch
             return [to_wire(hidden[i : i + 1]) for i in range(len(requests))]
+        if drafted:
+            return [self._verify(s, r, out[i]) for i, (s, r) in enumerate(zip(sessions, requests, strict=True))]
         logits = out[:, -1]
         params = [s.params or SamplingParams(temperature=0.0) for s in sessions]
         positions = [int(self.cache.lengths[s.slot]) for s in sessions]  # where each new token goes
@@ -288,3 +307,15 @@ class StageServer:
             if session.params is not None and session.params.repetition_penalty != 1.0:
                 session.history.append(int(token))
         return [to_wire(torch.tensor([token], dtype=torch.long)) for token in ids]
+
+    def _verify(self, session: _Session, request: ComputeRequest, logits: torch.Tensor) -> TensorData:
+        """The model's pick after each prefix of the drafts, each drawn as an undrafted step would
+        draw it (engine/speculate.py); the drafts it keeps and its own next token."""
+        drafts = list(request.drafts)
+        rows = logits[-len(drafts) - 1 :]  # the answer's last token, then each draft
+        params = session.params or SamplingParams(temperature=0.0)
+        first = request.start_pos + logits.shape[0] - len(drafts)  # where the first pick goes
+        kept = verify(self._sampler, rows, params, session.generator, session.history, drafts, first)
+        if params.repetition_penalty != 1.0:
+            session.history.extend(kept)
+        return to_wire(torch.tensor(kept, dtype=torch.long))

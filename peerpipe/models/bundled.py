@@ -8,6 +8,7 @@ from peerpipe.models.errors import ModelNotFoundError
 
 _HERE = Path(__file__).resolve().parent
 BUNDLED = "austen"  # the bundled model's name: its folder's, and its id on the API
+BUNDLED_DRAFT = "austen-draft"  # a 2-layer model distilled from it, to draft for it (speculation)
 
 
 def default_model_dir() -> Path:
@@ -18,6 +19,17 @@ def default_model_dir() -> Path:
     docs/default-model.md describes how it was trained and what it can do.
     """
     return _HERE / BUNDLED
+
+
+def default_draft_dir() -> Path:
+    """The bundled model's draft: 2 layers distilled from it, with its tokenizer
+    (docs/default-model.md, "The draft model")."""
+    return _HERE / BUNDLED_DRAFT
+
+
+def bundled_draft_for(model_dir: Path) -> Path | None:
+    """The draft that ships for ``model_dir``, if it is the bundled model."""
+    return default_draft_dir() if model_dir.resolve() == default_model_dir() else None
 
 
 # Real models that come as Python packages (no download at run time): name -> (package, file).

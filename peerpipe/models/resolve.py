@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from peerpipe.models.bundled import BUNDLED, PACKAGED, default_model_dir, packaged
+from peerpipe.models.bundled import (
+    BUNDLED,
+    BUNDLED_DRAFT,
+    PACKAGED,
+    default_draft_dir,
+    default_model_dir,
+    packaged,
+)
 from peerpipe.models.errors import ModelNotFoundError
 
 
@@ -25,6 +32,8 @@ def resolve_model(text: str | Path) -> Path:
         return resolve_ollama(name.removeprefix("ollama:"))
     if name == BUNDLED:
         return default_model_dir()
+    if name == BUNDLED_DRAFT:
+        return default_draft_dir()
     if name in PACKAGED:
         return packaged(name)
     from peerpipe.models.hub import looks_like_hub_id, resolve_hub

@@ -10,9 +10,11 @@ from peerpipe.protocol.records import MAX_MEMBERS, Sampling
 from peerpipe.protocol.validate import (
     MAX_NAME_LEN,
     need_bool,
+    need_choice,
     need_float,
     need_id,
     need_instance,
+    need_int,
     need_str,
     need_tuple_of,
 )
@@ -21,6 +23,7 @@ MAX_PROMPT_LEN = 1 << 20
 
 
 MAX_WAIT_S = 86400.0
+SPECULATE_CHOICES = frozenset({"", "off", "ngram", "draft"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +39,7 @@ class GenerateRequest:
     system: str = ""
     prompt_ids: tuple[int, ...] = ()  # when given, the prompt's token ids (prompt is then unused)
     wait_s: float = 0.0  # how long the client lets the host wait for the room to be ready (0: the host's own wait)
+    speculate: str = ""  # "off", "ngram" or "draft" for this answer ("": the host's setting)
 
     def __post_init__(self) -> None:
         need_id(self, "request_id")
@@ -45,6 +49,7 @@ class GenerateRequest:
         need_bool(self, "chat")
         need_str(self, "system")
         need_float(self, "wait_s", 0.0, MAX_WAIT_S)
+        need_choice(self, "speculate", SPECULATE_CHOICES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +80,10 @@ class GenerateDone:
     decode_s: float
     error: str = ""
     stages: tuple[str, ...] = ()
+    speculate: str = ""  # how it was drafted ("": not at all), and what that did:
+    steps: int = 0  # decode steps through the model
+    drafted: int = 0  # tokens drafted for them
+    accepted: int = 0  # drafts kept
 
     def __post_init__(self) -> None:
         need_id(self, "request_id")
@@ -86,3 +95,6 @@ class GenerateDone:
         need_float(self, "decode_s")
         need_str(self, "error")
         need_tuple_of(self, "stages", str, MAX_MEMBERS)
+        need_choice(self, "speculate", SPECULATE_CHOICES)
+        for name in ("steps", "drafted", "accepted"):
+            need_int(self, name, 0, 1 << 40)

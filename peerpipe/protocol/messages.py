@@ -31,8 +31,9 @@ from peerpipe.protocol.validate import (
     need_tuple_of,
 )
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 MAX_FEATURES = 64
+MAX_DRAFT = 64  # drafted tokens one compute-request may carry for verification
 MAX_MODEL_SHAPE_LEN = 16384
 HEARTBEAT_STATUSES = frozenset({"idle", "busy", "loading", "draining", "error"})
 
@@ -274,6 +275,7 @@ class ComputeRequest:
     start_pos: int = 0
     session: SessionSpec | None = None  # on a session's first request: how to sample it
     layer: int = 0  # the first layer of the stage it is for (a node may hold several)
+    drafts: tuple[int, ...] = ()  # the last new positions are these drafted tokens: the last stage verifies them
 
     def __post_init__(self) -> None:
         need_id(self, "task_id")
@@ -283,6 +285,7 @@ class ComputeRequest:
         need_int(self, "start_pos", 0, 1 << 40)
         need_instance(self, "session", SessionSpec, optional=True)
         need_int(self, "layer", 0, MAX_LAYERS)
+        need_tuple_of(self, "drafts", int, MAX_DRAFT)
 
 
 @dataclass(frozen=True, slots=True)

@@ -189,6 +189,7 @@ STRATEGIES: dict[type, st.SearchStrategy] = {
         start_pos=st.integers(0, 1 << 40),
         session=st.none() | session_specs,
         layer=st.integers(0, 1 << 20),
+        drafts=st.lists(st.integers(0, 1 << 20), max_size=64).map(tuple),
     ),
     p.ComputeResult: st.builds(
         p.ComputeResult, task_id=ids, output_tensor=tensors(), plan_version=u64, start_pos=st.integers(0, 1 << 40)
@@ -207,6 +208,7 @@ STRATEGIES: dict[type, st.SearchStrategy] = {
         system=texts,
         prompt_ids=st.lists(st.integers(0, 1 << 20), max_size=5).map(tuple),
         wait_s=st.floats(0.0, 86400.0),
+        speculate=st.sampled_from(["", "off", "ngram", "draft"]),
     ),
     p.GenerateText: st.builds(p.GenerateText, request_id=ids, text=texts),
     p.GenerateDone: st.builds(
@@ -220,6 +222,10 @@ STRATEGIES: dict[type, st.SearchStrategy] = {
         decode_s=nonneg,
         error=texts,
         stages=st.lists(names, max_size=3).map(tuple),
+        speculate=st.sampled_from(["", "off", "ngram", "draft"]),
+        steps=st.integers(0, 1 << 40),
+        drafted=st.integers(0, 1 << 40),
+        accepted=st.integers(0, 1 << 40),
     ),
 }
 

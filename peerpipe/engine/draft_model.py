@@ -1,0 +1,126 @@
+"""A small model that drafts for a large one: it must share the large model's tokenizer, and it
+runs beside the room's host with a KV-cache slot per answer, kept in step with the answer.
+
+It draws its tokens as the verifier will draw the model's: greedy, or with the same (seed,
+position) noise (``sampling.draw_seed``). Where the two models agree on a position's
+distribution they then pick the same token, so sampled answers keep most drafts too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from peerpipe.engine.errors import EngineError
+from peerpipe.engine.kvcache import KVCache
+from peerpipe.engine.loader import load_stage
+from peerpipe.engine.model import Stage
+from peerpipe.engine.sampling import Sampler, SamplingParams, make_generator
+from peerpipe.engine.tokenizer import Tokenizer
+
+
+class DraftModelError(EngineError):
+    """The draft model cannot draft for this model; the message says why."""
+
+
+def check_draft_dir(draft: str | Path, model: str | Path) -> Tokenizer:
+    """The draft's tokenizer, once it is known to be the model's (its weights are not read)."""
+    own, theirs = Tokenizer.from_dir(draft), Tokenizer.from_dir(model)
+    if own.vocab() != theirs.vocab():
+        raise DraftModelError(
+            f"the draft model at {draft} has another tokenizer than {model} ({own.vocab_size} tokens "
+            f"against {theirs.vocab_size}); a draft must share the model's vocabulary"
+        )
+    return own
+
+
+class DraftModel:
+    """One whole small model and a KV cache with a slot for each answer being drafted."""
+
+    def __init__(self, stage: Stage, *, sessions: int, max_seq: int, vocab_limit: int) -> None:
+        if not (stage.is_first and stage.is_last):
+            raise DraftModelError("a draft model runs whole, in one stage")
+        self.stage = stage
+        self.max_seq = min(max_seq, stage.cfg.max_positions)
+        self.cache: KVCache = stage.new_cache(sessions, self.max_seq)
+        self.vocab_limit = vocab_limit  # drafts are ids the large model knows
+        self.sampler = Sampler()
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        tokenizer: Tokenizer,
+        *,
+        vocab_limit: int,
+        sessions: int,
+        max_seq: int,
+        device: str | None = None,
+        dtype: str | None = None,
+    ) -> DraftModel:
+        """Load the draft at ``path`` after checking it shares ``tokenizer`` (the large model's)."""
+        if Tokenizer.from_dir(path).vocab() != tokenizer.vocab():
+            raise DraftModelError(
+                f"the draft model at {path} has another tokenizer than the model; a draft must share its vocabulary"
+            )
+        stage, _ = load_stage(path, device=device, dtype=dtype)
+        return cls(stage, sessions=sessions, max_seq=max_seq, vocab_limit=vocab_limit)
+
+    @property
+    def device(self) -> torch.device:
+        return self.cache.device
+
+    def session(self, params: SamplingParams) -> DraftSession:
+        """A drafter for one answer sampled with ``params``; ``DraftModelError`` when every slot is
+        in use (the answer then runs without a draft)."""
+        if self.cache.free_slots == 0:
+            raise DraftModelError(f"all {self.cache.max_slots} draft sessions are in use")
+        return DraftSession(self, self.cache.alloc(), params)
+
+
+class DraftSession:
+    """Drafts for one answer; its slot holds the KV of ``cached``, a prefix of what it has seen."""
+
+    def __init__(self, model: DraftModel, slot: int, params: SamplingParams) -> None:
+        self.model, self.slot, self.params = model, slot, params
+        self.cached: list[int] = []
+        self._generator = None if params.greedy else make_generator(params.seed, model.device)
+        self._closed = False
+
+    @torch.inference_mode()
+    def propose(self, history: Sequence[int], k: int) -> list[int]:
+        if self._closed:
+            return []
+        model, cache = self.model, self.model.cache
+        k = min(k, model.max_seq - len(history))
+        if k <= 0:
+            return []
+        common = 0
+        for mine, theirs in zip(self.cached, history, strict=False):
+            if mine != theirs:
+                break
+            common += 1
+        common = min(common, len(history) - 1)  # the last token is fed again, for its logits
+        cache.rollback(self.slot, common)
+        self.cached = list(history[:common])
+        seen = list(history)
+        drafts: list[int] = []
+        new = seen[common:]
+        for _ in range(k):
+            ids = torch.tensor([new], dtype=torch.long, device=model.device)
+            logits = model.stage(ids, cache, cache.batch([self.slot], len(new)), last_only=True)[:, -1]
+            self.cached.extend(new)
+            logits = logits[:, : model.vocab_limit]
+            pick = model.sampler.sample(logits, [self.params], [self._generator], [seen], [len(seen)])
+            token = int(pick[0])
+            drafts.append(token)
+            seen.append(token)
+            new = [token]
+        return drafts
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.model.cache.free(self.slot)

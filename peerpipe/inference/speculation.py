@@ -1,0 +1,119 @@
+"""Speculation at the host: which drafter an answer uses, how many tokens each step drafts, and
+what it did. The stages verify (``StageServer._verify``); the rule is in engine/speculate.py.
+
+An answer's step sends its last token and ``k`` drafts; the last stage returns the drafts it
+keeps and one token of its own. ``k`` comes from the answer's acceptance rate and the room's
+measured step times (``DraftSize``), so a slow link drafts more and a fast one stops drafting
+when it does not pay. A prompt-lookup drafter costs nothing, so while an answer does not draft,
+what it would have drafted is still checked against the token that came, and its acceptance
+rate stays current.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from peerpipe.compute import run_compute
+from peerpipe.engine.decode import Decoding
+from peerpipe.engine.draft_model import DraftModel, DraftModelError, DraftSession
+from peerpipe.engine.speculate import (
+    DEFAULT_MAX_DRAFT,
+    DraftSize,
+    NgramDrafter,
+    SpecStats,
+    StepCosts,
+    check_max_draft,
+    check_mode,
+)
+from peerpipe.inference.errors import PromptError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SpeculationConfig:
+    mode: str = "ngram"  # for answers that do not choose: off, ngram, or draft (needs a draft model)
+    max_draft: int = DEFAULT_MAX_DRAFT  # most tokens one step drafts
+
+    def __post_init__(self) -> None:
+        check_mode(self.mode)
+        check_max_draft(self.max_draft)
+
+
+class Speculator:
+    """The room's speculation: its settings, the draft model (if any), the measured step times,
+    and the totals over every answer."""
+
+    def __init__(self, config: SpeculationConfig | None = None, draft: DraftModel | None = None) -> None:
+        self.config = config or SpeculationConfig()
+        if self.config.mode == "draft" and draft is None:
+            raise PromptError("speculate=draft needs a draft model (peerpipe host --draft DIR)")
+        self.draft = draft
+        self.costs = StepCosts()
+        self.totals = SpecStats(mode=self.config.mode)
+
+    def mode_for(self, asked: str) -> str:
+        """The mode an answer runs in: its own choice, else the room's."""
+        mode = check_mode(asked) if asked else self.config.mode
+        if mode == "draft" and self.draft is None:
+            raise PromptError("this room has no draft model: start the host with --draft DIR, or ask for ngram")
+        return mode
+
+    def for_answer(self, mode: str, decoding: Decoding) -> AnswerDrafts | None:
+        if mode == "off":
+            return None
+        session: DraftSession | None = None
+        if mode == "draft":
+            assert self.draft is not None
+            try:
+                session = self.draft.session(decoding.params)
+            except DraftModelError as exc:  # every draft slot busy: prompt lookup still helps
+                log.info("answer drafts by prompt lookup: %s", exc)
+                mode = "ngram"
+        return AnswerDrafts(self, mode, session, DraftSize(self.costs, self.config.max_draft))
+
+    def reset_costs(self) -> None:
+        """Other stages, other hops: step times are measured again."""
+        self.costs.seconds.clear()
+
+
+class AnswerDrafts:
+    """One answer's drafting."""
+
+    def __init__(self, room: Speculator, mode: str, session: DraftSession | None, size: DraftSize) -> None:
+        self.room, self.session, self.size = room, session, size
+        self.ngram = NgramDrafter() if session is None else None
+        self.stats = SpecStats(mode=mode)
+        self._shadow: list[int] = []  # what prompt lookup proposed for a step that did not draft
+
+    async def propose(self, decoding: Decoding) -> list[int]:
+        """The drafts for the answer's next step (none when drafting does not pay, or no room)."""
+        left = decoding.budget - len(decoding.tokens) - 1  # a step yields up to k + 1 tokens
+        k = min(self.size.choose(), left)
+        self._shadow = []
+        if self.ngram is not None:
+            guess = self.ngram.propose(decoding.history, self.size.max_k)
+            if k <= 0:
+                self._shadow = guess
+                return []
+            return guess[:k]
+        if k <= 0 or self.session is None:
+            return []
+        return await run_compute(self.session.propose, decoding.history, k)
+
+    def observe(self, drafts: list[int], tokens: list[int], seconds: float) -> None:
+        """A step sent ``drafts`` and got ``tokens`` back in ``seconds``."""
+        kept = len(tokens) - 1
+        self.room.costs.record(len(drafts), seconds)
+        if drafts:
+            self.size.observe(len(drafts), kept)
+        elif self._shadow and tokens:
+            self.size.observe(1, int(self._shadow[0] == tokens[0]))  # only the first was judged
+        step = SpecStats(steps=1, drafted=len(drafts), accepted=kept, tokens=len(tokens))
+        self.stats.add(step)
+        self.room.totals.add(step)
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.session.close()
