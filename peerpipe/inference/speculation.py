@@ -52,6 +52,8 @@ class Speculator:
         self.draft = draft
         self.costs = StepCosts()
         self.totals = SpecStats(mode=self.config.mode)
+        # Each mode's acceptance over recent answers: where a new answer's estimate starts.
+        self.acceptance: dict[str, float] = {}
 
     def mode_for(self, asked: str) -> str:
         """The mode an answer runs in: its own choice, else the room's."""
@@ -71,7 +73,13 @@ class Speculator:
             except DraftModelError as exc:  # every draft slot busy: prompt lookup still helps
                 log.info("answer drafts by prompt lookup: %s", exc)
                 mode = "ngram"
-        return AnswerDrafts(self, mode, session, DraftSize(self.costs, self.config.max_draft))
+        size = DraftSize(self.costs, self.config.max_draft, prior=self.acceptance.get(mode, 0.5))
+        return AnswerDrafts(self, mode, session, size)
+
+    def finished(self, drafts: AnswerDrafts) -> None:
+        if drafts.stats.steps:
+            old = self.acceptance.get(drafts.stats.mode, drafts.size.acceptance)
+            self.acceptance[drafts.stats.mode] = old + 0.5 * (drafts.size.acceptance - old)
 
     def reset_costs(self) -> None:
         """Other stages, other hops: step times are measured again."""
@@ -115,5 +123,6 @@ class AnswerDrafts:
         self.room.totals.add(step)
 
     def close(self) -> None:
+        self.room.finished(self)
         if self.session is not None:
             self.session.close()

@@ -71,7 +71,10 @@ class Room:
 
 
 @contextlib.asynccontextmanager
-async def room(model: Path, device: LocalDevice, members: int, *, layers_per_node: int | None, sessions: int = 8) -> AsyncIterator[Room]:
+async def room(
+    model: Path, device: LocalDevice, members: int, *, layers_per_node: int | None, sessions: int = 8,
+    draft: Path | None = None,
+) -> AsyncIterator[Room]:
     choice = ModelChoice.from_dir(model, dtype="float32")
     budget = Budget(context_tokens=64, sessions=sessions)
     if layers_per_node is not None:
@@ -84,6 +87,7 @@ async def room(model: Path, device: LocalDevice, members: int, *, layers_per_nod
             create_room(
                 model, code=str(CODE), name="host", dtype="float32", config=config, measured=device,
                 entry_config=EntryConfig(timeouts=Timeouts(prefill_s=10, stall_s=10)), report=LINES.append,
+                draft=draft,
             )
         )
         nodes = []

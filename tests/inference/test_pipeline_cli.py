@@ -35,14 +35,15 @@ def memory_gb(model: Path, layers: int) -> str:
 
 
 def open_room(
-    procs: list[RoomProc], model: Path, members: int, layers_per_node: int | None, member_prefix: tuple[str, ...] = ()
+    procs: list[RoomProc], model: Path, members: int, layers_per_node: int | None, member_prefix: tuple[str, ...] = (),
+    host_args: tuple[str, ...] = (),
 ) -> tuple[RoomProc, str, list[RoomProc]]:
     memory = ["--memory", memory_gb(model, layers_per_node)] if layers_per_node else []
     common = ["--quick", *memory]
     host = RoomProc(
         "host", "--listen", "127.0.0.1:0", "--no-mdns", "--code", CODE, "--name", "h", "--model", str(model),
         "--dtype", "float32", "--expect-nodes", str(members + 1), "--context", str(CONTEXT),
-        "--sessions", str(SESSIONS), "--device", "cpu", *common,
+        "--sessions", str(SESSIONS), "--device", "cpu", *common, *host_args,
     )
     procs.append(host)
     address = "127.0.0.1:" + host.expect(r"^listening on 127\.0\.0\.1:(\d+)$").group(1)
@@ -76,7 +77,8 @@ def generate(*args: str) -> dict:
 def test_three_processes_answer_like_one(arch: str, procs, tiny_model_dir, warm_layers) -> None:
     model = tiny_model_dir(arch)
     warm_layers(model)
-    _host, address, _ = open_room(procs, model, members=2, layers_per_node=2)
+    # The model drafts for itself: nearly every draft is kept, so steps carry long drafted blocks.
+    _host, address, _ = open_room(procs, model, members=2, layers_per_node=2, host_args=("--draft", str(model)))
     room = ["--room", CODE, "--peer", address]
     greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     for prompt in ("the quiet harbour", "a b c"):
@@ -85,10 +87,19 @@ def test_three_processes_answer_like_one(arch: str, procs, tiny_model_dir, warm_
         assert len(remote["stages"]) == 3, remote["stages"]
         assert remote["tokens"] == expected["tokens"] and remote["prompt_ids"] == expected["prompt_ids"]
         assert remote["text"] == expected["text"]
+        spec = remote["speculation"]
+        assert spec["mode"] == "draft" and spec["drafted"] > 0 and spec["acceptance"] > 0.8, spec
+        assert spec["tokens_per_step"] > 1.5 and spec["steps"] + spec["accepted"] >= len(expected["tokens"]) - 1
+        for mode in ("off", "ngram"):
+            other = generate(*room, "--temperature", "0", "--speculate", mode, prompt)
+            assert other["tokens"] == expected["tokens"], mode
+            assert (mode == "off") == ("speculation" not in other)
     seeded = SamplingParams(temperature=0.8, top_p=0.9, seed=77, max_tokens=12, ignore_eos=True)
     flags = ["--temperature", "0.8", "--top-p", "0.9", "--seed", "77", "the quiet harbour"]
     expected = local(model, "the quiet harbour", seeded)["tokens"]
-    assert generate(*room, *flags)["tokens"] == expected == generate(*room, *flags)["tokens"]
+    drafted = generate(*room, *flags)
+    assert drafted["tokens"] == expected == generate(*room, "--speculate", "off", *flags)["tokens"]
+    assert drafted["speculation"]["acceptance"] > 0.8  # the draft drew with the verifier's noise
     status = json.loads(peerpipe("status", "--json", "--code", CODE, "--peer", address).stdout)
     assert len(status["plan"]["stages"]) == 3 and sorted(status["plan"]["acked"]) == sorted(
         n["node_id"] for n in status["nodes"]
