@@ -114,6 +114,7 @@ class Generations:
             pipeline = await self.pipeline()
             ids = self._prompt_ids(request)
             params = self.entry.params(request.sampling, len(ids))
+            speculate = self.entry.speculator.mode_for(request.speculate)
         except ContextLengthError as exc:
             self.in_flight -= 1
             param = "messages" if isinstance(request, ChatRequest) else "prompt"
@@ -133,7 +134,7 @@ class Generations:
                 job.first_piece = time.monotonic()
             pieces.put_nowait(piece)
 
-        task = asyncio.create_task(pipeline.generate(ids, params, on_text, task_id=job_id))
+        task = asyncio.create_task(pipeline.generate(ids, params, on_text, task_id=job_id, speculate=speculate))
         self._tasks.add(task)
         job = Job(job_id, ids, task, pipeline, pieces)
 

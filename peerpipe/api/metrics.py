@@ -10,6 +10,7 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
+from peerpipe.engine.speculate import SpecStats
 from peerpipe.inference.pipeline import RecoveryStats
 from peerpipe.protocol import RoomView
 
@@ -101,12 +102,20 @@ class Metrics:
             "failed": failed,
         }
 
-    def render(self, view: RoomView | None, names: dict[str, str], recovery: RecoveryStats | None = None) -> str:
+    def render(
+        self,
+        view: RoomView | None,
+        names: dict[str, str],
+        recovery: RecoveryStats | None = None,
+        speculation: SpecStats | None = None,
+    ) -> str:
         lines: list[str] = []
         for metric in (self.requests, self.answers, self.prompt_tokens, self.generated_tokens, self.latency, self.ttft):
             lines.extend(metric.render())
         if recovery is not None:
             lines.extend(_recovery_counters(recovery))
+        if speculation is not None:
+            lines.extend(_speculation_counters(speculation))
         if view is not None:
             lines.extend(_room_gauges(view, names))
         return "\n".join(lines) + "\n"
@@ -118,6 +127,18 @@ def _recovery_counters(recovery: RecoveryStats) -> Iterable[str]:
         ("peerpipe_resumed_answers_total", "Answers that resumed on a new plan after a failover.", recovery.stalls),
         ("peerpipe_replayed_tokens_total", "Positions prefilled again to rebuild lost KV caches.", recovery.replayed_tokens),
         ("peerpipe_stall_seconds_total", "Summed over resumed answers: last token before a loss to the first after.", recovery.stall_s),
+    ):
+        yield f"# HELP {name} {help_text}"
+        yield f"# TYPE {name} counter"
+        yield f"{name} {_number(value)}"
+
+
+def _speculation_counters(spec: SpecStats) -> Iterable[str]:
+    for name, help_text, value in (
+        ("peerpipe_decode_steps_total", "Decode steps sent through the stages (each may carry drafts).", spec.steps),
+        ("peerpipe_drafted_tokens_total", "Drafted tokens sent for the last stage to verify.", spec.drafted),
+        ("peerpipe_accepted_tokens_total", "Drafted tokens the last stage kept.", spec.accepted),
+        ("peerpipe_step_tokens_total", "Tokens the decode steps yielded (kept drafts plus one each).", spec.tokens),
     ):
         yield f"# HELP {name} {help_text}"
         yield f"# TYPE {name} counter"

@@ -29,6 +29,7 @@ class ChatRequest:
     sampling: Sampling
     stream: bool = False
     include_usage: bool = False
+    speculate: str = ""  # an extension: off, ngram or draft for this answer ("": the room's)
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class CompletionRequest:
     stream: bool = False
     include_usage: bool = False
     echo: bool = False
+    speculate: str = ""
 
 
 def _object(body: object) -> dict[str, Any]:
@@ -198,6 +200,7 @@ def parse_chat(body: object) -> ChatRequest:
         _sampling(body, ("max_tokens", "max_completion_tokens")),
         stream,
         _include_usage(body, stream),
+        _speculate(body),
     )
 
 
@@ -232,7 +235,22 @@ def parse_completion(body: object) -> CompletionRequest:
         # OpenAI's legacy completions stop after 16 tokens unless told otherwise.
         sampling = dataclasses.replace(sampling, max_tokens=16)
     stream = _bool(body, "stream")
-    return CompletionRequest(model, prompt, sampling, stream, _include_usage(body, stream), _bool(body, "echo"))
+    return CompletionRequest(
+        model, prompt, sampling, stream, _include_usage(body, stream), _bool(body, "echo"), _speculate(body)
+    )
+
+
+SPECULATE_MODES = ("off", "ngram", "draft")
+
+
+def _speculate(body: dict[str, Any]) -> str:
+    """peerpipe's extension field: how the host drafts this answer (docs/speculative.md)."""
+    value = body.get("speculate")
+    if value is None:
+        return ""
+    if value not in SPECULATE_MODES:
+        raise bad_request(f"speculate must be one of {', '.join(SPECULATE_MODES)}, got {value!r}", param="speculate")
+    return value
 
 
 def check_model(requested: str, served: str) -> None:

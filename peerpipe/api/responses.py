@@ -24,6 +24,11 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+def speculation(result: GenerationResult) -> dict[str, Any]:
+    """peerpipe's extension: what drafting did for the answer (nothing when it did not draft)."""
+    return {"speculation": result.speculation.to_json()} if result.speculation is not None else {}
+
+
 def _head(job_id: str, kind: str, model: str, created: int) -> dict[str, Any]:
     return {"id": job_id, "object": kind, "created": created, "model": model, "system_fingerprint": "peerpipe"}
 
@@ -40,6 +45,7 @@ def chat_completion(job_id: str, model: str, result: GenerationResult) -> dict[s
             }
         ],
         "usage": usage(len(result.prompt_ids), len(result.tokens)),
+        **speculation(result),
     }
 
 
@@ -48,6 +54,7 @@ def completion(job_id: str, model: str, result: GenerationResult, echo: str = ""
         **_head(job_id, "text_completion", model, int(time.time())),
         "choices": [{"index": 0, "text": echo + result.text, "logprobs": None, "finish_reason": finish_reason(result)}],
         "usage": usage(len(result.prompt_ids), len(result.tokens)),
+        **speculation(result),
     }
 
 

@@ -308,6 +308,7 @@ class ApiServer:
             why_not_ready="" if ready else cluster.why_not_ready(),
             totals=self.metrics.totals(),
             recovery=dataclasses.asdict(self.inference.pipeline.recovery) if self.inference else None,
+            speculation=self.inference.speculator.totals.to_json() if self.inference else None,
         )
 
     async def _room(self, request: web.Request) -> web.Response:
@@ -327,6 +328,7 @@ class ApiServer:
 
     async def _metrics(self, request: web.Request) -> web.Response:
         recovery = self.inference.pipeline.recovery if self.inference is not None else None
-        body = self.metrics.render(self.cluster.room_view(), self.cluster.names(), recovery)
+        speculation = self.inference.speculator.totals if self.inference is not None else None
+        body = self.metrics.render(self.cluster.room_view(), self.cluster.names(), recovery, speculation)
         return web.Response(body=body.encode(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 

@@ -45,6 +45,7 @@ def room_snapshot(
     why_not_ready: str,
     totals: dict[str, int],
     recovery: dict[str, Any] | None = None,
+    speculation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     names = {m.info.node_id: m.info.name or m.info.node_id[:8] for m in view.members}
     acked = set(view.acked)
@@ -100,4 +101,5 @@ def room_snapshot(
         ],
         "totals": totals,
         "recovery": recovery,
+        "speculation": speculation,
     }

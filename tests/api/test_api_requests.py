@@ -75,6 +75,8 @@ def test_completion_defaults_and_prompt_forms() -> None:
         (chat(tools=[{"type": "function"}]), "tools", "unsupported"),
         (chat(response_format={"type": "json_object"}), "response_format", "unsupported"),
         (chat(repetition_penalty=0), "repetition_penalty", None),
+        (chat(speculate="always"), "speculate", None),
+        (chat(speculate=True), "speculate", None),
     ],
 )
 def test_bad_chat_bodies_name_their_field(body: object, param: str | None, code: str | None) -> None:
@@ -96,6 +98,7 @@ def test_bad_chat_bodies_name_their_field(body: object, param: str | None, code:
         ({"model": "m", "prompt": "x", "best_of": 3}, "best_of"),
         ({"model": "m", "prompt": "x", "logprobs": 2}, "logprobs"),
         ({"model": "m", "prompt": "x", "echo": 1}, "echo"),
+        ({"model": "m", "prompt": "x", "speculate": "fast"}, "speculate"),
     ],
 )
 def test_bad_completion_bodies_name_their_field(body: object, param: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from peerpipe.api.metrics import Metrics
+from peerpipe.engine.speculate import SpecStats
 from peerpipe.inference.pipeline import RecoveryStats
 from peerpipe.protocol import LinkStat, MemberState, NodeInfo, Plan, PlanStage, RoomView, TaskInfo
 
@@ -41,6 +42,12 @@ def test_exposition_is_well_formed_and_follows_the_view() -> None:
     assert 'peerpipe_tasks{status="decoding"} 1' in text and 'peerpipe_tasks{status="queued"} 1' in text
     assert re.search(r'peerpipe_node_heartbeat_age_seconds\{node="laptop",node_id="b+"\} 4\b', text)
     assert "peerpipe_plan_predicted_seconds_per_token" in text
+
+
+def test_speculation_counters_follow_the_room() -> None:
+    text = Metrics().render(view(), {}, None, SpecStats("ngram", steps=10, drafted=30, accepted=12, tokens=22))
+    assert "peerpipe_decode_steps_total 10\n" in text and "peerpipe_drafted_tokens_total 30\n" in text
+    assert "peerpipe_accepted_tokens_total 12\n" in text and "peerpipe_step_tokens_total 22\n" in text
 
 
 def test_failover_counters_follow_the_pipeline() -> None:

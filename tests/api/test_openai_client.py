@@ -69,6 +69,25 @@ def test_chat_equals_the_local_engine_with_usage(client: openai.OpenAI, model: P
     assert reply.usage.total_tokens == len(ids) + 10
 
 
+def test_speculate_chooses_the_drafting_of_one_answer_and_reports_it(client: openai.OpenAI, model: Path, engine: LocalEngine) -> None:
+    ids = chat_ids(model, "Tell me about the sea")
+    answers = {}
+    for mode in ("off", "ngram"):
+        reply = client.chat.completions.create(
+            model=model.name, messages=[{"role": "user", "content": "Tell me about the sea"}],
+            max_tokens=10, temperature=0, extra_body={**NO_EOS, "speculate": mode},
+        )
+        answers[mode] = reply
+    assert answers["off"].choices[0].message.content == answers["ngram"].choices[0].message.content == greedy(engine, ids, 10)
+    assert (answers["off"].model_extra or {}).get("speculation") is None
+    spec = (answers["ngram"].model_extra or {})["speculation"]
+    assert spec["mode"] == "ngram" and spec["steps"] + spec["accepted"] == 9  # every token after the first
+    with pytest.raises(openai.BadRequestError, match="no draft model"):
+        client.chat.completions.create(
+            model=model.name, messages=[{"role": "user", "content": "x"}], max_tokens=2, extra_body={"speculate": "draft"}
+        )
+
+
 def test_chat_stream_matches_the_whole_answer(client: openai.OpenAI, model: Path) -> None:
     kwargs = {
         "model": model.name, "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],

@@ -45,7 +45,10 @@ function render(r) {
   const rec = r.recovery;
   const failovers = rec && rec.failovers ? ` · failovers ${rec.failovers} (stalled ${rec.stall_s.toFixed(1)} s)` : "";
   const recovering = r.tasks.filter((t) => t.status === "recovering").length;
-  $("#totals").textContent = `answers ${r.totals.answers} · tokens ${r.totals.tokens}${failovers}` +
+  const sp = r.speculation;
+  const drafted = sp && sp.drafted ? ` · ${sp.mode} drafts kept ${(100 * sp.acceptance).toFixed(0)}%,` +
+    ` ${sp.tokens_per_step.toFixed(2)} tokens/step` : "";
+  $("#totals").textContent = `answers ${r.totals.answers} · tokens ${r.totals.tokens}${failovers}${drafted}` +
     (recovering ? ` · recovering: replaying ${recovering} answer(s)` : "");
   $("#why").textContent = r.why_not_ready || "";
   renderPipeline(r);
