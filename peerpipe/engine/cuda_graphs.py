@@ -5,6 +5,10 @@ GPU idles between them. A captured graph launches them all at once. Graphs need 
 addresses, so each one is captured for a fixed set of slots and a KV-length *bucket* (attention
 reads ``bucket`` positions, the mask hides those past each session's length) and is fed through
 static input buffers.
+
+A step of several new positions per session (a speculative verification, or a draft model fed
+what it has not seen) replays a graph of a *width* bucket (2, 4, 8, ...): the columns past the
+step's own are aimed at the scratch position, so they compute what nobody reads.
 """
 
 from __future__ import annotations
@@ -45,8 +49,16 @@ class _Graph:
     out: Tensor
 
 
+def width_bucket(n_new: int) -> int:
+    """The graph width of a step of ``n_new`` positions per session: 1, or a power of two."""
+    width = 1
+    while width < n_new:
+        width *= 2
+    return width
+
+
 class GraphedDecoder:
-    """Runs ``stage`` for one new token per session, through a graph per (slots, bucket)."""
+    """Runs ``stage`` for a few new tokens per session, through a graph per (slots, bucket, width)."""
 
     def __init__(
         self, stage: Stage, cache: KVCache, *, compile_layers: bool = False, pad_batches: bool = False
@@ -60,50 +72,59 @@ class GraphedDecoder:
         # 4, ...) with the sessions' slots fed in, so batches whose members change (a stage's
         # continuous batching) capture a few graphs, not one per set of slots.
         self.pad_batches = pad_batches
-        self._graphs: dict[tuple[object, int], _Graph] = {}
+        self._graphs: dict[tuple[object, int, int], _Graph] = {}
         self._pool = torch.cuda.graph_pool_handle()
 
     def __call__(self, x: Tensor, batch: Batch) -> Tensor:
-        """Same contract as ``stage(x, cache, batch)`` for a decode batch (``S == 1``)."""
+        """Same contract as ``stage(x, cache, batch)`` for a batch of a few new positions each."""
         slots = batch.slot_ids or tuple(batch.slots.tolist())
         bucket = bucket_for(batch.kv_len, self.cache.max_seq)
         padded = self.pad_batches and len(slots) > 1
         size = batch_bucket(len(slots), self.cache.max_slots) if padded else 0
-        key: tuple[object, int] = (size if padded else slots, bucket)
+        n_new = x.shape[1]
+        width = width_bucket(n_new)
+        key: tuple[object, int, int] = (size if padded else slots, bucket, width)
         g = self._graphs.pop(key, None)
         if g is None:
             if len(self._graphs) >= MAX_GRAPHS:
                 del self._graphs[next(iter(self._graphs))]  # the least recently used one
-            g = self._capture((slots[0],) * size if padded else slots, bucket, x, gathered=padded)
+            g = self._capture((slots[0],) * size if padded else slots, bucket, x, gathered=padded, width=width)
         self._graphs[key] = g  # (re)inserted last: the dict keeps recency order
         n = len(slots)
+        scratch = self.cache.scratch_position
         if padded:
             # Rows past the batch stay aimed at the scratch position of a slot in it: they compute
             # nothing anyone reads.
             g.batch.slots[:n].copy_(batch.slots)
             g.batch.slots[n:].fill_(slots[0])
-            g.batch.positions[n:].fill_(self.cache.scratch_position)
+            g.batch.positions[n:].fill_(scratch)
             g.x[n:].zero_()
-        g.x[:n].copy_(x)
-        g.batch.positions[:n].copy_(batch.positions)
+        if width > n_new:
+            g.x[:n, n_new:].zero_()
+            g.batch.positions[:n, n_new:].fill_(scratch)
+        g.x[:n, :n_new].copy_(x)
+        g.batch.positions[:n, :n_new].copy_(batch.positions)
         g.graph.replay()
-        return g.out[:n] if padded else g.out
+        out = g.out[:n] if padded else g.out
+        return out[:, :n_new] if width > n_new else out
 
     def warm(self, slots: tuple[int, ...], kv_lens: range, x: Tensor) -> None:
         """Capture now, before decoding, the graphs a session in ``slots`` will replay while its
         attention spans ``kv_lens`` (``x``: an input of the decode step's shape), so no capture
         happens inside the timed decode."""
         for bucket in sorted({bucket_for(n, self.cache.max_seq) for n in kv_lens}):
-            key = (slots, bucket)
+            key = (slots, bucket, 1)
             if key not in self._graphs and len(self._graphs) < MAX_GRAPHS:
                 self._graphs[key] = self._capture(slots, bucket, x)
 
-    def _capture(self, slots: tuple[int, ...], bucket: int, x: Tensor, *, gathered: bool = False) -> _Graph:
+    def _capture(
+        self, slots: tuple[int, ...], bucket: int, x: Tensor, *, gathered: bool = False, width: int = 1
+    ) -> _Graph:
         cache = self.cache
         device = cache.device
-        static_x = torch.zeros((len(slots), *x.shape[1:]), dtype=x.dtype, device=device)
+        static_x = torch.zeros((len(slots), width, *x.shape[2:]), dtype=x.dtype, device=device)
         # Warm-up runs execute for real: aim them at the scratch position so no session is touched.
-        positions = torch.full((len(slots), 1), cache.scratch_position, dtype=torch.long, device=device)
+        positions = torch.full((len(slots), width), cache.scratch_position, dtype=torch.long, device=device)
         first = slots[0]
         contiguous = not gathered and list(slots) == list(range(first, first + len(slots)))
         batch = Batch(

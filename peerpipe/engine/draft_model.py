@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from peerpipe.engine.cuda_graphs import GraphedDecoder
 from peerpipe.engine.errors import EngineError
 from peerpipe.engine.kvcache import KVCache
 from peerpipe.engine.loader import load_stage
@@ -47,6 +48,17 @@ class DraftModel:
         self.cache: KVCache = stage.new_cache(sessions, self.max_seq)
         self.vocab_limit = vocab_limit  # drafts are ids the large model knows
         self.sampler = Sampler()
+        # On CUDA a draft step is a few dozen tiny kernels: replayed from a graph, not launched.
+        self._graphed = GraphedDecoder(stage, self.cache) if self.cache.device.type == "cuda" else None
+
+    def logits(self, ids: torch.Tensor, slot: int) -> torch.Tensor:
+        """The next-token logits ``[1, V]`` after feeding ``ids`` ``[1, n]`` to ``slot``."""
+        batch = self.cache.batch([slot], ids.shape[1])
+        if self._graphed is not None:
+            out = self._graphed(ids, batch)[:, -1]
+        else:
+            out = self.stage(ids, self.cache, batch, last_only=True)[:, -1]
+        return out[:, : self.vocab_limit]
 
     @classmethod
     def load(
@@ -104,20 +116,22 @@ class DraftSession:
             common += 1
         common = min(common, len(history) - 1)  # the last token is fed again, for its logits
         cache.rollback(self.slot, common)
-        self.cached = list(history[:common])
-        seen = list(history)
-        drafts: list[int] = []
-        new = seen[common:]
-        for _ in range(k):
-            ids = torch.tensor([new], dtype=torch.long, device=model.device)
-            logits = model.stage(ids, cache, cache.batch([self.slot], len(new)), last_only=True)[:, -1]
-            self.cached.extend(new)
-            logits = logits[:, : model.vocab_limit]
-            pick = model.sampler.sample(logits, [self.params], [self._generator], [seen], [len(seen)])
-            token = int(pick[0])
-            drafts.append(token)
-            seen.append(token)
-            new = [token]
+        new = list(history[common:])
+        # Each pick feeds the next step on the device; the drafts are read back once, at the end
+        # (a repetition penalty needs every pick as it comes, so it reads each).
+        penalized = self.params.repetition_penalty != 1.0
+        seen = list(history) if penalized else None
+        ids = torch.tensor([new], dtype=torch.long, device=model.device)
+        picks = []
+        for j in range(k):
+            logits = model.logits(ids, self.slot)
+            pick = model.sampler.sample(logits, [self.params], [self._generator], [seen], [len(history) + j])
+            picks.append(pick)
+            if seen is not None:
+                seen.append(int(pick[0]))
+            ids = pick.view(1, 1)
+        drafts = [int(t) for t in torch.cat(picks).tolist()]
+        self.cached = list(history) + drafts[:-1]  # what the slot holds now
         return drafts
 
     def close(self) -> None:

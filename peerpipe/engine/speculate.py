@@ -210,8 +210,11 @@ class DraftSize:
     positions) and the room's measured step times. Until both ends are measured it tries them:
     one plain step, then one of ``max_k``."""
 
-    def __init__(self, costs: StepCosts, max_k: int, prior: float = 0.5, weight: float = 0.15) -> None:
+    def __init__(
+        self, costs: StepCosts, max_k: int, prior: float = 0.5, weight: float = 0.15, *, fixed: bool = False
+    ) -> None:
         self.costs, self.max_k = costs, max_k
+        self.fixed = fixed  # always max_k: for measuring a size, not for serving
         self.acceptance = prior
         self._weight = weight
         self._plain_steps = 0
@@ -226,8 +229,8 @@ class DraftSize:
             self.acceptance -= w * self.acceptance
 
     def choose(self) -> int:
-        if self.max_k <= 0:
-            return 0
+        if self.max_k <= 0 or self.fixed:
+            return max(self.max_k, 0)
         base = self.costs.estimate(0)
         if base is None:
             return 0

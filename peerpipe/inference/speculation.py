@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 class SpeculationConfig:
     mode: str = "ngram"  # for answers that do not choose: off, ngram, or draft (needs a draft model)
     max_draft: int = DEFAULT_MAX_DRAFT  # most tokens one step drafts
+    adaptive: bool = True  # False: every step drafts max_draft (to measure that size)
 
     def __post_init__(self) -> None:
         check_mode(self.mode)
@@ -73,7 +74,8 @@ class Speculator:
             except DraftModelError as exc:  # every draft slot busy: prompt lookup still helps
                 log.info("answer drafts by prompt lookup: %s", exc)
                 mode = "ngram"
-        size = DraftSize(self.costs, self.config.max_draft, prior=self.acceptance.get(mode, 0.5))
+        prior = self.acceptance.get(mode, 0.5)
+        size = DraftSize(self.costs, self.config.max_draft, prior=prior, fixed=not self.config.adaptive)
         return AnswerDrafts(self, mode, session, size)
 
     def finished(self, drafts: AnswerDrafts) -> None:

@@ -198,7 +198,7 @@ class StageServer:
         began = time.perf_counter()
         decode = self._new_positions(ready[0]) == 1
         try:
-            if self._graphed is not None and decode:
+            if self._graphed is not None and (decode or ready[0].drafts):
                 # A graph replay is launched in microseconds and the copy out waits for the GPU,
                 # not for Python: a hop to the compute thread (and back) would cost more than it.
                 outputs = self._forward(ready)
@@ -287,7 +287,7 @@ class StageServer:
             x = x.to(torch.long)
         batch = self.cache.batch(slots, x.shape[1])
         drafted = bool(requests[0].drafts)
-        if self._graphed is not None and x.shape[1] == 1:
+        if self._graphed is not None and (x.shape[1] == 1 or drafted):
             out = self._graphed(x, batch)
         else:
             out = self.stage(x, self.cache, batch, last_only=self.stage.is_last and not drafted)

@@ -53,3 +53,46 @@ def test_graph_decode_seeded_sampling_reproducible(tiny_model_dir) -> None:
     engine = LocalEngine(stage, Tokenizer.from_dir(path), max_seq=128, cuda_graphs=True)
     params = SamplingParams(temperature=0.9, top_p=0.9, seed=5, max_tokens=40, ignore_eos=True)
     assert engine.generate([5, 6, 7], params).tokens == engine.generate([5, 6, 7], params).tokens
+
+
+@pytest.mark.parametrize("n_new", [2, 3, 5])
+def test_a_graphed_step_of_several_positions_equals_eager(tiny_model_dir, n_new: int) -> None:
+    """A verification's width is padded to a power of two; the padding computes nothing anyone
+    reads, and the real columns equal an eager forward's."""
+    from peerpipe.engine.cuda_graphs import GraphedDecoder
+
+    path = tiny_model_dir("llama", seed=3)
+    stage, _ = load_stage(path, device="cuda", dtype="float32")
+    prompt = torch.randint(0, 500, (1, 11), generator=torch.Generator().manual_seed(1)).cuda()
+    step = torch.randint(0, 500, (1, n_new), generator=torch.Generator().manual_seed(2)).cuda()
+    outs = []
+    for graphed in (False, True):
+        cache = stage.new_cache(1, 64)
+        slot = cache.alloc()
+        decoder = GraphedDecoder(stage, cache) if graphed else None
+        with torch.inference_mode():
+            stage(prompt, cache, cache.batch([slot], 11))
+            batch = cache.batch([slot], n_new)
+            out = decoder(step, batch) if decoder else stage(step, cache, batch)
+            outs.append(out.float().cpu().clone())
+            cache.rollback(slot, 11)  # drafts rejected: the next step overwrites them
+            again = cache.batch([slot], 1)
+            one = step[:, :1]
+            outs.append((decoder(one, again) if decoder else stage(one, cache, again)).float().cpu().clone())
+    assert outs[0].shape == outs[2].shape == (1, n_new, outs[0].shape[-1])
+    assert (outs[0] - outs[2]).abs().max().item() < 1e-3
+    assert (outs[1] - outs[3]).abs().max().item() < 1e-3
+    assert (outs[1][0, 0] - outs[0][0, 0]).abs().max().item() < 1e-3  # the rollback kept the prompt's
+
+
+def test_a_draft_model_on_cuda_drafts_the_greedy_continuation(tiny_model_dir) -> None:
+    from peerpipe.engine.draft_model import DraftModel
+
+    path = tiny_model_dir("llama", seed=4)
+    engine, _ = LocalEngine.from_dir(path, device="cuda", dtype="float32", max_seq=64, cuda_graphs=False)
+    prompt = [5, 17, 42, 99, 3]
+    expected = engine.generate(prompt, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)).tokens
+    draft = DraftModel(load_stage(path, device="cuda", dtype="float32")[0], sessions=1, max_seq=64, vocab_limit=10**9)
+    session = draft.session(SamplingParams(temperature=0))
+    assert session.propose(prompt, 3) == expected[:3]
+    assert session.propose(prompt + expected[:2], 4) == expected[2:6]

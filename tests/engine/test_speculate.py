@@ -168,6 +168,11 @@ def test_a_room_where_drafting_does_not_pay_still_re_measures_now_and_then() -> 
     assert choices[:-1] == [0] * PROBE_EVERY and choices[-1] == 8
 
 
+def test_a_fixed_size_always_drafts_the_most() -> None:
+    size = DraftSize(StepCosts({0: 0.001, 8: 0.5}), 8, prior=0.0, fixed=True)
+    assert [size.choose() for _ in range(3)] == [8, 8, 8]
+
+
 def test_acceptance_follows_what_the_verifier_keeps() -> None:
     size = _sized({}, 0.5)
     for _ in range(40):

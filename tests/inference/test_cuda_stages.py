@@ -15,6 +15,7 @@ import torch
 from peerpipe.cluster.config import ClusterConfig
 from peerpipe.engine.generate import LocalEngine
 from peerpipe.engine.sampling import SamplingParams
+from peerpipe.inference.speculation import SpeculationConfig
 from peerpipe.plan import Budget
 from peerpipe.python_api import create_room, join_room
 
@@ -34,7 +35,7 @@ def test_a_gpu_room_gives_the_local_engines_tokens(tiny_model_dir, stages: int) 
         config = ClusterConfig(expect_nodes=stages, strategy="proportional", budget=Budget(128, 4), replan_debounce_s=0.2)
         async with contextlib.AsyncExitStack() as stack:
             room = await stack.enter_async_context(
-                create_room(model, device="cuda", dtype="float32", config=config, quick=True)
+                create_room(model, device="cuda", dtype="float32", config=config, quick=True, draft=model)
             )
             for i in range(stages - 1):
                 await stack.enter_async_context(
@@ -49,5 +50,11 @@ def test_a_gpu_room_gives_the_local_engines_tokens(tiny_model_dir, stages: int) 
             assert room.cluster.stage is not None
             server = room.cluster.stage.server  # type: ignore[attr-defined]
             assert server is not None and server.graphed
+            # The model drafting for itself on the GPU, every step 8 drafts through graphed steps.
+            assert room.inference is not None
+            room.inference.speculator.config = SpeculationConfig("draft", 8, adaptive=False)
+            drafted = [await room.generate(p, speculate="draft", **fields) for p in PROMPTS]
+            assert [d.tokens for d in drafted] == expected
+            assert all(d.speculation is not None and d.speculation.tokens_per_step > 4 for d in drafted)
 
     asyncio.run(asyncio.wait_for(main(), 300))

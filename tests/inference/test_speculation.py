@@ -10,6 +10,7 @@ import pytest
 from peerpipe.engine.generate import LocalEngine, encode_prompt
 from peerpipe.engine.sampling import SamplingParams
 from peerpipe.inference.errors import PromptError
+from peerpipe.inference.speculation import SpeculationConfig
 from peerpipe.models import default_draft_dir, default_model_dir
 from peerpipe.python_api import create_room
 from tests.inference.test_pipeline import CODE, LINES, arun, local_tokens
@@ -105,6 +106,8 @@ def test_eos_inside_a_kept_block_ends_a_chat_answer_there(device, warm_layers) -
         ) as host:
             await host.plan(60)
             assert host.inference is not None
+            # Every step drafts 8: with no links here, the adaptive size would draft less.
+            host.inference.speculator.config = SpeculationConfig("draft", 8, adaptive=False)
             for ids, want in zip(prompts, expected, strict=True):
                 got = await host.inference.pipeline.generate(ids, greedy)
                 assert (got.tokens, got.finish_reason, got.text) == (want.tokens, "stop", want.text)
