@@ -72,8 +72,8 @@ def add_speculation_arguments(parser: argparse.ArgumentParser) -> None:
         "answer, draft runs the --draft model here (default: draft with --draft, else ngram)",
     )
     parser.add_argument(
-        "--speculate-max", type=draft_size, default=8, metavar="K",
-        help="most tokens one step drafts; fewer, or none, where drafting does not pay (8)",
+        "--speculate-max", type=draft_size, default=7, metavar="K",
+        help="most tokens one step drafts; fewer, or none, where drafting does not pay (7)",
     )
     parser.add_argument(
         "--draft", type=model_path, metavar="DIR",

@@ -12,7 +12,9 @@ unseeded answer's tokens are distributed exactly as the model's.
 
 from __future__ import annotations
 
+import collections
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -23,7 +25,8 @@ from peerpipe.engine.errors import EngineError
 from peerpipe.engine.sampling import Sampler, SamplingParams
 
 SPECULATE_MODES = ("off", "ngram", "draft")
-DEFAULT_MAX_DRAFT = 8
+# A step of 7 drafts has 8 positions: on CUDA it fills a graph of width 8 with no padding.
+DEFAULT_MAX_DRAFT = 7
 MAX_DRAFT_LIMIT = 64  # a step of more positions than this is a prefill, not a verification
 
 
@@ -168,20 +171,31 @@ class SpecStats:
         }
 
 
-COST_EMA = 0.2  # weight of a new step's time in a size's running mean
+COST_SAMPLES = 5  # a size's cost is the median of its last few steps
 PROBE_EVERY = 32  # steps without drafting before one step at the largest size re-measures it
 
 
 @dataclass
 class StepCosts:
-    """The running mean time of a decode step by how many tokens it drafted, for one room (the
-    hops and compute are the room's, whatever the answer). Drafting time counts in."""
+    """The time of a decode step by how many tokens it drafted, for one room (the hops and
+    compute are the room's, whatever the answer); drafting time counts in. Each size's figure is
+    the median of its last few steps, and its first step is not counted: on a GPU it captures
+    the graphs of that width, which take many times a step."""
 
     seconds: dict[int, float] = field(default_factory=dict)
+    _samples: dict[int, collections.deque[float]] = field(default_factory=dict, repr=False)
 
     def record(self, k: int, seconds: float) -> None:
-        old = self.seconds.get(k)
-        self.seconds[k] = seconds if old is None else old + COST_EMA * (seconds - old)
+        samples = self._samples.get(k)
+        if samples is None:
+            self._samples[k] = collections.deque(maxlen=COST_SAMPLES)
+            return
+        samples.append(seconds)
+        self.seconds[k] = statistics.median(samples)
+
+    def clear(self) -> None:
+        self.seconds.clear()
+        self._samples.clear()
 
     def estimate(self, k: int) -> float | None:
         """Measured, else a straight line through the measured sizes (None with fewer than two)."""

@@ -85,7 +85,7 @@ class Speculator:
 
     def reset_costs(self) -> None:
         """Other stages, other hops: step times are measured again."""
-        self.costs.seconds.clear()
+        self.costs.clear()
 
 
 class AnswerDrafts:
@@ -110,6 +110,10 @@ class AnswerDrafts:
             return guess[:k]
         if k <= 0 or self.session is None:
             return []
+        if self.session.model.device.type == "cuda":
+            # Graph replays, launched in microseconds: on the loop, where the stages' graphed steps
+            # run too (two threads capturing CUDA graphs in one process break each other's capture).
+            return self.session.propose(decoding.history, k)
         return await run_compute(self.session.propose, decoding.history, k)
 
     def observe(self, drafts: list[int], tokens: list[int], seconds: float) -> None:

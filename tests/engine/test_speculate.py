@@ -139,10 +139,21 @@ def test_the_first_steps_measure_a_plain_step_then_the_largest() -> None:
     costs = StepCosts()
     size = DraftSize(costs, 6)
     assert size.choose() == 0
+    costs.record(0, 0.5)  # a size's first step captures graphs on a GPU: not counted
+    assert size.choose() == 0
     costs.record(0, 0.02)
+    assert size.choose() == 6
+    costs.record(6, 0.9)
     assert size.choose() == 6
     costs.record(6, 0.021)
     assert 3 <= size.choose() <= 6  # hops dominate and half the drafts are kept: drafting pays
+
+
+def test_a_sizes_cost_is_the_median_of_its_recent_steps() -> None:
+    costs = StepCosts()
+    for t in (9.0, 0.010, 0.011, 0.5, 0.012, 0.013, 0.014):
+        costs.record(2, t)
+    assert costs.seconds[2] == 0.013  # the last five: 0.011, 0.5, 0.012, 0.013, 0.014
 
 
 @pytest.mark.parametrize(

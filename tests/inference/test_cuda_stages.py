@@ -50,9 +50,9 @@ def test_a_gpu_room_gives_the_local_engines_tokens(tiny_model_dir, stages: int) 
             assert room.cluster.stage is not None
             server = room.cluster.stage.server  # type: ignore[attr-defined]
             assert server is not None and server.graphed
-            # The model drafting for itself on the GPU, every step 8 drafts through graphed steps.
+            # The model drafting for itself on the GPU, every step 7 drafts through graphed steps.
             assert room.inference is not None
-            room.inference.speculator.config = SpeculationConfig("draft", 8, adaptive=False)
+            room.inference.speculator.config = SpeculationConfig("draft", 7, adaptive=False)
             drafted = [await room.generate(p, speculate="draft", **fields) for p in PROMPTS]
             assert [d.tokens for d in drafted] == expected
             assert all(d.speculation is not None and d.speculation.tokens_per_step > 4 for d in drafted)
