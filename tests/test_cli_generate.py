@@ -40,6 +40,21 @@ def test_json_output_has_the_promised_fields(tiny_model_dir) -> None:
     assert result["tok_s"] > 0
 
 
+def test_the_bundled_draft_speeds_the_bundled_model_up_with_the_same_tokens() -> None:
+    common = ["generate", "--model", "austen", "--json", "--max-tokens", "48", "--ignore-eos", "--temperature", "0"]
+    prompt = "It was a fine morning in April, and Emma"
+    runs = {}
+    for mode in ("off", "ngram", "draft"):
+        out = peerpipe(*common, "--speculate", mode, "--draft", "austen-draft", prompt)
+        assert out.returncode == 0, out.stderr
+        runs[mode] = json.loads(out.stdout)
+    assert runs["off"]["tokens"] == runs["ngram"]["tokens"] == runs["draft"]["tokens"]
+    assert "speculation" not in runs["off"]
+    spec = runs["draft"]["speculation"]
+    assert spec["mode"] == "draft" and spec["accepted"] > 0 and spec["steps"] + spec["accepted"] == 47
+    assert runs["ngram"]["speculation"]["mode"] == "ngram"
+
+
 def test_streams_text_and_reports_speed(tiny_model_dir) -> None:
     path = tiny_model_dir("llama", seed=4)
     out = peerpipe(
@@ -78,6 +93,10 @@ def test_chat_flag_uses_the_template(tiny_model_dir) -> None:
         (["generate", "--model", ".", "--max-tokens", "0", "x"], 2, "positive integer"),
         (["generate", "--model", ".", "--dtype", "int4", "x"], 2, "invalid choice"),
         (["generate", "x"], 1, "--model DIR to run a model here, or --room CODE"),
+        (["generate", "--model", "austen", "--speculate", "draft", "x"], 1, "needs --draft DIR"),
+        (["generate", "--model", "austen", "--draft", "smollm-nope", "x"], 2, "no model folder"),
+        (["generate", "--model", "austen", "--speculate-max", "0", "x"], 2, "from 1 to 64"),
+        (["generate", "--room", "2-amber-falcon", "--draft", "austen-draft", "x"], 1, "host's --draft"),
     ],
 )
 def test_errors_are_one_line_without_traceback(args: list[str], code: int, needle: str) -> None:

@@ -65,6 +65,8 @@ def draft_size(text: str) -> int:
 
 def add_speculation_arguments(parser: argparse.ArgumentParser) -> None:
     """How a room's host drafts tokens for the stages to verify: shared by ``host`` and ``demo``."""
+    from peerpipe.engine.speculate import DEFAULT_MAX_DRAFT
+
     parser.add_argument(
         "--speculate",
         choices=["off", "ngram", "draft"],
@@ -72,8 +74,8 @@ def add_speculation_arguments(parser: argparse.ArgumentParser) -> None:
         "answer, draft runs the --draft model here (default: draft with --draft, else ngram)",
     )
     parser.add_argument(
-        "--speculate-max", type=draft_size, default=7, metavar="K",
-        help="most tokens one step drafts; fewer, or none, where drafting does not pay (7)",
+        "--speculate-max", type=draft_size, default=DEFAULT_MAX_DRAFT, metavar="K",
+        help=f"most tokens one step drafts; fewer, or none, where drafting does not pay ({DEFAULT_MAX_DRAFT})",
     )
     parser.add_argument(
         "--draft", type=model_path, metavar="DIR",

@@ -8,13 +8,17 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from peerpipe.cli.args import model_path, parse_address
+from peerpipe.cli.args import draft_size, model_path, parse_address
 from peerpipe.cli.progress import LoadProgress
 from peerpipe.engine.errors import CacheError
+from peerpipe.engine.speculate import DEFAULT_MAX_DRAFT
 from peerpipe.errors import PeerpipeError
 
 if TYPE_CHECKING:  # torch loads only when a model runs: `peerpipe host` starts fast
+    from peerpipe.engine.generate import LocalEngine
     from peerpipe.engine.sampling import SamplingParams
+    from peerpipe.engine.speculate import Drafts
+    from peerpipe.engine.tokenizer import Tokenizer
 
 
 def positive_int(text: str) -> int:
@@ -81,7 +85,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object with text, ids and speed")
     p.add_argument(
         "--speculate", choices=["off", "ngram", "draft"], default="",
-        help="with --room: how the host drafts tokens for this answer (default: the host's --speculate)",
+        help="draft tokens and verify them in one pass: ngram looks them up in the prompt and answer, draft "
+        "runs --draft (default here: draft with --draft, else ngram; with --room: the host's setting)",
+    )
+    p.add_argument(
+        "--speculate-max", type=draft_size, default=DEFAULT_MAX_DRAFT, metavar="K",
+        help=f"most tokens one step drafts, here ({DEFAULT_MAX_DRAFT})",
+    )
+    p.add_argument(
+        "--draft", type=model_path, metavar="DIR",
+        help="a small model with this model's tokenizer to draft with, here ('austen-draft' for 'austen')",
     )
     p.add_argument("--no-cuda-graphs", action="store_true", help="decode without CUDA graphs")
     p.add_argument(
@@ -110,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
     """Generate text: with --model on this machine, or with --room CODE on a room's pipeline (the
     host runs the prompt through its stages and streams the answer back)."""
     if args.room:
+        if args.draft:
+            raise PeerpipeError("a room drafts with its host's --draft; give --speculate draft to ask for it")
         return run_remote(args)
     if args.model is None:
         raise PeerpipeError("give --model DIR to run a model here, or --room CODE to ask a room")
@@ -144,18 +159,43 @@ def run(args: argparse.Namespace) -> int:
         cuda_graphs=False if args.no_cuda_graphs else None,
         compile_layers=args.compile,
     )
+    drafts = local_drafts(args, engine, tokenizer, params, cfg.vocab_size)
     if args.json:
-        result = engine.generate(ids, params)
+        result = engine.generate(ids, params, drafts=drafts)
         print(json.dumps(result.to_json(), ensure_ascii=False))
         return 0
 
-    result = engine.generate(ids, params, on_text=show_text)
+    result = engine.generate(ids, params, on_text=show_text, drafts=drafts)
     sys.stdout.write("\n")
     print(
         f"[{len(result.tokens)} tokens, {result.tok_s:.1f} tok/s, finish: {result.finish_reason}]",
         file=sys.stderr,
     )
     return 0
+
+
+def local_drafts(
+    args: argparse.Namespace, engine: LocalEngine, tokenizer: Tokenizer, params: SamplingParams, vocab: int
+) -> Drafts | None:
+    """How this answer drafts: prompt lookup by default, the --draft model with it (on the
+    engine's device), or not at all."""
+    from peerpipe.engine.draft_model import DraftModel, check_draft_dir
+    from peerpipe.engine.speculate import Drafts, DraftSize, NgramDrafter, StepCosts
+
+    mode = args.speculate or ("draft" if args.draft else "ngram")
+    if mode == "off":
+        return None
+    size = DraftSize(StepCosts(), args.speculate_max)
+    if mode == "ngram":
+        return Drafts(mode, NgramDrafter(), size)
+    if args.draft is None:
+        raise PeerpipeError("--speculate draft needs --draft DIR (austen-draft for the bundled model)")
+    check_draft_dir(args.draft, args.model)
+    draft = DraftModel.load(
+        args.draft, tokenizer, vocab_limit=vocab, sessions=1, max_seq=engine.cache.max_seq,
+        device=str(engine.device), dtype=str(next(engine.stage.parameters()).dtype).removeprefix("torch."),
+    )
+    return Drafts(mode, draft.session(params), size)
 
 
 def run_remote(args: argparse.Namespace) -> int:

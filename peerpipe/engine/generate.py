@@ -15,6 +15,7 @@ from peerpipe.engine.kvcache import Batch
 from peerpipe.engine.loader import LoadStats, ProgressFn, load_stage
 from peerpipe.engine.model import Stage
 from peerpipe.engine.sampling import Sampler, SamplingParams, make_generator
+from peerpipe.engine.speculate import Drafts, verify
 from peerpipe.engine.tokenizer import Tokenizer
 
 
@@ -91,8 +92,14 @@ class LocalEngine:
 
     @torch.inference_mode()
     def generate(
-        self, prompt_ids: Sequence[int], params: SamplingParams, on_text: OnText | None = None
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        on_text: OnText | None = None,
+        *,
+        drafts: Drafts | None = None,
     ) -> GenerationResult:
+        """One answer; with ``drafts``, steps verify drafted tokens (the same tokens, fewer steps)."""
         prompt = list(prompt_ids)
         check_prompt(prompt, self.cache.max_seq)
         slot = self.cache.alloc()
@@ -103,16 +110,45 @@ class LocalEngine:
             history = list(decoding.prompt)  # the sampler's view, grown in place
             ids = torch.tensor([history], dtype=torch.long, device=self.device)
             logits = self.forward(ids, self.cache.batch([slot], len(history)))
-            while True:
-                token = int(self._sampler.sample(logits, [params], [generator], [history], [len(history)])[0])
-                history.append(token)
-                if not decoding.push(token):
-                    break
-                ids = torch.tensor([[token]], dtype=torch.long, device=self.device)
-                logits = self.forward(ids, self.cache.batch([slot], 1))
+            tokens = [int(self._sampler.sample(logits, [params], [generator], [history], [len(history)])[0])]
+            while self._push(decoding, history, tokens):
+                if drafts is None:
+                    ids = torch.tensor([[history[-1]]], dtype=torch.long, device=self.device)
+                    logits = self.forward(ids, self.cache.batch([slot], 1))
+                    tokens = [int(self._sampler.sample(logits, [params], [generator], [history], [len(history)])[0])]
+                else:
+                    tokens = self._drafted_step(slot, decoding, history, generator, drafts)
         finally:
             self.cache.free(slot)
-        return dataclasses.replace(decoding.result(), warmup_s=warmup_s)
+        result = decoding.result()
+        return dataclasses.replace(result, warmup_s=warmup_s, speculation=drafts.stats if drafts else None)
+
+    @staticmethod
+    def _push(decoding: Decoding, history: list[int], tokens: list[int]) -> bool:
+        for token in tokens:  # a stop or the budget inside a kept block ends the answer there
+            history.append(token)
+            if not decoding.push(token):
+                return False
+        return True
+
+    def _drafted_step(
+        self, slot: int, decoding: Decoding, history: list[int], generator: torch.Generator | None, drafts: Drafts
+    ) -> list[int]:
+        """A step of the answer's last token and up to k drafts (engine/speculate.py)."""
+        began = time.perf_counter()
+        left = decoding.budget - len(decoding.tokens) - 1
+        sent = drafts.propose(history, min(drafts.size.choose(), left, self.cache.max_seq - len(history)))
+        start = len(history) - 1  # the last token's position: the cache holds everything before it
+        ids = torch.tensor([[history[-1], *sent]], dtype=torch.long, device=self.device)
+        batch = self.cache.batch([slot], ids.shape[1])
+        if self._graphed is not None:
+            rows = self._graphed(ids, batch)[0]
+        else:
+            rows = self.stage(ids, self.cache, batch, last_only=not sent)[0]
+        kept = verify(self._sampler, rows[-len(sent) - 1 :], decoding.params, generator, history, sent, start + 1)
+        self.cache.rollback(slot, start + len(kept))  # the last token and the kept drafts
+        drafts.observe(sent, kept, time.perf_counter() - began)
+        return kept
 
     def _warm(self, slot: int, prompt_len: int, budget: int) -> float:
         """Capture the decode graphs this answer needs before its clock starts; the seconds it took."""

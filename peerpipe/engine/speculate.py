@@ -17,12 +17,14 @@ import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
-
-import torch
+from typing import TYPE_CHECKING, Any, Protocol
 
 from peerpipe.engine.errors import EngineError
-from peerpipe.engine.sampling import Sampler, SamplingParams
+
+if TYPE_CHECKING:  # the CLI reads this module's settings without loading torch
+    import torch
+
+    from peerpipe.engine.sampling import Sampler, SamplingParams
 
 SPECULATE_MODES = ("off", "ngram", "draft")
 # A step of 7 drafts has 8 positions: on CUDA it fills a graph of width 8 with no padding.
@@ -263,3 +265,43 @@ class DraftSize:
         if best_k == 0:
             self._plain_steps += 1
         return best_k
+
+
+class Drafts:
+    """One answer's drafting, wherever its steps run (the local engine, a room's host): its
+    drafter, how many it drafts each step, and what that did. A prompt-lookup drafter costs
+    nothing, so on a step that does not draft, its guess is still checked against the token that
+    comes, and the acceptance rate stays current."""
+
+    def __init__(self, mode: str, drafter: Drafter, size: DraftSize) -> None:
+        self.drafter, self.size = drafter, size
+        self.stats = SpecStats(mode=mode)
+        self._free = isinstance(drafter, NgramDrafter)
+        self._shadow: list[int] = []
+
+    def propose(self, history: Sequence[int], k: int) -> list[int]:
+        """Up to ``k`` drafts to follow ``history`` (``k`` from ``size.choose()``, capped by the
+        caller at what the answer has room for)."""
+        self._shadow = []
+        if self._free:
+            guess = self.drafter.propose(history, self.size.max_k)
+            if k <= 0:
+                self._shadow = guess
+                return []
+            return guess[:k]
+        return self.drafter.propose(history, k) if k > 0 else []
+
+    def observe(self, sent: Sequence[int], tokens: Sequence[int], seconds: float) -> SpecStats:
+        """A step sent ``sent`` and yielded ``tokens`` in ``seconds``; returns the step's figures."""
+        kept = len(tokens) - 1
+        self.size.costs.record(len(sent), seconds)
+        if sent:
+            self.size.observe(len(sent), kept)
+        elif self._shadow and tokens:
+            self.size.observe(1, int(self._shadow[0] == tokens[0]))  # only the first was judged
+        step = SpecStats(steps=1, drafted=len(sent), accepted=kept, tokens=len(tokens))
+        self.stats.add(step)
+        return step
+
+    def close(self) -> None:
+        self.drafter.close()

@@ -19,6 +19,7 @@ from peerpipe.engine.decode import Decoding
 from peerpipe.engine.draft_model import DraftModel, DraftModelError, DraftSession
 from peerpipe.engine.speculate import (
     DEFAULT_MAX_DRAFT,
+    Drafts,
     DraftSize,
     NgramDrafter,
     SpecStats,
@@ -89,46 +90,37 @@ class Speculator:
 
 
 class AnswerDrafts:
-    """One answer's drafting."""
+    """One answer's drafting at the host (``engine.speculate.Drafts``), with the room's totals;
+    a draft model on a CPU drafts on the compute thread."""
 
     def __init__(self, room: Speculator, mode: str, session: DraftSession | None, size: DraftSize) -> None:
-        self.room, self.session, self.size = room, session, size
-        self.ngram = NgramDrafter() if session is None else None
-        self.stats = SpecStats(mode=mode)
-        self._shadow: list[int] = []  # what prompt lookup proposed for a step that did not draft
+        self.room = room
+        self.core = Drafts(mode, session if session is not None else NgramDrafter(), size)
+        self._threaded = session is not None and session.model.device.type != "cuda"
+
+    @property
+    def stats(self) -> SpecStats:
+        return self.core.stats
+
+    @property
+    def size(self) -> DraftSize:
+        return self.core.size
 
     async def propose(self, decoding: Decoding) -> list[int]:
         """The drafts for the answer's next step (none when drafting does not pay, or no room)."""
         left = decoding.budget - len(decoding.tokens) - 1  # a step yields up to k + 1 tokens
         k = min(self.size.choose(), left)
-        self._shadow = []
-        if self.ngram is not None:
-            guess = self.ngram.propose(decoding.history, self.size.max_k)
-            if k <= 0:
-                self._shadow = guess
-                return []
-            return guess[:k]
-        if k <= 0 or self.session is None:
-            return []
-        if self.session.model.device.type == "cuda":
-            # Graph replays, launched in microseconds: on the loop, where the stages' graphed steps
-            # run too (two threads capturing CUDA graphs in one process break each other's capture).
-            return self.session.propose(decoding.history, k)
-        return await run_compute(self.session.propose, decoding.history, k)
+        if self._threaded and k > 0:
+            return await run_compute(self.core.propose, decoding.history, k)
+        # Prompt lookup costs microseconds; a CUDA draft model replays graphs, launched in
+        # microseconds, on the loop where the stages' graphed steps run too (two threads capturing
+        # CUDA graphs in one process break each other's capture).
+        return self.core.propose(decoding.history, k)
 
     def observe(self, drafts: list[int], tokens: list[int], seconds: float) -> None:
         """A step sent ``drafts`` and got ``tokens`` back in ``seconds``."""
-        kept = len(tokens) - 1
-        self.room.costs.record(len(drafts), seconds)
-        if drafts:
-            self.size.observe(len(drafts), kept)
-        elif self._shadow and tokens:
-            self.size.observe(1, int(self._shadow[0] == tokens[0]))  # only the first was judged
-        step = SpecStats(steps=1, drafted=len(drafts), accepted=kept, tokens=len(tokens))
-        self.stats.add(step)
-        self.room.totals.add(step)
+        self.room.totals.add(self.core.observe(drafts, tokens, seconds))
 
     def close(self) -> None:
         self.room.finished(self)
-        if self.session is not None:
-            self.session.close()
+        self.core.close()

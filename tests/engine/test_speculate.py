@@ -16,6 +16,7 @@ from peerpipe.engine.loader import load_stage
 from peerpipe.engine.sampling import Sampler, SamplingParams
 from peerpipe.engine.speculate import (
     PROBE_EVERY,
+    Drafts,
     DraftSize,
     NgramDrafter,
     SpeculationError,
@@ -307,3 +308,35 @@ def test_the_bundled_draft_agrees_with_the_bundled_model_often() -> None:
     session = draft.session(GREEDY)
     agree = sum(session.propose(prompt + answer[:i], 1) == [answer[i]] for i in range(len(answer)))
     assert agree / len(answer) > 0.5, agree
+
+
+# -- the local engine drafts too --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["ngram", "draft"])
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True),
+        SamplingParams(temperature=0.9, top_p=0.9, seed=11, max_tokens=40, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, repetition_penalty=1.3),
+    ],
+)
+def test_the_local_engine_with_drafts_gives_the_same_tokens(tiny_model_dir, mode: str, params: SamplingParams) -> None:
+    model = tiny_model_dir("llama")
+    engine, _ = LocalEngine.from_dir(model, device="cpu", dtype="float32", max_seq=64)
+    prompt = [5, 17, 42, 99, 3, 5, 17]
+    plain = engine.generate(prompt, params)
+    size = DraftSize(StepCosts(), 6, fixed=True)
+    if mode == "ngram":
+        drafter = NgramDrafter()
+    else:  # the model drafts for itself: every draft is kept
+        drafter = DraftModel(load_stage(model, dtype="float32")[0], sessions=1, max_seq=64, vocab_limit=10**9).session(params)
+    result = engine.generate(prompt, params, drafts=Drafts(mode, drafter, size))
+    assert result.tokens == plain.tokens and result.text == plain.text and result.finish_reason == plain.finish_reason
+    spec = result.speculation
+    assert spec is not None and spec.steps + spec.accepted == len(plain.tokens) - 1
+    if mode == "draft":
+        assert spec.accepted == spec.drafted > 0
+    assert engine.cache.free_slots == engine.cache.max_slots
