@@ -183,7 +183,7 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--new-tokens", type=int, default=96)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--speculate-max", type=int, default=8)
+    p.add_argument("--speculate-max", type=int, default=7)
     p.add_argument("--shapes", type=lambda s: [x for x in s.split(",") if x], default=[])
     args = p.parse_args()
     began = time.perf_counter()
