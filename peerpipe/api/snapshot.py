@@ -65,6 +65,7 @@ def room_snapshot(
                     "end": s.end,
                     "loaded": s.node_id in acked,
                     "predicted_ms": round(s.predicted_ms, 3) if s.predicted_ms else None,
+                    "wire": s.wire or "native",
                 }
                 for s in view.plan.stages
             ],

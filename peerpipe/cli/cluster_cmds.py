@@ -180,7 +180,9 @@ def view_to_json(view) -> dict[str, Any]:  # type: ignore[no-untyped-def]
         else {
             "version": view.plan.version,
             "model": view.plan.model_id,
-            "stages": [{"node": s.node_id, "start": s.start, "end": s.end} for s in view.plan.stages],
+            "stages": [
+                {"node": s.node_id, "start": s.start, "end": s.end, "wire": s.wire or "native"} for s in view.plan.stages
+            ],
             "predicted_ms_per_token": view.plan.predicted_ms,
             "measured_ms_per_token": measured,
             "acked": list(view.acked),
@@ -241,6 +243,9 @@ def status_cmd(args: argparse.Namespace) -> int:
             f"plan v{plan['version']} of {plan['model']}: {plan['predicted_ms_per_token']:.2f} ms/token predicted"
             f"{pace}; acknowledged by {acked}"
         )
+        hops = [s["wire"] for s in plan["stages"][:-1]]
+        if any(h != "native" for h in hops):
+            print("hidden states between stages: " + ", ".join(hops))
     else:
         print("no plan yet")
     if data["tasks"]:

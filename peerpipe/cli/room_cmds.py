@@ -130,6 +130,13 @@ def add_host_parser(
         help="a token that takes longer has its stages checked and the answer replayed on those that answer "
         "(default: 50 predicted token times, at least 5 s)",
     )
+    parser.add_argument(
+        "--wire",
+        choices=["auto", "native", "bf16", "fp16", "int8"],
+        default="auto",
+        help="how hidden states cross between nodes: auto picks int8 (a float16 scale per 64 values) on "
+        "links too slow for the model's dtype, native keeps it, bf16/fp16/int8 everywhere (auto)",
+    )
     add_speculation_arguments(parser)
     _add_device_arguments(parser)
     from peerpipe.cli.http_opts import add_http_arguments
@@ -234,6 +241,7 @@ async def _host(args: argparse.Namespace, signals: Interrupts) -> int:
         strategy=args.strategy,
         objective=args.objective,
         replicas=args.replicas,
+        wire=args.wire,
     )
     timeouts = Timeouts(stall_s=args.stall_timeout)
     _use_threads(args)

@@ -19,4 +19,5 @@ class ClusterConfig:
     budget: Budget = field(default_factory=Budget)
     strategy: str = "optimal"
     objective: str = "latency"
+    wire: str = "auto"  # hidden states between nodes: auto (by each link's bandwidth), native, bf16, fp16, int8
     replicas: int = 0  # standby copies of each stage, where memory allows (failover without loading)

@@ -6,11 +6,13 @@ hypothetical machines.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from peerpipe.plan import Budget, Link, ModelSpec, Network, NodeSpec, Objective, PlanResult, make_plan
+from peerpipe.plan.wire import choose_wire
 from peerpipe.protocol import LayerTiming, LinkStat, MemberState, NodeInfo, Plan, PlanStage
 
 # A device known only by its TFLOPS: assume this much memory bandwidth per TFLOPS (typical of
@@ -134,14 +136,42 @@ def plan_room(
     )
 
 
+def wire_formats(nodes: Sequence[str], model: ModelSpec, network: Network, wire: str) -> list[str]:
+    """For each stage on ``nodes`` (in order), the format of its hidden states on the link to the
+    next; "" for the last stage (it sends tokens) and between stages of one node. ``auto`` keeps
+    the model's dtype on a link nobody has measured yet (the plan after its measurement decides)."""
+
+    def measured(a: str, b: str) -> bool:
+        return (a, b) in network.links or (b, a) in network.links
+
+    hops = [
+        choose_wire(model, network.link(a, b), wire) if a != b and (wire != "auto" or measured(a, b)) else ""
+        for a, b in itertools.pairwise(nodes)
+    ]
+    return [*hops, ""]
+
+
 def to_protocol(
-    result: PlanResult, version: int, model: ModelSpec, standbys: Sequence[tuple[str, int, int]] = ()
+    result: PlanResult,
+    version: int,
+    model: ModelSpec,
+    standbys: Sequence[tuple[str, int, int]] = (),
+    *,
+    network: Network | None = None,
+    wire: str = "auto",
 ) -> Plan:
+    """The plan as the wire carries it; each stage but the last with the format its hidden states
+    take over the link to the next (plan/wire.py: ``wire``, or from the link when auto)."""
+    stages = result.stages
+    formats = wire_formats([s.node_id for s in stages], model, network or Network(), wire)
     return Plan(
         version,
         model.model_id,
         model.num_layers,
-        tuple(PlanStage(s.node_id, s.start, s.end, s.compute_ms) for s in result.stages),
+        tuple(
+            PlanStage(s.node_id, s.start, s.end, s.compute_ms, fmt)
+            for s, fmt in zip(stages, formats, strict=True)
+        ),
         result.predicted_ms_per_token,
         tuple(PlanStage(*s) for s in standbys),
     )

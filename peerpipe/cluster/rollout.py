@@ -24,7 +24,7 @@ from peerpipe.cluster.local import LocalDevice
 from peerpipe.cluster.local_stage import LocalStage
 from peerpipe.cluster.membership import ClusterView
 from peerpipe.cluster.model_choice import ModelChoice
-from peerpipe.cluster.planning import RoomFacts, plan_room, to_protocol
+from peerpipe.cluster.planning import RoomFacts, network_from, plan_room, to_protocol, wire_formats
 from peerpipe.errors import PeerpipeError
 from peerpipe.logs import Report
 from peerpipe.plan import PlanError
@@ -61,7 +61,11 @@ log = logging.getLogger(__name__)
 
 
 def describe_plan(plan: Plan, names: dict[str, str]) -> str:
-    stages = " -> ".join(f"{names.get(s.node_id, s.node_id[:8])}[{s.start},{s.end})" for s in plan.stages)
+    stages = ""
+    for s in plan.stages:
+        stages += f"{names.get(s.node_id, s.node_id[:8])}[{s.start},{s.end})"
+        if s is not plan.stages[-1]:
+            stages += f" -{s.wire}-> " if s.wire else " -> "  # a hop in another format says which
     return f"plan v{plan.version}: {stages}, {plan.predicted_ms:.2f} ms/token predicted"
 
 
@@ -269,7 +273,8 @@ class Rollout:
         if self.config.replicas and (bare := uncovered(stages, standbys)):
             names = host.names()
             host.report("no memory for a standby of " + ", ".join(f"{names.get(n, n[:8])}[{a},{b})" for n, a, b in bare))
-        plan = to_protocol(result, next(self._versions), model.spec, standbys)
+        network = network_from(self.links.values())
+        plan = to_protocol(result, next(self._versions), model.spec, standbys, network=network, wire=self.config.wire)
         await self._publish(plan)
         return plan
 
@@ -288,11 +293,13 @@ class Rollout:
         names = self._names  # as the plan knew them: the lost are no longer in the view
         self.host.report("failover: standbys take over from " + ", ".join(names.get(n, n[:8]) for n in sorted(lost)))
         stages_after, spares = promoted
+        network = network_from(self.links.values())
+        formats = wire_formats([n for n, _, _ in stages_after], self.model.spec, network, self.config.wire)
         failover = Plan(
             next(self._versions),
             plan.model_id,
             plan.num_layers,
-            tuple(PlanStage(*s) for s in stages_after),
+            tuple(PlanStage(*s, 0.0, fmt) for s, fmt in zip(stages_after, formats, strict=True)),
             plan.predicted_ms,
             tuple(PlanStage(*s) for s in spares),
         )

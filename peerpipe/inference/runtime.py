@@ -145,12 +145,13 @@ class StageRuntime:
             if server is not None:  # kept (or promoted earlier): only where it sends may change
                 server.next_hop, server.host_id = next_hop, host_id
                 server.micro_batches = len(plan.stages)
+                server.wire = planned.wire
                 continue
             held = self._held[(planned.start, planned.end)]
             label = f"{self.label} layers [{planned.start}, {planned.end})"
             server = StageServer(
                 held.stage, held.cache, label=label, next_hop=next_hop, host_id=host_id, send=self.send,
-                stats=self.stats, micro_batches=len(plan.stages),
+                stats=self.stats, micro_batches=len(plan.stages), wire=planned.wire,
             )
             self.servers[planned.start] = server
             assert self._tg is not None, "call run() first"

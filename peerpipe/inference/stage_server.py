@@ -23,7 +23,7 @@ from peerpipe.engine.kvcache import KVCache
 from peerpipe.engine.model import Stage
 from peerpipe.engine.sampling import Sampler, SamplingParams, make_generator
 from peerpipe.engine.speculate import verify
-from peerpipe.inference.wire import from_wire, sampling_from_wire, to_wire
+from peerpipe.inference.wire import encode_hidden, from_wire, sampling_from_wire, to_wire
 from peerpipe.protocol import (
     Cancel,
     ComputeError,
@@ -78,6 +78,7 @@ class StageServer:
         stats: StageStats | None = None,
         cuda_graphs: bool | None = None,
         micro_batches: int = 1,
+        wire: str = "",
     ) -> None:
         self.stage, self.cache = stage, cache
         self.label = label  # e.g. "node-b layers [8, 16)", for error messages
@@ -86,6 +87,8 @@ class StageServer:
         self.send = send
         self.max_batch = max_batch
         self.micro_batches = max(1, micro_batches)  # the pipeline's stage count
+        self.wire = wire  # the format of the hidden states this stage sends on (the plan's)
+        self._dtype = next(stage.parameters()).dtype
         self.sessions: dict[str, _Session] = {}
         self._queue: asyncio.Queue[ComputeRequest | Cancel] = asyncio.Queue()
         self._cancelled: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -281,10 +284,13 @@ class StageServer:
     def _forward(self, requests: list[ComputeRequest]) -> list:
         sessions = [self.sessions[r.task_id] for r in requests]
         slots = [s.slot for s in sessions]
-        # Joined on the host and copied to the device once, not once per session.
-        x = torch.cat([from_wire(r.input_tensor, _CPU) for r in requests], dim=0).to(self.device, non_blocking=True)
-        if self.stage.is_first:
-            x = x.to(torch.long)
+        if any(r.input_tensor.encoding != "raw" for r in requests):
+            # Quantized: the small int8 form crosses to the device, and is dequantized there.
+            x = torch.cat([from_wire(r.input_tensor, self.device) for r in requests], dim=0)
+        else:
+            # Joined on the host and copied to the device once, not once per session.
+            x = torch.cat([from_wire(r.input_tensor, _CPU) for r in requests], dim=0).to(self.device, non_blocking=True)
+        x = x.to(torch.long) if self.stage.is_first else x.to(self._dtype)  # a 16-bit wire into an fp32 stage
         batch = self.cache.batch(slots, x.shape[1])
         drafted = bool(requests[0].drafts)
         if self._graphed is not None and (x.shape[1] == 1 or drafted):
@@ -292,8 +298,7 @@ class StageServer:
         else:
             out = self.stage(x, self.cache, batch, last_only=self.stage.is_last and not drafted)
         if self.next_hop is not None:
-            hidden = out.to(_CPU)  # one copy off the device (and one sync) for the whole batch
-            return [to_wire(hidden[i : i + 1]) for i in range(len(requests))]
+            return encode_hidden(out, self.wire)  # one copy off the device for the whole batch
         if drafted:
             return [self._verify(s, r, out[i]) for i, (s, r) in enumerate(zip(sessions, requests, strict=True))]
         logits = out[:, -1]

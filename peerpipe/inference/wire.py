@@ -1,5 +1,9 @@
-"""Tensors to and from the wire, in the model's own dtype (bf16 travels as its bit patterns), and
-sampling parameters to and from their wire record."""
+"""Tensors to and from the wire, in the model's own dtype (bf16 travels as its bit patterns) or
+in a stage's wire format (16 bits, or int8 with a float16 scale per block of 64 values: the
+"q8b64" encoding of protocol/tensor.py), and sampling parameters to and from their wire record.
+
+Hidden states are encoded where they were computed and decoded where they are used: on a GPU the
+int8 values, not the floats, cross PCIe both ways."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import torch
 
 from peerpipe.engine.sampling import SamplingParams
 from peerpipe.protocol import Sampling, TensorData
+from peerpipe.protocol.tensor import Q8_BLOCK
 
 _AS_WIRE = {
     torch.float32: "float32",
@@ -17,6 +22,9 @@ _AS_WIRE = {
     torch.int32: "int32",
 }
 _FROM_WIRE = {name: dtype for dtype, name in _AS_WIRE.items()}
+_CPU = torch.device("cpu")
+_F16_MAX = float(torch.finfo(torch.float16).max)
+_F16_SUB = 2.0**-24  # float16's smallest step (subnormal)
 
 
 def to_wire(t: torch.Tensor) -> TensorData:
@@ -29,10 +37,54 @@ def to_wire(t: torch.Tensor) -> TensorData:
     return TensorData.from_numpy(t.numpy())
 
 
+_HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def encode_hidden(batch: torch.Tensor, wire: str) -> list[TensorData]:
+    """Each row of ``batch`` ``[B, S, H]`` in wire format ``wire`` ("" for the model's dtype),
+    with one copy off the device for the whole batch."""
+    if wire in _HALF:
+        batch = batch.to(_HALF[wire])
+    if wire != "int8":
+        host = batch.to(_CPU)
+        return [to_wire(host[i : i + 1]) for i in range(batch.shape[0])]
+    name = _AS_WIRE[batch.dtype]
+    rows, width = batch.shape[0] * batch.shape[1], batch.shape[2]
+    blocks = -(-width // Q8_BLOCK)
+    x = batch.reshape(rows, width).float()
+    if blocks * Q8_BLOCK != width:
+        x = torch.nn.functional.pad(x, (0, blocks * Q8_BLOCK - width))
+    x = x.view(rows, blocks, Q8_BLOCK)
+    # The scale is rounded up to a float16 (never below absmax / 127, so no value clamps) before
+    # use, and the receiver multiplies by exactly what was divided by.
+    scale = (x.abs().amax(-1) * (1 / 127 * (1 + 2**-10)) + _F16_SUB).clamp(max=_F16_MAX).to(torch.float16)
+    q = (x / scale.float().unsqueeze(-1)).round_().clamp_(-127, 127).to(torch.int8)
+    q = q.view(rows, blocks * Q8_BLOCK)[:, :width].reshape(batch.shape[0], -1).to(_CPU)
+    scales = scale.view(batch.shape[0], -1).to(_CPU)
+    shape = (1, *batch.shape[1:])
+    out = []
+    for i in range(batch.shape[0]):
+        payload = np.concatenate([q[i].numpy().view(np.uint8), scales[i].numpy().view(np.uint8)])
+        out.append(TensorData(name, tuple(shape), memoryview(payload), "q8b64"))
+    return out
+
+
+def _decode_q8(data: TensorData, device: torch.device) -> torch.Tensor:
+    width = data.shape[-1]
+    rows = len(data.data) // (width + -(-width // Q8_BLOCK) * 2)
+    raw = torch.from_numpy(np.frombuffer(data.data, dtype=np.uint8).copy()).to(device, non_blocking=True)
+    q = raw[: rows * width].view(torch.int8).view(rows, width)
+    scale = raw[rows * width :].clone().view(torch.float16).view(rows, -1)
+    x = q.float() * scale.float().repeat_interleave(Q8_BLOCK, dim=1)[:, :width]
+    return x.to(_FROM_WIRE[data.dtype]).view(data.shape)
+
+
 def from_wire(data: TensorData, device: torch.device) -> torch.Tensor:
     dtype = _FROM_WIRE.get(data.dtype)
     if dtype is None:
         raise TypeError(f"unexpected tensor dtype {data.dtype} on the data plane")
+    if data.encoding == "q8b64":
+        return _decode_q8(data, device)
     # A copy: the wire buffer belongs to the received frame, and torch wants writable memory.
     t = torch.from_numpy(np.array(data.to_numpy(), copy=True))
     if dtype == torch.bfloat16:

@@ -44,6 +44,7 @@ class ModelSpec:
     hidden_bytes: int  # one token's hidden state on the wire
     layer_flops: int  # per token
     tied_embeddings: bool = False
+    dtype_bytes: int = 2  # of the weights and the hidden states in the model's own dtype
 
     def __post_init__(self) -> None:
         if self.num_layers < 1:
@@ -72,6 +73,7 @@ class ModelSpec:
             hidden_bytes=cfg.hidden_size * dtype_bytes,
             layer_flops=2 * layer_params,
             tied_embeddings=cfg.tie_embeddings,
+            dtype_bytes=dtype_bytes,
         )
 
 

@@ -23,6 +23,7 @@ MAX_STAGES = 1024
 MAX_MEMBERS = 1024
 # Layer indices beyond this are nonsense for any model we can hold.
 MAX_LAYERS = 1 << 20
+WIRE_FORMATS = frozenset({"", "bf16", "fp16", "int8"})  # how a stage's hidden states travel on
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,12 +215,14 @@ class PlanStage:
     start: int
     end: int
     predicted_ms: float = 0.0
+    wire: str = ""  # how its hidden states travel to the next stage: "" (the model's dtype), bf16, fp16, int8
 
     def __post_init__(self) -> None:
         need_id(self, "node_id")
         need_int(self, "start", 0, MAX_LAYERS)
         need_int(self, "end", 1, MAX_LAYERS)
         need_float(self, "predicted_ms")
+        need_choice(self, "wire", WIRE_FORMATS)
         if self.start >= self.end:
             raise ValidationError(f"PlanStage layer range [{self.start}, {self.end}) is empty")
 

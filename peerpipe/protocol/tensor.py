@@ -15,9 +15,14 @@ if TYPE_CHECKING:
     import numpy as np
 
 DTYPES = frozenset(ITEMSIZE)
-# Only "raw" exists today; the field is on the wire so compressed encodings can be added without a
-# format change (each new encoding defines its byte length as a function of dtype and shape).
-ENCODINGS = frozenset({"raw"})
+# Each encoding defines its byte length as a function of dtype and shape. "raw": the values in
+# ``dtype``. "q8b64": a float tensor quantized along its last axis in blocks of Q8_BLOCK values,
+# each block one float16 scale (its absolute maximum / 127) and int8 values; ``dtype`` is what the
+# receiver decodes it to. The data is every row's int8 values (rows x width bytes), then every
+# row's scales (rows x blocks x 2 bytes).
+ENCODINGS = frozenset({"raw", "q8b64"})
+Q8_BLOCK = 64
+FLOAT_DTYPES = frozenset({"float32", "float16", "bfloat16"})
 
 # bfloat16 has no numpy dtype: it is carried as its raw 16-bit patterns.
 _NUMPY_NAME = {"bfloat16": "uint16"}
@@ -25,6 +30,10 @@ _NUMPY_NAME = {"bfloat16": "uint16"}
 
 def encoded_nbytes(dtype: str, shape: tuple[int, ...], encoding: str = "raw") -> int:
     """Byte length of a tensor's data for this dtype, shape and encoding (validated by the caller)."""
+    if encoding == "q8b64":
+        width = shape[-1] if shape else 1
+        rows = math.prod(shape[:-1]) if shape else 1
+        return rows * width + rows * -(-width // Q8_BLOCK) * 2
     return math.prod(shape) * ITEMSIZE[dtype]
 
 
@@ -64,6 +73,8 @@ class TensorData:
             raise ValidationError(f"unknown tensor dtype {self.dtype!r}; expected one of {sorted(DTYPES)}")
         if self.encoding not in ENCODINGS:
             raise ValidationError(f"unknown tensor encoding {self.encoding!r}")
+        if self.encoding != "raw" and self.dtype not in FLOAT_DTYPES:
+            raise ValidationError(f"encoding {self.encoding!r} is for float tensors, not {self.dtype}")
         if not isinstance(self.shape, tuple) or len(self.shape) > MAX_DIMS:
             raise ValidationError(f"tensor shape must be a tuple of at most {MAX_DIMS} ints")
         for dim in self.shape:
@@ -133,5 +144,7 @@ class TensorData:
 
         if self.ref is not None:
             raise ValidationError("a placeholder tensor has no data yet; feed it through a Reassembler")
+        if self.encoding != "raw":
+            raise ValidationError(f"a {self.encoding} tensor is decoded by its codec, not viewed as numpy")
         arr = np.frombuffer(self.data, dtype=_NUMPY_NAME.get(self.dtype, self.dtype))
         return arr.reshape(self.shape)

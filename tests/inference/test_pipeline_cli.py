@@ -78,7 +78,11 @@ def test_three_processes_answer_like_one(arch: str, procs, tiny_model_dir, warm_
     model = tiny_model_dir(arch)
     warm_layers(model)
     # The model drafts for itself: nearly every draft is kept, so steps carry long drafted blocks.
-    _host, address, _ = open_room(procs, model, members=2, layers_per_node=2, host_args=("--draft", str(model)))
+    # Members' writes wait 5 ms, as on a LAN: drafting pays for sure, whatever else loads the machine.
+    lan = ("env", "PEERPIPE_LINK_DELAY_MS=5")
+    _host, address, _ = open_room(
+        procs, model, members=2, layers_per_node=2, member_prefix=lan, host_args=("--draft", str(model))
+    )
     room = ["--room", CODE, "--peer", address]
     greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     for prompt in ("the quiet harbour", "a b c"):
@@ -90,16 +94,16 @@ def test_three_processes_answer_like_one(arch: str, procs, tiny_model_dir, warm_
         spec = remote["speculation"]
         assert spec["mode"] == "draft" and spec["drafted"] > 0 and spec["acceptance"] > 0.8, spec
         assert spec["tokens_per_step"] > 1.5 and spec["steps"] + spec["accepted"] >= len(expected["tokens"]) - 1
-        for mode in ("off", "ngram"):
-            other = generate(*room, "--temperature", "0", "--speculate", mode, prompt)
-            assert other["tokens"] == expected["tokens"], mode
-            assert (mode == "off") == ("speculation" not in other)
+        if prompt == "a b c":  # prompt lookup too (without drafts, rooms are checked in test_pipeline.py)
+            other = generate(*room, "--temperature", "0", "--speculate", "ngram", prompt)
+            assert other["tokens"] == expected["tokens"] and other["speculation"]["mode"] == "ngram"
     seeded = SamplingParams(temperature=0.8, top_p=0.9, seed=77, max_tokens=12, ignore_eos=True)
     flags = ["--temperature", "0.8", "--top-p", "0.9", "--seed", "77", "the quiet harbour"]
     expected = local(model, "the quiet harbour", seeded)["tokens"]
     drafted = generate(*room, *flags)
-    assert drafted["tokens"] == expected == generate(*room, "--speculate", "off", *flags)["tokens"]
-    assert drafted["speculation"]["acceptance"] > 0.8  # the draft drew with the verifier's noise
+    assert drafted["tokens"] == expected
+    spec = drafted["speculation"]
+    assert spec["drafted"] > 0 and spec["acceptance"] > 0.8, spec  # the draft drew with the verifier's noise
     status = json.loads(peerpipe("status", "--json", "--code", CODE, "--peer", address).stdout)
     assert len(status["plan"]["stages"]) == 3 and sorted(status["plan"]["acked"]) == sorted(
         n["node_id"] for n in status["nodes"]

@@ -64,7 +64,10 @@ function renderPipeline(r) {
   $("#plan-facts").textContent = `plan v${r.plan.version} · ${r.plan.stages.length} stages · ${fmt(r.plan.predicted_ms, 2)} ms/token predicted` +
     (r.plan.measured_ms == null ? "" : ` · ${fmt(r.plan.measured_ms, 2)} measured`);
   r.plan.stages.forEach((s, i) => {
-    if (i > 0) box.append(el("span", { class: "arrow" }, "→"));
+    if (i > 0) {
+      const wire = r.plan.stages[i - 1].wire;
+      box.append(el("span", { class: "arrow", title: `hidden states as ${wire}` }, wire && wire !== "native" ? `→ ${wire}` : "→"));
+    }
     const width = (100 * (s.end - s.start)) / r.plan.layers;
     box.append(el("div", {
       class: "stage" + (s.loaded ? "" : " pending"),

@@ -1,0 +1,140 @@
+"""Hidden states on the wire: 16-bit and int8 forms, their error bounds, their bytes, and the
+choice of form per link."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from peerpipe.inference.wire import encode_hidden, from_wire
+from peerpipe.plan import Link, ModelSpec
+from peerpipe.plan.wire import WireChoiceError, bytes_per_token, choose_wire
+from peerpipe.protocol import ComputeRequest, DecodeError, ValidationError, decode, encode
+from peerpipe.protocol.tensor import TensorData, encoded_nbytes
+
+CPU = torch.device("cpu")
+
+
+def batch(seed: int, rows: int, width: int, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 3, width, generator=g) * scale
+    x[:, :, 0] *= 50  # an outlier channel, as LLM hidden states have
+    return x.to(dtype)
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    rows=st.integers(1, 4),
+    width=st.sampled_from([1, 7, 63, 64, 65, 128, 200, 384]),
+    scale=st.sampled_from([1e-4, 1.0, 30.0, 3000.0]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+)
+def test_int8_rows_come_back_within_half_a_step_of_their_block(seed, rows, width, scale, dtype) -> None:
+    x = batch(seed, rows, width, scale, dtype)
+    assume(bool(torch.isfinite(x).all()))  # float16 cannot hold the largest outliers
+    encoded = encode_hidden(x, "int8")
+    assert len(encoded) == rows
+    for i, data in enumerate(encoded):
+        assert data.encoding == "q8b64" and data.shape == (1, 3, width)
+        assert len(data.data) == encoded_nbytes(data.dtype, data.shape, "q8b64")
+        back = from_wire(data, CPU)
+        assert back.dtype == dtype and back.shape == (1, 3, width)
+        original = x[i : i + 1].float()
+        blocks = math.ceil(width / 64)
+        padded = torch.nn.functional.pad(original.reshape(3, width), (0, blocks * 64 - width)).view(3, blocks, 64)
+        absmax = padded.abs().amax(-1).repeat_interleave(64, -1)[:, :width].view(1, 3, width)
+        # Half a quantization step, the float16 rounding of the scale, and the dtype's own rounding.
+        step = (absmax / 127 * (1 + 2**-10) + 2**-24) * (1 + 2**-10)  # the scale, rounded up to a float16
+        bound = step / 2 + original.abs() * (2**-8 if dtype == torch.bfloat16 else 2**-11) * 1.01 + 2**-24
+        assert bool(((back.float() - original).abs() <= bound + 1e-30).all())
+
+
+@pytest.mark.parametrize(("wire", "dtype", "rel"), [("bf16", torch.bfloat16, 2**-8), ("fp16", torch.float16, 2**-11)])
+def test_sixteen_bit_forms_round_like_their_dtype(wire: str, dtype: torch.dtype, rel: float) -> None:
+    x = batch(1, 2, 384, 3.0, torch.float32)
+    for i, data in enumerate(encode_hidden(x, wire)):
+        assert data.dtype == str(dtype).removeprefix("torch.") and data.encoding == "raw"
+        back = from_wire(data, CPU).float()
+        assert bool(((back - x[i : i + 1]).abs() <= x[i : i + 1].abs() * rel).all())
+
+
+def test_the_native_form_is_exact_and_int8_is_about_a_quarter_of_fp32() -> None:
+    x = batch(2, 1, 384, 1.0, torch.float32)
+    native = encode_hidden(x, "")[0]
+    assert torch.equal(from_wire(native, CPU), x)
+    int8 = encode_hidden(x, "int8")[0]
+    assert len(int8.data) / len(native.data) == pytest.approx((384 + 12) / (384 * 4))
+
+
+def test_all_zero_and_constant_rows_survive() -> None:
+    for x in (torch.zeros(1, 2, 100), torch.full((1, 2, 100), -7.5)):
+        back = from_wire(encode_hidden(x, "int8")[0], CPU)
+        assert torch.allclose(back, x, atol=7.5 * 2e-3)
+
+
+def test_an_int8_tensor_crosses_the_codec_and_a_corrupt_one_is_refused() -> None:
+    data = encode_hidden(batch(3, 1, 130, 2.0, torch.bfloat16), "int8")[0]
+    message = ComputeRequest("t1", data, plan_version=2, start_pos=5, layer=3)
+    back = decode(encode(message))
+    assert back.input_tensor.encoding == "q8b64" and bytes(back.input_tensor.data) == bytes(data.data)
+    frame = bytearray(encode(message))
+    frame[-5] ^= 0xFF  # a flipped scale byte
+    with pytest.raises(DecodeError, match="corrupt"):
+        decode(bytes(frame))
+
+
+def test_int8_is_only_for_floats() -> None:
+    with pytest.raises(ValidationError, match="float tensors"):
+        TensorData("int64", (1, 4), b"\0" * encoded_nbytes("int64", (1, 4), "q8b64"), "q8b64")
+    data = encode_hidden(torch.ones(1, 1, 8), "int8")[0]
+    with pytest.raises(ValidationError, match="decoded by its codec"):
+        data.to_numpy()
+
+
+# -- which form each link gets ----------------------------------------------------------------
+
+AUSTEN = ModelSpec("austen", 6, 1, 1, 1, 1, 384 * 4, 1, dtype_bytes=4)  # fp32 hidden states, 384 wide
+LLAMA8B = ModelSpec("8b", 32, 1, 1, 1, 1, 4096 * 2, 1, dtype_bytes=2)  # bf16, 4096 wide
+MIB = 2**20
+
+
+@pytest.mark.parametrize(
+    ("model", "mib_per_s", "requested", "wire"),
+    [
+        (AUSTEN, 2000, "auto", ""),  # loopback: the codec costs more than the bytes it saves
+        (AUSTEN, 300, "auto", ""),  # a busy machine's loopback
+        (AUSTEN, 100e6 / 8 / MIB, "auto", "int8"),  # 100 Mbit/s
+        (AUSTEN, 1e9 / 8 / MIB, "auto", "int8"),  # gigabit: 1.1 KB saved per token of a small model
+        (LLAMA8B, 2000, "auto", ""),
+        (LLAMA8B, 100e6 / 8 / MIB, "auto", "int8"),
+        (LLAMA8B, 10e9 / 8 / MIB, "auto", ""),  # 10 GbE
+        (LLAMA8B, 1e9 / 8 / MIB, "auto", ""),  # gigabit: 1 byte saved per value of a bf16 model is not worth it
+        (AUSTEN, 2000, "int8", "int8"),  # asked for: every link
+        (AUSTEN, 1, "native", ""),
+        (AUSTEN, 1, "bf16", "bf16"),
+    ],
+)
+def test_each_link_gets_int8_where_its_bandwidth_makes_it_pay(model, mib_per_s, requested, wire) -> None:
+    assert choose_wire(model, Link(0.1, mib_per_s * MIB), requested) == wire
+
+
+def test_bytes_per_token_of_each_form() -> None:
+    assert bytes_per_token(AUSTEN, "") == 1536 and bytes_per_token(AUSTEN, "bf16") == 768
+    assert bytes_per_token(AUSTEN, "int8") == 384 + 12
+    with pytest.raises(WireChoiceError, match="auto, native"):
+        choose_wire(AUSTEN, Link(0.1, 1e6), "int4")
+
+
+def test_numpy_payload_is_int8_values_then_float16_scales() -> None:
+    x = torch.tensor([[[1.0] * 64 + [-2.0] * 64]])
+    data = encode_hidden(x, "int8")[0]
+    raw = np.frombuffer(data.data, dtype=np.uint8)
+    q, scales = raw[:128].view(np.int8), raw[128:].view(np.float16)
+    assert list(q[:2]) == [127, 127] and q[64] == -127
+    assert scales.tolist() == pytest.approx([1 / 127, 2 / 127], rel=1e-3)
