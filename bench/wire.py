@@ -26,7 +26,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import pipeline  # noqa: E402
 from pipeline import CODE, Namespaces, Proc, client, log, memory_cap  # noqa: E402
+
+CONTEXT = 1024
+pipeline.CONTEXT = CONTEXT  # the memory caps must leave room for a 1k-token prompt's KV cache
 
 
 def room(model: Path, wire: str, nets: Namespaces, env: dict[str, str], args: argparse.Namespace) -> tuple[list[Proc], tuple[str, int]]:
@@ -36,7 +40,7 @@ def room(model: Path, wire: str, nets: Namespaces, env: dict[str, str], args: ar
     common = ["--device", "cpu", *memory_cap(model, args.dtype, layers, 3, 4)]
     host = Proc(
         "host", "--listen", f"{nets.ips[0]}:0", "--no-mdns", "--code", CODE, "--name", "h", "--model", str(model),
-        "--dtype", args.dtype, "--expect-nodes", "3", "--context", "1024", "--sessions", "4", "--wire", wire,
+        "--dtype", args.dtype, "--expect-nodes", "3", "--context", str(CONTEXT), "--sessions", "4", "--wire", wire,
         "--speculate", "off", "--http", "off", *common, env=env, prefix=nets.prefix(0),
     )
     port = int(host.expect(r"^listening on [\d.]+:(\d+)$").group(1))

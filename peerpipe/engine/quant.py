@@ -1,0 +1,115 @@
+"""Weights held in fewer bits, so a small node holds more layers: the linear layers' matrices as
+int8 with one scale per output channel, or as int4 with a scale and zero point per group of
+``INT4_GROUP`` inputs. Norms, biases, the embedding and the head keep the model's dtype.
+
+A quantized matrix multiplies through ``linear``: int8 on a CPU uses PyTorch's int8 weight-only
+kernel (``aten._weight_int8pack_mm``), elsewhere it is dequantized into the activations' dtype
+for the product; int4 is unpacked and dequantized for each product (memory, not speed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from peerpipe.engine.errors import EngineError
+
+QUANT_MODES = ("none", "int8", "int4")
+INT4_GROUP = 64
+# Bytes a weight value takes in each mode, scales included (the planner's arithmetic).
+BYTES_PER_VALUE = {"int8": 1.0 + 4 / 4096, "int4": 0.5 + 2 * 2 / INT4_GROUP}
+
+
+class QuantizeError(EngineError, ValueError):
+    """A quantization setting that does not exist, or a matrix it cannot apply to."""
+
+
+def check_mode(mode: str) -> str:
+    if mode not in QUANT_MODES:
+        raise QuantizeError(f"quantize must be one of {', '.join(QUANT_MODES)}, not {mode!r}")
+    return mode
+
+
+@dataclass(frozen=True)
+class Int8Weight:
+    """``q`` int8 ``[out, in]``, ``scale`` ``[out]`` (the activations' dtype): w = q * scale."""
+
+    q: Tensor
+    scale: Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.numel() + self.scale.numel() * self.scale.element_size()
+
+    def dequantize(self, dtype: torch.dtype) -> Tensor:
+        return self.q.to(dtype) * self.scale.to(dtype).unsqueeze(1)
+
+    def linear(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+            flat = x.reshape(-1, x.shape[-1])
+            out = torch.ops.aten._weight_int8pack_mm(flat, self.q, self.scale.to(x.dtype))
+            return out.view(*x.shape[:-1], self.q.shape[0])
+        return F.linear(x, self.q.to(x.dtype)) * self.scale.to(x.dtype)
+
+
+@dataclass(frozen=True)
+class Int4Weight:
+    """Two 4-bit values a byte (``packed`` uint8 ``[out, in / 2]``), and per group of INT4_GROUP
+    inputs a float16 ``scale`` and ``zero`` ``[out, in / INT4_GROUP]``: w = (q - zero) * scale."""
+
+    packed: Tensor
+    scale: Tensor
+    zero: Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.numel() + 2 * self.scale.numel() * self.scale.element_size()
+
+    def dequantize(self, dtype: torch.dtype) -> Tensor:
+        low = (self.packed & 0x0F).to(torch.int16)
+        high = (self.packed >> 4).to(torch.int16)
+        q = torch.stack((low, high), dim=-1).view(self.packed.shape[0], -1)  # [out, in]
+        groups = q.view(q.shape[0], -1, INT4_GROUP).to(dtype)
+        w = (groups - self.zero.to(dtype).unsqueeze(-1)) * self.scale.to(dtype).unsqueeze(-1)
+        return w.view(q.shape)
+
+    def linear(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.dequantize(x.dtype))
+
+
+QuantWeight = Int8Weight | Int4Weight
+
+
+def quantize(w: Tensor, mode: str) -> Tensor | QuantWeight:
+    """``w`` ``[out, in]`` in ``mode`` (``none`` returns it as it is)."""
+    check_mode(mode)
+    if mode == "none":
+        return w
+    if w.dim() != 2:
+        raise QuantizeError(f"only matrices are quantized, not a tensor of shape {tuple(w.shape)}")
+    x = w.detach().float()
+    if mode == "int8":
+        scale = (x.abs().amax(dim=1) / 127).clamp(min=1e-12)
+        q = (x / scale.unsqueeze(1)).round_().clamp_(-127, 127).to(torch.int8)
+        return Int8Weight(q.contiguous(), scale.to(w.dtype))
+    if x.shape[1] % INT4_GROUP:
+        raise QuantizeError(f"int4 needs the input size to be a multiple of {INT4_GROUP}, not {x.shape[1]}")
+    groups = x.view(x.shape[0], -1, INT4_GROUP)
+    low, high = groups.amin(-1), groups.amax(-1)
+    scale = ((high - low) / 15).clamp(min=1e-8).to(torch.float16)
+    zero = (-low / scale.float()).round_().clamp_(0, 15).to(torch.float16)
+    q = (groups / scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)).round_().clamp_(0, 15).to(torch.uint8)
+    q = q.view(x.shape[0], -1)
+    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+    return Int4Weight(packed, scale, zero)
+
+
+def linear(x: Tensor, w: Tensor | QuantWeight, bias: Tensor | None = None) -> Tensor:
+    """``F.linear`` for a plain or a quantized matrix."""
+    if isinstance(w, Tensor):
+        return F.linear(x, w, bias)
+    out = w.linear(x)
+    return out + bias if bias is not None else out
