@@ -36,6 +36,7 @@ from peerpipe.cluster.model_choice import ModelChoice
 from peerpipe.compute import run_compute
 from peerpipe.engine.decode import GenerationResult, OnText
 from peerpipe.engine.draft_model import DraftModel
+from peerpipe.engine.quant import check_mode as check_quantize
 from peerpipe.engine.speculate import DEFAULT_MAX_DRAFT, SpeculationError
 from peerpipe.engine.tokenizer import Tokenizer
 from peerpipe.errors import PeerpipeError
@@ -164,6 +165,7 @@ async def create_room(
     speculate: str | None = None,
     speculate_max: int = DEFAULT_MAX_DRAFT,
     draft: str | Path | None = None,
+    quantize: str = "none",
 ) -> AsyncIterator[Room]:
     """Open a room (mDNS only when ``advertise``), measure this machine, and serve ``model``.
     ``on_open`` hears the code and address as soon as the room listens, before measuring;
@@ -171,7 +173,9 @@ async def create_room(
 
     Answers draft tokens for the stages to verify (docs/speculative.md): ``speculate`` is off,
     ngram (prompt lookup, the default) or draft (with the small model ``draft``, run here; the
-    default once one is given), ``speculate_max`` the most tokens a step drafts."""
+    default once one is given), ``speculate_max`` the most tokens a step drafts. ``quantize`` is
+    as for ``join_room``, for the host's own stage."""
+    check_quantize(quantize)
     room_code = parse_code(code) if code else generate_code()
     model = resolve_model(model) if model else None
     draft = resolve_model(draft) if draft else None
@@ -183,14 +187,14 @@ async def create_room(
         address = await node.open(listen, advertise=advertise)
         if on_open is not None:
             on_open(room_code, address)
-        local = measured or await _measure(device, memory_gb, quick)
+        local = dataclasses.replace(measured or await _measure(device, memory_gb, quick), quantize=quantize)
         choice = ModelChoice.from_dir(model, dtype or local.default_dtype) if model else None
         plane = DataPlane(node, no_entry="the host serves no model: start it with --model DIR")
         stage = None
         if choice is not None:
             stage = StageRuntime(
                 node.node_id, node.name, choice.path, device=local.caps.torch_device,
-                memory_bytes=local.offered_bytes, send=plane.send, report=report,
+                memory_bytes=local.offered_bytes, send=plane.send, report=report, quantize=quantize,
             )
         cluster = ClusterHost(
             node, local, config, choice, stage=stage, address=f"{address[0]}:{address[1]}", report=report
@@ -268,11 +272,14 @@ async def join_room(
     stop: asyncio.Event | None = None,
     on_join: Callable[[PeerInfo], None] | None = None,
     on_new_code: Callable[[RoomCode], None] | None = None,
+    quantize: str = "none",
 ) -> AsyncIterator[Node]:
     """Join a room by code (by mDNS on ``listen``'s network, or at ``peer``) and serve a stage
     of ``model`` when the plan gives this node one, until ``stop`` is set, the block ends or the
     host closes the room. ``on_join`` hears of the host as soon as the handshake is done;
-    ``measured`` is as for ``create_room``."""
+    ``measured`` is as for ``create_room``; ``quantize`` (int8, int4) holds this node's layers'
+    matrices in fewer bits, so it takes more layers (docs/quantization.md)."""
+    check_quantize(quantize)
     leave = asyncio.Event()  # set by ``stop`` or by the end of the block; the caller's event is theirs
     async with Member(parse_code(code), name=name) as node:
         def waiting(seconds: float) -> None:
@@ -284,11 +291,11 @@ async def join_room(
         if on_join is not None:
             on_join(host)
         mesh = await node.listen(listen, 0)
-        local = measured or await _measure(device, memory_gb, quick)
+        local = dataclasses.replace(measured or await _measure(device, memory_gb, quick), quantize=quantize)
         plane = DataPlane(node)
         stage = StageRuntime(
             node.node_id, node.name, resolve_model(model) if model else None, device=local.caps.torch_device,
-            memory_bytes=local.offered_bytes, send=plane.send, report=report,
+            memory_bytes=local.offered_bytes, send=plane.send, report=report, quantize=quantize,
         )
         plane.stage = stage
         cluster = ClusterMember(

@@ -17,6 +17,7 @@ def _node(m: MemberState, host_id: str, acked: set[str]) -> dict[str, Any]:
         "host": info.node_id == host_id,
         "device": info.device,
         "device_name": info.device_name,
+        "quantize": info.quantize,
         "memory_gb": round(info.memory_bytes / 1e9, 2),
         "memory_total_gb": round(info.memory_total_bytes / 1e9, 2),
         "tflops": round(info.tflops, 3),

@@ -160,6 +160,7 @@ def view_to_json(view) -> dict[str, Any]:  # type: ignore[no-untyped-def]
                 "address": m.info.address,
                 "device": m.info.device,
                 "device_name": m.info.device_name,
+                "quantize": m.info.quantize,
                 "tflops": m.info.tflops,
                 "tflops_half": m.info.tflops_half,
                 "memory_gbps": m.info.memory_bandwidth_gbps,
@@ -221,7 +222,7 @@ def status_cmd(args: argparse.Namespace) -> int:
         rows.append(
             [
                 n["name"],
-                f"{n['device']} {n['device_name']}"[:40],
+                f"{n['device']} {n['device_name']}"[:40] + (f" ({n['quantize']})" if n["quantize"] != "none" else ""),
                 f"{n['tflops']:.2f}",
                 f"{n['memory_gbps']:.0f}",
                 f"{n['memory_bytes'] / GiB:.1f}",

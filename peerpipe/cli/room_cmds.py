@@ -70,6 +70,13 @@ def _add_device_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="shorter, less precise device benchmarks")
     parser.add_argument(
+        "--quantize",
+        choices=["none", "int8", "int4"],
+        default="none",
+        help="hold this node's layers' matrices in fewer bits, so it takes more layers: int8 (a scale per "
+        "output channel; fast on CPUs) or int4 (groups of 64; a quarter of bf16's memory, slower) (none)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         metavar="N",
@@ -276,6 +283,7 @@ async def _host(args: argparse.Namespace, signals: Interrupts) -> int:
             speculate=args.speculate,
             speculate_max=args.speculate_max,
             draft=args.draft,
+            quantize=args.quantize,
         ) as room:
             say(f"this node: {describe_device(room.cluster.info)}")
             api = await start_api(room, args, say, http)
@@ -357,6 +365,7 @@ async def _join(args: argparse.Namespace, signals: Interrupts) -> int:
                     stop=stop,
                     on_join=joined,
                     on_new_code=new_code,
+                    quantize=args.quantize,
                 ) as node:
                     attempt = 0
                     signals.serving()

@@ -127,7 +127,7 @@ MAX_STACK = 32
 
 
 def bench_layer(
-    cfg: ModelConfig, device: str, dtype: str, *, prefill_tokens: int = 128, quick: bool = False
+    cfg: ModelConfig, device: str, dtype: str, *, prefill_tokens: int = 128, quick: bool = False, quantize: str = "none"
 ) -> LayerTiming:
     """Time decoder layers of ``cfg`` with random weights: one token after a ``prefill_tokens``
     prompt (decode), and the prompt itself (prefill).
@@ -167,6 +167,13 @@ def bench_layer(
         short.layers[i] = blocks[i]
     for i in range(2 * k):
         double.layers[i] = blocks[i % k]
+    if quantize != "none":  # the layers as this node will hold them (their matrices freed here)
+        short.quantize(quantize)
+        double._quant = [short._quant[i % k] for i in range(2 * k)]
+        double.quant_mode = quantize
+        layer_bytes = sum(q.nbytes for q in short._quant[0].values()) + sum(
+            p.numel() * p.element_size() for p in blocks[0].parameters()
+        )
     prompt = torch.randn(1, prefill_tokens, cfg.hidden_size, device=dev, dtype=torch_dtype)
     token = torch.randn(1, 1, cfg.hidden_size, device=dev, dtype=torch_dtype)
     rounds = 3 if quick else 5
@@ -253,10 +260,11 @@ class BenchCache:
         return result
 
     def layer(
-        self, cfg: ModelConfig, dtype: str, progress: Progress | None = None, *, fresh: bool = False
+        self, cfg: ModelConfig, dtype: str, progress: Progress | None = None, *, fresh: bool = False,
+        quantize: str = "none",
     ) -> LayerTiming:
         """One layer's timing, from the cache unless ``fresh`` (which measures and caches anew)."""
-        key = f"{cfg.shape_key}/{dtype}"
+        key = f"{cfg.shape_key}/{dtype}" + (f"/{quantize}" if quantize != "none" else "")
         data = _read_cache(self.path) if self.use_cache and not fresh else {}
         raw = data.get("layers", {}).get(key)
         if isinstance(raw, dict):
@@ -268,8 +276,8 @@ class BenchCache:
                 self.hits.append(key)
                 return timing
         if progress:
-            progress(f"one layer of {cfg.shape_key} in {dtype}")
-        timing = bench_layer(cfg, self.caps.torch_device, dtype, quick=self.quick)
+            progress(f"one layer of {cfg.shape_key} in {dtype}" + (f", {quantize} weights" if quantize != "none" else ""))
+        timing = bench_layer(cfg, self.caps.torch_device, dtype, quick=self.quick, quantize=quantize)
         self._store_layer(key, timing)
         return timing
 

@@ -51,6 +51,7 @@ class LocalDevice:
     bench: DeviceBench
     cache: BenchCache
     memory_limit_bytes: int | None = None  # what the user lets peerpipe use, if less than free
+    quantize: str = "none"  # how this node holds its layers' matrices (engine/quant.py)
     meter: LoadMeter = field(default_factory=LoadMeter)
 
     @classmethod
@@ -97,6 +98,7 @@ class LocalDevice:
             supports_bf16=caps.supports_bf16,
             cpu_cores=caps.cpu_cores,
             ram_bytes=caps.ram_total_bytes,
+            quantize=self.quantize,
         )
 
     async def layer_timing(self, model_shape: str, dtype: str, *, fresh: bool = False) -> LayerTiming:
@@ -111,7 +113,9 @@ class LocalDevice:
         cfg = ModelConfig.from_hf(raw)
         self.meter.start()
         try:
-            return await run_compute(self.cache.layer, cfg, dtype or self.default_dtype, fresh=fresh)
+            return await run_compute(
+                self.cache.layer, cfg, dtype or self.default_dtype, fresh=fresh, quantize=self.quantize
+            )
         finally:
             self.meter.stop()
 

@@ -6,12 +6,14 @@ hypothetical machines.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from peerpipe.plan import Budget, Link, ModelSpec, Network, NodeSpec, Objective, PlanResult, make_plan
+from peerpipe.plan.spec import QUANT_BYTES_PER_VALUE
 from peerpipe.plan.wire import choose_wire
 from peerpipe.protocol import LayerTiming, LinkStat, MemberState, NodeInfo, Plan, PlanStage
 
@@ -23,7 +25,18 @@ GBPS_PER_TFLOPS = 20.0
 def node_spec(
     model: ModelSpec, info: NodeInfo, timing: LayerTiming | None, shape: str, *, half: bool
 ) -> NodeSpec:
-    """Measured layer times when the node timed this model's shape, else a roofline estimate."""
+    """Measured layer times when the node timed this model's shape, else a roofline estimate;
+    a node that quantizes its layers holds them in fewer bytes."""
+    spec = _node_spec(model, info, timing, shape, half=half)
+    if info.quantize == "none":
+        return spec
+    scale = min(1.0, QUANT_BYTES_PER_VALUE[info.quantize] / model.dtype_bytes)
+    return dataclasses.replace(spec, layer_scale=scale)
+
+
+def _node_spec(
+    model: ModelSpec, info: NodeInfo, timing: LayerTiming | None, shape: str, *, half: bool
+) -> NodeSpec:
     if timing is not None and timing.shape_key == shape and timing.decode_ms > 0:
         return NodeSpec.measured(
             info.node_id,

@@ -212,8 +212,10 @@ def load_stage(
     dtype: str | torch.dtype | None = None,
     progress: ProgressFn | None = None,
     cfg: ModelConfig | None = None,
+    quantize: str = "none",
 ) -> tuple[Stage, LoadStats]:
-    """Load layers ``[start, end)`` (default: the whole model) onto ``device`` in ``dtype``."""
+    """Load layers ``[start, end)`` (default: the whole model) onto ``device`` in ``dtype``, the
+    layers' matrices held in ``quantize`` (none, int8, int4: engine/quant.py)."""
     t0 = time.perf_counter()
     path = Path(path)
     cfg = cfg or ModelConfig.from_dir(path)
@@ -237,6 +239,7 @@ def load_stage(
     if cfg.tie_embeddings and stage.is_first and stage.is_last:
         stage.lm_head.weight = stage.embed.weight
     stage.eval().requires_grad_(False)
+    stage.quantize(quantize)
     stats = LoadStats(bytes_read, total_bytes, count, time.perf_counter() - t0)
     return stage, stats
 

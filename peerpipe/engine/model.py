@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from peerpipe.engine.config import ModelConfig
 from peerpipe.engine.kvcache import Batch, KeysValues, KVCache
+from peerpipe.engine.quant import QuantWeight, check_mode, linear, quantize
 from peerpipe.engine.rope import rope_inv_freq
 
 
@@ -72,16 +73,16 @@ class Block(nn.Module):
 
 class LayerWeights(NamedTuple):
     attn_norm: Tensor
-    wqkv: Tensor
+    wqkv: Tensor | QuantWeight
     bqkv: Tensor | None
-    wo: Tensor
+    wo: Tensor | QuantWeight
     bo: Tensor | None
     q_norm: Tensor | None
     k_norm: Tensor | None
     mlp_norm: Tensor
-    w_gate_up: Tensor
+    w_gate_up: Tensor | QuantWeight
     b_gate_up: Tensor | None
-    w_down: Tensor
+    w_down: Tensor | QuantWeight
     b_down: Tensor | None
     window: int | None
 
@@ -120,7 +121,7 @@ def layer_forward(
     # overhead on a CPU): views and in-place updates of the fused q|k|v output, no indexing.
     b, s, _ = x.shape
     h, kvh, d, eps = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rms_norm_eps
-    qkv = F.linear(rms_norm(x, w.attn_norm, eps), w.wqkv, w.bqkv).view(b, s, h + 2 * kvh, d)
+    qkv = linear(rms_norm(x, w.attn_norm, eps), w.wqkv, w.bqkv).view(b, s, h + 2 * kvh, d)
     qk = qkv.narrow(2, 0, h + kvh)
     if w.q_norm is not None and w.k_norm is not None:
         qk.copy_(torch.cat((rms_norm(qk[:, :, :h], w.q_norm, eps), rms_norm(qk[:, :, h:], w.k_norm, eps)), 2))
@@ -148,10 +149,10 @@ def layer_forward(
             .transpose(1, 2)
             .reshape(b, s, cfg.q_size)
         )  # [B, H, S, D] -> [B, S, H*D]
-    x = x + F.linear(attn, w.wo, w.bo)
+    x = x + linear(attn, w.wo, w.bo)
 
-    gate, up = F.linear(rms_norm(x, w.mlp_norm, eps), w.w_gate_up, w.b_gate_up).chunk(2, -1)
-    return x + F.linear(F.silu(gate, inplace=True).mul_(up), w.w_down, w.b_down)
+    gate, up = linear(rms_norm(x, w.mlp_norm, eps), w.w_gate_up, w.b_gate_up).chunk(2, -1)
+    return x + linear(F.silu(gate, inplace=True).mul_(up), w.w_down, w.b_down)
 
 
 def _apply_rope(qk: Tensor, rope: Tensor) -> None:
@@ -205,6 +206,8 @@ class Stage(nn.Module):
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rope: Tensor | None = None  # [positions, D/2] complex rotation factors
         self._weights: list[LayerWeights] = []
+        self.quant_mode = "none"  # how the layers' matrices are held (engine/quant.py)
+        self._quant: list[dict[str, QuantWeight]] = []
 
     @property
     def is_first(self) -> bool:
@@ -226,11 +229,33 @@ class Stage(nn.Module):
         freqs = pos[:, None] * inv_freq[None, :]
         self.rope = torch.polar(torch.ones_like(freqs), freqs)
 
+    def quantize(self, mode: str) -> None:
+        """Hold the layers' matrices in ``mode`` (int8, int4; none leaves them): the full-precision
+        matrices are freed, so the stage takes the memory of its new precision."""
+        if check_mode(mode) == "none" or mode == self.quant_mode:
+            return
+        if self.quant_mode != "none":
+            raise ValueError(f"this stage is already held in {self.quant_mode}")
+        for block in self.layers:
+            linears = {"wqkv": block.attn.wqkv, "wo": block.attn.wo, "w_gate_up": block.mlp.w_gate_up,
+                       "w_down": block.mlp.w_down}
+            self._quant.append({name: quantize(lin.weight, mode) for name, lin in linears.items()})
+            for lin in linears.values():
+                lin.weight = nn.Parameter(lin.weight.new_empty(0), requires_grad=False)
+        self.quant_mode = mode
+        self._gather_weights()
+
+    def _gather_weights(self) -> None:
+        windows = self.cfg.windows[self.start : self.end]
+        weights = [LayerWeights.of(b, w) for b, w in zip(self.layers, windows, strict=True)]
+        if self._quant:
+            weights = [w._replace(**q) for w, q in zip(weights, self._quant, strict=True)]
+        self._weights = weights
+
     def new_cache(self, max_slots: int, max_seq: int) -> KVCache:
         """A KV cache for this stage; also readies the stage to run (RoPE tables, weight lists)."""
         param = next(self.parameters())
-        windows = self.cfg.windows[self.start : self.end]
-        self._weights = [LayerWeights.of(b, w) for b, w in zip(self.layers, windows, strict=True)]
+        self._gather_weights()
         if self.rope is None or self.rope.shape[0] < max_seq + 1:
             self.setup_rope(max_seq + 1)
         return KVCache(

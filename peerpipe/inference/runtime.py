@@ -23,6 +23,7 @@ from peerpipe.inference.errors import StageLoadError
 from peerpipe.inference.stage_server import StageServer, StageStats
 from peerpipe.logs import Report, log_reporter
 from peerpipe.plan import Budget, ModelSpec, fmt_bytes, stage_memory
+from peerpipe.plan.spec import QUANT_BYTES_PER_VALUE
 from peerpipe.protocol import Cancel, ComputeRequest, DistributionPlan
 from peerpipe.room import Send
 
@@ -56,8 +57,10 @@ class StageRuntime:
         memory_bytes: int,
         send: Send,
         report: Report | None = None,
+        quantize: str = "none",
     ) -> None:
         self.node_id = node_id
+        self.quantize = quantize  # how this node holds its layers' matrices (engine/quant.py)
         self.label = label
         self.model_dir = model_dir
         self.device = device
@@ -174,7 +177,8 @@ class StageRuntime:
         sessions, context = max(1, message.sessions), max(2, message.context_tokens)
         spec = ModelSpec.from_config(cfg, message.plan.model_id, ITEMSIZE.get(dtype, 4))
         budget = Budget(context, sessions, headroom=0.0)
-        need = sum(stage_memory(spec, budget, start, end) for start, end in wanted)
+        scale = min(1.0, QUANT_BYTES_PER_VALUE[self.quantize] / spec.dtype_bytes) if self.quantize != "none" else 1.0
+        need = sum(stage_memory(spec, budget, start, end, scale) for start, end in wanted)
         if need > self.memory_bytes:
             shown = ", ".join(f"[{a}, {b})" for a, b in wanted)
             raise StageLoadError(
@@ -184,10 +188,12 @@ class StageRuntime:
         try:
             for start, end in ranges:
                 role = "" if any(s.node_id == self.node_id and s.start == start for s in message.plan.stages) else " (standby)"
-                self.report(f"loading layers [{start}, {end}) of {message.plan.model_id}{role} ({fmt_bytes(need)})")
+                held = f", {self.quantize} weights" if self.quantize != "none" else ""
+                self.report(f"loading layers [{start}, {end}) of {message.plan.model_id}{role} ({fmt_bytes(need)}{held})")
                 progress = _progress(self.report, f"loading layers [{start}, {end})")
                 stage, stats = await run_compute(
-                    load_stage, self.model_dir, start, end, device=self.device, dtype=dtype, progress=progress, cfg=cfg
+                    load_stage, self.model_dir, start, end, device=self.device, dtype=dtype, progress=progress, cfg=cfg,
+                    quantize=self.quantize,
                 )
                 cache = await run_compute(stage.new_cache, sessions, context)
                 self._held[(start, end)] = _Held(stage, cache)

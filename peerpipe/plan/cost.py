@@ -85,22 +85,25 @@ class PlanResult:
         }
 
 
-def stage_memory(model: ModelSpec, budget: Budget, start: int, end: int) -> int:
-    """Bytes a node needs to hold layers ``[start, end)`` with their KV cache."""
+def stage_memory(model: ModelSpec, budget: Budget, start: int, end: int, layer_scale: float = 1.0) -> int:
+    """Bytes a node needs to hold layers ``[start, end)`` with their KV cache (its layers'
+    matrices at ``layer_scale`` of the model's dtype when it quantizes them)."""
     first, last = start == 0, end == model.num_layers
-    need = (end - start) * (model.layer_bytes + budget.kv_bytes_per_layer(model))
+    need = (end - start) * (int(model.layer_bytes * layer_scale) + budget.kv_bytes_per_layer(model))
     need += first * model.embed_bytes + last * model.head_bytes
     if first and last and model.tied_embeddings:
         need -= model.embed_bytes  # one matrix serves as embedding and head
     return need
 
 
-def capacity(model: ModelSpec, budget: Budget, memory_bytes: int, first: bool, last: bool) -> int:
+def capacity(
+    model: ModelSpec, budget: Budget, memory_bytes: int, first: bool, last: bool, layer_scale: float = 1.0
+) -> int:
     """The most layers a node can hold, as first and/or last stage or neither (may be 0)."""
     fixed = first * model.embed_bytes + last * model.head_bytes
     if first and last and model.tied_embeddings:
         fixed -= model.embed_bytes
-    per_layer = model.layer_bytes + budget.kv_bytes_per_layer(model)
+    per_layer = int(model.layer_bytes * layer_scale) + budget.kv_bytes_per_layer(model)
     room = budget.usable(memory_bytes) - fixed
     if room < per_layer:
         return 0
@@ -136,7 +139,7 @@ def evaluate(
             node_id,
             start,
             end,
-            stage_memory(model, budget, start, end),
+            stage_memory(model, budget, start, end, nodes[node_id].layer_scale),
             stage_compute_ms(model, nodes[node_id], start, end),
         )
         for node_id, start, end in ranges

@@ -48,7 +48,7 @@ class _Problem:
         return self.objective is Objective.LATENCY
 
     def caps(self, node: NodeSpec) -> dict[tuple[bool, bool], int]:
-        return _caps(self.model, self.budget, node.memory_bytes)
+        return _caps(self.model, self.budget, node.memory_bytes, node.layer_scale)
 
     def entry_hop(self, node: NodeSpec) -> float:
         return self.network.hop_ms(self.entry, node.node_id, TOKEN_MESSAGE_BYTES)
@@ -58,9 +58,11 @@ class _Problem:
 
 
 @functools.lru_cache(maxsize=4096)
-def _caps(model: ModelSpec, budget: Budget, memory_bytes: int) -> dict[tuple[bool, bool], int]:
+def _caps(model: ModelSpec, budget: Budget, memory_bytes: int, layer_scale: float = 1.0) -> dict[tuple[bool, bool], int]:
     """Layers a node can hold as (first, last) stage; asked for once per node and order."""
-    return {(f, g): capacity(model, budget, memory_bytes, f, g) for f in (False, True) for g in (False, True)}
+    return {
+        (f, g): capacity(model, budget, memory_bytes, f, g, layer_scale) for f in (False, True) for g in (False, True)
+    }
 
 
 @functools.lru_cache(maxsize=16)
@@ -99,7 +101,7 @@ def _single_stage(prob: _Problem) -> tuple[float, Ranges] | None:
     best: tuple[float, Ranges] | None = None
     n_layers = prob.model.num_layers
     for node in prob.nodes:
-        if capacity(prob.model, prob.budget, node.memory_bytes, True, True) < n_layers:
+        if capacity(prob.model, prob.budget, node.memory_bytes, True, True, node.layer_scale) < n_layers:
             continue
         compute = n_layers * node.decode_layer_ms + node.stage_ms + node.head_ms
         ends = (prob.entry_hop(node), prob.exit_hop(node))

@@ -40,7 +40,7 @@ def _layers(model: ModelSpec, budget: Budget, nodes: Sequence[NodeSpec]) -> list
             return None
         over = []
         for pos, i in enumerate(active):
-            cap = capacity(model, budget, nodes[i].memory_bytes, pos == 0, pos == len(active) - 1)
+            cap = capacity(model, budget, nodes[i].memory_bytes, pos == 0, pos == len(active) - 1, nodes[i].layer_scale)
             if shares[i] > cap:
                 over.append((i, cap))
         if not over:

@@ -77,6 +77,12 @@ class ModelSpec:
         )
 
 
+# Bytes one weight value takes when a node quantizes its layers (engine/quant.py), scales and
+# zero points included: int8 has a scale per output channel, int4 a float16 scale and zero point
+# per group of 64 inputs.
+QUANT_BYTES_PER_VALUE = {"int8": 1.0 + 2 / 1024, "int4": 0.5 + 4 / 64}
+
+
 @dataclass(frozen=True)
 class NodeSpec:
     """One node as the planner sees it: memory it offers and how fast it runs one layer.
@@ -96,8 +102,11 @@ class NodeSpec:
     prefill_tokens: int = 128
     score: float = 0.0
     stage_ms: float = 0.0
+    layer_scale: float = 1.0  # its layers' bytes against the model's dtype (0.5: int8 weights of a bf16 model)
 
     def __post_init__(self) -> None:
+        if not 0 < self.layer_scale <= 1:
+            raise ValueError(f"node {self.node_id}: layer_scale must be in (0, 1], got {self.layer_scale}")
         if self.memory_bytes < 0:
             raise ValueError(f"node {self.node_id}: memory must not be negative")
         for name in ("decode_layer_ms", "head_ms", "prefill_layer_ms", "score", "stage_ms"):

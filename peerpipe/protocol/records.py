@@ -23,7 +23,8 @@ MAX_STAGES = 1024
 MAX_MEMBERS = 1024
 # Layer indices beyond this are nonsense for any model we can hold.
 MAX_LAYERS = 1 << 20
-WIRE_FORMATS = frozenset({"", "bf16", "fp16", "int8"})  # how a stage's hidden states travel on
+WIRE_FORMATS = frozenset({"", "bf16", "fp16", "int8"})
+QUANT_MODES = frozenset({"none", "int8", "int4"})  # how a node holds its layers' matrices  # how a stage's hidden states travel on
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,10 +51,12 @@ class NodeInfo:
     supports_bf16: bool = False
     cpu_cores: int = 0
     ram_bytes: int = 0
+    quantize: str = "none"  # how it holds its layers' matrices: none, int8, int4
 
     def __post_init__(self) -> None:
         need_id(self, "node_id")
         need_str(self, "name", MAX_NAME_LEN)
+        need_choice(self, "quantize", QUANT_MODES)
         need_id(self, "device")
         need_int(self, "memory_bytes")
         need_float(self, "tflops")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 
@@ -297,3 +298,28 @@ def test_planning_64_nodes_by_80_layers_takes_under_a_second() -> None:
     measured_s = time.perf_counter() - started
     assert uniform_s < 1.0 and measured_s < 1.0, (uniform_s, measured_s)
     assert sum(s.layers for s in plan.stages) == 80 == sum(s.layers for s in measured.stages)
+
+
+# -- nodes that quantize their layers ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", ["optimal", "proportional"])
+def test_a_model_too_big_in_its_dtype_fits_where_nodes_quantize(strategy: str) -> None:
+    """32 layers of 100 MB and two 200 MB ends need 3.6 GB; two 1.5 GB nodes hold it only when
+    their layers take half (int8 of a bf16 model) or less."""
+    nodes = [node("a", 1.0, mem_gb=1.5), node("b", 1.0, mem_gb=1.5)]
+    with pytest.raises(PlanError, match="missing"):
+        make_plan(model(), nodes, strategy=strategy, budget=FREE)
+    halved = [dataclasses.replace(n, layer_scale=0.5) for n in nodes]
+    plan = make_plan(model(), halved, strategy=strategy, budget=FREE)
+    assert sum(s.layers for s in plan.stages) == 32
+    assert all(s.memory_bytes <= 1.5 * GB for s in plan.stages)
+    one = [halved[0], nodes[1]]  # only one quantizes: it takes the larger share
+    plan = make_plan(model(), one, strategy=strategy, budget=FREE)
+    layers = dict(counts(plan))
+    assert layers["a"] > layers["b"]
+
+
+def test_a_layer_scale_outside_0_to_1_is_refused() -> None:
+    with pytest.raises(ValueError, match="layer_scale"):
+        dataclasses.replace(node("a", 1.0), layer_scale=0.0)

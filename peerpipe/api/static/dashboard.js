@@ -85,7 +85,7 @@ function renderNodes(r) {
     const beat = `${n.health}, ${fmt(n.heartbeat_age_ms / 1000, 1)} s ago`;
     return el("tr", { "data-node": n.name },
       el("td", {}, n.name + (n.host ? " (host)" : "")),
-      el("td", {}, `${n.device} ${n.device_name}`.trim()),
+      el("td", {}, `${n.device} ${n.device_name}`.trim() + (n.quantize && n.quantize !== "none" ? ` · ${n.quantize} weights` : "")),
       el("td", { class: "num" }, `${fmt(n.memory_gb, 2)} GB`),
       el("td", { class: "num" }, fmt(n.tflops, 2)),
       el("td", { class: "num" }, fmt(n.gbps, 0)),
