@@ -1,5 +1,8 @@
 """What fewer bytes cost in quality: perplexity and greedy agreement, side by side in one run.
 
+Both kinds of fewer bytes: hidden states on the wire (``--wire``) and weights held in int8 or int4
+(``--quantize``, on every stage or on the middle one only).
+
     python bench/quality.py                  # the bundled model, CPU, fp32
 
 The bundled model is cut into 3 stages ([0, 2), [2, 4), [4, 6)) in this process, and the hidden
@@ -46,8 +49,13 @@ def log(msg: str) -> None:
 class Room:
     """Three stages in one process, the hidden states between them on the wire in ``wire``."""
 
-    def __init__(self, model: Path, dtype: str, wire: str, sessions: int = 1, max_seq: int = 512) -> None:
-        self.stages = [load_stage(model, a, b, device="cpu", dtype=dtype)[0] for a, b in CUTS]
+    def __init__(
+        self, model: Path, dtype: str, wire: str, quantize: tuple[str, str, str] = ("none",) * 3,
+        sessions: int = 1, max_seq: int = 512,
+    ) -> None:
+        self.stages = [
+            load_stage(model, a, b, device="cpu", dtype=dtype, quantize=q)[0] for (a, b), q in zip(CUTS, quantize, strict=True)
+        ]
         self.caches = [s.new_cache(sessions, max_seq) for s in self.stages]
         self.wire = wire
 
@@ -107,10 +115,15 @@ def run(args: argparse.Namespace) -> dict:
     prompts = [tokenizer.encode(p)[:24] for p in paragraphs[: args.prompts]]
     rows = []
     reference: list[list[int]] = []
-    for wire in ("", "bf16", "fp16", "int8"):
-        name = wire or "native"
+    configs = [
+        ("native", "", ("none",) * 3), ("wire bf16", "bf16", ("none",) * 3), ("wire fp16", "fp16", ("none",) * 3),
+        ("wire int8", "int8", ("none",) * 3), ("weights int8", "", ("int8",) * 3), ("weights int4", "", ("int4",) * 3),
+        ("int8 on 1 of 3", "", ("none", "int8", "none")), ("int4 on 1 of 3", "", ("none", "int4", "none")),
+        ("wire+weights int8", "int8", ("int8",) * 3),
+    ]
+    for name, wire, quant in configs:
         began = time.perf_counter()
-        room = Room(model, args.dtype, wire, sessions=2)
+        room = Room(model, args.dtype, wire, quant, sessions=2)
         ppl = perplexity(room, ids)
         answers = [greedy(room, p, args.new_tokens) for p in prompts]
         if not reference:
@@ -119,7 +132,7 @@ def run(args: argparse.Namespace) -> dict:
         prefixes = [next((i for i, (a, b) in enumerate(zip(x, y, strict=True)) if a != b), len(x))
                     for x, y in zip(answers, reference, strict=True)]
         rows.append({
-            "wire": name, "perplexity": round(ppl, 4), "agreement": round(same / (len(prompts) * args.new_tokens), 4),
+            "config": name, "perplexity": round(ppl, 4), "agreement": round(same / (len(prompts) * args.new_tokens), 4),
             "mean_equal_prefix": round(sum(prefixes) / len(prefixes), 1),
         })
         log(f"{name}: perplexity {ppl:.3f}, {time.perf_counter() - began:.0f} s")
@@ -139,11 +152,16 @@ def main() -> None:
     args = p.parse_args()
     began = time.perf_counter()
     result = run(args)
-    print(f"{'wire':8} {'perplexity':>10} {'change %':>9} {'agreement':>9} {'equal prefix':>12}")
+    print(f"{'config':18} {'perplexity':>10} {'change %':>9} {'agreement':>9} {'equal prefix':>12}")
     for r in result["rows"]:
-        print(f"{r['wire']:8} {r['perplexity']:10.4f} {r['perplexity_change_pct']:9.3f} {r['agreement']:9.3f} "
+        print(f"{r['config']:18} {r['perplexity']:10.4f} {r['perplexity_change_pct']:9.3f} {r['agreement']:9.3f} "
               f"{r['mean_equal_prefix']:12.1f}")
-    result["goal_int8_wire_within_0.5pct"] = next(r["perplexity_change_pct"] for r in result["rows"] if r["wire"] == "int8")
+    change = {r["config"]: r["perplexity_change_pct"] for r in result["rows"]}
+    result["goals"] = {
+        "int8_wire_within_0.5pct": change["wire int8"],
+        "int8_weights_within_1pct": change["weights int8"],
+        "int4_weights_within_5pct": change["weights int4"],
+    }
     result["seconds"] = round(time.perf_counter() - began, 1)
     print(json.dumps(result))
 

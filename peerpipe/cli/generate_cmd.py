@@ -98,6 +98,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-cuda-graphs", action="store_true", help="decode without CUDA graphs")
     p.add_argument(
+        "--quantize", choices=["none", "int8", "int4"], default="none",
+        help="hold the layers' matrices in int8 (faster on CPUs) or int4 (a quarter of bf16's memory) (none)",
+    )
+    p.add_argument(
         "--compile",
         action="store_true",
         help="on CUDA, torch.compile the layers first (slower start, faster decode)",
@@ -150,7 +154,9 @@ def run(args: argparse.Namespace) -> int:
         )
     params = sampling_params(args, args.model)
     with LoadProgress("loading model") as progress:
-        stage, _ = load_stage(args.model, device=args.device, dtype=args.dtype, progress=progress, cfg=cfg)
+        stage, _ = load_stage(
+            args.model, device=args.device, dtype=args.dtype, progress=progress, cfg=cfg, quantize=args.quantize
+        )
     # Size the cache for this one request instead of the model's whole context.
     engine = LocalEngine(
         stage,
