@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,16 +149,35 @@ def plan_room(
     )
 
 
-def wire_formats(nodes: Sequence[str], model: ModelSpec, network: Network, wire: str) -> list[str]:
+def same_machine(addresses: Mapping[str, str]) -> Callable[[str, str], bool]:
+    """Whether two nodes, by the addresses they listen on, are processes of one machine: both on
+    loopback, or on one IP address (their hidden states never cross a wire)."""
+
+    def ip(node: str) -> str:
+        return addresses.get(node, "").rpartition(":")[0].strip("[]")
+
+    def same(a: str, b: str) -> bool:
+        x, y = ip(a), ip(b)
+        return bool(x and y) and (x == y or (x.startswith("127.") and y.startswith("127.")) or {x, y} == {"::1"})
+
+    return same
+
+
+def wire_formats(
+    nodes: Sequence[str], model: ModelSpec, network: Network, wire: str,
+    local: Callable[[str, str], bool] = lambda a, b: False,
+) -> list[str]:
     """For each stage on ``nodes`` (in order), the format of its hidden states on the link to the
     next; "" for the last stage (it sends tokens) and between stages of one node. ``auto`` keeps
-    the model's dtype on a link nobody has measured yet (the plan after its measurement decides)."""
+    the model's dtype between processes of one machine (``local``: loopback's measured rate swings
+    with the machine's load) and on a link nobody has measured yet (the plan after its
+    measurement decides)."""
 
-    def measured(a: str, b: str) -> bool:
-        return (a, b) in network.links or (b, a) in network.links
+    def auto_native(a: str, b: str) -> bool:
+        return wire == "auto" and (local(a, b) or ((a, b) not in network.links and (b, a) not in network.links))
 
     hops = [
-        choose_wire(model, network.link(a, b), wire) if a != b and (wire != "auto" or measured(a, b)) else ""
+        choose_wire(model, network.link(a, b), wire) if a != b and not auto_native(a, b) else ""
         for a, b in itertools.pairwise(nodes)
     ]
     return [*hops, ""]
@@ -172,11 +191,12 @@ def to_protocol(
     *,
     network: Network | None = None,
     wire: str = "auto",
+    local: Callable[[str, str], bool] = lambda a, b: False,
 ) -> Plan:
     """The plan as the wire carries it; each stage but the last with the format its hidden states
     take over the link to the next (plan/wire.py: ``wire``, or from the link when auto)."""
     stages = result.stages
-    formats = wire_formats([s.node_id for s in stages], model, network or Network(), wire)
+    formats = wire_formats([s.node_id for s in stages], model, network or Network(), wire, local)
     return Plan(
         version,
         model.model_id,

@@ -24,7 +24,14 @@ from peerpipe.cluster.local import LocalDevice
 from peerpipe.cluster.local_stage import LocalStage
 from peerpipe.cluster.membership import ClusterView
 from peerpipe.cluster.model_choice import ModelChoice
-from peerpipe.cluster.planning import RoomFacts, network_from, plan_room, to_protocol, wire_formats
+from peerpipe.cluster.planning import (
+    RoomFacts,
+    network_from,
+    plan_room,
+    same_machine,
+    to_protocol,
+    wire_formats,
+)
 from peerpipe.errors import PeerpipeError
 from peerpipe.logs import Report
 from peerpipe.plan import PlanError
@@ -274,7 +281,10 @@ class Rollout:
             names = host.names()
             host.report("no memory for a standby of " + ", ".join(f"{names.get(n, n[:8])}[{a},{b})" for n, a, b in bare))
         network = network_from(self.links.values())
-        plan = to_protocol(result, next(self._versions), model.spec, standbys, network=network, wire=self.config.wire)
+        local = same_machine({m.info.node_id: m.info.address for m in members})
+        plan = to_protocol(
+            result, next(self._versions), model.spec, standbys, network=network, wire=self.config.wire, local=local
+        )
         await self._publish(plan)
         return plan
 
@@ -294,7 +304,8 @@ class Rollout:
         self.host.report("failover: standbys take over from " + ", ".join(names.get(n, n[:8]) for n in sorted(lost)))
         stages_after, spares = promoted
         network = network_from(self.links.values())
-        formats = wire_formats([n for n, _, _ in stages_after], self.model.spec, network, self.config.wire)
+        local = same_machine({m.info.node_id: m.info.address for m in self.host.room_view().members})
+        formats = wire_formats([n for n, _, _ in stages_after], self.model.spec, network, self.config.wire, local)
         failover = Plan(
             next(self._versions),
             plan.model_id,

@@ -3,9 +3,9 @@ scale per block of 64 values (protocol/tensor.py, "q8b64").
 
 ``auto`` weighs a link's measured bandwidth against the codec's cost: a prompt's hidden states
 (``PREFILL_TOKENS`` of them) go int8 when the time their saved bytes would take on that link is
-more than ``MARGIN`` times what quantizing and dequantizing them costs on a CPU. Loopback (whose
-measured rate swings between 300 MiB/s and 2 GiB/s on a busy 2-core machine) and fast Ethernet
-keep the model's dtype; Wi-Fi or a 100 Mbit/s link gets int8, and so does gigabit Ethernet for a
+more than ``MARGIN`` times what quantizing and dequantizing them costs on a CPU. Fast Ethernet
+keeps the model's dtype (and so do processes of one machine, whose loopback's measured rate
+swings with load: cluster/planning.wire_formats never asks here for them); Wi-Fi or a 100 Mbit/s link gets int8, and so does gigabit Ethernet for a
 model held in fp32.
 """
 

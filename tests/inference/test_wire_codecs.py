@@ -138,3 +138,19 @@ def test_numpy_payload_is_int8_values_then_float16_scales() -> None:
     q, scales = raw[:128].view(np.int8), raw[128:].view(np.float16)
     assert list(q[:2]) == [127, 127] and q[64] == -127
     assert scales.tolist() == pytest.approx([1 / 127, 2 / 127], rel=1e-3)
+
+
+def test_processes_of_one_machine_keep_the_models_dtype_whatever_their_loopback_measured() -> None:
+    from peerpipe.cluster.planning import same_machine, wire_formats
+    from peerpipe.plan import Network
+
+    addresses = {"h": "127.0.0.1:7000", "m0": "127.0.0.1:7001", "lan": "192.168.1.5:7000", "lan2": "192.168.1.5:7100",
+                 "far": "192.168.1.9:7000"}
+    slow = Link(0.2, 50 * MIB)  # a busy machine's loopback can measure this low
+    network = Network({(a, b): slow for a in addresses for b in addresses if a != b})
+    local = same_machine(addresses)
+    assert local("h", "m0") and local("lan", "lan2") and not local("lan", "far") and not local("h", "far")
+    assert wire_formats(["h", "m0", "far"], AUSTEN, network, "auto", local) == ["", "int8", ""]
+    assert wire_formats(["lan", "lan2"], AUSTEN, network, "auto", local) == ["", ""]
+    assert wire_formats(["h", "m0"], AUSTEN, network, "int8", local) == ["int8", ""]  # asked for: even so
+    assert wire_formats(["h", "far"], AUSTEN, Network(), "auto", local) == ["", ""]  # not measured yet
