@@ -121,28 +121,29 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
+def _counters(rows: Iterable[tuple[str, str, float]]) -> Iterable[str]:
+    for name, help_text, value in rows:
+        yield f"# HELP {name} {help_text}"
+        yield f"# TYPE {name} counter"
+        yield f"{name} {_number(value)}"
+
+
 def _recovery_counters(recovery: RecoveryStats) -> Iterable[str]:
-    for name, help_text, value in (
+    return _counters((
         ("peerpipe_failovers_total", "Times the stages under running answers went away.", recovery.failovers),
         ("peerpipe_resumed_answers_total", "Answers that resumed on a new plan after a failover.", recovery.stalls),
         ("peerpipe_replayed_tokens_total", "Positions prefilled again to rebuild lost KV caches.", recovery.replayed_tokens),
         ("peerpipe_stall_seconds_total", "Summed over resumed answers: last token before a loss to the first after.", recovery.stall_s),
-    ):
-        yield f"# HELP {name} {help_text}"
-        yield f"# TYPE {name} counter"
-        yield f"{name} {_number(value)}"
+    ))
 
 
 def _speculation_counters(spec: SpecStats) -> Iterable[str]:
-    for name, help_text, value in (
+    return _counters((
         ("peerpipe_decode_steps_total", "Decode steps sent through the stages (each may carry drafts).", spec.steps),
         ("peerpipe_drafted_tokens_total", "Drafted tokens sent for the last stage to verify.", spec.drafted),
         ("peerpipe_accepted_tokens_total", "Drafted tokens the last stage kept.", spec.accepted),
         ("peerpipe_step_tokens_total", "Tokens the decode steps yielded (kept drafts plus one each).", spec.tokens),
-    ):
-        yield f"# HELP {name} {help_text}"
-        yield f"# TYPE {name} counter"
-        yield f"{name} {_number(value)}"
+    ))
 
 
 def _room_gauges(view: RoomView, names: dict[str, str]) -> Iterable[str]:

@@ -63,15 +63,17 @@ def draft_size(text: str) -> int:
     return int(text)
 
 
-def add_speculation_arguments(parser: argparse.ArgumentParser) -> None:
-    """How a room's host drafts tokens for the stages to verify: shared by ``host`` and ``demo``."""
+def add_speculation_arguments(parser: argparse.ArgumentParser, *, speculate_help: str = "") -> None:
+    """How tokens are drafted for the model to verify in one pass: ``host`` and ``demo`` (for the
+    room), ``generate`` (here, or a room's host's setting with ``--room``)."""
     from peerpipe.engine.speculate import DEFAULT_MAX_DRAFT
 
     parser.add_argument(
         "--speculate",
         choices=["off", "ngram", "draft"],
-        help="draft tokens for the stages to verify in one pass: ngram looks them up in the prompt and "
-        "answer, draft runs the --draft model here (default: draft with --draft, else ngram)",
+        default="" if speculate_help else None,
+        help=speculate_help or "draft tokens for the stages to verify in one pass: ngram looks them up in the "
+        "prompt and answer, draft runs the --draft model here (default: draft with --draft, else ngram)",
     )
     parser.add_argument(
         "--speculate-max", type=draft_size, default=DEFAULT_MAX_DRAFT, metavar="K",

@@ -8,10 +8,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from peerpipe.cli.args import draft_size, model_path, parse_address
+from peerpipe.cli.args import add_speculation_arguments, model_path, parse_address
 from peerpipe.cli.progress import LoadProgress
 from peerpipe.engine.errors import CacheError
-from peerpipe.engine.speculate import DEFAULT_MAX_DRAFT
 from peerpipe.errors import PeerpipeError
 
 if TYPE_CHECKING:  # torch loads only when a model runs: `peerpipe host` starts fast
@@ -83,18 +82,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", default=None, help="system message for --chat")
     p.add_argument("--json", action="store_true", help="print one JSON object with text, ids and speed")
-    p.add_argument(
-        "--speculate", choices=["off", "ngram", "draft"], default="",
-        help="draft tokens and verify them in one pass: ngram looks them up in the prompt and answer, draft "
-        "runs --draft (default here: draft with --draft, else ngram; with --room: the host's setting)",
-    )
-    p.add_argument(
-        "--speculate-max", type=draft_size, default=DEFAULT_MAX_DRAFT, metavar="K",
-        help=f"most tokens one step drafts, here ({DEFAULT_MAX_DRAFT})",
-    )
-    p.add_argument(
-        "--draft", type=model_path, metavar="DIR",
-        help="a small model with this model's tokenizer to draft with, here ('austen-draft' for 'austen')",
+    add_speculation_arguments(
+        p,
+        speculate_help="draft tokens and verify them in one pass: ngram looks them up in the prompt and answer, "
+        "draft runs --draft (default here: draft with --draft, else ngram; with --room: the host's setting)",
     )
     p.add_argument("--no-cuda-graphs", action="store_true", help="decode without CUDA graphs")
     p.add_argument(
