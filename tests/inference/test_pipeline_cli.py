@@ -3,17 +3,23 @@ the same tokens as ``peerpipe generate --model`` on one node."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
 
+from peerpipe.cli.args import parse_address
 from peerpipe.cluster.model_choice import ModelChoice
 from peerpipe.engine.generate import LocalEngine, encode_prompt
 from peerpipe.engine.sampling import SamplingParams
+from peerpipe.inference.client import remote_generate
 from peerpipe.plan import Budget, stage_memory
+from peerpipe.protocol import GenerateDone, GenerateRequest, Sampling
+from peerpipe.room import parse_code
 from tests.room.roomproc import REPO, RoomProc
 
 CODE = "2-amber-falcon"
@@ -73,6 +79,15 @@ def generate(*args: str) -> dict:
     return json.loads(out.stdout)
 
 
+def ask(address: str, prompt: str, speculate: str = "", **sampling: object) -> GenerateDone:
+    """What ``generate --room`` asks, from this process (no interpreter to start per answer)."""
+    record = Sampling(max_tokens=12, ignore_eos=True, **sampling)  # type: ignore[arg-type]
+    request = GenerateRequest(uuid.uuid4().hex, prompt, record, speculate=speculate)
+    done = asyncio.run(remote_generate(parse_code(CODE), parse_address(address), request, timeout_s=60))
+    assert not done.error, done.error
+    return done
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_three_processes_answer_like_one(arch: str, procs, tiny_model_dir, warm_layers) -> None:
     model = tiny_model_dir(arch)
@@ -83,27 +98,24 @@ def test_three_processes_answer_like_one(arch: str, procs, tiny_model_dir, warm_
     _host, address, _ = open_room(
         procs, model, members=2, layers_per_node=2, member_prefix=lan, host_args=("--draft", str(model))
     )
-    room = ["--room", CODE, "--peer", address]
     greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    for prompt in ("the quiet harbour", "a b c"):
-        expected = local(model, prompt, greedy)
-        remote = generate(*room, "--temperature", "0", prompt)
-        assert len(remote["stages"]) == 3, remote["stages"]
-        assert remote["tokens"] == expected["tokens"] and remote["prompt_ids"] == expected["prompt_ids"]
-        assert remote["text"] == expected["text"]
-        spec = remote["speculation"]
-        assert spec["mode"] == "draft" and spec["drafted"] > 0 and spec["acceptance"] > 0.8, spec
-        assert spec["tokens_per_step"] > 1.5 and spec["steps"] + spec["accepted"] >= len(expected["tokens"]) - 1
-        if prompt == "a b c":  # prompt lookup too (without drafts, rooms are checked in test_pipeline.py)
-            other = generate(*room, "--temperature", "0", "--speculate", "ngram", prompt)
-            assert other["tokens"] == expected["tokens"] and other["speculation"]["mode"] == "ngram"
+    expected = local(model, "the quiet harbour", greedy)
+    remote = generate("--room", CODE, "--peer", address, "--temperature", "0", "the quiet harbour")  # the CLI's way
+    assert len(remote["stages"]) == 3, remote["stages"]
+    assert remote["tokens"] == expected["tokens"] and remote["prompt_ids"] == expected["prompt_ids"]
+    assert remote["text"] == expected["text"]
+    spec = remote["speculation"]
+    assert spec["mode"] == "draft" and spec["drafted"] > 0 and spec["acceptance"] > 0.8, spec
+    assert spec["tokens_per_step"] > 1.5 and spec["steps"] + spec["accepted"] >= len(expected["tokens"]) - 1
+    expected = local(model, "a b c", greedy)
+    for mode in ("draft", "ngram"):  # without drafts, rooms are checked in test_pipeline.py
+        other = ask(address, "a b c", mode, temperature=0.0)
+        assert list(other.tokens) == expected["tokens"] and other.speculate == mode
     seeded = SamplingParams(temperature=0.8, top_p=0.9, seed=77, max_tokens=12, ignore_eos=True)
-    flags = ["--temperature", "0.8", "--top-p", "0.9", "--seed", "77", "the quiet harbour"]
-    expected = local(model, "the quiet harbour", seeded)["tokens"]
-    drafted = generate(*room, *flags)
-    assert drafted["tokens"] == expected
-    spec = drafted["speculation"]
-    assert spec["drafted"] > 0 and spec["acceptance"] > 0.8, spec  # the draft drew with the verifier's noise
+    drafted = ask(address, "the quiet harbour", temperature=0.8, top_p=0.9, seed=77)
+    assert list(drafted.tokens) == local(model, "the quiet harbour", seeded)["tokens"]
+    # The draft drew with the verifier's noise: sampled drafts are kept as greedy ones are.
+    assert drafted.drafted > 0 and drafted.accepted / drafted.drafted > 0.8, drafted
     status = json.loads(peerpipe("status", "--json", "--code", CODE, "--peer", address).stdout)
     assert len(status["plan"]["stages"]) == 3 and sorted(status["plan"]["acked"]) == sorted(
         n["node_id"] for n in status["nodes"]
