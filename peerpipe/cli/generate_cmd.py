@@ -176,7 +176,7 @@ def local_drafts(
 ) -> Drafts | None:
     """How this answer drafts: prompt lookup by default, the --draft model with it (on the
     engine's device), or not at all."""
-    from peerpipe.engine.draft_model import DraftModel, check_draft_dir
+    from peerpipe.engine.draft_model import DraftModel
     from peerpipe.engine.speculate import Drafts, DraftSize, NgramDrafter, StepCosts
 
     mode = args.speculate or ("draft" if args.draft else "ngram")
@@ -187,8 +187,7 @@ def local_drafts(
         return Drafts(mode, NgramDrafter(), size)
     if args.draft is None:
         raise PeerpipeError("--speculate draft needs --draft DIR (austen-draft for the bundled model)")
-    check_draft_dir(args.draft, args.model)
-    draft = DraftModel.load(
+    draft = DraftModel.load(  # which checks that it shares the model's tokenizer
         args.draft, tokenizer, vocab_limit=vocab, sessions=1, max_seq=engine.cache.max_seq,
         device=str(engine.device), dtype=str(next(engine.stage.parameters()).dtype).removeprefix("torch."),
     )

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from peerpipe.plan import Budget, Link, ModelSpec, Network, NodeSpec, Objective, PlanResult, make_plan
-from peerpipe.plan.spec import QUANT_BYTES_PER_VALUE
+from peerpipe.plan.spec import layer_scale
 from peerpipe.plan.wire import choose_wire
 from peerpipe.protocol import LayerTiming, LinkStat, MemberState, NodeInfo, Plan, PlanStage
 
@@ -30,8 +30,7 @@ def node_spec(
     spec = _node_spec(model, info, timing, shape, half=half)
     if info.quantize == "none":
         return spec
-    scale = min(1.0, QUANT_BYTES_PER_VALUE[info.quantize] / model.dtype_bytes)
-    return dataclasses.replace(spec, layer_scale=scale)
+    return dataclasses.replace(spec, layer_scale=layer_scale(info.quantize, model.dtype_bytes))
 
 
 def _node_spec(

@@ -28,11 +28,15 @@ class DraftModelError(EngineError):
 
 def check_draft_dir(draft: str | Path, model: str | Path) -> Tokenizer:
     """The draft's tokenizer, once it is known to be the model's (its weights are not read)."""
-    own, theirs = Tokenizer.from_dir(draft), Tokenizer.from_dir(model)
-    if own.vocab() != theirs.vocab():
+    return _same_vocabulary(draft, Tokenizer.from_dir(model))
+
+
+def _same_vocabulary(draft: str | Path, tokenizer: Tokenizer) -> Tokenizer:
+    own = Tokenizer.from_dir(draft)
+    if own.vocab() != tokenizer.vocab():
         raise DraftModelError(
-            f"the draft model at {draft} has another tokenizer than {model} ({own.vocab_size} tokens "
-            f"against {theirs.vocab_size}); a draft must share the model's vocabulary"
+            f"the draft model at {draft} has another tokenizer than the model ({own.vocab_size} tokens "
+            f"against {tokenizer.vocab_size}); a draft must share the model's vocabulary"
         )
     return own
 
@@ -73,10 +77,7 @@ class DraftModel:
         dtype: str | None = None,
     ) -> DraftModel:
         """Load the draft at ``path`` after checking it shares ``tokenizer`` (the large model's)."""
-        if Tokenizer.from_dir(path).vocab() != tokenizer.vocab():
-            raise DraftModelError(
-                f"the draft model at {path} has another tokenizer than the model; a draft must share its vocabulary"
-            )
+        _same_vocabulary(path, tokenizer)
         stage, _ = load_stage(path, device=device, dtype=dtype)
         return cls(stage, sessions=sessions, max_seq=max_seq, vocab_limit=vocab_limit)
 

@@ -23,7 +23,7 @@ from peerpipe.inference.errors import StageLoadError
 from peerpipe.inference.stage_server import StageServer, StageStats
 from peerpipe.logs import Report, log_reporter
 from peerpipe.plan import Budget, ModelSpec, fmt_bytes, stage_memory
-from peerpipe.plan.spec import QUANT_BYTES_PER_VALUE
+from peerpipe.plan.spec import layer_scale
 from peerpipe.protocol import Cancel, ComputeRequest, DistributionPlan
 from peerpipe.room import Send
 
@@ -177,7 +177,7 @@ class StageRuntime:
         sessions, context = max(1, message.sessions), max(2, message.context_tokens)
         spec = ModelSpec.from_config(cfg, message.plan.model_id, ITEMSIZE.get(dtype, 4))
         budget = Budget(context, sessions, headroom=0.0)
-        scale = min(1.0, QUANT_BYTES_PER_VALUE[self.quantize] / spec.dtype_bytes) if self.quantize != "none" else 1.0
+        scale = layer_scale(self.quantize, spec.dtype_bytes)
         need = sum(stage_memory(spec, budget, start, end, scale) for start, end in wanted)
         if need > self.memory_bytes:
             shown = ", ".join(f"[{a}, {b})" for a, b in wanted)

@@ -4,9 +4,7 @@ what it did. The stages verify (``StageServer._verify``); the rule is in engine/
 An answer's step sends its last token and ``k`` drafts; the last stage returns the drafts it
 keeps and one token of its own. ``k`` comes from the answer's acceptance rate and the room's
 measured step times (``DraftSize``), so a slow link drafts more and a fast one stops drafting
-when it does not pay. A prompt-lookup drafter costs nothing, so while an answer does not draft,
-what it would have drafted is still checked against the token that came, and its acceptance
-rate stays current.
+when it does not pay. One answer's drafting is ``engine.speculate.Drafts``, as in the local engine.
 """
 
 from __future__ import annotations

@@ -83,6 +83,11 @@ class ModelSpec:
 QUANT_BYTES_PER_VALUE = {"int8": 1.0 + 2 / 1024, "int4": 0.5 + 4 / 64}
 
 
+def layer_scale(quantize: str, dtype_bytes: int) -> float:
+    """A node's layer bytes against the model's dtype when it holds them in ``quantize``."""
+    return min(1.0, QUANT_BYTES_PER_VALUE[quantize] / dtype_bytes) if quantize != "none" else 1.0
+
+
 @dataclass(frozen=True)
 class NodeSpec:
     """One node as the planner sees it: memory it offers and how fast it runs one layer.
