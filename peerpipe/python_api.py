@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,7 @@ from peerpipe.plan import Budget
 from peerpipe.protocol import Plan, RoomView
 from peerpipe.room import Host, Member, PeerInfo, RoomCode, generate_code, parse_code
 from peerpipe.transport import Address
+from peerpipe.weights import NodeWeights
 
 if TYPE_CHECKING:
     from peerpipe.api import ApiServer
@@ -137,6 +139,11 @@ async def _task_group() -> AsyncIterator[asyncio.TaskGroup]:
         raise error
 
 
+def _corrupting() -> bool:
+    """The test hook that makes this node send corrupt weights (tests/weights: caught and refetched)."""
+    return os.environ.get("PEERPIPE_TEST_CORRUPT_WEIGHTS") == "1"
+
+
 async def _measure(device: str | None, memory_gb: float | None, quick: bool) -> LocalDevice:
     limit = int(memory_gb * 1e9) if memory_gb else None
     return await LocalDevice.measure(device, quick=quick, memory_limit_bytes=limit)
@@ -192,9 +199,11 @@ async def create_room(
         plane = DataPlane(node, no_entry="the host serves no model: start it with --model DIR")
         stage = None
         if choice is not None:
+            weights = plane.weights = NodeWeights(plane.send, choice.path, report=report, corrupt=_corrupting())
+            choice = dataclasses.replace(choice, manifest_id=await weights.local_id())
             stage = StageRuntime(
                 node.node_id, node.name, choice.path, device=local.caps.torch_device,
-                memory_bytes=local.offered_bytes, send=plane.send, report=report, quantize=quantize,
+                memory_bytes=local.offered_bytes, send=plane.send, report=report, quantize=quantize, weights=weights,
             )
         cluster = ClusterHost(
             node, local, config, choice, stage=stage, address=f"{address[0]}:{address[1]}", report=report
@@ -273,12 +282,15 @@ async def join_room(
     on_join: Callable[[PeerInfo], None] | None = None,
     on_new_code: Callable[[RoomCode], None] | None = None,
     quantize: str = "none",
+    weights_dir: Path | None = None,
 ) -> AsyncIterator[Node]:
     """Join a room by code (by mDNS on ``listen``'s network, or at ``peer``) and serve a stage
     of ``model`` when the plan gives this node one, until ``stop`` is set, the block ends or the
     host closes the room. ``on_join`` hears of the host as soon as the handshake is done;
     ``measured`` is as for ``create_room``; ``quantize`` (int8, int4) holds this node's layers'
-    matrices in fewer bits, so it takes more layers (docs/quantization.md)."""
+    matrices in fewer bits, so it takes more layers (docs/quantization.md). Without ``model`` (or
+    with another copy of it) the node fetches its layers from peers into ``weights_dir``
+    (default: the cache, ``peerpipe models`` lists them; docs/weights.md)."""
     check_quantize(quantize)
     leave = asyncio.Event()  # set by ``stop`` or by the end of the block; the caller's event is theirs
     async with Member(parse_code(code), name=name) as node:
@@ -293,9 +305,12 @@ async def join_room(
         mesh = await node.listen(listen, 0)
         local = dataclasses.replace(measured or await _measure(device, memory_gb, quick), quantize=quantize)
         plane = DataPlane(node)
+        folder = resolve_model(model) if model else None
+        plane.weights = NodeWeights(plane.send, folder, report=report, corrupt=_corrupting(), cache=weights_dir)
+        await plane.weights.local()  # hashed before the first plan: peers may fetch from it at once
         stage = StageRuntime(
-            node.node_id, node.name, resolve_model(model) if model else None, device=local.caps.torch_device,
-            memory_bytes=local.offered_bytes, send=plane.send, report=report, quantize=quantize,
+            node.node_id, node.name, folder, device=local.caps.torch_device, memory_bytes=local.offered_bytes,
+            send=plane.send, report=report, quantize=quantize, weights=plane.weights,
         )
         plane.stage = stage
         cluster = ClusterMember(

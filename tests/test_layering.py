@@ -16,11 +16,12 @@ BASE = {"errors", "paths", "logs", "dtypes", "compute"}  # small modules every p
 # imports a part above it.
 ALLOWED: dict[str, set[str]] = {
     "__main__": {"cli"},
-    "cli": {"__init__", "python_api", "api", "cluster", "inference", "plan", "engine", "room", "transport", "protocol", "models"},
-    "python_api": {"api", "cluster", "inference", "plan", "engine", "room", "transport", "protocol", "models"},
+    "cli": {"__init__", "python_api", "api", "cluster", "inference", "plan", "engine", "room", "transport", "protocol", "models", "weights"},
+    "python_api": {"api", "cluster", "inference", "plan", "engine", "room", "transport", "protocol", "models", "weights"},
     "api": {"cluster", "inference", "engine", "protocol", "room", "transport"},
     "cluster": {"plan", "engine", "room", "transport", "protocol"},
-    "inference": {"plan", "engine", "room", "transport", "protocol"},
+    "inference": {"plan", "engine", "room", "transport", "protocol", "weights"},
+    "weights": {"engine", "room", "transport", "protocol"},
     "room": {"transport", "protocol"},
     "transport": {"protocol"},
     "protocol": set(),

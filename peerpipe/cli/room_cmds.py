@@ -177,7 +177,9 @@ def add_join_parser(
         help="when the host is lost, wait for a host of the same code (a restarted one) instead of exiting",
     )
     parser.add_argument(
-        "--model", type=model_path, metavar="DIR", help="this machine's copy of the room's model, to serve a stage of it"
+        "--model", type=model_path, metavar="DIR",
+        help="this machine's copy of the room's model (default: none; the layers this node serves are fetched "
+        "from the room's peers, checked against the host's hashes, and kept in the cache for next time)",
     )
     _add_device_arguments(parser)
     parser.set_defaults(func=join_cmd)

@@ -25,3 +25,7 @@ class LocalStage(Protocol):
     async def apply(self, message: DistributionPlan, host_id: str) -> str:
         """Take this node's part of the plan; "" or why it could not."""
         ...
+
+    async def held_layers(self, manifest_id: str) -> tuple[int, ...]:
+        """Layers of the copy ``manifest_id`` this node holds verified (the planner keeps them here)."""
+        ...

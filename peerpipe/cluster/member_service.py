@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable
 
@@ -164,6 +165,8 @@ class ClusterMember:
 
     async def _benchmark(self, request: BenchmarkRequest) -> None:
         result = await self.device.answer(self.node, request)
+        if request.manifest_id:
+            result = dataclasses.replace(result, held_layers=await self.stage.held_layers(request.manifest_id))
         with contextlib.suppress(*LINK_ERRORS):
             await self.node.send(self.host_id, result)
 

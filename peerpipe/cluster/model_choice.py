@@ -20,6 +20,7 @@ class ModelChoice:
     shape_json: str  # the config.json that nodes build a layer from to time it
     dtype: str  # what the stages will hold the weights in
     path: Path  # the host's copy
+    manifest_id: str = ""  # its tensors' hashes (weights/manifest.py): members without it fetch from peers
 
     @classmethod
     def from_dir(cls, path: str | Path, dtype: str = "bfloat16") -> ModelChoice:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from peerpipe.plan import Budget, Link, ModelSpec, Network, NodeSpec, Objective, PlanResult, make_plan
+from peerpipe.plan.reuse import Holdings, prefer_held
 from peerpipe.plan.spec import layer_scale
 from peerpipe.plan.wire import choose_wire
 from peerpipe.protocol import LayerTiming, LinkStat, MemberState, NodeInfo, Plan, PlanStage
@@ -130,22 +131,20 @@ def plan_room(
     budget: Budget | None = None,
     strategy: str = "optimal",
     objective: Objective | str = Objective.LATENCY,
+    held: Holdings | None = None,
 ) -> PlanResult:
-    """Plan over the members that are alive; suspected ones get nothing."""
+    """Plan over the members that are alive; suspected ones get nothing. With ``held`` (the
+    layers each node already holds), of plans as fast keep the one that fetches the least."""
     alive = [m for m in facts.members if m.health == "alive"]
     timings = facts.timings or {}
     specs = [node_spec(model, m.info, timings.get(m.info.node_id, m.timing), shape, half=half) for m in alive]
     # The entry node goes first: it is "this machine" of the plan.
     specs.sort(key=lambda s: s.node_id != entry)
-    return make_plan(
-        model,
-        specs,
-        network_from(facts.links),
-        budget,
-        entry=entry,
-        strategy=strategy,
-        objective=objective,
-    )
+    network = network_from(facts.links)
+    result = make_plan(model, specs, network, budget, entry=entry, strategy=strategy, objective=objective)
+    if held is None:
+        return result
+    return prefer_held(result, model, {s.node_id: s for s in specs}, network, budget or Budget(), held)
 
 
 def same_machine(addresses: Mapping[str, str]) -> Callable[[str, str], bool]:

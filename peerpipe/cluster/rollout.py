@@ -35,6 +35,7 @@ from peerpipe.cluster.planning import (
 from peerpipe.errors import PeerpipeError
 from peerpipe.logs import Report
 from peerpipe.plan import PlanError
+from peerpipe.plan.reuse import Holdings
 from peerpipe.plan.standby import place_standbys, promote, uncovered
 from peerpipe.protocol import (
     BenchmarkRequest,
@@ -98,6 +99,7 @@ class Rollout:
         self._planned = 0
         self._request_ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[BenchmarkResult]] = {}
+        self.held: dict[str, set[int]] = {}  # layers of the host's copy each node holds (it says, or it loaded them)
         self._wanted = asyncio.Event()
         self._wanted.set()
 
@@ -111,6 +113,7 @@ class Rollout:
         when nodes were ``lost`` (answers wait), by promoting standbys where the plan has them."""
         for gone in set(self.timings) - alive:
             del self.timings[gone]
+        self.held = {node: layers for node, layers in self.held.items() if node in alive}
         for gone in set(self.unable) - alive:
             del self.unable[gone]  # it may come back fixed
         self.links = {k: v for k, v in self.links.items() if k[0] in alive and k[1] in alive}
@@ -182,6 +185,7 @@ class Rollout:
                 model.shape_json if peer not in self.timings else "",
                 model.dtype,
                 tuple(links_to),
+                manifest_id=model.manifest_id,
             )
             jobs.append(self._ask(peer, request))
         await asyncio.gather(*jobs)
@@ -217,6 +221,8 @@ class Rollout:
             self._waiting.pop(request.request_id, None)
         if result.timing is not None:
             self.timings[peer] = result.timing
+        if result.held_layers:
+            self.held.setdefault(peer, set()).update(result.held_layers)
         for stat in result.links:
             if stat.src == peer:
                 self.links[(stat.src, stat.dst)] = stat
@@ -266,6 +272,7 @@ class Rollout:
                 budget=self.config.budget,
                 strategy=self.config.strategy,
                 objective=self.config.objective,
+                held=self._holdings(),
             )
         except PlanError as exc:
             self.plan, self.acked = None, set()
@@ -287,6 +294,15 @@ class Rollout:
         )
         await self._publish(plan)
         return plan
+
+    def _holdings(self) -> Holdings | None:
+        """What each node holds of the host's copy (the host: all of it); None for a GGUF host."""
+        if not self.model.manifest_id:
+            return None
+        me = self.host.node.node_id
+        layers = {node: frozenset(held) for node, held in self.held.items()}
+        layers[me] = frozenset(range(self.model.spec.num_layers))
+        return Holdings(layers, source=me)
 
     async def _promote(self, lost: frozenset[str]) -> bool:
         """Fail over to the plan's standbys: each stage of a lost node goes to a node that holds
@@ -324,7 +340,9 @@ class Rollout:
         self.on_publish(plan)
         self.plan, self.acked, self._names = plan, set(), host.names()
         host.report(describe_plan(plan, self._names))
-        message = DistributionPlan(plan, model.shape_key, model.dtype, self.max_seq, self.config.budget.sessions)
+        message = DistributionPlan(
+            plan, model.shape_key, model.dtype, self.max_seq, self.config.budget.sessions, model.manifest_id
+        )
         await host.broadcast(message)
         await host.broadcast()
         await self._take_own_stage(message)
@@ -353,6 +371,9 @@ class Rollout:
         stages = {s.node_id for s in self.plan.stages}
         complete_before = self.acked >= stages
         self.acked.add(peer)
+        for s in (*self.plan.stages, *self.plan.standbys):
+            if s.node_id == peer:
+                self.held.setdefault(peer, set()).update(range(s.start, s.end))
         # Decided before awaiting anything: acks handled meanwhile must not build a second pipeline.
         if self.acked >= stages and not complete_before:
             self.host.report(f"plan v{self.plan.version} acknowledged by every stage")

@@ -106,14 +106,18 @@ def check_model_dir(path: str | Path) -> ModelConfig:
 
     path = Path(path)
     cfg = ModelConfig.from_dir(path)
-    shapes = _shapes(path)
+    check_checkpoint(cfg, _shapes(path), str(path))
+    Tokenizer.from_dir(path)
+    return cfg
+
+
+def check_checkpoint(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], where: str) -> None:
+    """Every tensor the whole model needs is among ``shapes``, with the shape the config implies."""
     wanted = stage_tensor_names(cfg, 0, cfg.n_layers, set(shapes))
     missing = sorted(n for n in wanted if n not in shapes)
     if missing:
-        raise ModelLoadError(f"{path}: the checkpoint lacks {len(missing)} tensor(s), e.g. {missing[0]}")
+        raise ModelLoadError(f"{where}: the checkpoint lacks {len(missing)} tensor(s), e.g. {missing[0]}")
     _check_shapes(cfg, {n: shapes[n] for n in wanted})
-    Tokenizer.from_dir(path)
-    return cfg
 
 
 def _shapes(path: Path) -> dict[str, tuple[int, ...]]:

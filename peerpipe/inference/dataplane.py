@@ -22,12 +22,18 @@ from peerpipe.protocol import (
     ComputeResult,
     GenerateDone,
     GenerateRequest,
+    ManifestReply,
+    ManifestRequest,
     Message,
+    WeightReply,
+    WeightRequest,
 )
 from peerpipe.room import MessageFrom, PeerLeft, RoomEvent, RoomNode
+from peerpipe.weights import NodeWeights
 
 log = logging.getLogger(__name__)
 DATA_PLANE = (ComputeRequest, ComputeResult, ComputeError, Cancel, GenerateRequest)
+WEIGHTS = (ManifestRequest, ManifestReply, WeightRequest, WeightReply)
 Control = Callable[[RoomEvent], Awaitable[None]]
 
 
@@ -38,6 +44,7 @@ class DataPlane:
         self.node = node
         self.stage: StageRuntime | None = None
         self.entry: Entry | None = None
+        self.weights: NodeWeights | None = None
         self.no_entry = no_entry  # what a client asking this node for an answer is told
 
     async def run(self, control: Control) -> None:
@@ -47,6 +54,11 @@ class DataPlane:
                 if isinstance(event, MessageFrom) and isinstance(event.message, DATA_PLANE):
                     self._on_message(event.peer.node_id, event.message, tg)
                     continue
+                if isinstance(event, MessageFrom) and isinstance(event.message, WEIGHTS):
+                    self._on_weights(event.peer.node_id, event.message, tg)
+                    continue
+                if isinstance(event, PeerLeft) and self.weights is not None:
+                    self.weights.fetcher.peer_left(event.peer.node_id)
                 if isinstance(event, PeerLeft) and self.entry is not None:
                     self.entry.node_lost(event.peer.node_id, event.reason)
                 await control(event)
@@ -73,6 +85,19 @@ class DataPlane:
             else:
                 done = GenerateDone(message.request_id, "error", "", (), (), 0.0, 0.0, error=self.no_entry)
                 tg.create_task(self._send_quietly(peer, done))
+
+    def _on_weights(
+        self, peer: str, message: ManifestRequest | ManifestReply | WeightRequest | WeightReply, tg: asyncio.TaskGroup
+    ) -> None:
+        if isinstance(message, ManifestReply | WeightReply):
+            if self.weights is not None:
+                self.weights.fetcher.on_reply(peer, message)
+        elif self.weights is not None:
+            tg.create_task(self.weights.server.serve(peer, message))
+        elif isinstance(message, ManifestRequest):
+            tg.create_task(self._send_quietly(peer, ManifestReply(message.request_id, error="this node shares no weights")))
+        else:
+            tg.create_task(self._send_quietly(peer, WeightReply(message.request_id, error="this node shares no weights")))
 
     def _deliver(self, peer: str, message: ComputeResult | ComputeError) -> None:
         if self.entry is not None:

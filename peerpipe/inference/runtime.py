@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from peerpipe.plan import Budget, ModelSpec, fmt_bytes, stage_memory
 from peerpipe.plan.spec import layer_scale
 from peerpipe.protocol import Cancel, ComputeRequest, DistributionPlan
 from peerpipe.room import Send
+from peerpipe.weights import NodeWeights
 
 log = logging.getLogger(__name__)
 Range = tuple[int, int]
@@ -58,8 +60,10 @@ class StageRuntime:
         send: Send,
         report: Report | None = None,
         quantize: str = "none",
+        weights: NodeWeights | None = None,
     ) -> None:
         self.node_id = node_id
+        self.weights = weights  # this node's copies: a plan naming another copy fetches from peers
         self.quantize = quantize  # how this node holds its layers' matrices (engine/quant.py)
         self.label = label
         self.model_dir = model_dir
@@ -135,13 +139,24 @@ class StageRuntime:
             self._stop_servers(set(self.servers))
             self._held.clear()
         self._shape = shape
+        missing = sorted(wanted - set(self._held))
+
+        def check(cfg: Any) -> None:
+            self._check_fits(message, cfg, sorted(wanted))
+
+        # Layers this node lacks come from peers while its old stages still serve: only loading
+        # needs their memory back.
+        self.loading = bool(missing)
+        try:
+            folder = await self._folder(message, missing, host_id, check) if missing else None
+        finally:
+            self.loading = False
         # Ranges this plan drops go first (their memory is needed); kept ones keep their sessions.
         for gone in set(self._held) - wanted:
             del self._held[gone]
         self._stop_servers({start for start, server in self.servers.items() if (start, server.stage.end) not in wanted})
-        missing = sorted(wanted - set(self._held))
-        if missing:
-            await self._load(message, missing, sorted(wanted))
+        if folder is not None:
+            await self._load(message, missing, sorted(wanted), folder)
         for index, planned in stages:
             next_hop = plan.stages[index + 1].node_id if index + 1 < len(plan.stages) else None
             server = self.servers.get(planned.start)
@@ -160,39 +175,23 @@ class StageRuntime:
             assert self._tg is not None, "call run() first"
             self._workers[planned.start] = self._tg.create_task(server.run())
 
-    async def _load(self, message: DistributionPlan, ranges: list[Range], wanted: list[Range]) -> None:
+    async def _load(self, message: DistributionPlan, ranges: list[Range], wanted: list[Range], model_dir: Path) -> None:
         from peerpipe.engine.config import ModelConfig
         from peerpipe.engine.loader import load_stage
 
-        if self.model_dir is None:
-            raise StageLoadError("the plan gives this node layers, but it has no model: join with --model DIR")
-        cfg = ModelConfig.from_dir(self.model_dir)
-        if message.shape_key and cfg.shape_key != message.shape_key:
-            raise StageLoadError(
-                f"{self.model_dir} is not the room's model (shape {cfg.shape_key}, the room plans {message.shape_key})"
-            )
-        if cfg.n_layers != message.plan.num_layers:
-            raise StageLoadError(f"{self.model_dir} has {cfg.n_layers} layers, the plan {message.plan.num_layers}")
-        dtype = message.dtype or "float32"
-        sessions, context = max(1, message.sessions), max(2, message.context_tokens)
-        spec = ModelSpec.from_config(cfg, message.plan.model_id, ITEMSIZE.get(dtype, 4))
-        budget = Budget(context, sessions, headroom=0.0)
-        scale = layer_scale(self.quantize, spec.dtype_bytes)
-        need = sum(stage_memory(spec, budget, start, end, scale) for start, end in wanted)
-        if need > self.memory_bytes:
-            shown = ", ".join(f"[{a}, {b})" for a, b in wanted)
-            raise StageLoadError(
-                f"layers {shown} need {fmt_bytes(need)} with their KV cache; this node offers {fmt_bytes(self.memory_bytes)}"
-            )
         self.loading = True
         try:
+            cfg = ModelConfig.from_dir(model_dir)
+            need = self._check_fits(message, cfg, wanted)
+            dtype = message.dtype or "float32"
+            sessions, context = max(1, message.sessions), max(2, message.context_tokens)
             for start, end in ranges:
                 role = "" if any(s.node_id == self.node_id and s.start == start for s in message.plan.stages) else " (standby)"
                 held = f", {self.quantize} weights" if self.quantize != "none" else ""
                 self.report(f"loading layers [{start}, {end}) of {message.plan.model_id}{role} ({fmt_bytes(need)}{held})")
                 progress = _progress(self.report, f"loading layers [{start}, {end})")
                 stage, stats = await run_compute(
-                    load_stage, self.model_dir, start, end, device=self.device, dtype=dtype, progress=progress, cfg=cfg,
+                    load_stage, model_dir, start, end, device=self.device, dtype=dtype, progress=progress, cfg=cfg,
                     quantize=self.quantize,
                 )
                 cache = await run_compute(stage.new_cache, sessions, context)
@@ -200,6 +199,45 @@ class StageRuntime:
                 self.report(f"loaded layers [{start}, {end}): {stats.bytes_read / 1e6:.1f} MB read")
         finally:
             self.loading = False
+
+    async def _folder(
+        self, message: DistributionPlan, ranges: list[Range], host_id: str, check: Callable[[Any], None]
+    ) -> Path:
+        """Where to load from: this node's folder, or the copy fetched from peers when the plan
+        names a copy this node's folder is not (or it has none)."""
+        if self.weights is not None and message.manifest_id:
+            if await self.weights.local_id() != message.manifest_id:
+                holders = [host_id, *dict.fromkeys(s.node_id for s in (*message.plan.stages, *message.plan.standbys))]
+                holders = [h for h in dict.fromkeys(holders) if h != self.node_id]
+                shown = ", ".join(f"[{a}, {b})" for a, b in ranges)
+                return await self.weights.prepare(message.manifest_id, ranges, holders, f"layers {shown}", check)
+        if self.model_dir is None:
+            raise StageLoadError("the plan gives this node layers, but it has no model: join with --model DIR")
+        return self.model_dir
+
+    def _check_fits(self, message: DistributionPlan, cfg: Any, wanted: list[Range]) -> int:
+        """The memory the plan's ranges need here, after checking the folder is the room's model."""
+        if message.shape_key and cfg.shape_key != message.shape_key:
+            raise StageLoadError(
+                f"{self.model_dir} is not the room's model (shape {cfg.shape_key}, the room plans {message.shape_key})"
+            )
+        if cfg.n_layers != message.plan.num_layers:
+            raise StageLoadError(f"{self.model_dir} has {cfg.n_layers} layers, the plan {message.plan.num_layers}")
+        dtype = message.dtype or "float32"
+        spec = ModelSpec.from_config(cfg, message.plan.model_id, ITEMSIZE.get(dtype, 4))
+        budget = Budget(max(2, message.context_tokens), max(1, message.sessions), headroom=0.0)
+        scale = layer_scale(self.quantize, spec.dtype_bytes)
+        need = sum(stage_memory(spec, budget, start, end, scale) for start, end in wanted)
+        if need > self.memory_bytes:
+            shown = ", ".join(f"[{a}, {b})" for a, b in wanted)
+            raise StageLoadError(
+                f"layers {shown} need {fmt_bytes(need)} with their KV cache; this node offers {fmt_bytes(self.memory_bytes)}"
+            )
+        return need
+
+    async def held_layers(self, manifest_id: str) -> tuple[int, ...]:
+        """Layers of copy ``manifest_id`` this node holds (the planner prefers to keep them here)."""
+        return await self.weights.held_layers(manifest_id) if self.weights is not None else ()
 
 
 def _progress(report: Report, what: str):  # type: ignore[no-untyped-def]

@@ -3,7 +3,7 @@
 See docs/protocol.md for the wire format.
 """
 
-from peerpipe.protocol.chunking import Reassembler, is_bulk, split
+from peerpipe.protocol.chunking import Reassembler, is_background, is_bulk, split
 from peerpipe.protocol.codec import decode, encode, tensor_fields
 from peerpipe.protocol.errors import (
     ChecksumError,
@@ -55,6 +55,13 @@ from peerpipe.protocol.records import (
     TaskInfo,
 )
 from peerpipe.protocol.tensor import DTYPES, ENCODINGS, TensorData
+from peerpipe.protocol.weights import (
+    MAX_WEIGHT_PIECE,
+    ManifestReply,
+    ManifestRequest,
+    WeightReply,
+    WeightRequest,
+)
 
 __all__ = [
     "BY_TAG",
@@ -62,6 +69,7 @@ __all__ = [
     "DTYPES",
     "ENCODINGS",
     "HEARTBEAT_STATUSES",
+    "MAX_WEIGHT_PIECE",
     "MESSAGE_TYPES",
     "PROTOCOL_VERSION",
     "BenchmarkRequest",
@@ -85,6 +93,8 @@ __all__ = [
     "LeaveCluster",
     "Limits",
     "LinkStat",
+    "ManifestReply",
+    "ManifestRequest",
     "MemberState",
     "Message",
     "NewCode",
@@ -104,9 +114,12 @@ __all__ = [
     "TensorData",
     "ValidationError",
     "VersionMismatchError",
+    "WeightReply",
+    "WeightRequest",
     "check_hello",
     "decode",
     "encode",
+    "is_background",
     "is_bulk",
     "split",
     "tensor_fields",

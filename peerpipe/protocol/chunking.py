@@ -20,6 +20,7 @@ from peerpipe.protocol.errors import ChecksumError, ChunkError
 from peerpipe.protocol.limits import DEFAULT_LIMITS, Limits
 from peerpipe.protocol.messages import Message, TensorChunk, chunk_span
 from peerpipe.protocol.tensor import TensorData
+from peerpipe.protocol.weights import WeightReply
 
 # How many finished or failed tensor ids to remember, so that late or duplicate chunks of them are
 # reported instead of silently opening a new buffer that would only time out.
@@ -36,6 +37,12 @@ def is_bulk(msg: Message) -> bool:
     if isinstance(msg, TensorChunk):
         return True
     return any(getattr(msg, name) is not None for name in tensor_fields(type(msg)))
+
+
+def is_background(msg: Message) -> bool:
+    """True for weight bulk: sent only when no control or data-plane frame waits (weights never
+    slow an answer down)."""
+    return isinstance(msg, WeightReply)
 
 
 def _new_tensor_id() -> str:

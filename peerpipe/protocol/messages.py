@@ -30,8 +30,9 @@ from peerpipe.protocol.validate import (
     need_str,
     need_tuple_of,
 )
+from peerpipe.protocol.weights import ManifestReply, ManifestRequest, WeightReply, WeightRequest
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 MAX_FEATURES = 64
 MAX_DRAFT = 64  # drafted tokens one compute-request may carry for verification
 MAX_MODEL_SHAPE_LEN = 16384
@@ -184,7 +185,8 @@ class RoomView:
 @dataclass(frozen=True, slots=True)
 class DistributionPlan:
     """A plan for every node; a stage loads its range of the model ``shape_key`` in ``dtype``
-    with a KV cache of ``sessions`` x ``context_tokens``."""
+    with a KV cache of ``sessions`` x ``context_tokens``. ``manifest_id`` names the host's copy
+    (its tensors' hashes): a node without it fetches its layers from peers ("": a GGUF file)."""
 
     TAG: ClassVar[str] = "distribution-plan"
     plan: Plan
@@ -192,6 +194,7 @@ class DistributionPlan:
     dtype: str = ""
     context_tokens: int = 0
     sessions: int = 0
+    manifest_id: str = ""
 
     def __post_init__(self) -> None:
         need_instance(self, "plan", Plan)
@@ -199,6 +202,7 @@ class DistributionPlan:
         need_str(self, "dtype", MAX_NAME_LEN)
         need_int(self, "context_tokens", 0, 1 << 32)
         need_int(self, "sessions", 0, 1 << 20)
+        need_str(self, "manifest_id", MAX_NAME_LEN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +231,7 @@ class BenchmarkRequest:
     dtype: str = ""
     links_to: tuple[str, ...] = ()
     fresh: bool = False  # measure the layer again instead of reading the node's cache
+    manifest_id: str = ""  # the room's copy of the model: say which of its layers this node holds
 
     def __post_init__(self) -> None:
         need_int(self, "request_id")
@@ -234,6 +239,7 @@ class BenchmarkRequest:
         need_str(self, "dtype", MAX_NAME_LEN)
         need_tuple_of(self, "links_to", str, MAX_MEMBERS)
         need_bool(self, "fresh")
+        need_str(self, "manifest_id", MAX_NAME_LEN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +256,7 @@ class BenchmarkResult:
     timing: LayerTiming | None = None
     links: tuple[LinkStat, ...] = ()
     error: str = ""
+    held_layers: tuple[int, ...] = ()  # layers of the asked manifest this node holds verified copies of
 
     def __post_init__(self) -> None:
         need_float(self, "score")
@@ -260,6 +267,7 @@ class BenchmarkResult:
         need_instance(self, "timing", LayerTiming, optional=True)
         need_tuple_of(self, "links", LinkStat, MAX_MEMBERS)
         need_str(self, "error")
+        need_tuple_of(self, "held_layers", int, MAX_LAYERS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,7 +283,9 @@ class ComputeRequest:
     start_pos: int = 0
     session: SessionSpec | None = None  # on a session's first request: how to sample it
     layer: int = 0  # the first layer of the stage it is for (a node may hold several)
-    drafts: tuple[int, ...] = ()  # the last new positions are these drafted tokens: the last stage verifies them
+    drafts: tuple[
+        int, ...
+    ] = ()  # the last new positions are these drafted tokens: the last stage verifies them
 
     def __post_init__(self) -> None:
         need_id(self, "task_id")
@@ -394,6 +404,10 @@ Message: TypeAlias = (
     | GenerateRequest
     | GenerateText
     | GenerateDone
+    | ManifestRequest
+    | ManifestReply
+    | WeightRequest
+    | WeightReply
 )
 MESSAGE_TYPES: tuple[type[Message], ...] = Message.__args__
 BY_TAG: dict[str, type[Message]] = {cls.TAG: cls for cls in MESSAGE_TYPES}

@@ -28,6 +28,7 @@ from peerpipe.protocol import (
     Pong,
     Reassembler,
     TensorChunk,
+    is_background,
     split,
     tensor_fields,
 )
@@ -113,7 +114,7 @@ class Channel:
         """
         if self._closing or self.conn.state is not _OPEN or self.transport.is_closing():
             self._check_open()
-        if stream is None and not self._sched.frames and not self._needs_chunks(message):
+        if stream is None and not self._sched.frames and not self._needs_chunks(message) and not is_background(message):
             # Nothing queued ahead of it, so writing now keeps order and saves a task switch.
             self.transport.writelines(self.conn.send_parts(message))
             self._last_tx = self.clock()

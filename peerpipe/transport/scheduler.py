@@ -6,6 +6,7 @@ non-bulk message (heartbeat, ping, bye, plan...) is control and jumps every queu
 so it never waits behind a 100 MB tensor. Bulk transfers take turns one frame at a
 time (round robin), so one huge tensor does not starve a small one. Transfers that
 must not overtake each other share a ``stream`` key and go out one after another.
+Weight bulk (``is_background``) goes last: only when nothing else waits, in its order.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from peerpipe.protocol import Message, is_bulk
+from peerpipe.protocol import Message, is_background, is_bulk
 
 T = TypeVar("T")
 
@@ -32,6 +33,7 @@ class SendScheduler(Generic[T]):
 
     _control: deque[_Transfer[T]] = field(default_factory=deque)
     _streams: OrderedDict[Hashable, deque[_Transfer[T]]] = field(default_factory=OrderedDict)
+    _background: deque[_Transfer[T]] = field(default_factory=deque)
     frames: int = 0  # frames still to write (read it directly on hot paths: no call)
 
     def __len__(self) -> int:
@@ -46,6 +48,9 @@ class SendScheduler(Generic[T]):
             raise ValueError("a transfer needs at least one frame")
         transfer = _Transfer(deque(frames), token)
         self.frames += len(frames)
+        if len(frames) == 1 and stream is None and is_background(frames[0]):
+            self._background.append(transfer)
+            return
         if len(frames) == 1 and not is_bulk(frames[0]) and stream is None:
             self._control.append(transfer)
             return
@@ -59,6 +64,10 @@ class SendScheduler(Generic[T]):
             self.frames -= 1
             return transfer.frames.popleft(), transfer.token
         if not self._streams:
+            if self._background:
+                transfer = self._background.popleft()
+                self.frames -= 1
+                return transfer.frames.popleft(), transfer.token
             return None
         key, transfers = next(iter(self._streams.items()))
         transfer = transfers[0]
@@ -76,10 +85,11 @@ class SendScheduler(Generic[T]):
 
     def clear(self) -> list[T]:
         """Drop everything unsent; returns the tokens of the dropped transfers (to fail their senders)."""
-        tokens = [t.token for t in self._control if t.token is not None]
+        tokens = [t.token for t in (*self._control, *self._background) if t.token is not None]
         for transfers in self._streams.values():
             tokens.extend(t.token for t in transfers if t.token is not None)
         self._control.clear()
+        self._background.clear()
         self._streams.clear()
         self.frames = 0
         return tokens

@@ -227,6 +227,13 @@ STRATEGIES: dict[type, st.SearchStrategy] = {
         drafted=st.integers(0, 1 << 40),
         accepted=st.integers(0, 1 << 40),
     ),
+    p.ManifestRequest: st.builds(p.ManifestRequest, request_id=u64, manifest_id=ids),
+    p.ManifestReply: st.builds(p.ManifestReply, request_id=u64, data=st.binary(max_size=64), error=texts),
+    p.WeightRequest: st.builds(
+        p.WeightRequest, request_id=u64, manifest_id=ids, name=st.text(min_size=1, max_size=40),
+        offset=st.integers(0, 1 << 48), length=st.integers(1, p.MAX_WEIGHT_PIECE),
+    ),
+    p.WeightReply: st.builds(p.WeightReply, request_id=u64, data=st.binary(max_size=64), error=st.text(max_size=100)),
 }
 
 messages = st.one_of(*STRATEGIES.values())

@@ -1,0 +1,272 @@
+"""Fetching a stage's weights from peers: pieces of tensors asked of holders (the host first,
+then members with a verified copy), several in flight, each tensor checked against the
+manifest's sha256 before it counts. A holder that leaves or stops answering hands its pieces to
+the next; a tensor whose bytes do not match is fetched again from a holder that did not send it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from peerpipe.logs import Report, log_reporter
+from peerpipe.protocol import ManifestReply, ManifestRequest, Message, WeightReply, WeightRequest
+from peerpipe.room import LINK_ERRORS, Send
+from peerpipe.weights.errors import FetchError, HolderGone, ManifestError
+from peerpipe.weights.manifest import Located, Manifest, file_key
+from peerpipe.weights.store import Store
+
+log = logging.getLogger(__name__)
+PIECE = 1 << 20
+WINDOW = 8  # pieces in flight: enough to fill a gigabit link across a LAN's round trip
+REPLY_TIMEOUT_S = 30.0
+REPORT_EVERY_S = 1.0
+
+
+@dataclass
+class _Tensor:
+    name: str
+    nbytes: int
+    left: int = 0  # pieces not yet written
+    served_by: set[str] = field(default_factory=set)
+    refused: set[str] = field(default_factory=set)  # holders without it, or whose bytes were bad
+
+
+@dataclass
+class FetchStats:
+    bytes_received: int = 0
+    bad_tensors: int = 0  # tensors whose bytes did not match the manifest, fetched again
+    holders_lost: int = 0
+    copied_locally: int = 0  # bytes taken from this node's own (older) copy instead of the network
+
+
+class _Progress:
+    def __init__(self, report: Report, what: str, total: int) -> None:
+        self.report, self.what, self.total = report, what, total
+        self.done = 0
+        self.t0 = self.last = time.monotonic()
+
+    def add(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= REPORT_EVERY_S or self.done >= self.total:
+            self.last = now
+            rate = self.done / max(now - self.t0, 1e-6)
+            left = (self.total - self.done) / rate if rate > 0 else 0.0
+            pct = 100 * self.done // max(1, self.total)
+            self.report(
+                f"fetching {self.what}: {pct}% of {self.total / 1e6:.1f} MB, {rate / 1e6:.1f} MB/s, {left:.0f} s left"
+            )
+
+
+class Fetcher:
+    """One node's requests for weights; replies come in through ``on_reply``."""
+
+    def __init__(self, send: Send, report: Report | None = None) -> None:
+        self.send = send
+        self.report = report or log_reporter(log)
+        self.stats = FetchStats()
+        self._ids = itertools.count(1)
+        self._pending: dict[int, tuple[str, asyncio.Future[Message]]] = {}
+
+    def on_reply(self, peer: str, message: ManifestReply | WeightReply) -> None:
+        entry = self._pending.get(message.request_id)
+        if entry is None or entry[0] != peer:
+            return  # late (timed out) or from someone not asked: dropped
+        if not entry[1].done():
+            entry[1].set_result(message)
+
+    def peer_left(self, peer: str) -> None:
+        for holder, future in list(self._pending.values()):
+            if holder == peer and not future.done():
+                future.set_exception(HolderGone(f"{peer[:8]} left"))
+
+    async def _ask(self, peer: str, message: ManifestRequest | WeightRequest) -> Message:
+        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._pending[message.request_id] = (peer, future)
+        try:
+            await self.send(peer, message)
+            async with asyncio.timeout(REPLY_TIMEOUT_S):
+                return await future
+        except (*LINK_ERRORS, TimeoutError) as exc:
+            raise HolderGone(f"{peer[:8]} stopped answering: {exc or 'timed out'}") from None
+        finally:
+            self._pending.pop(message.request_id, None)
+
+    async def manifest(self, manifest_id: str, holders: Sequence[str]) -> Manifest:
+        errors = []
+        for holder in holders:
+            try:
+                reply = await self._ask(holder, ManifestRequest(next(self._ids), manifest_id))
+            except HolderGone as exc:
+                errors.append(str(exc))
+                continue
+            assert isinstance(reply, ManifestReply)
+            if reply.error:
+                errors.append(f"{holder[:8]}: {reply.error}")
+                continue
+            try:
+                return Manifest.from_json(reply.data, manifest_id)
+            except ManifestError as exc:
+                errors.append(f"{holder[:8]} sent a bad manifest: {exc}")
+        raise FetchError(
+            f"no peer could send the room's manifest {manifest_id}: {'; '.join(errors) or 'no peers'}"
+        )
+
+    async def fetch_files(self, store: Store, holders: Sequence[str]) -> None:
+        """The config, tokenizer and template files this store lacks, each checked whole."""
+        for record in store.manifest.files:
+            if store.has_file(record.name):
+                continue
+            data = await self._whole(
+                file_key(record.name), record.nbytes, record.sha256, store.manifest.id, holders
+            )
+            store.put_file(record.name, data)
+
+    async def _whole(
+        self, name: str, nbytes: int, sha256: str, manifest_id: str, holders: Sequence[str]
+    ) -> bytes:
+        import hashlib
+
+        errors = []
+        for holder in holders:
+            parts = []
+            try:
+                for offset in range(0, nbytes, PIECE):
+                    reply = await self._ask(
+                        holder,
+                        WeightRequest(
+                            next(self._ids), manifest_id, name, offset, min(PIECE, nbytes - offset)
+                        ),
+                    )
+                    assert isinstance(reply, WeightReply)
+                    if reply.error:
+                        raise HolderGone(reply.error)
+                    parts.append(bytes(reply.data))
+            except HolderGone as exc:
+                errors.append(f"{holder[:8]}: {exc}")
+                continue
+            data = b"".join(parts)
+            self.stats.bytes_received += len(data)
+            if hashlib.sha256(data).hexdigest() == sha256:
+                return data
+            self.stats.bad_tensors += 1
+            errors.append(f"{holder[:8]} sent bytes that do not match the manifest")
+        raise FetchError(f"no peer sent a good copy of {name.removeprefix('file/')}: {'; '.join(errors)}")
+
+    async def fetch(
+        self,
+        store: Store,
+        names: Sequence[str],
+        holders: Sequence[str],
+        *,
+        local: tuple[Manifest, dict[str, Located]] | None = None,
+        what: str = "weights",
+    ) -> None:
+        """Make every tensor in ``names`` verified in ``store``: from ``local`` (this node's own
+        copy) where its hash matches, else from ``holders`` in order."""
+        by_name = store.manifest.by_name()
+        todo = [by_name[n] for n in names if n not in store.verified(by_name[n].group)]
+        if local is not None:
+            copied = [t for t in todo if await asyncio.to_thread(self._copy_local, store, t.name, local)]
+            for t in copied:
+                store.mark_verified(t.name)
+            todo = [t for t in todo if t not in copied]
+        for t in [t for t in todo if not t.nbytes]:  # nothing to fetch: only its (empty) hash to record
+            store.check(t.name)
+        todo = [t for t in todo if t.nbytes]
+        if not todo:
+            return
+        progress = _Progress(self.report, what, sum(t.nbytes for t in todo))
+        tensors = {t.name: _Tensor(t.name, t.nbytes) for t in todo}
+        queue: asyncio.Queue[tuple[str, int, int]] = asyncio.Queue()
+        for t in tensors.values():
+            self._queue_all(t, queue)
+        finished = asyncio.Event()
+        remaining = len(tensors)
+        gone: set[str] = set()
+
+        def holder_for(t: _Tensor) -> str:
+            for holder in holders:
+                if holder not in gone and holder not in t.refused:
+                    return holder
+            raise FetchError(
+                f"no peer has a good copy of {t.name} (asked {len(holders)}; {len(gone)} left or stopped answering)"
+            )
+
+        async def worker() -> None:
+            nonlocal remaining
+            while True:
+                name, offset, length = await queue.get()
+                t = tensors[name]
+                holder = holder_for(t)
+                request = WeightRequest(next(self._ids), store.manifest.id, name, offset, length)
+                try:
+                    reply = await self._ask(holder, request)
+                except HolderGone as exc:
+                    if holder not in gone:
+                        gone.add(holder)
+                        self.stats.holders_lost += 1
+                        self.report(f"a peer sending weights is gone ({exc}); asking the next")
+                    queue.put_nowait((name, offset, length))
+                    continue
+                assert isinstance(reply, WeightReply)
+                if reply.error or len(reply.data) != length:
+                    t.refused.add(holder)
+                    queue.put_nowait((name, offset, length))
+                    continue
+                store.write(name, offset, reply.data)
+                self.stats.bytes_received += length
+                progress.add(length)
+                t.served_by.add(holder)
+                t.left -= 1
+                if t.left:
+                    continue
+                if await asyncio.to_thread(store.matches, name):
+                    store.mark_verified(name)
+                    remaining -= 1
+                    if not remaining:
+                        finished.set()
+                    continue
+                self.stats.bad_tensors += 1
+                self.report(f"{name} did not match its hash: fetching it again from another peer")
+                progress.done -= t.nbytes
+                t.refused |= t.served_by
+                t.served_by.clear()
+                self._queue_all(t, queue)
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                workers = [tg.create_task(worker()) for _ in range(WINDOW)]
+                await finished.wait()
+                for task in workers:
+                    task.cancel()
+        except BaseExceptionGroup as group:
+            raise group.exceptions[0] from None
+
+    @staticmethod
+    def _queue_all(t: _Tensor, queue: asyncio.Queue[tuple[str, int, int]]) -> None:
+        pieces = [(t.name, offset, min(PIECE, t.nbytes - offset)) for offset in range(0, t.nbytes, PIECE)]
+        t.left = len(pieces)
+        for piece in pieces:
+            queue.put_nowait(piece)
+
+    def _copy_local(self, store: Store, name: str, local: tuple[Manifest, dict[str, Located]]) -> bool:
+        """Take a tensor from this node's own copy when it is the same bytes; False when not."""
+        manifest, where = local
+        mine, wanted = manifest.by_name().get(name), store.manifest.tensor(name)
+        at = where.get(name)
+        if mine is None or at is None or mine.sha256 != wanted.sha256:
+            return False
+        with at.path.open("rb", buffering=0) as fh:
+            for offset in range(0, at.nbytes, 8 * PIECE):
+                fh.seek(at.offset + offset)
+                store.write(name, offset, fh.read(min(8 * PIECE, at.nbytes - offset)))
+        if not store.matches(name):
+            return False
+        self.stats.copied_locally += at.nbytes
+        return True

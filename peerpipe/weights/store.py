@@ -1,0 +1,237 @@
+"""Fetched weights on disk: ``cache_dir()/models/<manifest id>/`` in Hugging Face layout.
+
+Every group of tensors (a layer, or one other tensor such as the embedding) is one safetensors
+file. While it is being fetched it is ``<file>.part``, laid out in full from the start (the
+manifest gives every shape), with a ``.verified`` list of the tensors whose sha256 matched: an
+interrupted fetch resumes from there. Only a group whose every tensor matched is renamed to its
+final name and listed in ``model.safetensors.index.json``, so the loader never sees a byte that
+was not checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from peerpipe.paths import cache_dir
+from peerpipe.weights.errors import DiskSpaceError, ManifestError, WeightsError
+from peerpipe.weights.manifest import Located, Manifest, TensorRecord, file_key, hash_range
+
+INDEX = "model.safetensors.index.json"
+MANIFEST = "peerpipe-manifest.json"
+SPARE_BYTES = 64 * 1024 * 1024  # left free on the disk after a fetch
+
+
+def store_root(manifest_id: str, base: Path | None = None) -> Path:
+    """Where copy ``manifest_id`` is kept: under ``base``, by default ``cache_dir()/models``."""
+    return (base or cache_dir() / "models") / manifest_id
+
+
+class Store:
+    def __init__(self, manifest: Manifest, base: Path | None = None) -> None:
+        self.manifest = manifest
+        self.root = store_root(manifest.id, base)
+        self.groups: dict[str, list[TensorRecord]] = {}
+        for t in sorted(manifest.tensors, key=lambda t: t.name):
+            self.groups.setdefault(t.group, []).append(t)
+        self._fds: dict[str, int] = {}
+        self._offsets: dict[str, dict[str, int]] = {}
+
+    @classmethod
+    def existing(cls, manifest_id: str, base: Path | None = None) -> Store | None:
+        """The store of a manifest fetched before (some of it, at least), if any."""
+        path = store_root(manifest_id, base) / MANIFEST
+        try:
+            return cls(Manifest.from_json(path.read_bytes(), manifest_id), base)
+        except (OSError, ManifestError):
+            return None
+
+    def open(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not (self.root / MANIFEST).is_file():
+            _write_atomic(self.root / MANIFEST, self.manifest.to_json())
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    # -- what is here -----------------------------------------------------------------------
+
+    def path(self, group: str) -> Path:
+        return self.root / f"peerpipe-{group}.safetensors"
+
+    def _part(self, group: str) -> Path:
+        return self.root / f"peerpipe-{group}.safetensors.part"
+
+    def _verified_file(self, group: str) -> Path:
+        return self.root / f"peerpipe-{group}.safetensors.verified"
+
+    def complete(self, group: str) -> bool:
+        return self.path(group).is_file()
+
+    def verified(self, group: str) -> set[str]:
+        if self.complete(group):
+            return {t.name for t in self.groups[group]}
+        try:
+            names = json.loads(self._verified_file(group).read_text())
+        except (OSError, ValueError):
+            return set()
+        return {n for n in names if isinstance(n, str)} if self._part(group).is_file() else set()
+
+    def has_file(self, name: str) -> bool:
+        return (self.root / name).is_file()
+
+    def held_layers(self) -> list[int]:
+        return sorted(
+            int(g.split("-")[1]) for g in self.groups if g.startswith("layer-") and self.complete(g)
+        )
+
+    def locate(self, name: str) -> Located | None:
+        """Where a verified tensor or file lies here (to serve it to a peer), or None."""
+        if name.startswith("file/"):
+            record = next((f for f in self.manifest.files if file_key(f.name) == name), None)
+            return (
+                Located(self.root / record.name, 0, record.nbytes)
+                if record and self.has_file(record.name)
+                else None
+            )
+        record = self.manifest.by_name().get(name)
+        if record is None:
+            return None
+        group = record.group
+        if self.complete(group):
+            return Located(self.path(group), self._layout(group)[name], record.nbytes)
+        if name in self.verified(group):
+            return Located(self._part(group), self._layout(group)[name], record.nbytes)
+        return None
+
+    def missing_bytes(self, names: list[str]) -> int:
+        by_name = self.manifest.by_name()
+        need = {by_name[n].group for n in names}
+        return sum(
+            sum(t.nbytes for t in self.groups[g])
+            for g in need
+            if not self.complete(g) and not self._part(g).is_file()
+        )
+
+    def check_space(self, names: list[str]) -> None:
+        need = self.missing_bytes(names)
+        self.root.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.root).free
+        if need + SPARE_BYTES > free:
+            raise DiskSpaceError(
+                f"fetching needs {need / 1e9:.2f} GB in {self.root}, but only {free / 1e9:.2f} GB is free: "
+                "free space (peerpipe models rm NAME) or point PEERPIPE_CACHE at a larger disk"
+            )
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def _layout(self, group: str) -> dict[str, int]:
+        """Each tensor's absolute offset in the group's file (and the header, computed once)."""
+        if group not in self._offsets:
+            self._offsets[group] = _layout(self.groups[group])[1]
+        return self._offsets[group]
+
+    def _fd(self, group: str) -> int:
+        if group not in self._fds:
+            part = self._part(group)
+            fresh = not part.is_file()
+            fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
+            if fresh:
+                header, _ = _layout(self.groups[group])
+                try:
+                    os.ftruncate(fd, len(header) + sum(t.nbytes for t in self.groups[group]))
+                    os.pwrite(fd, header, 0)
+                except OSError as exc:
+                    os.close(fd)
+                    part.unlink(missing_ok=True)
+                    raise _write_error(self.root, exc) from exc
+            self._fds[group] = fd
+        return self._fds[group]
+
+    def write(self, name: str, offset: int, data: bytes | memoryview) -> None:
+        """Put bytes ``[offset, offset + len(data))`` of tensor ``name`` in place (not yet verified)."""
+        record = self.manifest.tensor(name)
+        if offset < 0 or offset + len(data) > record.nbytes:
+            raise WeightsError(
+                f"bytes {offset}..{offset + len(data)} lie outside tensor {name} ({record.nbytes} bytes)"
+            )
+        try:
+            os.pwrite(self._fd(record.group), data, self._layout(record.group)[name] + offset)
+        except OSError as exc:
+            raise _write_error(self.root, exc) from exc
+
+    def matches(self, name: str) -> bool:
+        """Whether the bytes written for ``name`` hash to the manifest's (safe to run in a thread)."""
+        record = self.manifest.tensor(name)
+        self._fd(record.group)
+        return hash_range(self._part(record.group), self._layout(record.group)[name], record.nbytes) == record.sha256
+
+    def mark_verified(self, name: str) -> None:
+        """Record that ``name`` matched; the group's last tensor completes the group (one caller at a time)."""
+        group = self.manifest.tensor(name).group
+        verified = self.verified(group) | {name}
+        if len(verified) == len(self.groups[group]):
+            self._finish(group)
+        else:
+            _write_atomic(self._verified_file(group), json.dumps(sorted(verified)).encode())
+
+    def check(self, name: str) -> bool:
+        """``matches``, recorded when so."""
+        if not self.matches(name):
+            return False
+        self.mark_verified(name)
+        return True
+
+    def _finish(self, group: str) -> None:
+        fd = self._fds.pop(group)
+        os.fsync(fd)
+        os.close(fd)
+        self._part(group).replace(self.path(group))
+        self._verified_file(group).unlink(missing_ok=True)
+        weight_map = {
+            t.name: self.path(g).name for g, ts in self.groups.items() if self.complete(g) for t in ts
+        }
+        _write_atomic(
+            self.root / INDEX, json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1).encode()
+        )
+
+    def put_file(self, name: str, data: bytes) -> None:
+        _write_atomic(self.root / name, data)
+
+
+def _layout(tensors: list[TensorRecord]) -> tuple[bytes, dict[str, int]]:
+    header: dict[str, object] = {}
+    starts: dict[str, int] = {}
+    at = 0
+    for t in tensors:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [at, at + t.nbytes]}
+        starts[t.name] = at
+        at += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors pads its header to 8 bytes
+    base = 8 + len(raw)
+    return len(raw).to_bytes(8, "little") + raw, {name: base + at for name, at in starts.items()}
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _write_error(path.parent, exc) from exc
+
+
+def _write_error(where: Path, exc: OSError) -> WeightsError:
+    import errno
+
+    if exc.errno == errno.ENOSPC:
+        return DiskSpaceError(
+            f"the disk holding {where} is full: free space or point PEERPIPE_CACHE at a larger disk"
+        )
+    return WeightsError(f"cannot write fetched weights in {where}: {exc}")
