@@ -1,0 +1,131 @@
+"""Rooms whose members hold none (or an older copy) of the model: they fetch exactly their layers
+from peers over the room's encrypted connections, check every tensor, keep them for next time,
+and the answers stay the local engine's."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+from pathlib import Path
+
+import pytest
+
+from peerpipe.cluster.config import ClusterConfig
+from peerpipe.cluster.local import LocalDevice
+from peerpipe.engine.generate import LocalEngine
+from peerpipe.engine.sampling import SamplingParams
+from peerpipe.models import default_model_dir
+from peerpipe.plan import Budget
+from peerpipe.python_api import create_room, join_room
+from peerpipe.weights import Store, build_manifest
+from peerpipe.weights.manifest import folder_locations
+
+MODEL = default_model_dir()
+PROMPT = [5, 17, 42, 99, 3, 250, 11]
+TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def device(warm_bench: None) -> LocalDevice:
+    return asyncio.run(LocalDevice.measure("cpu", quick=True))
+
+
+@pytest.fixture(scope="module")
+def expected() -> list[int]:
+    engine, _ = LocalEngine.from_dir(MODEL, device="cpu", dtype="float32", max_seq=128)
+    return engine.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=TOKENS, ignore_eos=True)).tokens
+
+
+async def room_of(stack: contextlib.AsyncExitStack, device: LocalDevice, members: list[dict]):  # type: ignore[no-untyped-def]
+    config = ClusterConfig(
+        expect_nodes=1 + len(members), strategy="proportional", budget=Budget(128, 2), replan_debounce_s=0.2
+    )
+    room = await stack.enter_async_context(
+        create_room(MODEL, dtype="float32", config=config, measured=device, speculate="off")
+    )
+    nodes = [
+        await stack.enter_async_context(join_room(str(room.code), peer=room.address, measured=device, name=f"m{i}", **kw))
+        for i, kw in enumerate(members)
+    ]
+    return room, nodes
+
+
+async def answer(room) -> list[int]:  # type: ignore[no-untyped-def]
+    return (await room.generate(PROMPT, temperature=0.0, max_tokens=TOKENS, ignore_eos=True)).tokens
+
+
+def served(plan, node) -> set[int]:  # type: ignore[no-untyped-def]
+    return {i for s in plan.stages if s.node_id == node.stage.node_id for i in range(s.start, s.end)}
+
+
+def test_members_with_no_model_fetch_their_layers_and_answer_as_one_machine(device, expected, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    manifest = build_manifest(MODEL, "austen")
+
+    async def main() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            room, nodes = await room_of(stack, device, [{"weights_dir": tmp_path / "a"}, {"weights_dir": tmp_path / "b"}])
+            plan = await room.plan(60)
+            assert len(plan.stages) == 3
+            assert await answer(room) == expected
+            for node, folder in zip(nodes, ("a", "b"), strict=True):
+                store = Store.existing(manifest.id, tmp_path / folder)
+                assert store is not None and set(store.held_layers()) == served(plan, node)  # its layers, no others
+                stats = node.stage.weights.fetcher.stats
+                assert stats.bytes_received > 0 and stats.bad_tensors == 0
+
+    asyncio.run(asyncio.wait_for(main(), 120))
+
+    async def again() -> None:  # the same member, the same room's copy: everything is on disk already
+        async with contextlib.AsyncExitStack() as stack:
+            room, nodes = await room_of(stack, device, [{"weights_dir": tmp_path / "a"}, {"weights_dir": tmp_path / "b"}])
+            await room.plan(60)
+            assert await answer(room) == expected
+            assert [n.stage.weights.fetcher.stats.bytes_received for n in nodes] == [0, 0]
+
+    asyncio.run(asyncio.wait_for(again(), 120))
+
+
+def test_a_member_with_a_stale_copy_fetches_only_the_tensors_that_differ(device, expected, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    stale = tmp_path / "stale"
+    shutil.copytree(MODEL, stale)
+    changed = "model.layers.4.mlp.down_proj.weight"
+    at = folder_locations(stale)[changed]
+    with (stale / at.path.name).open("r+b") as fh:  # an older copy: one matrix differs
+        fh.seek(at.offset + 100)
+        fh.write(b"\x01\x02\x03\x04")
+
+    async def main() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            room, (node,) = await room_of(stack, device, [{"model": stale, "weights_dir": tmp_path / "cache"}])
+            plan = await room.plan(60)
+            assert 4 in served(plan, node)
+            assert await answer(room) == expected
+            stats = node.stage.weights.fetcher.stats
+            files = sum(f.nbytes for f in build_manifest(MODEL, "austen").files)  # config, tokenizer: always fetched
+            assert stats.bytes_received - files == at.nbytes  # the one matrix; the rest came from its own disk
+            assert stats.copied_locally > 0
+
+    asyncio.run(asyncio.wait_for(main(), 120))
+
+
+def test_wrong_bytes_from_a_peer_are_caught_and_fetched_from_another_holder(device, expected, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    async def main() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            monkeypatch.setenv("PEERPIPE_TEST_CORRUPT_WEIGHTS", "1")  # the host (made now) sends bad bytes
+            config = ClusterConfig(expect_nodes=3, strategy="proportional", budget=Budget(128, 2), replan_debounce_s=0.2)
+            room = await stack.enter_async_context(
+                create_room(MODEL, dtype="float32", config=config, measured=device, speculate="off")
+            )
+            monkeypatch.delenv("PEERPIPE_TEST_CORRUPT_WEIGHTS")
+            await stack.enter_async_context(join_room(str(room.code), peer=room.address, measured=device, model=MODEL, name="full"))
+            empty = await stack.enter_async_context(
+                join_room(str(room.code), peer=room.address, measured=device, weights_dir=tmp_path, name="empty")
+            )
+            await room.plan(60)
+            assert await answer(room) == expected
+            stats = empty.stage.weights.fetcher.stats
+            assert stats.bad_tensors > 0  # the host's pieces were refused...
+            assert empty.stage.weights.fetcher.stats.bytes_received > 0  # ...and good ones came from "full"
+
+    asyncio.run(asyncio.wait_for(main(), 120))
