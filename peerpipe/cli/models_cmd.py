@@ -18,8 +18,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """List the bundled and packaged models, folders and GGUF files used before, Ollama's models and
-    the Hugging Face cache, with sizes and the name --model takes. ``rm NAME`` deletes a Hugging
-    Face cache entry, or forgets a folder used before (its files are left alone)."""
+    the Hugging Face cache, and layers fetched from rooms' peers, with sizes and the name --model
+    takes. ``rm NAME`` deletes a Hugging Face cache entry or fetched layers, or forgets a folder used before (its files are left alone)."""
     from peerpipe.errors import PeerpipeError
     from peerpipe.models.catalog import catalog, remove
 
@@ -27,8 +27,9 @@ def run(args: argparse.Namespace) -> int:
         if not args.name:
             raise PeerpipeError("models rm needs the NAME of a model, as `peerpipe models` lists it")
         held = remove(args.name)
-        freed = "deleted" if held.source == "hub" else "forgotten (its files are yours, left in place)"
-        print(f"{held.name}: {freed}, {held.bytes / GB:.2f} GB" if held.source == "hub" else f"{held.name}: {freed}")
+        deleted = held.source in ("hub", "fetched")
+        freed = "deleted" if deleted else "forgotten (its files are yours, left in place)"
+        print(f"{held.name}: {freed}, {held.bytes / GB:.2f} GB" if deleted else f"{held.name}: {freed}")
         return 0
     found = catalog()
     if args.json:

@@ -88,6 +88,18 @@ def _hub() -> Iterator[Held]:
             yield Held(name, "hub", repo, _size(repo / "blobs") if (repo / "blobs").is_dir() else _size(repo))
 
 
+def _fetched() -> Iterator[Held]:
+    """Layers fetched from a room's peers (weights/store.py): ``cache_dir()/models/<manifest id>``.
+    They are a part of a model (the layers this machine served), so they are named, not loaded whole."""
+    root = cache_dir() / "models"
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        try:
+            model_id = json.loads((folder / "peerpipe-manifest.json").read_text())["model_id"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        yield Held(f"fetched:{model_id}@{folder.name[:12]}", "fetched", folder, _size(folder))
+
+
 def catalog() -> list[Held]:
     found = [Held(BUNDLED, "bundled", default_model_dir(), _size(default_model_dir()))]
     for name in PACKAGED:
@@ -105,16 +117,17 @@ def catalog() -> list[Held]:
             found.append(Held(text, "local", path, _size(path)))
     found += list(_ollama())
     found += list(_hub())
+    found += list(_fetched())
     return found
 
 
 def remove(name: str) -> Held:
-    """Free what ``name`` takes: a Hugging Face cache entry is deleted; a folder or file used
+    """Free what ``name`` takes: a Hugging Face cache entry or fetched layers are deleted; a folder or file used
     before is only forgotten (it is the user's); Ollama's and bundled models are left alone."""
     held = next((h for h in catalog() if h.name == name), None)
     if held is None:
         raise ModelNotFoundError(f"this machine holds no model {name!r} (see `peerpipe models`)")
-    if held.source == "hub":
+    if held.source in ("hub", "fetched"):
         shutil.rmtree(held.path)
     elif held.source == "local":
         _used_file().write_text(json.dumps([p for p in _used() if p != name], indent=1))

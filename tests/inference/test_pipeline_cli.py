@@ -43,7 +43,9 @@ def memory_gb(model: Path, layers: int) -> str:
 def open_room(
     procs: list[RoomProc], model: Path, members: int, layers_per_node: int | None, member_prefix: tuple[str, ...] = (),
     host_args: tuple[str, ...] = (),
+    fetching: int = 0,
 ) -> tuple[RoomProc, str, list[RoomProc]]:
+    """A host and ``members``; the first ``fetching`` join with no model and fetch their layers."""
     memory = ["--memory", memory_gb(model, layers_per_node)] if layers_per_node else []
     common = ["--quick", *memory]
     host = RoomProc(
@@ -56,8 +58,8 @@ def open_room(
     joined = []
     for i in range(members):
         member = RoomProc(
-            "join", CODE, "--peer", address, "--listen", "127.0.0.1", "--name", f"m{i}", "--model", str(model),
-            "--device", "cpu", *common, prefix=member_prefix,
+            "join", CODE, "--peer", address, "--listen", "127.0.0.1", "--name", f"m{i}",
+            *(("--model", str(model)) if i >= fetching else ()), "--device", "cpu", *common, prefix=member_prefix,
         )
         procs.append(member)
         joined.append(member)
@@ -95,9 +97,11 @@ def test_three_processes_answer_like_one(arch: str, procs, tiny_model_dir, warm_
     # The model drafts for itself: nearly every draft is kept, so steps carry long drafted blocks.
     # Members' writes wait 5 ms, as on a LAN: drafting pays for sure, whatever else loads the machine.
     lan = ("env", "PEERPIPE_LINK_DELAY_MS=5")
-    _host, address, _ = open_room(
-        procs, model, members=2, layers_per_node=2, member_prefix=lan, host_args=("--draft", str(model))
+    # m0 joins with nothing but the code: it fetches its layers from the room (docs/weights.md).
+    _host, address, members = open_room(
+        procs, model, members=2, layers_per_node=2, member_prefix=lan, host_args=("--draft", str(model)), fetching=1
     )
+    members[0].expect(r"^fetching layers \[\d+, \d+\): 100%", timeout=5)
     greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     expected = local(model, "the quiet harbour", greedy)
     remote = generate("--room", CODE, "--peer", address, "--temperature", "0", "the quiet harbour")  # the CLI's way

@@ -141,3 +141,17 @@ def test_a_disk_without_room_is_a_clear_error_before_any_byte_is_written(manifes
     with pytest.raises(DiskSpaceError, match="free"):
         Store(huge, tmp_path).check_space(names)
     assert not any(store.root.glob("*.safetensors*"))
+
+
+def test_fetched_layers_are_listed_by_peerpipe_models_and_rm_frees_them(manifest: Manifest) -> None:
+    from peerpipe.models.catalog import catalog, remove
+
+    store = Store(manifest)  # the default place: the cache
+    store.open()
+    _fill(store, [t.name for t in manifest.tensors if t.name.startswith("model.layers.5.")])
+    store.close()
+    name = f"fetched:austen@{manifest.id[:12]}"
+    held = next(h for h in catalog() if h.name == name)
+    assert held.source == "fetched" and held.path == store.root and held.bytes > 0
+    remove(name)
+    assert not store.root.exists() and all(h.name != name for h in catalog())
