@@ -13,6 +13,7 @@ class ClusterConfig:
     membership: MembershipConfig = field(default_factory=MembershipConfig)
     replan_debounce_s: float = 1.0
     benchmark_timeout_s: float = 120.0
+    prefetch_timeout_s: float = 3600.0  # how long the current plan serves while nodes fetch the next one's layers
     measure_links: bool = True
     auto_plan: bool = True
     expect_nodes: int = 1  # plan once this many nodes (the host included) are alive

@@ -26,6 +26,10 @@ class LocalStage(Protocol):
         """Take this node's part of the plan; "" or why it could not."""
         ...
 
+    async def prefetch(self, message: DistributionPlan, host_id: str) -> str:
+        """Fetch (not load) the layers the plan gives this node; "" or why it could not."""
+        ...
+
     async def held_layers(self, manifest_id: str) -> tuple[int, ...]:
         """Layers of the copy ``manifest_id`` this node holds verified (the planner keeps them here)."""
         ...

@@ -138,6 +138,8 @@ class ClusterMember:
                 self.report(f"the host gave the room a fresh code: {self.node.code}")
                 if self.on_new_code is not None:
                     self.on_new_code(self.node.code)
+        elif isinstance(message, DistributionPlan) and message.prefetch:
+            tg.create_task(self._prefetch(message))
         elif isinstance(message, DistributionPlan):
             tg.create_task(self._take_plan(message))
 
@@ -169,6 +171,13 @@ class ClusterMember:
             result = dataclasses.replace(result, held_layers=await self.stage.held_layers(request.manifest_id))
         with contextlib.suppress(*LINK_ERRORS):
             await self.node.send(self.host_id, result)
+
+    async def _prefetch(self, message: DistributionPlan) -> None:
+        error = await self.stage.prefetch(message, self.host_id)
+        if error:
+            self.report(f"cannot fetch the layers of plan v{message.plan.version}: {error}")
+        with contextlib.suppress(*LINK_ERRORS):
+            await self.node.send(self.host_id, PlanAck(message.plan.version, ok=not error, error=error[:4000], prefetched=True))
 
     async def _take_plan(self, message: DistributionPlan) -> None:
         plan = message.plan

@@ -130,6 +130,20 @@ class StageRuntime:
             return str(exc)
         return ""
 
+    async def prefetch(self, message: DistributionPlan, host_id: str) -> str:
+        """Fetch the layers ``message``'s plan gives this node and it lacks, serving on meanwhile;
+        returns "" or why it could not. Nothing is loaded: the plan itself comes next."""
+        plan = message.plan
+        wanted = sorted({(s.start, s.end) for s in (*plan.stages, *plan.standbys) if s.node_id == self.node_id})
+        try:
+            async with self._applying:
+                missing = [r for r in wanted if r not in self._held]
+                if missing:
+                    await self._folder(message, missing, host_id, lambda cfg: self._check_fits(message, cfg, wanted))
+        except (PeerpipeError, RuntimeError, OSError, ValueError) as exc:
+            return str(exc)
+        return ""
+
     async def _apply(self, message: DistributionPlan, host_id: str) -> None:
         plan = message.plan
         stages = [(i, s) for i, s in enumerate(plan.stages) if s.node_id == self.node_id]

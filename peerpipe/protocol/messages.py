@@ -195,6 +195,7 @@ class DistributionPlan:
     context_tokens: int = 0
     sessions: int = 0
     manifest_id: str = ""
+    prefetch: bool = False  # only fetch the layers this plan gives you (the current plan still serves), then ack
 
     def __post_init__(self) -> None:
         need_instance(self, "plan", Plan)
@@ -203,6 +204,7 @@ class DistributionPlan:
         need_int(self, "context_tokens", 0, 1 << 32)
         need_int(self, "sessions", 0, 1 << 20)
         need_str(self, "manifest_id", MAX_NAME_LEN)
+        need_bool(self, "prefetch")
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,11 +215,13 @@ class PlanAck:
     version: int
     ok: bool = True
     error: str = ""
+    prefetched: bool = False  # the answer to a prefetch: the layers are on disk, not loaded
 
     def __post_init__(self) -> None:
         need_int(self, "version")
         need_bool(self, "ok")
         need_str(self, "error")
+        need_bool(self, "prefetched")
 
 
 @dataclass(frozen=True, slots=True)

@@ -159,8 +159,10 @@ STRATEGIES: dict[type, st.SearchStrategy] = {
         dtype=st.sampled_from(["", "float32", "bfloat16"]),
         context_tokens=st.integers(0, 1 << 20),
         sessions=st.integers(0, 64),
+        manifest_id=names,
+        prefetch=st.booleans(),
     ),
-    p.PlanAck: st.builds(p.PlanAck, version=u64, ok=st.booleans(), error=texts),
+    p.PlanAck: st.builds(p.PlanAck, version=u64, ok=st.booleans(), error=texts, prefetched=st.booleans()),
     p.BenchmarkRequest: st.builds(
         p.BenchmarkRequest,
         request_id=u64,
@@ -168,6 +170,7 @@ STRATEGIES: dict[type, st.SearchStrategy] = {
         dtype=st.sampled_from(["", "float32", "bfloat16"]),
         links_to=st.lists(ids, max_size=3).map(tuple),
         fresh=st.booleans(),
+        manifest_id=names,
     ),
     p.BenchmarkResult: st.builds(
         p.BenchmarkResult,
@@ -179,6 +182,7 @@ STRATEGIES: dict[type, st.SearchStrategy] = {
         timing=st.none() | timings,
         links=st.lists(links, max_size=3).map(tuple),
         error=texts,
+        held_layers=st.lists(st.integers(0, 1 << 20), max_size=4).map(tuple),
     ),
     p.ComputeRequest: st.builds(
         p.ComputeRequest,

@@ -129,3 +129,40 @@ def test_wrong_bytes_from_a_peer_are_caught_and_fetched_from_another_holder(devi
             assert empty.stage.weights.fetcher.stats.bytes_received > 0  # ...and good ones came from "full"
 
     asyncio.run(asyncio.wait_for(main(), 120))
+
+
+def test_a_node_joining_fetches_its_layers_while_the_current_plan_keeps_answering(device, expected, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from peerpipe.weights import fetch as fetch_module
+
+    monkeypatch.setattr(fetch_module, "PIECE", 4096)  # a slow fetch: thousands of round trips, one at a time
+    monkeypatch.setattr(fetch_module, "WINDOW", 1)
+    fetching, switched = asyncio.Event(), asyncio.Event()
+
+    def report(line: str) -> None:
+        if "of layers first" in line:
+            fetching.set()
+        elif fetching.is_set() and "acknowledged by every stage" in line:
+            switched.set()
+
+    async def main() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            config = ClusterConfig(expect_nodes=2, strategy="proportional", budget=Budget(128, 2), replan_debounce_s=0.2)
+            room = await stack.enter_async_context(
+                create_room(MODEL, dtype="float32", config=config, measured=device, speculate="off", report=report)
+            )
+            await stack.enter_async_context(join_room(str(room.code), peer=room.address, measured=device, model=MODEL, name="m0"))
+            first = await room.plan(60)
+            late = await stack.enter_async_context(
+                join_room(str(room.code), peer=room.address, measured=device, weights_dir=tmp_path, name="late")
+            )
+            await asyncio.wait_for(fetching.wait(), 30)
+            # The new plan waits for the late node's layers; the current one answers meanwhile.
+            assert await answer(room) == expected
+            assert room.inference.pipeline.plan.version == first.version and room.inference.ready
+            assert late.stage.weights.fetcher.stats.bytes_received < sum(t.nbytes for t in build_manifest(MODEL, "x").tensors)
+            await asyncio.wait_for(switched.wait(), 120)
+            plan = await room.plan(60)
+            assert plan.version > first.version and late.stage.node_id in {s.node_id for s in plan.stages}
+            assert await answer(room) == expected
+
+    asyncio.run(asyncio.wait_for(main(), 180))
