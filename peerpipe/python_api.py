@@ -200,6 +200,7 @@ async def create_room(
         stage = None
         if choice is not None:
             weights = plane.weights = NodeWeights(plane.send, choice.path, report=report, corrupt=_corrupting())
+            weights.server.busy = plane.answering
             choice = dataclasses.replace(choice, manifest_id=await weights.local_id())
             stage = StageRuntime(
                 node.node_id, node.name, choice.path, device=local.caps.torch_device,
@@ -307,6 +308,7 @@ async def join_room(
         plane = DataPlane(node)
         folder = resolve_model(model) if model else None
         plane.weights = NodeWeights(plane.send, folder, report=report, corrupt=_corrupting(), cache=weights_dir)
+        plane.weights.server.busy = plane.answering
         await plane.weights.local()  # hashed before the first plan: peers may fetch from it at once
         stage = StageRuntime(
             node.node_id, node.name, folder, device=local.caps.torch_device, memory_bytes=local.offered_bytes,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from peerpipe.errors import PeerpipeError
@@ -46,6 +47,11 @@ class DataPlane:
         self.entry: Entry | None = None
         self.weights: NodeWeights | None = None
         self.no_entry = no_entry  # what a client asking this node for an answer is told
+        self.last_compute = -1e9  # monotonic time hidden states last passed through this node
+
+    def answering(self, within_s: float = 1.0) -> bool:
+        """Whether answers passed through this node lately (weights then yield to them)."""
+        return time.monotonic() - self.last_compute < within_s
 
     async def run(self, control: Control) -> None:
         """Dispatch the node's events until cancelled."""
@@ -64,6 +70,8 @@ class DataPlane:
                 await control(event)
 
     def _on_message(self, peer: str, message: Message, tg: asyncio.TaskGroup) -> None:
+        if isinstance(message, ComputeRequest | ComputeResult):
+            self.last_compute = time.monotonic()
         if isinstance(message, ComputeRequest):
             # From the previous stage or, for the first stage, the host.
             if self.stage is None or not self.stage.submit(message):
@@ -105,6 +113,8 @@ class DataPlane:
 
     async def send(self, node_id: str, message: Message) -> None:
         """Send on the data plane; to this node itself without touching the network."""
+        if isinstance(message, ComputeRequest | ComputeResult):
+            self.last_compute = time.monotonic()
         if node_id != self.node.node_id:
             await self.node.send(node_id, message)
         elif isinstance(message, ComputeRequest | Cancel):

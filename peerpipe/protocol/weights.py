@@ -12,7 +12,7 @@ from typing import ClassVar
 
 from peerpipe.protocol.errors import ValidationError
 from peerpipe.protocol.tensor import as_byte_view
-from peerpipe.protocol.validate import MAX_NAME_LEN, need_id, need_int, need_str
+from peerpipe.protocol.validate import MAX_NAME_LEN, need_bool, need_id, need_int, need_str
 
 MAX_WEIGHT_PIECE = 4 * 1024 * 1024
 MAX_MANIFEST_BYTES = 32 * 1024 * 1024
@@ -86,8 +86,10 @@ class WeightReply:
     request_id: int
     data: bytes | memoryview = field(default=b"", repr=False)
     error: str = ""
+    busy: bool = False  # the holder is passing answers' hidden states: fetch gently (small pieces, one at a time)
 
     def __post_init__(self) -> None:
         need_int(self, "request_id")
         _need_blob(self, "data", MAX_WEIGHT_PIECE)
         need_str(self, "error", MAX_NAME_LEN * 4)
+        need_bool(self, "busy")

@@ -7,11 +7,12 @@ the next; a tensor whose bytes do not match is fetched again from a holder that 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from peerpipe.logs import Report, log_reporter
 from peerpipe.protocol import ManifestReply, ManifestRequest, Message, WeightReply, WeightRequest
@@ -19,21 +20,11 @@ from peerpipe.room import LINK_ERRORS, Send
 from peerpipe.weights.errors import FetchError, HolderGone, ManifestError
 from peerpipe.weights.manifest import Located, Manifest, file_key
 from peerpipe.weights.store import Store
+from peerpipe.weights.transfer import PIECE, Transfer
 
 log = logging.getLogger(__name__)
-PIECE = 1 << 20
-WINDOW = 8  # pieces in flight: enough to fill a gigabit link across a LAN's round trip
 REPLY_TIMEOUT_S = 30.0
 REPORT_EVERY_S = 1.0
-
-
-@dataclass
-class _Tensor:
-    name: str
-    nbytes: int
-    left: int = 0  # pieces not yet written
-    served_by: set[str] = field(default_factory=set)
-    refused: set[str] = field(default_factory=set)  # holders without it, or whose bytes were bad
 
 
 @dataclass
@@ -182,78 +173,13 @@ class Fetcher:
         if not todo:
             return
         progress = _Progress(self.report, what, sum(t.nbytes for t in todo))
-        tensors = {t.name: _Tensor(t.name, t.nbytes) for t in todo}
-        queue: asyncio.Queue[tuple[str, int, int]] = asyncio.Queue()
-        for t in tensors.values():
-            self._queue_all(t, queue)
-        finished = asyncio.Event()
-        remaining = len(tensors)
-        gone: set[str] = set()
 
-        def holder_for(t: _Tensor) -> str:
-            for holder in holders:
-                if holder not in gone and holder not in t.refused:
-                    return holder
-            raise FetchError(
-                f"no peer has a good copy of {t.name} (asked {len(holders)}; {len(gone)} left or stopped answering)"
-            )
+        async def ask(holder: str, request: WeightRequest) -> WeightReply:
+            reply = await self._ask(holder, dataclasses.replace(request, request_id=next(self._ids)))
+            assert isinstance(reply, WeightReply)
+            return reply
 
-        async def worker() -> None:
-            nonlocal remaining
-            while True:
-                name, offset, length = await queue.get()
-                t = tensors[name]
-                holder = holder_for(t)
-                request = WeightRequest(next(self._ids), store.manifest.id, name, offset, length)
-                try:
-                    reply = await self._ask(holder, request)
-                except HolderGone as exc:
-                    if holder not in gone:
-                        gone.add(holder)
-                        self.stats.holders_lost += 1
-                        self.report(f"a peer sending weights is gone ({exc}); asking the next")
-                    queue.put_nowait((name, offset, length))
-                    continue
-                assert isinstance(reply, WeightReply)
-                if reply.error or len(reply.data) != length:
-                    t.refused.add(holder)
-                    queue.put_nowait((name, offset, length))
-                    continue
-                store.write(name, offset, reply.data)
-                self.stats.bytes_received += length
-                progress.add(length)
-                t.served_by.add(holder)
-                t.left -= 1
-                if t.left:
-                    continue
-                if await asyncio.to_thread(store.matches, name):
-                    store.mark_verified(name)
-                    remaining -= 1
-                    if not remaining:
-                        finished.set()
-                    continue
-                self.stats.bad_tensors += 1
-                self.report(f"{name} did not match its hash: fetching it again from another peer")
-                progress.done -= t.nbytes
-                t.refused |= t.served_by
-                t.served_by.clear()
-                self._queue_all(t, queue)
-
-        try:
-            async with asyncio.TaskGroup() as tg:
-                workers = [tg.create_task(worker()) for _ in range(WINDOW)]
-                await finished.wait()
-                for task in workers:
-                    task.cancel()
-        except BaseExceptionGroup as group:
-            raise group.exceptions[0] from None
-
-    @staticmethod
-    def _queue_all(t: _Tensor, queue: asyncio.Queue[tuple[str, int, int]]) -> None:
-        pieces = [(t.name, offset, min(PIECE, t.nbytes - offset)) for offset in range(0, t.nbytes, PIECE)]
-        t.left = len(pieces)
-        for piece in pieces:
-            queue.put_nowait(piece)
+        await Transfer(store, todo, holders, ask, self.stats, self.report, progress.add).run()
 
     def _copy_local(self, store: Store, name: str, local: tuple[Manifest, dict[str, Located]]) -> bool:
         """Take a tensor from this node's own copy when it is the same bytes; False when not."""

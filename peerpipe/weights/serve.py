@@ -31,6 +31,7 @@ class WeightServer:
     def __init__(self, send: Send, *, corrupt: bool = False) -> None:
         self.send = send
         self.corrupt = corrupt
+        self.busy: Callable[[], bool] = lambda: False  # answers pass through this node now (its data plane says)
         self.bytes_sent = 0
         self._copies: dict[str, _Copy] = {}
 
@@ -69,7 +70,7 @@ class WeightServer:
             return WeightReply(message.request_id, error=f"cannot read {message.name}: {exc}")
         if self.corrupt:
             data = bytes([data[0] ^ 0xFF]) + data[1:]
-        return WeightReply(message.request_id, data)
+        return WeightReply(message.request_id, data, busy=self.busy())
 
 
 def _read(at: Located, offset: int, length: int) -> bytes:

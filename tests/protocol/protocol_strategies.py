@@ -237,7 +237,9 @@ STRATEGIES: dict[type, st.SearchStrategy] = {
         p.WeightRequest, request_id=u64, manifest_id=ids, name=st.text(min_size=1, max_size=40),
         offset=st.integers(0, 1 << 48), length=st.integers(1, p.MAX_WEIGHT_PIECE),
     ),
-    p.WeightReply: st.builds(p.WeightReply, request_id=u64, data=st.binary(max_size=64), error=st.text(max_size=100)),
+    p.WeightReply: st.builds(
+        p.WeightReply, request_id=u64, data=st.binary(max_size=64), error=st.text(max_size=100), busy=st.booleans()
+    ),
 }
 
 messages = st.one_of(*STRATEGIES.values())

@@ -132,7 +132,7 @@ def test_wrong_bytes_from_a_peer_are_caught_and_fetched_from_another_holder(devi
 
 
 def test_a_node_joining_fetches_its_layers_while_the_current_plan_keeps_answering(device, expected, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from peerpipe.weights import fetch as fetch_module
+    from peerpipe.weights import transfer as fetch_module
 
     monkeypatch.setattr(fetch_module, "PIECE", 4096)  # a slow fetch: thousands of round trips, one at a time
     monkeypatch.setattr(fetch_module, "WINDOW", 1)

@@ -13,7 +13,7 @@ from peerpipe.models import default_model_dir
 from peerpipe.protocol import ManifestReply, Message, WeightReply
 from peerpipe.transport import ConnectionClosedError
 from peerpipe.weights import FetchError, Manifest, Store, build_manifest
-from peerpipe.weights import fetch as fetch_module
+from peerpipe.weights import transfer as fetch_module
 from peerpipe.weights.fetch import Fetcher
 from peerpipe.weights.manifest import folder_locations
 from peerpipe.weights.serve import WeightServer

@@ -1,0 +1,138 @@
+"""One fetch of many tensors from the room's holders: byte ranges cut into pieces on demand,
+several in flight, each tensor checked against the manifest before it counts.
+
+How hard it pulls depends on the holder. A holder that is passing an answer's hidden states
+says so (``WeightReply.busy``): then one small piece is in flight at a time, so at most a few
+milliseconds of weights sit in any queue ahead of an answer's bytes. Otherwise big pieces, several
+in flight, fill the link.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from peerpipe.logs import Report
+from peerpipe.protocol import WeightReply, WeightRequest
+from peerpipe.weights.errors import FetchError, HolderGone
+from peerpipe.weights.manifest import TensorRecord
+from peerpipe.weights.store import Store
+
+PIECE = 4 << 20
+WINDOW = 4  # pieces in flight when nobody is answering: enough to fill a gigabit link
+GENTLE_PIECE = 32 << 10  # ~2.6 ms on a 100 Mbit/s link
+GENTLE_WINDOW = 1
+Ask = Callable[[str, WeightRequest], Awaitable[WeightReply]]
+
+
+@dataclass
+class _Tensor:
+    record: TensorRecord
+    left: int = 0  # bytes not yet written
+    served_by: set[str] = field(default_factory=set)
+    refused: set[str] = field(default_factory=set)  # holders without it, or whose bytes were bad
+
+
+class Transfer:
+    def __init__(
+        self, store: Store, todo: Sequence[TensorRecord], holders: Sequence[str], ask: Ask, stats, report: Report,  # type: ignore[no-untyped-def]
+        on_bytes: Callable[[int], None],
+    ) -> None:
+        self.store, self.holders, self.ask, self.stats, self.report = store, list(holders), ask, stats, report
+        self.on_bytes = on_bytes
+        self.tensors = {t.name: _Tensor(t, t.nbytes) for t in todo}
+        self.pending: deque[tuple[str, int, int]] = deque((t.name, 0, t.nbytes) for t in todo)
+        self.remaining = len(todo)
+        self.gone: set[str] = set()
+        self.more = asyncio.Event()
+        self.finished = asyncio.Event()
+        self.fast = asyncio.Event()
+        self.fast.set()
+        self.gentle_replies = 0
+
+    async def run(self) -> None:
+        try:
+            async with asyncio.TaskGroup() as tg:
+                workers = [tg.create_task(self._worker(i)) for i in range(WINDOW)]
+                await self.finished.wait()
+                for task in workers:
+                    task.cancel()
+        except BaseExceptionGroup as group:
+            raise group.exceptions[0] from None
+
+    def _holder_for(self, t: _Tensor) -> str:
+        for holder in self.holders:
+            if holder not in self.gone and holder not in t.refused:
+                return holder
+        raise FetchError(
+            f"no peer has a good copy of {t.record.name} (asked {len(self.holders)}; "
+            f"{len(self.gone)} left or stopped answering)"
+        )
+
+    def _put_back(self, item: tuple[str, int, int], front: bool = False) -> None:
+        (self.pending.appendleft if front else self.pending.append)(item)
+        self.more.set()
+
+    async def _take(self, index: int) -> tuple[str, int, int]:
+        while True:
+            if index >= GENTLE_WINDOW and not self.fast.is_set():
+                await self.fast.wait()
+                continue
+            if self.pending:
+                name, offset, length = self.pending.popleft()
+                size = PIECE if self.fast.is_set() else GENTLE_PIECE
+                if length > size:
+                    self._put_back((name, offset + size, length - size), front=True)
+                    length = size
+                return name, offset, length
+            self.more.clear()
+            await self.more.wait()
+
+    async def _worker(self, index: int) -> None:
+        while True:
+            name, offset, length = await self._take(index)
+            t = self.tensors[name]
+            holder = self._holder_for(t)
+            try:
+                reply = await self.ask(holder, WeightRequest(0, self.store.manifest.id, name, offset, length))
+            except HolderGone as exc:
+                if holder not in self.gone:
+                    self.gone.add(holder)
+                    self.stats.holders_lost += 1
+                    self.report(f"a peer sending weights is gone ({exc}); asking the next")
+                self._put_back((name, offset, length), front=True)
+                continue
+            if reply.busy:
+                self.fast.clear()
+                self.gentle_replies += 1
+            else:
+                self.fast.set()
+            if reply.error or len(reply.data) != length:
+                t.refused.add(holder)
+                self._put_back((name, offset, length), front=True)
+                continue
+            self.store.write(name, offset, reply.data)
+            self.stats.bytes_received += length
+            self.on_bytes(length)
+            t.served_by.add(holder)
+            t.left -= length
+            if not t.left:
+                await self._verify(t)
+
+    async def _verify(self, t: _Tensor) -> None:
+        name = t.record.name
+        if await asyncio.to_thread(self.store.matches, name):
+            self.store.mark_verified(name)
+            self.remaining -= 1
+            if not self.remaining:
+                self.finished.set()
+            return
+        self.stats.bad_tensors += 1
+        self.report(f"{name} did not match its hash: fetching it again from another peer")
+        self.on_bytes(-t.record.nbytes)
+        t.refused |= t.served_by
+        t.served_by.clear()
+        t.left = t.record.nbytes
+        self._put_back((name, 0, t.record.nbytes))
