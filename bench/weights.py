@@ -80,7 +80,7 @@ def host_proc(model: Path, nets: Namespaces, env: dict[str, str], nodes: int) ->
 
 
 def member(i: int, address: str, nets: Namespaces, env: dict[str, str], cache: Path) -> Proc:
-    return Proc("join", CODE, "--peer", address, "--listen", nets.ips[i], "--name", f"m{i}", "--device", "cpu",
+    return Proc("join", CODE, "--peer", address, "--listen", nets.ips[i], "--name", f"m{i}-{cache.name}", "--device", "cpu",
                 env={**env, "PEERPIPE_CACHE": str(cache)}, prefix=nets.prefix(i))
 
 
@@ -105,18 +105,28 @@ def one_rate(model: Path, rate: str, env: dict[str, str], args: argparse.Namespa
             got = m1.expect(FETCHED.pattern, timeout=900)
             host.expect(r"^ready: ", timeout=300)
             row["join_to_ready_s"] = round(time.perf_counter() - began, 2)
-            row["fetched_MB"], row["fetch_MBps"] = float(got.group(1)), float(got.group(2))
-            row["of_cap"] = round(row["fetch_MBps"] * 1e6 / RATES[rate], 3)
-            row["of_tcp"] = round(row["fetch_MBps"] / row["tcp_MBps"], 3)
-            log(f"{rate}: fetched {row['fetched_MB']} MB at {row['fetch_MBps']} MB/s ({row['of_cap']:.0%} of the cap)")
+            row["fetched_MB"], row["join_fetch_MBps"] = float(got.group(1)), float(got.group(2))
+            log(f"{rate}: the first member fetched {row['fetched_MB']} MB at {row['join_fetch_MBps']} MB/s "
+                "(while the host loads its own stage)")
             m1.stop()  # the same member joins again: everything is in its cache
             host.expect(r"^plan v\d+", timeout=120)
             began = time.perf_counter()
             again = member(1, address, nets, env, caches / "m1")
             procs.append(again)
-            host.expect(r"^ready: .*m1", timeout=300)
+            host.expect(r"^ready: .*m1-", timeout=300)
             row["rejoin_to_ready_s"] = round(time.perf_counter() - began, 2)
             row["rejoin_fetched"] = any("fetching layers" in line for line in list(again.lines.queue))
+            # A third node joins an idle room: the transfer alone (the current plan serves meanwhile).
+            idle = member(2, address, nets, env, caches / "idle")
+            procs.append(idle)
+            got = idle.expect(FETCHED.pattern, timeout=900)
+            row["idle_fetch_MBps"] = float(got.group(2))
+            row["of_cap"] = round(row["idle_fetch_MBps"] * 1e6 / RATES[rate], 3)
+            row["of_tcp"] = round(row["idle_fetch_MBps"] / row["tcp_MBps"], 3)
+            host.expect(r"^ready: .*m2-", timeout=300)
+            idle.stop()
+            host.expect(r"^ready: ", timeout=300)
+            log(f"{rate}: a fetch into an idle room: {row['idle_fetch_MBps']} MB/s ({row['of_cap']:.0%} of the cap)")
             # Token latency before and while a third node fetches (the current plan serves meanwhile).
             ms_per_token(address, nets, env, args.tokens)  # warm
             before = statistics.median(ms_per_token(address, nets, env, args.tokens) for _ in range(args.repeats))
@@ -158,7 +168,7 @@ def main() -> None:
     print(f"{'link':8} {'TCP MB/s':>9} {'fetch MB/s':>10} {'of cap':>7} {'of TCP':>7} {'MB':>6} {'join->ready s':>13} "
           f"{'rejoin s':>9} {'ms/tok':>7} {'during':>7} {'rise':>6}")
     for r in rows:
-        print(f"{r['rate']:8} {r['tcp_MBps']:9.1f} {r['fetch_MBps']:10.1f} {r['of_cap']:7.0%} {r['of_tcp']:7.0%} "
+        print(f"{r['rate']:8} {r['tcp_MBps']:9.1f} {r['idle_fetch_MBps']:10.1f} {r['of_cap']:7.0%} {r['of_tcp']:7.0%} "
               f"{r['fetched_MB']:6.0f} {r['join_to_ready_s']:13.1f} {r['rejoin_to_ready_s']:9.1f} "
               f"{r['ms_per_token_before']:7.1f} {r['ms_per_token_during_fetch'] or 0:7.1f} {r['latency_rise'] or 0:6.1%}")
     result = {

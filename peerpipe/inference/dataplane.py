@@ -49,8 +49,9 @@ class DataPlane:
         self.no_entry = no_entry  # what a client asking this node for an answer is told
         self.last_compute = -1e9  # monotonic time hidden states last passed through this node
 
-    def answering(self, within_s: float = 1.0) -> bool:
-        """Whether answers passed through this node lately (weights then yield to them)."""
+    def answering(self, within_s: float = 10.0) -> bool:
+        """Whether answers passed through this node lately (weights then yield to them: answers
+        come in bursts, so a short pause between two does not count as the end)."""
         return time.monotonic() - self.last_compute < within_s
 
     async def run(self, control: Control) -> None:

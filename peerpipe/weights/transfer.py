@@ -1,15 +1,19 @@
 """One fetch of many tensors from the room's holders: byte ranges cut into pieces on demand,
 several in flight, each tensor checked against the manifest before it counts.
 
-How hard it pulls depends on the holder. A holder that is passing an answer's hidden states
-says so (``WeightReply.busy``): then one small piece is in flight at a time, so at most a few
-milliseconds of weights sit in any queue ahead of an answer's bytes. Otherwise big pieces, several
-in flight, fill the link.
+How hard it pulls depends on the holder. A holder that is passing answers' hidden states says
+so (``WeightReply.busy``): then one small piece is in flight at a time, one every
+``GENTLE_GAP_S`` at most, so a few milliseconds of weights at most sit in any queue ahead of an
+answer's bytes and the fetch takes little of the holder's CPU; the answers run as if alone and
+the fetch still advances. Otherwise several pieces
+are in flight, each sized to ``FAST_PIECE_S`` of the link's measured rate: they fill the link,
+and an answer that starts meanwhile finds at most ``WINDOW * FAST_PIECE_S`` of weights queued.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,10 +24,13 @@ from peerpipe.weights.errors import FetchError, HolderGone
 from peerpipe.weights.manifest import TensorRecord
 from peerpipe.weights.store import Store
 
-PIECE = 4 << 20
+PIECE = 4 << 20  # the largest piece
+FIRST_PIECE = 256 << 10  # until the link's rate is known
+FAST_PIECE_S = 0.025
 WINDOW = 4  # pieces in flight when nobody is answering: enough to fill a gigabit link
 GENTLE_PIECE = 32 << 10  # ~2.6 ms on a 100 Mbit/s link
 GENTLE_WINDOW = 1
+GENTLE_GAP_S = 0.02
 Ask = Callable[[str, WeightRequest], Awaitable[WeightReply]]
 
 
@@ -51,6 +58,16 @@ class Transfer:
         self.fast = asyncio.Event()
         self.fast.set()
         self.gentle_replies = 0
+        self.received = 0
+        self.started = time.monotonic()
+
+    def _piece(self) -> int:
+        if not self.fast.is_set():
+            return GENTLE_PIECE
+        elapsed = time.monotonic() - self.started
+        if self.received < 8 * FIRST_PIECE or elapsed <= 0:
+            return min(PIECE, FIRST_PIECE)
+        return max(GENTLE_PIECE, min(PIECE, int(self.received / elapsed * FAST_PIECE_S)))
 
     async def run(self) -> None:
         try:
@@ -82,7 +99,7 @@ class Transfer:
                 continue
             if self.pending:
                 name, offset, length = self.pending.popleft()
-                size = PIECE if self.fast.is_set() else GENTLE_PIECE
+                size = self._piece()
                 if length > size:
                     self._put_back((name, offset + size, length - size), front=True)
                     length = size
@@ -107,6 +124,7 @@ class Transfer:
             if reply.busy:
                 self.fast.clear()
                 self.gentle_replies += 1
+                await asyncio.sleep(GENTLE_GAP_S)  # a pace, not a wait for an event: background traffic
             else:
                 self.fast.set()
             if reply.error or len(reply.data) != length:
@@ -115,6 +133,7 @@ class Transfer:
                 continue
             self.store.write(name, offset, reply.data)
             self.stats.bytes_received += length
+            self.received += length
             self.on_bytes(length)
             t.served_by.add(holder)
             t.left -= length
