@@ -63,11 +63,11 @@ class Transfer:
 
     def _piece(self) -> int:
         if not self.fast.is_set():
-            return GENTLE_PIECE
+            return min(PIECE, GENTLE_PIECE)
         elapsed = time.monotonic() - self.started
         if self.received < 8 * FIRST_PIECE or elapsed <= 0:
             return min(PIECE, FIRST_PIECE)
-        return max(GENTLE_PIECE, min(PIECE, int(self.received / elapsed * FAST_PIECE_S)))
+        return min(PIECE, max(GENTLE_PIECE, int(self.received / elapsed * FAST_PIECE_S)))
 
     async def run(self) -> None:
         try:

@@ -37,12 +37,12 @@ def expected() -> list[int]:
     return engine.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=TOKENS, ignore_eos=True)).tokens
 
 
-async def room_of(stack: contextlib.AsyncExitStack, device: LocalDevice, members: list[dict]):  # type: ignore[no-untyped-def]
+async def room_of(stack: contextlib.AsyncExitStack, device: LocalDevice, members: list[dict], report=None):  # type: ignore[no-untyped-def]
     config = ClusterConfig(
         expect_nodes=1 + len(members), strategy="proportional", budget=Budget(128, 2), replan_debounce_s=0.2
     )
     room = await stack.enter_async_context(
-        create_room(MODEL, dtype="float32", config=config, measured=device, speculate="off")
+        create_room(MODEL, dtype="float32", config=config, measured=device, speculate="off", report=report)
     )
     nodes = [
         await stack.enter_async_context(join_room(str(room.code), peer=room.address, measured=device, name=f"m{i}", **kw))
@@ -164,5 +164,49 @@ def test_a_node_joining_fetches_its_layers_while_the_current_plan_keeps_answerin
             plan = await room.plan(60)
             assert plan.version > first.version and late.stage.node_id in {s.node_id for s in plan.stages}
             assert await answer(room) == expected
+
+    asyncio.run(asyncio.wait_for(main(), 180))
+
+
+def test_a_node_stopped_mid_fetch_resumes_where_it_stopped(device, expected, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from peerpipe.weights import transfer
+
+    monkeypatch.setattr(transfer, "PIECE", 2048)  # thousands of round trips: slow enough to stop it halfway
+    monkeypatch.setattr(transfer, "FIRST_PIECE", 2048)
+    monkeypatch.setattr(transfer, "WINDOW", 1)
+    total = sum(t.nbytes for t in build_manifest(MODEL, "austen").tensors)
+    progressed, serving = asyncio.Event(), asyncio.Event()
+
+    def report(line: str) -> None:
+        if line.startswith("fetching layers") and "100%" not in line:
+            progressed.set()
+
+    def host_report(line: str) -> None:
+        if line.startswith("ready: ") and "e2[" in line:
+            serving.set()
+
+    async def main() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            room, _ = await room_of(stack, device, [{"model": MODEL}], report=host_report)
+            await room.plan(60)
+            async with contextlib.AsyncExitStack() as first:
+                node = await first.enter_async_context(join_room(
+                    str(room.code), peer=room.address, measured=device, weights_dir=tmp_path, name="e", report=report
+                ))
+                await asyncio.wait_for(progressed.wait(), 60)
+                before = node.stage.weights.fetcher.stats.bytes_received
+            assert 0 < before
+            manifest_id = room.cluster.rollout.model.manifest_id
+            kept = Store.existing(manifest_id, tmp_path)
+            assert kept is not None
+            verified = sum(kept.manifest.tensor(n).nbytes for g in kept.groups for n in kept.verified(g))
+            assert verified > 0  # checked tensors survive the stop
+            again = await stack.enter_async_context(
+                join_room(str(room.code), peer=room.address, measured=device, weights_dir=tmp_path, name="e2")
+            )
+            await asyncio.wait_for(serving.wait(), 60)
+            assert await answer(room) == expected
+            got = again.stage.weights.fetcher.stats.bytes_received
+            assert got <= total - verified + 300_000  # what was verified is not fetched again (files aside)
 
     asyncio.run(asyncio.wait_for(main(), 180))
