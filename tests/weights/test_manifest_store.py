@@ -155,3 +155,22 @@ def test_fetched_layers_are_listed_by_peerpipe_models_and_rm_frees_them(manifest
     assert held.source == "fetched" and held.path == store.root and held.bytes > 0
     remove(name)
     assert not store.root.exists() and all(h.name != name for h in catalog())
+
+
+def test_a_manifest_that_does_not_match_its_config_is_refused_before_any_tensor_is_fetched(manifest: Manifest, tmp_path: Path) -> None:
+    import asyncio
+
+    from peerpipe.weights import NodeWeights
+
+    lacking = Manifest(manifest.model_id, manifest.files, tuple(t for t in manifest.tensors if "layers.3." not in t.name))
+    store = Store(lacking, tmp_path)
+    store.open()
+    for f in manifest.files:
+        store.put_file(f.name, (MODEL / f.name).read_bytes())
+
+    async def never(_peer: str, _message: object) -> None:
+        raise AssertionError("nothing may be fetched for a manifest that does not match its config")
+
+    weights = NodeWeights(never, None, cache=tmp_path)
+    with pytest.raises(ManifestError, match="does not match its config"):
+        asyncio.run(weights.prepare(lacking.id, [(0, 6)], ["host"], "layers [0, 6)"))
