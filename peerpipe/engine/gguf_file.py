@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from peerpipe.engine.errors import ModelLoadError, TokenizerError, UnsupportedModelError
-from peerpipe.engine.gguf_header import read_header
+from peerpipe.engine.gguf_header import TensorInfo, read_header
 
 MAGIC = b"GGUF"
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -164,9 +164,7 @@ class GGUFModel:
         return tuple(reversed(self.tensors[name].dims))
 
     def nbytes(self, name: str) -> int:
-        t = self.tensors[name]
-        block, size = _block(t.kind)
-        return math.prod(t.dims) // block * size
+        return tensor_bytes(self.tensors[name])
 
     def read(self, name: str) -> torch.Tensor:
         """One tensor under its Hugging Face name, as float32 (Llama's q/k unpermuted)."""
@@ -285,6 +283,12 @@ class GGUFModel:
         backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types, strict=False) if k == 3])
         self._add_bos(backend, named, tokens, default=True)
         return backend, named, self._field("tokenizer.chat_template")
+
+
+def tensor_bytes(t: TensorInfo) -> int:
+    """A tensor's bytes in the file (its type's blocks)."""
+    block, size = _block(t.kind)
+    return math.prod(t.dims) // block * size
 
 
 def _block(kind: int) -> tuple[int, int]:

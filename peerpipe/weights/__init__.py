@@ -2,7 +2,8 @@
 them and fetching them (docs/weights.md)."""
 
 from peerpipe.weights.errors import DiskSpaceError, FetchError, HolderGone, ManifestError, WeightsError
-from peerpipe.weights.manifest import Manifest, build_manifest, folder_manifest
+from peerpipe.weights.local_copy import build_manifest, copy_manifest
+from peerpipe.weights.manifest import Manifest
 from peerpipe.weights.node import NodeWeights
 from peerpipe.weights.store import Store, store_root
 
@@ -16,6 +17,6 @@ __all__ = [
     "Store",
     "WeightsError",
     "build_manifest",
-    "folder_manifest",
+    "copy_manifest",
     "store_root",
 ]

@@ -13,13 +13,18 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from peerpipe.logs import Report, log_reporter
 from peerpipe.protocol import ManifestReply, ManifestRequest, Message, WeightReply, WeightRequest
 from peerpipe.room import LINK_ERRORS, Send
 from peerpipe.weights.errors import FetchError, HolderGone, ManifestError
-from peerpipe.weights.manifest import Located, Manifest, file_key
+from peerpipe.weights.local_copy import Located
+from peerpipe.weights.manifest import GGUF_HEADER, Manifest, file_key
 from peerpipe.weights.store import Store
+
+if TYPE_CHECKING:
+    from peerpipe.weights.gguf_store import GGUFStore
 from peerpipe.weights.transfer import PIECE, Transfer
 
 log = logging.getLogger(__name__)
@@ -108,8 +113,11 @@ class Fetcher:
             f"no peer could send the room's manifest {manifest_id}: {'; '.join(errors) or 'no peers'}"
         )
 
-    async def fetch_files(self, store: Store, holders: Sequence[str]) -> None:
+    async def fetch_files(self, store: Store | GGUFStore, holders: Sequence[str]) -> None:
         """The config, tokenizer and template files this store lacks, each checked whole."""
+        if (gguf := store.manifest.gguf) is not None and not store.has_file(GGUF_HEADER):
+            header = await self._whole(GGUF_HEADER, gguf.header_bytes, gguf.header_sha256, store.manifest.id, holders)
+            store.put_file(GGUF_HEADER, header)
         for record in store.manifest.files:
             if store.has_file(record.name):
                 continue
@@ -151,7 +159,7 @@ class Fetcher:
 
     async def fetch(
         self,
-        store: Store,
+        store: Store | GGUFStore,
         names: Sequence[str],
         holders: Sequence[str],
         *,
@@ -181,7 +189,7 @@ class Fetcher:
 
         await Transfer(store, todo, holders, ask, self.stats, self.report, progress.add).run()
 
-    def _copy_local(self, store: Store, name: str, local: tuple[Manifest, dict[str, Located]]) -> bool:
+    def _copy_local(self, store: Store | GGUFStore, name: str, local: tuple[Manifest, dict[str, Located]]) -> bool:
         """Take a tensor from this node's own copy when it is the same bytes; False when not."""
         manifest, where = local
         mine, wanted = manifest.by_name().get(name), store.manifest.tensor(name)

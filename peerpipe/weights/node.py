@@ -13,9 +13,11 @@ from peerpipe.logs import Report, log_reporter
 from peerpipe.room import Send
 from peerpipe.weights.errors import ManifestError
 from peerpipe.weights.fetch import Fetcher
-from peerpipe.weights.manifest import Located, Manifest, folder_locations, folder_manifest
+from peerpipe.weights.gguf_store import GGUFStore
+from peerpipe.weights.local_copy import Located, copy_manifest, locations
+from peerpipe.weights.manifest import Manifest
 from peerpipe.weights.serve import WeightServer
-from peerpipe.weights.store import Store
+from peerpipe.weights.store import Store, existing_store, open_store
 
 log = logging.getLogger(__name__)
 Range = tuple[int, int]
@@ -40,14 +42,15 @@ class NodeWeights:
         self._hashed = False
 
     async def local(self) -> tuple[Manifest, dict[str, Located]] | None:
-        """This node's own folder: its manifest (hashed once, then cached) and where each tensor lies."""
+        """This node's own copy (a folder or a GGUF): its manifest (hashed once, then cached) and
+        where each tensor lies."""
         if not self._hashed:
             self._hashed = True
-            if self.model_dir is not None and self.model_dir.is_dir():
-                folder = self.model_dir
-                progress = _marks(self.report, f"hashing {folder.name} to share it with peers")
-                manifest = await run_compute(folder_manifest, folder, folder.name, progress)
-                self._local = manifest, folder_locations(folder)
+            if self.model_dir is not None and self.model_dir.exists():
+                path = self.model_dir
+                progress = _marks(self.report, f"hashing {path.name} to share it with peers")
+                manifest = await run_compute(copy_manifest, path, path.stem if path.is_file() else path.name, progress)
+                self._local = manifest, locations(path)
                 self.server.add(manifest, self._local[1].get)
         return self._local
 
@@ -62,7 +65,7 @@ class NodeWeights:
         local = await self.local()
         if local is not None and local[0].id == manifest_id:
             return tuple(sorted(local[0].layers()))
-        store = Store.existing(manifest_id, self.cache)
+        store = existing_store(manifest_id, self.cache)
         return tuple(store.held_layers()) if store is not None else ()
 
     async def prepare(
@@ -73,40 +76,53 @@ class NodeWeights:
         what: str,
         check: Callable[[Any], None] | None = None,
     ) -> Path:
-        """The folder to load ``ranges`` of copy ``manifest_id`` from: this node's own when it is
-        that copy, else the cache, after fetching whatever of those layers it lacks. ``check``
+        """The folder (or GGUF file) to load ``ranges`` of copy ``manifest_id`` from: this node's
+        own when it is that copy, else the cache, after fetching whatever of those layers it lacks. ``check``
         sees the model's config before a tensor is fetched (and may refuse: it does not fit)."""
-        from peerpipe.engine.config import ModelConfig
-        from peerpipe.engine.errors import ModelLoadError
-        from peerpipe.engine.loader import check_checkpoint, stage_tensor_names
-
         local = await self.local()
         if local is not None and local[0].id == manifest_id:
             assert self.model_dir is not None
             return self.model_dir
-        store = Store.existing(manifest_id, self.cache)
+        store = existing_store(manifest_id, self.cache)
         if store is None:
-            store = Store(await self.fetcher.manifest(manifest_id, holders), self.cache)
+            store = open_store(await self.fetcher.manifest(manifest_id, holders), self.cache)
         store.open()
         self.server.add(store.manifest, store.locate)
-        await self.fetcher.fetch_files(store, holders)
         try:
-            cfg = ModelConfig.from_dir(store.root)
-            shapes = {t.name: t.shape for t in store.manifest.tensors}
-            check_checkpoint(cfg, shapes, f"the room's manifest {manifest_id}")
-        except ModelLoadError as exc:
-            raise ManifestError(f"the room's manifest does not match its config: {exc}") from exc
-        if check is not None:
-            check(cfg)
-        available = set(shapes)
-        names = sorted({n for start, end in ranges for n in stage_tensor_names(cfg, start, end, available)})
-        store.check_space(names)
-        try:
+            await self.fetcher.fetch_files(store, holders)
+            cfg, names = _stage_names(store, ranges, manifest_id)
+            if check is not None:
+                check(cfg)
+            store.check_space(names)
             await self.fetcher.fetch(store, names, holders, local=local, what=what)
         finally:
             store.close()
-        return store.root
+        return store.load_path
 
+
+def _stage_names(store: Store | GGUFStore, ranges: Sequence[Range], manifest_id: str) -> tuple[Any, list[str]]:
+    """The model's config, checked against the manifest, and the tensors ``ranges`` need (by the
+    manifest's names: Hugging Face ones, or a GGUF's own)."""
+    from peerpipe.engine.config import ModelConfig
+    from peerpipe.engine.errors import ModelLoadError
+    from peerpipe.engine.loader import check_checkpoint, stage_tensor_names
+
+    try:
+        cfg = ModelConfig.from_dir(store.load_path)
+        if isinstance(store, GGUFStore):
+            from peerpipe.engine.gguf_file import open_gguf
+
+            store.check_header()
+            gguf = open_gguf(str(store.load_path))
+            shapes, own = {n: gguf.shape(n) for n in gguf.tensors}, {n: t.name for n, t in gguf.tensors.items()}
+        else:
+            shapes = {t.name: t.shape for t in store.manifest.tensors}
+            own = {n: n for n in shapes}
+        check_checkpoint(cfg, shapes, f"the room's manifest {manifest_id}")
+    except ModelLoadError as exc:
+        raise ManifestError(f"the room's manifest does not match its config: {exc}") from exc
+    wanted = {n for start, end in ranges for n in stage_tensor_names(cfg, start, end, set(shapes))}
+    return cfg, sorted(own[n] for n in wanted)
 
 def _marks(report: Report, what: str):  # type: ignore[no-untyped-def]
     marks = [25, 50, 75, 100]

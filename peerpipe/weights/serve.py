@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 from peerpipe.protocol import ManifestReply, ManifestRequest, WeightReply, WeightRequest
 from peerpipe.room import LINK_ERRORS, Send
-from peerpipe.weights.manifest import Located, Manifest
+from peerpipe.weights.local_copy import Located
+from peerpipe.weights.manifest import Manifest
 
 log = logging.getLogger(__name__)
 Locate = Callable[[str], "Located | None"]

@@ -10,14 +10,20 @@ was not checked.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from peerpipe.paths import cache_dir
 from peerpipe.weights.errors import DiskSpaceError, ManifestError, WeightsError
-from peerpipe.weights.manifest import Located, Manifest, TensorRecord, file_key, hash_range
+from peerpipe.weights.local_copy import Located, hash_range
+from peerpipe.weights.manifest import Manifest, TensorRecord, file_key
+
+if TYPE_CHECKING:
+    from peerpipe.weights.gguf_store import GGUFStore
 
 INDEX = "model.safetensors.index.json"
 MANIFEST = "peerpipe-manifest.json"
@@ -33,25 +39,17 @@ class Store:
     def __init__(self, manifest: Manifest, base: Path | None = None) -> None:
         self.manifest = manifest
         self.root = store_root(manifest.id, base)
+        self.load_path = self.root  # what the loader takes: this folder
         self.groups: dict[str, list[TensorRecord]] = {}
         for t in sorted(manifest.tensors, key=lambda t: t.name):
             self.groups.setdefault(t.group, []).append(t)
         self._fds: dict[str, int] = {}
         self._offsets: dict[str, dict[str, int]] = {}
 
-    @classmethod
-    def existing(cls, manifest_id: str, base: Path | None = None) -> Store | None:
-        """The store of a manifest fetched before (some of it, at least), if any."""
-        path = store_root(manifest_id, base) / MANIFEST
-        try:
-            return cls(Manifest.from_json(path.read_bytes(), manifest_id), base)
-        except (OSError, ManifestError):
-            return None
-
     def open(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         if not (self.root / MANIFEST).is_file():
-            _write_atomic(self.root / MANIFEST, self.manifest.to_json())
+            write_atomic(self.root / MANIFEST, self.manifest.to_json())
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -148,7 +146,7 @@ class Store:
                 except OSError as exc:
                     os.close(fd)
                     part.unlink(missing_ok=True)
-                    raise _write_error(self.root, exc) from exc
+                    raise write_error(self.root, exc) from exc
             self._fds[group] = fd
         return self._fds[group]
 
@@ -162,7 +160,7 @@ class Store:
         try:
             os.pwrite(self._fd(record.group), data, self._layout(record.group)[name] + offset)
         except OSError as exc:
-            raise _write_error(self.root, exc) from exc
+            raise write_error(self.root, exc) from exc
 
     def matches(self, name: str) -> bool:
         """Whether the bytes written for ``name`` hash to the manifest's (safe to run in a thread)."""
@@ -177,7 +175,7 @@ class Store:
         if len(verified) == len(self.groups[group]):
             self._finish(group)
         else:
-            _write_atomic(self._verified_file(group), json.dumps(sorted(verified)).encode())
+            write_atomic(self._verified_file(group), json.dumps(sorted(verified)).encode())
 
     def check(self, name: str) -> bool:
         """``matches``, recorded when so."""
@@ -190,17 +188,22 @@ class Store:
         fd = self._fds.pop(group)
         os.fsync(fd)
         os.close(fd)
-        self._part(group).replace(self.path(group))
+        try:
+            self._part(group).replace(self.path(group))
+        except FileNotFoundError:
+            if not self.complete(group):  # else another process sharing this cache finished it first
+                raise
         self._verified_file(group).unlink(missing_ok=True)
-        weight_map = {
-            t.name: self.path(g).name for g, ts in self.groups.items() if self.complete(g) for t in ts
-        }
-        _write_atomic(
-            self.root / INDEX, json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1).encode()
-        )
+        # Processes of one machine may share the cache: the index is rebuilt from the files on
+        # disk under a lock, so the last rebuild sees every group renamed before it.
+        with (self.root / ".lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            weight_map = {t.name: self.path(g).name for g, ts in self.groups.items() if self.complete(g) for t in ts}
+            index = json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1).encode()
+            write_atomic(self.root / INDEX, index)
 
     def put_file(self, name: str, data: bytes) -> None:
-        _write_atomic(self.root / name, data)
+        write_atomic(self.root / name, data)
 
 
 def _layout(tensors: list[TensorRecord]) -> tuple[bytes, dict[str, int]]:
@@ -217,17 +220,17 @@ def _layout(tensors: list[TensorRecord]) -> tuple[bytes, dict[str, int]]:
     return len(raw).to_bytes(8, "little") + raw, {name: base + at for name, at in starts.items()}
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         tmp.write_bytes(data)
         tmp.replace(path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise _write_error(path.parent, exc) from exc
+        raise write_error(path.parent, exc) from exc
 
 
-def _write_error(where: Path, exc: OSError) -> WeightsError:
+def write_error(where: Path, exc: OSError) -> WeightsError:
     import errno
 
     if exc.errno == errno.ENOSPC:
@@ -235,3 +238,19 @@ def _write_error(where: Path, exc: OSError) -> WeightsError:
             f"the disk holding {where} is full: free space or point PEERPIPE_CACHE at a larger disk"
         )
     return WeightsError(f"cannot write fetched weights in {where}: {exc}")
+
+
+def open_store(manifest: Manifest, base: Path | None = None) -> Store | GGUFStore:
+    """The store for a copy: a folder of safetensors groups, or one sparse GGUF."""
+    from peerpipe.weights.gguf_store import GGUFStore
+
+    return GGUFStore(manifest, base) if manifest.gguf is not None else Store(manifest, base)
+
+
+def existing_store(manifest_id: str, base: Path | None = None) -> Store | GGUFStore | None:
+    """The store of a copy fetched before (some of it, at least), if any."""
+    path = store_root(manifest_id, base) / MANIFEST
+    try:
+        return open_store(Manifest.from_json(path.read_bytes(), manifest_id), base)
+    except (OSError, ManifestError):
+        return None

@@ -17,12 +17,16 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from peerpipe.logs import Report
 from peerpipe.protocol import WeightReply, WeightRequest
 from peerpipe.weights.errors import FetchError, HolderGone
 from peerpipe.weights.manifest import TensorRecord
 from peerpipe.weights.store import Store
+
+if TYPE_CHECKING:
+    from peerpipe.weights.gguf_store import GGUFStore
 
 PIECE = 4 << 20  # the largest piece
 FIRST_PIECE = 256 << 10  # until the link's rate is known
@@ -44,7 +48,7 @@ class _Tensor:
 
 class Transfer:
     def __init__(
-        self, store: Store, todo: Sequence[TensorRecord], holders: Sequence[str], ask: Ask, stats, report: Report,  # type: ignore[no-untyped-def]
+        self, store: Store | GGUFStore, todo: Sequence[TensorRecord], holders: Sequence[str], ask: Ask, stats, report: Report,  # type: ignore[no-untyped-def]
         on_bytes: Callable[[int], None],
     ) -> None:
         self.store, self.holders, self.ask, self.stats, self.report = store, list(holders), ask, stats, report

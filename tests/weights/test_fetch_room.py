@@ -18,8 +18,9 @@ from peerpipe.engine.sampling import SamplingParams
 from peerpipe.models import default_model_dir
 from peerpipe.plan import Budget
 from peerpipe.python_api import create_room, join_room
-from peerpipe.weights import Store, build_manifest
-from peerpipe.weights.manifest import folder_locations
+from peerpipe.weights import build_manifest
+from peerpipe.weights.local_copy import locations as folder_locations
+from peerpipe.weights.store import existing_store
 
 MODEL = default_model_dir()
 PROMPT = [5, 17, 42, 99, 3, 250, 11]
@@ -69,7 +70,7 @@ def test_members_with_no_model_fetch_their_layers_and_answer_as_one_machine(devi
             assert len(plan.stages) == 3
             assert await answer(room) == expected
             for node, folder in zip(nodes, ("a", "b"), strict=True):
-                store = Store.existing(manifest.id, tmp_path / folder)
+                store = existing_store(manifest.id, tmp_path / folder)
                 assert store is not None and set(store.held_layers()) == served(plan, node)  # its layers, no others
                 stats = node.stage.weights.fetcher.stats
                 assert stats.bytes_received > 0 and stats.bad_tensors == 0
@@ -197,7 +198,7 @@ def test_a_node_stopped_mid_fetch_resumes_where_it_stopped(device, expected, tmp
                 before = node.stage.weights.fetcher.stats.bytes_received
             assert 0 < before
             manifest_id = room.cluster.rollout.model.manifest_id
-            kept = Store.existing(manifest_id, tmp_path)
+            kept = existing_store(manifest_id, tmp_path)
             assert kept is not None
             verified = sum(kept.manifest.tensor(n).nbytes for g in kept.groups for n in kept.verified(g))
             assert verified > 0  # checked tensors survive the stop
@@ -210,3 +211,40 @@ def test_a_node_stopped_mid_fetch_resumes_where_it_stopped(device, expected, tmp
             assert got <= total - verified + 300_000  # what was verified is not fetched again (files aside)
 
     asyncio.run(asyncio.wait_for(main(), 180))
+
+
+def test_a_room_runs_the_gguf_only_its_host_has(device, tiny_model_dir, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A room of laptops can run the model one of them has in Ollama: its members fetch their
+    layers' quantized blocks and the header into a sparse copy of the file."""
+    from peerpipe.devtools.tiny_gguf import write_gguf
+
+    gguf = tmp_path / "tiny.gguf"
+    write_gguf(tiny_model_dir("llama", config_overrides={"num_hidden_layers": 6}), gguf, linear="Q8_0", embed="Q8_0")
+    engine, _ = LocalEngine.from_dir(gguf, device="cpu", dtype="float32", max_seq=128)
+    want = engine.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=TOKENS, ignore_eos=True)).tokens
+    manifest = build_manifest(gguf, "tiny")
+    assert manifest.gguf is not None and all(t.dtype.startswith("GGML") for t in manifest.tensors)
+
+    async def main() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            config = ClusterConfig(expect_nodes=3, strategy="proportional", budget=Budget(128, 2), replan_debounce_s=0.2)
+            room = await stack.enter_async_context(
+                create_room(gguf, dtype="float32", config=config, measured=device, speculate="off")
+            )
+            nodes = [
+                await stack.enter_async_context(join_room(
+                    str(room.code), peer=room.address, measured=device, name=f"m{i}", weights_dir=tmp_path / f"c{i}"
+                ))
+                for i in range(2)
+            ]
+            plan = await room.plan(60)
+            assert len(plan.stages) == 3
+            assert (await answer(room)) == want
+            for i, node in enumerate(nodes):
+                store = existing_store(manifest.id, tmp_path / f"c{i}")
+                assert store is not None and set(store.held_layers()) == served(plan, node)
+                copy = store.load_path
+                assert copy.stat().st_size == gguf.stat().st_size  # as long as the original...
+                assert copy.stat().st_blocks * 512 < gguf.stat().st_size  # ...but only its share is on disk
+
+    asyncio.run(asyncio.wait_for(main(), 120))

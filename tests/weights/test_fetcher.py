@@ -15,7 +15,7 @@ from peerpipe.transport import ConnectionClosedError
 from peerpipe.weights import FetchError, Manifest, Store, build_manifest
 from peerpipe.weights import transfer as fetch_module
 from peerpipe.weights.fetch import Fetcher
-from peerpipe.weights.manifest import folder_locations
+from peerpipe.weights.local_copy import locations as folder_locations
 from peerpipe.weights.serve import WeightServer
 
 MODEL = default_model_dir()

@@ -15,8 +15,9 @@ from peerpipe.engine.config import ModelConfig
 from peerpipe.engine.loader import checkpoint_index, load_stage
 from peerpipe.engine.safetensors_io import read_tensors
 from peerpipe.models import default_model_dir
-from peerpipe.weights import DiskSpaceError, Manifest, ManifestError, Store, build_manifest, folder_manifest
-from peerpipe.weights.manifest import folder_locations
+from peerpipe.weights import DiskSpaceError, Manifest, ManifestError, Store, build_manifest, copy_manifest
+from peerpipe.weights.local_copy import locations as folder_locations
+from peerpipe.weights.store import existing_store
 
 MODEL = default_model_dir()
 
@@ -32,7 +33,7 @@ def test_the_manifest_names_every_tensor_and_small_file_and_round_trips(manifest
     assert {"config.json", "tokenizer.json"} <= {f.name for f in manifest.files}
     again = Manifest.from_json(manifest.to_json(), manifest.id)
     assert again == manifest and again.id == manifest.id
-    assert folder_manifest(MODEL, "austen").id == manifest.id  # cached: the same copy, the same id
+    assert copy_manifest(MODEL, "austen").id == manifest.id  # cached: the same copy, the same id
 
 
 def _edited(manifest: Manifest, edit) -> bytes:  # type: ignore[no-untyped-def]
@@ -116,7 +117,7 @@ def test_bad_bytes_never_complete_a_group_and_verified_tensors_survive_a_restart
     assert not store.check(record.name)
     store.close()
     assert store.held_layers() == [] and not store.complete(record.group)
-    again = Store.existing(manifest.id, tmp_path)  # a new process: only the two checked ones count
+    again = existing_store(manifest.id, tmp_path)  # a new process: only the two checked ones count
     assert again is not None and again.verified(record.group) == set(layer[:2])
     assert again.locate(layer[0]) is not None and again.locate(record.name) is None
     _fill(again, layer[2:])
