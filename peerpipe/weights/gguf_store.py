@@ -38,7 +38,10 @@ class GGUFStore:
         return self.root / self.gguf.file
 
     def open(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise write_error(self.root, exc) from exc
         if not (self.root / MANIFEST).is_file():
             write_atomic(self.root / MANIFEST, self.manifest.to_json())
         if self._fd is None:

@@ -47,7 +47,10 @@ class Store:
         self._offsets: dict[str, dict[str, int]] = {}
 
     def open(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise write_error(self.root, exc) from exc
         if not (self.root / MANIFEST).is_file():
             write_atomic(self.root / MANIFEST, self.manifest.to_json())
 

@@ -33,19 +33,6 @@ def test_a_member_with_no_layers_leaving_disturbs_nothing(model, device) -> None
     arun(main(lines), lines)
 
 
-def test_a_member_without_the_model_is_planned_around(model, device) -> None:
-    async def main(lines: list[str]) -> None:
-        async with failover_room(model, device, members=3, member_model={0: ""}, lines=lines) as f:
-            assert "m0" not in f.stage_names()
-            assert f.room.cluster.rollout is not None and f.room.cluster.rollout.unable
-            result = await f.room.generate(PROMPT, temperature=0.0, max_tokens=8, ignore_eos=True)
-            assert len(result.tokens) == 8
-
-    lines: list[str] = []
-    arun(main(lines), lines)
-    assert any("planning around m0" in line for line in lines), lines
-
-
 @pytest.mark.slow
 def test_a_member_joining_mid_answer_is_planned_in_and_the_answer_goes_on(model, device) -> None:
     expected = local_tokens(model, GREEDY)
@@ -70,19 +57,20 @@ def test_a_member_joining_mid_answer_is_planned_in_and_the_answer_goes_on(model,
     arun(main(lines), lines)
 
 
-def test_a_member_with_another_model_is_planned_around(model, device, tiny_model_dir) -> None:
-    # A complete model (so `join` takes it), but not the room's: its stage cannot be loaded from it.
+def test_a_member_with_another_model_fetches_the_rooms_and_serves_it(model, device, tiny_model_dir) -> None:
+    # A complete model, but not the room's: the member fetches the room's layers from its peers.
     other = tiny_model_dir("llama", config_overrides={"num_hidden_layers": 3})
+    expected = local_tokens(model, GREEDY)
 
     async def main(lines: list[str]) -> None:
         async with failover_room(model, device, members=3, member_model={1: str(other)}, lines=lines) as f:
-            assert "m1" not in f.stage_names()
-            result = await f.room.generate(PROMPT, temperature=0.0, max_tokens=8, ignore_eos=True)
-            assert len(result.tokens) == 8
+            assert "m1" in f.stage_names()
+            result = await f.room.generate(PROMPT, temperature=0.0, max_tokens=40, ignore_eos=True)
+            assert result.tokens == expected
 
     lines: list[str] = []
     arun(main(lines), lines)
-    assert any("m1 could not take its stage" in line for line in lines), lines
+    assert any("m1 fetch" in line for line in lines) or not any("m1 could not" in line for line in lines), lines
 
 
 @pytest.mark.slow

@@ -248,3 +248,21 @@ def test_a_room_runs_the_gguf_only_its_host_has(device, tiny_model_dir, tmp_path
                 assert copy.stat().st_blocks * 512 < gguf.stat().st_size  # ...but only its share is on disk
 
     asyncio.run(asyncio.wait_for(main(), 120))
+
+
+def test_a_member_that_cannot_keep_fetched_layers_is_planned_around(device, expected, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "cache").write_text("a file where its cache folder should be")
+    lines: list[str] = []
+
+    async def main() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            room, (_, bad) = await room_of(
+                stack, device, [{"model": MODEL}, {"weights_dir": tmp_path / "cache"}], report=lines.append
+            )
+            plan = await room.plan(60)
+            assert bad.stage.node_id not in {s.node_id for s in plan.stages}
+            assert bad.stage.node_id in room.cluster.rollout.unable
+            assert await answer(room) == expected
+
+    asyncio.run(asyncio.wait_for(main(), 120))
+    assert any("could not take its stage" in line and "cannot write fetched weights" in line for line in lines), lines
