@@ -9,8 +9,8 @@ and are benchmarked, the room plans, and answers run through the pipeline. ``pee
         result = await room.generate("Why is the sky blue?", max_tokens=100)
         api = await room.serve_http(("127.0.0.1", 8088))   # OpenAI API, dashboard, /metrics
 
-    async with join_room("7-amber-falcon", peer=("192.168.1.20", 7000), model="models/llama") as node:
-        await node.closed()                     # serve a stage until the host closes the room
+    async with join_room("7-amber-falcon", peer=("192.168.1.20", 7000)) as node:
+        await node.closed()                     # fetch and serve a stage until the host closes the room
 
 A host holds three parts over one room node: the cluster service (membership, plans), its own
 stage, and the inference entry (answers); one dispatcher hands each room event to its part.
