@@ -17,7 +17,8 @@ from peerpipe.weights.gguf_store import GGUFStore
 from peerpipe.weights.local_copy import Located, copy_manifest, locations
 from peerpipe.weights.manifest import Manifest
 from peerpipe.weights.serve import WeightServer
-from peerpipe.weights.store import Store, existing_store, open_store
+from peerpipe.weights.store import Store
+from peerpipe.weights.stores import existing_store, open_store
 
 log = logging.getLogger(__name__)
 Range = tuple[int, int]

@@ -15,15 +15,11 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from peerpipe.paths import cache_dir
-from peerpipe.weights.errors import DiskSpaceError, ManifestError, WeightsError
+from peerpipe.weights.errors import DiskSpaceError, WeightsError
 from peerpipe.weights.local_copy import Located, hash_range
 from peerpipe.weights.manifest import Manifest, TensorRecord, file_key
-
-if TYPE_CHECKING:
-    from peerpipe.weights.gguf_store import GGUFStore
 
 INDEX = "model.safetensors.index.json"
 MANIFEST = "peerpipe-manifest.json"
@@ -242,18 +238,3 @@ def write_error(where: Path, exc: OSError) -> WeightsError:
         )
     return WeightsError(f"cannot write fetched weights in {where}: {exc}")
 
-
-def open_store(manifest: Manifest, base: Path | None = None) -> Store | GGUFStore:
-    """The store for a copy: a folder of safetensors groups, or one sparse GGUF."""
-    from peerpipe.weights.gguf_store import GGUFStore
-
-    return GGUFStore(manifest, base) if manifest.gguf is not None else Store(manifest, base)
-
-
-def existing_store(manifest_id: str, base: Path | None = None) -> Store | GGUFStore | None:
-    """The store of a copy fetched before (some of it, at least), if any."""
-    path = store_root(manifest_id, base) / MANIFEST
-    try:
-        return open_store(Manifest.from_json(path.read_bytes(), manifest_id), base)
-    except (OSError, ManifestError):
-        return None

@@ -20,7 +20,7 @@ from peerpipe.plan import Budget
 from peerpipe.python_api import create_room, join_room
 from peerpipe.weights import build_manifest
 from peerpipe.weights.local_copy import locations as folder_locations
-from peerpipe.weights.store import existing_store
+from peerpipe.weights.stores import existing_store
 
 MODEL = default_model_dir()
 PROMPT = [5, 17, 42, 99, 3, 250, 11]

@@ -17,7 +17,7 @@ from peerpipe.engine.safetensors_io import read_tensors
 from peerpipe.models import default_model_dir
 from peerpipe.weights import DiskSpaceError, Manifest, ManifestError, Store, build_manifest, copy_manifest
 from peerpipe.weights.local_copy import locations as folder_locations
-from peerpipe.weights.store import existing_store
+from peerpipe.weights.stores import existing_store
 
 MODEL = default_model_dir()
 
