@@ -37,6 +37,7 @@ from peerpipe.cluster.model_choice import ModelChoice
 from peerpipe.compute import run_compute
 from peerpipe.engine.decode import GenerationResult, OnText
 from peerpipe.engine.draft_model import DraftModel
+from peerpipe.engine.quant import ROOM_MODES
 from peerpipe.engine.quant import check_mode as check_quantize
 from peerpipe.engine.speculate import DEFAULT_MAX_DRAFT, SpeculationError
 from peerpipe.engine.tokenizer import Tokenizer
@@ -182,7 +183,7 @@ async def create_room(
     ngram (prompt lookup, the default) or draft (with the small model ``draft``, run here; the
     default once one is given), ``speculate_max`` the most tokens a step drafts. ``quantize`` is
     as for ``join_room``, for the host's own stage."""
-    check_quantize(quantize)
+    check_quantize(quantize, ROOM_MODES)
     room_code = parse_code(code) if code else generate_code()
     model = resolve_model(model) if model else None
     draft = resolve_model(draft) if draft else None
@@ -288,11 +289,11 @@ async def join_room(
     """Join a room by code (by mDNS on ``listen``'s network, or at ``peer``) and serve a stage
     of ``model`` when the plan gives this node one, until ``stop`` is set, the block ends or the
     host closes the room. ``on_join`` hears of the host as soon as the handshake is done;
-    ``measured`` is as for ``create_room``; ``quantize`` (int8, int4) holds this node's layers'
+    ``measured`` is as for ``create_room``; ``quantize`` (int8, int4; auto: as the plan says) holds this node's layers'
     matrices in fewer bits, so it takes more layers (docs/quantization.md). Without ``model`` (or
     with another copy of it) the node fetches its layers from peers into ``weights_dir``
     (default: the cache, ``peerpipe models`` lists them; docs/weights.md)."""
-    check_quantize(quantize)
+    check_quantize(quantize, ROOM_MODES)
     leave = asyncio.Event()  # set by ``stop`` or by the end of the block; the caller's event is theirs
     async with Member(parse_code(code), name=name) as node:
         def waiting(seconds: float) -> None:

@@ -114,7 +114,8 @@ class LocalDevice:
         self.meter.start()
         try:
             return await run_compute(
-                self.cache.layer, cfg, dtype or self.default_dtype, fresh=fresh, quantize=self.quantize
+                self.cache.layer, cfg, dtype or self.default_dtype, fresh=fresh,
+                quantize="none" if self.quantize == "auto" else self.quantize,  # auto: timed as it is held at first
             )
         finally:
             self.meter.stop()

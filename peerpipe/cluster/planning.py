@@ -12,7 +12,17 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from peerpipe.plan import Budget, Link, ModelSpec, Network, NodeSpec, Objective, PlanResult, make_plan
+from peerpipe.plan import (
+    Budget,
+    DoesNotFitError,
+    Link,
+    ModelSpec,
+    Network,
+    NodeSpec,
+    Objective,
+    PlanResult,
+    make_plan,
+)
 from peerpipe.plan.reuse import Holdings, prefer_held
 from peerpipe.plan.spec import layer_scale
 from peerpipe.plan.wire import choose_wire
@@ -24,14 +34,16 @@ GBPS_PER_TFLOPS = 20.0
 
 
 def node_spec(
-    model: ModelSpec, info: NodeInfo, timing: LayerTiming | None, shape: str, *, half: bool
+    model: ModelSpec, info: NodeInfo, timing: LayerTiming | None, shape: str, *, half: bool, auto: str = "none"
 ) -> NodeSpec:
     """Measured layer times when the node timed this model's shape, else a roofline estimate;
-    a node that quantizes its layers holds them in fewer bytes."""
+    a node that quantizes its layers holds them in fewer bytes (``auto``: what a node that lets
+    the planner choose is planned with)."""
     spec = _node_spec(model, info, timing, shape, half=half)
-    if info.quantize == "none":
+    mode = auto if info.quantize == "auto" else info.quantize
+    if mode == "none":
         return spec
-    return dataclasses.replace(spec, layer_scale=layer_scale(info.quantize, model.dtype_bytes))
+    return dataclasses.replace(spec, layer_scale=layer_scale(mode, model.dtype_bytes))
 
 
 def _node_spec(
@@ -132,12 +144,13 @@ def plan_room(
     strategy: str = "optimal",
     objective: Objective | str = Objective.LATENCY,
     held: Holdings | None = None,
+    auto: str = "none",
 ) -> PlanResult:
     """Plan over the members that are alive; suspected ones get nothing. With ``held`` (the
     layers each node already holds), of plans as fast keep the one that fetches the least."""
     alive = [m for m in facts.members if m.health == "alive"]
     timings = facts.timings or {}
-    specs = [node_spec(model, m.info, timings.get(m.info.node_id, m.timing), shape, half=half) for m in alive]
+    specs = [node_spec(model, m.info, timings.get(m.info.node_id, m.timing), shape, half=half, auto=auto) for m in alive]
     # The entry node goes first: it is "this machine" of the plan.
     specs.sort(key=lambda s: s.node_id != entry)
     network = network_from(facts.links)
@@ -146,6 +159,21 @@ def plan_room(
         return result
     return prefer_held(result, model, {s.node_id: s for s in specs}, network, budget or Budget(), held)
 
+
+
+def plan_quantizing(model: ModelSpec, shape: str, facts: RoomFacts, **kw: Any) -> tuple[PlanResult, str]:
+    """``plan_room``; nodes that let the planner choose (``--quantize auto``) hold their layers in
+    the model's dtype when the model fits so, else in int8, else in int4. Returns the plan and
+    the mode those nodes take."""
+    autos = any(m.info.quantize == "auto" for m in facts.members if m.health == "alive")
+    modes = ("none", "int8", "int4") if autos else ("none",)
+    for mode in modes:
+        try:
+            return plan_room(model, shape, facts, auto=mode, **kw), mode
+        except DoesNotFitError:
+            if mode == modes[-1]:
+                raise
+    raise AssertionError("unreachable")
 
 def same_machine(addresses: Mapping[str, str]) -> Callable[[str, str], bool]:
     """Whether two nodes, by the addresses they listen on, are processes of one machine: both on
@@ -190,9 +218,11 @@ def to_protocol(
     network: Network | None = None,
     wire: str = "auto",
     local: Callable[[str, str], bool] = lambda a, b: False,
+    quantize: Mapping[str, str] | None = None,
 ) -> Plan:
     """The plan as the wire carries it; each stage but the last with the format its hidden states
-    take over the link to the next (plan/wire.py: ``wire``, or from the link when auto)."""
+    take over the link to the next (plan/wire.py: ``wire``, or from the link when auto); the
+    stages of nodes in ``quantize`` (those that let the planner choose) with their mode."""
     stages = result.stages
     formats = wire_formats([s.node_id for s in stages], model, network or Network(), wire, local)
     return Plan(
@@ -200,9 +230,9 @@ def to_protocol(
         model.model_id,
         model.num_layers,
         tuple(
-            PlanStage(s.node_id, s.start, s.end, s.compute_ms, fmt)
+            PlanStage(s.node_id, s.start, s.end, s.compute_ms, fmt, (quantize or {}).get(s.node_id, ""))
             for s, fmt in zip(stages, formats, strict=True)
         ),
         result.predicted_ms_per_token,
-        tuple(PlanStage(*s) for s in standbys),
+        tuple(PlanStage(n, a, b, quantize=(quantize or {}).get(n, "")) for n, a, b in standbys),
     )

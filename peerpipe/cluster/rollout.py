@@ -28,7 +28,7 @@ from peerpipe.cluster.model_choice import ModelChoice
 from peerpipe.cluster.planning import (
     RoomFacts,
     network_from,
-    plan_room,
+    plan_quantizing,
     same_machine,
     to_protocol,
     wire_formats,
@@ -73,6 +73,8 @@ def describe_plan(plan: Plan, names: dict[str, str]) -> str:
     stages = ""
     for s in plan.stages:
         stages += f"{names.get(s.node_id, s.node_id[:8])}[{s.start},{s.end})"
+        if s.quantize not in ("", "none"):
+            stages += f"({s.quantize})"  # a node that let the planner choose holds these in fewer bits
         if s is not plan.stages[-1]:
             stages += f" -{s.wire}-> " if s.wire else " -> "  # a hop in another format says which
     return f"plan v{plan.version}: {stages}, {plan.predicted_ms:.2f} ms/token predicted"
@@ -266,7 +268,7 @@ class Rollout:
         members = [m for m in host.room_view().members if m.info.node_id not in self.unable]
         facts = RoomFacts(members, tuple(self.links.values()), self.timings)
         try:
-            result = plan_room(
+            result, auto = plan_quantizing(
                 model.spec,
                 model.shape_key,
                 facts,
@@ -292,8 +294,10 @@ class Rollout:
             host.report("no memory for a standby of " + ", ".join(f"{names.get(n, n[:8])}[{a},{b})" for n, a, b in bare))
         network = network_from(self.links.values())
         local = same_machine({m.info.node_id: m.info.address for m in members})
+        choosing = {m.info.node_id: auto for m in members if m.info.quantize == "auto"}
         plan = to_protocol(
-            result, next(self._versions), model.spec, standbys, network=network, wire=self.config.wire, local=local
+            result, next(self._versions), model.spec, standbys, network=network, wire=self.config.wire, local=local,
+            quantize=choosing,
         )
         if not await self._prefetch(plan):
             return None

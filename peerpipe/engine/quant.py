@@ -25,9 +25,12 @@ class QuantizeError(EngineError, ValueError):
     """A quantization setting that does not exist, or a matrix it cannot apply to."""
 
 
-def check_mode(mode: str) -> str:
-    if mode not in QUANT_MODES:
-        raise QuantizeError(f"quantize must be one of {', '.join(QUANT_MODES)}, not {mode!r}")
+ROOM_MODES = (*QUANT_MODES, "auto")  # a room's node may let the planner choose
+
+
+def check_mode(mode: str, modes: tuple[str, ...] = QUANT_MODES) -> str:
+    if mode not in modes:
+        raise QuantizeError(f"quantize must be one of {', '.join(modes)}, not {mode!r}")
     return mode
 
 

@@ -40,7 +40,7 @@ class _Shape:
     dtype: str
     context: int
     sessions: int
-
+    quantize: str  # how this node holds the plan's layers
 
 @dataclass
 class _Held:
@@ -135,11 +135,14 @@ class StageRuntime:
         returns "" or why it could not. Nothing is loaded: the plan itself comes next."""
         plan = message.plan
         wanted = sorted({(s.start, s.end) for s in (*plan.stages, *plan.standbys) if s.node_id == self.node_id})
+        quantize = self._mode(message)
         try:
             async with self._applying:
                 missing = [r for r in wanted if r not in self._held]
                 if missing:
-                    await self._folder(message, missing, host_id, lambda cfg: self._check_fits(message, cfg, wanted))
+                    await self._folder(
+                        message, missing, host_id, lambda cfg: self._check_fits(message, cfg, wanted, quantize)
+                    )
         except (PeerpipeError, RuntimeError, OSError, ValueError) as exc:
             return str(exc)
         return ""
@@ -148,7 +151,8 @@ class StageRuntime:
         plan = message.plan
         stages = [(i, s) for i, s in enumerate(plan.stages) if s.node_id == self.node_id]
         wanted = {(s.start, s.end) for _, s in stages} | {(s.start, s.end) for s in plan.standbys if s.node_id == self.node_id}
-        shape = _Shape(message.dtype, message.context_tokens, message.sessions)
+        quantize = self._mode(message)
+        shape = _Shape(message.dtype, message.context_tokens, message.sessions, quantize)
         if shape != self._shape:
             self._stop_servers(set(self.servers))
             self._held.clear()
@@ -156,7 +160,7 @@ class StageRuntime:
         missing = sorted(wanted - set(self._held))
 
         def check(cfg: Any) -> None:
-            self._check_fits(message, cfg, sorted(wanted))
+            self._check_fits(message, cfg, sorted(wanted), quantize)
 
         # Layers this node lacks come from peers while its old stages still serve: only loading
         # needs their memory back.
@@ -170,7 +174,7 @@ class StageRuntime:
             del self._held[gone]
         self._stop_servers({start for start, server in self.servers.items() if (start, server.stage.end) not in wanted})
         if folder is not None:
-            await self._load(message, missing, sorted(wanted), folder)
+            await self._load(message, missing, sorted(wanted), folder, quantize)
         for index, planned in stages:
             next_hop = plan.stages[index + 1].node_id if index + 1 < len(plan.stages) else None
             server = self.servers.get(planned.start)
@@ -189,24 +193,26 @@ class StageRuntime:
             assert self._tg is not None, "call run() first"
             self._workers[planned.start] = self._tg.create_task(server.run())
 
-    async def _load(self, message: DistributionPlan, ranges: list[Range], wanted: list[Range], model_dir: Path) -> None:
+    async def _load(
+        self, message: DistributionPlan, ranges: list[Range], wanted: list[Range], model_dir: Path, quantize: str
+    ) -> None:
         from peerpipe.engine.config import ModelConfig
         from peerpipe.engine.loader import load_stage
 
         self.loading = True
         try:
             cfg = ModelConfig.from_dir(model_dir)
-            need = self._check_fits(message, cfg, wanted)
+            need = self._check_fits(message, cfg, wanted, quantize)
             dtype = message.dtype or "float32"
             sessions, context = max(1, message.sessions), max(2, message.context_tokens)
             for start, end in ranges:
                 role = "" if any(s.node_id == self.node_id and s.start == start for s in message.plan.stages) else " (standby)"
-                held = f", {self.quantize} weights" if self.quantize != "none" else ""
+                held = f", {quantize} weights" if quantize != "none" else ""
                 self.report(f"loading layers [{start}, {end}) of {message.plan.model_id}{role} ({fmt_bytes(need)}{held})")
                 progress = _progress(self.report, f"loading layers [{start}, {end})")
                 stage, stats = await run_compute(
                     load_stage, model_dir, start, end, device=self.device, dtype=dtype, progress=progress, cfg=cfg,
-                    quantize=self.quantize,
+                    quantize=quantize,
                 )
                 cache = await run_compute(stage.new_cache, sessions, context)
                 self._held[(start, end)] = _Held(stage, cache)
@@ -229,7 +235,15 @@ class StageRuntime:
             raise StageLoadError("the plan gives this node layers, but it has no model: join with --model DIR")
         return self.model_dir
 
-    def _check_fits(self, message: DistributionPlan, cfg: Any, wanted: list[Range]) -> int:
+    def _mode(self, message: DistributionPlan) -> str:
+        """How this node holds the plan's layers: as it was told, or as the plan says when it
+        let the planner choose (``auto``)."""
+        if self.quantize != "auto":
+            return self.quantize
+        modes = {s.quantize for s in (*message.plan.stages, *message.plan.standbys) if s.node_id == self.node_id}
+        return next((m for m in modes if m), "none")
+
+    def _check_fits(self, message: DistributionPlan, cfg: Any, wanted: list[Range], quantize: str) -> int:
         """The memory the plan's ranges need here, after checking the folder is the room's model."""
         if message.shape_key and cfg.shape_key != message.shape_key:
             raise StageLoadError(
@@ -240,7 +254,7 @@ class StageRuntime:
         dtype = message.dtype or "float32"
         spec = ModelSpec.from_config(cfg, message.plan.model_id, ITEMSIZE.get(dtype, 4))
         budget = Budget(max(2, message.context_tokens), max(1, message.sessions), headroom=0.0)
-        scale = layer_scale(self.quantize, spec.dtype_bytes)
+        scale = layer_scale(quantize, spec.dtype_bytes)
         need = sum(stage_memory(spec, budget, start, end, scale) for start, end in wanted)
         if need > self.memory_bytes:
             shown = ", ".join(f"[{a}, {b})" for a, b in wanted)

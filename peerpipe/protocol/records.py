@@ -23,8 +23,9 @@ MAX_STAGES = 1024
 MAX_MEMBERS = 1024
 # Layer indices beyond this are nonsense for any model we can hold.
 MAX_LAYERS = 1 << 20
-WIRE_FORMATS = frozenset({"", "bf16", "fp16", "int8"})
-QUANT_MODES = frozenset({"none", "int8", "int4"})  # how a node holds its layers' matrices  # how a stage's hidden states travel on
+WIRE_FORMATS = frozenset({"", "bf16", "fp16", "int8"})  # how a stage's hidden states travel on
+QUANT_MODES = frozenset({"none", "int8", "int4", "auto"})  # how a node holds its layers' matrices (auto: the plan says)
+STAGE_QUANT = frozenset({"", "none", "int8", "int4"})  # what the plan says to an auto node
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +220,7 @@ class PlanStage:
     end: int
     predicted_ms: float = 0.0
     wire: str = ""  # how its hidden states travel to the next stage: "" (the model's dtype), bf16, fp16, int8
+    quantize: str = ""  # for a node that let the planner choose: how it holds these layers ("": as it said)
 
     def __post_init__(self) -> None:
         need_id(self, "node_id")
@@ -226,6 +228,7 @@ class PlanStage:
         need_int(self, "end", 1, MAX_LAYERS)
         need_float(self, "predicted_ms")
         need_choice(self, "wire", WIRE_FORMATS)
+        need_choice(self, "quantize", STAGE_QUANT)
         if self.start >= self.end:
             raise ValidationError(f"PlanStage layer range [{self.start}, {self.end}) is empty")
 

@@ -92,7 +92,10 @@ def plans(draw: st.DrawFn) -> p.Plan:
     cuts = sorted(set(draw(st.lists(st.integers(1, 99), max_size=6))))
     num_layers = draw(st.integers((cuts[-1] + 1) if cuts else 1, 100))
     bounds = [0, *cuts, num_layers]
-    stages = tuple(p.PlanStage(draw(ids), a, b, draw(st.floats(0.0, 1e6))) for a, b in itertools.pairwise(bounds))
+    stages = tuple(
+        p.PlanStage(draw(ids), a, b, draw(st.floats(0.0, 1e6)), quantize=draw(st.sampled_from(["", "none", "int8", "int4"])))
+        for a, b in itertools.pairwise(bounds)
+    )
     spares = tuple(
         p.PlanStage(f"spare-{s.node_id}", s.start, s.end) for s in stages if draw(st.booleans())
     )
