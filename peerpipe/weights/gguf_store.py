@@ -15,7 +15,7 @@ from pathlib import Path
 from peerpipe.weights.errors import DiskSpaceError, ManifestError, WeightsError
 from peerpipe.weights.local_copy import Located, hash_range
 from peerpipe.weights.manifest import GGUF_HEADER, GGUFInfo, Manifest, TensorRecord
-from peerpipe.weights.store import MANIFEST, SPARE_BYTES, store_root, write_atomic, write_error
+from peerpipe.weights.store import SPARE_BYTES, make_root, store_root, write_atomic, write_error
 
 VERIFIED = "peerpipe-verified.json"
 HEADER = "peerpipe-header.sha256"  # present once the header matched
@@ -38,12 +38,7 @@ class GGUFStore:
         return self.root / self.gguf.file
 
     def open(self) -> None:
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise write_error(self.root, exc) from exc
-        if not (self.root / MANIFEST).is_file():
-            write_atomic(self.root / MANIFEST, self.manifest.to_json())
+        make_root(self.root, self.manifest)
         if self._fd is None:
             fd = os.open(self.load_path, os.O_RDWR | os.O_CREAT, 0o644)
             try:

@@ -43,12 +43,7 @@ class Store:
         self._offsets: dict[str, dict[str, int]] = {}
 
     def open(self) -> None:
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise write_error(self.root, exc) from exc
-        if not (self.root / MANIFEST).is_file():
-            write_atomic(self.root / MANIFEST, self.manifest.to_json())
+        make_root(self.root, self.manifest)
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -217,6 +212,16 @@ def _layout(tensors: list[TensorRecord]) -> tuple[bytes, dict[str, int]]:
     raw += b" " * (-len(raw) % 8)  # safetensors pads its header to 8 bytes
     base = 8 + len(raw)
     return len(raw).to_bytes(8, "little") + raw, {name: base + at for name, at in starts.items()}
+
+
+def make_root(root: Path, manifest: Manifest) -> None:
+    """A copy's folder, with its manifest (what ``existing_store`` finds next time)."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(root, exc) from exc
+    if not (root / MANIFEST).is_file():
+        write_atomic(root / MANIFEST, manifest.to_json())
 
 
 def write_atomic(path: Path, data: bytes) -> None:
