@@ -34,6 +34,12 @@ def _listen_address(text: str) -> Address:
     return parse_address(text, default_port=0)
 
 
+def _tokens(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of tokens (0 or more)")
+    return int(text)
+
+
 def _positive(text: str) -> float:
     try:
         value = float(text)
@@ -129,6 +135,14 @@ def add_host_parser(
         metavar="N|auto",
         help="standby copies of each stage on other nodes, where memory allows: a lost node's stage is "
         "taken over without loading (0; auto = 1)",
+    )
+    parser.add_argument(
+        "--prefill-chunk",
+        type=_tokens,
+        default=128,
+        metavar="TOKENS",
+        help="a prompt of at least twice this many tokens goes to a room of several stages in chunks of about "
+        "this size, pipelined across the stages (0: the whole prompt at once) (128)",
     )
     parser.add_argument(
         "--stall-timeout",
@@ -279,7 +293,7 @@ async def _host(args: argparse.Namespace, signals: Interrupts) -> int:
             dtype=args.dtype,
             memory_gb=args.memory,
             config=config,
-            entry_config=EntryConfig(timeouts=timeouts),
+            entry_config=EntryConfig(timeouts=timeouts, prefill_chunk=args.prefill_chunk),
             quick=args.quick,
             report=say,
             on_open=opened,

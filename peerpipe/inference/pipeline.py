@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import logging
 import time
 import uuid
@@ -43,6 +44,9 @@ MAX_RECOVERIES = 8  # per answer: a room that keeps failing under it fails it in
 # never sooner than MIN_STALL_S: a loaded machine has hiccups that are not failures).
 STALL_STEPS = 50
 MIN_STALL_S = 5.0
+# Prompts of at least twice this many tokens go to a room of several stages in chunks of about
+# this size, pipelined across the stages (small enough to overlap, large enough to stay efficient).
+PREFILL_CHUNK = 128
 # Told which stages did not answer in time; finds out which of them are gone (the cluster probes).
 OnStall = Callable[[list[str]], Awaitable[None]]
 
@@ -88,8 +92,10 @@ class Pipeline:
         on_stall: OnStall | None = None,
         report: Report | None = None,
         speculator: Speculator | None = None,
+        prefill_chunk: int = PREFILL_CHUNK,
     ) -> None:
         self.host_id = host_id
+        self.prefill_chunk = prefill_chunk  # 0: prompts go whole
         self.speculator = speculator or Speculator()
         self.send = send
         self.tokenizer = tokenizer
@@ -279,11 +285,12 @@ class Pipeline:
                 if plan is None or _stages(plan) != on:
                     # A new answer, or one whose stages changed: (re)build its KV caches.
                     plan = await self._wait_plan(task, self.timeouts.recover_s)
-                    request = self._prefill(task, decoding, plan)
+                    *chunks, request = self._prefill(task, decoding, plan)
                     timeout = self.timeouts.prefill_s
                     on = _stages(plan)
                     touched.update(node for node, _, _ in on)
                 else:
+                    chunks = []
                     sent = await drafts.propose(decoding) if drafts is not None else []
                     ids = torch.tensor([[decoding.tokens[-1], *sent]], dtype=torch.long)
                     request = ComputeRequest(
@@ -291,7 +298,7 @@ class Pipeline:
                     )
                     timeout = self.timeouts.stall_s or max(MIN_STALL_S, STALL_STEPS * plan.predicted_ms / 1e3)
                 try:
-                    tokens = await self._step(task, plan, request, timeout)
+                    tokens = await self._step(task, plan, request, timeout, chunks)
                 except _Lost as exc:
                     recoveries += 1
                     if recoveries > MAX_RECOVERIES:
@@ -303,7 +310,7 @@ class Pipeline:
                     raise TaskFailedError(
                         f"the last stage returned {len(tokens)} tokens for a step of {len(request.drafts)} drafts"
                     )
-                if drafts is not None and request.start_pos > 0:
+                if drafts is not None and request.start_pos > 0 and not chunks:  # a decode step, not a prompt
                     drafts.observe(sent, tokens, time.perf_counter() - began)
                 last_token_at = time.monotonic()
                 if stalled_at is not None:
@@ -332,27 +339,40 @@ class Pipeline:
             await self._free(task.task_id, touched)
         return decoding.result()
 
-    def _prefill(self, task: Task, decoding: Decoding, plan: Plan) -> ComputeRequest:
-        """The first step on a plan: the prompt and every token emitted so far."""
+    def _prefill(self, task: Task, decoding: Decoding, plan: Plan) -> list[ComputeRequest]:
+        """The first step on a plan: the prompt and every token emitted so far. On a plan of
+        several stages a long prompt goes as chunks sent back to back, every one but the last
+        ``partial``: stage 1 runs the second chunk while stage 2 runs the first, and the hops'
+        transfers overlap the work (docs/inference.md, "Pipelined prefill")."""
         history = decoding.history
         if decoding.tokens:
             self.recovery.replayed_tokens += len(history)
         params = decoding.params
         penalty = to_wire(torch.tensor(history, dtype=torch.long)) if params.repetition_penalty != 1.0 else None
         spec = SessionSpec(sampling_to_wire(params), penalty)
-        ids = torch.tensor([history], dtype=torch.long)
-        return ComputeRequest(task.task_id, to_wire(ids), task.task_id, plan.version, 0, spec)
+        count = len(history) // self.prefill_chunk if len(plan.stages) > 1 and self.prefill_chunk > 0 else 1
+        bounds = [len(history) * i // max(1, count) for i in range(max(1, count) + 1)]
+        return [
+            ComputeRequest(
+                task.task_id, to_wire(torch.tensor([history[a:b]], dtype=torch.long)), task.task_id, plan.version, a,
+                spec if a == 0 else None, partial=b < len(history),
+            )
+            for a, b in itertools.pairwise(bounds)
+        ]
 
-    async def _step(self, task: Task, plan: Plan, request: ComputeRequest, timeout_s: float) -> list[int]:
-        """Send one step to the first stage and wait for the last stage's tokens (one, or the drafts
-        it kept and one more)."""
+    async def _step(
+        self, task: Task, plan: Plan, request: ComputeRequest, timeout_s: float, chunks: list[ComputeRequest]
+    ) -> list[int]:
+        """Send one step (after the ``partial`` chunks of its prompt, which answer nothing) to the
+        first stage and wait for the last stage's tokens (one, or the drafts it kept and one more)."""
         # Armed before sending: an answer (or an error) may arrive while the send still waits.
         waiter: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
         self._waiting[task.task_id] = (waiter, request.plan_version, request.start_pos)
         try:
             async with asyncio.timeout(timeout_s):
                 try:
-                    await self.send(plan.stages[0].node_id, request)
+                    for message in (*chunks, request):
+                        await self.send(plan.stages[0].node_id, message)
                 except LINK_ERRORS as exc:  # the first stage is gone: its PeerLeft follows
                     raise _Lost(f"cannot reach the first stage: {exc}") from None
                 return await waiter

@@ -131,8 +131,8 @@ class StageServer:
                     continue
                 elif item.drafts:
                     verify.setdefault(self._new_positions(item), []).append(item)
-                elif self._new_positions(item) != 1:
-                    await self._run([item])  # a prompt: its own forward
+                elif self._new_positions(item) != 1 or item.partial:
+                    await self._run([item])  # a prompt (or a chunk of one): its own forward
                 elif len(decode) < limit:
                     decode.append(item)
                 else:
@@ -217,6 +217,8 @@ class StageServer:
             self.stats.steps += 1
             self.stats.compute_s += time.perf_counter() - began
         for request, output in zip(ready, outputs, strict=True):
+            if output is None:  # a prompt's chunk on the last stage: the rest of the prompt follows
+                continue
             if self.next_hop is None:
                 await self._send(
                     self.host_id, ComputeResult(request.task_id, output, request.plan_version, request.start_pos)
@@ -233,6 +235,7 @@ class StageServer:
                         request.session,
                         layer=self.stage.end,
                         drafts=request.drafts,
+                        partial=request.partial,
                     ),
                 )
 
@@ -301,6 +304,8 @@ class StageServer:
             return encode_hidden(out, self.wire)  # one copy off the device for the whole batch
         if drafted:
             return [self._verify(s, r, out[i]) for i, (s, r) in enumerate(zip(sessions, requests, strict=True))]
+        if all(r.partial for r in requests):  # prompts run alone: no token to draw, none to count
+            return [None] * len(requests)
         logits = out[:, -1]
         params = [s.params or SamplingParams(temperature=0.0) for s in sessions]
         positions = [int(self.cache.lengths[s.slot]) for s in sessions]  # where each new token goes

@@ -287,9 +287,8 @@ class ComputeRequest:
     start_pos: int = 0
     session: SessionSpec | None = None  # on a session's first request: how to sample it
     layer: int = 0  # the first layer of the stage it is for (a node may hold several)
-    drafts: tuple[
-        int, ...
-    ] = ()  # the last new positions are these drafted tokens: the last stage verifies them
+    drafts: tuple[int, ...] = ()  # the last new positions are these drafted tokens: the last stage verifies them
+    partial: bool = False  # a chunk of a prompt that goes on: fill the KV cache, the last stage answers nothing
 
     def __post_init__(self) -> None:
         need_id(self, "task_id")
@@ -300,6 +299,7 @@ class ComputeRequest:
         need_instance(self, "session", SessionSpec, optional=True)
         need_int(self, "layer", 0, MAX_LAYERS)
         need_tuple_of(self, "drafts", int, MAX_DRAFT)
+        need_bool(self, "partial")
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,7 @@ from peerpipe.inference.pipeline import Pipeline, Timeouts
 from peerpipe.inference.runtime import StageRuntime
 from peerpipe.inference.stage_server import StageServer
 from peerpipe.plan import Budget, stage_memory
+from peerpipe.protocol import ComputeRequest
 from peerpipe.python_api import Node, create_room, join_room
 from peerpipe.python_api import Room as PyRoom
 from peerpipe.room import parse_code
@@ -136,6 +137,37 @@ def test_three_stages_give_the_tokens_of_one_node(arch: str, tiny_model_dir, dev
                 await server.wait_sessions(0, 5)  # every finished task freed its slot
 
     arun(main())
+
+
+
+def test_a_long_prompt_goes_in_pipelined_chunks_and_changes_no_token(tiny_model_dir, device, warm_layers, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    model = tiny_model_dir("llama")
+    warm_layers(model)
+    prompt = [(7 * i) % 300 + 3 for i in range(40)]
+    # A repetition penalty reads the session's history: a chunk that drew a token would change it.
+    penalised = SamplingParams(temperature=0.8, seed=9, repetition_penalty=1.3, max_tokens=12, ignore_eos=True)
+    expected = [local_tokens(model, prompt, GREEDY), local_tokens(model, prompt, penalised)]
+    seen: list[tuple[int, bool]] = []
+    submit = StageServer.submit
+
+    def spy(self: StageServer, message) -> None:  # type: ignore[no-untyped-def]
+        if isinstance(message, ComputeRequest) and self.stage.is_first:
+            seen.append((message.start_pos, message.partial))
+        submit(self, message)
+
+    monkeypatch.setattr(StageServer, "submit", spy)
+
+    async def main() -> None:
+        async with room(model, device, members=2, layers_per_node=2) as r:
+            pipeline = r.pipeline
+            assert pipeline is not None and len(pipeline.plan.stages) == 3
+            pipeline.prefill_chunk = 8  # a 40-token prompt: 5 chunks
+            got = [(await pipeline.generate(prompt, params)).tokens for params in (GREEDY, penalised)]
+            assert got == expected
+
+    arun(main())
+    prefill = [(pos, partial) for pos, partial in seen if pos < 40]
+    assert prefill[:5] == [(0, True), (8, True), (16, True), (24, True), (32, False)]
 
 
 def test_cancel_mid_answer_frees_every_stage(tiny_model_dir, device, warm_layers) -> None:
