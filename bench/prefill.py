@@ -31,8 +31,6 @@ from pipeline import CODE, Proc, ask, log, memory_cap  # noqa: E402
 
 from peerpipe.devtools.tiny_model import tiny_config, write_random_model  # noqa: E402
 
-CHUNKS = (0, 256, 128)
-
 
 def start(model: Path, stages: int, layers: int, chunk: int, args: argparse.Namespace) -> tuple[list[Proc], tuple[str, int]]:
     threads = max(1, (os.cpu_count() or 1) // (1 if args.gpus else stages))
@@ -71,6 +69,7 @@ def main() -> None:
     p.add_argument("--gpus", type=int, default=0)
     p.add_argument("--prompts", default="512,1024")
     p.add_argument("--stages", default="2,3")
+    p.add_argument("--chunks", default="0,256,128", help="--prefill-chunk values to run (0: whole)")
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     lengths = [int(n) for n in args.prompts.split(",")]
@@ -93,7 +92,7 @@ def main() -> None:
             local[n] = statistics.median(engine.generate(prompt, one).prefill_s for _ in range(args.repeats))
         del engine
         for stages in [int(s) for s in args.stages.split(",")]:
-            for chunk in CHUNKS:
+            for chunk in [int(c) for c in args.chunks.split(",")]:
                 log(f"{stages} stages, --prefill-chunk {chunk}")
                 procs, address = start(model, stages, layers, chunk, args)
                 try:
