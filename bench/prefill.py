@@ -32,7 +32,7 @@ from pipeline import CODE, Proc, ask, log, memory_cap  # noqa: E402
 from peerpipe.devtools.tiny_model import tiny_config, write_random_model  # noqa: E402
 
 
-def start(model: Path, stages: int, layers: int, chunk: int, args: argparse.Namespace) -> tuple[list[Proc], tuple[str, int]]:
+def start(model: Path, stages: int, layers: int, chunk: str, args: argparse.Namespace) -> tuple[list[Proc], tuple[str, int]]:
     threads = max(1, (os.cpu_count() or 1) // (1 if args.gpus else stages))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     env.pop("PEERPIPE_LINK_DELAY_MS", None)
@@ -44,7 +44,7 @@ def start(model: Path, stages: int, layers: int, chunk: int, args: argparse.Name
     host = Proc(
         "host", "--listen", "127.0.0.1:0", "--no-mdns", "--code", CODE, "--name", "h", "--model", str(model),
         "--dtype", args.dtype, "--expect-nodes", str(stages), "--context", str(pipeline.CONTEXT), "--sessions", "2",
-        "--speculate", "off", "--http", "off", "--prefill-chunk", str(chunk), *common, env=on_gpu(0),
+        "--speculate", "off", "--http", "off", "--prefill-chunk", chunk, *common, env=on_gpu(0),
     )
     port = int(host.expect(r"^listening on 127\.0\.0\.1:(\d+)$").group(1))
     procs = [host]
@@ -69,7 +69,7 @@ def main() -> None:
     p.add_argument("--gpus", type=int, default=0)
     p.add_argument("--prompts", default="512,1024")
     p.add_argument("--stages", default="2,3")
-    p.add_argument("--chunks", default="0,256,128", help="--prefill-chunk values to run (0: whole)")
+    p.add_argument("--chunks", default="0,256,128,auto", help="--prefill-chunk values to run (0: whole)")
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     lengths = [int(n) for n in args.prompts.split(",")]
@@ -92,7 +92,7 @@ def main() -> None:
             local[n] = statistics.median(engine.generate(prompt, one).prefill_s for _ in range(args.repeats))
         del engine
         for stages in [int(s) for s in args.stages.split(",")]:
-            for chunk in [int(c) for c in args.chunks.split(",")]:
+            for chunk in args.chunks.split(","):
                 log(f"{stages} stages, --prefill-chunk {chunk}")
                 procs, address = start(model, stages, layers, chunk, args)
                 try:
@@ -102,15 +102,15 @@ def main() -> None:
                 finally:
                     for proc in reversed(procs):
                         proc.stop()
-    whole = {(r["stages"], r["prompt"]): r["ttft_s"] for r in rows if r["chunk"] == 0}
+    whole = {(r["stages"], r["prompt"]): r["ttft_s"] for r in rows if r["chunk"] == "0"}
     print(f"{'stages':>6} {'chunk':>6} {'prompt':>7} {'TTFT ms':>8} {'vs local':>9} {'vs whole':>9}")
     for r in rows:
         r["speedup_vs_whole"] = whole[(r["stages"], r["prompt"])] / r["ttft_s"]
-        print(f"{r['stages']:>6} {r['chunk'] or 'whole':>6} {r['prompt']:>7} {r['ttft_s'] * 1e3:>8.1f} "
+        print(f"{r['stages']:>6} {'whole' if r['chunk'] == '0' else r['chunk']:>6} {r['prompt']:>7} {r['ttft_s'] * 1e3:>8.1f} "
               f"{r['vs_local']:>9.2f} {r['speedup_vs_whole']:>9.2f}")
-    best = max((r["speedup_vs_whole"] for r in rows if r["chunk"] == 128), default=0.0)
+    best = max((r["speedup_vs_whole"] for r in rows if r["chunk"] == "auto"), default=0.0)
     print(json.dumps({"shape": args.shape, "device": args.device, "local_ttft_s": local, "rows": rows,
-                      "best_speedup_at_128": best, "seconds": round(time.perf_counter() - began, 1)}))
+                      "best_speedup_auto": best, "seconds": round(time.perf_counter() - began, 1)}))
 
 
 if __name__ == "__main__":

@@ -34,9 +34,11 @@ def _listen_address(text: str) -> Address:
     return parse_address(text, default_port=0)
 
 
-def _tokens(text: str) -> int:
+def _chunk(text: str) -> int | None:
+    if text == "auto":
+        return None
     if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of tokens (0 or more)")
+        raise argparse.ArgumentTypeError(f"{text!r} is not auto or a whole number of tokens (0 or more)")
     return int(text)
 
 
@@ -138,11 +140,12 @@ def add_host_parser(
     )
     parser.add_argument(
         "--prefill-chunk",
-        type=_tokens,
-        default=128,
-        metavar="TOKENS",
+        type=_chunk,
+        default=None,
+        metavar="auto|N",
         help="a prompt of at least twice this many tokens goes to a room of several stages in chunks of about "
-        "this size, pipelined across the stages (0: the whole prompt at once) (128)",
+        "this size, pipelined across the stages; 0: the whole prompt at once; auto: chunks of 128 where a "
+        "token takes 20 ms or more (CPUs, small GPUs), whole prompts on fast GPUs (auto)",
     )
     parser.add_argument(
         "--stall-timeout",

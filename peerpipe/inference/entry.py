@@ -25,7 +25,7 @@ from peerpipe.engine.sampling import InvalidSamplingParams, SamplingParams
 from peerpipe.engine.tokenizer import Tokenizer
 from peerpipe.errors import PeerpipeError
 from peerpipe.inference.errors import ContextLengthError, NotReadyError, PromptError
-from peerpipe.inference.pipeline import PREFILL_CHUNK, OnStall, Pipeline, Timeouts
+from peerpipe.inference.pipeline import OnStall, Pipeline, Timeouts
 from peerpipe.inference.speculation import SpeculationConfig, Speculator
 from peerpipe.inference.tasks import Task
 from peerpipe.logs import Report, log_reporter
@@ -44,7 +44,7 @@ class EntryConfig:
     ready_timeout_s: float = 60.0  # how long a request waits for the stages to load
     timeouts: Timeouts = field(default_factory=Timeouts)  # of an answer's steps and recoveries
     speculation: SpeculationConfig = field(default_factory=SpeculationConfig)  # drafting, by default
-    prefill_chunk: int = PREFILL_CHUNK  # long prompts go to several stages in chunks of this size (0: whole)
+    prefill_chunk: int | None = None  # long prompts go to several stages in chunks of this size (0: whole; None: auto)
 
 
 class Entry:

@@ -45,8 +45,12 @@ MAX_RECOVERIES = 8  # per answer: a room that keeps failing under it fails it in
 STALL_STEPS = 50
 MIN_STALL_S = 5.0
 # Prompts of at least twice this many tokens go to a room of several stages in chunks of about
-# this size, pipelined across the stages (small enough to overlap, large enough to stay efficient).
+# this size, pipelined across the stages (small enough to overlap, large enough to stay efficient)...
 PREFILL_CHUNK = 128
+# ...by default only where a token takes at least this long: on CPUs and small GPUs a chunk's work
+# dwarfs what a chunk costs besides (1.5-1.8x sooner on CPU); on an H200 a 1B model's whole
+# prompt takes a few ms, and chunks made its first token 2-6x later (docs/bench/prefill-*.txt).
+AUTO_CHUNK_MS = 20.0
 # Told which stages did not answer in time; finds out which of them are gone (the cluster probes).
 OnStall = Callable[[list[str]], Awaitable[None]]
 
@@ -65,6 +69,16 @@ class RecoveryStats:
     replayed_tokens: int = 0  # positions prefilled again to rebuild lost KV caches
     stall_s: float = 0.0  # summed over answers: last token before a loss to the first after
     stalls: int = 0  # answers that resumed
+
+
+def prefill_bounds(length: int, plan: Plan, chunk: int | None) -> list[int]:
+    """Where a prompt of ``length`` tokens is cut for ``plan``: ``[0, length]`` (whole), or chunks
+    of about ``chunk`` tokens (at least ``chunk`` each) on a plan of several stages; ``None``:
+    chunks of ``PREFILL_CHUNK`` where the plan predicts ``AUTO_CHUNK_MS`` or more a token."""
+    if chunk is None:
+        chunk = PREFILL_CHUNK if plan.predicted_ms >= AUTO_CHUNK_MS else 0
+    count = max(1, length // chunk) if len(plan.stages) > 1 and chunk > 0 else 1
+    return [length * i // count for i in range(count + 1)]
 
 
 def _stages(plan: Plan) -> tuple[tuple[str, int, int], ...]:
@@ -92,10 +106,10 @@ class Pipeline:
         on_stall: OnStall | None = None,
         report: Report | None = None,
         speculator: Speculator | None = None,
-        prefill_chunk: int = PREFILL_CHUNK,
+        prefill_chunk: int | None = None,
     ) -> None:
         self.host_id = host_id
-        self.prefill_chunk = prefill_chunk  # 0: prompts go whole
+        self.prefill_chunk = prefill_chunk  # 0: prompts go whole; None: chunks where tokens are slow
         self.speculator = speculator or Speculator()
         self.send = send
         self.tokenizer = tokenizer
@@ -350,8 +364,7 @@ class Pipeline:
         params = decoding.params
         penalty = to_wire(torch.tensor(history, dtype=torch.long)) if params.repetition_penalty != 1.0 else None
         spec = SessionSpec(sampling_to_wire(params), penalty)
-        count = len(history) // self.prefill_chunk if len(plan.stages) > 1 and self.prefill_chunk > 0 else 1
-        bounds = [len(history) * i // max(1, count) for i in range(max(1, count) + 1)]
+        bounds = prefill_bounds(len(history), plan, self.prefill_chunk)
         return [
             ComputeRequest(
                 task.task_id, to_wire(torch.tensor([history[a:b]], dtype=torch.long)), task.task_id, plan.version, a,

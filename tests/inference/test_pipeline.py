@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -255,3 +256,23 @@ def test_a_room_of_one_runs_locally(tiny_model_dir, device, warm_layers) -> None
             assert (await pipeline.generate(PROMPTS[0], GREEDY)).tokens == expected
 
     arun(main())
+
+
+@pytest.mark.parametrize(
+    ("length", "stages", "chunk", "predicted_ms", "bounds"),
+    [
+        (600, 3, 128, 5.0, [0, 150, 300, 450, 600]),  # an explicit size: always, at least 128 each
+        (600, 1, 128, 50.0, [0, 600]),  # one stage: nothing to overlap
+        (200, 3, 128, 50.0, [0, 200]),  # shorter than two chunks
+        (600, 3, 0, 50.0, [0, 600]),  # 0: whole
+        (600, 3, None, 35.0, [0, 150, 300, 450, 600]),  # auto, a CPU-class room: chunks
+        (600, 3, None, 4.0, [0, 600]),  # auto, a fast GPU room: whole
+    ],
+)
+def test_prompts_are_cut_in_chunks_only_where_it_pays(length, stages, chunk, predicted_ms, bounds) -> None:  # type: ignore[no-untyped-def]
+    from peerpipe.inference.pipeline import prefill_bounds
+    from peerpipe.protocol import Plan, PlanStage
+
+    cuts = [0, 2, 4, 6][: stages + 1] if stages > 1 else [0, 6]
+    plan = Plan(1, "m", 6, tuple(PlanStage(f"n{i}", a, b) for i, (a, b) in enumerate(itertools.pairwise(cuts))), predicted_ms)
+    assert prefill_bounds(length, plan, chunk) == bounds
