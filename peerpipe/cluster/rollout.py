@@ -12,7 +12,6 @@ until it leaves the room.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from peerpipe.cluster.planning import (
     to_protocol,
     wire_formats,
 )
+from peerpipe.cluster.prefetch import Prefetch, lacking
 from peerpipe.errors import PeerpipeError
 from peerpipe.logs import Report
 from peerpipe.plan import PlanError
@@ -103,8 +103,7 @@ class Rollout:
         self._request_ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[BenchmarkResult]] = {}
         self.held: dict[str, set[int]] = {}  # layers of the host's copy each node holds (it says, or it loaded them)
-        self._prefetching: dict[str, asyncio.Future[PlanAck]] = {}  # node -> its prefetch ack, during a prefetch
-        self._prefetch_version = 0
+        self.prefetching = Prefetch()  # a plan's layers fetched before it is sent
         self._wanted = asyncio.Event()
         self._wanted.set()
 
@@ -314,49 +313,31 @@ class Rollout:
         held = self._holdings()
         if held is None or not self._serving():
             return True  # nothing serves: the stages fetch as they take the plan
-        ranges = [(s.node_id, s.start, s.end) for s in (*plan.stages, *plan.standbys)]
-        needing = sorted({n for n, a, b in ranges if any(i not in held.layers.get(n, frozenset()) for i in range(a, b))})
+        needing = lacking(plan, held)
         if not needing:
             return True
         host, model = self.host, self.model
         names = host.names()
-        mb = held.fetch_bytes(model.spec, ranges) / 1e6
+        ranges = [(s.node_id, s.start, s.end) for s in (*plan.stages, *plan.standbys)]
+        seconds = held.fetch_s(model.spec, ranges, network_from(self.links.values()))
         host.report(
-            f"plan v{plan.version}: {', '.join(names.get(n, n[:8]) for n in needing)} fetch {mb:.0f} MB of layers "
-            f"first (about {held.fetch_s(model.spec, ranges, network_from(self.links.values())):.0f} s); "
+            f"plan v{plan.version}: {', '.join(names.get(n, n[:8]) for n in needing)} fetch "
+            f"{held.fetch_bytes(model.spec, ranges) / 1e6:.0f} MB of layers first (about {seconds:.0f} s); "
             f"plan v{self.plan.version if self.plan else 0} serves meanwhile"
         )
         message = DistributionPlan(
             plan, model.shape_key, model.dtype, self.max_seq, self.config.budget.sessions, model.manifest_id, prefetch=True
         )
-        loop = asyncio.get_running_loop()
-        self._prefetch_version = plan.version
-        self._prefetching = {n: loop.create_future() for n in needing}
-        try:
-            for node in needing:
-                with contextlib.suppress(*LINK_ERRORS):
-                    await host.node.send(node, message)
-            changed = asyncio.ensure_future(self._wanted.wait())
-            acked = asyncio.ensure_future(asyncio.wait(list(self._prefetching.values())))
-            try:
-                async with asyncio.timeout(self.config.prefetch_timeout_s):
-                    await asyncio.wait([changed, acked], return_when=asyncio.FIRST_COMPLETED)
-            except TimeoutError:
-                host.report(f"plan v{plan.version}: fetching took over {self.config.prefetch_timeout_s:.0f} s; switching anyway")
-            finally:
-                changed.cancel()
-                acked.cancel()
-            if self._wanted.is_set():
-                host.report(f"plan v{plan.version} dropped: the room changed while its layers were fetched")
-                return False
-            for node, ack in self._prefetching.items():
-                if ack.done() and not ack.result().ok:
-                    host.report(f"{names.get(node, node[:8])} could not fetch its layers: {ack.result().error}")
-            return True
-        finally:
-            for future in self._prefetching.values():
-                future.cancel()
-            self._prefetching = {}
+        acks = await self.prefetching.run(host.node, message, needing, self._wanted, self.config.prefetch_timeout_s)
+        if acks is None:
+            host.report(f"plan v{plan.version} dropped: the room changed while its layers were fetched")
+            return False
+        if len(acks) < len(needing):
+            host.report(f"plan v{plan.version}: fetching took over {self.config.prefetch_timeout_s:.0f} s; switching anyway")
+        for node, ack in acks.items():
+            if not ack.ok:
+                host.report(f"{names.get(node, node[:8])} could not fetch its layers: {ack.error}")
+        return True
 
     def _holdings(self) -> Holdings | None:
         """What each node holds of the host's copy (the host: all of it); None for a GGUF host."""
@@ -421,9 +402,7 @@ class Rollout:
 
     async def on_ack(self, peer: str, ack: PlanAck) -> None:
         if ack.prefetched:
-            waiter = self._prefetching.get(peer)
-            if ack.version == self._prefetch_version and waiter is not None and not waiter.done():
-                waiter.set_result(ack)
+            self.prefetching.on_ack(peer, ack)
             return
         if self.plan is None or ack.version != self.plan.version:
             return
