@@ -49,7 +49,7 @@ MIN_STALL_S = 5.0
 PREFILL_CHUNK = 128
 # ...by default only where a token takes at least this long: on CPUs and small GPUs a chunk's work
 # dwarfs what a chunk costs besides (1.5-1.8x sooner on CPU); on an H200 a 1B model's whole
-# prompt takes a few ms, and chunks made its first token 2-6x later (docs/bench/prefill-*.txt).
+# prompt takes a few ms, and chunks made its first token 1.6-6.3x later (docs/bench/prefill-*.txt).
 AUTO_CHUNK_MS = 20.0
 # Told which stages did not answer in time; finds out which of them are gone (the cluster probes).
 OnStall = Callable[[list[str]], Awaitable[None]]
