@@ -80,9 +80,11 @@ class ClusterMember:
             beats = tg.create_task(self._beats())
             stopped = tg.create_task(stop.wait())
             await asyncio.wait([stopped, host_gone], return_when=asyncio.FIRST_COMPLETED)
+            # Leaving: the host's messages from now on are dropped, not made tasks of a group that
+            # is closing (which would raise and take the node's dispatcher down with it).
+            self._tg = None
             for task in (beats, stopped):
                 task.cancel()
-        self._tg = None
         if host_gone.done():
             left = host_gone.result()
             if left.error is not None:
