@@ -9,13 +9,12 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import shutil
 from pathlib import Path
 
-from peerpipe.weights.errors import DiskSpaceError, ManifestError, WeightsError
+from peerpipe.weights.errors import ManifestError, WeightsError
 from peerpipe.weights.local_copy import Located, hash_range
 from peerpipe.weights.manifest import GGUF_HEADER, GGUFInfo, Manifest, TensorRecord
-from peerpipe.weights.store import SPARE_BYTES, make_root, store_root, write_atomic, write_error
+from peerpipe.weights.store import make_root, need_space, store_root, write_atomic, write_error
 
 VERIFIED = "peerpipe-verified.json"
 HEADER = "peerpipe-header.sha256"  # present once the header matched
@@ -87,13 +86,7 @@ class GGUFStore:
 
     def check_space(self, names: list[str]) -> None:
         by_name = self.manifest.by_name()
-        need = sum(by_name[n].nbytes for n in names if n not in self._names())
-        free = shutil.disk_usage(self.root).free
-        if need + SPARE_BYTES > free:
-            raise DiskSpaceError(
-                f"fetching needs {need / 1e9:.2f} GB in {self.root}, but only {free / 1e9:.2f} GB is free: "
-                "free space (peerpipe models rm NAME) or point PEERPIPE_CACHE at a larger disk"
-            )
+        need_space(self.root, sum(by_name[n].nbytes for n in names if n not in self._names()))
 
     # -- writing ----------------------------------------------------------------------------
 

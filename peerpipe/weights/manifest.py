@@ -9,6 +9,7 @@ path), known dtypes, sizes that agree, tensors inside the file. ``local_copy.py`
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -98,6 +99,11 @@ class Manifest:
         return self.by_name()[name]
 
     def by_name(self) -> dict[str, TensorRecord]:
+        return self._index
+
+    @functools.cached_property
+    def _index(self) -> dict[str, TensorRecord]:
+        # Built once: writes, checks and served pieces look a tensor up per piece.
         return {t.name: t for t in self.tensors}
 
     def layers(self) -> set[int]:

@@ -110,14 +110,8 @@ class Store:
         )
 
     def check_space(self, names: list[str]) -> None:
-        need = self.missing_bytes(names)
         self.root.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(self.root).free
-        if need + SPARE_BYTES > free:
-            raise DiskSpaceError(
-                f"fetching needs {need / 1e9:.2f} GB in {self.root}, but only {free / 1e9:.2f} GB is free: "
-                "free space (peerpipe models rm NAME) or point PEERPIPE_CACHE at a larger disk"
-            )
+        need_space(self.root, self.missing_bytes(names))
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -232,6 +226,16 @@ def write_atomic(path: Path, data: bytes) -> None:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise write_error(path.parent, exc) from exc
+
+
+def need_space(root: Path, need: int) -> None:
+    """Raise ``DiskSpaceError`` unless ``need`` bytes (and a margin) fit on ``root``'s disk."""
+    free = shutil.disk_usage(root).free
+    if need + SPARE_BYTES > free:
+        raise DiskSpaceError(
+            f"fetching needs {need / 1e9:.2f} GB in {root}, but only {free / 1e9:.2f} GB is free: "
+            "free space (peerpipe models rm NAME) or point PEERPIPE_CACHE at a larger disk"
+        )
 
 
 def write_error(where: Path, exc: OSError) -> WeightsError:
