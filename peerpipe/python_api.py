@@ -70,6 +70,7 @@ class Room:
     address: Address
     cluster: ClusterHost
     inference: Entry | None
+    model_path: Path | None = None
 
     def view(self) -> RoomView:
         return self.cluster.room_view()
@@ -121,9 +122,48 @@ class Room:
         """Serve the OpenAI API, the dashboard and /metrics for this room; ``await api.close()`` stops it."""
         from peerpipe.api import ApiServer
 
-        api = ApiServer(self.cluster, self.inference, api_key=api_key, max_pending=max_pending)
+        browsers = _BrowserHost(self) if self.inference is not None else None
+        api = ApiServer(self.cluster, self.inference, api_key=api_key, max_pending=max_pending, browsers=browsers)
         await api.start(*listen)
         return api
+
+
+class _BrowserHost:
+    """Browser tabs lending their GPU (docs/webgpu.md): each authenticated tab becomes a member
+    of this room, run here, whose stage computes on the tab (``webgpu:browser-N``). Hidden states
+    reach it through this host, so its measured step time includes that hop."""
+
+    def __init__(self, room: Room) -> None:
+        from peerpipe.webgpu.browser_link import BrowserSecrets
+
+        self.room = room
+        self.secrets = BrowserSecrets()
+        self._count = 0
+
+    async def serve(self, session: Any) -> None:
+        from peerpipe.webgpu.load import register_executor
+        from peerpipe.webgpu.remote import RemoteExecutor
+
+        self._count += 1
+        device = f"webgpu:browser-{self._count}"
+        register_executor(device, RemoteExecutor(session))
+        host, port = self.room.address
+        peer = ("127.0.0.1" if host in ("0.0.0.0", "::", "") else host, port)
+
+        def note(text: str) -> None:
+            with contextlib.suppress(PeerpipeError):
+                session.post({"op": "note", "text": text[:300]})
+
+        try:
+            async with join_room(
+                str(self.room.code), peer=peer, model=self.room.model_path, name=f"browser-{self._count}",
+                device=device, quick=True, report=note, stop=session.closed,
+            ) as node:
+                await node.closed()
+        except PeerpipeError as exc:
+            log.warning("browser node %s left: %s", device, exc)
+        finally:
+            register_executor(device, None)
 
 
 @contextlib.asynccontextmanager
@@ -241,7 +281,7 @@ async def create_room(
                     tg.create_task(stage.run(stop))
                 dispatcher = tg.create_task(plane.run(cluster.on_event))
                 try:
-                    yield Room(room_code, address, cluster, entry)
+                    yield Room(room_code, address, cluster, entry, choice.path if choice else None)
                 finally:
                     if entry is not None:
                         entry.close("the host closed the room")

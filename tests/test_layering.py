@@ -16,12 +16,13 @@ BASE = {"errors", "paths", "logs", "dtypes", "compute"}  # small modules every p
 # imports a part above it.
 ALLOWED: dict[str, set[str]] = {
     "__main__": {"cli"},
-    "cli": {"__init__", "python_api", "api", "cluster", "inference", "plan", "engine", "room", "transport", "protocol", "models", "weights"},
-    "python_api": {"api", "cluster", "inference", "plan", "engine", "room", "transport", "protocol", "models", "weights"},
-    "api": {"cluster", "inference", "engine", "protocol", "room", "transport"},
-    "cluster": {"plan", "engine", "room", "transport", "protocol"},
-    "inference": {"plan", "engine", "room", "transport", "protocol", "weights"},
+    "cli": {"__init__", "python_api", "api", "cluster", "inference", "plan", "engine", "room", "transport", "protocol", "models", "weights", "webgpu"},
+    "python_api": {"api", "cluster", "inference", "plan", "engine", "room", "transport", "protocol", "models", "weights", "webgpu"},
+    "api": {"cluster", "inference", "engine", "protocol", "room", "transport", "webgpu"},
+    "cluster": {"plan", "engine", "room", "transport", "protocol", "webgpu"},
+    "inference": {"plan", "engine", "room", "transport", "protocol", "weights", "webgpu"},
     "weights": {"engine", "room", "transport", "protocol"},
+    "webgpu": {"engine"},
     "room": {"transport", "protocol"},
     "transport": {"protocol"},
     "protocol": set(),

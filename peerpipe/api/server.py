@@ -22,6 +22,7 @@ from typing import Any
 
 from aiohttp import web
 
+from peerpipe.api.browser_nodes import BrowserHost, BrowserRoutes
 from peerpipe.api.errors import ApiError, ListenError, bad_request
 from peerpipe.api.generation import Generations, Job, cancel_on_exit
 from peerpipe.api.metrics import Metrics
@@ -65,6 +66,7 @@ class ApiServer:
         api_key: str | None = None,
         max_pending: int = 64,
         feed_interval_s: float = 1.0,
+        browsers: BrowserHost | None = None,
     ) -> None:
         self.cluster = cluster
         self.inference = inference
@@ -79,6 +81,7 @@ class ApiServer:
             if inference is not None
             else None
         )
+        self.browsers = BrowserRoutes(browsers)  # tabs that lend their GPU (api/browser_nodes.py)
         self.app = web.Application(
             client_max_size=MAX_BODY_BYTES, middlewares=[self._errors, self._guard, self._auth]
         )
@@ -93,6 +96,7 @@ class ApiServer:
                 web.get("/api/room", self._room),
                 web.get("/api/events", self._events),
                 web.static("/static", str(STATIC)),
+                *self.browsers.routes(),
             ]
         )
         self._runner: web.AppRunner | None = None
@@ -174,7 +178,7 @@ class ApiServer:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        open_paths = request.path == "/" or request.path.startswith("/static/")
+        open_paths = request.path == "/" or request.path.startswith(("/static/", *BrowserRoutes.OPEN))
         if self.api_key and not open_paths and not self._authorized(request):
             raise ApiError(
                 401, "a valid API key is required: send 'Authorization: Bearer KEY'", "invalid_request_error",

@@ -31,7 +31,7 @@ def _progress(step: str) -> None:
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measure this machine's device (and one layer of a model)", description=bench_cmd.__doc__)
     p.add_argument("--model", type=model_path, metavar="DIR", help="also time one layer of this model (Hugging Face folder)")
-    p.add_argument("--device", help="cpu, cuda, cuda:N, mps or xpu (default: the best one present)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N, mps, xpu or webgpu (default: the best one present)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="dtype of the layer (default: bf16 on GPUs, fp32 on CPUs)")
     p.add_argument("--no-cache", action="store_true", help="measure again instead of reading earlier results")
     p.add_argument("--quick", action="store_true", help="shorter, less precise measurements")

@@ -74,7 +74,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="seconds to wait for a room's answer, its start-up included (600)",
     )
     add_sampling_arguments(p)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the best one here)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps or webgpu (default: the best one here)")
     p.add_argument(
         "--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="weights dtype (bf16 on GPUs, fp32 on CPUs)"
     )
@@ -145,9 +145,14 @@ def run(args: argparse.Namespace) -> int:
         )
     params = sampling_params(args, args.model)
     with LoadProgress("loading model") as progress:
-        stage, _ = load_stage(
-            args.model, device=args.device, dtype=args.dtype, progress=progress, cfg=cfg, quantize=args.quantize
-        )
+        if args.device == "webgpu":  # WGSL kernels through wgpu (webgpu/)
+            from peerpipe.webgpu.load import load_webgpu_stage
+
+            stage, _ = load_webgpu_stage(args.model, dtype=args.dtype, progress=progress, cfg=cfg, quantize=args.quantize)
+        else:
+            stage, _ = load_stage(
+                args.model, device=args.device, dtype=args.dtype, progress=progress, cfg=cfg, quantize=args.quantize
+            )
     # Size the cache for this one request instead of the model's whole context.
     engine = LocalEngine(
         stage,

@@ -72,7 +72,7 @@ def _replicas(text: str) -> int:
 
 
 def _add_device_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", help="cpu, cuda, cuda:N, mps or xpu (default: the best one present)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N, mps, xpu or webgpu (default: the best one present)")
     parser.add_argument(
         "--memory", type=_positive, metavar="GB", help="offer at most this much memory to the room (default: all free)"
     )

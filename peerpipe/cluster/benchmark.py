@@ -81,6 +81,8 @@ def bench_device(caps: DeviceCaps, *, quick: bool = False, progress: Progress | 
     import torch
 
     say = progress or (lambda _: None)
+    if caps.kind == "webgpu":
+        return _bench_webgpu(caps.torch_device, quick, say)
     device = torch.device(caps.torch_device)
     accel = caps.kind != "cpu"
     rounds = 3 if quick else 5
@@ -118,6 +120,22 @@ def bench_device(caps: DeviceCaps, *, quick: bool = False, progress: Progress | 
     return DeviceBench(
         t1024, tbig, big, thalf, str(half_dtype).removeprefix("torch.") if accel else "", gbps, launch
     )
+
+
+def _bench_webgpu(device: str, quick: bool, say: Progress) -> DeviceBench:
+    from peerpipe.webgpu.bench import bandwidth_gbps, matmul_tflops
+    from peerpipe.webgpu.load import executor_for
+
+    gpu = executor_for(device)
+    rounds = 3 if quick else 5
+    say("WGSL matmul 1024 fp32 (the seed's benchmark)")
+    t1024 = matmul_tflops(1024, gpu=gpu, rounds=rounds)
+    big = 1024 if quick else 2048
+    say(f"WGSL matmul {big} fp32")
+    tbig = matmul_tflops(big, gpu=gpu, rounds=rounds) if big != 1024 else t1024
+    say("weight streaming and submit latency")
+    gbps, latency_ms = bandwidth_gbps(gpu=gpu, rounds=rounds)
+    return DeviceBench(t1024, tbig, big, 0.0, "", gbps, latency_ms)
 
 
 # Layers are timed in a stack at least this large, so weights stream from memory as in a real
@@ -277,7 +295,13 @@ class BenchCache:
                 return timing
         if progress:
             progress(f"one layer of {cfg.shape_key} in {dtype}" + (f", {quantize} weights" if quantize != "none" else ""))
-        timing = bench_layer(cfg, self.caps.torch_device, dtype, quick=self.quick, quantize=quantize)
+        if self.caps.kind == "webgpu":
+            from peerpipe.webgpu.bench import bench_layer as bench_webgpu_layer
+            from peerpipe.webgpu.load import executor_for
+
+            timing = bench_webgpu_layer(cfg, dtype, quick=self.quick, gpu=executor_for(self.caps.torch_device))
+        else:
+            timing = bench_layer(cfg, self.caps.torch_device, dtype, quick=self.quick, quantize=quantize)
         self._store_layer(key, timing)
         return timing
 

@@ -19,8 +19,8 @@ KINDS = ("cuda", "rocm", "mps", "xpu", "cpu")
 
 @dataclass(frozen=True)
 class DeviceCaps:
-    kind: str  # cuda, rocm, mps, xpu or cpu
-    torch_device: str  # what to pass to torch, e.g. "cuda:0"
+    kind: str  # cuda, rocm, mps, xpu, cpu or webgpu
+    torch_device: str  # what to pass to torch, e.g. "cuda:0" ("webgpu": the stage runs WGSL, not torch)
     name: str
     memory_total_bytes: int
     memory_free_bytes: int
@@ -130,6 +130,8 @@ def detect(device: str | None = None, *, webgpu: bool = False) -> DeviceCaps:
 
     ram_total, ram_free = memory_info()
     cores = cpu_cores()
+    if device and (device == "webgpu" or device.startswith("webgpu:")):
+        return _webgpu_caps(device, cores, ram_total, ram_free)
     wgpu_name = wgpu_adapter() if webgpu else ""
     requested = check_device(device)
     kind = requested.type if requested else _best_kind(torch)
@@ -173,6 +175,26 @@ def detect(device: str | None = None, *, webgpu: bool = False) -> DeviceCaps:
         ram_total_bytes=ram_total,
         ram_free_bytes=ram_free,
         wgpu_adapter=wgpu_name,
+    )
+
+
+# WebGPU does not tell how much memory an adapter has. One that shares the machine's RAM offers
+# half of what is free; a discrete one offers this much unless --memory-gb says otherwise.
+WEBGPU_DISCRETE_BYTES = 8 << 30
+
+
+def _webgpu_caps(device: str, cores: int, ram_total: int, ram_free: int) -> DeviceCaps:
+    from peerpipe.webgpu.load import adapter_facts
+
+    with _quiet_stderr():
+        facts = adapter_facts(device)
+    shared = facts["type"] in ("CPU", "IntegratedGPU", "")
+    memory = ram_free // 2 if shared else int(facts.get("memory", WEBGPU_DISCRETE_BYTES))
+    if facts["type"] == "browser":  # the tab's machine, not this one
+        cores, ram_total, ram_free = 0, memory, memory
+    return DeviceCaps(
+        "webgpu", device, facts["name"], ram_total // 2 if shared else memory, memory, bool(facts["f16"]), False,
+        cores, ram_total, ram_free, facts["name"],
     )
 
 

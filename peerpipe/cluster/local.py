@@ -73,6 +73,8 @@ class LocalDevice:
 
     @property
     def default_dtype(self) -> str:
+        if self.caps.kind == "webgpu":  # f16 storage where the adapter has shader-f16
+            return "float16" if self.caps.supports_f16 else "float32"
         return default_dtype(self.caps.kind, self.caps.supports_bf16)
 
     @property

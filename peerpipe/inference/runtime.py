@@ -210,9 +210,15 @@ class StageRuntime:
                 held = f", {quantize} weights" if quantize != "none" else ""
                 self.report(f"loading layers [{start}, {end}) of {message.plan.model_id}{role} ({fmt_bytes(need)}{held})")
                 progress = _progress(self.report, f"loading layers [{start}, {end})")
+                if self.device.startswith("webgpu"):  # WGSL kernels: this machine's adapter or a browser's
+                    from peerpipe.webgpu.load import load_webgpu_stage
+
+                    loader: Any = load_webgpu_stage
+                    where: dict[str, Any] = {"device": self.device}
+                else:
+                    loader, where = load_stage, {"device": self.device}
                 stage, stats = await run_compute(
-                    load_stage, model_dir, start, end, device=self.device, dtype=dtype, progress=progress, cfg=cfg,
-                    quantize=quantize,
+                    loader, model_dir, start, end, dtype=dtype, progress=progress, cfg=cfg, quantize=quantize, **where
                 )
                 cache = await run_compute(stage.new_cache, sessions, context)
                 self._held[(start, end)] = _Held(stage, cache)

@@ -205,6 +205,10 @@ class StageServer:
                 # A graph replay is launched in microseconds and the copy out waits for the GPU,
                 # not for Python: a hop to the compute thread (and back) would cost more than it.
                 outputs = self._forward(ready)
+            elif getattr(self.stage, "remote", False):
+                # A browser computes it: the wait is on the network, so it must not hold the
+                # compute thread that this process's other stages and benchmarks share.
+                outputs = await asyncio.to_thread(self._forward, ready)
             else:
                 outputs = await run_compute(self._forward, ready)
         except Exception as exc:  # the model failed: every session in the batch fails, typed, with why

@@ -52,6 +52,7 @@ class Executor(Protocol):
         ...
 
     def buffer(self, size: int) -> int: ...
+    def free(self, buffers: list[int]) -> None: ...
     def write(self, buffer: int, data: bytes | memoryview, offset: int = 0) -> None: ...
     def run(self, dispatches: list[Dispatch], reads: list[tuple[int, int]]) -> list[bytes]:
         """Run ``dispatches`` in order, then read ``(buffer, bytes)`` from the start of each."""
@@ -116,6 +117,15 @@ class LocalExecutor:
         self._buffers.append(self.device.create_buffer(size=max(16, -(-size // 16) * 16), usage=self._usage))
         return len(self._buffers) - 1
 
+    def free(self, buffers: list[int]) -> None:
+        """Give buffers back (a stage or cache that is dropped); their ids are not reused."""
+        gone = set(buffers)
+        for b in gone:
+            if b < len(self._buffers) and self._buffers[b] is not None:
+                self._buffers[b].destroy()
+                self._buffers[b] = None
+        self._groups = {k: g for k, g in self._groups.items() if not gone.intersection(k[2])}
+
     def write(self, buffer: int, data: bytes | memoryview, offset: int = 0) -> None:
         if len(data):
             self.device.queue.write_buffer(self._buffers[buffer], offset, data)
@@ -158,6 +168,7 @@ class LocalExecutor:
 
     def close(self) -> None:
         for buffer in self._buffers:
-            buffer.destroy()
+            if buffer is not None:
+                buffer.destroy()
         self._buffers.clear()
         self._groups.clear()

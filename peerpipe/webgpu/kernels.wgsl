@@ -302,26 +302,34 @@ fn gather_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
   }
 }
 
-// ---- the seed's benchmark: c = a @ b for n x n matrices, 16x16 tiles in workgroup memory ----
+// ---- the seed's benchmark: c = a @ b for n x n matrices (n a multiple of 32) ----
+// Each thread computes a 4 x 4 block from registers (no workgroup memory, no barriers), which
+// suits real GPUs and software adapters (lavapipe, SwiftShader) alike.
 @group(0) @binding(0) var<storage, read> bm_p: array<u32>;  // n
 @group(0) @binding(1) var<storage, read> bm_a: array<f32>;
-@group(0) @binding(2) var<storage, read> bm_b: array<f32>;
-@group(0) @binding(3) var<storage, read_write> bm_c: array<f32>;
-var<workgroup> bm_ta: array<array<f32, 16>, 16>;
-var<workgroup> bm_tb: array<array<f32, 16>, 16>;
+@group(0) @binding(2) var<storage, read> bm_b: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> bm_c: array<vec4<f32>>;
 
-@compute @workgroup_size(16, 16)
-fn bench_matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+@compute @workgroup_size(8, 8)
+fn bench_matmul(@builtin(global_invocation_id) gid: vec3<u32>) {
   let n = bm_p[0];
-  let row = wid.y * 16u + lid.y;
-  let col = wid.x * 16u + lid.x;
-  var acc = 0.0;
-  for (var k0 = 0u; k0 < n; k0 += 16u) {
-    bm_ta[lid.y][lid.x] = select(0.0, bm_a[row * n + k0 + lid.x], row < n && k0 + lid.x < n);
-    bm_tb[lid.y][lid.x] = select(0.0, bm_b[(k0 + lid.y) * n + col], col < n && k0 + lid.y < n);
-    workgroupBarrier();
-    for (var k = 0u; k < 16u; k++) { acc += bm_ta[lid.y][k] * bm_tb[k][lid.x]; }
-    workgroupBarrier();
+  let n4 = n / 4u;
+  let row = gid.y * 4u;
+  let col4 = gid.x;
+  if (row >= n || col4 >= n4) { return; }
+  var c0 = vec4<f32>(0.0);
+  var c1 = vec4<f32>(0.0);
+  var c2 = vec4<f32>(0.0);
+  var c3 = vec4<f32>(0.0);
+  for (var k = 0u; k < n; k++) {
+    let b = bm_b[k * n4 + col4];
+    c0 += bm_a[row * n + k] * b;
+    c1 += bm_a[(row + 1u) * n + k] * b;
+    c2 += bm_a[(row + 2u) * n + k] * b;
+    c3 += bm_a[(row + 3u) * n + k] * b;
   }
-  if (row < n && col < n) { bm_c[row * n + col] = acc; }
+  bm_c[row * n4 + col4] = c0;
+  bm_c[(row + 1u) * n4 + col4] = c1;
+  bm_c[(row + 2u) * n4 + col4] = c2;
+  bm_c[(row + 3u) * n4 + col4] = c3;
 }

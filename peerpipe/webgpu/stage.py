@@ -11,6 +11,7 @@ RMSNorm, fused gate|up, SwiGLU, down-projection added to the residual.
 from __future__ import annotations
 
 import struct
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -64,6 +65,7 @@ class GpuKVCache(KVCache):
         per_layer = max_slots * self.positions * 2 * kv_heads * head_dim * 4
         self.buffers = [gpu.buffer(per_layer) for _ in range(n_layers)]
         self._nbytes = per_layer * n_layers
+        weakref.finalize(self, gpu.free, list(self.buffers))  # a dropped cache gives its memory back
 
     @property
     def nbytes(self) -> int:
@@ -76,12 +78,15 @@ class WebGPUStage:
     def __init__(self, gpu: Executor, cfg: ModelConfig, start: int, end: int, weight_type: str) -> None:
         self.gpu, self.cfg, self.start, self.end = gpu, cfg, start, end
         self.weight_type = weight_type
+        self.remote = hasattr(gpu, "session")  # a browser's: each forward waits on the network
         self.quant_mode = "none"
         self._layers: list[_Layer] = []
         self._embed = self._norm = self._head = -1
         self._programs: dict[tuple[int, int, bool], list[Dispatch]] = {}
         self._cache: GpuKVCache | None = None
         self.nbytes = 0
+        self._owned: list[int] = []  # every buffer of this stage, given back when it is dropped
+        weakref.finalize(self, gpu.free, self._owned)
 
     # -- what a torch Stage answers ------------------------------------------------------------
     @property
@@ -150,9 +155,14 @@ class WebGPUStage:
     def _upload(self, t: torch.Tensor, wt: str) -> int:
         data = t.detach().to("cpu", torch.float16 if wt == "f16" else torch.float32).contiguous()
         raw = data.view(torch.uint8).numpy().tobytes() if data.numel() else b""
-        buffer = self.gpu.buffer(len(raw))
+        buffer = self._new(len(raw))
         self.gpu.write(buffer, raw)
         self.nbytes += len(raw)
+        return buffer
+
+    def _new(self, size: int) -> int:
+        buffer = self.gpu.buffer(size)
+        self._owned.append(buffer)
         return buffer
 
     def new_cache(self, max_slots: int, max_seq: int) -> GpuKVCache:
@@ -163,23 +173,23 @@ class WebGPUStage:
         return cache
 
     def _setup(self, cache: GpuKVCache) -> None:
-        cfg, gpu = self.cfg, self.gpu
+        cfg = self.cfg
         h, kvh, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         per_row = h * cache.positions * 4
         self.max_rows = max(1, min(64, SCRATCH_BYTES // per_row))
         rows = self.max_rows
         width = (h + 2 * kvh) * d
-        self._x = gpu.buffer(rows * cfg.hidden_size * 4)
-        self._xn = gpu.buffer(rows * cfg.hidden_size * 4)
-        self._qkv = gpu.buffer(rows * width * 4)
-        self._att = gpu.buffer(rows * cfg.q_size * 4)
-        self._gu = gpu.buffer(rows * 2 * cfg.intermediate_size * 4)
-        self._act = gpu.buffer(rows * cfg.intermediate_size * 4)
-        self._scores = gpu.buffer(rows * per_row)
-        self._ids = gpu.buffer(rows * 4)
-        self._step = gpu.buffer((4 + 3 * rows) * 4)
-        self._sel = gpu.buffer(rows * cfg.hidden_size * 4)
-        self._logits = gpu.buffer(rows * cfg.vocab_size * 4) if self.is_last else -1
+        self._x = self._new(rows * cfg.hidden_size * 4)
+        self._xn = self._new(rows * cfg.hidden_size * 4)
+        self._qkv = self._new(rows * width * 4)
+        self._att = self._new(rows * cfg.q_size * 4)
+        self._gu = self._new(rows * 2 * cfg.intermediate_size * 4)
+        self._act = self._new(rows * cfg.intermediate_size * 4)
+        self._scores = self._new(rows * per_row)
+        self._ids = self._new(rows * 4)
+        self._step = self._new((4 + 3 * rows) * 4)
+        self._sel = self._new(rows * cfg.hidden_size * 4)
+        self._logits = self._new(rows * cfg.vocab_size * 4) if self.is_last else -1
         inv = rope_inv_freq(cfg.rope, d)
         freqs = torch.arange(cache.positions, dtype=torch.float32)[:, None] * inv[None, :]
         self._rope = self._upload(torch.stack((freqs.cos(), freqs.sin()), -1), "f32")
@@ -207,7 +217,7 @@ class WebGPUStage:
         self._cache = cache
 
     def _const(self, raw: bytes) -> int:
-        buffer = self.gpu.buffer(len(raw))
+        buffer = self._new(len(raw))
         self.gpu.write(buffer, raw)
         return buffer
 
@@ -299,6 +309,8 @@ class WebGPUStage:
         else:
             self.gpu.write(self._x, x.reshape(rows, cfg.hidden_size).to(torch.float32).contiguous().numpy().tobytes())
         program = self._program(rows, len(selected), head)
+        if getattr(self.gpu, "weight_type", self.weight_type) != self.weight_type:  # another stage's module
+            self.gpu.weight_type = self.weight_type  # type: ignore[attr-defined]
         if head:
             (raw,) = self.gpu.run(program, [(self._logits, len(selected) * cfg.vocab_size * 4)])
             out = torch.frombuffer(bytearray(raw), dtype=torch.float32)

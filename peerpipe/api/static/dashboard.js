@@ -191,3 +191,21 @@ $("#key-form").addEventListener("submit", (e) => {
   connect();
 });
 connect();
+
+// A one-time join link for a browser node (api/browser_nodes.py), with its QR code.
+$("#lend").addEventListener("click", async () => {
+  $("#lend-error").hidden = true;
+  const r = await fetch("/api/browser-link", {
+    method: "POST", headers: { ...authHeaders(), "Content-Type": "application/json" }, body: "{}",
+  }).catch((e) => ({ ok: false, json: async () => ({ error: { message: String(e) } }) }));
+  const body = await r.json().catch(() => ({}));
+  if (!r.ok) {
+    $("#lend-error").textContent = (body.error && body.error.message) || "could not make a link";
+    $("#lend-error").hidden = false;
+    return;
+  }
+  $("#lend-url").href = body.url;
+  $("#lend-url").textContent = body.url;
+  $("#lend-qr").innerHTML = body.qr_svg;  // made by the host from the URL: no user text in it
+  $("#lend-link").hidden = false;
+});
