@@ -93,10 +93,26 @@ def test_a_browser_tab_and_a_webgpu_node_serve_stages_with_the_local_engines_tok
                     assert result.tokens == expected
                     assert int(await tab.locator("#forwards").inner_text()) >= count
 
-                    # The one-time link cannot be used twice.
+                    # The one-time link cannot be used twice (a new tab has no credential).
                     again = await browser.new_page()
                     await again.goto(url)
                     await again.wait_for_function("document.body.dataset.state === 'refused'", timeout=30_000)
+
+                    # A reload rejoins with the tab's credential, and the room plans it in again.
+                    await tab.reload()
+                    await tab.wait_for_function("document.body.dataset.state === 'joined'", timeout=60_000)
+
+                    def replanned(_: object) -> bool:
+                        view = room.view()
+                        names = {m.info.node_id: m.info.name for m in view.members}
+                        stages = view.plan.stages if view.plan else ()
+                        return any(names.get(s.node_id) == "browser-2" for s in stages) and set(view.acked) >= {
+                            s.node_id for s in stages
+                        }
+
+                    await room.cluster.wait_until(replanned, 240)
+                    again_result = await room.generate(prompt, temperature=0.0, max_tokens=count, timeout_s=240)
+                    assert again_result.tokens == expected
                 finally:
                     await browser.close()
             await api.close()
