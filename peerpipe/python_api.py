@@ -71,6 +71,7 @@ class Room:
     cluster: ClusterHost
     inference: Entry | None
     model_path: Path | None = None
+    _browsers: _BrowserHost | None = dataclasses.field(default=None, repr=False)
 
     def view(self) -> RoomView:
         return self.cluster.room_view()
@@ -117,15 +118,25 @@ class Room:
         )
 
     async def serve_http(
-        self, listen: Address = ("127.0.0.1", 8088), *, api_key: str | None = None, max_pending: int = 64
+        self, listen: Address = ("127.0.0.1", 8088), *, api_key: str | None = None, max_pending: int = 64,
+        https: bool = False,
     ) -> ApiServer:
         """Serve the OpenAI API, the dashboard and /metrics for this room; ``await api.close()`` stops it."""
         from peerpipe.api import ApiServer
 
-        browsers = _BrowserHost(self) if self.inference is not None else None
-        api = ApiServer(self.cluster, self.inference, api_key=api_key, max_pending=max_pending, browsers=browsers)
-        await api.start(*listen)
+        api = ApiServer(
+            self.cluster, self.inference, api_key=api_key, max_pending=max_pending, browsers=self.browser_host()
+        )
+        await api.start(*listen, https=https)
         return api
+
+    def browser_host(self) -> _BrowserHost | None:
+        """What admits browser tabs that lend their GPU (docs/webgpu.md); None without a model."""
+        if self.inference is None:
+            return None
+        if self._browsers is None:
+            self._browsers = _BrowserHost(self)
+        return self._browsers
 
 
 class _BrowserHost:

@@ -106,13 +106,22 @@ class ApiServer:
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    async def start(self, host: str = "127.0.0.1", port: int = 8088, *, sock: socket.socket | None = None) -> str:
+    async def start(
+        self, host: str = "127.0.0.1", port: int = 8088, *, sock: socket.socket | None = None, https: bool = False
+    ) -> str:
         """Listen (on ``sock`` when the caller bound one already); returns the base URL (the real
-        port when ``port`` is 0)."""
+        port when ``port`` is 0). ``https`` serves TLS with this machine's self-signed certificate."""
+        tls = None
+        if https:
+            from peerpipe.api.tls import self_signed
+
+            tls = self_signed([sock.getsockname()[0] if sock is not None else host])
         self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0)
         await self._runner.setup()
         site: web.BaseSite = (
-            web.SockSite(self._runner, sock) if sock is not None else web.TCPSite(self._runner, host, port, reuse_address=True)
+            web.SockSite(self._runner, sock, ssl_context=tls)
+            if sock is not None
+            else web.TCPSite(self._runner, host, port, reuse_address=True, ssl_context=tls)
         )
         try:
             await site.start()
@@ -122,7 +131,7 @@ class ApiServer:
         bound = self._runner.addresses[0]
         self.loopback = _is_loopback(bound[0])
         shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
-        self.url = f"http://{shown}:{bound[1]}"
+        self.url = f"{'https' if https else 'http'}://{shown}:{bound[1]}"
         return self.url
 
     async def close(self) -> None:

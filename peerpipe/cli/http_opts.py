@@ -48,6 +48,10 @@ def add_http_arguments(parser: argparse.ArgumentParser) -> None:
         help="require 'Authorization: Bearer KEY' on the API (default: $PEERPIPE_API_KEY, else none)",
     )
     parser.add_argument(
+        "--https", action="store_true",
+        help="serve over TLS with a self-signed certificate (browsers lend their GPU only to secure pages)",
+    )
+    parser.add_argument(
         "--max-pending", type=_non_negative, default=64, metavar="N", help="requests that may wait for a session before 'busy' (64)"
     )
 
@@ -83,8 +87,10 @@ async def start_api(
         return None
     from peerpipe.api.server import ApiServer
 
-    api = ApiServer(room.cluster, room.inference, api_key=args.api_key, max_pending=args.max_pending)
-    url = await api.start(sock=sock)
+    api = ApiServer(
+        room.cluster, room.inference, api_key=args.api_key, max_pending=args.max_pending, browsers=room.browser_host()
+    )
+    url = await api.start(sock=sock, https=args.https)
     say(f"dashboard: {url}/")
     say(f"OpenAI API: {url}/v1" + (" (needs the API key)" if args.api_key else ""))
     if not api.loopback and not args.api_key:

@@ -130,9 +130,11 @@ def _bench_webgpu(device: str, quick: bool, say: Progress) -> DeviceBench:
     rounds = 3 if quick else 5
     say("WGSL matmul 1024 fp32 (the seed's benchmark)")
     t1024 = matmul_tflops(1024, gpu=gpu, rounds=rounds)
-    big = 1024 if quick else 2048
-    say(f"WGSL matmul {big} fp32")
-    tbig = matmul_tflops(big, gpu=gpu, rounds=rounds) if big != 1024 else t1024
+    big, tbig = 1024, t1024
+    if not quick:
+        big = 2048
+        say(f"WGSL matmul {big} fp32")
+        tbig = matmul_tflops(big, gpu=gpu, rounds=rounds)
     say("weight streaming and submit latency")
     gbps, latency_ms = bandwidth_gbps(gpu=gpu, rounds=rounds)
     return DeviceBench(t1024, tbig, big, 0.0, "", gbps, latency_ms)

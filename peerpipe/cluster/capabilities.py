@@ -106,6 +106,16 @@ def check_device(device: str | None) -> Any:
     device is a clear error. The engine has no xpu path, the benchmarks do: xpu is taken as is."""
     if not device:
         return None
+    if device == "webgpu":  # WGSL stages through wgpu: there must be an adapter
+        from peerpipe.webgpu.load import adapter_facts
+
+        with _quiet_stderr():
+            adapter_facts()
+        return None
+    if device.startswith("webgpu:"):
+        from peerpipe.errors import PeerpipeError
+
+        raise PeerpipeError(f"{device!r} names a browser node; a machine's own adapter is --device webgpu")
     if device.startswith("xpu"):
         import torch
 

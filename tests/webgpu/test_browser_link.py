@@ -16,7 +16,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from peerpipe.webgpu import browser_link as bl
-from peerpipe.webgpu.browser_link import BrowserLinkError, BrowserSecrets, Sealer, keys, parse_hello, secret_id, unpack
+from peerpipe.webgpu.browser_link import (
+    BrowserLinkError,
+    BrowserSecrets,
+    Sealer,
+    keys,
+    parse_hello,
+    secret_id,
+    unpack,
+)
 from peerpipe.webgpu.executor import WebGPUError
 from peerpipe.webgpu.remote import BrowserSession, RemoteExecutor
 
