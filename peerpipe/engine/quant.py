@@ -3,8 +3,10 @@ int8 with one scale per output channel, or as int4 with a scale and zero point p
 ``INT4_GROUP`` inputs. Norms, biases, the embedding and the head keep the model's dtype.
 
 A quantized matrix multiplies through ``linear``: int8 on a CPU uses PyTorch's int8 weight-only
-kernel (``aten._weight_int8pack_mm``), elsewhere it is dequantized into the activations' dtype
-for the product; int4 is unpacked and dequantized for each product (memory, not speed).
+kernel (``aten._weight_int8pack_mm``), on CUDA a decode step's few rows use a Triton kernel that
+reads the int8 bytes once (``int8_cuda.py``); elsewhere, and for prompts, it is dequantized into
+the activations' dtype for the product; int4 is unpacked and dequantized for each product
+(memory, not speed).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from peerpipe.engine import int8_cuda
 from peerpipe.engine.errors import EngineError
 
 QUANT_MODES = ("none", "int8", "int4")
@@ -55,6 +58,11 @@ class Int8Weight:
             flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
             out = torch.ops.aten._weight_int8pack_mm(flat, self.q, self.scale.to(torch.bfloat16))
             return out.view(*x.shape[:-1], self.q.shape[0]).to(x.dtype)
+        rows = x.numel() // max(1, x.shape[-1])
+        if x.is_cuda and rows <= int8_cuda.MAX_ROWS and int8_cuda.available():
+            # A decode step: the kernel reads the int8 bytes once (engine/int8_cuda.py).
+            out = int8_cuda.int8_gemv(x.reshape(rows, x.shape[-1]), self.q, self.scale)
+            return out.view(*x.shape[:-1], self.q.shape[0])
         return F.linear(x, self.q.to(x.dtype)) * self.scale.to(x.dtype)
 
 
