@@ -33,7 +33,7 @@ def _kernel():  # type: ignore[no-untyped-def]
 
     @triton.jit
     def int8_gemv(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_x, stride_y,  # type: ignore[no-untyped-def]
-                  M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
         pid = tl.program_id(0)
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         rm = tl.arange(0, M_PAD)
@@ -43,9 +43,13 @@ def _kernel():  # type: ignore[no-untyped-def]
         acc = tl.zeros((M_PAD, BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
-            w = tl.load(w_ptr + rn[:, None] * K + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K), other=0)
-            x = tl.load(x_ptr + rm[:, None] * stride_x + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K),
-                        other=0.0)
+            if EVEN_K:  # no mask along K: the loads can be 16 bytes wide
+                w = tl.load(w_ptr + rn[:, None] * K + kk[None, :], mask=rn[:, None] < N, other=0)
+                x = tl.load(x_ptr + rm[:, None] * stride_x + kk[None, :], mask=rm[:, None] < M, other=0.0)
+            else:
+                w = tl.load(w_ptr + rn[:, None] * K + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K), other=0)
+                x = tl.load(x_ptr + rm[:, None] * stride_x + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K),
+                            other=0.0)
             acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
         scale = tl.load(s_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
         out = tl.sum(acc, axis=2) * scale[None, :]
@@ -72,5 +76,5 @@ def int8_gemv(x: Tensor, q: Tensor, scale: Tensor, config: tuple[int, int, int] 
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     grid = (-(-n // block_n),)
     _kernel()[grid](x, q, scale, y, m, n, k, x.stride(0), y.stride(0), M_PAD=pad, BLOCK_N=block_n, BLOCK_K=block_k,
-                    num_warps=warps)
+                    EVEN_K=k % block_k == 0, num_warps=warps)
     return y

@@ -18,16 +18,16 @@ from peerpipe.engine.quant import quantize
 pytestmark = pytest.mark.skipif(not int8_cuda.available(), reason="Triton is not installed")
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8])
-def test_the_kernel_multiplies_by_the_dequantized_matrix(rows: int) -> None:
+@pytest.mark.parametrize(("rows", "width"), [(1, 320), (3, 256), (8, 320)])  # 256: blocks tile the width
+def test_the_kernel_multiplies_by_the_dequantized_matrix(rows: int, width: int) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton was imported before its interpreter could be asked for")
-    w = quantize(torch.randn(100, 320), "int8")
+    w = quantize(torch.randn(100, width), "int8")
     q, scale = w.q.to(device), w.scale.to(device)
-    x = torch.randn(rows, 320, device=device)
+    x = torch.randn(rows, width, device=device)
     got = int8_cuda.int8_gemv(x, q, scale, (8, 128, 4))
     want = x @ (q.float() * scale.unsqueeze(1)).T
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="at most 8 rows"):
-        int8_cuda.int8_gemv(torch.randn(9, 320, device=device), q, scale)
+        int8_cuda.int8_gemv(torch.randn(9, width, device=device), q, scale)
