@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,10 +32,15 @@ FAKE = textwrap.dedent(
 
 
 @pytest.fixture
-def fake_wgpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def fake_wgpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     (tmp_path / "wgpu.py").write_text(FAKE)
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "wgpu", raising=False)
+    real = sys.modules.pop("wgpu", None)
+    yield
+    # The stand-in must not outlive the test: later tests use the real library.
+    sys.modules.pop("wgpu", None)
+    if real is not None:
+        sys.modules["wgpu"] = real
 
 
 def test_detecting_a_device_does_not_probe_webgpu(fake_wgpu: None, capfd: pytest.CaptureFixture[str]) -> None:
