@@ -139,6 +139,15 @@ class Room:
         return self._browsers
 
 
+def _planned(quantize: str, model: str | Path | None) -> str:
+    """What the planner counts a node's layers in: ``keep`` as the widest type the GGUF stores."""
+    if quantize != "keep":
+        return quantize
+    from peerpipe.engine.loader import keep_width
+
+    return keep_width(resolve_model(model) if model is not None else None)
+
+
 class _BrowserHost:
     """Browser tabs lending their GPU (docs/webgpu.md): each authenticated tab becomes a member
     of this room, run here, whose stage computes on the tab (``webgpu:browser-N``). Hidden states
@@ -246,7 +255,7 @@ async def create_room(
         address = await node.open(listen, advertise=advertise)
         if on_open is not None:
             on_open(room_code, address)
-        local = dataclasses.replace(measured or await _measure(device, memory_gb, quick), quantize=quantize)
+        local = dataclasses.replace(measured or await _measure(device, memory_gb, quick), quantize=_planned(quantize, model))
         choice = ModelChoice.from_dir(model, dtype or local.default_dtype) if model else None
         plane = DataPlane(node, no_entry="the host serves no model: start it with --model DIR")
         stage = None
@@ -356,9 +365,9 @@ async def join_room(
         if on_join is not None:
             on_join(host)
         mesh = await node.listen(listen, 0)
-        local = dataclasses.replace(measured or await _measure(device, memory_gb, quick), quantize=quantize)
-        plane = DataPlane(node)
         folder = resolve_model(model) if model else None
+        local = dataclasses.replace(measured or await _measure(device, memory_gb, quick), quantize=_planned(quantize, folder))
+        plane = DataPlane(node)
         plane.weights = NodeWeights(plane.send, folder, report=report, corrupt=_corrupting(), cache=weights_dir)
         plane.weights.server.busy = plane.answering
         await plane.weights.local()  # hashed before the first plan: peers may fetch from it at once

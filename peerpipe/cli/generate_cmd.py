@@ -89,8 +89,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-cuda-graphs", action="store_true", help="decode without CUDA graphs")
     p.add_argument(
-        "--quantize", choices=["none", "int8", "int4"], default="none",
-        help="hold the layers' matrices in int8 (faster on CPUs) or int4 (a quarter of bf16's memory) (none)",
+        "--quantize", choices=["none", "int8", "int4", "keep"], default="none",
+        help="hold the layers' matrices in int8 (faster on CPUs) or int4 (a quarter of bf16's memory), or keep a "
+        "GGUF's as precise as the file stores them: 4-bit types in int4, 5- to 8-bit in int8 (none)",
     )
     p.add_argument(
         "--compile",

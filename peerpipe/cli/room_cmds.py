@@ -79,10 +79,11 @@ def _add_device_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="shorter, less precise device benchmarks")
     parser.add_argument(
         "--quantize",
-        choices=["none", "int8", "int4", "auto"],
+        choices=["none", "int8", "int4", "keep", "auto"],
         default="none",
         help="hold this node's layers' matrices in fewer bits, so it takes more layers: int8 (a scale per "
-        "output channel; fast on CPUs) or int4 (groups of 64; a quarter of bf16's memory, slower); auto: "
+        "output channel; fast on CPUs) or int4 (groups of 64; a quarter of bf16's memory, slower); keep: a "
+        "GGUF's matrices as precise as the file stores them (4-bit types in int4, 5- to 8-bit in int8); auto: "
         "the planner chooses, in full precision when the model fits so, else int8, else int4 (none)",
     )
     parser.add_argument(

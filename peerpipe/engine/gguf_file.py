@@ -166,6 +166,10 @@ class GGUFModel:
     def nbytes(self, name: str) -> int:
         return tensor_bytes(self.tensors[name])
 
+    def type_of(self, name: str) -> str:
+        """The GGUF type a tensor is stored in (F16, Q4_K, …), by its Hugging Face name."""
+        return _type_name(self.tensors[name].kind)
+
     def read(self, name: str) -> torch.Tensor:
         """One tensor under its Hugging Face name, as float32 (Llama's q/k unpermuted)."""
         import gguf

@@ -243,9 +243,45 @@ def load_stage(
     if cfg.tie_embeddings and stage.is_first and stage.is_last:
         stage.lm_head.weight = stage.embed.weight
     stage.eval().requires_grad_(False)
-    stage.quantize(quantize)
+    stage.quantize(quantize, keep_modes(path, cfg, start, end) if quantize == "keep" else None)
     stats = LoadStats(bytes_read, total_bytes, count, time.perf_counter() - t0)
     return stage, stats
+
+
+_PARTS = {  # a fused matrix of the stage, from these Hugging Face matrices of its layer
+    "wqkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "wo": ("self_attn.o_proj",),
+    "w_gate_up": ("mlp.gate_proj", "mlp.up_proj"),
+    "w_down": ("mlp.down_proj",),
+}
+
+
+def keep_modes(path: Path, cfg: ModelConfig, start: int, end: int) -> list[dict[str, str]]:
+    """For ``--quantize keep``: each layer's matrices held as precise as the GGUF stores them
+    (engine/quant.py KEEP_AS); a Hugging Face folder's are kept as they are."""
+    from peerpipe.engine.quant import kept
+
+    if not path.is_file():
+        return [dict.fromkeys(_PARTS, "none") for _ in range(start, end)]
+    from peerpipe.engine.gguf_file import open_gguf
+
+    model = open_gguf(str(path))
+    return [
+        {fused: kept([model.type_of(f"model.layers.{i}.{p}.weight") for p in parts]) for fused, parts in _PARTS.items()}
+        for i in range(start, end)
+    ]
+
+
+def keep_width(path: str | Path | None, cfg: ModelConfig | None = None) -> str:
+    """What ``--quantize keep`` takes at most per value over the whole model (int4, int8 or none):
+    what a plan counts on, so it never gives a node more than it holds."""
+    from peerpipe.engine.quant import widest
+
+    if path is None:
+        raise ModelLoadError("--quantize keep keeps a GGUF model's own precision: give the node --model FILE.gguf")
+    path = Path(path)
+    cfg = cfg or ModelConfig.from_dir(path)
+    return widest([m for layer in keep_modes(path, cfg, 0, cfg.n_layers) for m in layer.values()])
 
 
 def _read_stage(

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from peerpipe.engine.config import ModelConfig
 from peerpipe.engine.kvcache import Batch, KeysValues, KVCache
-from peerpipe.engine.quant import QuantWeight, check_mode, linear, quantize
+from peerpipe.engine.quant import INT4_GROUP, KEEP_GROUP, QuantWeight, check_mode, linear, quantize
 from peerpipe.engine.rope import rope_inv_freq
 
 
@@ -229,19 +229,29 @@ class Stage(nn.Module):
         freqs = pos[:, None] * inv_freq[None, :]
         self.rope = torch.polar(torch.ones_like(freqs), freqs)
 
-    def quantize(self, mode: str) -> None:
-        """Hold the layers' matrices in ``mode`` (int8, int4; none leaves them): the full-precision
-        matrices are freed, so the stage takes the memory of its new precision."""
-        if check_mode(mode) == "none" or mode == self.quant_mode:
+    def quantize(self, mode: str, each: list[dict[str, str]] | None = None) -> None:
+        """Hold the layers' matrices in ``mode`` (int8, int4; none leaves them), or with ``each``
+        (``keep``) every layer's matrices in their own modes, by name (wqkv, wo, w_gate_up,
+        w_down): the full-precision matrices are freed, so the stage takes the memory of its new
+        precision."""
+        if mode == "keep":
+            if each is None or len(each) != len(self.layers):
+                raise ValueError("keep needs a mode for every matrix of every layer")
+        elif check_mode(mode) == "none" or mode == self.quant_mode:  # one mode for every matrix
             return
         if self.quant_mode != "none":
             raise ValueError(f"this stage is already held in {self.quant_mode}")
-        for block in self.layers:
+        for i, block in enumerate(self.layers):
             linears = {"wqkv": block.attn.wqkv, "wo": block.attn.wo, "w_gate_up": block.mlp.w_gate_up,
                        "w_down": block.mlp.w_down}
-            self._quant.append({name: quantize(lin.weight, mode) for name, lin in linears.items()})
-            for lin in linears.values():
-                lin.weight = nn.Parameter(lin.weight.new_empty(0), requires_grad=False)
+            modes = each[i] if each is not None else dict.fromkeys(linears, mode)
+            keep = mode == "keep"  # the file's 32-value blocks, their zero points as they are
+            group = KEEP_GROUP if keep else INT4_GROUP
+            held = {n: quantize(lin.weight, modes[n], group, exact_zero=keep) for n, lin in linears.items()}
+            self._quant.append({n: q for n, q in held.items() if not isinstance(q, Tensor)})
+            for name, lin in linears.items():
+                if name in self._quant[-1]:
+                    lin.weight = nn.Parameter(lin.weight.new_empty(0), requires_grad=False)
         self.quant_mode = mode
         self._gather_weights()
 

@@ -28,7 +28,27 @@ class QuantizeError(EngineError, ValueError):
     """A quantization setting that does not exist, or a matrix it cannot apply to."""
 
 
-ROOM_MODES = (*QUANT_MODES, "auto")  # a room's node may let the planner choose
+LOAD_MODES = (*QUANT_MODES, "keep")  # keep: each matrix as precise as its GGUF type, no more
+ROOM_MODES = (*LOAD_MODES, "auto")  # a room's node may let the planner choose
+
+# What a GGUF matrix's type is held as with --quantize keep: 4-bit types in int4 (in KEEP_GROUP,
+# the 32-value blocks of Q4_0 and Q4_1, so those requantize almost exactly),
+# 5- to 8-bit types in int8 (a scale per output channel), floating point types as they are.
+KEEP_AS = {"Q4_0": "int4-q4_0", "Q4_1": "int4", "Q4_K": "int4", "Q5_0": "int8", "Q5_1": "int8", "Q5_K": "int8",
+           "Q6_K": "int8", "Q8_0": "int8"}
+_PRECISION = {"int4-q4_0": 0, "int4": 1, "int8": 2, "none": 3}
+KEEP_GROUP = 32
+FP16_TINY = 2.0**-14  # the smallest normal float16: a smaller scale would round to zero
+
+
+def kept(kinds: list[str]) -> str:
+    """How a matrix fused from parts of GGUF types ``kinds`` is kept: as its most precise part."""
+    return max((KEEP_AS.get(k, "none") for k in kinds), key=_PRECISION.__getitem__)
+
+
+def widest(modes: list[str]) -> str:
+    """Of a stage's modes, the one that takes the most memory (what a plan should count on)."""
+    return max(modes, key=_PRECISION.__getitem__).replace("int4-q4_0", "int4") if modes else "none"
 
 
 def check_mode(mode: str, modes: tuple[str, ...] = QUANT_MODES) -> str:
@@ -74,6 +94,7 @@ class Int4Weight:
     packed: Tensor
     scale: Tensor
     zero: Tensor
+    group: int = INT4_GROUP  # inputs per scale and zero point
 
     @property
     def nbytes(self) -> int:
@@ -83,7 +104,7 @@ class Int4Weight:
         low = (self.packed & 0x0F).to(torch.int16)
         high = (self.packed >> 4).to(torch.int16)
         q = torch.stack((low, high), dim=-1).view(self.packed.shape[0], -1)  # [out, in]
-        groups = q.view(q.shape[0], -1, INT4_GROUP).to(dtype)
+        groups = q.view(q.shape[0], -1, self.group).to(dtype)
         w = (groups - self.zero.to(dtype).unsqueeze(-1)) * self.scale.to(dtype).unsqueeze(-1)
         return w.view(q.shape)
 
@@ -94,28 +115,48 @@ class Int4Weight:
 QuantWeight = Int8Weight | Int4Weight
 
 
-def quantize(w: Tensor, mode: str) -> Tensor | QuantWeight:
-    """``w`` ``[out, in]`` in ``mode`` (``none`` returns it as it is)."""
-    check_mode(mode)
+def quantize(w: Tensor, mode: str, group: int = INT4_GROUP, *, exact_zero: bool = False) -> Tensor | QuantWeight:
+    """``w`` ``[out, in]`` in ``mode`` (``none`` returns it as it is); int4 in groups of ``group``,
+    with ``exact_zero`` a zero point that need not be a whole number: a group that already lies on a
+    4-bit affine grid (a GGUF's Q4_0, Q4_1 or Q4_K block) is then held exactly."""
+    check_mode(mode, (*QUANT_MODES, "int4-q4_0"))
     if mode == "none":
         return w
     if w.dim() != 2:
         raise QuantizeError(f"only matrices are quantized, not a tensor of shape {tuple(w.shape)}")
     x = w.detach().float()
+    if mode == "int4-q4_0":  # Q4_0's grid: d * (q - 8), d from the group's largest magnitude
+        return _q4_0_grid(x, group)
     if mode == "int8":
         scale = (x.abs().amax(dim=1) / 127).clamp(min=1e-12)
         q = (x / scale.unsqueeze(1)).round_().clamp_(-127, 127).to(torch.int8)
         return Int8Weight(q.contiguous(), scale.to(w.dtype))
-    if x.shape[1] % INT4_GROUP:
-        raise QuantizeError(f"int4 needs the input size to be a multiple of {INT4_GROUP}, not {x.shape[1]}")
-    groups = x.view(x.shape[0], -1, INT4_GROUP)
+    if x.shape[1] % group:
+        raise QuantizeError(f"int4 needs the input size to be a multiple of {group}, not {x.shape[1]}")
+    groups = x.view(x.shape[0], -1, group)
     low, high = groups.amin(-1), groups.amax(-1)
-    scale = ((high - low) / 15).clamp(min=1e-8).to(torch.float16)
-    zero = (-low / scale.float()).round_().clamp_(0, 15).to(torch.float16)
+    scale = ((high - low) / 15).clamp(min=FP16_TINY).to(torch.float16)  # a flat group still has a scale
+    zero = (-low / scale.float()) if exact_zero else (-low / scale.float()).round_().clamp_(0, 15)
+    # A whole-number zero point fits float16; an exact one far from the group's range may not.
+    zero = zero.to(torch.float16 if zero.abs().max() < 6e4 else torch.float32)
     q = (groups / scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)).round_().clamp_(0, 15).to(torch.uint8)
     q = q.view(x.shape[0], -1)
     packed = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
-    return Int4Weight(packed, scale, zero)
+    return Int4Weight(packed, scale, zero, group)
+
+
+def _q4_0_grid(x: Tensor, group: int) -> Int4Weight:
+    """Values that lie on Q4_0's grid held exactly: the group's value of largest magnitude is
+    8 steps from zero, on the negative side (zero point 8) or the positive (7)."""
+    if x.shape[1] % group:
+        raise QuantizeError(f"int4 needs the input size to be a multiple of {group}, not {x.shape[1]}")
+    groups = x.view(x.shape[0], -1, group)
+    extreme = groups.gather(-1, groups.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    scale = (extreme.abs() / 8).clamp(min=FP16_TINY).to(torch.float16)
+    zero = torch.where(extreme < 0, 8.0, 7.0).to(torch.float16)
+    q = (groups / scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)).round_().clamp_(0, 15).to(torch.uint8)
+    q = q.view(x.shape[0], -1)
+    return Int4Weight((q[:, 0::2] | (q[:, 1::2] << 4)).contiguous(), scale, zero, group)
 
 
 def linear(x: Tensor, w: Tensor | QuantWeight, bias: Tensor | None = None) -> Tensor:

@@ -260,6 +260,10 @@ class StageRuntime:
         dtype = message.dtype or "float32"
         spec = ModelSpec.from_config(cfg, message.plan.model_id, ITEMSIZE.get(dtype, 4))
         budget = Budget(max(2, message.context_tokens), max(1, message.sessions), headroom=0.0)
+        if quantize == "keep":  # as the GGUF stores each matrix: counted at the widest of them
+            from peerpipe.engine.loader import keep_width
+
+            quantize = keep_width(self.model_dir, cfg)
         scale = layer_scale(quantize, spec.dtype_bytes)
         need = sum(stage_memory(spec, budget, start, end, scale) for start, end in wanted)
         if need > self.memory_bytes:
