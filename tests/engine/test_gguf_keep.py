@@ -75,3 +75,29 @@ def test_a_fused_matrix_keeps_its_most_precise_part() -> None:
     assert kept(["Q4_0", "Q4_1"]) == "int4"
     assert kept(["Q4_K", "F16"]) == "none"
     assert widest(["int4", "int8", "int4"]) == "int8" and widest([]) == "none"
+
+
+def test_a_room_node_keeps_its_gguf_and_answers_as_the_local_engine_does(tiny_model_dir, tmp_path: Path) -> None:
+    import asyncio
+
+    from peerpipe import create_room
+    from peerpipe.engine.generate import LocalEngine
+    from peerpipe.engine.sampling import SamplingParams
+    from peerpipe.engine.tokenizer import Tokenizer
+
+    src = tiny_model_dir("llama", config_overrides=SHAPE)
+    gguf_file = tmp_path / "m.gguf"
+    write_gguf(src, gguf_file, linear="Q4_1")
+    stage, _ = load_stage(gguf_file, device="cpu", quantize="keep")
+    tokenizer = Tokenizer.from_dir(gguf_file)
+    want = LocalEngine(stage, tokenizer, max_seq=64).generate([3, 17, 42], SamplingParams(temperature=0.0, max_tokens=8))
+
+    async def main() -> list[int]:
+        async with create_room(gguf_file, dtype="float32", device="cpu", context=64, quick=True, quantize="keep",
+                               speculate="off") as room:
+            view_quantize = room.view().members[0].info.quantize
+            assert view_quantize == "int4"  # what the planner counts: the widest the file keeps
+            result = await room.generate([3, 17, 42], temperature=0.0, max_tokens=8)
+            return list(result.tokens)
+
+    assert asyncio.run(asyncio.wait_for(main(), 120)) == list(want.tokens)
