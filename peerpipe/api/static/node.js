@@ -179,7 +179,11 @@ async function main() {
   const ws = new WebSocket((location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/api/browser-node");
   ws.binaryType = "arraybuffer";
   const nonce = crypto.getRandomValues(new Uint8Array(16));
-  let inbound = null, outbound = null, chain = Promise.resolve(), forwards = 0;
+  let inbound = null, outbound = null, chain = Promise.resolve(), forwards = 0, written = 0;
+  // Weights arrive as writes: what has come so far, against what the stage allocated.
+  const showHeld = () => {
+    $("held").textContent = `${(executor.bytes / 1e6).toFixed(1)} MB (${(written / 1e6).toFixed(1)} MB received)`;
+  };
   const send = async (header, payload) => ws.send(await outbound.seal(header, payload));
 
   ws.onopen = async () => ws.send(JSON.stringify({ v: PROTOCOL, id: await secretId(secret), nonce: b64(nonce) }));
@@ -210,9 +214,9 @@ async function main() {
         break;
       case "note": $("work").textContent = header.text; break;
       case "wt": executor.weightType = header.wt; break;
-      case "buffer": executor.buffer(header.id, header.size); $("held").textContent = (executor.bytes / 1e6).toFixed(1) + " MB"; break;
-      case "free": executor.free(header.ids); $("held").textContent = (executor.bytes / 1e6).toFixed(1) + " MB"; break;
-      case "write": executor.write(header.id, header.offset, payload); break;
+      case "buffer": executor.buffer(header.id, header.size); showHeld(); break;
+      case "free": executor.free(header.ids); showHeld(); break;
+      case "write": executor.write(header.id, header.offset, payload); written += payload.length; showHeld(); break;
       case "run": {
         const began = performance.now();
         try {
