@@ -30,7 +30,7 @@ def test_int8_rows_are_within_half_a_step_of_their_channel(seed: int) -> None:
 @pytest.mark.parametrize("seed", range(5))
 def test_int4_groups_are_within_half_a_step_of_their_group(seed: int) -> None:
     w = weights(seed)
-    q = quantize(w, "int4")
+    q = quantize(w, "int4", cpu_kernel=False)  # the portable layout, float16 scales
     assert isinstance(q, Int4Weight) and q.packed.shape == (96, 128) and q.packed.dtype == torch.uint8
     groups = w.view(96, -1, INT4_GROUP)
     step = (groups.amax(-1) - groups.amin(-1)) / 15
@@ -79,3 +79,16 @@ def test_a_quantized_stage_holds_less_and_answers_nearly_the_same(mode: str, ato
     assert (out[mode] - out["none"]).abs().max().item() < atol
     with pytest.raises(ValueError, match="already held"):
         stage.quantize("int4" if mode == "int8" else "int8")
+
+
+def test_int4_on_a_cpu_uses_pytorchs_kernel_layout_at_the_same_memory() -> None:
+    w = weights(3)
+    portable = quantize(w, "int4", cpu_kernel=False)
+    held = quantize(w, "int4")
+    assert isinstance(held, Int4Weight) and held.cpu_packed is not None and not held.packed.numel()
+    assert held.nbytes <= portable.nbytes * 1.05  # the kernel's layout replaces the portable one
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(2))
+    want = F.linear(x, portable.dequantize(torch.float32))
+    # bf16 activations and bf16 scales in the kernel: within bf16's rounding of the product.
+    assert torch.allclose(held.linear(x), want, atol=0.02 * want.abs().max().item(), rtol=0)
+    assert torch.allclose(held.dequantize(torch.float32), portable.dequantize(torch.float32), atol=0.01 * w.abs().max().item())
