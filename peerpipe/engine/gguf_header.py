@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import mmap
 import struct
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,9 +82,59 @@ class _Reader:
                 self.pos += size
                 return values
             if inner == _STRING:
-                return [self.string() for _ in range(count)]
+                return self._strings(count)
             return [self.value(inner) for _ in range(count)]
         raise ModelLoadError(f"{self.path} has a corrupt header (value type {kind})")
+
+
+    def _strings(self, count: int) -> StringArray:
+        """An array of strings, its bytes copied and only walked: decoded when first used."""
+        data, start, pos, end = self.data, self.pos, self.pos, len(self.data)
+        for _ in range(count):
+            if pos + 8 > end:
+                raise ModelLoadError(f"{self.path} ends inside its header (truncated?)")
+            n = struct.unpack_from("<Q", data, pos)[0]
+            if n > MAX_STRING:
+                raise ModelLoadError(f"{self.path} has a corrupt header (a {n}-byte string)")
+            pos += 8 + n
+        if pos > end:
+            raise ModelLoadError(f"{self.path} ends inside its header (truncated?)")
+        self.pos = pos
+        return StringArray(bytes(data[start:pos]), count)
+
+
+class StringArray(Sequence[str]):
+    """A metadata array of strings, decoded on first use: a model's config needs none of them,
+    and a vocabulary's 49k tokens and 49k merges were most of a header's parse."""
+
+    def __init__(self, raw: bytes, count: int) -> None:
+        self._raw, self._count = raw, count
+        self._items: list[str] | None = None
+
+    def _decoded(self) -> list[str]:
+        if self._items is None:
+            raw, pos, items = self._raw, 0, []
+            for _ in range(self._count):
+                n = struct.unpack_from("<Q", raw, pos)[0]
+                items.append(raw[pos + 8 : pos + 8 + n].decode("utf-8", errors="replace"))
+                pos += 8 + n
+            self._items = items
+        return self._items
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, index):  # type: ignore[no-untyped-def, override]
+        return self._decoded()[index]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._decoded())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
 
 
 def read_header(path: Path) -> Header:
