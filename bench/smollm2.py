@@ -125,6 +125,21 @@ def main() -> None:
             same[dtype] = agree
             agreement[dtype] = sum(a == b for a, b in zip(r.tokens, reference_tokens, strict=True)) / len(r.tokens)
             del engine, hf
+        # The file as stored (--quantize keep), against transformers in float32: the user's GGUF
+        # as each can run it (transformers dequantizes a GGUF to float32 or bf16 at load).
+        stage, _ = load_stage(gguf, device="cpu", dtype="float32", quantize="keep")
+        engine = LocalEngine(stage, tokenizer, max_seq=512)
+        engine.generate(ids, params)
+        kept = []
+        for i in range(args.repeats):
+            log(f"decoding with the file's own precision (keep), round {i + 1}")
+            r = engine.generate(ids, params)
+            kept.append(r.tok_s)
+        decode["keep (float32 activations)"] = {"peerpipe": statistics.median(kept),
+                                               "transformers (sdpa)": decode["float32"]["transformers (sdpa)"]}
+        ratios["keep (float32 activations)"] = statistics.median(kept) / decode["float32"]["transformers (sdpa)"]
+        same["keep (float32 activations)"] = False
+        agreement["keep (float32 activations)"] = sum(a == b for a, b in zip(r.tokens, reference_tokens or [], strict=False)) / len(r.tokens)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
