@@ -27,14 +27,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from engine import SHAPES, ensure_model  # noqa: E402
 
-from peerpipe.cluster.benchmark import bench_layer as torch_layer  # noqa: E402
+from peerpipe.cluster.benchmark import bench_layer  # noqa: E402
 from peerpipe.engine.config import ModelConfig  # noqa: E402
 from peerpipe.engine.generate import LocalEngine  # noqa: E402
 from peerpipe.engine.loader import load_stage  # noqa: E402
 from peerpipe.engine.sampling import SamplingParams  # noqa: E402
 from peerpipe.engine.tokenizer import Tokenizer  # noqa: E402
 from peerpipe.models import resolve_model  # noqa: E402
-from peerpipe.webgpu.bench import bench_layer as webgpu_layer  # noqa: E402
 from peerpipe.webgpu.bench import matmul_tflops  # noqa: E402
 from peerpipe.webgpu.load import load_webgpu_stage, local_executor  # noqa: E402
 
@@ -88,8 +87,8 @@ def main() -> None:
     rows.append(("matmul 1024² f32 (TFLOPS)", matmul_tflops(1024, gpu=gpu), torch_matmul_tflops(device), "higher"))
 
     log("one layer's decode step")
-    wl = webgpu_layer(cfg, wdtype, gpu=gpu)
-    tl = torch_layer(cfg, str(device), args.torch_dtype)
+    wl = bench_layer(cfg, "webgpu", wdtype)  # the same stacks, through the WGSL stage
+    tl = bench_layer(cfg, str(device), args.torch_dtype)
     rows.append(("layer decode (ms)", wl.decode_ms, tl.decode_ms, "lower"))
     rows.append(("layer prefill 128 (ms)", wl.prefill_ms, tl.prefill_ms, "lower"))
 

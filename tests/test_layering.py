@@ -22,7 +22,7 @@ ALLOWED: dict[str, set[str]] = {
     "cluster": {"plan", "engine", "room", "transport", "protocol", "webgpu"},
     "inference": {"plan", "engine", "room", "transport", "protocol", "weights", "webgpu"},
     "weights": {"engine", "room", "transport", "protocol"},
-    "webgpu": {"engine", "protocol"},
+    "webgpu": {"engine"},
     "room": {"transport", "protocol"},
     "transport": {"protocol"},
     "protocol": set(),

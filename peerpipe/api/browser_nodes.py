@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from aiohttp import WSMsgType, web
 
 from peerpipe.api.errors import ApiError
-from peerpipe.webgpu.browser_link import BrowserLinkError, BrowserSecrets, b64, keys, parse_hello, unb64
+from peerpipe.webgpu.browser_link import BrowserLinkError, BrowserSecrets, b64, keys, parse_hello
 from peerpipe.webgpu.remote import BrowserSession
 
 log = logging.getLogger(__name__)
@@ -147,5 +147,3 @@ class BrowserRoutes:
         await ws.send_bytes(outbound.seal({"op": "welcome", "credential": b64(credential)}))
         return session
 
-
-__all__ = ["BrowserHost", "BrowserRoutes", "qr_svg", "unb64"]

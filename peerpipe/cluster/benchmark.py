@@ -155,44 +155,27 @@ def bench_layer(
     ``k`` distinct layers (enough bytes to overflow the caches) are timed as a stage of ``k`` and
     as a stage of ``2k`` (the same layers twice, in turn); the difference is ``k`` layers' worth,
     and what remains is the stage's own cost per step (masks, positions), which a pipeline pays
-    once per stage, not per layer.
+    once per stage, not per layer. A WebGPU device (``webgpu``, ``webgpu:NAME``) times the same
+    stacks through its WGSL stage.
     """
     import torch
 
-    from peerpipe.engine.model import Block, Stage
+    from peerpipe.engine.model import Stage
 
+    if device.startswith("webgpu"):
+        return _bench_webgpu_layer(cfg, device, dtype, quick)
     dev = torch.device(device)
     torch_dtype = getattr(torch, dtype)
     item = torch.tensor([], dtype=torch_dtype).element_size()
     layer_bytes = cfg.layer_param_count() * item
     k = max(1, min(MAX_STACK, -(-(STREAM_BYTES // (2 if quick else 1)) // max(1, layer_bytes))))
-    tall = dataclasses.replace(cfg, n_layers=2 * k + 2, windows=())
-    with torch.device("meta"):
-        short = Stage(tall, 1, 1 + k)  # middle layers: no embedding, no head
-        double = Stage(tall, 1, 1 + 2 * k)
-    generator = torch.Generator(device=dev).manual_seed(0)
-    blocks = []
-    for _ in range(k):
-        with torch.device("meta"):
-            block = Block(tall)
-        block = block.to_empty(device=dev).to(torch_dtype)
-        with torch.no_grad():
-            for name, param in block.named_parameters():
-                if "norm" in name:
-                    param.fill_(1.0)
-                else:
-                    param.normal_(0.0, 0.02, generator=generator)
-        blocks.append(block)
-    for i in range(k):
-        short.layers[i] = blocks[i]
-    for i in range(2 * k):
-        double.layers[i] = blocks[i % k]
+    short, double = _random_stacks(cfg, k, dev, torch_dtype)
     if quantize != "none":  # the layers as this node will hold them (their matrices freed here)
         short.quantize(quantize)
         double._quant = [short._quant[i % k] for i in range(2 * k)]
         double.quant_mode = quantize
         layer_bytes = sum(q.nbytes for q in short._quant[0].values()) + sum(
-            p.numel() * p.element_size() for p in blocks[0].parameters()
+            p.numel() * p.element_size() for p in short.layers[0].parameters()
         )
     prompt = torch.randn(1, prefill_tokens, cfg.hidden_size, device=dev, dtype=torch_dtype)
     token = torch.randn(1, 1, cfg.hidden_size, device=dev, dtype=torch_dtype)
@@ -213,8 +196,42 @@ def bench_layer(
         with torch.inference_mode():
             return time_it(prefill, dev, rounds=rounds), time_it(decode, dev, rounds=rounds)
 
-    prefill_k, decode_k = timings(short)
-    prefill_2k, decode_2k = timings(double)
+    return _layer_timing(cfg, dtype, k, layer_bytes, prefill_tokens, timings(short), timings(double))
+
+
+def _random_stacks(cfg: ModelConfig, k: int, dev: torch.device, torch_dtype: torch.dtype) -> tuple[Any, Any]:
+    """Middle stages (no embedding, no head) of ``k`` random layers, and of the same ``k`` twice."""
+    import torch
+
+    from peerpipe.engine.model import Block, Stage
+
+    tall = dataclasses.replace(cfg, n_layers=2 * k + 2, windows=())
+    with torch.device("meta"):
+        short = Stage(tall, 1, 1 + k)
+        double = Stage(tall, 1, 1 + 2 * k)
+    generator = torch.Generator(device=dev).manual_seed(0)
+    for i in range(k):
+        with torch.device("meta"):
+            block = Block(tall)
+        block = block.to_empty(device=dev).to(torch_dtype)
+        with torch.no_grad():
+            for name, param in block.named_parameters():
+                if "norm" in name:
+                    param.fill_(1.0)
+                else:
+                    param.normal_(0.0, 0.02, generator=generator)
+        short.layers[i] = block
+    for i in range(2 * k):
+        double.layers[i] = short.layers[i % k]
+    return short, double
+
+
+def _layer_timing(
+    cfg: ModelConfig, dtype: str, k: int, layer_bytes: int, prefill_tokens: int,
+    short: tuple[float, float], double: tuple[float, float],
+) -> LayerTiming:
+    """One layer's figures from the (prefill, decode) seconds of stacks of ``k`` and ``2k``."""
+    (prefill_k, decode_k), (prefill_2k, decode_2k) = short, double
     decode = (decode_2k - decode_k) / k
     if decode <= 0:  # noise larger than k layers: no split is credible
         decode, overhead = decode_2k / (2 * k), 0.0
@@ -224,6 +241,30 @@ def bench_layer(
     return LayerTiming(
         cfg.shape_key, dtype, decode * 1e3, prefill * 1e3, prefill_tokens, layer_bytes, overhead * 1e3
     )
+
+
+# WebGPU stacks stream at least this many weight bytes; quick (a joining node, a software
+# adapter) takes the least that still splits a layer from the stage's own cost: 1 against 2.
+WEBGPU_STREAM_BYTES = 128 << 20
+WEBGPU_MAX_STACK = 16
+
+
+def _bench_webgpu_layer(cfg: ModelConfig, device: str, dtype: str, quick: bool) -> LayerTiming:
+    import torch
+
+    from peerpipe.webgpu.bench import time_stage
+    from peerpipe.webgpu.load import executor_for, weight_type
+
+    gpu = executor_for(device)
+    wt = weight_type(dtype, gpu)
+    prefill_tokens = 32 if quick else 128
+    layer_bytes = cfg.layer_param_count() * (2 if wt == "f16" else 4)
+    k = 1 if quick else max(1, min(WEBGPU_MAX_STACK, -(-WEBGPU_STREAM_BYTES // max(1, layer_bytes))))
+    stacks = _random_stacks(cfg, k, torch.device("cpu"), torch.float32)
+    short, double = (
+        time_stage(gpu, s, wt, prefill_tokens, rounds=2 if quick else 5, decode_reps=1 if quick else 3) for s in stacks
+    )
+    return _layer_timing(cfg, dtype, k, layer_bytes, prefill_tokens, short, double)
 
 
 # -- the cache ------------------------------------------------------------------------------
@@ -297,13 +338,7 @@ class BenchCache:
                 return timing
         if progress:
             progress(f"one layer of {cfg.shape_key} in {dtype}" + (f", {quantize} weights" if quantize != "none" else ""))
-        if self.caps.kind == "webgpu":
-            from peerpipe.webgpu.bench import bench_layer as bench_webgpu_layer
-            from peerpipe.webgpu.load import executor_for
-
-            timing = bench_webgpu_layer(cfg, dtype, quick=self.quick, gpu=executor_for(self.caps.torch_device))
-        else:
-            timing = bench_layer(cfg, self.caps.torch_device, dtype, quick=self.quick, quantize=quantize)
+        timing = bench_layer(cfg, self.caps.torch_device, dtype, quick=self.quick, quantize=quantize)
         self._store_layer(key, timing)
         return timing
 

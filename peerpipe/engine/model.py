@@ -191,7 +191,28 @@ LayerFn = Callable[
 ]
 
 
-class Stage(nn.Module):
+class LayerRange:
+    """Layers ``[start, end)`` of a model: what a stage's users ask of its place, on any backend
+    (this torch stage, or webgpu/stage.py's)."""
+
+    cfg: ModelConfig
+    start: int
+    end: int
+
+    @property
+    def is_first(self) -> bool:
+        return self.start == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.end == self.cfg.n_layers
+
+    @property
+    def n_layers(self) -> int:
+        return self.end - self.start
+
+
+class Stage(LayerRange, nn.Module):
     """Layers ``[start, end)`` of a model; build it on the meta device and load it with ``assign``."""
 
     def __init__(self, cfg: ModelConfig, start: int, end: int) -> None:
@@ -208,18 +229,6 @@ class Stage(nn.Module):
         self._weights: list[LayerWeights] = []
         self.quant_mode = "none"  # how the layers' matrices are held (engine/quant.py)
         self._quant: list[dict[str, QuantWeight]] = []
-
-    @property
-    def is_first(self) -> bool:
-        return self.start == 0
-
-    @property
-    def is_last(self) -> bool:
-        return self.end == self.cfg.n_layers
-
-    @property
-    def n_layers(self) -> int:
-        return self.end - self.start
 
     def setup_rope(self, max_seq: int) -> None:
         """Precompute the rotations for positions ``0 .. max_seq`` on the stage's device."""

@@ -42,10 +42,17 @@ def prelude(weight_type: str) -> str:
 
 
 class Executor(Protocol):
+    # The module dispatches compile against (f32 or f16 weights): a stage sets its own before it runs.
+    weight_type: str
+
     @property
     def name(self) -> str: ...
     @property
     def has_f16(self) -> bool: ...
+    @property
+    def remote(self) -> bool:
+        """Whether work waits on a network (a browser tab) rather than on this machine's GPU."""
+        ...
     @property
     def max_binding(self) -> int:
         """The largest buffer a kernel may bind, in bytes."""
@@ -79,15 +86,12 @@ def _adapter() -> Any:
     return adapter
 
 
-def adapter_name() -> str:
-    info = _adapter().info
-    return f"{info.get('device', '?')} ({info.get('backend_type', '?')})"
-
-
 class LocalExecutor:
     """This machine's WebGPU adapter, through ``wgpu``."""
 
-    def __init__(self, weight_type: str | None = None) -> None:
+    remote = False
+
+    def __init__(self) -> None:
         import wgpu  # type: ignore[import-not-found]
 
         self._wgpu = wgpu
@@ -106,7 +110,7 @@ class LocalExecutor:
         self._pipelines: dict[tuple[str, str], Any] = {}
         self._groups: dict[tuple[str, str, tuple[int, ...]], Any] = {}
         self._buffers: list[Any] = []
-        self.weight_type = weight_type or "f32"
+        self.weight_type = "f32"
         self._usage = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_DST | wgpu.BufferUsage.COPY_SRC
 
     def buffer(self, size: int) -> int:

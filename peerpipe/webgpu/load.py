@@ -83,9 +83,11 @@ def adapter_facts(device: str = "webgpu") -> dict[str, Any]:
     from peerpipe.webgpu.executor import _adapter
 
     if device != "webgpu":
+        from peerpipe.webgpu.remote import RemoteExecutor
+
         gpu = executor_for(device)
-        facts = getattr(getattr(gpu, "session", None), "facts", {})
-        return {"name": gpu.name, "type": "browser", "f16": gpu.has_f16, "memory": int(facts.get("memory", 1 << 30))}
+        facts = gpu.session.facts if isinstance(gpu, RemoteExecutor) else {}
+        return {"name": gpu.name, "type": "browser", "f16": gpu.has_f16, "memory": int(facts.get("memory") or 1 << 30)}
 
     adapter = _adapter()
     info = adapter.info

@@ -114,6 +114,8 @@ class BrowserSession:
 class RemoteExecutor:
     """The ``Executor`` a browser tab offers."""
 
+    remote = True
+
     def __init__(self, session: BrowserSession) -> None:
         facts = session.facts
         self.session = session

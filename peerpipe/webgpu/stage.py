@@ -19,7 +19,7 @@ import torch
 
 from peerpipe.engine.config import ModelConfig
 from peerpipe.engine.kvcache import Batch, KVCache
-from peerpipe.engine.model import Stage
+from peerpipe.engine.model import LayerRange, Stage
 from peerpipe.engine.rope import rope_inv_freq
 from peerpipe.webgpu.executor import Dispatch, Executor, WebGPUError
 
@@ -72,13 +72,13 @@ class GpuKVCache(KVCache):
         return self._nbytes
 
 
-class WebGPUStage:
+class WebGPUStage(LayerRange):
     """Layers ``[start, end)`` on an ``Executor``; build it with :meth:`from_torch`."""
 
     def __init__(self, gpu: Executor, cfg: ModelConfig, start: int, end: int, weight_type: str) -> None:
         self.gpu, self.cfg, self.start, self.end = gpu, cfg, start, end
         self.weight_type = weight_type
-        self.remote = hasattr(gpu, "session")  # a browser's: each forward waits on the network
+        self.remote = gpu.remote  # a browser's: each forward waits on the network
         self.quant_mode = "none"
         self._layers: list[_Layer] = []
         self._embed = self._norm = self._head = -1
@@ -89,18 +89,6 @@ class WebGPUStage:
         weakref.finalize(self, gpu.free, self._owned)
 
     # -- what a torch Stage answers ------------------------------------------------------------
-    @property
-    def is_first(self) -> bool:
-        return self.start == 0
-
-    @property
-    def is_last(self) -> bool:
-        return self.end == self.cfg.n_layers
-
-    @property
-    def n_layers(self) -> int:
-        return self.end - self.start
-
     def parameters(self) -> Iterator[torch.Tensor]:
         """What a stage server reads its dtype from: hidden states cross in f32."""
         yield torch.empty(0, dtype=torch.float32)
@@ -116,9 +104,6 @@ class WebGPUStage:
         if wt == "f16" and not gpu.has_f16:
             raise WebGPUError(f"{gpu.name} has no shader-f16: use float32 weights")
         self = cls(gpu, stage.cfg, stage.start, stage.end, wt)
-        gpu_wt = getattr(gpu, "weight_type", None)
-        if gpu_wt is not None:
-            gpu.weight_type = wt  # type: ignore[attr-defined]
         cfg = stage.cfg
         dummy = self._upload(torch.zeros(4), "f32")
         if stage.is_first:
@@ -309,8 +294,8 @@ class WebGPUStage:
         else:
             self.gpu.write(self._x, x.reshape(rows, cfg.hidden_size).to(torch.float32).contiguous().numpy().tobytes())
         program = self._program(rows, len(selected), head)
-        if getattr(self.gpu, "weight_type", self.weight_type) != self.weight_type:  # another stage's module
-            self.gpu.weight_type = self.weight_type  # type: ignore[attr-defined]
+        if self.gpu.weight_type != self.weight_type:  # the executor last ran another stage's module
+            self.gpu.weight_type = self.weight_type
         if head:
             (raw,) = self.gpu.run(program, [(self._logits, len(selected) * cfg.vocab_size * 4)])
             out = torch.frombuffer(bytearray(raw), dtype=torch.float32)
