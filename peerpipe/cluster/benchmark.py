@@ -122,6 +122,44 @@ def bench_device(caps: DeviceCaps, *, quick: bool = False, progress: Progress | 
     )
 
 
+SHM_PROBE_BYTES = 4 << 20
+
+
+def bench_shared_memory(torch_device: str, rounds: int = 3) -> float:
+    """GB/s of hidden states from this device through shared memory back to the device, as a
+    stage sends them to a node of the same machine (transport/shared_memory.py); 0 where there
+    is no shared memory."""
+    import torch
+
+    from peerpipe.transport.shared_memory import Ring, Segments, SharedMemoryError, machine_id
+
+    if not machine_id():
+        return 0.0
+    device = torch.device(torch_device)
+    try:
+        ring = Ring(4 * SHM_PROBE_BYTES)
+    except OSError:
+        return 0.0
+    segments = Segments()
+    src = torch.ones(SHM_PROBE_BYTES, dtype=torch.uint8, device=device)
+
+    def hop() -> None:
+        got = ring.alloc(SHM_PROBE_BYTES)
+        assert got is not None  # one allocation at a time in a ring of four
+        ref, view = got
+        torch.frombuffer(view, dtype=torch.uint8).copy_(src)
+        segments.read(ref, SHM_PROBE_BYTES, lambda v: torch.frombuffer(v, dtype=torch.uint8).to(device, copy=True))
+
+    try:
+        seconds = time_it(hop, device, rounds=rounds, min_round_s=0.002)
+    except SharedMemoryError:
+        return 0.0
+    finally:
+        segments.close()
+        ring.close()
+    return SHM_PROBE_BYTES / seconds / 1e9
+
+
 def _bench_webgpu(device: str, quick: bool, say: Progress) -> DeviceBench:
     from peerpipe.webgpu.bench import bandwidth_gbps, matmul_tflops
     from peerpipe.webgpu.load import executor_for

@@ -7,13 +7,14 @@ import json
 import time
 from dataclasses import dataclass, field
 
-from peerpipe.cluster.benchmark import BenchCache, DeviceBench, Progress
+from peerpipe.cluster.benchmark import BenchCache, DeviceBench, Progress, bench_shared_memory
 from peerpipe.cluster.capabilities import DeviceCaps, default_dtype, detect
 from peerpipe.cluster.links import measure_links
 from peerpipe.compute import run_compute
 from peerpipe.errors import PeerpipeError
 from peerpipe.protocol import BenchmarkRequest, BenchmarkResult, LayerTiming, NodeInfo
 from peerpipe.room import RoomNode
+from peerpipe.transport.shared_memory import machine_id
 
 
 @dataclass
@@ -52,6 +53,7 @@ class LocalDevice:
     cache: BenchCache
     memory_limit_bytes: int | None = None  # what the user lets peerpipe use, if less than free
     quantize: str = "none"  # how this node holds its layers' matrices (engine/quant.py)
+    shm_gbps: float = 0.0  # hidden states through shared memory to a node of this machine
     meter: LoadMeter = field(default_factory=LoadMeter)
 
     @classmethod
@@ -67,7 +69,8 @@ class LocalDevice:
         def work() -> LocalDevice:
             caps = detect(device)
             cache = BenchCache(caps, use_cache=use_cache, quick=quick)
-            return cls(caps, cache.device(progress), cache, memory_limit_bytes)
+            shm = bench_shared_memory(caps.torch_device) if caps.kind != "webgpu" else 0.0
+            return cls(caps, cache.device(progress), cache, memory_limit_bytes, shm_gbps=shm)
 
         return await run_compute(work)
 
@@ -101,6 +104,8 @@ class LocalDevice:
             cpu_cores=caps.cpu_cores,
             ram_bytes=caps.ram_total_bytes,
             quantize=self.quantize,
+            machine=machine_id() if self.shm_gbps > 0 else "",
+            shm_gbps=self.shm_gbps,
         )
 
     async def layer_timing(self, model_shape: str, dtype: str, *, fresh: bool = False) -> LayerTiming:

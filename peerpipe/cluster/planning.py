@@ -109,8 +109,10 @@ def links_with(
     return links
 
 
-def network_from(links: Iterable[LinkStat]) -> Network:
-    """Measured links; where both ends measured a pair, the slower figure is kept."""
+def network_from(links: Iterable[LinkStat], members: Iterable[NodeInfo] = ()) -> Network:
+    """Measured links; where both ends measured a pair, the slower figure is kept. Between
+    ``members`` that share memory (``shares_memory``), hidden states skip the socket: their link
+    is as fast as the slower node's measured copy through shared memory."""
     pairs: dict[tuple[str, str], Link] = {}
     for stat in links:
         if stat.mib_per_s <= 0:
@@ -121,7 +123,31 @@ def network_from(links: Iterable[LinkStat]) -> Network:
         if old is not None:
             link = Link(max(old.rtt_ms, link.rtt_ms), min(old.bytes_per_s, link.bytes_per_s))
         pairs[key] = link
+    infos = list(members)
+    for a, b in itertools.combinations(infos, 2):
+        if shares_memory(a, b):
+            key = (min(a.node_id, b.node_id), max(a.node_id, b.node_id))
+            rtt = pairs[key].rtt_ms if key in pairs else LOCAL_RTT_MS
+            pairs[key] = Link(rtt, min(a.shm_gbps, b.shm_gbps) * 1e9)
     return Network(pairs)
+
+
+# A message's round trip between two processes of one machine, before anyone measured it.
+LOCAL_RTT_MS = 0.1
+
+
+def shares_memory(a: NodeInfo, b: NodeInfo) -> bool:
+    """Whether two nodes map the same shared memory (transport/shared_memory.py), measured their
+    copies through it, and meet on one address (nodes in network namespaces of one machine
+    share memory too, but were put there to cross a network)."""
+    same = bool(a.machine) and a.machine == b.machine and a.shm_gbps > 0 and b.shm_gbps > 0
+    return same and same_machine({a.node_id: a.address, b.node_id: b.address})(a.node_id, b.node_id)
+
+
+def shared_memory(infos: Iterable[NodeInfo]) -> Callable[[str, str], bool]:
+    """``shares_memory`` by node id."""
+    by_id = {i.node_id: i for i in infos}
+    return lambda a, b: a in by_id and b in by_id and shares_memory(by_id[a], by_id[b])
 
 
 @dataclass(frozen=True)
@@ -153,7 +179,7 @@ def plan_room(
     specs = [node_spec(model, m.info, timings.get(m.info.node_id, m.timing), shape, half=half, auto=auto) for m in alive]
     # The entry node goes first: it is "this machine" of the plan.
     specs.sort(key=lambda s: s.node_id != entry)
-    network = network_from(facts.links)
+    network = network_from(facts.links, (m.info for m in alive))
     result = make_plan(model, specs, network, budget, entry=entry, strategy=strategy, objective=objective)
     if held is None:
         return result
@@ -192,20 +218,26 @@ def same_machine(addresses: Mapping[str, str]) -> Callable[[str, str], bool]:
 def wire_formats(
     nodes: Sequence[str], model: ModelSpec, network: Network, wire: str,
     local: Callable[[str, str], bool] = lambda a, b: False,
+    shared: Callable[[str, str], bool] = lambda a, b: False,
 ) -> list[str]:
     """For each stage on ``nodes`` (in order), the format of its hidden states on the link to the
-    next; "" for the last stage (it sends tokens) and between stages of one node. ``auto`` keeps
-    the model's dtype between processes of one machine (``local``: loopback's measured rate swings
+    next; "" for the last stage (it sends tokens) and between stages of one node. ``auto`` sends
+    them through shared memory between nodes that map the same (``shared``), keeps the model's
+    dtype between other processes of one machine (``local``: loopback's measured rate swings
     with the machine's load) and on a link nobody has measured yet (the plan after its
     measurement decides)."""
 
     def auto_native(a: str, b: str) -> bool:
         return wire == "auto" and (local(a, b) or ((a, b) not in network.links and (b, a) not in network.links))
 
-    hops = [
-        choose_wire(model, network.link(a, b), wire) if a != b and not auto_native(a, b) else ""
-        for a, b in itertools.pairwise(nodes)
-    ]
+    def hop(a: str, b: str) -> str:
+        if a == b:
+            return ""
+        if wire == "auto" and shared(a, b):
+            return "local"
+        return "" if auto_native(a, b) else choose_wire(model, network.link(a, b), wire)
+
+    hops = [hop(a, b) for a, b in itertools.pairwise(nodes)]
     return [*hops, ""]
 
 
@@ -218,13 +250,14 @@ def to_protocol(
     network: Network | None = None,
     wire: str = "auto",
     local: Callable[[str, str], bool] = lambda a, b: False,
+    shared: Callable[[str, str], bool] = lambda a, b: False,
     quantize: Mapping[str, str] | None = None,
 ) -> Plan:
     """The plan as the wire carries it; each stage but the last with the format its hidden states
     take over the link to the next (plan/wire.py: ``wire``, or from the link when auto); the
     stages of nodes in ``quantize`` (those that let the planner choose) with their mode."""
     stages = result.stages
-    formats = wire_formats([s.node_id for s in stages], model, network or Network(), wire, local)
+    formats = wire_formats([s.node_id for s in stages], model, network or Network(), wire, local, shared)
     return Plan(
         version,
         model.model_id,

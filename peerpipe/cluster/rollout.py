@@ -29,6 +29,7 @@ from peerpipe.cluster.planning import (
     network_from,
     plan_quantizing,
     same_machine,
+    shared_memory,
     to_protocol,
     wire_formats,
 )
@@ -291,12 +292,13 @@ class Rollout:
         if self.config.replicas and (bare := uncovered(stages, standbys)):
             names = host.names()
             host.report("no memory for a standby of " + ", ".join(f"{names.get(n, n[:8])}[{a},{b})" for n, a, b in bare))
-        network = network_from(self.links.values())
+        infos = [m.info for m in members]
+        network = network_from(self.links.values(), infos)
         local = same_machine({m.info.node_id: m.info.address for m in members})
         choosing = {m.info.node_id: auto for m in members if m.info.quantize == "auto"}
         plan = to_protocol(
             result, next(self._versions), model.spec, standbys, network=network, wire=self.config.wire, local=local,
-            quantize=choosing,
+            shared=shared_memory(infos), quantize=choosing,
         )
         if not await self._prefetch(plan):
             return None
@@ -363,9 +365,12 @@ class Rollout:
         names = self._names  # as the plan knew them: the lost are no longer in the view
         self.host.report("failover: standbys take over from " + ", ".join(names.get(n, n[:8]) for n in sorted(lost)))
         stages_after, spares = promoted
-        network = network_from(self.links.values())
-        local = same_machine({m.info.node_id: m.info.address for m in self.host.room_view().members})
-        formats = wire_formats([n for n, _, _ in stages_after], self.model.spec, network, self.config.wire, local)
+        infos = [m.info for m in self.host.room_view().members]
+        network = network_from(self.links.values(), infos)
+        local = same_machine({i.node_id: i.address for i in infos})
+        formats = wire_formats(
+            [n for n, _, _ in stages_after], self.model.spec, network, self.config.wire, local, shared_memory(infos)
+        )
         failover = Plan(
             next(self._versions),
             plan.model_id,

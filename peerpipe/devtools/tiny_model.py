@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from peerpipe.engine.loader import DTYPE_NAMES
+from peerpipe.engine.random_weights import mark_random
 
 ARCHITECTURES = ("llama", "llama3", "qwen2", "qwen3", "mistral")
 
@@ -326,11 +327,14 @@ def write_random_model(
     dtype: str = "float32",
     shards: int = 1,
     tokenizer: Path | Literal["tiny"] | None = "tiny",
+    on_device: bool = False,
 ) -> Path:
     """Write random weights of any shape plus config.json and generation_config.json.
 
     ``tokenizer``: ``"tiny"`` writes the built-in tiny BPE (needs ``vocab_size`` >= 512), a
     directory copies the tokenizer files found there, ``None`` writes no tokenizer.
+    ``on_device``: write no weights but a random folder (engine/random_weights.py) whose stages
+    draw theirs on their device from ``seed``: for shapes no disk holds.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
@@ -339,7 +343,10 @@ def write_random_model(
     config = {**config, "torch_dtype": dtype}
     if tokenizer == "tiny" and int(config["vocab_size"]) < TOKENIZER_VOCAB_SIZE:
         raise ValueError(f"vocab_size {config['vocab_size']} is smaller than the tiny tokenizer's 512")
-    _write_weights(path, config, seed, dtype, shards)
+    if on_device:
+        mark_random(path, seed)
+    else:
+        _write_weights(path, config, seed, dtype, shards)
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     gen = {"bos_token_id": config.get("bos_token_id"), "eos_token_id": config.get("eos_token_id")}
     if _style_of(config) == "qwen" and isinstance(gen["eos_token_id"], int):

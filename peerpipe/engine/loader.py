@@ -15,6 +15,7 @@ from peerpipe.dtypes import WEIGHT_DTYPES
 from peerpipe.engine.config import ModelConfig
 from peerpipe.engine.errors import DeviceError, ModelLoadError, UnsupportedModelError
 from peerpipe.engine.model import Stage, interleave_rope_dims
+from peerpipe.engine.random_weights import is_random, random_seed, random_stage
 from peerpipe.engine.safetensors_io import TensorEntry, read_header, read_tensors
 
 ProgressFn = Callable[[int, int], None]  # (bytes done, bytes total)
@@ -106,7 +107,10 @@ def check_model_dir(path: str | Path) -> ModelConfig:
 
     path = Path(path)
     cfg = ModelConfig.from_dir(path)
-    check_checkpoint(cfg, _shapes(path), str(path))
+    if is_random(path):
+        random_seed(path)
+    else:
+        check_checkpoint(cfg, _shapes(path), str(path))
     Tokenizer.from_dir(path)
     return cfg
 
@@ -230,6 +234,10 @@ def load_stage(
         )
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, cfg, dev)
+    if is_random(path):  # drawn on the device: nothing to read
+        stage = random_stage(cfg, start, end, seed=random_seed(path), device=dev, dtype=dt, progress=progress)
+        stage.quantize(quantize, keep_modes(path, cfg, start, end) if quantize == "keep" else None)
+        return stage, LoadStats(0, 0, 0, time.perf_counter() - t0)
     hf, bytes_read, total_bytes, count = _read_stage(path, cfg, start, end, progress)
     sd = _stage_state_dict(hf, cfg, start, end)
     with torch.device("meta"):

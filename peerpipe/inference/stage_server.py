@@ -23,7 +23,7 @@ from peerpipe.engine.kvcache import KVCache
 from peerpipe.engine.model import Stage
 from peerpipe.engine.sampling import Sampler, SamplingParams, make_generator
 from peerpipe.engine.speculate import verify
-from peerpipe.inference.wire import encode_hidden, from_wire, sampling_from_wire, to_wire
+from peerpipe.inference.wire import encode_hidden, from_wire, release_shared, sampling_from_wire, to_wire
 from peerpipe.protocol import (
     Cancel,
     ComputeError,
@@ -34,6 +34,7 @@ from peerpipe.protocol import (
     TensorData,
 )
 from peerpipe.room import Send
+from peerpipe.transport.shared_memory import Ring
 
 log = logging.getLogger(__name__)
 # Tasks cancelled recently: a request of theirs still on its way from an earlier stage is dropped
@@ -98,6 +99,8 @@ class StageServer:
         # On CUDA, decode steps replay captured graphs, as the local engine's do (None: on CUDA).
         use_graphs = cache.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self._graphed = GraphedDecoder(stage, cache, pad_batches=True) if use_graphs else None
+        # To a next stage on this machine, hidden states go through shared memory (plan wire "local").
+        self._ring: Ring | None = None
 
     @property
     def graphed(self) -> bool:
@@ -112,6 +115,22 @@ class StageServer:
         self._queue.put_nowait(message)
 
     async def run(self) -> None:
+        try:
+            await self._serve()
+        finally:
+            if self._ring is not None:
+                self._ring.close()
+
+    def _shared_ring(self) -> Ring | None:
+        if self.wire == "local" and self._ring is None:
+            try:
+                self._ring = Ring()
+            except OSError as exc:  # no shared memory after all: the hidden states go inline
+                log.warning("%s: no shared memory (%s); sending hidden states on the socket", self.label, exc)
+                self.wire = ""
+        return self._ring
+
+    async def _serve(self) -> None:
         held: collections.deque[ComputeRequest] = collections.deque()  # decode steps for the next round
         while True:
             if not held:
@@ -128,7 +147,7 @@ class StageServer:
                 if isinstance(item, Cancel):
                     self._cancel(item.task_id)
                 elif item.task_id in self._cancelled:
-                    continue
+                    release_shared(item.input_tensor)
                 elif item.drafts:
                     verify.setdefault(self._new_positions(item), []).append(item)
                 elif self._new_positions(item) != 1 or item.partial:
@@ -195,6 +214,7 @@ class StageServer:
                 self._admit(request)
                 ready.append(request)
             except RequestError as exc:
+                release_shared(request.input_tensor)
                 await self._fail(request, str(exc))
         if not ready:
             return
@@ -214,6 +234,7 @@ class StageServer:
         except Exception as exc:  # the model failed: every session in the batch fails, typed, with why
             log.warning("%s: forward failed: %r", self.label, exc)
             for request in ready:
+                release_shared(request.input_tensor)
                 self._cancel(request.task_id)
                 await self._fail(request, f"{type(exc).__name__}: {exc}")
             return
@@ -305,7 +326,7 @@ class StageServer:
         else:
             out = self.stage(x, self.cache, batch, last_only=self.stage.is_last and not drafted)
         if self.next_hop is not None:
-            return encode_hidden(out, self.wire)  # one copy off the device for the whole batch
+            return encode_hidden(out, self.wire, self._shared_ring())  # one copy off the device for the batch
         if drafted:
             return [self._verify(s, r, out[i]) for i, (s, r) in enumerate(zip(sessions, requests, strict=True))]
         if all(r.partial for r in requests):  # prompts run alone: no token to draw, none to count

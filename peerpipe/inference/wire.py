@@ -7,12 +7,15 @@ int8 values, not the floats, cross PCIe both ways."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
 from peerpipe.engine.sampling import SamplingParams
 from peerpipe.protocol import Sampling, TensorData
-from peerpipe.protocol.tensor import Q8_BLOCK
+from peerpipe.protocol.tensor import Q8_BLOCK, encoded_nbytes
+from peerpipe.transport.shared_memory import Ref, Ring, Segments, SharedMemoryError
 
 _AS_WIRE = {
     torch.float32: "float32",
@@ -40,9 +43,12 @@ def to_wire(t: torch.Tensor) -> TensorData:
 _HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def encode_hidden(batch: torch.Tensor, wire: str) -> list[TensorData]:
+def encode_hidden(batch: torch.Tensor, wire: str, ring: Ring | None = None) -> list[TensorData]:
     """Each row of ``batch`` ``[B, S, H]`` in wire format ``wire`` ("" for the model's dtype),
-    with one copy off the device for the whole batch."""
+    with one copy off the device for the whole batch; ``local``: each row copied from the device
+    straight into ``ring`` (shared memory), inline where the ring is full."""
+    if wire == "local" and ring is not None:
+        return [_to_ring(batch[i : i + 1], ring) for i in range(batch.shape[0])]
     if wire in _HALF:
         batch = batch.to(_HALF[wire])
     if wire != "int8":
@@ -79,12 +85,45 @@ def _decode_q8(data: TensorData, device: torch.device) -> torch.Tensor:
     return x.to(_FROM_WIRE[data.dtype]).view(data.shape)
 
 
+def _to_ring(row: torch.Tensor, ring: Ring) -> TensorData:
+    name = _AS_WIRE[row.dtype]
+    nbytes = row.numel() * row.element_size()
+    got = ring.alloc(nbytes)
+    if got is None:
+        return to_wire(row)
+    ref, view = got
+    torch.frombuffer(view, dtype=torch.uint8).view(row.dtype).view(row.shape).copy_(row)
+    return TensorData(name, tuple(row.shape), ref.pack(), "shm")
+
+
+_SEGMENTS = Segments()  # the rings of senders on this machine, as this process maps them
+
+
+def _from_shared(data: TensorData, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    nbytes = encoded_nbytes(data.dtype, data.shape)
+
+    def copy(view: memoryview) -> torch.Tensor:
+        t = torch.frombuffer(view, dtype=torch.uint8).view(dtype).view(data.shape)
+        return t.clone() if device.type == "cpu" else t.to(device)
+
+    return _SEGMENTS.read(Ref.unpack(data.data), nbytes, copy)
+
+
+def release_shared(data: TensorData) -> None:
+    """Give a shared-memory tensor back unread (its request was dropped): the sender reuses it."""
+    if data.encoding == "shm":
+        with contextlib.suppress(SharedMemoryError):
+            _SEGMENTS.read(Ref.unpack(data.data), encoded_nbytes(data.dtype, data.shape), lambda _: None)
+
+
 def from_wire(data: TensorData, device: torch.device) -> torch.Tensor:
     dtype = _FROM_WIRE.get(data.dtype)
     if dtype is None:
         raise TypeError(f"unexpected tensor dtype {data.dtype} on the data plane")
     if data.encoding == "q8b64":
         return _decode_q8(data, device)
+    if data.encoding == "shm":
+        return _from_shared(data, dtype, device)
     # A copy: the wire buffer belongs to the received frame, and torch wants writable memory.
     t = torch.from_numpy(np.array(data.to_numpy(), copy=True))
     if dtype == torch.bfloat16:

@@ -16,7 +16,7 @@ from peerpipe.plan.spec import Link, ModelSpec
 
 WIRE_CHOICES = ("auto", "native", "bf16", "fp16", "int8")
 # On the wire (PlanStage.wire): "" is the model's own dtype.
-WIRE_FORMATS = ("", "bf16", "fp16", "int8")
+WIRE_FORMATS = ("", "bf16", "fp16", "int8", "local")  # local: the model's dtype, through shared memory
 INT8_BLOCK = 64
 # Quantizing on the sender plus dequantizing on the receiver, per value, beyond what sending the
 # model's dtype costs anyway: measured on the 2-core VM, one thread, 128 tokens x 384 or 4096

@@ -23,7 +23,8 @@ MAX_STAGES = 1024
 MAX_MEMBERS = 1024
 # Layer indices beyond this are nonsense for any model we can hold.
 MAX_LAYERS = 1 << 20
-WIRE_FORMATS = frozenset({"", "bf16", "fp16", "int8"})  # how a stage's hidden states travel on
+# how a stage's hidden states travel on (local: the model's dtype through shared memory)
+WIRE_FORMATS = frozenset({"", "bf16", "fp16", "int8", "local"})
 QUANT_MODES = frozenset({"none", "int8", "int4", "auto"})  # how a node holds its layers' matrices (auto: the plan says)
 STAGE_QUANT = frozenset({"", "none", "int8", "int4"})  # what the plan says to an auto node
 
@@ -53,9 +54,13 @@ class NodeInfo:
     cpu_cores: int = 0
     ram_bytes: int = 0
     quantize: str = "none"  # how it holds its layers' matrices: none, int8, int4
+    machine: str = ""  # its shared memory's name: nodes with the same pass hidden states through it
+    shm_gbps: float = 0.0  # device -> shared memory -> device, GB/s as measured (0: not measured)
 
     def __post_init__(self) -> None:
         need_id(self, "node_id")
+        need_str(self, "machine", 64)
+        need_float(self, "shm_gbps")
         need_str(self, "name", MAX_NAME_LEN)
         need_choice(self, "quantize", QUANT_MODES)
         need_id(self, "device")

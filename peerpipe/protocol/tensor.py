@@ -19,9 +19,11 @@ DTYPES = frozenset(ITEMSIZE)
 # ``dtype``. "q8b64": a float tensor quantized along its last axis in blocks of Q8_BLOCK values,
 # each block one float16 scale (its absolute maximum / 127) and int8 values; ``dtype`` is what the
 # receiver decodes it to. The data is every row's int8 values (rows x width bytes), then every
-# row's scales (rows x blocks x 2 bytes).
-ENCODINGS = frozenset({"raw", "q8b64"})
+# row's scales (rows x blocks x 2 bytes). "shm": the raw values lie in shared memory on the
+# receiver's machine; the data is a reference to them (transport/shared_memory.py), SHM_REF_BYTES long.
+ENCODINGS = frozenset({"raw", "q8b64", "shm"})
 Q8_BLOCK = 64
+SHM_REF_BYTES = 40
 FLOAT_DTYPES = frozenset({"float32", "float16", "bfloat16"})
 
 # bfloat16 has no numpy dtype: it is carried as its raw 16-bit patterns.
@@ -34,6 +36,8 @@ def encoded_nbytes(dtype: str, shape: tuple[int, ...], encoding: str = "raw") ->
         width = shape[-1] if shape else 1
         rows = math.prod(shape[:-1]) if shape else 1
         return rows * width + rows * -(-width // Q8_BLOCK) * 2
+    if encoding == "shm":
+        return SHM_REF_BYTES
     return math.prod(shape) * ITEMSIZE[dtype]
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from peerpipe.compute import run_compute
+from peerpipe.engine.random_weights import is_random
 from peerpipe.logs import Report, log_reporter
 from peerpipe.room import Send
 from peerpipe.weights.errors import ManifestError
@@ -47,7 +48,8 @@ class NodeWeights:
         where each tensor lies."""
         if not self._hashed:
             self._hashed = True
-            if self.model_dir is not None and self.model_dir.exists():
+            # A random folder (engine/random_weights.py) has nothing to share: each node draws its own.
+            if self.model_dir is not None and self.model_dir.exists() and not is_random(self.model_dir):
                 path = self.model_dir
                 progress = _marks(self.report, f"hashing {path.name} to share it with peers")
                 manifest = await run_compute(copy_manifest, path, path.stem if path.is_file() else path.name, progress)

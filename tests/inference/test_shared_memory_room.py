@@ -1,0 +1,79 @@
+"""Stages of one machine pass hidden states through shared memory (plan wire "local"), not the
+encrypted socket: the planner picks it for nodes on one address that share memory, the answers
+are the local engine's token for token, and every allocation is read."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+
+from peerpipe.cluster.config import ClusterConfig
+from peerpipe.engine.generate import LocalEngine
+from peerpipe.engine.sampling import SamplingParams
+from peerpipe.inference import wire
+from peerpipe.plan import Budget
+from peerpipe.python_api import create_room, join_room
+
+PROMPTS = [[5, 17, 42, 99, 3], [7, 7, 8, 100, 200, 1, 2]]
+
+
+async def room_of(model, device, count: int, wire_choice: str = "auto") -> contextlib.AsyncExitStack:
+    config = ClusterConfig(
+        expect_nodes=count, strategy="proportional", budget=Budget(128, 4), wire=wire_choice, replan_debounce_s=0.2
+    )
+    stack = contextlib.AsyncExitStack()
+    room = await stack.enter_async_context(create_room(model, dtype="float32", config=config, measured=device, speculate="off"))
+    for i in range(count - 1):
+        await stack.enter_async_context(join_room(str(room.code), peer=room.address, model=model, name=f"m{i}", measured=device))
+    stack.room = room  # type: ignore[attr-defined]
+    return stack
+
+
+def test_three_stages_of_one_machine_use_shared_memory_and_answer_as_one_node(model, device) -> None:
+    assert device.shm_gbps > 0
+    engine, _ = LocalEngine.from_dir(model, device="cpu", dtype="float32", max_seq=128)
+    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    expected = [engine.generate(p, greedy).tokens for p in PROMPTS]
+    read: list[int] = []
+    real = wire._from_shared
+
+    def counting(data, dtype, dev):  # type: ignore[no-untyped-def]
+        read.append(len(data.data))
+        return real(data, dtype, dev)
+
+    async def main() -> None:
+        async with await room_of(model, device, 3) as stack:
+            room = stack.room  # type: ignore[attr-defined]
+            plan = await room.plan(60)
+            assert [s.wire for s in plan.stages] == ["local", "local", ""]
+            infos = {m.info.node_id: m.info for m in room.view().members}
+            assert len({i.machine for i in infos.values()}) == 1 and all(i.shm_gbps > 0 for i in infos.values())
+            answers = await asyncio.gather(
+                *(room.generate(p, temperature=0.0, max_tokens=12, ignore_eos=True) for p in PROMPTS)
+            )
+            assert [a.tokens for a in answers] == expected
+
+    wire._from_shared = counting
+    try:
+        asyncio.run(asyncio.wait_for(main(), 120))
+    finally:
+        wire._from_shared = real
+    # Every hidden state of both hops came through shared memory as a 40-byte reference.
+    assert len(read) >= 2 * sum(12 for _ in PROMPTS) and set(read) == {40}
+
+
+def test_native_keeps_the_socket_and_nodes_on_other_addresses_do_not_share(model, device) -> None:
+    async def main() -> None:
+        async with await room_of(model, device, 2, "native") as stack:
+            plan = await stack.room.plan(60)  # type: ignore[attr-defined]
+            assert [s.wire for s in plan.stages] == ["", ""]
+
+    asyncio.run(asyncio.wait_for(main(), 120))
+    from peerpipe.cluster.planning import shares_memory
+
+    a = device.node_info("a" * 16, "a", "127.0.0.1:1000")
+    assert shares_memory(a, device.node_info("b" * 16, "b", "127.0.0.1:2000"))
+    # Two network namespaces of one machine share /dev/shm, but were set up to cross a network.
+    assert not shares_memory(a, device.node_info("b" * 16, "b", "10.0.0.2:2000"))
+    assert not shares_memory(a, dataclasses.replace(device, shm_gbps=0.0).node_info("b" * 16, "b", "127.0.0.1:2"))

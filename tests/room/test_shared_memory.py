@@ -1,0 +1,127 @@
+"""The shared-memory ring between processes of one machine (transport/shared_memory.py): space
+is reused once released, a full ring says so instead of waiting, and a reference that does not
+match what the sender wrote is refused, typed, never read."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from peerpipe.transport import shared_memory
+from peerpipe.transport.shared_memory import REF_BYTES, Ref, Ring, Segments, SharedMemoryError, machine_id
+
+
+@pytest.fixture
+def ring():
+    r = Ring(4096)
+    yield r
+    r.close()
+
+
+def put(ring: Ring, data: bytes) -> Ref:
+    got = ring.alloc(len(data))
+    assert got is not None
+    ref, view = got
+    view[:] = data
+    return ref
+
+
+def test_bytes_cross_and_space_is_reused_once_read(ring: Ring) -> None:
+    segments = Segments()
+    refs = [put(ring, bytes([i]) * 900) for i in range(4)]  # 4 x (64 + 960) = the whole ring
+    assert ring.alloc(1) is None  # full: the caller sends inline rather than wait
+    assert ring.in_flight == 4
+    # Read out of order: space comes back only once every older allocation is read.
+    assert segments.read(refs[2], 900, bytes) == bytes([2]) * 900
+    assert ring.alloc(1) is None
+    assert segments.read(refs[0], 900, bytes) == bytes([0]) * 900
+    assert ring.in_flight == 3  # 1 is still unread, so 2 waits behind it
+    again = put(ring, b"x" * 900)  # wraps to the start
+    assert again.offset == 0
+    assert segments.read(again, 900, bytes) == b"x" * 900
+    segments.close()
+
+
+def test_a_reference_is_read_once(ring: Ring) -> None:
+    ref = put(ring, b"abc")
+    segments = Segments()
+    segments.read(ref, 3, bytes)
+    with pytest.raises(SharedMemoryError, match="stale or forged"):
+        segments.read(ref, 3, bytes)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda r: Ref(r.name, r.offset, r.seq + 1), "stale or forged"),
+        (lambda r: Ref(r.name, 1 << 40, r.seq), "outside"),
+        (lambda r: Ref(r.name, r.offset + 64, r.seq), "stale or forged"),
+        (lambda r: Ref(f"peerpipe-{os.getpid()}-00000000", r.offset, r.seq), "cannot open"),
+    ],
+)
+def test_references_that_do_not_match_are_refused(ring: Ring, change, match: str) -> None:
+    ref = put(ring, b"hidden" * 10)
+    with pytest.raises(SharedMemoryError, match=match):
+        Segments().read(change(ref), 60, bytes)
+    assert Segments().read(ref, 60, bytes) == b"hidden" * 10  # the real one still reads
+
+
+def test_a_wrong_length_is_refused(ring: Ring) -> None:
+    ref = put(ring, b"abcd")
+    with pytest.raises(SharedMemoryError):
+        Segments().read(ref, 5, bytes)
+
+
+def test_only_private_peerpipe_segments_are_opened(tmp_path) -> None:
+    with pytest.raises(SharedMemoryError, match="not a peerpipe"):
+        Ref.unpack(struct.pack("<24sQQ", b"../../etc/passwd", 0, 1))
+    path = shared_memory.SHM_DIR / f"peerpipe-{os.getpid()}-0badf00d"
+    path.write_bytes(b"\0" * 4096)
+    try:
+        path.chmod(0o644)
+        with pytest.raises(SharedMemoryError, match="not private"):
+            Segments().read(Ref(path.name, 0, 1), 8, bytes)
+    finally:
+        path.unlink()
+
+
+def test_an_allocation_nobody_reads_is_given_up(ring: Ring, monkeypatch) -> None:
+    ref = put(ring, b"lost")
+    later = shared_memory.time.monotonic() + shared_memory.ABANDON_S + 1
+    monkeypatch.setattr(shared_memory.time, "monotonic", lambda: later)
+    assert ring.in_flight == 0
+    with pytest.raises(SharedMemoryError):  # a late reader never sees reused bytes
+        Segments().read(ref, 4, bytes)
+
+
+def test_segments_of_dead_processes_are_removed() -> None:
+    dead = shared_memory.SHM_DIR / "peerpipe-999999999-00000000"
+    dead.write_bytes(b"")
+    r = Ring(4096)
+    try:
+        assert not dead.exists()
+        assert r.path.exists() and oct(r.path.stat().st_mode & 0o777) == "0o600"
+    finally:
+        r.close()
+    assert not r.path.exists()
+
+
+def test_this_machine_has_an_id() -> None:
+    assert len(machine_id()) == 16 and machine_id() == machine_id()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(min_size=0, max_size=2 * REF_BYTES))
+def test_fuzzed_references_fail_typed(data: bytes) -> None:
+    try:
+        ref = Ref.unpack(data)
+    except SharedMemoryError:
+        return
+    try:
+        Segments().read(ref, 16, bytes)
+    except SharedMemoryError:
+        pass
