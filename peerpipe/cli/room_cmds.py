@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from peerpipe.cli.args import add_speculation_arguments, add_strategy_arguments, model_path, parse_address
+from peerpipe.cli.gpus import GpuChildren, GpuNode, add_gpus_argument, child_arguments, gpu_nodes, wildcard
 from peerpipe.cli.signals import Interrupts, run_command
 from peerpipe.errors import PeerpipeError
 from peerpipe.models import BUNDLED
@@ -73,6 +74,7 @@ def _replicas(text: str) -> int:
 
 def _add_device_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu, cuda, cuda:N, mps, xpu or webgpu (default: the best one present)")
+    add_gpus_argument(parser)
     parser.add_argument(
         "--memory", type=_positive, metavar="GB", help="offer at most this much memory to the room (default: all free)"
     )
@@ -205,6 +207,14 @@ def add_join_parser(
     return parser
 
 
+def _gpus(args: argparse.Namespace) -> list[GpuNode]:
+    if args.gpus is None:
+        return []
+    if args.device is not None:
+        raise PeerpipeError("give --gpus or --device, not both: --gpus picks each node's device")
+    return gpu_nodes(args.gpus, args.name, args.memory)
+
+
 def check_device(device: str | None) -> None:
     """``--device``, checked before anything is announced."""
     from peerpipe.cluster.capabilities import check_device as check
@@ -261,6 +271,9 @@ async def _host(args: argparse.Namespace, signals: Interrupts) -> int:
         raise PeerpipeError(str(exc)) from None
     if args.context < 1 or args.sessions < 1 or args.expect_nodes < 1:
         raise PeerpipeError("--context, --sessions and --expect-nodes must be at least 1")
+    gpus = _gpus(args)
+    if len(gpus) > args.expect_nodes:
+        args.expect_nodes = len(gpus)  # the first plan waits for every GPU's node
     code = parse_code(args.code) if args.code else None
     config = ClusterConfig(
         membership=membership,
@@ -291,11 +304,11 @@ async def _host(args: argparse.Namespace, signals: Interrupts) -> int:
             args.model,
             listen=args.listen or (default_lan_ip(), 0),
             code=str(code) if code else None,
-            name=args.name,
+            name=gpus[0].name if gpus else args.name,
             advertise=not args.no_mdns,
-            device=args.device,
+            device=gpus[0].device if gpus else args.device,
             dtype=args.dtype,
-            memory_gb=args.memory,
+            memory_gb=gpus[0].memory_gb if gpus else args.memory,
             config=config,
             entry_config=EntryConfig(timeouts=timeouts, prefill_chunk=args.prefill_chunk),
             quick=args.quick,
@@ -307,6 +320,11 @@ async def _host(args: argparse.Namespace, signals: Interrupts) -> int:
             quantize=args.quantize,
         ) as room:
             say(f"this node: {describe_device(room.cluster.info)}")
+            children = GpuChildren(say)
+            if gpus:
+                host, port = room.address
+                near = "127.0.0.1" if wildcard(host) else host
+                await children.start(gpus[1:], str(room.code), (near, port), near, child_arguments(args))
             api = await start_api(room, args, say, http)
             signals.serving()
             room.cluster.rotate_hint = f"kill -USR1 {os.getpid()}"
@@ -315,6 +333,7 @@ async def _host(args: argparse.Namespace, signals: Interrupts) -> int:
                 await signals.stop.wait()
             finally:
                 rotating.cancel()
+                await children.stop()
                 if api is not None:
                     await api.close()
     say("room closed")
@@ -344,18 +363,32 @@ def join_cmd(args: argparse.Namespace) -> int:
 
 
 async def _join(args: argparse.Namespace, signals: Interrupts) -> int:
+    code = parse_code(args.code)
+    _use_threads(args)
+    gpus = _gpus(args)
+    if gpus:
+        args.device, args.name, args.memory = gpus[0].device, gpus[0].name, gpus[0].memory_gb
+    check_device(args.device)
+    check_model(args.model)
+    children = GpuChildren(say)
+    try:
+        return await _join_as(args, code, signals, children, gpus[1:])
+    finally:
+        await children.stop()
+
+
+async def _join_as(
+    args: argparse.Namespace, code: RoomCode, signals: Interrupts, children: GpuChildren, more: list[GpuNode]
+) -> int:
     from peerpipe.cli.room_registry import registered
     from peerpipe.python_api import join_room
     from peerpipe.room import RoomError
     from peerpipe.transport import TransportError
 
-    code = parse_code(args.code)
-    _use_threads(args)
-    check_device(args.device)
-    check_model(args.model)
     stop = signals.stop
     attempt = 0
     record: list[Callable[[str], None]] = []  # this try's registry entry writer
+    starting: list[asyncio.Future[None]] = []
     while True:
         with contextlib.ExitStack() as registry:
 
@@ -363,6 +396,10 @@ async def _join(args: argparse.Namespace, signals: Interrupts) -> int:
 
             def joined(host: PeerInfo) -> None:
                 say(f"joined room {code.nameplate}: host {host.name} at {host.address[0]}:{host.address[1]}")
+                if more and not children.procs:  # the other GPUs' nodes join the host found here
+                    listen = args.listen or default_lan_ip()
+                    extra = child_arguments(args)
+                    starting.append(asyncio.ensure_future(children.start(more, str(code), host.address, listen, extra)))
                 record.append(registry.enter_context(registered(str(code), f"{host.address[0]}:{host.address[1]}", "member")))
 
             def new_code(fresh: RoomCode) -> None:
