@@ -49,6 +49,17 @@ SHAPES = {
         num_key_value_heads=2,
         max_position_embeddings=2048,
     ),
+    # Real sizes, drawn on the device from a seed (engine/random_weights.py): no checkpoint on disk.
+    "llama-3-8b": dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, max_position_embeddings=8192,
+        rope_theta=500000.0,
+    ),
+    "llama-3-70b": dict(
+        hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, max_position_embeddings=8192,
+        rope_theta=500000.0,
+    ),
 }
 CODE = "5-bench-pipeline"
 PROMPT_LEN, LONG_PROMPT = 32, 512
@@ -119,6 +130,14 @@ def local_baseline(
     one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     engine.generate(long, one)
     ttft = statistics.median(engine.generate(long, one).prefill_s for _ in range(repeats))
+    del engine  # the rooms that follow need this device's memory
+    if device != "cpu":
+        import gc
+
+        import torch
+
+        gc.collect()
+        torch.cuda.empty_cache()
     return {"tok_s": tok_s, "ttft_s": ttft}
 
 
@@ -214,8 +233,9 @@ def bench_shape(shape: str, root: Path, env: dict[str, str], args: argparse.Name
 
     model = root / shape
     if not (model / "config.json").is_file():
-        log(f"writing a random {shape} checkpoint")
-        write_random_model(model, tiny_config("llama", **SHAPES[shape]), seed=0, dtype=args.dtype)
+        on_device = args.device != "cpu"  # GPU nodes draw their layers themselves: nothing to write
+        log(f"writing a random {shape} {'folder (weights drawn on the device)' if on_device else 'checkpoint'}")
+        write_random_model(model, tiny_config("llama", **SHAPES[shape]), seed=0, dtype=args.dtype, on_device=on_device)
     cfg = ModelConfig.from_dir(model)
     log(f"{shape}: timing a layer once for every node (they share this machine)")
     if args.device == "cpu":
