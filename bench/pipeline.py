@@ -203,7 +203,7 @@ def room(
     host = Proc(
         "host", "--listen", "127.0.0.1:0", "--no-mdns", "--code", CODE, "--name", "h", "--model", str(model),
         "--dtype", args.dtype, "--expect-nodes", str(stages), "--context", str(context), "--sessions", str(sessions),
-        *common, *threads, env=on_gpu(0), prefix=pinned(0),
+        "--wire", args.wire, *common, *threads, env=on_gpu(0), prefix=pinned(0),
     )
     port = int(host.expect(r"^listening on 127\.0\.0\.1:(\d+)$").group(1))
     procs = [host]
@@ -421,6 +421,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--stages", default="1,2,3", help="room sizes to run (1,2,3)")
+    parser.add_argument(
+        "--wire", default="auto", help="the host's --wire: auto (shared memory between nodes of this machine), native (the socket)"
+    )
     parser.add_argument("--gpus", type=int, default=0, help="put node i on GPU i mod GPUS (0: no GPUs)")
     parser.add_argument(
         "--node-threads", type=int, default=0, help="CPU threads per node process (default: cores / nodes)"
