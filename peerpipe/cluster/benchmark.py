@@ -358,6 +358,20 @@ class BenchCache:
         self._store("device_measured_at", time.time())
         return result
 
+    def shared_memory(self) -> float:
+        """``bench_shared_memory`` for this device, cached like the device's figures (nodes of one
+        machine start at once: one measures, the rest read it)."""
+        data = _read_cache(self.path) if self.use_cache else {}
+        measured_at = data.get("shm_measured_at")
+        fresh = isinstance(measured_at, int | float) and time.time() - measured_at < MAX_CACHE_AGE_S
+        if isinstance(cached := data.get("shm_gbps"), int | float) and fresh:
+            self.hits.append("shm")
+            return float(cached)
+        gbps = bench_shared_memory(self.caps.torch_device) if self.caps.kind != "webgpu" else 0.0
+        self._store("shm_gbps", gbps)
+        self._store("shm_measured_at", time.time())
+        return gbps
+
     def layer(
         self, cfg: ModelConfig, dtype: str, progress: Progress | None = None, *, fresh: bool = False,
         quantize: str = "none",

@@ -7,7 +7,7 @@ import json
 import time
 from dataclasses import dataclass, field
 
-from peerpipe.cluster.benchmark import BenchCache, DeviceBench, Progress, bench_shared_memory
+from peerpipe.cluster.benchmark import BenchCache, DeviceBench, Progress
 from peerpipe.cluster.capabilities import DeviceCaps, default_dtype, detect
 from peerpipe.cluster.links import measure_links
 from peerpipe.compute import run_compute
@@ -69,8 +69,7 @@ class LocalDevice:
         def work() -> LocalDevice:
             caps = detect(device)
             cache = BenchCache(caps, use_cache=use_cache, quick=quick)
-            shm = bench_shared_memory(caps.torch_device) if caps.kind != "webgpu" else 0.0
-            return cls(caps, cache.device(progress), cache, memory_limit_bytes, shm_gbps=shm)
+            return cls(caps, cache.device(progress), cache, memory_limit_bytes, shm_gbps=cache.shared_memory())
 
         return await run_compute(work)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -74,3 +75,30 @@ def test_one_command_runs_a_node_per_gpu_that_answer_as_one_node(procs, tiny_mod
     assert host.wait(30) == 0
     with pytest.raises(ProcessLookupError):
         os.kill(child, 0)
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_two_nodes_on_gpu_0_serve_the_8b_shape(procs, tmp_path) -> None:
+    """On a GPU machine: ``--gpus 0,0`` puts two nodes on GPU 0, which split its memory and the
+    Llama-3-8B shape (drawn on the GPU), and answer as one node does."""
+    from peerpipe.devtools.tiny_model import tiny_config, write_random_model
+
+    shape = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0,
+                 max_position_embeddings=8192)
+    model = write_random_model(tmp_path / "llama-3-8b", tiny_config("llama", **shape), dtype="bfloat16", on_device=True)
+    host = RoomProc(
+        "host", "--listen", "127.0.0.1:0", "--no-mdns", "--code", CODE, "--name", "box", "--model", str(model),
+        "--context", str(CONTEXT), "--sessions", str(SESSIONS), "--quick", "--gpus", "0,0", "--memory", "10",
+    )
+    procs.append(host)
+    address = "127.0.0.1:" + host.expect(r"^listening on 127\.0\.0\.1:(\d+)$").group(1)
+    plan = host.expect(r"^plan v\d+: (.*)$", timeout=120).group(1)
+    assert re.fullmatch(r"box-gpu0-(\d)\[0,\d+\) -local-> box-gpu0-(?!\1)\d\[\d+,32\).*", plan), plan
+    host.expect(r"^ready: ", timeout=120)
+    engine, _ = LocalEngine.from_dir(model, device="cuda", dtype="bfloat16", max_seq=CONTEXT)
+    done = ask(address, "", temperature=0.0)
+    want = engine.generate(list(done.prompt_ids), SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)).tokens
+    assert list(done.tokens) == want
+    host.interrupt()
+    assert host.wait(60) == 0

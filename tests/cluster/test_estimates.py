@@ -91,6 +91,9 @@ def test_cached_benchmarks_expire_and_fresh_layers_skip_the_cache(tmp_path: Path
     layers.layer(cfg, "float32", fresh=True)
     layers.layer(cfg, "float32")
     assert layers.hits == [f"{cfg.shape_key}/float32"]  # the fresh one did not read the cache
+    assert layers.shared_memory() > 0  # measured once through a real ring; other nodes read it
+    shm = BenchCache(caps, quick=True)
+    assert shm.shared_memory() == layers.shared_memory() and shm.hits == ["shm"]
 
 
 def test_a_room_measures_a_wrong_cached_timing_again(tmp_path: Path, monkeypatch, tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
