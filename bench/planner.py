@@ -126,7 +126,10 @@ def calibrate(shape: str, device: str, dtype: str, new_tokens: int) -> dict:
         log("writing a random checkpoint")
         path = write_random_model(Path(tmp) / "m", raw, dtype=dtype)
         stage, _ = load_stage(path, device=device, dtype=dtype)
-        engine = LocalEngine(stage, Tokenizer.from_dir(path), max_seq=64 + new_tokens, cuda_graphs=False)
+        # On CUDA the layer is timed as stages run it, replayed from a graph: so is the engine here.
+        engine = LocalEngine(
+            stage, Tokenizer.from_dir(path), max_seq=64 + new_tokens, cuda_graphs=device.startswith("cuda")
+        )
         prompt = list(range(5, 37))
         params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
         engine.generate(prompt, params)  # warm-up
