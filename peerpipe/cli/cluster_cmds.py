@@ -65,6 +65,7 @@ def bench_cmd(args: argparse.Namespace) -> int:
     out: dict[str, Any] = {
         "device": {**caps.to_json(), "wgpu_adapter": webgpu},
         "benchmark": bench.to_json(),
+        "shared_memory_gbps": device.shm_gbps,  # hidden states to a node of this machine
         "cached": list(device.cache.hits),
         "seconds": round(time.perf_counter() - started, 3),
     }
@@ -96,6 +97,8 @@ def bench_cmd(args: argparse.Namespace) -> int:
     if bench.tflops_half:
         rows.append([f"matmul {bench.half_dtype} {bench.big_size}", f"{bench.tflops_half:.3f} TFLOPS"])
     rows += [["memory bandwidth", f"{bench.memory_gbps:.1f} GB/s"], ["launch latency", f"{bench.launch_ms * 1e3:.1f} us"]]
+    if device.shm_gbps:
+        rows.append(["to a node of this machine", f"{device.shm_gbps:.1f} GB/s through shared memory"])
     if args.webgpu:
         rows.append(["WebGPU adapter", webgpu or "none (install the wgpu extra: pip install 'peerpipe[wgpu]')"])
     if "layer" in out:

@@ -140,7 +140,8 @@ def test_bench_json_measures_and_then_reads_the_cache(tiny_model_dir, tmp_path: 
     layer = first["layer"]
     assert 0 < layer["decode_ms"] < layer["prefill_ms"] and layer["layer_bytes"] > 0 and layer["layers"] == 4
     second = json.loads(subprocess.run(run, cwd=REPO, capture_output=True, text=True, env=env, timeout=120).stdout)
-    assert len(second["cached"]) == 2 and second["layer"]["decode_ms"] == layer["decode_ms"]
+    assert first["shared_memory_gbps"] > 0 and second["shared_memory_gbps"] == first["shared_memory_gbps"]
+    assert len(second["cached"]) == 3 and second["layer"]["decode_ms"] == layer["decode_ms"]
 
 
 def test_a_member_told_to_wait_rejoins_a_host_that_comes_back(procs) -> None:
