@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from peerpipe.api.errors import ApiError, bad_request, unsupported
-from peerpipe.engine.sampling import InvalidSamplingParams
+from peerpipe.engine.errors import InvalidSamplingParams  # no torch: clients import this
 from peerpipe.inference.sampling import sampling_from
 from peerpipe.protocol import Sampling
 

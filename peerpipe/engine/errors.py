@@ -25,3 +25,7 @@ class TokenizerError(EngineError):
 
 class CacheError(EngineError):
     """A request does not fit the KV cache (too many sessions or positions)."""
+
+
+class InvalidSamplingParams(EngineError, ValueError):
+    """A sampling parameter is out of range; the message names it and the allowed range."""

@@ -16,17 +16,13 @@ from typing import Literal
 
 import torch
 
-from peerpipe.engine.errors import EngineError
+from peerpipe.engine.errors import InvalidSamplingParams
 from peerpipe.engine.tokenizer import StreamDecoder
 
 FinishReason = Literal["stop", "length"]
 
 # Below this a temperature is treated as greedy: dividing by it would overflow float32 logits.
 _GREEDY_EPS = 1e-5
-
-
-class InvalidSamplingParams(EngineError, ValueError):
-    """A sampling parameter is out of range; the message names it and the allowed range."""
 
 
 def _check(ok: bool, message: str) -> None:

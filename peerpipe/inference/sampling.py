@@ -7,7 +7,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from peerpipe.engine.sampling import InvalidSamplingParams
+from peerpipe.engine.errors import InvalidSamplingParams  # no torch: clients import this
 from peerpipe.protocol import Sampling, ValidationError
 
 FIELDS = tuple(f.name for f in dataclasses.fields(Sampling))

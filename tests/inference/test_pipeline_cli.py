@@ -163,3 +163,16 @@ def test_a_room_of_one_answers_locally(procs, tiny_model_dir, warm_layers) -> No
 def test_generate_needs_a_model_or_a_room() -> None:
     out = peerpipe("generate", "hello")
     assert out.returncode == 1 and "--room" in out.stderr
+
+
+def test_asking_a_room_does_not_load_torch() -> None:
+    """``generate --room`` is a client: it starts in a fraction of the time torch takes to import."""
+    code = (
+        "import sys\n"
+        "from peerpipe.cli.main import main\n"
+        "sys.argv = ['peerpipe', 'generate', '--room', '2-amber-falcon', '--peer', '127.0.0.1:1', 'hi']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
