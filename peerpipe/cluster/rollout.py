@@ -147,6 +147,8 @@ class Rollout:
             # Debounce: several nodes joining together cause one plan, not several. A loss does
             # not wait: answers are paused until the next plan.
             while not self._lost:
+                if self._planned == 0 and len(self.host.view.alive()) >= max(2, self.config.expect_nodes):
+                    break  # every node the host was told to expect is in: the first plan need not wait
                 self._wanted.clear()
                 try:
                     async with asyncio.timeout(debounce):
