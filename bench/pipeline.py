@@ -204,7 +204,7 @@ def room(
     host = Proc(
         "host", "--listen", "127.0.0.1:0", "--no-mdns", "--code", CODE, "--name", "h", "--model", str(model),
         "--dtype", args.dtype, "--expect-nodes", str(stages), "--context", str(context), "--sessions", str(sessions),
-        "--wire", args.wire, *common, *threads, env=on_gpu(0), prefix=pinned(0),
+        "--wire", args.wire, "--speculate", args.speculate, *common, *threads, env=on_gpu(0), prefix=pinned(0),
     )
     port = int(host.expect(r"^listening on 127\.0\.0\.1:(\d+)$").group(1))
     procs = [host]
@@ -375,6 +375,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--stages", default="1,2,3", help="room sizes to run (1,2,3)")
+    parser.add_argument(
+        "--speculate", default="off",
+        help="the host's drafting: off (default: like the one node it is compared with) or ngram (a room's default)",
+    )
     parser.add_argument(
         "--wire", default="auto", help="the host's --wire: auto (shared memory between nodes of this machine), native (the socket)"
     )
