@@ -322,9 +322,11 @@ async def _host(args: argparse.Namespace, signals: Interrupts) -> int:
             say(f"this node: {describe_device(room.cluster.info)}")
             children = GpuChildren(say)
             if gpus:
+                # The children listen where the host does (so the planner sees one machine) and
+                # dial it there, or on loopback when it listens on every interface.
                 host, port = room.address
                 near = "127.0.0.1" if wildcard(host) else host
-                await children.start(gpus[1:], str(room.code), (near, port), near, child_arguments(args))
+                await children.start(gpus[1:], str(room.code), (near, port), host, child_arguments(args))
             api = await start_api(room, args, say, http)
             signals.serving()
             room.cluster.rotate_hint = f"kill -USR1 {os.getpid()}"
@@ -396,7 +398,7 @@ async def _join_as(
 
             def joined(host: PeerInfo) -> None:
                 say(f"joined room {code.nameplate}: host {host.name} at {host.address[0]}:{host.address[1]}")
-                if more and not children.procs:  # the other GPUs' nodes join the host found here
+                if more and not starting:  # the other GPUs' nodes join the host found here, once
                     listen = args.listen or default_lan_ip()
                     extra = child_arguments(args)
                     starting.append(asyncio.ensure_future(children.start(more, str(code), host.address, listen, extra)))

@@ -48,7 +48,10 @@ def encode_hidden(batch: torch.Tensor, wire: str, ring: Ring | None = None) -> l
     with one copy off the device for the whole batch; ``local``: each row copied from the device
     straight into ``ring`` (shared memory), inline where the ring is full."""
     if wire == "local" and ring is not None:
-        return [_to_ring(batch[i : i + 1], ring) for i in range(batch.shape[0])]
+        # One row (a prompt) goes straight from the device into the ring; a batch of decode steps
+        # leaves the device in one copy (one wait, not one per row), then each row to the ring.
+        rows = batch if batch.shape[0] == 1 else batch.to(_CPU)
+        return [_to_ring(rows[i : i + 1], ring) for i in range(rows.shape[0])]
     if wire in _HALF:
         batch = batch.to(_HALF[wire])
     if wire != "int8":
