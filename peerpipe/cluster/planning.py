@@ -141,7 +141,7 @@ def shares_memory(a: NodeInfo, b: NodeInfo) -> bool:
     copies through it, and meet on one address (nodes in network namespaces of one machine
     share memory too, but were put there to cross a network)."""
     same = bool(a.machine) and a.machine == b.machine and a.shm_gbps > 0 and b.shm_gbps > 0
-    return same and same_machine({a.node_id: a.address, b.node_id: b.address})(a.node_id, b.node_id)
+    return same and same_host(a.address, b.address)
 
 
 def shared_memory(infos: Iterable[NodeInfo]) -> Callable[[str, str], bool]:
@@ -201,18 +201,15 @@ def plan_quantizing(model: ModelSpec, shape: str, facts: RoomFacts, **kw: Any) -
                 raise
     raise AssertionError("unreachable")
 
+def same_host(a: str, b: str) -> bool:
+    """Whether two listen addresses (``host:port``) are one machine's: both on loopback, or one IP."""
+    x, y = (addr.rpartition(":")[0].strip("[]") for addr in (a, b))
+    return bool(x and y) and (x == y or (x.startswith("127.") and y.startswith("127.")) or {x, y} == {"::1"})
+
+
 def same_machine(addresses: Mapping[str, str]) -> Callable[[str, str], bool]:
-    """Whether two nodes, by the addresses they listen on, are processes of one machine: both on
-    loopback, or on one IP address (their hidden states never cross a wire)."""
-
-    def ip(node: str) -> str:
-        return addresses.get(node, "").rpartition(":")[0].strip("[]")
-
-    def same(a: str, b: str) -> bool:
-        x, y = ip(a), ip(b)
-        return bool(x and y) and (x == y or (x.startswith("127.") and y.startswith("127.")) or {x, y} == {"::1"})
-
-    return same
+    """``same_host`` by node id: processes of one machine (their hidden states never cross a wire)."""
+    return lambda a, b: same_host(addresses.get(a, ""), addresses.get(b, ""))
 
 
 def wire_formats(

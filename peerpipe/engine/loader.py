@@ -235,9 +235,17 @@ def load_stage(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, cfg, dev)
     if is_random(path):  # drawn on the device: nothing to read
-        stage = random_stage(cfg, start, end, seed=random_seed(path), device=dev, dtype=dt, progress=progress)
-        stage.quantize(quantize, keep_modes(path, cfg, start, end) if quantize == "keep" else None)
-        return stage, LoadStats(0, 0, 0, time.perf_counter() - t0)
+        stage, read = random_stage(cfg, start, end, seed=random_seed(path), device=dev, dtype=dt, progress=progress), (0, 0, 0)
+    else:
+        stage, read = _checkpoint_stage(path, cfg, start, end, dev, dt, progress)
+    stage.quantize(quantize, keep_modes(path, cfg, start, end) if quantize == "keep" else None)
+    return stage, LoadStats(*read, time.perf_counter() - t0)
+
+
+def _checkpoint_stage(
+    path: Path, cfg: ModelConfig, start: int, end: int, dev: torch.device, dt: torch.dtype, progress: ProgressFn | None
+) -> tuple[Stage, tuple[int, int, int]]:
+    """The stage read from the checkpoint, and (bytes read, the checkpoint's bytes, tensors read)."""
     hf, bytes_read, total_bytes, count = _read_stage(path, cfg, start, end, progress)
     sd = _stage_state_dict(hf, cfg, start, end)
     with torch.device("meta"):
@@ -251,9 +259,7 @@ def load_stage(
     if cfg.tie_embeddings and stage.is_first and stage.is_last:
         stage.lm_head.weight = stage.embed.weight
     stage.eval().requires_grad_(False)
-    stage.quantize(quantize, keep_modes(path, cfg, start, end) if quantize == "keep" else None)
-    stats = LoadStats(bytes_read, total_bytes, count, time.perf_counter() - t0)
-    return stage, stats
+    return stage, (bytes_read, total_bytes, count)
 
 
 _PARTS = {  # a fused matrix of the stage, from these Hugging Face matrices of its layer
