@@ -22,6 +22,7 @@ import os
 import queue
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -35,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import hops  # noqa: E402
 from engine import SHAPES  # noqa: E402
 from namespaces import Namespaces  # noqa: E402 (wire.py and weights.py take it from here)
 
@@ -104,9 +106,13 @@ class Proc:
         raise TimeoutError(f"no {pattern!r} within {timeout:g} s; saw {seen[-5:]}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc.poll() is None:  # as Ctrl-C would: the node says goodbye, traces are flushed
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
 def local_baseline(
@@ -254,6 +260,10 @@ def bench_shape(shape: str, root: Path, env: dict[str, str], args: argparse.Name
         # machine in a real room (spinning thread pools of several processes slow all of them).
         threads = 1 if args.pin else args.node_threads or max(1, (os.cpu_count() or 1) // (1 if args.gpus else stages))
         node_env = {**env, "OMP_NUM_THREADS": str(threads)}
+        traces = root / f"trace-{shape}-{stages}"
+        if args.trace:
+            shutil.rmtree(traces, ignore_errors=True)
+            node_env["PEERPIPE_TRACE"] = str(traces)
         procs, address = room(model, stages, cfg.n_layers, node_env, 16, args)
         try:
             predicted, planned = predicted_ms(address, env)
@@ -285,6 +295,8 @@ def bench_shape(shape: str, root: Path, env: dict[str, str], args: argparse.Name
         finally:
             for p in reversed(procs):
                 p.stop()
+        if args.trace:
+            entry["hops_us"] = hops.segments(hops.read(traces), planned, {d.request_id for d in singles})
     return rows
 
 
@@ -390,6 +402,7 @@ def main() -> None:
     parser.add_argument(
         "--pin", action="store_true", help="CPU: the one node and every room node each on one core with one thread"
     )
+    parser.add_argument("--trace", action="store_true", help="time each part of a token's path, hop by hop (bench/hops.py)")
     parser.add_argument("--client", help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--prompt-len", type=int, default=PROMPT_LEN, help=argparse.SUPPRESS)
@@ -422,6 +435,11 @@ def main() -> None:
                 f"{r['shape']:>8} {e['stages']:>6} {e['tok_s']:>8.1f} {e['vs_local']:>9.2f} {e['ttft_s'] * 1e3:>7.1f}ms "
                 f"{e['ttft_vs_local']:>9.2f} {e['predicted_ms']:>8.2f} {e['measured_ms']:>8.2f}{extra}"
             )
+    for r in results:
+        traced = {e["stages"]: e["hops_us"] for e in r["rooms"] if e.get("hops_us")}
+        if traced:
+            print(f"{r['shape']}: where one token's time goes (medians of one answer's decode steps)")
+            print("\n".join(hops.table(traced)))
     for r in results:
         for e in r.get("netns", []):
             print(

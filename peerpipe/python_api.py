@@ -54,6 +54,7 @@ from peerpipe.plan import Budget
 from peerpipe.protocol import Plan, RoomView
 from peerpipe.room import Host, Member, PeerInfo, RoomCode, generate_code, parse_code
 from peerpipe.transport import Address
+from peerpipe.transport.loop import busy_poll_window
 from peerpipe.weights import NodeWeights
 
 if TYPE_CHECKING:
@@ -257,7 +258,10 @@ async def create_room(
             on_open(room_code, address)
         local = dataclasses.replace(measured or await _measure(device, memory_gb, quick), quantize=_planned(quantize, model))
         choice = ModelChoice.from_dir(model, dtype or local.default_dtype) if model else None
-        plane = DataPlane(node, no_entry="the host serves no model: start it with --model DIR")
+        plane = DataPlane(
+            node, no_entry="the host serves no model: start it with --model DIR",
+            busy_poll_s=busy_poll_window(local.caps.torch_device),
+        )
         stage = None
         if choice is not None:
             weights = plane.weights = NodeWeights(plane.send, choice.path, report=report, corrupt=_corrupting())
@@ -367,7 +371,7 @@ async def join_room(
         mesh = await node.listen(listen, 0)
         folder = resolve_model(model) if model else None
         local = dataclasses.replace(measured or await _measure(device, memory_gb, quick), quantize=_planned(quantize, folder))
-        plane = DataPlane(node)
+        plane = DataPlane(node, busy_poll_s=busy_poll_window(local.caps.torch_device))
         plane.weights = NodeWeights(plane.send, folder, report=report, corrupt=_corrupting(), cache=weights_dir)
         plane.weights.server.busy = plane.answering
         await plane.weights.local()  # hashed before the first plan: peers may fetch from it at once

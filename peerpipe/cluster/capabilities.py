@@ -30,6 +30,7 @@ class DeviceCaps:
     ram_total_bytes: int
     ram_free_bytes: int
     wgpu_adapter: str = ""  # the WebGPU adapter, when the optional wgpu extra is installed
+    gpu: str = ""  # the GPU's own id (CUDA's UUID): processes on one GPU take turns on it
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -160,6 +161,7 @@ def detect(device: str | None = None, *, webgpu: bool = False) -> DeviceCaps:
             ram_total,
             ram_free,
             wgpu_name,
+            str(getattr(torch.cuda.get_device_properties(index), "uuid", "")),
         )
     if kind == "mps" and torch.backends.mps.is_available():
         total = int(getattr(torch.mps, "recommended_max_memory", lambda: ram_total)())

@@ -105,6 +105,7 @@ class LocalDevice:
             quantize=self.quantize,
             machine=machine_id() if self.shm_gbps > 0 else "",
             shm_gbps=self.shm_gbps,
+            gpu=caps.gpu,
         )
 
     async def layer_timing(self, model_shape: str, dtype: str, *, fresh: bool = False) -> LayerTiming:

@@ -144,6 +144,13 @@ def shares_memory(a: NodeInfo, b: NodeInfo) -> bool:
     return same and same_host(a.address, b.address)
 
 
+def lanes(stages: Iterable[str], infos: Iterable[NodeInfo]) -> int:
+    """How many of the stages (node ids, in order) can compute at once: one per GPU, however many
+    nodes share it (their processes take turns on it), and one per node without a GPU id."""
+    gpu = {i.node_id: i.gpu for i in infos}
+    return len({gpu.get(node) or f"node {node}" for node in stages})
+
+
 def shared_memory(infos: Iterable[NodeInfo]) -> Callable[[str, str], bool]:
     """``shares_memory`` by node id."""
     by_id = {i.node_id: i for i in infos}

@@ -12,6 +12,7 @@ until it leaves the room.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from peerpipe.cluster.membership import ClusterView
 from peerpipe.cluster.model_choice import ModelChoice
 from peerpipe.cluster.planning import (
     RoomFacts,
+    lanes,
     network_from,
     plan_quantizing,
     same_machine,
@@ -302,6 +304,7 @@ class Rollout:
             result, next(self._versions), model.spec, standbys, network=network, wire=self.config.wire, local=local,
             shared=shared_memory(infos), quantize=choosing,
         )
+        plan = dataclasses.replace(plan, lanes=lanes([s.node_id for s in plan.stages], infos))
         if not await self._prefetch(plan):
             return None
         await self._publish(plan)
@@ -380,6 +383,7 @@ class Rollout:
             tuple(PlanStage(*s, 0.0, fmt) for s, fmt in zip(stages_after, formats, strict=True)),
             plan.predicted_ms,
             tuple(PlanStage(*s) for s in spares),
+            lanes([n for n, _, _ in stages_after], infos),
         )
         await self._publish(failover)
         return True

@@ -23,6 +23,7 @@ from peerpipe.engine.model import Stage, layer_forward
 
 MIN_BUCKET = 64
 MAX_GRAPHS = 64  # each holds its own activations; batches of many slot sets would pile them up
+WARM_GRAPHS = 48  # captured before a stage serves; the rest of MAX_GRAPHS is for widths and odd slots
 
 
 def batch_bucket(count: int, max_slots: int) -> int:
@@ -79,10 +80,12 @@ class GraphedDecoder:
         """Same contract as ``stage(x, cache, batch)`` for a batch of a few new positions each."""
         slots = batch.slot_ids or tuple(batch.slots.tolist())
         bucket = bucket_for(batch.kv_len, self.cache.max_seq)
-        padded = self.pad_batches and len(slots) > 1
-        size = batch_bucket(len(slots), self.cache.max_slots) if padded else 0
         n_new = x.shape[1]
         width = width_bucket(n_new)
+        # One session replays its slot's own graph (a view of the cache, no gather) when there is
+        # one; with pad_batches a session in another slot takes the size-1 graph any slot can.
+        padded = self.pad_batches and (len(slots) > 1 or (slots, bucket, width) not in self._graphs)
+        size = batch_bucket(len(slots), self.cache.max_slots) if padded else 0
         key: tuple[object, int, int] = (size if padded else slots, bucket, width)
         g = self._graphs.pop(key, None)
         if g is None:
@@ -116,6 +119,31 @@ class GraphedDecoder:
             key = (slots, bucket, 1)
             if key not in self._graphs and len(self._graphs) < MAX_GRAPHS:
                 self._graphs[key] = self._capture(slots, bucket, x)
+
+    def warm_batches(self, max_batch: int, x: Tensor, *, limit: int = WARM_GRAPHS) -> int:
+        """Capture, before a stage serves, the graphs its decode steps replay: for every KV
+        bucket (shortest first), slot 0's own (where a lone answer runs) and each batch-size
+        bucket up to ``max_batch``, at most ``limit`` in all (the rest are captured when first
+        met). ``x``: one row of the step's input. Returns how many were captured."""
+        if not self.pad_batches:
+            raise ValueError("warm_batches is for a stage's padded batches")
+        sizes = sorted({batch_bucket(n, self.cache.max_slots) for n in range(1, max(1, max_batch) + 1)})
+        buckets, kv = [], MIN_BUCKET
+        while not buckets or buckets[-1] < self.cache.max_seq:
+            buckets.append(bucket_for(kv, self.cache.max_seq))
+            kv = buckets[-1] * 2
+        captured = 0
+        for bucket in buckets:
+            for size in [0, *sizes]:
+                key: tuple[object, int, int] = ((0,), bucket, 1) if size == 0 else (size, bucket, 1)
+                if key in self._graphs:
+                    continue
+                if captured >= limit or len(self._graphs) >= MAX_GRAPHS:
+                    return captured
+                slots = (0,) if size == 0 else (0,) * size
+                self._graphs[key] = self._capture(slots, bucket, x, gathered=size != 0)
+                captured += 1
+        return captured
 
     def _capture(
         self, slots: tuple[int, ...], bucket: int, x: Tensor, *, gathered: bool = False, width: int = 1

@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from peerpipe.errors import PeerpipeError
+from peerpipe.inference import trace
 from peerpipe.inference.entry import Entry
 from peerpipe.inference.runtime import StageRuntime
 from peerpipe.protocol import (
@@ -30,6 +31,7 @@ from peerpipe.protocol import (
     WeightRequest,
 )
 from peerpipe.room import MessageFrom, PeerLeft, RoomEvent, RoomNode
+from peerpipe.transport.loop import BusyPoll
 from peerpipe.weights import NodeWeights
 
 log = logging.getLogger(__name__)
@@ -41,8 +43,11 @@ Control = Callable[[RoomEvent], Awaitable[None]]
 class DataPlane:
     """``stage`` and ``entry`` are set once made (each needs ``send``); a member has no entry."""
 
-    def __init__(self, node: RoomNode, *, no_entry: str = "this node is not the room's host") -> None:
+    def __init__(
+        self, node: RoomNode, *, no_entry: str = "this node is not the room's host", busy_poll_s: float = 0.0
+    ) -> None:
         self.node = node
+        self.busy_poll = BusyPoll(busy_poll_s)  # polls while hidden states pass (GPU nodes)
         self.stage: StageRuntime | None = None
         self.entry: Entry | None = None
         self.weights: NodeWeights | None = None
@@ -57,23 +62,32 @@ class DataPlane:
     async def run(self, control: Control) -> None:
         """Dispatch the node's events until cancelled."""
         async with asyncio.TaskGroup() as tg:
-            async for event in self.node.events():
-                if isinstance(event, MessageFrom) and isinstance(event.message, DATA_PLANE):
-                    self._on_message(event.peer.node_id, event.message, tg)
-                    continue
-                if isinstance(event, MessageFrom) and isinstance(event.message, WEIGHTS):
-                    self._on_weights(event.peer.node_id, event.message, tg)
-                    continue
-                if isinstance(event, PeerLeft) and self.weights is not None:
-                    self.weights.fetcher.peer_left(event.peer.node_id)
-                if isinstance(event, PeerLeft) and self.entry is not None:
-                    self.entry.node_lost(event.peer.node_id, event.reason)
-                await control(event)
+            polling = tg.create_task(self.busy_poll.run())
+            try:
+                await self._dispatch(control, tg)
+            finally:
+                polling.cancel()
+
+    async def _dispatch(self, control: Control, tg: asyncio.TaskGroup) -> None:
+        async for event in self.node.events():
+            if isinstance(event, MessageFrom) and isinstance(event.message, DATA_PLANE):
+                self._on_message(event.peer.node_id, event.message, tg)
+                continue
+            if isinstance(event, MessageFrom) and isinstance(event.message, WEIGHTS):
+                self._on_weights(event.peer.node_id, event.message, tg)
+                continue
+            if isinstance(event, PeerLeft) and self.weights is not None:
+                self.weights.fetcher.peer_left(event.peer.node_id)
+            if isinstance(event, PeerLeft) and self.entry is not None:
+                self.entry.node_lost(event.peer.node_id, event.reason)
+            await control(event)
 
     def _on_message(self, peer: str, message: Message, tg: asyncio.TaskGroup) -> None:
         if isinstance(message, ComputeRequest | ComputeResult):
             self.last_compute = time.monotonic()
+            self.busy_poll.touch()
         if isinstance(message, ComputeRequest):
+            trace.mark("in", message.task_id, message.start_pos, self.node.name)
             # From the previous stage or, for the first stage, the host.
             if self.stage is None or not self.stage.submit(message):
                 error = ComputeError(
@@ -116,9 +130,12 @@ class DataPlane:
         """Send on the data plane; to this node itself without touching the network."""
         if isinstance(message, ComputeRequest | ComputeResult):
             self.last_compute = time.monotonic()
+            self.busy_poll.touch()
         if node_id != self.node.node_id:
             await self.node.send(node_id, message)
         elif isinstance(message, ComputeRequest | Cancel):
+            if isinstance(message, ComputeRequest):
+                trace.mark("in", message.task_id, message.start_pos, self.node.name)
             if (self.stage is None or not self.stage.submit(message)) and isinstance(message, ComputeRequest):
                 error = ComputeError(message.task_id, f"{self.node.name} holds no stage", message.plan_version, message.start_pos)
                 self._deliver(node_id, error)

@@ -197,8 +197,17 @@ class Entry:
         pieces: asyncio.Queue[str | None] = asyncio.Queue()
 
         async def stream() -> None:
-            while (piece := await pieces.get()) is not None:
-                await self._send_quietly(peer, GenerateText(request.request_id, piece))
+            # Pieces that piled up while the last one was written go as one message: under many
+            # answers the host sends fewer, larger ones instead of falling behind.
+            ended = False
+            while not ended:
+                text = [await pieces.get()]
+                while not pieces.empty():
+                    text.append(pieces.get_nowait())
+                ended = None in text
+                joined = "".join(p for p in text if p is not None)
+                if joined:
+                    await self._send_quietly(peer, GenerateText(request.request_id, joined))
 
         tag = request.request_id[:8]
         async with asyncio.TaskGroup() as tg:

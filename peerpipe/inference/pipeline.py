@@ -29,6 +29,7 @@ from peerpipe.engine.decode import Decoding, GenerationResult, OnText, check_pro
 from peerpipe.engine.errors import CacheError
 from peerpipe.engine.sampling import SamplingParams
 from peerpipe.engine.tokenizer import Tokenizer
+from peerpipe.inference import trace
 from peerpipe.inference.errors import TaskFailedError
 from peerpipe.inference.speculation import AnswerDrafts, Speculator
 from peerpipe.inference.tasks import Task, TaskStatus
@@ -220,6 +221,7 @@ class Pipeline:
         step = self._waiting.get(message.task_id)
         if step is None or step[1:] != (message.plan_version, message.start_pos):
             return  # no step waits, or this answers one given up on
+        trace.mark("token", message.task_id, message.start_pos)
         waiter = step[0]
         if waiter.done():
             return
@@ -384,6 +386,7 @@ class Pipeline:
         try:
             async with asyncio.timeout(timeout_s):
                 try:
+                    trace.mark("send", request.task_id, request.start_pos)
                     for message in (*chunks, request):
                         await self.send(plan.stages[0].node_id, message)
                 except LINK_ERRORS as exc:  # the first stage is gone: its PeerLeft follows

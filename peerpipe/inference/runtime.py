@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,15 +181,19 @@ class StageRuntime:
             server = self.servers.get(planned.start)
             if server is not None:  # kept (or promoted earlier): only where it sends may change
                 server.next_hop, server.host_id = next_hop, host_id
-                server.micro_batches = len(plan.stages)
+                server.micro_batches = plan.lanes or len(plan.stages)
                 server.wire = planned.wire
                 continue
             held = self._held[(planned.start, planned.end)]
             label = f"{self.label} layers [{planned.start}, {planned.end})"
             server = StageServer(
                 held.stage, held.cache, label=label, next_hop=next_hop, host_id=host_id, send=self.send,
-                stats=self.stats, micro_batches=len(plan.stages), wire=planned.wire,
+                stats=self.stats, micro_batches=plan.lanes or len(plan.stages), wire=planned.wire,
             )
+            if server.graphed:
+                began = time.perf_counter()
+                count = await run_compute(server.warm)
+                self.report(f"{label}: captured {count} decode graphs in {time.perf_counter() - began:.1f} s")
             self.servers[planned.start] = server
             assert self._tg is not None, "call run() first"
             self._workers[planned.start] = self._tg.create_task(server.run())

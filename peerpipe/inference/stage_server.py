@@ -23,6 +23,7 @@ from peerpipe.engine.kvcache import KVCache
 from peerpipe.engine.model import Stage
 from peerpipe.engine.sampling import Sampler, SamplingParams, make_generator
 from peerpipe.engine.speculate import verify
+from peerpipe.inference import trace
 from peerpipe.inference.wire import encode_hidden, from_wire, release_shared, sampling_from_wire, to_wire
 from peerpipe.protocol import (
     Cancel,
@@ -110,6 +111,18 @@ class StageServer:
     @property
     def device(self) -> torch.device:
         return self.cache.device
+
+    @torch.inference_mode()
+    def warm(self) -> int:
+        """Capture the decode graphs this stage's batches will replay, before it serves (a
+        capture met while serving would stall every answer for several steps); returns how many."""
+        if self._graphed is None:
+            return 0
+        if self.stage.is_first:
+            x = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+        else:
+            x = torch.zeros((1, 1, self.stage.cfg.hidden_size), dtype=self._dtype, device=self.device)
+        return self._graphed.warm_batches(min(self.max_batch, self.cache.max_slots), x)
 
     def submit(self, message: ComputeRequest | Cancel) -> None:
         self._queue.put_nowait(message)
@@ -220,6 +233,8 @@ class StageServer:
             return
         began = time.perf_counter()
         decode = self._new_positions(ready[0]) == 1
+        for request in ready:
+            trace.mark("start", request.task_id, request.start_pos, self.label)
         try:
             if self._graphed is not None and (decode or ready[0].drafts):
                 # A graph replay is launched in microseconds and the copy out waits for the GPU,
@@ -241,6 +256,8 @@ class StageServer:
         if decode:  # prefill chunks would make the per-step figure meaningless
             self.stats.steps += 1
             self.stats.compute_s += time.perf_counter() - began
+        for request in ready:
+            trace.mark("end", request.task_id, request.start_pos, self.label)
         for request, output in zip(ready, outputs, strict=True):
             if output is None:  # a prompt's chunk on the last stage: the rest of the prompt follows
                 continue
@@ -263,6 +280,7 @@ class StageServer:
                         partial=request.partial,
                     ),
                 )
+            trace.mark("out", request.task_id, request.start_pos, self.label)
 
     async def _send(self, node: str, message: Message) -> None:
         try:

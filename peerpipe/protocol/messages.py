@@ -32,7 +32,7 @@ from peerpipe.protocol.validate import (
 )
 from peerpipe.protocol.weights import ManifestReply, ManifestRequest, WeightReply, WeightRequest
 
-PROTOCOL_VERSION = 7
+PROTOCOL_VERSION = 8
 MAX_FEATURES = 64
 MAX_DRAFT = 64  # drafted tokens one compute-request may carry for verification
 MAX_MODEL_SHAPE_LEN = 16384

@@ -56,10 +56,12 @@ class NodeInfo:
     quantize: str = "none"  # how it holds its layers' matrices: none, int8, int4
     machine: str = ""  # its shared memory's name: nodes with the same pass hidden states through it
     shm_gbps: float = 0.0  # device -> shared memory -> device, GB/s as measured (0: not measured)
+    gpu: str = ""  # its GPU's id (CUDA's UUID), "" for none: nodes on one GPU take turns on it
 
     def __post_init__(self) -> None:
         need_id(self, "node_id")
         need_str(self, "machine", 64)
+        need_str(self, "gpu", 64)
         need_float(self, "shm_gbps")
         need_str(self, "name", MAX_NAME_LEN)
         need_choice(self, "quantize", QUANT_MODES)
@@ -248,9 +250,13 @@ class Plan:
     stages: tuple[PlanStage, ...]
     predicted_ms: float = 0.0
     standbys: tuple[PlanStage, ...] = ()  # second copies of stages' ranges, for failover
+    # How many stages can compute at once (0: all): stages on one GPU take turns, so a batch cut
+    # into more micro-batches than this only runs more forwards (docs/inference.md).
+    lanes: int = 0
 
     def __post_init__(self) -> None:
         need_int(self, "version")
+        need_int(self, "lanes", 0, MAX_STAGES)
         need_str(self, "model_id", MAX_NAME_LEN)
         if not self.model_id:
             raise ValidationError("Plan.model_id must not be empty")

@@ -6,7 +6,7 @@ import pytest
 
 from peerpipe.cluster.capabilities import detect, memory_info
 from peerpipe.cluster.local import LoadMeter
-from peerpipe.cluster.planning import RoomFacts, network_from, node_spec, plan_room
+from peerpipe.cluster.planning import RoomFacts, lanes, network_from, node_spec, plan_room
 from peerpipe.plan import ModelSpec
 from peerpipe.protocol import LayerTiming, LinkStat, MemberState, NodeInfo
 
@@ -31,6 +31,23 @@ def test_estimate_without_bandwidth_assumes_it_from_tflops() -> None:
     slow = node_spec(SPEC, info("n", tflops=1.0, gbps=0.0), None, "", half=False)
     fast = node_spec(SPEC, info("n", tflops=10.0, gbps=0.0), None, "", half=False)
     assert slow.decode_layer_ms > fast.decode_layer_ms
+
+
+@pytest.mark.parametrize(
+    ("gpus", "expected"),
+    [
+        (("", "", ""), 3),  # nodes without a GPU id (CPUs) each compute on their own
+        (("A", "A", "A"), 1),  # three processes of one GPU take turns on it
+        (("A", "B", "A"), 2),
+        (("A", "B", "C"), 3),
+        (("A", "", "A"), 2),
+        (("A",), 1),
+    ],
+)
+def test_stages_compute_at_once_one_per_gpu(gpus: tuple[str, ...], expected: int) -> None:
+    infos = [NodeInfo(f"n{i}", f"n{i}", "cuda", 1 << 30, 10.0, gpu=g) for i, g in enumerate(gpus)]
+    assert lanes([i.node_id for i in infos], infos) == expected
+    assert lanes(["stranger", "n0"], infos) == 2  # a node the room does not know counts as its own
 
 
 def test_links_keep_the_slower_direction_and_skip_empty_ones() -> None:

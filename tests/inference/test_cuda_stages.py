@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from peerpipe.cluster.config import ClusterConfig
+from peerpipe.engine.cuda_graphs import bucket_for
 from peerpipe.engine.generate import LocalEngine
 from peerpipe.engine.sampling import SamplingParams
 from peerpipe.inference.speculation import SpeculationConfig
@@ -43,13 +44,22 @@ def test_a_gpu_room_gives_the_local_engines_tokens(tiny_model_dir, stages: int) 
                 )
             plan = await room.plan(120)
             assert len(plan.stages) == stages
+            assert room.cluster.stage is not None
+            server = room.cluster.stage.server  # type: ignore[attr-defined]
+            assert server is not None and server.graphed
+            # Captured before serving: for every KV bucket, slot 0's graph and batch sizes 1, 2, 4.
+            warmed = dict(server._graphed._graphs)
+            buckets = {bucket_for(n, server.cache.max_seq) for n in range(1, server.cache.max_seq + 1)}
+            assert server.cache.max_slots == 4, server.cache.max_slots
+            assert sorted(warmed, key=str) == sorted(
+                [((0,), b, 1) for b in buckets] + [(n, b, 1) for b in buckets for n in (1, 2, 4)], key=str
+            )
             fields = {"temperature": 0.0, "max_tokens": 80, "ignore_eos": True}
             alone = [(await room.generate(p, **fields)).tokens for p in PROMPTS]
             together = await asyncio.gather(*(room.generate(p, **fields) for p in PROMPTS))
             assert alone == expected and [t.tokens for t in together] == expected
-            assert room.cluster.stage is not None
-            server = room.cluster.stage.server  # type: ignore[attr-defined]
-            assert server is not None and server.graphed
+            # Nothing captured while serving, but the widths of drafted steps (the room drafts).
+            assert {k for k in server._graphed._graphs if k[2] == 1} == warmed.keys()
             # The model drafting for itself on the GPU, every step 7 drafts through graphed steps.
             assert room.inference is not None
             room.inference.speculator.config = SpeculationConfig("draft", 7, adaptive=False)

@@ -276,3 +276,36 @@ def test_prompts_are_cut_in_chunks_only_where_it_pays(length, stages, chunk, pre
     cuts = [0, 2, 4, 6][: stages + 1] if stages > 1 else [0, 6]
     plan = Plan(1, "m", 6, tuple(PlanStage(f"n{i}", a, b) for i, (a, b) in enumerate(itertools.pairwise(cuts))), predicted_ms)
     assert prefill_bounds(length, plan, chunk) == bounds
+
+
+def test_a_trace_follows_each_step_through_every_stage(
+    tiny_model_dir, device, warm_layers, tmp_path: Path, monkeypatch
+) -> None:
+    """With tracing on, every decode step of an answer is marked in order on its way: sent by the
+    host, in, start, end and out on each of the three stages, and back as a token."""
+    from peerpipe.inference import trace
+
+    model = tiny_model_dir("llama")
+    warm_layers(model)
+    log = tmp_path / "trace.txt"
+    monkeypatch.setattr(trace, "_file", log.open("a"))
+
+    async def main() -> str:
+        async with room(model, device, members=2, layers_per_node=2) as r:
+            assert r.pipeline is not None and len(r.pipeline.plan.stages) == 3
+            return (await r.pipeline.generate(PROMPTS[0], GREEDY, task_id="traced", speculate="off")).tokens and "traced"
+
+    task = arun(main())
+    trace.flush()
+    steps: dict[int, list[tuple[int, str]]] = {}
+    for line in log.read_text().splitlines():
+        ns, event, task_id, position, _node = line.split()
+        if task_id == task:
+            steps.setdefault(int(position), []).append((int(ns), event))
+    decode = [p for p in steps if p >= len(PROMPTS[0])]
+    assert len(decode) == GREEDY.max_tokens - 1  # every token but the prompt's own took a step
+    for position in decode:
+        order = [event for _, event in sorted(steps[position])]
+        assert order[:-2] == ["send", *["in", "start", "end", "out"] * 2, "in", "start", "end"]
+        # A last stage on the host hands its token over before its send returns.
+        assert sorted(order[-2:]) == ["out", "token"]
