@@ -288,6 +288,8 @@ def bench_shape(shape: str, root: Path, env: dict[str, str], args: argparse.Name
                 for n in (1, 4, 16, 64) if args.device != "cpu" else (1, 4, 16):
                     answers, wall = asyncio.run(ask(address, [prompt] * n, args.new_tokens))
                     streams[n] = sum(len(a.tokens) for a in answers) / wall
+                    if n == 16:
+                        streamed = {a.request_id for a in answers}
                 entry["aggregate_tok_s"] = streams
                 entry["16_vs_1"] = streams[16] / streams[1]
                 entry["streams_at_stages"] = stages
@@ -296,7 +298,10 @@ def bench_shape(shape: str, root: Path, env: dict[str, str], args: argparse.Name
             for p in reversed(procs):
                 p.stop()
         if args.trace:
-            entry["hops_us"] = hops.segments(hops.read(traces), planned, {d.request_id for d in singles})
+            steps = hops.read(traces)
+            entry["hops_us"] = hops.segments(steps, planned, {d.request_id for d in singles})
+            if "aggregate_tok_s" in entry:
+                entry["hops_16_us"] = hops.segments(steps, planned, streamed)
     return rows
 
 
@@ -440,6 +445,10 @@ def main() -> None:
         if traced:
             print(f"{r['shape']}: where one token's time goes (medians of one answer's decode steps)")
             print("\n".join(hops.table(traced)))
+        for e in r["rooms"]:
+            if e.get("hops_16_us"):
+                print(f"{r['shape']}, {e['stages']} stages, 16 answers at once (medians over their steps)")
+                print("\n".join(hops.table({e["stages"]: e["hops_16_us"]})))
     for r in results:
         for e in r.get("netns", []):
             print(
