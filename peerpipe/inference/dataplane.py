@@ -19,6 +19,7 @@ from peerpipe.inference.entry import Entry
 from peerpipe.inference.runtime import StageRuntime
 from peerpipe.protocol import (
     Cancel,
+    ComputeBatch,
     ComputeError,
     ComputeRequest,
     ComputeResult,
@@ -35,9 +36,11 @@ from peerpipe.transport.loop import BusyPoll
 from peerpipe.weights import NodeWeights
 
 log = logging.getLogger(__name__)
-DATA_PLANE = (ComputeRequest, ComputeResult, ComputeError, Cancel, GenerateRequest)
+DATA_PLANE = (ComputeRequest, ComputeResult, ComputeBatch, ComputeError, Cancel, GenerateRequest)
 WEIGHTS = (ManifestRequest, ManifestReply, WeightRequest, WeightReply)
 Control = Callable[[RoomEvent], Awaitable[None]]
+COALESCE_BYTES = 64 << 10  # steps up to this size wait for the loop's turn to go with others
+COALESCE_STEPS = 256  # at most this many in one compute-batch
 
 
 class DataPlane:
@@ -53,6 +56,9 @@ class DataPlane:
         self.weights: NodeWeights | None = None
         self.no_entry = no_entry  # what a client asking this node for an answer is told
         self.last_compute = -1e9  # monotonic time hidden states last passed through this node
+        # Steps on their way to a peer, sent together at the loop's next turn (see send()).
+        self._pending: dict[str, tuple[list[ComputeRequest], asyncio.Future[None]]] = {}
+        self._writes: set[asyncio.Task[None]] = set()
 
     def answering(self, within_s: float = 10.0) -> bool:
         """Whether answers passed through this node lately (weights then yield to them: answers
@@ -83,6 +89,10 @@ class DataPlane:
             await control(event)
 
     def _on_message(self, peer: str, message: Message, tg: asyncio.TaskGroup) -> None:
+        if isinstance(message, ComputeBatch):
+            for step in (*message.requests, *message.results):
+                self._on_message(peer, step, tg)
+            return
         if isinstance(message, ComputeRequest | ComputeResult):
             self.last_compute = time.monotonic()
             self.busy_poll.touch()
@@ -127,11 +137,18 @@ class DataPlane:
             self.entry.pipeline.deliver(peer, message)
 
     async def send(self, node_id: str, message: Message) -> None:
-        """Send on the data plane; to this node itself without touching the network."""
-        if isinstance(message, ComputeRequest | ComputeResult):
+        """Send on the data plane; to this node itself without touching the network. Requests
+        for a peer sent in one turn of the loop (the host's answers, each sending its next step
+        as the tokens of one batch come back) go as one compute-batch."""
+        if isinstance(message, ComputeRequest | ComputeResult | ComputeBatch):
             self.last_compute = time.monotonic()
             self.busy_poll.touch()
-        if node_id != self.node.node_id:
+        if isinstance(message, ComputeBatch) and node_id == self.node.node_id:
+            for step in (*message.requests, *message.results):
+                await self.send(node_id, step)
+        elif isinstance(message, ComputeRequest) and node_id != self.node.node_id:
+            await self._coalesced(node_id, message)
+        elif node_id != self.node.node_id:
             await self.node.send(node_id, message)
         elif isinstance(message, ComputeRequest | Cancel):
             if isinstance(message, ComputeRequest):
@@ -141,6 +158,42 @@ class DataPlane:
                 self._deliver(node_id, error)
         elif isinstance(message, ComputeResult | ComputeError):
             self._deliver(node_id, message)
+
+    async def _coalesced(self, node_id: str, request: ComputeRequest) -> None:
+        if request.input_tensor.nbytes > COALESCE_BYTES:  # a prompt: the channel chunks it alone
+            await self.node.send(node_id, request)
+            return
+        pending = self._pending.get(node_id)
+        if pending is None:
+            loop = asyncio.get_running_loop()
+            pending = self._pending[node_id] = ([], loop.create_future())
+            pending[1].add_done_callback(lambda f: f.cancelled() or f.exception())  # seen, if by nobody else
+            loop.call_soon(self._flush, node_id, pending)
+        pending[0].append(request)
+        if len(pending[0]) >= COALESCE_STEPS:
+            self._flush(node_id, pending)
+        await asyncio.shield(pending[1])  # a sender cancelled meanwhile does not cancel the others'
+
+    def _flush(self, node_id: str, pending: tuple[list[ComputeRequest], asyncio.Future[None]]) -> None:
+        if self._pending.get(node_id) is not pending:
+            return  # flushed already (it was full)
+        del self._pending[node_id]
+        requests, done = pending
+        message: Message = requests[0] if len(requests) == 1 else ComputeBatch(tuple(requests))
+
+        async def write() -> None:
+            try:
+                await self.node.send(node_id, message)
+            except BaseException as exc:  # every sender of the batch learns it
+                done.set_exception(exc)
+                if not isinstance(exc, Exception):
+                    raise
+            else:
+                done.set_result(None)
+
+        task = asyncio.get_running_loop().create_task(write())
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
 
     async def _send_quietly(self, peer: str, message: Message) -> None:
         try:

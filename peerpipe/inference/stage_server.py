@@ -27,6 +27,7 @@ from peerpipe.inference import trace
 from peerpipe.inference.wire import encode_hidden, from_wire, release_shared, sampling_from_wire, to_wire
 from peerpipe.protocol import (
     Cancel,
+    ComputeBatch,
     ComputeError,
     ComputeRequest,
     ComputeResult,
@@ -43,6 +44,11 @@ log = logging.getLogger(__name__)
 _FORGET_AFTER = 4096
 _CPU = torch.device("cpu")
 GATHER_S = 0.001  # how long a stage waits for the rest of a decode batch
+BATCH_BYTES = 1 << 20  # a batch's outputs up to this size go to the next node in one compute-batch
+
+
+def _nbytes(step: ComputeRequest | ComputeResult) -> int:
+    return step.input_tensor.nbytes if isinstance(step, ComputeRequest) else step.output_tensor.nbytes
 
 
 @dataclass
@@ -258,29 +264,32 @@ class StageServer:
             self.stats.compute_s += time.perf_counter() - began
         for request in ready:
             trace.mark("end", request.task_id, request.start_pos, self.label)
-        for request, output in zip(ready, outputs, strict=True):
-            if output is None:  # a prompt's chunk on the last stage: the rest of the prompt follows
-                continue
-            if self.next_hop is None:
-                await self._send(
-                    self.host_id, ComputeResult(request.task_id, output, request.plan_version, request.start_pos)
+        sent = [(r, o) for r, o in zip(ready, outputs, strict=True) if o is not None]  # None: a prompt goes on
+        if self.next_hop is None:
+            results = [ComputeResult(r.task_id, out, r.plan_version, r.start_pos) for r, out in sent]
+            await self._send_steps(self.host_id, results)
+        else:
+            requests = [
+                ComputeRequest(
+                    r.task_id, out, r.session_id, r.plan_version, r.start_pos, r.session,
+                    layer=self.stage.end, drafts=r.drafts, partial=r.partial,
                 )
-            else:
-                await self._send(
-                    self.next_hop,
-                    ComputeRequest(
-                        request.task_id,
-                        output,
-                        request.session_id,
-                        request.plan_version,
-                        request.start_pos,
-                        request.session,
-                        layer=self.stage.end,
-                        drafts=request.drafts,
-                        partial=request.partial,
-                    ),
-                )
+                for r, out in sent
+            ]
+            await self._send_steps(self.next_hop, requests)
+        for request, _ in sent:
             trace.mark("out", request.task_id, request.start_pos, self.label)
+
+    async def _send_steps(self, node: str, steps: list[ComputeRequest] | list[ComputeResult]) -> None:
+        """A batch's steps for one node: in one compute-batch when there are several and they are
+        small (big ones, prompts' hidden states, go alone: the channel cuts them into chunks)."""
+        if len(steps) > 1 and sum(_nbytes(s) for s in steps) <= BATCH_BYTES:
+            requests = tuple(s for s in steps if isinstance(s, ComputeRequest))
+            results = tuple(s for s in steps if isinstance(s, ComputeResult))
+            await self._send(node, ComputeBatch(requests, results))
+            return
+        for step in steps:
+            await self._send(node, step)
 
     async def _send(self, node: str, message: Message) -> None:
         try:

@@ -18,7 +18,7 @@ import msgpack
 
 from peerpipe.protocol.errors import DecodeError, ValidationError
 from peerpipe.protocol.limits import DEFAULT_LIMITS, Limits
-from peerpipe.protocol.messages import BY_TAG, MESSAGE_TYPES, Message
+from peerpipe.protocol.messages import BY_TAG, MESSAGE_TYPES, ComputeRequest, ComputeResult, Message
 from peerpipe.protocol.records import (
     LayerTiming,
     LinkStat,
@@ -35,6 +35,7 @@ from peerpipe.protocol.validate import MAX_DIM
 
 _HEADER_LEN = struct.Struct(">I")
 _RECORDS = (NodeInfo, PlanStage, Plan, LayerTiming, LinkStat, MemberState, Sampling, SessionSpec, TaskInfo)
+_NESTED = (ComputeRequest, ComputeResult)  # messages a compute-batch carries
 _TENSOR_KEYS = frozenset({"dtype", "shape", "encoding", "nbytes", "checksum", "offset", "ref"})
 _BLOB_KEYS = frozenset({"offset", "nbytes"})
 
@@ -224,7 +225,7 @@ def _converter(tp: Any) -> tuple[_Encode, _Decode]:
         return _scalar(str, (str,), "a string")
     if tp is TensorData:
         return _encode_tensor, _decode_tensor
-    if tp in _RECORDS:
+    if tp in _RECORDS or tp in _NESTED:
         return _record(tp)
     args = typing.get_args(tp)
     if isinstance(tp, types.UnionType) and set(args) == {bytes, memoryview}:

@@ -35,6 +35,7 @@ from peerpipe.protocol.weights import ManifestReply, ManifestRequest, WeightRepl
 PROTOCOL_VERSION = 8
 MAX_FEATURES = 64
 MAX_DRAFT = 64  # drafted tokens one compute-request may carry for verification
+MAX_BATCH = 1024  # steps one compute-batch may carry
 MAX_MODEL_SHAPE_LEN = 16384
 HEARTBEAT_STATUSES = frozenset({"idle", "busy", "loading", "draining", "error"})
 
@@ -321,6 +322,23 @@ class ComputeResult:
 
 
 @dataclass(frozen=True, slots=True)
+class ComputeBatch:
+    """Several steps for one node at once: the requests (to a next stage) or results (to the host)
+    one batched forward made. Each is handled as if it had come alone, in order; one frame, one
+    decryption and one dispatch carry them all."""
+
+    TAG: ClassVar[str] = "compute-batch"
+    requests: tuple[ComputeRequest, ...] = ()
+    results: tuple[ComputeResult, ...] = ()
+
+    def __post_init__(self) -> None:
+        need_tuple_of(self, "requests", ComputeRequest, MAX_BATCH)
+        need_tuple_of(self, "results", ComputeResult, MAX_BATCH)
+        if not self.requests and not self.results:
+            raise ValidationError("ComputeBatch carries no step")
+
+
+@dataclass(frozen=True, slots=True)
 class ComputeError:
     """A stage could not run the step of ``task_id`` sent with ``plan_version`` and ``start_pos``."""
 
@@ -402,6 +420,7 @@ Message: TypeAlias = (
     | BenchmarkResult
     | ComputeRequest
     | ComputeResult
+    | ComputeBatch
     | ComputeError
     | Cancel
     | TensorChunk

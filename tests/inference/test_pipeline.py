@@ -309,3 +309,37 @@ def test_a_trace_follows_each_step_through_every_stage(
         assert order[:-2] == ["send", *["in", "start", "end", "out"] * 2, "in", "start", "end"]
         # A last stage on the host hands its token over before its send returns.
         assert sorted(order[-2:]) == ["out", "token"]
+
+
+def test_steps_of_one_forward_travel_as_one_compute_batch(tiny_model_dir, device, warm_layers, monkeypatch) -> None:
+    """Answers running together: a stage sends the steps of one batched forward to the next node
+    (and the last stage its tokens to the host) as one compute-batch, the host its answers' next
+    steps too; tokens stay those of answers run alone."""
+    from peerpipe.inference.dataplane import DataPlane
+    from peerpipe.protocol import ComputeBatch
+
+    model = tiny_model_dir("llama")
+    warm_layers(model)
+    sizes: list[tuple[int, int]] = []
+    receive = DataPlane._on_message
+
+    def spy(self: DataPlane, peer: str, message, tg) -> None:  # type: ignore[no-untyped-def]
+        if isinstance(message, ComputeBatch):
+            sizes.append((len(message.requests), len(message.results)))
+        receive(self, peer, message, tg)
+
+    monkeypatch.setattr(DataPlane, "_on_message", spy)
+
+    async def main() -> bool:
+        async with room(model, device, members=2, layers_per_node=2) as r:
+            pipeline = r.pipeline
+            assert pipeline is not None and len(pipeline.plan.stages) == 3
+            alone = [(await pipeline.generate(p, GREEDY, speculate="off")).tokens for p in PROMPTS]
+            assert not sizes  # one answer at a time: nothing to batch
+            together = await asyncio.gather(*(pipeline.generate(p, GREEDY, speculate="off") for p in PROMPTS))
+            assert [t.tokens for t in together] == alone
+            return pipeline.stage_nodes[-1] != r.host.cluster.node.node_id
+
+    last_is_remote = arun(main())
+    assert any(requests > 1 for requests, _ in sizes), sizes  # stage to stage (and host to stage 1)
+    assert any(results > 1 for _, results in sizes) == last_is_remote, sizes  # last stage to the host

@@ -49,6 +49,7 @@ node_infos = st.builds(
     supports_bf16=st.booleans(),
     cpu_cores=st.integers(0, 512),
     ram_bytes=st.integers(0, 1 << 45),
+    gpu=st.text(st.characters(codec="ascii"), max_size=64),
 )
 timings = st.builds(
     p.LayerTiming,
@@ -99,7 +100,7 @@ def plans(draw: st.DrawFn) -> p.Plan:
     spares = tuple(
         p.PlanStage(f"spare-{s.node_id}", s.start, s.end) for s in stages if draw(st.booleans())
     )
-    return p.Plan(draw(u64), draw(ids), num_layers, stages, draw(nonneg), spares)
+    return p.Plan(draw(u64), draw(ids), num_layers, stages, draw(nonneg), spares, draw(st.integers(0, len(stages))))
 
 
 @st.composite
@@ -114,6 +115,22 @@ def chunks(draw: st.DrawFn) -> p.TensorChunk:
     data = draw(st.binary(min_size=end - start, max_size=end - start))
     return p.TensorChunk(draw(ids), index, total_chunks, total_bytes, data)
 
+
+compute_requests = st.builds(
+    p.ComputeRequest,
+    task_id=ids,
+    input_tensor=tensors(),
+    session_id=names,
+    plan_version=u64,
+    start_pos=st.integers(0, 1 << 40),
+    session=st.none() | session_specs,
+    layer=st.integers(0, 1 << 20),
+    drafts=st.lists(st.integers(0, 1 << 20), max_size=64).map(tuple),
+    partial=st.booleans(),
+)
+compute_results = st.builds(
+    p.ComputeResult, task_id=ids, output_tensor=tensors(), plan_version=u64, start_pos=st.integers(0, 1 << 40)
+)
 
 STRATEGIES: dict[type, st.SearchStrategy] = {
     p.Hello: st.builds(
@@ -187,19 +204,12 @@ STRATEGIES: dict[type, st.SearchStrategy] = {
         error=texts,
         held_layers=st.lists(st.integers(0, 1 << 20), max_size=4).map(tuple),
     ),
-    p.ComputeRequest: st.builds(
-        p.ComputeRequest,
-        task_id=ids,
-        input_tensor=tensors(),
-        session_id=names,
-        plan_version=u64,
-        start_pos=st.integers(0, 1 << 40),
-        session=st.none() | session_specs,
-        layer=st.integers(0, 1 << 20),
-        drafts=st.lists(st.integers(0, 1 << 20), max_size=64).map(tuple),
-    ),
-    p.ComputeResult: st.builds(
-        p.ComputeResult, task_id=ids, output_tensor=tensors(), plan_version=u64, start_pos=st.integers(0, 1 << 40)
+    p.ComputeRequest: compute_requests,
+    p.ComputeResult: compute_results,
+    p.ComputeBatch: st.builds(
+        p.ComputeBatch,
+        requests=st.lists(compute_requests, min_size=1, max_size=3).map(tuple),
+        results=st.lists(compute_results, max_size=3).map(tuple),
     ),
     p.ComputeError: st.builds(
         p.ComputeError, task_id=ids, error=texts, plan_version=u64, start_pos=st.integers(0, 1 << 40)
