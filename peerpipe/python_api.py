@@ -288,7 +288,7 @@ async def create_room(
                     dtype=choice.dtype,
                 )
             entry = Entry(
-                choice.path, host_id=node.node_id, send=plane.send, config=settings,
+                choice.path, host_id=node.node_id, send=plane.send_steps, config=settings,
                 why_not_ready=cluster.why_not_ready, on_stall=cluster.check_stalled, report=report, draft=drafter,
             )
             cluster.rollout.on_ready = entry.use_plan

@@ -136,18 +136,25 @@ class DataPlane:
         if self.entry is not None:
             self.entry.pipeline.deliver(peer, message)
 
+    async def send_steps(self, node_id: str, message: Message) -> None:
+        """``send`` for the host's answers: each sends its next step as its token comes back, so
+        the steps of a batch's answers come one after another in one turn of the loop. The first
+        goes at once; the rest of that turn's go together as one compute-batch."""
+        if isinstance(message, ComputeRequest) and node_id != self.node.node_id:
+            self.last_compute = time.monotonic()
+            self.busy_poll.touch()
+            await self._coalesced(node_id, message)
+        else:
+            await self.send(node_id, message)
+
     async def send(self, node_id: str, message: Message) -> None:
-        """Send on the data plane; to this node itself without touching the network. Requests
-        for a peer sent in one turn of the loop (the host's answers, each sending its next step
-        as the tokens of one batch come back) go as one compute-batch."""
+        """Send on the data plane; to this node itself without touching the network."""
         if isinstance(message, ComputeRequest | ComputeResult | ComputeBatch):
             self.last_compute = time.monotonic()
             self.busy_poll.touch()
         if isinstance(message, ComputeBatch) and node_id == self.node.node_id:
             for step in (*message.requests, *message.results):
                 await self.send(node_id, step)
-        elif isinstance(message, ComputeRequest) and node_id != self.node.node_id:
-            await self._coalesced(node_id, message)
         elif node_id != self.node.node_id:
             await self.node.send(node_id, message)
         elif isinstance(message, ComputeRequest | Cancel):
@@ -164,11 +171,13 @@ class DataPlane:
             await self.node.send(node_id, request)
             return
         pending = self._pending.get(node_id)
-        if pending is None:
+        if pending is None:  # the turn's first step: it goes now, the rest of the turn's wait for it
             loop = asyncio.get_running_loop()
             pending = self._pending[node_id] = ([], loop.create_future())
             pending[1].add_done_callback(lambda f: f.cancelled() or f.exception())  # seen, if by nobody else
             loop.call_soon(self._flush, node_id, pending)
+            await self.node.send(node_id, request)
+            return
         pending[0].append(request)
         if len(pending[0]) >= COALESCE_STEPS:
             self._flush(node_id, pending)
@@ -179,6 +188,9 @@ class DataPlane:
             return  # flushed already (it was full)
         del self._pending[node_id]
         requests, done = pending
+        if not requests:
+            done.set_result(None)
+            return
         message: Message = requests[0] if len(requests) == 1 else ComputeBatch(tuple(requests))
 
         async def write() -> None:
