@@ -45,6 +45,7 @@ _FORGET_AFTER = 4096
 _CPU = torch.device("cpu")
 GATHER_S = 0.001  # how long a stage waits for the rest of a decode batch
 BATCH_BYTES = 1 << 20  # a batch's outputs up to this size go to the next node in one compute-batch
+PROMPT_BATCH_TOKENS = 4096  # prompts of one length share a forward up to this many tokens in all
 
 
 def _nbytes(step: ComputeRequest | ComputeResult) -> int:
@@ -162,6 +163,7 @@ class StageServer:
             await self._gather(items, limit)
             decode: list[ComputeRequest] = []
             verify: dict[int, list[ComputeRequest]] = {}  # drafted steps, by their positions
+            prompts: list[ComputeRequest] = []
             for item in items:
                 if isinstance(item, Cancel):
                     self._cancel(item.task_id)
@@ -170,11 +172,13 @@ class StageServer:
                 elif item.drafts:
                     verify.setdefault(self._new_positions(item), []).append(item)
                 elif self._new_positions(item) != 1 or item.partial:
-                    await self._run([item])  # a prompt (or a chunk of one): its own forward
+                    prompts.append(item)  # a prompt, or a chunk of one
                 elif len(decode) < limit:
                     decode.append(item)
                 else:
                     held.append(item)  # the next micro-batch
+            for group in self._prompt_groups(prompts):
+                await self._run(group)
             for group in verify.values():  # steps of as many positions share one forward
                 for at in range(0, len(group), self.max_batch):
                     await self._run(group[at : at + self.max_batch])
@@ -198,6 +202,24 @@ class StageServer:
                 return
             items.append(item)
             steps += isinstance(item, ComputeRequest) and self._new_positions(item) == 1
+
+    def _prompt_groups(self, prompts: list[ComputeRequest]) -> list[list[ComputeRequest]]:
+        """Whole prompts of one length share a forward (answers started together often have
+        them), up to ``PROMPT_BATCH_TOKENS``; chunks, and a task's second request, run alone, in order."""
+        tasks = collections.Counter(p.task_id for p in prompts)
+        groups: list[list[ComputeRequest]] = []
+        open_groups: dict[int, list[ComputeRequest]] = {}
+        for prompt in prompts:
+            n = self._new_positions(prompt)
+            if prompt.partial or tasks[prompt.task_id] > 1:
+                groups.append([prompt])
+                continue
+            group = open_groups.get(n)
+            if group is None or (len(group) + 1) * n > PROMPT_BATCH_TOKENS or len(group) >= self.max_batch:
+                group = open_groups[n] = []
+                groups.append(group)
+            group.append(prompt)
+        return groups
 
     def micro_batch(self) -> int:
         """How many decode steps one forward takes. With S stages, a batch of a 1/S share of the

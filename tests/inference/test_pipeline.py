@@ -343,3 +343,34 @@ def test_steps_of_one_forward_travel_as_one_compute_batch(tiny_model_dir, device
     last_is_remote = arun(main())
     assert any(requests > 1 for requests, _ in sizes), sizes  # stage to stage (and host to stage 1)
     assert any(results > 1 for _, results in sizes) == last_is_remote, sizes  # last stage to the host
+
+
+def test_prompts_of_one_length_share_a_forward(tiny_model_dir, device, warm_layers, monkeypatch) -> None:
+    """Answers started together with prompts of one length prefill in one forward per stage, and
+    get the tokens they get alone; a prompt of another length runs on its own."""
+    model = tiny_model_dir("llama")
+    warm_layers(model)
+    prompts = [[5, 17, 42, 99, 3], [7, 7, 8, 9, 10], [100, 200, 30, 40, 50], [1, 2, 3, 4, 5], [9, 8, 7]]
+    forwards: list[list[int]] = []  # the prompt lengths of each prompt forward
+    run = StageServer._run
+
+    async def spy(self: StageServer, requests: list[ComputeRequest]) -> None:
+        if requests[0].start_pos == 0:
+            forwards.append([self._new_positions(r) for r in requests])
+        await run(self, requests)
+
+    monkeypatch.setattr(StageServer, "_run", spy)
+
+    async def main() -> None:
+        async with room(model, device, members=2, layers_per_node=2) as r:
+            pipeline = r.pipeline
+            assert pipeline is not None and len(pipeline.plan.stages) == 3
+            alone = [(await pipeline.generate(p, GREEDY, speculate="off")).tokens for p in prompts]
+            assert all(len(f) == 1 for f in forwards)
+            forwards.clear()
+            together = await asyncio.gather(*(pipeline.generate(p, GREEDY, speculate="off") for p in prompts))
+            assert [t.tokens for t in together] == alone
+
+    arun(main())
+    assert [5, 5, 5, 5] in forwards, forwards  # the four of length 5, at least on one stage
+    assert all(3 not in f or f == [3] for f in forwards), forwards
