@@ -95,7 +95,7 @@ class StageServer:
         self.host_id = host_id
         self.send = send
         self.max_batch = max_batch
-        self.micro_batches = max(1, micro_batches)  # the pipeline's stage count
+        self.micro_batches = max(1, micro_batches)  # how many stages compute at once (Plan.lanes)
         self.wire = wire  # the format of the hidden states this stage sends on (the plan's)
         self._dtype = next(stage.parameters()).dtype
         self.sessions: dict[str, _Session] = {}
@@ -222,9 +222,10 @@ class StageServer:
         return groups
 
     def micro_batch(self) -> int:
-        """How many decode steps one forward takes. With S stages, a batch of a 1/S share of the
-        sessions lets stage 1 run the next share while stage 2 runs this one, so all S stages
-        work at once instead of in turn (docs/inference.md, "Pipelined batches")."""
+        """How many decode steps one forward takes. With S stages on S GPUs (the plan's lanes), a
+        batch of a 1/S share of the sessions lets stage 1 run the next share while stage 2 runs
+        this one, so all S stages work at once instead of in turn; stages that share a GPU take
+        turns anyway, and take the whole batch (docs/inference.md, "Pipelined batches")."""
         share = -(-len(self.sessions) // self.micro_batches)
         return max(1, min(self.max_batch, share))
 
