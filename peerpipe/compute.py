@@ -18,12 +18,23 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 _executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="peerpipe-compute")
+_running = 0  # calls in flight
 
 
 async def run_compute(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     """Run ``fn`` on the compute thread; the caller's event loop keeps running meanwhile."""
+    global _running
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(_executor, functools.partial(fn, *args, **kwargs))
+    _running += 1
+    try:
+        return await loop.run_in_executor(_executor, functools.partial(fn, *args, **kwargs))
+    finally:
+        _running -= 1
+
+
+def computing() -> bool:
+    """Whether the compute thread has work (a thread spinning meanwhile would take the GIL from it)."""
+    return _running > 0
 
 
 def set_threads(count: int) -> None:

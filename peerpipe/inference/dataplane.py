@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from peerpipe.compute import computing
 from peerpipe.errors import PeerpipeError
 from peerpipe.inference import trace
 from peerpipe.inference.entry import Entry
@@ -50,7 +51,7 @@ class DataPlane:
         self, node: RoomNode, *, no_entry: str = "this node is not the room's host", busy_poll_s: float = 0.0
     ) -> None:
         self.node = node
-        self.busy_poll = BusyPoll(busy_poll_s)  # polls while hidden states pass (GPU nodes)
+        self.busy_poll = BusyPoll(busy_poll_s, pause=computing)  # polls while hidden states pass (GPU nodes)
         self.stage: StageRuntime | None = None
         self.entry: Entry | None = None
         self.weights: NodeWeights | None = None

@@ -36,6 +36,7 @@ def run(main: Coroutine[Any, Any, T], *, use_uvloop: bool = True) -> T:
 
 
 BUSY_POLL_S = 0.02  # on GPU nodes: longer than a decode step of most models a stage holds
+PAUSED_S = 0.0005  # how often a paused poll looks again
 
 
 def busy_poll_window(device: str) -> float:
@@ -57,9 +58,14 @@ class BusyPoll:
     without blocking and a reply is read the moment it lands. Past the window it sleeps again.
     """
 
-    def __init__(self, window_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, window_s: float, clock: Callable[[], float] = time.monotonic, pause: Callable[[], bool] = lambda: False
+    ) -> None:
         self.window_s = window_s
         self.clock = clock
+        # While pause() holds (another thread of this process computes), the loop sleeps as usual:
+        # a spinning thread would keep taking the GIL that thread needs for every operation.
+        self.pause = pause
         self.until = 0.0
         self.spins = 0  # loop iterations spent polling (for tests and logs)
         self._wake = asyncio.Event()
@@ -77,5 +83,8 @@ class BusyPoll:
             await self._wake.wait()
             self._wake.clear()
             while self.clock() < self.until:
+                if self.pause():
+                    await asyncio.sleep(PAUSED_S)
+                    continue
                 self.spins += 1
                 await asyncio.sleep(0)

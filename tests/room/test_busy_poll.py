@@ -45,6 +45,26 @@ def test_polls_only_within_the_window_after_a_touch() -> None:
     asyncio.run(main())
 
 
+def test_no_spinning_while_another_thread_computes() -> None:
+    """A prompt's forward on the compute thread needs the GIL for every operation: while one runs,
+    the loop sleeps as usual, and polls again once it is done."""
+    computing = [True]
+
+    async def main() -> None:
+        poll = BusyPoll(60.0, pause=lambda: computing[0])
+        task = asyncio.create_task(poll.run())
+        poll.touch()
+        await _turns(20)
+        assert poll.spins == 0
+        computing[0] = False
+        async with asyncio.timeout(5):  # the paused poll looks again within PAUSED_S
+            while poll.spins < 5:
+                await asyncio.sleep(0)
+        task.cancel()
+
+    asyncio.run(main())
+
+
 def test_a_zero_window_never_polls() -> None:
     async def main() -> None:
         poll = BusyPoll(0.0)
