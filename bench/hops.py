@@ -63,3 +63,26 @@ def table(rows: dict[int, dict[str, float]]) -> list[str]:
     for name in order:
         lines.append(f"{name:>22}" + "".join(f"{r[name]:>14.0f}" if name in r else f"{'':>14}" for r in rows.values()))
     return lines
+
+
+def room_parts(folder: Path, stages: int, alone: set[str], together: set[str]) -> dict[str, dict[str, float]]:
+    """A room's figures from its traces: ``hops_us`` for the answers run alone, and
+    ``hops_16_us`` for the 16 run at once (when they ran)."""
+    steps = read(folder)
+    parts = {"hops_us": segments(steps, stages, alone)}
+    if together:
+        parts["hops_16_us"] = segments(steps, stages, together)
+    return parts
+
+
+def report(shape: str, rooms: list[dict]) -> list[str]:
+    """The tables of one shape's rooms (bench/pipeline.py's entries), when they were traced."""
+    lines: list[str] = []
+    traced = {e["stages"]: e["hops_us"] for e in rooms if e.get("hops_us")}
+    if traced:
+        lines += [f"{shape}: where one token's time goes (medians of one answer's decode steps)", *table(traced)]
+    for e in rooms:
+        if e.get("hops_16_us"):
+            lines += [f"{shape}, {e['stages']} stages, 16 answers at once (medians over their steps)"]
+            lines += table({e["stages"]: e["hops_16_us"]})
+    return lines

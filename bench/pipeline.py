@@ -260,7 +260,7 @@ def bench_shape(shape: str, root: Path, env: dict[str, str], args: argparse.Name
         # machine in a real room (spinning thread pools of several processes slow all of them).
         threads = 1 if args.pin else args.node_threads or max(1, (os.cpu_count() or 1) // (1 if args.gpus else stages))
         node_env = {**env, "OMP_NUM_THREADS": str(threads)}
-        traces = root / f"trace-{shape}-{stages}"
+        traces, streamed = root / f"trace-{shape}-{stages}", set()  # the 16 answers' ids, once run
         if args.trace:
             shutil.rmtree(traces, ignore_errors=True)
             node_env["PEERPIPE_TRACE"] = str(traces)
@@ -288,8 +288,7 @@ def bench_shape(shape: str, root: Path, env: dict[str, str], args: argparse.Name
                 for n in (1, 4, 16, 64) if args.device != "cpu" else (1, 4, 16):
                     answers, wall = asyncio.run(ask(address, [prompt] * n, args.new_tokens))
                     streams[n] = sum(len(a.tokens) for a in answers) / wall
-                    if n == 16:
-                        streamed = {a.request_id for a in answers}
+                    streamed = {a.request_id for a in answers} if n == 16 else streamed
                 entry["aggregate_tok_s"] = streams
                 entry["16_vs_1"] = streams[16] / streams[1]
                 entry["streams_at_stages"] = stages
@@ -298,10 +297,7 @@ def bench_shape(shape: str, root: Path, env: dict[str, str], args: argparse.Name
             for p in reversed(procs):
                 p.stop()
         if args.trace:
-            steps = hops.read(traces)
-            entry["hops_us"] = hops.segments(steps, planned, {d.request_id for d in singles})
-            if "aggregate_tok_s" in entry:
-                entry["hops_16_us"] = hops.segments(steps, planned, streamed)
+            entry.update(hops.room_parts(traces, planned, {d.request_id for d in singles}, streamed))
     return rows
 
 
@@ -400,13 +396,9 @@ def main() -> None:
         "--wire", default="auto", help="the host's --wire: auto (shared memory between nodes of this machine), native (the socket)"
     )
     parser.add_argument("--gpus", type=int, default=0, help="put node i on GPU i mod GPUS (0: no GPUs)")
-    parser.add_argument(
-        "--node-threads", type=int, default=0, help="CPU threads per node process (default: cores / nodes)"
-    )
+    parser.add_argument("--node-threads", type=int, default=0, help="CPU threads per node process (default: cores / nodes)")
     parser.add_argument("--netns-shapes", default="cpu-75m", help="shapes to also run across namespaces ('' = none)")
-    parser.add_argument(
-        "--pin", action="store_true", help="CPU: the one node and every room node each on one core with one thread"
-    )
+    parser.add_argument("--pin", action="store_true", help="CPU: the one node and every room node on a core each, one thread")
     parser.add_argument("--trace", action="store_true", help="time each part of a token's path, hop by hop (bench/hops.py)")
     parser.add_argument("--client", help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=1, help=argparse.SUPPRESS)
@@ -440,15 +432,8 @@ def main() -> None:
                 f"{r['shape']:>8} {e['stages']:>6} {e['tok_s']:>8.1f} {e['vs_local']:>9.2f} {e['ttft_s'] * 1e3:>7.1f}ms "
                 f"{e['ttft_vs_local']:>9.2f} {e['predicted_ms']:>8.2f} {e['measured_ms']:>8.2f}{extra}"
             )
-    for r in results:
-        traced = {e["stages"]: e["hops_us"] for e in r["rooms"] if e.get("hops_us")}
-        if traced:
-            print(f"{r['shape']}: where one token's time goes (medians of one answer's decode steps)")
-            print("\n".join(hops.table(traced)))
-        for e in r["rooms"]:
-            if e.get("hops_16_us"):
-                print(f"{r['shape']}, {e['stages']} stages, 16 answers at once (medians over their steps)")
-                print("\n".join(hops.table({e["stages"]: e["hops_16_us"]})))
+    for line in (line for r in results for line in hops.report(r["shape"], r["rooms"])):
+        print(line)
     for r in results:
         for e in r.get("netns", []):
             print(
