@@ -95,8 +95,7 @@ class DataPlane:
                 self._on_message(peer, step, tg)
             return
         if isinstance(message, ComputeRequest | ComputeResult):
-            self.last_compute = time.monotonic()
-            self.busy_poll.touch()
+            self._passing()
         if isinstance(message, ComputeRequest):
             trace.mark("in", message.task_id, message.start_pos, self.node.name)
             # From the previous stage or, for the first stage, the host.
@@ -143,8 +142,7 @@ class DataPlane:
         together, as one compute-batch, at the end of that turn. (Sending the first at once cost
         stages a second forward per round: it started before the rest came.)"""
         if isinstance(message, ComputeRequest) and node_id != self.node.node_id:
-            self.last_compute = time.monotonic()
-            self.busy_poll.touch()
+            self._passing()
             await self._coalesced(node_id, message)
         else:
             await self.send(node_id, message)
@@ -152,8 +150,7 @@ class DataPlane:
     async def send(self, node_id: str, message: Message) -> None:
         """Send on the data plane; to this node itself without touching the network."""
         if isinstance(message, ComputeRequest | ComputeResult | ComputeBatch):
-            self.last_compute = time.monotonic()
-            self.busy_poll.touch()
+            self._passing()
         if isinstance(message, ComputeBatch) and node_id == self.node.node_id:
             for step in (*message.requests, *message.results):
                 await self.send(node_id, step)
@@ -167,6 +164,11 @@ class DataPlane:
                 self._deliver(node_id, error)
         elif isinstance(message, ComputeResult | ComputeError):
             self._deliver(node_id, message)
+
+    def _passing(self) -> None:
+        """A step passes through this node: weights yield to answers, and the loop polls."""
+        self.last_compute = time.monotonic()
+        self.busy_poll.touch()
 
     async def _coalesced(self, node_id: str, request: ComputeRequest) -> None:
         if request.input_tensor.nbytes > COALESCE_BYTES:  # a prompt: the channel chunks it alone

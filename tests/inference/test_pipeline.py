@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -311,6 +311,21 @@ def test_a_trace_follows_each_step_through_every_stage(
         assert sorted(order[-2:]) == ["out", "token"]
 
 
+async def _alone_then_together(
+    model: Path, device: LocalDevice, prompts: list[list[int]], *, copies: int, between: Callable[[], None]
+) -> bool:
+    """In a 3-stage room: each prompt answered alone, ``between()``, then ``copies`` of them all at
+    once, which must give the same tokens. Returns whether the last stage is not the host."""
+    async with room(model, device, members=2, layers_per_node=2) as r:
+        pipeline = r.pipeline
+        assert pipeline is not None and len(pipeline.plan.stages) == 3
+        alone = [(await pipeline.generate(p, GREEDY, speculate="off")).tokens for p in prompts]
+        between()
+        together = await asyncio.gather(*(pipeline.generate(p, GREEDY, speculate="off") for p in prompts * copies))
+        assert [t.tokens for t in together] == alone * copies
+        return pipeline.stage_nodes[-1] != r.host.cluster.node.node_id
+
+
 def test_steps_of_one_forward_travel_as_one_compute_batch(tiny_model_dir, device, warm_layers, monkeypatch) -> None:
     """Answers running together: a stage sends the steps of one batched forward to the next node
     (and the last stage its tokens to the host) as one compute-batch, the host its answers' next
@@ -330,17 +345,10 @@ def test_steps_of_one_forward_travel_as_one_compute_batch(tiny_model_dir, device
 
     monkeypatch.setattr(DataPlane, "_on_message", spy)
 
-    async def main() -> bool:
-        async with room(model, device, members=2, layers_per_node=2) as r:
-            pipeline = r.pipeline
-            assert pipeline is not None and len(pipeline.plan.stages) == 3
-            alone = [(await pipeline.generate(p, GREEDY, speculate="off")).tokens for p in PROMPTS]
-            assert not sizes  # one answer at a time: nothing to batch
-            together = await asyncio.gather(*(pipeline.generate(p, GREEDY, speculate="off") for p in PROMPTS * 2))
-            assert [t.tokens for t in together] == alone * 2
-            return pipeline.stage_nodes[-1] != r.host.cluster.node.node_id
+    def nothing_batched() -> None:
+        assert not sizes  # one answer at a time: nothing to batch
 
-    last_is_remote = arun(main())
+    last_is_remote = arun(_alone_then_together(model, device, PROMPTS, copies=2, between=nothing_batched))
     assert any(requests > 1 for requests, _ in sizes), sizes  # stage to stage (and host to stage 1)
     assert any(results > 1 for _, results in sizes) == last_is_remote, sizes  # last stage to the host
 
@@ -361,16 +369,10 @@ def test_prompts_of_one_length_share_a_forward(tiny_model_dir, device, warm_laye
 
     monkeypatch.setattr(StageServer, "_run", spy)
 
-    async def main() -> None:
-        async with room(model, device, members=2, layers_per_node=2) as r:
-            pipeline = r.pipeline
-            assert pipeline is not None and len(pipeline.plan.stages) == 3
-            alone = [(await pipeline.generate(p, GREEDY, speculate="off")).tokens for p in prompts]
-            assert all(len(f) == 1 for f in forwards)
-            forwards.clear()
-            together = await asyncio.gather(*(pipeline.generate(p, GREEDY, speculate="off") for p in prompts))
-            assert [t.tokens for t in together] == alone
+    def each_alone() -> None:
+        assert all(len(f) == 1 for f in forwards)
+        forwards.clear()
 
-    arun(main())
+    arun(_alone_then_together(model, device, prompts, copies=1, between=each_alone))
     assert [5, 5, 5, 5] in forwards, forwards  # the four of length 5, at least on one stage
     assert all(3 not in f or f == [3] for f in forwards), forwards
