@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> dict:
     reference: list[list[int]] = []
     configs = [
         ("native", "", ("none",) * 3), ("wire bf16", "bf16", ("none",) * 3), ("wire fp16", "fp16", ("none",) * 3),
-        ("wire int8", "int8", ("none",) * 3), ("weights int8", "", ("int8",) * 3), ("weights int4", "", ("int4",) * 3),
+        ("wire int8", "int8", ("none",) * 3), ("wire fp8", "fp8", ("none",) * 3), ("weights int8", "", ("int8",) * 3), ("weights int4", "", ("int4",) * 3),
         ("int8 on 1 of 3", "", ("none", "int8", "none")), ("int4 on 1 of 3", "", ("none", "int4", "none")),
         ("wire+weights int8", "int8", ("int8",) * 3),
     ]

@@ -160,10 +160,10 @@ def add_host_parser(
     )
     parser.add_argument(
         "--wire",
-        choices=["auto", "native", "bf16", "fp16", "int8"],
+        choices=["auto", "native", "bf16", "fp16", "int8", "fp8"],
         default="auto",
         help="how hidden states cross between nodes: auto picks int8 (a float16 scale per 64 values) on "
-        "links too slow for the model's dtype, native keeps it, bf16/fp16/int8 everywhere (auto)",
+        "links too slow for the model's dtype, native keeps it, bf16/fp16/int8/fp8 (e4m3) everywhere (auto)",
     )
     add_speculation_arguments(parser)
     _add_device_arguments(parser)

@@ -1,9 +1,9 @@
 """Tensors to and from the wire, in the model's own dtype (bf16 travels as its bit patterns) or
-in a stage's wire format (16 bits, or int8 with a float16 scale per block of 64 values: the
-"q8b64" encoding of protocol/tensor.py), and sampling parameters to and from their wire record.
+in a stage's wire format (16 bits, or a byte per value with a float16 scale per block of 64
+values: int8 or float8 e4m3, the "q8b64" and "f8b64" encodings of protocol/tensor.py), and sampling parameters to and from their wire record.
 
 Hidden states are encoded where they were computed and decoded where they are used: on a GPU the
-int8 values, not the floats, cross PCIe both ways."""
+bytes, not the floats, cross PCIe both ways."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 
 from peerpipe.engine.sampling import SamplingParams
 from peerpipe.protocol import Sampling, TensorData
-from peerpipe.protocol.tensor import Q8_BLOCK, encoded_nbytes
+from peerpipe.protocol.tensor import BLOCK_ENCODINGS, Q8_BLOCK, encoded_nbytes
 from peerpipe.transport.shared_memory import Ref, Ring, Segments, SharedMemoryError
 
 _AS_WIRE = {
@@ -54,37 +54,56 @@ def encode_hidden(batch: torch.Tensor, wire: str, ring: Ring | None = None) -> l
         return [_to_ring(rows[i : i + 1], ring) for i in range(rows.shape[0])]
     if wire in _HALF:
         batch = batch.to(_HALF[wire])
-    if wire != "int8":
+    if wire not in _BLOCKED:
         host = batch.to(_CPU)
         return [to_wire(host[i : i + 1]) for i in range(batch.shape[0])]
     name = _AS_WIRE[batch.dtype]
-    rows, width = batch.shape[0] * batch.shape[1], batch.shape[2]
-    blocks = -(-width // Q8_BLOCK)
-    x = batch.reshape(rows, width).float()
-    if blocks * Q8_BLOCK != width:
-        x = torch.nn.functional.pad(x, (0, blocks * Q8_BLOCK - width))
-    x = x.view(rows, blocks, Q8_BLOCK)
-    # The scale is rounded up to a float16 (never below absmax / 127, so no value clamps) before
-    # use, and the receiver multiplies by exactly what was divided by.
-    scale = (x.abs().amax(-1) * (1 / 127 * (1 + 2**-10)) + _F16_SUB).clamp(max=_F16_MAX).to(torch.float16)
-    q = (x / scale.float().unsqueeze(-1)).round_().clamp_(-127, 127).to(torch.int8)
-    q = q.view(rows, blocks * Q8_BLOCK)[:, :width].reshape(batch.shape[0], -1).to(_CPU)
-    scales = scale.view(batch.shape[0], -1).to(_CPU)
+    codes, scales = _quantize_blocks(batch.reshape(-1, batch.shape[-1]), wire)
+    codes = codes.reshape(batch.shape[0], -1).to(_CPU)
+    scales = scales.view(batch.shape[0], -1).to(_CPU)
     shape = (1, *batch.shape[1:])
+    encoding = _BLOCKED[wire]
     out = []
     for i in range(batch.shape[0]):
-        payload = np.concatenate([q[i].numpy().view(np.uint8), scales[i].numpy().view(np.uint8)])
-        out.append(TensorData(name, tuple(shape), memoryview(payload), "q8b64"))
+        payload = np.concatenate([codes[i].numpy().view(np.uint8), scales[i].numpy().view(np.uint8)])
+        out.append(TensorData(name, tuple(shape), memoryview(payload), encoding))
     return out
 
 
-def _decode_q8(data: TensorData, device: torch.device) -> torch.Tensor:
+_BLOCKED = {"int8": "q8b64", "fp8": "f8b64"}  # wire format -> tensor encoding
+_FP8 = torch.float8_e4m3fn
+_FP8_MAX = float(torch.finfo(_FP8).max)  # 448
+
+
+def _quantize_blocks(x: torch.Tensor, wire: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``x`` ``[R, W]`` as a byte per value (int8, or float8 e4m3 for ``fp8``) ``[R, W]``
+    and a float16 scale per block of Q8_BLOCK values ``[R, blocks]``, on ``x``'s device."""
+    rows, width = x.shape
+    blocks = -(-width // Q8_BLOCK)
+    x = x.float()
+    if blocks * Q8_BLOCK != width:
+        x = torch.nn.functional.pad(x, (0, blocks * Q8_BLOCK - width))
+    x = x.view(rows, blocks, Q8_BLOCK)
+    top = 127.0 if wire == "int8" else _FP8_MAX
+    # The scale is rounded up to a float16 (never below absmax / top, so no value clamps) before
+    # use, and the receiver multiplies by exactly what was divided by.
+    scale = (x.abs().amax(-1) * (1 / top * (1 + 2**-10)) + _F16_SUB).clamp(max=_F16_MAX).to(torch.float16)
+    scaled = x / scale.float().unsqueeze(-1)
+    if wire == "int8":
+        codes = scaled.round_().clamp_(-127, 127).to(torch.int8)
+    else:
+        codes = scaled.clamp_(-_FP8_MAX, _FP8_MAX).to(_FP8).view(torch.int8)
+    return codes.view(rows, blocks * Q8_BLOCK)[:, :width], scale
+
+
+def _decode_blocks(data: TensorData, device: torch.device) -> torch.Tensor:
     width = data.shape[-1]
     rows = len(data.data) // (width + -(-width // Q8_BLOCK) * 2)
     raw = torch.from_numpy(np.frombuffer(data.data, dtype=np.uint8).copy()).to(device, non_blocking=True)
-    q = raw[: rows * width].view(torch.int8).view(rows, width)
+    codes = raw[: rows * width].view(rows, width)
+    values = codes.view(torch.int8) if data.encoding == "q8b64" else codes.view(_FP8)
     scale = raw[rows * width :].clone().view(torch.float16).view(rows, -1)
-    x = q.float() * scale.float().repeat_interleave(Q8_BLOCK, dim=1)[:, :width]
+    x = values.float() * scale.float().repeat_interleave(Q8_BLOCK, dim=1)[:, :width]
     return x.to(_FROM_WIRE[data.dtype]).view(data.shape)
 
 
@@ -123,8 +142,8 @@ def from_wire(data: TensorData, device: torch.device) -> torch.Tensor:
     dtype = _FROM_WIRE.get(data.dtype)
     if dtype is None:
         raise TypeError(f"unexpected tensor dtype {data.dtype} on the data plane")
-    if data.encoding == "q8b64":
-        return _decode_q8(data, device)
+    if data.encoding in BLOCK_ENCODINGS:
+        return _decode_blocks(data, device)
     if data.encoding == "shm":
         return _from_shared(data, dtype, device)
     # A copy: the wire buffer belongs to the received frame, and torch wants writable memory.

@@ -24,7 +24,7 @@ MAX_MEMBERS = 1024
 # Layer indices beyond this are nonsense for any model we can hold.
 MAX_LAYERS = 1 << 20
 # how a stage's hidden states travel on (local: the model's dtype through shared memory)
-WIRE_FORMATS = frozenset({"", "bf16", "fp16", "int8", "local"})
+WIRE_FORMATS = frozenset({"", "bf16", "fp16", "int8", "fp8", "local"})
 QUANT_MODES = frozenset({"none", "int8", "int4", "auto"})  # how a node holds its layers' matrices (auto: the plan says)
 STAGE_QUANT = frozenset({"", "none", "int8", "int4"})  # what the plan says to an auto node
 
@@ -226,7 +226,7 @@ class PlanStage:
     start: int
     end: int
     predicted_ms: float = 0.0
-    wire: str = ""  # how its hidden states travel to the next stage: "" (the model's dtype), bf16, fp16, int8
+    wire: str = ""  # how its hidden states travel to the next stage: "" (the model's dtype), bf16, fp16, int8, fp8
     quantize: str = ""  # for a node that let the planner choose: how it holds these layers ("": as it said)
 
     def __post_init__(self) -> None:

@@ -19,9 +19,11 @@ DTYPES = frozenset(ITEMSIZE)
 # ``dtype``. "q8b64": a float tensor quantized along its last axis in blocks of Q8_BLOCK values,
 # each block one float16 scale (its absolute maximum / 127) and int8 values; ``dtype`` is what the
 # receiver decodes it to. The data is every row's int8 values (rows x width bytes), then every
-# row's scales (rows x blocks x 2 bytes). "shm": the raw values lie in shared memory on the
+# row's scales (rows x blocks x 2 bytes). "f8b64": the same layout with float8 e4m3 values (the
+# "fn" variant: no infinities) and each block's scale its absolute maximum / 448. "shm": the raw values lie in shared memory on the
 # receiver's machine; the data is a reference to them (transport/shared_memory.py), SHM_REF_BYTES long.
-ENCODINGS = frozenset({"raw", "q8b64", "shm"})
+ENCODINGS = frozenset({"raw", "q8b64", "f8b64", "shm"})
+BLOCK_ENCODINGS = frozenset({"q8b64", "f8b64"})  # a byte per value and a float16 scale per block
 Q8_BLOCK = 64
 SHM_REF_BYTES = 40
 FLOAT_DTYPES = frozenset({"float32", "float16", "bfloat16"})
@@ -32,7 +34,7 @@ _NUMPY_NAME = {"bfloat16": "uint16"}
 
 def encoded_nbytes(dtype: str, shape: tuple[int, ...], encoding: str = "raw") -> int:
     """Byte length of a tensor's data for this dtype, shape and encoding (validated by the caller)."""
-    if encoding == "q8b64":
+    if encoding in BLOCK_ENCODINGS:
         width = shape[-1] if shape else 1
         rows = math.prod(shape[:-1]) if shape else 1
         return rows * width + rows * -(-width // Q8_BLOCK) * 2

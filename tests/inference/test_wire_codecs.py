@@ -1,4 +1,4 @@
-"""Hidden states on the wire: 16-bit and int8 forms, their error bounds, their bytes, and the
+"""Hidden states on the wire: 16-bit, int8 and fp8 forms, their error bounds, their bytes, and the
 choice of form per link."""
 
 from __future__ import annotations
@@ -55,6 +55,43 @@ def test_int8_rows_come_back_within_half_a_step_of_their_block(seed, rows, width
         assert bool(((back.float() - original).abs() <= bound + 1e-30).all())
 
 
+@settings(max_examples=120, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    rows=st.integers(1, 4),
+    width=st.sampled_from([1, 7, 63, 64, 65, 128, 200, 384]),
+    scale=st.sampled_from([1e-4, 1.0, 30.0, 3000.0]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+)
+def test_fp8_rows_come_back_within_e4m3s_relative_step(seed, rows, width, scale, dtype) -> None:
+    x = batch(seed, rows, width, scale, dtype)
+    assume(bool(torch.isfinite(x).all()))
+    for i, data in enumerate(encode_hidden(x, "fp8")):
+        assert data.encoding == "f8b64" and data.shape == (1, 3, width)
+        assert len(data.data) == encoded_nbytes(data.dtype, data.shape, "f8b64")
+        back = from_wire(data, CPU)
+        assert back.dtype == dtype and back.shape == (1, 3, width)
+        original = x[i : i + 1].float()
+        blocks = math.ceil(width / 64)
+        padded = torch.nn.functional.pad(original.reshape(3, width), (0, blocks * 64 - width)).view(3, blocks, 64)
+        absmax = padded.abs().amax(-1).repeat_interleave(64, -1)[:, :width].view(1, 3, width)
+        block_scale = (absmax / 448 * (1 + 2**-10) + 2**-24) * (1 + 2**-10)
+        # Three mantissa bits: half a step is 2**-4 of the value; below e4m3's smallest normal
+        # (2**-6) the step is fixed at 2**-9 of the scale.
+        own = 2**-8 if dtype == torch.bfloat16 else 2**-11
+        bound = original.abs() * (2**-4 + own * 1.01) + block_scale * 2**-10 + 2**-24
+        assert bool(((back.float() - original).abs() <= bound + 1e-30).all())
+
+
+def test_fp8_keeps_the_small_values_of_a_block_that_int8_flattens() -> None:
+    x = torch.tensor([[[100.0] + [0.01 * (i + 1) for i in range(63)]]])
+    int8 = from_wire(encode_hidden(x, "int8")[0], CPU)
+    fp8 = from_wire(encode_hidden(x, "fp8")[0], CPU)
+    small = slice(1, 40)  # values under half an int8 step (100 / 127 / 2) all round to zero in int8
+    assert bool((int8[0, 0, small] == 0).all())
+    assert bool(((fp8[0, 0, small] - x[0, 0, small]).abs() <= x[0, 0, small].abs() * 2**-4 + 1e-6).all())
+
+
 @pytest.mark.parametrize(("wire", "dtype", "rel"), [("bf16", torch.bfloat16, 2**-8), ("fp16", torch.float16, 2**-11)])
 def test_sixteen_bit_forms_round_like_their_dtype(wire: str, dtype: torch.dtype, rel: float) -> None:
     x = batch(1, 2, 384, 3.0, torch.float32)
@@ -89,9 +126,10 @@ def test_an_int8_tensor_crosses_the_codec_and_a_corrupt_one_is_refused() -> None
         decode(bytes(frame))
 
 
-def test_int8_is_only_for_floats() -> None:
+@pytest.mark.parametrize("encoding", ["q8b64", "f8b64"])
+def test_a_byte_per_value_is_only_for_floats(encoding: str) -> None:
     with pytest.raises(ValidationError, match="float tensors"):
-        TensorData("int64", (1, 4), b"\0" * encoded_nbytes("int64", (1, 4), "q8b64"), "q8b64")
+        TensorData("int64", (1, 4), b"\0" * encoded_nbytes("int64", (1, 4), encoding), encoding)
     data = encode_hidden(torch.ones(1, 1, 8), "int8")[0]
     with pytest.raises(ValidationError, match="decoded by its codec"):
         data.to_numpy()
@@ -116,6 +154,8 @@ MIB = 2**20
         (LLAMA8B, 10e9 / 8 / MIB, "auto", ""),  # 10 GbE
         (LLAMA8B, 1e9 / 8 / MIB, "auto", ""),  # gigabit: 1 byte saved per value of a bf16 model is not worth it
         (AUSTEN, 2000, "int8", "int8"),  # asked for: every link
+        (AUSTEN, 2000, "fp8", "fp8"),
+        (AUSTEN, 1, "auto", "int8"),  # auto never picks fp8
         (AUSTEN, 1, "native", ""),
         (AUSTEN, 1, "bf16", "bf16"),
     ],
@@ -126,7 +166,7 @@ def test_each_link_gets_int8_where_its_bandwidth_makes_it_pay(model, mib_per_s, 
 
 def test_bytes_per_token_of_each_form() -> None:
     assert bytes_per_token(AUSTEN, "") == 1536 and bytes_per_token(AUSTEN, "bf16") == 768
-    assert bytes_per_token(AUSTEN, "int8") == 384 + 12
+    assert bytes_per_token(AUSTEN, "int8") == 384 + 12 == bytes_per_token(AUSTEN, "fp8")
     with pytest.raises(WireChoiceError, match="auto, native"):
         choose_wire(AUSTEN, Link(0.1, 1e6), "int4")
 

@@ -63,9 +63,10 @@ def test_every_architecture_runs_with_int8_between_stages_and_int8_weights_on_a_
     asyncio.run(asyncio.wait_for(main(), 120))
 
 
-@pytest.mark.parametrize(("wire", "agree"), [("int8", 40), ("bf16", 44)])
+@pytest.mark.parametrize(("wire", "agree"), [("int8", 40), ("bf16", 44), ("fp8", 6)])
 def test_the_bundled_model_over_compressed_links_keeps_its_answers(wire: str, agree: int, device) -> None:
-    """A trained model's margins are wider: int8 and bf16 links keep most of a 48-token answer."""
+    """A trained model's margins are wider: int8 and bf16 links keep most of a 48-token answer;
+    fp8's coarser steps (1/16 of a value) flip an early near-tie of one prompt (8 and 46 equal)."""
     model = default_model_dir()
     engine, _ = LocalEngine.from_dir(model, device="cpu", dtype="float32", max_seq=128)
     prompts = ["It was a fine morning in April, and Emma", "The ball at Netherfield"]

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from peerpipe import protocol as p
 from peerpipe.protocol.messages import chunk_span
-from peerpipe.protocol.tensor import ITEMSIZE
+from peerpipe.protocol.tensor import ITEMSIZE, encoded_nbytes
 
 ids = st.text(st.characters(codec="utf-8"), min_size=1, max_size=128)
 names = st.text(st.characters(codec="utf-8"), max_size=64)
@@ -26,10 +26,11 @@ def tensors(draw: st.DrawFn, max_elems: int = 64) -> p.TensorData:
     shape = tuple(draw(st.lists(st.integers(0, 4), min_size=ndim, max_size=ndim)))
     if math.prod(shape) > max_elems:
         shape = (max_elems,)
-    data = draw(
-        st.binary(min_size=math.prod(shape) * ITEMSIZE[dtype], max_size=math.prod(shape) * ITEMSIZE[dtype])
-    )
-    return p.TensorData(dtype, shape, data)
+    # Float tensors may travel a byte per value with block scales (int8 or float8).
+    floats = dtype in ("float32", "float16", "bfloat16")
+    encoding = draw(st.sampled_from(["raw", "q8b64", "f8b64"])) if floats else "raw"
+    nbytes = encoded_nbytes(dtype, shape, encoding)
+    return p.TensorData(dtype, shape, draw(st.binary(min_size=nbytes, max_size=nbytes)), encoding)
 
 
 node_infos = st.builds(
@@ -94,7 +95,8 @@ def plans(draw: st.DrawFn) -> p.Plan:
     num_layers = draw(st.integers((cuts[-1] + 1) if cuts else 1, 100))
     bounds = [0, *cuts, num_layers]
     stages = tuple(
-        p.PlanStage(draw(ids), a, b, draw(st.floats(0.0, 1e6)), quantize=draw(st.sampled_from(["", "none", "int8", "int4"])))
+        p.PlanStage(draw(ids), a, b, draw(st.floats(0.0, 1e6)), wire=draw(st.sampled_from(["", "bf16", "int8", "fp8"])),
+                    quantize=draw(st.sampled_from(["", "none", "int8", "int4"])))
         for a, b in itertools.pairwise(bounds)
     )
     spares = tuple(
