@@ -177,16 +177,24 @@ def plan_room(
     strategy: str = "optimal",
     objective: Objective | str = Objective.LATENCY,
     held: Holdings | None = None,
-    auto: str = "none",
+    auto: Mapping[str, str] | None = None,
+    wire: str = "native",
 ) -> PlanResult:
     """Plan over the members that are alive; suspected ones get nothing. With ``held`` (the
-    layers each node already holds), of plans as fast keep the one that fetches the least."""
+    layers each node already holds), of plans as fast keep the one that fetches the least.
+    ``auto``: how each node that lets the planner choose holds its layers (default: unquantized);
+    ``wire``: the host's ``--wire``, so each hop is costed in the bytes it will carry."""
     alive = [m for m in facts.members if m.health == "alive"]
     timings = facts.timings or {}
-    specs = [node_spec(model, m.info, timings.get(m.info.node_id, m.timing), shape, half=half, auto=auto) for m in alive]
+    modes = auto or {}
+    specs = [
+        node_spec(model, m.info, timings.get(m.info.node_id, m.timing), shape, half=half,
+                  auto=modes.get(m.info.node_id, "none"))
+        for m in alive
+    ]
     # The entry node goes first: it is "this machine" of the plan.
     specs.sort(key=lambda s: s.node_id != entry)
-    network = network_from(facts.links, (m.info for m in alive))
+    network = dataclasses.replace(network_from(facts.links, (m.info for m in alive)), wire=wire)
     result = make_plan(model, specs, network, budget, entry=entry, strategy=strategy, objective=objective)
     if held is None:
         return result
@@ -194,19 +202,30 @@ def plan_room(
 
 
 
-def plan_quantizing(model: ModelSpec, shape: str, facts: RoomFacts, **kw: Any) -> tuple[PlanResult, str]:
-    """``plan_room``; nodes that let the planner choose (``--quantize auto``) hold their layers in
-    the model's dtype when the model fits so, else in int8, else in int4. Returns the plan and
-    the mode those nodes take."""
-    autos = any(m.info.quantize == "auto" for m in facts.members if m.health == "alive")
-    modes = ("none", "int8", "int4") if autos else ("none",)
-    for mode in modes:
+def plan_quantizing(
+    model: ModelSpec, shape: str, facts: RoomFacts, **kw: Any
+) -> tuple[PlanResult, dict[str, str]]:
+    """``plan_room``, with the nodes that let the planner choose (``--quantize auto``) holding
+    their layers in the model's dtype while the model fits so; when it does not, in int8 one
+    node at a time, the smallest first (a small node's layers are the fewest to lose precision,
+    and it gains the most room for its size), then likewise in int4. Returns the plan and how
+    each such node holds its layers."""
+    autos = sorted(
+        (m.info for m in facts.members if m.health == "alive" and m.info.quantize == "auto"),
+        key=lambda i: (i.memory_bytes, i.node_id),
+    )
+    tries = [{i.node_id: "none" for i in autos}]
+    for mode, before in (("int8", "none"), ("int4", "int8")):
+        for k in range(1, len(autos) + 1):
+            tries.append({i.node_id: mode if n < k else before for n, i in enumerate(autos)})
+    for i, modes in enumerate(tries):
         try:
-            return plan_room(model, shape, facts, auto=mode, **kw), mode
+            return plan_room(model, shape, facts, auto=modes, **kw), modes
         except DoesNotFitError:
-            if mode == modes[-1]:
+            if i == len(tries) - 1:
                 raise
     raise AssertionError("unreachable")
+
 
 def same_host(a: str, b: str) -> bool:
     """Whether two listen addresses (``host:port``) are one machine's: both on loopback, or one IP."""

@@ -282,6 +282,7 @@ class Rollout:
                 strategy=self.config.strategy,
                 objective=self.config.objective,
                 held=self._holdings(),
+                wire=self.config.wire,
             )
         except PlanError as exc:
             self.plan, self.acked = None, set()
@@ -299,10 +300,9 @@ class Rollout:
         infos = [m.info for m in members]
         network = network_from(self.links.values(), infos)
         local = same_machine({m.info.node_id: m.info.address for m in members})
-        choosing = {m.info.node_id: auto for m in members if m.info.quantize == "auto"}
         plan = to_protocol(
             result, next(self._versions), model.spec, standbys, network=network, wire=self.config.wire, local=local,
-            shared=shared_memory(infos), quantize=choosing,
+            shared=shared_memory(infos), quantize=auto,
         )
         plan = dataclasses.replace(plan, lanes=lanes([s.node_id for s in plan.stages], infos))
         if not await self._prefetch(plan):

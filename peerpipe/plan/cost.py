@@ -11,9 +11,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from peerpipe.plan.spec import TOKEN_MESSAGE_BYTES, Budget, ModelSpec, Network, NodeSpec, Objective
-
-PREFILL_TOKENS = 128
+from peerpipe.plan.spec import (
+    PREFILL_TOKENS,
+    TOKEN_MESSAGE_BYTES,
+    Budget,
+    ModelSpec,
+    Network,
+    NodeSpec,
+    Objective,
+)
+from peerpipe.plan.wire import hidden_hop_ms
 
 
 @dataclass(frozen=True)
@@ -145,16 +152,15 @@ def evaluate(
         for node_id, start, end in ranges
     )
     path = [s.node_id for s in stages]
-    hops = [network.hop_ms(a, b, model.hidden_bytes) for a, b in itertools.pairwise(path)]
+    hops = [hidden_hop_ms(model, network, a, b) for a, b in itertools.pairwise(path)]
     ring = [
         network.hop_ms(entry, path[0], TOKEN_MESSAGE_BYTES),
         network.hop_ms(path[-1], entry, TOKEN_MESSAGE_BYTES),
     ]
     latency = sum(s.compute_ms for s in stages) + sum(hops) + sum(ring)
     bottleneck = max([s.compute_ms for s in stages] + hops + ring)
-    prompt_bytes = PREFILL_TOKENS * model.hidden_bytes
     prefill = sum(_prefill_ms(model, nodes[s.node_id], s.start, s.end) for s in stages)
-    prefill += sum(network.hop_ms(a, b, prompt_bytes) for a, b in itertools.pairwise(path))
+    prefill += sum(hidden_hop_ms(model, network, a, b, PREFILL_TOKENS) for a, b in itertools.pairwise(path))
     prefill += network.hop_ms(entry, path[0], PREFILL_TOKENS * 8) + ring[1]
     return PlanResult(
         strategy=strategy,

@@ -27,6 +27,7 @@ import numpy as np
 
 from peerpipe.plan.cost import PlanResult, capacity, evaluate
 from peerpipe.plan.spec import TOKEN_MESSAGE_BYTES, Budget, ModelSpec, Network, NodeSpec, Objective
+from peerpipe.plan.wire import hidden_hop_ms
 
 EXHAUSTIVE_NODES = 6
 INF = float("inf")
@@ -280,7 +281,7 @@ def plan_optimal(
     ``seed_orders`` (node ids in pipeline order) are tried first when links differ: passing
     another strategy's order guarantees the result is never predicted worse than it."""
     ids = [n.node_id for n in nodes]
-    hops = np.array([[network.hop_ms(a, b, model.hidden_bytes) for b in ids] for a in ids]).reshape(
+    hops = np.array([[hidden_hop_ms(model, network, a, b) for b in ids] for a in ids]).reshape(
         len(ids), len(ids)
     )
     prob = _Problem(model, tuple(nodes), network, budget, entry, objective, hops)

@@ -24,6 +24,7 @@ STAGE_KERNELS = 6
 # Bytes of framing and encryption around one hidden-state message.
 MESSAGE_OVERHEAD_BYTES = 200
 TOKEN_MESSAGE_BYTES = 100
+PREFILL_TOKENS = 128  # the prompt a plan's predicted time to first token is for
 
 
 class Objective(StrEnum):
@@ -208,10 +209,16 @@ DEFAULT_LINK = Link(rtt_ms=0.5, bytes_per_s=117e6)
 
 @dataclass(frozen=True)
 class Network:
-    """Links between nodes, looked up in either direction; unmeasured pairs get ``default``."""
+    """Links between nodes, looked up in either direction; unmeasured pairs get ``default``.
+    ``wire``: the host's ``--wire`` (plan/wire.py), so a hop is costed in the bytes its hidden
+    states take on that link."""
 
     links: Mapping[tuple[str, str], Link] = field(default_factory=dict)
     default: Link = DEFAULT_LINK
+    wire: str = "native"
+
+    def measured(self, a: str, b: str) -> bool:
+        return (a, b) in self.links or (b, a) in self.links
 
     def link(self, a: str, b: str) -> Link:
         return self.links.get((a, b)) or self.links.get((b, a)) or self.default

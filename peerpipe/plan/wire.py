@@ -1,5 +1,7 @@
-"""How each link carries hidden states: in the model's dtype, in 16 bits, or as int8 with a
-scale per block of 64 values (protocol/tensor.py, "q8b64").
+"""How each link carries hidden states: in the model's dtype, in 16 bits, or a byte per value
+with a scale per block of 64 values: int8 or float8 e4m3 (protocol/tensor.py, "q8b64", "f8b64").
+``auto`` never picks fp8: int8 has the finer steps near a block's largest values and measured
+as close as fp8 (docs/quantization.md); fp8 keeps small values in a block with an outlier.
 
 ``auto`` weighs a link's measured bandwidth against the codec's cost: a prompt's hidden states
 (``PREFILL_TOKENS`` of them) go int8 when the time their saved bytes would take on that link is
@@ -11,12 +13,11 @@ model held in fp32.
 
 from __future__ import annotations
 
-from peerpipe.plan.cost import PREFILL_TOKENS
-from peerpipe.plan.spec import Link, ModelSpec
+from peerpipe.plan.spec import PREFILL_TOKENS, Link, ModelSpec, Network
 
-WIRE_CHOICES = ("auto", "native", "bf16", "fp16", "int8")
+WIRE_CHOICES = ("auto", "native", "bf16", "fp16", "int8", "fp8")
 # On the wire (PlanStage.wire): "" is the model's own dtype.
-WIRE_FORMATS = ("", "bf16", "fp16", "int8", "local")  # local: the model's dtype, through shared memory
+WIRE_FORMATS = ("", "bf16", "fp16", "int8", "fp8", "local")  # local: the model's dtype, through shared memory
 INT8_BLOCK = 64
 # Quantizing on the sender plus dequantizing on the receiver, per value, beyond what sending the
 # model's dtype costs anyway: measured on the 2-core VM, one thread, 128 tokens x 384 or 4096
@@ -40,7 +41,7 @@ def bytes_per_token(model: ModelSpec, wire: str) -> float:
     hidden = model.hidden_bytes / model.dtype_bytes  # values per token
     if wire in ("bf16", "fp16"):
         return hidden * 2
-    if wire == "int8":
+    if wire in ("int8", "fp8"):
         return hidden + -(-hidden // INT8_BLOCK) * 2
     return float(model.hidden_bytes)
 
@@ -54,3 +55,20 @@ def choose_wire(model: ModelSpec, link: Link, requested: str = "auto") -> str:
     saved_ms = saved / link.bytes_per_s * 1e3
     codec_ms = PREFILL_TOKENS * model.hidden_bytes / model.dtype_bytes * CODEC_NS_PER_VALUE / 1e6
     return "int8" if saved_ms > MARGIN * codec_ms else ""
+
+
+def hidden_hop_ms(model: ModelSpec, network: Network, a: str, b: str, tokens: int = 1) -> float:
+    """``tokens`` hidden states from ``a`` to ``b`` in the format that link gets under the
+    network's ``--wire``, quantizing and dequantizing them included; unmeasured links keep the
+    model's dtype under ``auto``, as cluster/planning.wire_formats sends them."""
+    if a == b:
+        return 0.0
+    link = network.link(a, b)
+    wire = network.wire
+    if wire == "auto" and not network.measured(a, b):
+        wire = "native"
+    form = choose_wire(model, link, wire)
+    codec_ms = 0.0
+    if form in ("int8", "fp8"):
+        codec_ms = tokens * model.hidden_bytes / model.dtype_bytes * CODEC_NS_PER_VALUE / 1e6
+    return network.hop_ms(a, b, round(bytes_per_token(model, form) * tokens)) + codec_ms

@@ -32,11 +32,30 @@ def member(name: str, layers: float, quantize: str) -> MemberState:
 def test_an_auto_node_quantizes_only_as_much_as_the_model_needs(room_layers, want) -> None:  # type: ignore[no-untyped-def]
     fixed, auto = room_layers
     facts = RoomFacts([member("host", fixed, "none"), member("lap", auto, "auto")])
-    result, mode = plan_quantizing(SPEC, "", facts, entry="host", half=True, budget=BUDGET, strategy="optimal")
-    assert mode == want
-    plan = to_protocol(result, 1, SPEC, quantize={"lap": mode})
+    result, modes = plan_quantizing(SPEC, "", facts, entry="host", half=True, budget=BUDGET, strategy="optimal")
+    assert modes == {"lap": want}
+    plan = to_protocol(result, 1, SPEC, quantize=modes)
     told = {s.node_id: s.quantize for s in plan.stages}
-    assert told.get("host", "") == "" and told.get("lap", mode) == mode
+    assert told.get("host", "") == "" and told.get("lap", want) == want
+
+
+@pytest.mark.parametrize(
+    ("small", "big", "want"),
+    [
+        (2.5, 3.2, {"small": "int8", "big": "none"}),  # 7 layers in bf16; the small node's int8 gives 9
+        (1.5, 3.2, {"small": "int8", "big": "int8"}),  # the small one alone reaches 6: both, 9
+        (1.2, 2.2, {"small": "int4", "big": "int8"}),  # both in int8 hold 7; the small one in int4 then
+    ],
+)
+def test_auto_nodes_quantize_one_at_a_time_the_smallest_first(small, big, want) -> None:  # type: ignore[no-untyped-def]
+    host = 1 if small < 2 else 2
+    # Listed biggest first: the order of the room's members must not decide who quantizes.
+    facts = RoomFacts([member("host", host, "none"), member("big", big, "auto"), member("small", small, "auto")])
+    result, modes = plan_quantizing(SPEC, "", facts, entry="host", half=True, budget=BUDGET, strategy="optimal")
+    assert modes == want
+    plan = to_protocol(result, 1, SPEC, quantize=modes)
+    assert {s.node_id: s.quantize for s in plan.stages if s.node_id != "host"} == want
+    assert sum(s.end - s.start for s in plan.stages) == SPEC.num_layers
 
 
 def test_a_node_that_said_none_is_never_quantized_and_the_room_says_what_is_missing() -> None:

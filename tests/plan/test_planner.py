@@ -323,3 +323,23 @@ def test_a_model_too_big_in_its_dtype_fits_where_nodes_quantize(strategy: str) -
 def test_a_layer_scale_outside_0_to_1_is_refused() -> None:
     with pytest.raises(ValueError, match="layer_scale"):
         dataclasses.replace(node("a", 1.0), layer_scale=0.0)
+
+
+@pytest.mark.parametrize(("wire", "per_token"), [("native", 4096), ("bf16", 4096), ("auto", 2048 + 64),
+                                                 ("int8", 2048 + 64), ("fp8", 2048 + 64)])
+def test_hops_cost_the_bytes_of_the_wire_format_each_link_gets(wire: str, per_token: int) -> None:
+    hundred_mbit = Link(rtt_ms=1, bytes_per_s=100e6 / 8)
+    m = model()  # 4096 bytes a token: 2048 bf16 values
+    nodes = {"a": node("a", 1), "b": node("b", 1)}
+    ranges = [("a", 0, 16), ("b", 16, 32)]
+
+    def plan(network: Network):  # type: ignore[no-untyped-def]
+        return evaluate(m, nodes, network, FREE, "a", ranges, strategy="given")
+
+    native, chosen = plan(Network({("a", "b"): hundred_mbit})), plan(Network({("a", "b"): hundred_mbit}, wire=wire))
+    codec_ms = 0.0 if per_token == 4096 else 2048 * 4.0 / 1e6  # quantizing and dequantizing, 4 ns a value
+    saved_ms = (4096 - per_token) / hundred_mbit.bytes_per_s * 1e3 - codec_ms
+    assert native.predicted_ms_per_token - chosen.predicted_ms_per_token == pytest.approx(saved_ms)
+    assert native.predicted_prefill_ms - chosen.predicted_prefill_ms == pytest.approx(128 * saved_ms)
+    # A link nobody measured keeps the model's dtype under auto, as the room sends it.
+    assert plan(Network(wire="auto")).predicted_ms_per_token == plan(Network()).predicted_ms_per_token
