@@ -72,7 +72,15 @@ SHAPES = {
             "original_max_position_embeddings": 8192,
         },
     ),
+    # A real size, drawn on the device from a seed (engine/random_weights.py): no checkpoint on
+    # disk, so transformers (which needs one) is left out for it.
+    "llama-3-8b": dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, max_position_embeddings=8192,
+        rope_theta=500000.0,
+    ),
 }
+DRAWN = {"llama-3-8b"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -83,9 +91,10 @@ def log(msg: str) -> None:
 def ensure_model(shape: str, dtype: str, root: Path) -> Path:
     path = root / f"{shape}-{dtype}"
     if not (path / "config.json").is_file():
-        log(f"writing random {shape} checkpoint to {path}")
+        drawn = shape in DRAWN
+        log(f"writing random {shape} {'folder (weights drawn on the device)' if drawn else 'checkpoint'} to {path}")
         cfg = tiny_config("llama", **SHAPES[shape])
-        write_random_model(path, cfg, seed=0, dtype=dtype, shards=4 if shape == "llama-3.2-1b" else 1)
+        write_random_model(path, cfg, seed=0, dtype=dtype, shards=4 if shape == "llama-3.2-1b" else 1, on_device=drawn)
     return path
 
 
@@ -226,7 +235,7 @@ def main() -> None:
     else:
         log("peerpipe")
         runners.append(("peerpipe", PeerpipeRunner(path, args, graphs=False)))
-    if not args.skip_transformers:
+    if not args.skip_transformers and args.shape not in DRAWN:
         for attn in ("eager", "sdpa") if gpu else ("sdpa",):
             log(f"transformers generate ({attn})")
             runners.append((f"transformers ({attn})", TransformersRunner(path, args, attn)))

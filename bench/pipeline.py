@@ -53,11 +53,6 @@ SHAPES = {
         max_position_embeddings=2048,
     ),
     # Real sizes, drawn on the device from a seed (engine/random_weights.py): no checkpoint on disk.
-    "llama-3-8b": dict(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, max_position_embeddings=8192,
-        rope_theta=500000.0,
-    ),
     "llama-3-70b": dict(
         hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, max_position_embeddings=8192,
