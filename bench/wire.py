@@ -42,7 +42,8 @@ def room(model: Path, wire: str, nets: Namespaces, env: dict[str, str], args: ar
     host = Proc(
         "host", "--listen", f"{nets.ips[0]}:0", "--no-mdns", "--code", CODE, "--name", "h", "--model", str(model),
         "--dtype", args.dtype, "--expect-nodes", "3", "--context", str(CONTEXT), "--sessions", "4", "--wire", wire,
-        "--speculate", "off", "--http", "off", *common, env=env, prefix=nets.prefix(0),
+        "--speculate", "off", "--http", "off", "--prefill-chunk", args.prefill_chunk, *common, env=env,
+        prefix=nets.prefix(0),
     )
     port = int(host.expect(r"^listening on [\d.]+:(\d+)$").group(1))
     procs = [host]
@@ -99,7 +100,7 @@ def run(args: argparse.Namespace) -> dict:
         r["ttft_speedup"] = round(native["ttft_s"] / r["ttft_s"], 3)
         r["tok_s_ratio"] = round(r["tok_s"] / native["tok_s"], 3)
     return {"model": args.shape or model.name, "device": args.device, "dtype": args.dtype, "rate": args.rate,
-            "prompt_len": args.prompt_len, "rows": rows}
+            "prompt_len": args.prompt_len, "prefill_chunk": args.prefill_chunk, "rows": rows}
 
 
 def main() -> None:
@@ -111,6 +112,9 @@ def main() -> None:
     p.add_argument("--wires", default="native,bf16,int8,fp8,auto", help="the --wire settings to run, the first is 1.00")
     p.add_argument("--rate", default="100mbit", help="tc tbf rate of every link (100mbit)")
     p.add_argument("--prompt-len", type=int, default=1000)
+    p.add_argument("--prefill-chunk", default="0",
+                   help="the host's --prefill-chunk (0: whole prompts, so each hop's transfer is in the time to first "
+                        "token; auto varies with the measured token time, near its 20 ms threshold here)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
