@@ -51,59 +51,54 @@ def tok_s(model: Path, dtype: str, mode: str, args: argparse.Namespace, compile_
 
 
 def kernel_table() -> list[dict]:
-    """On CUDA: one decode step's matrix products of the 1B shape, bf16 cuBLAS against the int8
-    kernel (engine/int8_cuda.py) in each tried configuration, by rows; the best config per row count."""
+    """On CUDA: one decode step's matrix products of the 1B shape (a layer's four, and the head),
+    bf16 cuBLAS against the int8 kernels (engine/int8_cuda.py: the Gluon ones it picks, and the
+    plain Triton one), each replayed from a CUDA graph as a decode step runs them, by rows."""
     import torch
     import torch.nn.functional as F
 
-    from peerpipe.engine.int8_cuda import int8_gemv
+    from peerpipe.engine.int8_cuda import CONFIG, int8_gemv
     from peerpipe.engine.quant import quantize
 
     def timed(fn) -> float:  # type: ignore[no-untyped-def]
-        for _ in range(3):
+        fn()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
             fn()
+        for _ in range(3):
+            graph.replay()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for _ in range(50):
-            fn()
+        for _ in range(20):
+            graph.replay()
         end.record()
         torch.cuda.synchronize()
-        return start.elapsed_time(end) / 50
+        return start.elapsed_time(end) / 20
 
-    # Four copies of the four matrices (240 MB in bf16, several times the L2), visited in turn as a
+    # Copies of each matrix (over 400 MB in bf16, several times the L2), visited in turn as a
     # decode step visits a model's layers, so neither side is timed from the cache.
-    shapes = [(3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192)] * 4  # q|k|v, o, gate|up, down
-    mats = [(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02) for n, k in shapes]
-    quant = [quantize(w, "int8") for w in mats]
-    configs = [(bn, bk, wp) for bn in (1, 2, 4, 8) for bk in (512, 1024, 2048) for wp in (4, 8)]
+    layer = [(3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192)]  # q|k|v, o, gate|up, down
     out = []
-    for m in (1, 2, 4, 8):
-        xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _, k in shapes]
-
-        def dense(xs: list = xs) -> None:  # type: ignore[type-arg]
-            for x, w in zip(xs, mats, strict=True):
-                F.linear(x, w)
-
-        bf16 = timed(dense) / 4
-        best = None
-        for cfg in configs:
-            def int8(c: tuple[int, int, int] = cfg, xs: list = xs) -> None:  # type: ignore[type-arg]
-                for x, q in zip(xs, quant, strict=True):
-                    int8_gemv(x, q.q, q.scale, c)
-
-            try:
-                ms = timed(int8) / 4
-            except Exception as exc:  # a config the compiler refuses (too many registers)
-                log(f"config {cfg}: {type(exc).__name__}")
-                continue
-            if best is None or ms < best[1]:
-                best = (cfg, ms)
-        assert best is not None
-        x0, q0 = xs[0], quant[0]
-        err = float((int8_gemv(x0, q0.q, q0.scale, best[0]).float() - F.linear(x0, q0.dequantize(torch.bfloat16)).float()).abs().max())
-        out.append({"rows": m, "bf16_ms": round(bf16, 4), "int8_ms": round(best[1], 4), "speedup": round(bf16 / best[1], 2),
-                    "config": best[0], "max_err": err})
-        log(f"{m} rows: bf16 {bf16:.4f} ms, int8 {best[1]:.4f} ms with {best[0]} ({bf16 / best[1]:.2f}x), err {err:.2e}")
+    for part, shapes, copies in (("layer", layer, 8), ("head", [(128256, 2048)], 2)):
+        mats = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for n, k in shapes * copies]
+        quant = [quantize(w, "int8") for w in mats]
+        for m in (1, 2, 4, 8):
+            xs = [torch.randn(m, w.shape[1], device="cuda", dtype=torch.bfloat16) for w in mats]
+            pairs = list(zip(xs, mats, quant, strict=True))
+            bf16 = timed(lambda p=pairs: [F.linear(x, w) for x, w, _ in p]) / copies
+            gluon = timed(lambda p=pairs: [int8_gemv(x, q.q, q.scale) for x, _, q in p]) / copies
+            plain = timed(lambda p=pairs, m=m: [int8_gemv(x, q.q, q.scale, CONFIG[1 << (m - 1).bit_length()])
+                                                for x, _, q in p]) / copies
+            x0, _, q0 = pairs[0]
+            want = F.linear(x0.float(), q0.dequantize(torch.float32))
+            err = float((int8_gemv(x0, q0.q, q0.scale).float() - want).abs().max() / want.abs().max())
+            nbytes = sum(q.q.numel() for q in quant) / copies
+            out.append({"part": part, "rows": m, "bf16_ms": round(bf16, 4), "int8_ms": round(gluon, 4),
+                        "plain_int8_ms": round(plain, 4), "speedup": round(bf16 / gluon, 2),
+                        "int8_tb_s": round(nbytes / gluon / 1e9, 2), "rel_err": round(err, 5)})
+            log(f"{part}, {m} rows: bf16 {bf16:.4f} ms, int8 {gluon:.4f} ms ({bf16 / gluon:.2f}x), "
+                f"plain Triton {plain:.4f} ms, error {err:.1e}")
+        del mats, quant
     return out
 
 
@@ -116,7 +111,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="on CUDA, also run with torch.compile")
-    p.add_argument("--kernels", action="store_true", help="on CUDA, first time the int8 kernel's configurations")
+    p.add_argument("--kernels", action="store_true", help="on CUDA, first time the int8 kernels' matrix products")
     args = p.parse_args()
     began = time.perf_counter()
     kernels = kernel_table() if args.kernels else []
@@ -141,8 +136,8 @@ def main() -> None:
     for r in rows:
         print(f"{r['shape']:14} {r['dtype']:9} {r['compile']!s:7} {r['weights']:7} {r['tok_s']:9.2f} {r['ratio']:6.2f}")
     for k in kernels:
-        print(f"decode matmuls of the 1B shape, {k['rows']} rows: bf16 {k['bf16_ms']} ms, int8 kernel {k['int8_ms']} ms "
-              f"({k['speedup']}x, config {k['config']})")
+        print(f"decode products of the 1B shape's {k['part']}, {k['rows']} rows: bf16 {k['bf16_ms']} ms, int8 "
+              f"{k['int8_ms']} ms ({k['speedup']}x, {k['int8_tb_s']} TB/s; plain Triton {k['plain_int8_ms']} ms)")
     print(json.dumps({"device": args.device, "rows": rows, "kernels": kernels,
                       "seconds": round(time.perf_counter() - began, 1)}))
 

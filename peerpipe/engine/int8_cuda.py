@@ -2,9 +2,14 @@
 
 A decode step multiplies a few rows of activations by every weight matrix once: its time is the
 bytes of the weights read. Dequantizing an int8 matrix into bf16 first and calling cuBLAS reads
-one byte, writes two and reads two per weight (measured 0.38x bf16 on an H200); this kernel reads
-the int8 bytes once and scales each output, so it reads half of what bf16 does. Prefill (many
-rows) is compute-bound and keeps the dequantize-and-matmul path.
+one byte, writes two and reads two per weight (measured 0.38x bf16 on an H200); these kernels
+read the int8 bytes once and scale each output, so they read half of what bf16 does. Prefill
+(many rows) is compute-bound and keeps the dequantize-and-matmul path.
+
+bf16 rows on a GPU of compute capability 8.0 or later, where Triton has Gluon, go through the
+Gluon kernels (int8_gluon_fma.py for one or two rows, int8_gluon_mma.py on tensor cores for more
+and for large matrices): on an H200 the 1B shape's four matrices at 2.2 TB/s of int8, 1.66x
+bf16's cuBLAS (docs/quantization.md). Other rows use the plain Triton kernel below (0.7x bf16).
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import functools
 
 import torch
 from torch import Tensor
+
+from peerpipe.engine import int8_gluon
 
 MAX_ROWS = 8  # more rows than this: a real matrix product pays (engine/quant.py falls back)
 
@@ -59,17 +66,22 @@ def _kernel():  # type: ignore[no-untyped-def]
     return int8_gemv
 
 
-# (rows padded, block of outputs, block of inputs, warps): chosen on an H200 (bench/quantize.py).
+# (rows padded, block of outputs, block of inputs, warps) of the plain Triton kernel: chosen on an
+# H200 (bench/quantize.py).
 CONFIG = {1: (1, 512, 4), 2: (1, 2048, 8), 4: (4, 512, 8), 8: (2, 512, 4)}
 
 
 def int8_gemv(x: Tensor, q: Tensor, scale: Tensor, config: tuple[int, int, int] | None = None) -> Tensor:
     """``x`` ``[M, K]`` (M <= MAX_ROWS) times int8 ``q`` ``[N, K]`` scaled per row by ``scale``
-    ``[N]``: ``[M, N]`` in ``x``'s dtype."""
+    ``[N]``: ``[M, N]`` in ``x``'s dtype. ``config`` forces the plain Triton kernel's tiles."""
     m, k = x.shape
     n = q.shape[0]
     if m > MAX_ROWS or q.shape[1] != k:
         raise ValueError(f"int8_gemv takes at most {MAX_ROWS} rows of width {q.shape[1]}, not {tuple(x.shape)}")
+    if config is None and torch.compiler.is_compiling():
+        return _opaque(x, q, scale)  # torch.compile'd layers: one call it does not trace into
+    if config is None and int8_gluon.fits(x, q):
+        return int8_gluon.gemv(x, q, scale)
     x = x.contiguous()
     pad = 1 << max(0, (m - 1).bit_length())
     block_n, block_k, warps = config or CONFIG[pad]
@@ -78,3 +90,13 @@ def int8_gemv(x: Tensor, q: Tensor, scale: Tensor, config: tuple[int, int, int] 
     _kernel()[grid](x, q, scale, y, m, n, k, x.stride(0), y.stride(0), M_PAD=pad, BLOCK_N=block_n, BLOCK_K=block_k,
                     EVEN_K=k % block_k == 0, num_warps=warps)
     return y
+
+
+@torch.library.custom_op("peerpipe::int8_gemv", mutates_args=())
+def _opaque(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+    return int8_gemv(x, q, scale)
+
+
+@_opaque.register_fake
+def _(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+    return x.new_empty((x.shape[0], q.shape[0]))

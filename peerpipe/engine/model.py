@@ -15,9 +15,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from peerpipe.engine import int8_gluon
 from peerpipe.engine.config import ModelConfig
 from peerpipe.engine.kvcache import Batch, KeysValues, KVCache
-from peerpipe.engine.quant import INT4_GROUP, KEEP_GROUP, QuantWeight, check_mode, linear, quantize
+from peerpipe.engine.quant import (
+    INT4_GROUP,
+    KEEP_GROUP,
+    Int8Weight,
+    QuantWeight,
+    check_mode,
+    linear,
+    quantize,
+)
 from peerpipe.engine.rope import rope_inv_freq
 
 
@@ -229,6 +238,10 @@ class Stage(LayerRange, nn.Module):
         self._weights: list[LayerWeights] = []
         self.quant_mode = "none"  # how the layers' matrices are held (engine/quant.py)
         self._quant: list[dict[str, QuantWeight]] = []
+        # The LM head in int8 (on CUDA, where the decode kernel reads it at twice bf16's speed);
+        # with tied embeddings on a whole-model stage it also serves the embedding's rows.
+        self._head: QuantWeight | None = None
+        self._embed_from_head = False
 
     def setup_rope(self, max_seq: int) -> None:
         """Precompute the rotations for positions ``0 .. max_seq`` on the stage's device."""
@@ -262,7 +275,21 @@ class Stage(LayerRange, nn.Module):
                 if name in self._quant[-1]:
                     lin.weight = nn.Parameter(lin.weight.new_empty(0), requires_grad=False)
         self.quant_mode = mode
+        device = self.layers[0].mlp_norm.weight.device if len(self.layers) else torch.device("cpu")
+        if device.type == "cuda" and mode in ("int8", "keep"):
+            int8_gluon.reserve(device)  # before any graph is captured
+        if device.type == "cuda" and mode == "int8" and self.is_last:
+            self._quantize_head()
         self._gather_weights()
+
+    def _quantize_head(self) -> None:
+        head = self.lm_head.weight
+        tied = self.embed is not None and self.embed.weight.data_ptr() == head.data_ptr()
+        self._head = quantize(head, "int8")
+        self.lm_head.weight = nn.Parameter(head.new_empty(0), requires_grad=False)
+        if tied and self.embed is not None:
+            self.embed.weight = nn.Parameter(head.new_empty(0), requires_grad=False)
+            self._embed_from_head = True
 
     def _gather_weights(self) -> None:
         windows = self.cfg.windows[self.start : self.end]
@@ -301,7 +328,7 @@ class Stage(LayerRange, nn.Module):
         ``layer_fn`` replaces :func:`layer_forward`, e.g. by a compiled version of it."""
         layer_fn = layer_fn or layer_forward
         if self.is_first:
-            x = self.embed(x)
+            x = self._embed_rows(x) if self._embed_from_head else self.embed(x)
         assert self.rope is not None, "call new_cache() first"
         rope = self.rope[batch.positions].unsqueeze(2)
         masks = _masks(batch, self.cfg.windows[self.start : self.end], x.dtype)
@@ -312,7 +339,12 @@ class Stage(LayerRange, nn.Module):
             return x
         if last_only:
             x = x[:, -1:]
-        return F.linear(rms_norm(x, self.norm.weight, cfg.rms_norm_eps), self.lm_head.weight)
+        return linear(rms_norm(x, self.norm.weight, cfg.rms_norm_eps), self._head or self.lm_head.weight)
+
+    def _embed_rows(self, ids: Tensor) -> Tensor:
+        head = self._head
+        assert isinstance(head, Int8Weight)
+        return head.q[ids].to(head.scale.dtype) * head.scale[ids].unsqueeze(-1)
 
 
 def _masks(batch: Batch, windows: tuple[int | None, ...], dtype: torch.dtype) -> dict[int | None, Tensor]:

@@ -31,3 +31,4 @@ def test_the_kernel_multiplies_by_the_dequantized_matrix(rows: int, width: int) 
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="at most 8 rows"):
         int8_cuda.int8_gemv(torch.randn(9, width, device=device), q, scale)
+

@@ -66,7 +66,7 @@ def test_bad_settings_and_shapes_are_typed_errors() -> None:
 def test_a_quantized_stage_holds_less_and_answers_nearly_the_same(mode: str, atol: float) -> None:
     out, held = {}, {}
     for m in ("none", mode):
-        stage, _ = load_stage(default_model_dir(), 2, 4, dtype="float32", quantize=m)
+        stage, _ = load_stage(default_model_dir(), 2, 4, device="cpu", dtype="float32", quantize=m)
         assert stage.quant_mode == m
         cache = stage.new_cache(1, 32)
         slot = cache.alloc()
@@ -92,3 +92,23 @@ def test_int4_on_a_cpu_uses_pytorchs_kernel_layout_at_the_same_memory() -> None:
     # bf16 activations and bf16 scales in the kernel: within bf16's rounding of the product.
     assert torch.allclose(held.linear(x), want, atol=0.02 * want.abs().max().item(), rtol=0)
     assert torch.allclose(held.dequantize(torch.float32), portable.dequantize(torch.float32), atol=0.01 * w.abs().max().item())
+
+
+def test_an_int8_head_also_serves_the_tied_embedding_and_answers_nearly_the_same() -> None:
+    """On CUDA an int8 stage holds its head in int8 too (the decode kernel reads it at twice
+    bf16's speed); a whole model with tied embeddings then looks its token rows up in it."""
+    stage, _ = load_stage(default_model_dir(), device="cpu", dtype="float32")
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+
+    def logits() -> torch.Tensor:
+        cache = stage.new_cache(1, 16)
+        with torch.inference_mode():
+            return stage(ids, cache, cache.batch([cache.alloc()], ids.shape[1]))
+
+    want = logits()
+    assert stage.embed is not None and stage.embed.weight.data_ptr() == stage.lm_head.weight.data_ptr()
+    stage._quantize_head()  # what quantize("int8") does on a CUDA stage
+    assert stage._embed_from_head and not stage.embed.weight.numel() and not stage.lm_head.weight.numel()
+    got = logits()
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
+    assert bool((got[0, -1].topk(3).indices == want[0, -1].topk(3).indices).all())
