@@ -110,6 +110,9 @@ class LocalEngine:
             history = list(decoding.prompt)  # the sampler's view, grown in place
             ids = torch.tensor([history], dtype=torch.long, device=self.device)
             logits = self.forward(ids, self.cache.batch([slot], len(history)))
+            if drafts is None and params.repetition_penalty == 1.0:
+                self._decode_ahead(slot, decoding, history, logits, generator)
+                return self._result(decoding, warmup_s, drafts)
             tokens = [int(self._sampler.sample(logits, [params], [generator], [history], [len(history)])[0])]
             while self._push(decoding, history, tokens):
                 if drafts is None:
@@ -120,8 +123,45 @@ class LocalEngine:
                     tokens = self._drafted_step(slot, decoding, history, generator, drafts)
         finally:
             self.cache.free(slot)
+        return self._result(decoding, warmup_s, drafts)
+
+    @staticmethod
+    def _result(decoding: Decoding, warmup_s: float, drafts: Drafts | None) -> GenerationResult:
         result = decoding.result()
         return dataclasses.replace(result, warmup_s=warmup_s, speculation=drafts.stats if drafts else None)
+
+    def _decode_ahead(
+        self, slot: int, decoding: Decoding, history: list[int], logits: torch.Tensor,
+        generator: torch.Generator | None,
+    ) -> None:
+        """Decode with each step launched before the token of the step before it is read back, so
+        the host's work between steps (streaming the text, checking stops, the next step's inputs)
+        overlaps the device's instead of leaving it idle (on an H200, 0.3 ms of a 1B model's 1.7 ms
+        token). The token feeds the next step where it was drawn, on the device. A step launched past
+        a stop is forgotten: its cache position is rolled back. Draws happen in the same order, at
+        the same positions, so answers equal a step-at-a-time decode's (a repetition penalty, which
+        needs the history on the host, takes that path instead)."""
+        params, cuda = decoding.params, self.device.type == "cuda"
+        back = torch.empty(1, dtype=torch.long, pin_memory=cuda)
+        ready = torch.cuda.Event() if cuda else None
+        token = self._sampler.sample(logits, [params], [generator], [history], [len(history)]).view(1, 1)
+        while True:
+            back.copy_(token.view(1), non_blocking=cuda)
+            if ready is not None:
+                ready.record()
+            ahead = None
+            if len(decoding.tokens) + 1 < decoding.budget:  # the token in flight leaves room for another
+                logits = self.forward(token, self.cache.batch([slot], 1))
+                ahead = self._sampler.sample(logits, [params], [generator], [history], [len(history) + 1]).view(1, 1)
+            if ready is not None:
+                ready.synchronize()  # this token's copy only, not the step launched after it
+            history.append(int(back[0]))
+            if not decoding.push(history[-1]):
+                if ahead is not None:
+                    self.cache.rollback(slot, self.cache.lengths[slot] - 1)
+                return
+            assert ahead is not None  # the budget check above agrees with Decoding's
+            token = ahead
 
     @staticmethod
     def _push(decoding: Decoding, history: list[int], tokens: list[int]) -> bool:
