@@ -143,8 +143,15 @@ class KVCache:
             raise CacheError("a session appears twice in one batch")
         for slot in slots:
             self.lengths[slot] += n_new
-        start = torch.tensor(starts, dtype=torch.long)
-        positions = (start[:, None] + torch.arange(n_new)[None, :]).to(self.device)
+        if len(slots) == 1 and n_new == 1:
+            # A decode step of one session: filled on the device, where a copy from pageable host
+            # memory would wait for the work queued before it (LocalEngine launches steps ahead).
+            positions = torch.full((1, 1), starts[0], dtype=torch.long, device=self.device)
+            slot_ids = torch.full((1,), slots[0], dtype=torch.long, device=self.device)
+        else:
+            start = torch.tensor(starts, dtype=torch.long)
+            positions = (start[:, None] + torch.arange(n_new)[None, :]).to(self.device)
+            slot_ids = torch.tensor(list(slots), dtype=torch.long, device=self.device)
         first = slots[0]
         contiguous = list(slots) == list(range(first, first + len(slots)))
         kv_len = max(starts) + n_new
@@ -153,7 +160,7 @@ class KVCache:
             # one bucket serve many steps.
             kv_len = min(self.max_seq, -(-kv_len // DECODE_BUCKET) * DECODE_BUCKET)
         return Batch(
-            slots=torch.tensor(list(slots), dtype=torch.long, device=self.device),
+            slots=slot_ids,
             positions=positions,
             kv_len=kv_len,
             slot_start=first if contiguous else None,
