@@ -27,60 +27,60 @@ def batch(seed: int, rows: int, width: int, scale: float, dtype: torch.dtype) ->
     return x.to(dtype)
 
 
-@settings(max_examples=120, deadline=None)
-@given(
+HIDDEN_STATES = dict(
     seed=st.integers(0, 2**31),
     rows=st.integers(1, 4),
     width=st.sampled_from([1, 7, 63, 64, 65, 128, 200, 384]),
     scale=st.sampled_from([1e-4, 1.0, 30.0, 3000.0]),
     dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
 )
+
+
+def rows_back(x: torch.Tensor, wire: str, encoding: str):  # type: ignore[no-untyped-def]
+    """Each row of ``x`` through ``wire`` and back: (original, decoded, its block's absmax), all
+    [1, 3, W] in float32, after the checks every byte-per-value form shares."""
+    encoded = encode_hidden(x, wire)
+    assert len(encoded) == x.shape[0]
+    width = x.shape[-1]
+    for i, data in enumerate(encoded):
+        assert data.encoding == encoding and data.shape == (1, 3, width)
+        assert len(data.data) == encoded_nbytes(data.dtype, data.shape, encoding)
+        back = from_wire(data, CPU)
+        assert back.dtype == x.dtype and back.shape == (1, 3, width)
+        original = x[i : i + 1].float()
+        blocks = math.ceil(width / 64)
+        padded = torch.nn.functional.pad(original.reshape(3, width), (0, blocks * 64 - width)).view(3, blocks, 64)
+        absmax = padded.abs().amax(-1).repeat_interleave(64, -1)[:, :width].view(1, 3, width)
+        yield original, back.float(), absmax
+
+
+def own_rounding(dtype: torch.dtype) -> float:
+    return 2**-8 if dtype == torch.bfloat16 else 2**-11
+
+
+@settings(max_examples=120, deadline=None)
+@given(**HIDDEN_STATES)
 def test_int8_rows_come_back_within_half_a_step_of_their_block(seed, rows, width, scale, dtype) -> None:
     x = batch(seed, rows, width, scale, dtype)
     assume(bool(torch.isfinite(x).all()))  # float16 cannot hold the largest outliers
-    encoded = encode_hidden(x, "int8")
-    assert len(encoded) == rows
-    for i, data in enumerate(encoded):
-        assert data.encoding == "q8b64" and data.shape == (1, 3, width)
-        assert len(data.data) == encoded_nbytes(data.dtype, data.shape, "q8b64")
-        back = from_wire(data, CPU)
-        assert back.dtype == dtype and back.shape == (1, 3, width)
-        original = x[i : i + 1].float()
-        blocks = math.ceil(width / 64)
-        padded = torch.nn.functional.pad(original.reshape(3, width), (0, blocks * 64 - width)).view(3, blocks, 64)
-        absmax = padded.abs().amax(-1).repeat_interleave(64, -1)[:, :width].view(1, 3, width)
+    for original, back, absmax in rows_back(x, "int8", "q8b64"):
         # Half a quantization step, the float16 rounding of the scale, and the dtype's own rounding.
         step = (absmax / 127 * (1 + 2**-10) + 2**-24) * (1 + 2**-10)  # the scale, rounded up to a float16
-        bound = step / 2 + original.abs() * (2**-8 if dtype == torch.bfloat16 else 2**-11) * 1.01 + 2**-24
-        assert bool(((back.float() - original).abs() <= bound + 1e-30).all())
+        bound = step / 2 + original.abs() * own_rounding(dtype) * 1.01 + 2**-24
+        assert bool(((back - original).abs() <= bound + 1e-30).all())
 
 
 @settings(max_examples=120, deadline=None)
-@given(
-    seed=st.integers(0, 2**31),
-    rows=st.integers(1, 4),
-    width=st.sampled_from([1, 7, 63, 64, 65, 128, 200, 384]),
-    scale=st.sampled_from([1e-4, 1.0, 30.0, 3000.0]),
-    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
-)
+@given(**HIDDEN_STATES)
 def test_fp8_rows_come_back_within_e4m3s_relative_step(seed, rows, width, scale, dtype) -> None:
     x = batch(seed, rows, width, scale, dtype)
     assume(bool(torch.isfinite(x).all()))
-    for i, data in enumerate(encode_hidden(x, "fp8")):
-        assert data.encoding == "f8b64" and data.shape == (1, 3, width)
-        assert len(data.data) == encoded_nbytes(data.dtype, data.shape, "f8b64")
-        back = from_wire(data, CPU)
-        assert back.dtype == dtype and back.shape == (1, 3, width)
-        original = x[i : i + 1].float()
-        blocks = math.ceil(width / 64)
-        padded = torch.nn.functional.pad(original.reshape(3, width), (0, blocks * 64 - width)).view(3, blocks, 64)
-        absmax = padded.abs().amax(-1).repeat_interleave(64, -1)[:, :width].view(1, 3, width)
+    for original, back, absmax in rows_back(x, "fp8", "f8b64"):
         block_scale = (absmax / 448 * (1 + 2**-10) + 2**-24) * (1 + 2**-10)
         # Three mantissa bits: half a step is 2**-4 of the value; below e4m3's smallest normal
         # (2**-6) the step is fixed at 2**-9 of the scale.
-        own = 2**-8 if dtype == torch.bfloat16 else 2**-11
-        bound = original.abs() * (2**-4 + own * 1.01) + block_scale * 2**-10 + 2**-24
-        assert bool(((back.float() - original).abs() <= bound + 1e-30).all())
+        bound = original.abs() * (2**-4 + own_rounding(dtype) * 1.01) + block_scale * 2**-10 + 2**-24
+        assert bool(((back - original).abs() <= bound + 1e-30).all())
 
 
 def test_fp8_keeps_the_small_values_of_a_block_that_int8_flattens() -> None:
