@@ -45,6 +45,13 @@ class Batch:
             return
         store.index_put_((self.slots[:, None], self.positions), new)
 
+    def views(self, store: torch.Tensor) -> KeysValues | None:
+        """Keys and values of contiguous slots as views of one layer's ``store`` ``[B, KV, L, D]``
+        each; None when the slots are scattered."""
+        if self.slot_start is None:
+            return None
+        return _split(store.narrow(0, self.slot_start, self.slots.shape[0]).narrow(1, 0, self.kv_len))
+
     def gather(self, store: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of scattered slots, copied out: ``[B, KV, L, D]`` each."""
         return _split(store.narrow(1, 0, self.kv_len).index_select(0, self.slots))
@@ -178,7 +185,7 @@ class KVCache:
         key = (batch.slot_start, batch.slots.shape[0], batch.kv_len)
         views = self._reads.get(key)
         if views is None:
-            views = [_split(store.narrow(0, key[0], key[1]).narrow(1, 0, key[2])) for store in self.layers]
+            views = [batch.views(store) for store in self.layers]
             if batch.positions.shape[1] == 1 and len(self._reads) < _MAX_CACHED_READS:
                 self._reads[key] = views  # decode comes back to the same bucket; prefill rarely does
         return views

@@ -134,9 +134,17 @@ def layer_forward(
     qk = qkv.narrow(2, 0, h + kvh)
     if w.q_norm is not None and w.k_norm is not None:
         qk.copy_(torch.cat((rms_norm(qk[:, :, :h], w.q_norm, eps), rms_norm(qk[:, :, h:], w.k_norm, eps)), 2))
-    _apply_rope(qk, rope)
+    if torch.compiler.is_compiling():
+        # Out of place, so Inductor computes the rotation where it stores keys and reads queries
+        # instead of writing it back into the projection first.
+        qkv = torch.cat((_rotated(qk, rope), qkv.narrow(2, h + kvh, kvh)), 2)
+    else:
+        _apply_rope(qk, rope)
 
     batch.write(store, qkv.narrow(2, h, 2 * kvh).view(b, s, 2, kvh, d))
+    if torch.compiler.is_compiling() and reads is not None:
+        # Views made outside a compiled function read the cache as it was before the write above.
+        reads = batch.views(store)
     # [B, KV, L, D]; views of `store` see what was just written, scattered rows are gathered now.
     keys, values = reads if reads is not None else batch.gather(store)
     if s == 1:
@@ -171,20 +179,22 @@ def _apply_rope(qk: Tensor, rope: Tensor) -> None:
     so the rotation is one complex multiply instead of slicing halves. Attention scores do not
     change: q and k are permuted alike and a dot product ignores the order of its terms.
     """
-    if torch.compiler.is_compiling():
-        # Inductor generates no code for complex numbers: spell the rotation out in reals.
-        cos_sin = torch.view_as_real(rope)
-        cos, sin = cos_sin[..., 0], cos_sin[..., 1]
-        x = qk.float().unflatten(-1, (-1, 2))
-        even, odd = x[..., 0], x[..., 1]
-        qk.copy_(torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2))
-        return
     if qk.dtype == torch.float32:
         torch.view_as_complex(qk.unflatten(-1, (-1, 2))).mul_(rope)
         return
     # Half precision has no complex type: rotate in float32 and write back.
     rotated = torch.view_as_complex(qk.float().unflatten(-1, (-1, 2))) * rope
     qk.copy_(torch.view_as_real(rotated).flatten(-2))
+
+
+def _rotated(qk: Tensor, rope: Tensor) -> Tensor:
+    """``qk`` rotated as :func:`_apply_rope` does, into a new tensor, in real arithmetic:
+    Inductor generates no code for complex numbers."""
+    cos_sin = torch.view_as_real(rope)
+    cos, sin = cos_sin[..., 0], cos_sin[..., 1]
+    x = qk.float().unflatten(-1, (-1, 2))
+    even, odd = x[..., 0], x[..., 1]
+    return torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2).to(qk.dtype)
 
 
 def interleave_rope_dims(t: Tensor, head_dim: int) -> Tensor:

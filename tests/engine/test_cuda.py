@@ -47,6 +47,20 @@ def test_graph_decode_equals_eager(tiny_model_dir, dtype: str) -> None:
     assert again.tokens == eager.tokens
 
 
+def test_compiled_graph_decode_equals_eager(tiny_model_dir) -> None:
+    # float32, so compiled and eager kernels round alike enough for equal greedy tokens; the
+    # compiled layer must see the key and value it has just written (a stale cache read once
+    # changed every token).
+    path = tiny_model_dir("qwen3", seed=8, config_overrides={"max_position_embeddings": 512})
+    stage, _ = load_stage(path, device="cuda", dtype="float32")
+    tok = Tokenizer.from_dir(path)
+    params = SamplingParams(temperature=0, max_tokens=80, ignore_eos=True)
+    prompt = list(range(3, 40))
+    eager = LocalEngine(stage, tok, max_seq=256, cuda_graphs=False).generate(prompt, params)
+    compiled = LocalEngine(stage, tok, max_seq=256, cuda_graphs=True, compile_layers=True).generate(prompt, params)
+    assert compiled.tokens == eager.tokens
+
+
 def test_graph_decode_seeded_sampling_reproducible(tiny_model_dir) -> None:
     path = tiny_model_dir("qwen2", seed=8)
     stage, _ = load_stage(path, device="cuda", dtype="bfloat16")

@@ -111,3 +111,28 @@ def test_half_precision_close_to_float32(tiny_model_dir) -> None:
     assert half.embed.weight.dtype == torch.bfloat16
     a, b = _run_whole(full, ids), _run_whole(half, ids).float()
     assert torch.linalg.norm(a - b) / torch.linalg.norm(a) < 3e-2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_compiled_layers_compute_what_eager_layers_do(tiny_model_dir, arch: str) -> None:
+    # The compiled layer rotates queries and keys out of place (engine/model.py): a prefill and
+    # two decode steps through it must give the eager layer's logits and cache.
+    from peerpipe.engine.model import layer_forward
+
+    path = tiny_model_dir(arch, seed=5)
+    stage, _ = load_stage(path, device="cpu", dtype="float32")
+    compiled = torch.compile(layer_forward, dynamic=False)
+    ids = torch.randint(0, stage.cfg.vocab_size, (1, 9), generator=torch.Generator().manual_seed(2))
+    runs = []
+    for layer_fn in (None, compiled):
+        cache = stage.new_cache(max_slots=1, max_seq=16)
+        slot = cache.alloc()
+        with torch.inference_mode():
+            logits = [stage(ids[:, :7], cache, cache.batch([slot], 7), layer_fn=layer_fn)[:, -1]]
+            for t in (7, 8):
+                logits.append(stage(ids[:, t : t + 1], cache, cache.batch([slot], 1), layer_fn=layer_fn)[:, -1])
+        runs.append((torch.cat(logits), cache.layers[0][slot, :9].clone()))
+    (eager, eager_kv), (comp, comp_kv) = runs
+    assert (eager - comp).abs().max().item() <= 1e-4
+    assert (eager_kv - comp_kv).abs().max().item() <= 1e-5

@@ -17,7 +17,9 @@ from peerpipe.engine.sampling import (
     SamplingParams,
     StopChecker,
     apply_repetition_penalty,
+    argmax_chunk,
     make_generator,
+    row_argmax,
     warp,
 )
 from peerpipe.engine.tokenizer import Tokenizer
@@ -70,6 +72,25 @@ def test_greedy_is_argmax_without_copy() -> None:
     mixed = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)] * 2 + [SamplingParams(0.0)]
     out = Sampler().sample(logits, mixed, [make_generator(i) for i in range(5)])
     assert out[[0, 2, 4]].tolist() == logits.argmax(-1)[[0, 2, 4]].tolist()
+
+
+@pytest.mark.parametrize("chunk", [4, 7, 64])
+def test_two_pass_argmax_picks_the_first_maximum(chunk: int) -> None:
+    g = torch.Generator().manual_seed(chunk)
+    # Few distinct values: ties inside a chunk, across chunks, and a row's maximum at the very
+    # start or end; NaN wins as in torch.argmax.
+    x = torch.randint(0, 4, (64, 448), generator=g).float()
+    x[1, 0] = x[2, -1] = 9.0
+    x[3, 5] = x[3, 300] = float("nan")
+    x[4] = float("-inf")
+    assert torch.equal(row_argmax(x, chunk), x.argmax(-1))
+
+
+def test_argmax_chunk_divides_the_vocabulary_or_declines() -> None:
+    assert argmax_chunk(128256) == 2004 and argmax_chunk(49152) == 2048
+    assert argmax_chunk(32000) == 2000 and argmax_chunk(151936) == 2374
+    assert argmax_chunk(4096) is None  # short rows: one pass is already fast
+    assert argmax_chunk(2 * 65521) is None  # 65521 is prime: no divisor near 2048
 
 
 # probabilities 0.5, 0.2, 0.15, 0.1, 0.05 -> which token ids survive the filters
