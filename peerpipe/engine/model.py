@@ -125,9 +125,15 @@ def layer_forward(
     store: Tensor,
     reads: KeysValues | None,
     batch: Batch,
-) -> Tensor:
+    delta: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One decoder layer on the residual stream ``x + delta``. Returns the stream as ``(x, delta)``
+    with the MLP's output not yet added: the next layer adds it in its norm's kernel when
+    compiled (one launch fewer per layer); :meth:`Stage.forward` adds the last one."""
     # Written for few dispatches per layer (a decode step of a small model is mostly dispatch
     # overhead on a CPU): views and in-place updates of the fused q|k|v output, no indexing.
+    if delta is not None:
+        x = x + delta
     b, s, _ = x.shape
     h, kvh, d, eps = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rms_norm_eps
     qkv = linear(rms_norm(x, w.attn_norm, eps), w.wqkv, w.bqkv).view(b, s, h + 2 * kvh, d)
@@ -176,7 +182,7 @@ def layer_forward(
     x = x + linear(attn, w.wo, w.bo)
 
     gate, up = linear(rms_norm(x, w.mlp_norm, eps), w.w_gate_up, w.b_gate_up).chunk(2, -1)
-    return x + linear(F.silu(gate, inplace=True).mul_(up), w.w_down, w.b_down)
+    return x, linear(F.silu(gate, inplace=True).mul_(up), w.w_down, w.b_down)
 
 
 def _apply_rope(qk: Tensor, rope: Tensor) -> None:
@@ -213,7 +219,8 @@ def interleave_rope_dims(t: Tensor, head_dim: int) -> Tensor:
 
 
 LayerFn = Callable[
-    [ModelConfig, LayerWeights, Tensor, tuple[Tensor, Tensor], Tensor | None, Tensor, Batch], Tensor
+    [ModelConfig, LayerWeights, Tensor, Tensor, Tensor, Tensor, KeysValues | None, Batch, Tensor | None],
+    tuple[Tensor, Tensor],
 ]
 
 
@@ -350,8 +357,11 @@ class Stage(LayerRange, nn.Module):
         rope = self.rope[batch.positions].unsqueeze(2)
         masks = _masks(batch, self.cfg.windows[self.start : self.end], x.dtype)
         cfg = self.cfg
+        delta = None
         for w, store, reads in zip(self._weights, cache.layers, cache.reads(batch), strict=True):
-            x = layer_fn(cfg, w, x, rope, masks[w.window], store, reads, batch)
+            x, delta = layer_fn(cfg, w, x, rope, masks[w.window], store, reads, batch, delta)
+        if delta is not None:
+            x = x + delta
         if not self.is_last:
             return x
         if last_only:
