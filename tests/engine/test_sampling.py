@@ -87,10 +87,10 @@ def test_two_pass_argmax_picks_the_first_maximum(chunk: int) -> None:
 
 
 def test_argmax_chunk_divides_the_vocabulary_or_declines() -> None:
-    assert argmax_chunk(128256) == 2004 and argmax_chunk(49152) == 2048
-    assert argmax_chunk(32000) == 2000 and argmax_chunk(151936) == 2374
+    assert argmax_chunk(128256) == 501 and argmax_chunk(49152) == 512
+    assert argmax_chunk(32000) == 500 and argmax_chunk(151936) == 128
     assert argmax_chunk(4096) is None  # short rows: one pass is already fast
-    assert argmax_chunk(2 * 65521) is None  # 65521 is prime: no divisor near 2048
+    assert argmax_chunk(2 * 65521) is None  # 65521 is prime: no divisor near 512
 
 
 # probabilities 0.5, 0.2, 0.15, 0.1, 0.05 -> which token ids survive the filters
