@@ -69,6 +69,12 @@ class GraphedDecoder:
         self.stage, self.cache = stage, cache
         # torch.compile fuses a layer's small kernels; the graph then replays the fused ones.
         self._layer_fn = torch.compile(layer_forward, dynamic=False) if compile_layers else None
+        if compile_layers:
+            # One compilation per graph shape (KV bucket, width, batch size; the first layer
+            # apart, it has no residual to add): past dynamo's default 8 it would run the layer
+            # eagerly, silently slower, inside the graphs captured later.
+            limit = torch._dynamo.config.recompile_limit
+            torch._dynamo.config.recompile_limit = max(limit, 2 * MAX_GRAPHS)
         # With pad_batches a batch of several sessions replays the graph of its size bucket (1, 2,
         # 4, ...) with the sessions' slots fed in, so batches whose members change (a stage's
         # continuous batching) capture a few graphs, not one per set of slots.
