@@ -54,6 +54,18 @@ SHAPES = {
         tie_word_embeddings=True,
         max_position_embeddings=2048,
     ),
+    # Wide and shallow, as a new user's first small model often is (GPT-2 small's proportions):
+    # fewer, larger products, so per-operation overhead matters less than on the deep-narrow shapes.
+    "cpu-wide": dict(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        vocab_size=32000,
+        tie_word_embeddings=True,
+        max_position_embeddings=2048,
+    ),
     "llama-3.2-1b": dict(
         hidden_size=2048,
         intermediate_size=8192,
