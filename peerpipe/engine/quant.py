@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from peerpipe.engine import int8_cuda
+from peerpipe.engine import bf16_gluon, int8_cuda
 from peerpipe.engine.errors import EngineError
 
 QUANT_MODES = ("none", "int8", "int4")
@@ -203,6 +203,6 @@ def _q4_0_grid(x: Tensor, group: int) -> Int4Weight:
 def linear(x: Tensor, w: Tensor | QuantWeight, bias: Tensor | None = None) -> Tensor:
     """``F.linear`` for a plain or a quantized matrix."""
     if isinstance(w, Tensor):
-        return F.linear(x, w, bias)
+        return bf16_gluon.linear(x, w, bias)
     out = w.linear(x)
     return out + bias if bias is not None else out

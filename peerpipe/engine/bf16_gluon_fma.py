@@ -1,0 +1,90 @@
+"""bf16 products of one row on CUDA cores (Gluon), for decode steps: ``y[N] = w[N, K] @ x[K]``.
+
+cuBLAS's kernels for a single row read a 1B layer's matrices at about 2.9 TB/s on an H200, well
+under the copy bandwidth; a decode step is nothing but those reads. This kernel has the int8
+kernel's shape (int8_gluon_fma.py): each thread loads 16 contiguous bytes of a weight row as four
+int32 words, each word two bf16 that become exact fp32 by a shift and a mask (a bf16 is the high
+half of its fp32), multiplies them by x loaded the same way straight into the layout the product
+needs, and sums in registers; threads are summed once after the K loop, the next tile's loads are
+issued before the current one is multiplied, and short matrices split along K through the shared
+workspace (int8_gluon.py).
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+
+from peerpipe.engine.int8_gluon_fma import _stores
+
+
+@gluon.jit
+def _bf16x2_to_f32(w):  # type: ignore[no-untyped-def]
+    """int32 words of two bf16 -> 2 fp32 tensors: the low half, then the high half."""
+    return gl.inline_asm_elementwise(
+        asm="""
+        shl.b32 $0, $2, 16;
+        and.b32 $1, $2, 0xFFFF0000;
+        """,
+        constraints="=r,=r,r",
+        args=[w],
+        dtype=(gl.float32, gl.float32),
+        is_pure=True,
+        pack=1,
+    )
+
+
+@gluon.jit
+def bf16_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, cnt_ptr, N, KW, K_SPLIT, SPLIT_K,  # type: ignore[no-untyped-def]
+                R: gl.constexpr, TN: gl.constexpr, TK: gl.constexpr, W: gl.constexpr,
+                EVEN_N: gl.constexpr):
+    """``x_ptr``: x as int32 ``[K/2]``; ``w_ptr``: w as int32
+    ``[N, KW]`` (KW = K/2); ``K_SPLIT``: words of K per program along K. Each thread holds R rows
+    of 16 bytes; a warp is TN x TK threads; W warps along N."""
+    L3: gl.constexpr = gl.BlockedLayout([R, 1, 4], [TN, TK, 1], [W, 1, 1], [2, 1, 0])
+    LA: gl.constexpr = gl.SliceLayout(2, L3)  # [BN, TK]
+    LX: gl.constexpr = gl.SliceLayout(0, L3)  # [TK, 4]
+    BN: gl.constexpr = R * TN * W
+    BKW: gl.constexpr = TK * 4  # words of K per step
+    pid_n = gl.program_id(0)
+    pid_k = gl.program_id(1)
+    k0 = pid_k * K_SPLIT
+    n_steps = K_SPLIT // BKW
+
+    rn_loc = gl.arange(0, BN, layout=gl.SliceLayout(1, LA))
+    rn = pid_n * BN + rn_loc
+    if EVEN_N:
+        w_rows = rn
+    else:
+        w_rows = gl.minimum(rn, N - 1)  # rows past N read the last one: loads stay unmasked, 16 bytes wide
+    rt = gl.arange(0, TK, layout=gl.SliceLayout(0, LA))
+    re = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3)))
+    n3 = gl.expand_dims(gl.expand_dims(w_rows, 1), 2)
+    t3 = gl.expand_dims(gl.expand_dims(rt, 0), 2)
+    e3 = gl.expand_dims(gl.expand_dims(re, 0), 1)
+    w_ptrs = w_ptr + n3.to(gl.int64) * KW + (k0 + t3 * 4 + e3)
+    xt = gl.arange(0, TK, layout=gl.SliceLayout(1, LX))
+    xe = gl.arange(0, 4, layout=gl.SliceLayout(0, LX))
+    xoff = k0 + gl.expand_dims(xt, 1) * 4 + gl.expand_dims(xe, 0)
+
+    acc = gl.zeros([BN, TK, 4], gl.float32, L3)
+    w = gl.load(w_ptrs)
+    for i in range(n_steps):
+        w_next = gl.load(w_ptrs + gl.minimum(i + 1, n_steps - 1) * BKW)
+        wl, wh = _bf16x2_to_f32(w)
+        xl, xh = _bf16x2_to_f32(gl.load(x_ptr + xoff + i * BKW))
+        acc = gl.fma(wl, xl[None, :, :], acc)
+        acc = gl.fma(wh, xh[None, :, :], acc)
+        w = w_next
+
+    v = gl.sum(gl.sum(acc, axis=2), axis=1)
+    one = 1.0
+    if SPLIT_K == 1:
+        _stores(v, v, pid_n, pid_k, rn, rn_loc, one, y_ptr, ws_ptr, N, 0, SPLIT_K, 1, BN, EVEN_N, 0)
+    else:
+        _stores(v, v, pid_n, pid_k, rn, rn_loc, one, y_ptr, ws_ptr, N, 0, SPLIT_K, 1, BN, EVEN_N, 1)
+        gl.thread_barrier()
+        arrived = gl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            _stores(v, v, pid_n, pid_k, rn, rn_loc, one, y_ptr, ws_ptr, N, 0, SPLIT_K, 1, BN, EVEN_N, 2)
+            gl.atomic_xchg(cnt_ptr + pid_n, 0)
