@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from peerpipe.engine import attention_cuda, bf16_gluon
 from peerpipe.engine.kvcache import Batch, KVCache
 from peerpipe.engine.model import Stage, layer_forward
 
@@ -67,6 +68,9 @@ class GraphedDecoder:
         if cache.device.type != "cuda":
             raise ValueError("CUDA graphs need a stage and cache on a CUDA device")
         self.stage, self.cache = stage, cache
+        # Decode products of one row, and decode attention, in our kernels where cuBLAS and SDPA are slower.
+        bf16_gluon.prepare(cache.device)
+        attention_cuda.prepare(cache.device)
         # torch.compile fuses a layer's small kernels; the graph then replays the fused ones.
         self._layer_fn = torch.compile(layer_forward, dynamic=False) if compile_layers else None
         if compile_layers:

@@ -42,9 +42,25 @@ def test_graph_decode_equals_eager(tiny_model_dir, dtype: str) -> None:
     eager = LocalEngine(stage, tok, max_seq=256, cuda_graphs=False).generate(prompt, params)
     graphed_engine = LocalEngine(stage, tok, max_seq=256, cuda_graphs=True)
     graphed = graphed_engine.generate(prompt, params)
-    assert graphed.tokens == eager.tokens
     again = graphed_engine.generate(prompt, params)  # replays the captured graphs
-    assert again.tokens == eager.tokens
+    assert again.tokens == graphed.tokens
+    if dtype == "float32":
+        assert graphed.tokens == eager.tokens
+    else:
+        # In bf16 a graph's attention is engine/attention_cuda.py's kernel, eager's is SDPA: they
+        # round differently, and a random model's near-ties flip sooner or later (at token 39 or
+        # 134 of 150 on an H200, by the kernel's split). So the graphs, fed eager's tokens, must
+        # rank each next eager token first or within a near-tie of it, at every step.
+        from peerpipe.engine.cuda_graphs import GraphedDecoder
+
+        cache = stage.new_cache(1, 256)
+        slot = cache.alloc()
+        decoder = GraphedDecoder(stage, cache)
+        with torch.inference_mode():
+            stage(torch.tensor([prompt], device="cuda"), cache, cache.batch([slot], len(prompt)))
+            for tok, nxt in zip(eager.tokens, eager.tokens[1:], strict=False):
+                logits = decoder(torch.tensor([[tok]], device="cuda"), cache.batch([slot], 1))[0, -1].float()
+                assert logits[nxt] >= logits.max() - 0.02 * logits.abs().max()
 
 
 def test_compiled_graph_decode_equals_eager(tiny_model_dir) -> None:

@@ -1,0 +1,174 @@
+"""A decode step's attention on CUDA in one kernel (Triton): each KV head's group of query rows
+against its cached keys and values, softmax and all.
+
+Spelled out for torch.compile, one new token's attention was three kernels per layer (two cuBLAS
+products around a softmax, 6.6 µs together for 256 cached positions of the 1B shape on an H200,
+a tenth of a compiled step); SDPA's kernels, which graphs without compile replay, take 8 to 34 µs
+from 256 to 2048 positions. Here one program per (session, KV head) and span of positions runs
+the online softmax over blocks of 64 positions (two warps each); with few sessions the positions
+split among up to 8 programs, and the last to finish (an atomic counter, as in int8_gluon.py's split-K, sharing
+its workspace) merges their partial sums. Probabilities are rounded to the model's dtype before
+they weigh the values, as flash attention does.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from peerpipe.engine import int8_gluon
+
+BLOCK_L = 64
+MAX_SPLITS = 8
+TARGET_PROGRAMS = 128  # about the SMs of an H200; past it splitting only adds merging
+
+
+@functools.cache
+def _kernel():  # type: ignore[no-untyped-def]
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def attend(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, ws_ptr, cnt_ptr, KV, L, L_SPLIT, scale,  # type: ignore[no-untyped-def]
+               sqb, sqh, sqg, skb, skh, skl, svb, svh, svl, smb, sob, soh, sog,
+               SPLIT: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BL: tl.constexpr):
+        bh = tl.program_id(0)
+        sp = tl.program_id(1)
+        b = bh // KV
+        h = bh % KV
+        rg = tl.arange(0, G_PAD)
+        rd = tl.arange(0, D)
+        rl0 = tl.arange(0, BL)
+        q = tl.load(q_ptr + b * sqb + h * sqh + rg[:, None] * sqg + rd[None, :], mask=rg[:, None] < G, other=0.0)
+        m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([G_PAD], tl.float32)
+        acc = tl.zeros([G_PAD, D], tl.float32)
+        lo = sp * L_SPLIT
+        hi = tl.minimum(lo + L_SPLIT, L)
+        k_base = k_ptr + b * skb + h * skh
+        v_base = v_ptr + b * svb + h * svh
+        for start in range(lo, hi, BL):
+            rl = start + rl0
+            inside = rl < hi
+            k = tl.load(k_base + rl[:, None] * skl + rd[None, :], mask=inside[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale
+            s += tl.load(m_ptr + b * smb + rl, mask=inside, other=float("-inf")).to(tl.float32)[None, :]
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a span with every position masked
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + rl[:, None] * svl + rd[None, :], mask=inside[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        o_ptrs = o_ptr + b * sob + h * soh + rg[:, None] * sog + rd[None, :]
+        if SPLIT == 1:
+            tl.store(o_ptrs, (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=rg[:, None] < G)
+        else:
+            # Partials [program, G_PAD, D + 2]: the sums, then the running max and the denominator.
+            row = D + 2
+            base = ws_ptr + (bh * SPLIT + sp) * G_PAD * row
+            tl.store(base + rg[:, None] * row + rd[None, :], acc)
+            tl.store(base + rg * row + D, m_i)
+            tl.store(base + rg * row + D + 1, l_i)
+            tl.debug_barrier()
+            arrived = tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLIT - 1:
+                first = ws_ptr + bh * SPLIT * G_PAD * row
+                top = tl.full([G_PAD], float("-inf"), tl.float32)
+                for s_i in range(SPLIT):
+                    top = tl.maximum(top, tl.load(first + s_i * G_PAD * row + rg * row + D, cache_modifier=".cg"))
+                total = tl.zeros([G_PAD, D], tl.float32)
+                denom = tl.zeros([G_PAD], tl.float32)
+                for s_i in range(SPLIT):
+                    part = first + s_i * G_PAD * row
+                    weight = tl.exp(tl.load(part + rg * row + D, cache_modifier=".cg") - top)
+                    denom += weight * tl.load(part + rg * row + D + 1, cache_modifier=".cg")
+                    sums = tl.load(part + rg[:, None] * row + rd[None, :], cache_modifier=".cg")
+                    total += weight[:, None] * sums
+                tl.store(o_ptrs, (total / denom[:, None]).to(o_ptr.dtype.element_ty), mask=rg[:, None] < G)
+                tl.atomic_xchg(cnt_ptr + bh, 0)
+
+    return attend
+
+
+_ready = False  # prepare() found a CUDA device and Triton
+enabled = True  # bench/engine.py turns it off to time torch's attention in the same run
+
+
+def prepare(device: torch.device) -> bool:
+    """Turn the kernel on for this process if ``device`` can run it, and allocate the shared
+    workspace (before any graph is captured). Returns whether it is on."""
+    global _ready
+    if device.type == "cuda":
+        try:
+            _kernel()
+        except ImportError:  # no Triton
+            return _ready
+        int8_gluon.reserve(device)
+        _ready = True
+    return _ready
+
+
+def _pad(g: int) -> int:
+    return max(16, 1 << (g - 1).bit_length())  # tl.dot takes 16 rows or more
+
+
+def splits(programs: int, length: int, g: int, d: int) -> int:
+    """Programs along the positions: doubled while the GPU has room, each keeps a block or more,
+    and the partial sums fit the workspace (the fastest on an H200 from 256 to 4096 positions)."""
+    split = 1
+    while (split < MAX_SPLITS and programs * split * 2 <= TARGET_PROGRAMS and length >= split * 2 * BLOCK_L
+           and programs * split * 2 * _pad(g) * (d + 2) <= int8_gluon.WORKSPACE_FLOATS):
+        split *= 2
+    return split
+
+
+def fits(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> bool:
+    """Whether the kernel takes queries ``[B, KV, G, D]``, keys/values ``[B, KV, L, D]`` and an
+    additive mask ``[B, 1, 1, L]``: half precision on CUDA, D a power of two from 16 to 256
+    (plain checks only, so that a compiled layer decides while it is traced)."""
+    d = q.shape[-1]
+    return (
+        q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and keys.dtype == q.dtype
+        and 16 <= d <= 256 and d & (d - 1) == 0 and q.shape[2] <= 64 and keys.stride(-1) == 1
+        and values.stride(-1) == 1 and mask.dim() == 4 and mask.shape[2] == 1 and mask.stride(-1) == 1
+        and _ready and enabled
+    )
+
+
+def decode_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, scale: float,
+                     tune: dict[str, int] | None = None) -> Tensor:
+    """softmax(q keys^T * scale + mask) values for one new position: ``[B, KV, G, D]``.
+    ``tune`` forces split, block, warps and stages (the sweep of bench/kernels.py)."""
+    if torch.compiler.is_compiling():
+        return _opaque(q, keys, values, mask, scale)
+    b, kv, g, d = q.shape
+    length = keys.shape[2]
+    out = torch.empty_like(q)
+    tune = tune or {}
+    block = tune.get("block", BLOCK_L)
+    split = tune.get("split") or splits(b * kv, length, g, d)
+    span = -(-length // (split * block)) * block
+    workspace, counters = int8_gluon.reserve(q.device)
+    extra = {"num_stages": tune["stages"]} if "stages" in tune else {}
+    _kernel()[(b * kv, split)](
+        q, keys, values, mask, out, workspace, counters, kv, length, span, scale,
+        q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
+        values.stride(0), values.stride(1), values.stride(2), mask.stride(0),
+        out.stride(0), out.stride(1), out.stride(2),
+        SPLIT=split, G=g, G_PAD=_pad(g), D=d, BL=block, num_warps=tune.get("warps", 2), **extra,
+    )
+    return out
+
+
+@torch.library.custom_op("peerpipe::decode_attention", mutates_args=())
+def _opaque(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, scale: float) -> Tensor:
+    return decode_attention(q, keys, values, mask, scale)
+
+
+@_opaque.register_fake
+def _(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, scale: float) -> Tensor:
+    return torch.empty_like(q)
