@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from peerpipe.devtools.tiny_model import param_count, tiny_config, write_random_model  # noqa: E402
+from peerpipe.engine import attention_cuda, bf16_gluon  # noqa: E402
 from peerpipe.engine.generate import LocalEngine  # noqa: E402
 from peerpipe.engine.loader import load_stage  # noqa: E402
 from peerpipe.engine.sampling import SamplingParams  # noqa: E402
@@ -143,10 +144,19 @@ class Run:
     tokens: list[int]
 
 
+def _own_kernels(on: bool) -> None:
+    bf16_gluon.enabled = attention_cuda.enabled = on
+
+
 class PeerpipeRunner:
     def __init__(
-        self, path: Path, args: argparse.Namespace, graphs: bool, compile_layers: bool = False
+        self, path: Path, args: argparse.Namespace, graphs: bool, compile_layers: bool = False, gluon: bool = True
     ) -> None:
+        # gluon=False: torch's kernels (cuBLAS, SDPA) instead of ours (engine/bf16_gluon.py,
+        # engine/attention_cuda.py); graphs and compiled layers keep what they were captured
+        # with, and run() sets it again for any captured later.
+        self.gluon = gluon
+        _own_kernels(gluon)
         stage, _ = load_stage(path, device=args.device, dtype=args.dtype)
         self.engine = LocalEngine(
             stage,
@@ -160,7 +170,9 @@ class PeerpipeRunner:
         self.run()  # warm-up: allocator, kernels, graph capture, compilation
 
     def run(self) -> Run:
+        _own_kernels(self.gluon)
         r = self.engine.generate(self.prompt, self.params)
+        _own_kernels(True)
         return Run(r.tok_s, r.prefill_s * 1000, r.tokens)
 
 
@@ -208,6 +220,8 @@ def main() -> None:
     p.add_argument("--models", type=Path, default=ROOT / ".bench", help="where random checkpoints are kept")
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--compile", action="store_true", help="also time CUDA graphs over torch.compile'd layers")
+    p.add_argument("--cublas", action="store_true",
+                   help="also time the graphed runs with torch's kernels for products and attention (cuBLAS, SDPA)")
     args = p.parse_args()
     gpu = args.device.startswith("cuda")
     args.shape = args.shape or ("llama-3.2-1b" if gpu else "cpu-75m")
@@ -239,9 +253,13 @@ def main() -> None:
         runners.append(
             ("peerpipe (graphs+compile)", PeerpipeRunner(path, args, graphs=True, compile_layers=True))
         )
+        if args.cublas:
+            runners.append(("compile, torch's kernels", PeerpipeRunner(path, args, True, True, gluon=False)))
     if gpu:
         log("peerpipe, CUDA graphs")
         runners.append(("peerpipe (CUDA graphs)", PeerpipeRunner(path, args, graphs=True)))
+        if args.cublas:
+            runners.append(("graphs, torch's kernels", PeerpipeRunner(path, args, graphs=True, gluon=False)))
         log("peerpipe, eager")
         runners.append(("peerpipe (eager)", PeerpipeRunner(path, args, graphs=False)))
     else:
