@@ -16,6 +16,9 @@ import itertools
 import json
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 MATRICES = {  # name: (N, K)
     "1b q|k|v": (3072, 2048), "1b o": (2048, 2048), "1b gate|up": (16384, 2048), "1b down": (2048, 8192),

@@ -56,24 +56,10 @@ def kernel_table() -> list[dict]:
     plain Triton one), each replayed from a CUDA graph as a decode step runs them, by rows."""
     import torch
     import torch.nn.functional as F
+    from kernels import timed
 
     from peerpipe.engine.int8_cuda import CONFIG, int8_gemv
     from peerpipe.engine.quant import quantize
-
-    def timed(fn) -> float:  # type: ignore[no-untyped-def]
-        fn()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        for _ in range(3):
-            graph.replay()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(20):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 20
 
     # Copies of each matrix (over 400 MB in bf16, several times the L2), visited in turn as a
     # decode step visits a model's layers, so neither side is timed from the cache.
