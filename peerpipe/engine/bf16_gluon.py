@@ -3,7 +3,8 @@ which tiles; ``linear`` is what the model calls for a plain matrix.
 
 One bf16 row (a single answer's decode step) on a GPU of compute capability 8.0 or later, inside
 a captured graph or a compiled layer, times a matrix whose rows are whole 16-byte words: the
-kernel, where it beat cuBLAS on an H200 (``choose`` says None elsewhere, and cuBLAS runs). Tiles were chosen by a sweep over the Llama-3.2-1B and Llama-3-8B shapes' matrices
+kernel, where it beat cuBLAS on an H200 (``choose`` says None elsewhere, and cuBLAS runs).
+Tiles were chosen by a sweep over the Llama-3.2-1B and Llama-3-8B shapes' matrices
 (``bench/kernels.py``). Split-K uses the int8 kernels' workspace (int8_gluon.py): calls are
 ordered on one stream.
 """
@@ -39,7 +40,7 @@ def choose(n: int, k: int, m: int) -> tuple[dict[str, int], int] | None:
     reads one weight row a step (R=1), a warp a row's 128 (TK=32) or two rows' 64 (TK=16) words."""
     if m > MAX_ROWS or k % 512:
         return None
-    if n * k >= 100_000_000:  # an LM head: enough programs without a split
+    if n * k >= 100_000_000:  # an LM head (or the 8B gate|up, even either way): programs enough unsplit
         return dict(R=1, TN=1, TK=32, W=4), 1
     if k >= 8192:  # a down projection: few outputs, long rows, split along K
         tiles = dict(R=1, TN=2, TK=16, W=8)
