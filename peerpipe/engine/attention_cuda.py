@@ -6,9 +6,9 @@ products around a softmax, 6.6 µs together for 256 cached positions of the 1B s
 a tenth of a compiled step); SDPA's kernels, which graphs without compile replay, take 8 to 34 µs
 from 256 to 2048 positions. Here one program per (session, KV head) and span of positions runs
 the online softmax over blocks of 64 positions (two warps each); with few sessions the positions
-split among up to 8 programs, and the last to finish (an atomic counter, as in int8_gluon.py's split-K, sharing
-its workspace) merges their partial sums. Probabilities are rounded to the model's dtype before
-they weigh the values, as flash attention does.
+split among up to 8 programs, and the last to finish (an atomic counter, as in int8_gluon.py's
+split-K, sharing its workspace) merges their partial sums. Probabilities are rounded to the
+model's dtype before they weigh the values, as flash attention does.
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ def fits(x: Tensor, q: Tensor) -> bool:
 def reserve(device: torch.device) -> tuple[Tensor, Tensor]:
     """The device's split-K workspace and (zeroed) counters, allocated once."""
     device = torch.device(device)
-    if device.index is None and device.type == "cuda":
+    if device.index is None:
         device = torch.device(device.type, torch.cuda.current_device())
     if device not in _WORKSPACE:
         _WORKSPACE[device] = (
