@@ -141,6 +141,20 @@ def main() -> None:
                 best = min(((timed(lambda p=pairs, c=c: [bf16_gluon.gemv(x, w, c) for x, w in p]) / copies, c)
                             for c in plans(n, k)), key=lambda t: t[0])
                 row["best_us"], row["best"] = round(best[0] * 1e3, 1), best[1]
+            if "gate|up" in name:  # and silu(gate) * up: cuBLAS then torch's kernel, against one of ours
+                def unfused(p=pairs):  # type: ignore[no-untyped-def]
+                    return [F.silu((g := F.linear(x, w).chunk(2, -1))[0]) * g[1] for x, w in p]
+
+                row["glu_torch_us"] = round(timed(unfused) / copies * 1e3, 1)
+                row["glu_ours_us"] = round(timed(lambda p=pairs: [bf16_gluon.gemv(x, w, glu=True) for x, w in p])
+                                           / copies * 1e3, 1)
+                if args.sweep:
+                    glu_plans = {str(c[0]): (c[0], 1) for c in plans(n // 2, k)}.values()  # no split along K
+                    best = min(((timed(lambda p=pairs, c=c: [bf16_gluon.gemv(x, w, c, glu=True) for x, w in p])
+                                 / copies, c) for c in glu_plans), key=lambda t: t[0])
+                    row["glu_best_us"], row["glu_best"] = round(best[0] * 1e3, 1), best[1]
+                log(f"{name} with silu(gate) * up: torch {row['glu_torch_us']} us, ours {row['glu_ours_us']} us"
+                    + (f", best {row['glu_best_us']} us {row['glu_best']}" if args.sweep else ""))
             rows_out.append(row)
             log(f"{name}, {m} row(s): cuBLAS {row['cublas_us']} us, Gluon {row['gluon_us']} us "
                 f"({row['speedup']}x, {row['gluon_tb_s']} TB/s)" + (f", best {row['best_us']} us {row['best']}"
@@ -150,6 +164,10 @@ def main() -> None:
     for r in rows_out:
         print(f"{r['matrix']:<12} {r['rows']:>4} {r['cublas_us']:>10} {r['gluon_us']:>9} {r['speedup']:>6} "
               f"{r['gluon_tb_s']:>5}  {r.get('best_us', '')} {r.get('best', '')}")
+    for r in rows_out:
+        if "glu_ours_us" in r:
+            print(f"{r['matrix']:<12} silu(gate)*up: torch {r['glu_torch_us']} us, ours {r['glu_ours_us']} us "
+                  f"({round(r['glu_torch_us'] / r['glu_ours_us'], 2)}x)  {r.get('glu_best_us', '')} {r.get('glu_best', '')}")
     print(f"\n{'attention':<12} {'SDPA us':>8} {'ours us':>8} {'ratio':>6}  best")
     for r in attention:
         print(f"{r['attention']:<12} {r['sdpa_us']:>8} {r['ours_us']:>8} {r['speedup']:>6}  "

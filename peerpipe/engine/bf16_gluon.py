@@ -33,13 +33,17 @@ def _kernel() -> object | None:
     return bf16_kernel
 
 
-def choose(n: int, k: int, m: int) -> tuple[dict[str, int], int] | None:
+def choose(n: int, k: int, m: int, glu: bool = False) -> tuple[dict[str, int], int] | None:
     """(tiles, programs along K) for an ``[n, k]`` bf16 matrix and ``m`` rows, or None: cuBLAS.
 
     One row only: with two, cuBLAS was as fast or faster on every matrix swept. Each thread
-    reads one weight row a step (R=1), a warp a row's 128 (TK=32) or two rows' 64 (TK=16) words."""
+    reads one weight row a step (R=1), a warp a row's 128 (TK=32) or two rows' 64 (TK=16) words.
+    ``glu``: the ``n`` outputs of silu(gate) * up from a fused ``[2n, k]`` gate|up (each output
+    reads two rows)."""
     if m > MAX_ROWS or k % 512:
         return None
+    if glu:  # the sweep's best for the 1B (2048 wide) and 8B (4096) shapes' MLPs; 16 outputs a program
+        return (dict(R=2, TN=2, TK=16, W=4) if k >= 4096 else dict(R=4, TN=1, TK=32, W=4)), 1
     if n * k >= 100_000_000:  # an LM head (or the 8B gate|up, even either way): programs enough unsplit
         return dict(R=1, TN=1, TK=32, W=4), 1
     if k >= 8192:  # a down projection: few outputs, long rows, split along K
@@ -60,24 +64,27 @@ def prepare(device: torch.device) -> bool:
     return _ready
 
 
-def fits(x: Tensor, w: Tensor) -> bool:
-    """Whether the kernel takes ``x`` ``[..., K]`` times ``w`` ``[N, K]`` (plain checks only, so
-    that a compiled layer decides while it is traced)."""
+def fits(x: Tensor, w: Tensor, glu: bool = False) -> bool:
+    """Whether the kernel takes ``x`` ``[..., K]`` times ``w`` ``[N, K]`` (with ``glu``, a fused
+    gate|up: N even); plain checks only, so that a compiled layer decides while it is traced."""
+    n = w.shape[0] // 2 if glu else w.shape[0]
     return (
         enabled and _ready and x.is_cuda and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16
-        and w.dim() == 2 and w.is_contiguous() and choose(w.shape[0], w.shape[1], x.numel() // x.shape[-1]) is not None
+        and w.dim() == 2 and w.is_contiguous() and (not glu or w.shape[0] % 2 == 0)
+        and choose(n, w.shape[1], x.numel() // x.shape[-1], glu) is not None
     )
 
 
-def gemv(x: Tensor, w: Tensor, plan: tuple[dict[str, int], int] | None = None) -> Tensor:
+def gemv(x: Tensor, w: Tensor, plan: tuple[dict[str, int], int] | None = None, glu: bool = False) -> Tensor:
     """``x`` ``[1, K]`` bf16 times ``w`` ``[N, K]`` bf16: ``[1, N]`` (``fits``); ``plan``
-    forces tiles and split (the sweep)."""
+    forces tiles and split (the sweep). ``glu``: silu(x gate^T) * (x up^T) of a fused gate|up
+    ``w``, ``[1, N/2]``."""
     if torch.compiler.is_compiling():
-        return _opaque(x, w)  # torch.compile'd layers: one call it does not trace into
+        return _opaque(x, w, glu)  # torch.compile'd layers: one call it does not trace into
     m, k = x.shape
-    n = w.shape[0]
-    plan = plan or choose(n, k, m)
-    if plan is None or m != 1 or w.shape[1] != k:
+    n = w.shape[0] // 2 if glu else w.shape[0]
+    plan = plan or choose(n, k, m, glu)
+    if plan is None or m != 1 or w.shape[1] != k or (glu and plan[1] != 1):
         raise ValueError(f"the bf16 kernel takes one row of a width that 512 divides, not {tuple(x.shape)}")
     tiles, split = plan
     if not x.is_contiguous() or x.data_ptr() % 16:
@@ -87,8 +94,9 @@ def gemv(x: Tensor, w: Tensor, plan: tuple[dict[str, int], int] | None = None) -
     xw, ww, words = x.view(torch.int32), w.view(torch.int32), k // 2
     block = tiles["R"] * tiles["TN"] * tiles["W"]
     _kernel()[(-(-n // block), split)](  # type: ignore[index]
-        xw, ww, y, workspace, counters, n, words, words // split, split,
-        R=tiles["R"], TN=tiles["TN"], TK=tiles["TK"], W=tiles["W"], EVEN_N=n % block == 0, num_warps=tiles["W"],
+        xw, ww, y, workspace, counters, n, words, words // split, split, n * words,
+        R=tiles["R"], TN=tiles["TN"], TK=tiles["TK"], W=tiles["W"], EVEN_N=n % block == 0, GLU=glu,
+        num_warps=tiles["W"],
     )
     return y
 
@@ -107,11 +115,19 @@ def linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     return F.linear(x, w, bias)
 
 
+def glu(x: Tensor, w: Tensor) -> Tensor | None:
+    """silu(gate) * up of ``x`` ``[..., K]`` times a fused gate|up ``w`` ``[2N, K]`` in one
+    kernel, for a decode step's row where it runs; None elsewhere (the caller runs the product)."""
+    if fits(x, w, glu=True) and launching_is_free():
+        return gemv(x.reshape(-1, x.shape[-1]), w, glu=True).view(*x.shape[:-1], w.shape[0] // 2)
+    return None
+
+
 @torch.library.custom_op("peerpipe::bf16_gemv", mutates_args=())
-def _opaque(x: Tensor, w: Tensor) -> Tensor:
-    return gemv(x, w)
+def _opaque(x: Tensor, w: Tensor, glu: bool = False) -> Tensor:
+    return gemv(x, w, glu=glu)
 
 
 @_opaque.register_fake
-def _(x: Tensor, w: Tensor) -> Tensor:
-    return x.new_empty((x.shape[0], w.shape[0]))
+def _(x: Tensor, w: Tensor, glu: bool = False) -> Tensor:
+    return x.new_empty((x.shape[0], w.shape[0] // 2 if glu else w.shape[0]))

@@ -35,12 +35,15 @@ def _bf16x2_to_f32(w):  # type: ignore[no-untyped-def]
 
 
 @gluon.jit
-def bf16_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, cnt_ptr, N, KW, K_SPLIT, SPLIT_K,  # type: ignore[no-untyped-def]
+def bf16_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, cnt_ptr, N, KW, K_SPLIT, SPLIT_K, UP,  # type: ignore[no-untyped-def]
                 R: gl.constexpr, TN: gl.constexpr, TK: gl.constexpr, W: gl.constexpr,
-                EVEN_N: gl.constexpr):
+                EVEN_N: gl.constexpr, GLU: gl.constexpr):
     """``x_ptr``: x as int32 ``[K/2]``; ``w_ptr``: w as int32
     ``[N, KW]`` (KW = K/2); ``K_SPLIT``: words of K per program along K. Each thread holds R rows
-    of 16 bytes; a warp is TN x TK threads; W warps along N."""
+    of 16 bytes; a warp is TN x TK threads; W warps along N. With ``GLU`` (and no split) w is a
+    fused gate|up ``[2N, KW]`` whose up rows start ``UP`` words in, and y is silu(gate) * up,
+    each rounded to bf16 first as the unfused products round them: the activation of a gated
+    MLP without a kernel of its own."""
     L3: gl.constexpr = gl.BlockedLayout([R, 1, 4], [TN, TK, 1], [W, 1, 1], [2, 1, 0])
     LA: gl.constexpr = gl.SliceLayout(2, L3)  # [BN, TK]
     LX: gl.constexpr = gl.SliceLayout(0, L3)  # [TK, 4]
@@ -68,16 +71,31 @@ def bf16_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, cnt_ptr, N, KW, K_SPLIT, SPLIT_K,  
     xoff = k0 + gl.expand_dims(xt, 1) * 4 + gl.expand_dims(xe, 0)
 
     acc = gl.zeros([BN, TK, 4], gl.float32, L3)
+    acc_up = acc
     w = gl.load(w_ptrs)
+    u = w
+    if GLU:
+        u = gl.load(w_ptrs + UP)
     for i in range(n_steps):
-        w_next = gl.load(w_ptrs + gl.minimum(i + 1, n_steps - 1) * BKW)
+        step = gl.minimum(i + 1, n_steps - 1) * BKW
+        w_next = gl.load(w_ptrs + step)
         wl, wh = _bf16x2_to_f32(w)
         xl, xh = _bf16x2_to_f32(gl.load(x_ptr + xoff + i * BKW))
         acc = gl.fma(wl, xl[None, :, :], acc)
         acc = gl.fma(wh, xh[None, :, :], acc)
         w = w_next
+        if GLU:
+            u_next = gl.load(w_ptrs + UP + step)
+            ul, uh = _bf16x2_to_f32(u)
+            acc_up = gl.fma(ul, xl[None, :, :], acc_up)
+            acc_up = gl.fma(uh, xh[None, :, :], acc_up)
+            u = u_next
 
     v = gl.sum(gl.sum(acc, axis=2), axis=1)
+    if GLU:
+        gate = v.to(gl.bfloat16).to(gl.float32)
+        up = gl.sum(gl.sum(acc_up, axis=2), axis=1).to(gl.bfloat16).to(gl.float32)
+        v = gate / (1.0 + gl.exp(-gate)) * up
     one = 1.0
     if SPLIT_K == 1:
         _stores(v, v, pid_n, pid_k, rn, rn_loc, one, y_ptr, ws_ptr, N, 0, SPLIT_K, 1, BN, EVEN_N, 0)

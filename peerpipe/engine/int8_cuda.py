@@ -71,15 +71,19 @@ def _kernel():  # type: ignore[no-untyped-def]
 CONFIG = {1: (1, 512, 4), 2: (1, 2048, 8), 4: (4, 512, 8), 8: (2, 512, 4)}
 
 
-def int8_gemv(x: Tensor, q: Tensor, scale: Tensor, config: tuple[int, int, int] | None = None) -> Tensor:
+def int8_gemv(x: Tensor, q: Tensor, scale: Tensor, config: tuple[int, int, int] | None = None,
+              glu: bool = False) -> Tensor:
     """``x`` ``[M, K]`` (M <= MAX_ROWS) times int8 ``q`` ``[N, K]`` scaled per row by ``scale``
-    ``[N]``: ``[M, N]`` in ``x``'s dtype. ``config`` forces the plain Triton kernel's tiles."""
+    ``[N]``: ``[M, N]`` in ``x``'s dtype. ``config`` forces the plain Triton kernel's tiles.
+    ``glu`` (one row where ``glu_fits``): silu(gate) * up of a fused gate|up ``q``, ``[1, N/2]``."""
     m, k = x.shape
     n = q.shape[0]
     if m > MAX_ROWS or q.shape[1] != k:
         raise ValueError(f"int8_gemv takes at most {MAX_ROWS} rows of width {q.shape[1]}, not {tuple(x.shape)}")
     if config is None and torch.compiler.is_compiling():
-        return _opaque(x, q, scale)  # torch.compile'd layers: one call it does not trace into
+        return _opaque(x, q, scale, glu)  # torch.compile'd layers: one call it does not trace into
+    if glu:
+        return int8_gluon.gemv(x, q, scale, glu=True)
     if config is None and int8_gluon.fits(x, q):
         return int8_gluon.gemv(x, q, scale)
     x = x.contiguous()
@@ -92,11 +96,17 @@ def int8_gemv(x: Tensor, q: Tensor, scale: Tensor, config: tuple[int, int, int] 
     return y
 
 
+def glu_fits(x: Tensor, q: Tensor) -> bool:
+    """Whether silu(gate) * up of ``x`` ``[..., K]`` times a fused int8 gate|up ``q`` runs in one
+    kernel: one bf16 row on a GPU that runs the Gluon kernels."""
+    return available() and x.numel() == x.shape[-1] and q.shape[0] % 2 == 0 and int8_gluon.fits(x, q)
+
+
 @torch.library.custom_op("peerpipe::int8_gemv", mutates_args=())
-def _opaque(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
-    return int8_gemv(x, q, scale)
+def _opaque(x: Tensor, q: Tensor, scale: Tensor, glu: bool = False) -> Tensor:
+    return int8_gemv(x, q, scale, glu=glu)
 
 
 @_opaque.register_fake
-def _(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
-    return x.new_empty((x.shape[0], q.shape[0]))
+def _(x: Tensor, q: Tensor, scale: Tensor, glu: bool = False) -> Tensor:
+    return x.new_empty((x.shape[0], q.shape[0] // 2 if glu else q.shape[0]))

@@ -39,6 +39,7 @@ def _capable(index: int) -> bool:
     return torch.cuda.get_device_capability(index) >= (8, 0)  # mma.sync m16n8k16 in bf16
 
 
+
 def fits(x: Tensor, q: Tensor) -> bool:
     """Whether these kernels take ``x`` ``[M, K]`` (M <= 8, bf16 on a capable GPU) times ``q``."""
     k = x.shape[-1]
@@ -92,25 +93,39 @@ def choose(n: int, k: int, m: int) -> tuple[str, dict[str, int], int]:
     return "mma", dict(WN=wn, WK=wk, RKB=rkb), _splits(-(-n // (16 * wn)), words, 16 * wk * rkb, target=512, most=8)
 
 
-def gemv(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
-    """``x`` ``[M, K]`` bf16 times int8 ``q`` ``[N, K]`` scaled per row: ``[M, N]`` bf16 (``fits``)."""
+def glu_tiles(n: int, k: int) -> dict[str, int]:
+    """The CUDA-core kernel's tiles for silu(gate) * up of one row, ``n`` outputs from a fused
+    ``[2n, k]`` gate|up: each program reads as many rows as for the plain product, half of them
+    up rows (R halved, or the warps when R is 1)."""
+    kind, tiles, _ = choose(2 * n, k, 1)
+    assert kind == "fma"
+    if tiles["R"] > 1:
+        return dict(tiles, R=tiles["R"] // 2)
+    return dict(tiles, W=max(1, tiles["W"] // 2))
+
+
+def gemv(x: Tensor, q: Tensor, scale: Tensor, glu: bool = False) -> Tensor:
+    """``x`` ``[M, K]`` bf16 times int8 ``q`` ``[N, K]`` scaled per row: ``[M, N]`` bf16 (``fits``).
+    ``glu`` (one row): silu(gate) * up of a fused gate|up ``q``, ``[1, N/2]``."""
     kernels = _kernels()
     assert kernels is not None
     fma, mma = kernels
     m, k = x.shape
-    n = q.shape[0]
+    n = q.shape[0] // 2 if glu else q.shape[0]
+    if glu and m != 1:
+        raise ValueError(f"silu(gate) * up in one kernel takes one row, not {m}")
     if not x.is_contiguous() or x.data_ptr() % 16:
         x = x.clone(memory_format=torch.contiguous_format)  # whole int64 loads need aligned rows
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     workspace, counters = reserve(x.device)
-    kind, tiles, split = choose(n, k, m)
+    kind, tiles, split = ("fma", glu_tiles(n, k), 1) if glu else choose(n, k, m)
     xw, qw, words = x.view(torch.int64), q.view(torch.int32), k // 4
     if kind == "fma":
         block = tiles["R"] * tiles["TN"] * tiles["W"]
         fma[(-(-n // block), split)](  # type: ignore[index]
             xw, qw, scale, y, workspace, counters, n, words, words // split, xw.stride(0), y.stride(0), split,
-            MR=m, R=tiles["R"], TN=tiles["TN"], TK=tiles["TK"], W=tiles["W"], EVEN_N=n % block == 0,
-            num_warps=tiles["W"],
+            n * words, MR=m, R=tiles["R"], TN=tiles["TN"], TK=tiles["TK"], W=tiles["W"], EVEN_N=n % block == 0,
+            GLU=glu, num_warps=tiles["W"],
         )
     else:
         block = 16 * tiles["WN"]

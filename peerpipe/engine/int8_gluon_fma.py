@@ -106,11 +106,13 @@ def _stores(v0, v1, pid_n, pid_k, rn, rn_loc, scale, y_ptr, ws_ptr, N, stride_y,
 
 @gluon.jit
 def fma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr, N, KW, K_SPLIT, stride_x, stride_y, SPLIT_K,  # type: ignore[no-untyped-def]
-               MR: gl.constexpr, R: gl.constexpr, TN: gl.constexpr, TK: gl.constexpr, W: gl.constexpr,
-               EVEN_N: gl.constexpr):
+               UP, MR: gl.constexpr, R: gl.constexpr, TN: gl.constexpr, TK: gl.constexpr, W: gl.constexpr,
+               EVEN_N: gl.constexpr, GLU: gl.constexpr):
     """``x_ptr``: x as int64 ``[MR, K/4]`` (``stride_x`` in int64); ``w_ptr``: q as int32 ``[N, KW]``
     (KW = K/4); ``K_SPLIT``: words of K per program along K. Each thread holds R rows of 16 bytes;
-    a warp is TN x TK threads; W warps along N."""
+    a warp is TN x TK threads; W warps along N. With ``GLU`` (one row, no split) q is a fused
+    gate|up ``[2N, KW]`` whose up rows start ``UP`` words in, and y is silu(gate) * up, each
+    rounded to bf16 first as the unfused products round them."""
     L3: gl.constexpr = gl.BlockedLayout([R, 1, 4], [TN, TK, 1], [W, 1, 1], [2, 1, 0])
     LA: gl.constexpr = gl.SliceLayout(2, L3)  # [BN, TK]
     LX: gl.constexpr = gl.SliceLayout(0, L3)  # [TK, 4]
@@ -140,19 +142,37 @@ def fma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr, N, KW, K_SPLIT, stri
     a0 = gl.zeros([BN, TK, 4], gl.float32, L3)
     a1 = a0
     w = gl.load(w_ptrs)
+    u = w
+    if GLU:
+        u = gl.load(w_ptrs + UP)
     for i in range(n_steps):
-        w_next = gl.load(w_ptrs + gl.minimum(i + 1, n_steps - 1) * BKW)
+        step = gl.minimum(i + 1, n_steps - 1) * BKW
+        w_next = gl.load(w_ptrs + step)
         f0, f1, f2, f3 = _bytes_to_f32(w)
         a0 = _row(f0, f1, f2, f3, x_ptr, xoff + i * BKW, a0)
         if MR > 1:
             a1 = _row(f0, f1, f2, f3, x_ptr, xoff + i * BKW + stride_x, a1)
         w = w_next
+        if GLU:  # a1 sums the up rows (one row of x)
+            u_next = gl.load(w_ptrs + UP + step)
+            f0, f1, f2, f3 = _bytes_to_f32(u)
+            a1 = _row(f0, f1, f2, f3, x_ptr, xoff + i * BKW, a1)
+            u = u_next
 
     if EVEN_N:
         scale = gl.load(s_ptr + rn).to(gl.float32)
     else:
         scale = gl.load(s_ptr + rn, mask=rn < N, other=0.0).to(gl.float32)
     v0 = gl.sum(gl.sum(a0, axis=2), axis=1)
+    if GLU:
+        if EVEN_N:
+            scale_up = gl.load(s_ptr + N + rn).to(gl.float32)
+        else:
+            scale_up = gl.load(s_ptr + N + rn, mask=rn < N, other=0.0).to(gl.float32)
+        gate = (v0 * scale).to(gl.bfloat16).to(gl.float32)
+        up = (gl.sum(gl.sum(a1, axis=2), axis=1) * scale_up).to(gl.bfloat16).to(gl.float32)
+        v0 = gate / (1.0 + gl.exp(-gate)) * up
+        scale = scale * 0.0 + 1.0  # scaled already
     v1 = v0
     if MR > 1:
         v1 = gl.sum(gl.sum(a1, axis=2), axis=1)
