@@ -33,7 +33,9 @@ def _kernel():  # type: ignore[no-untyped-def]
     @triton.jit
     def attend(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, ws_ptr, cnt_ptr, KV, L, L_SPLIT, scale,  # type: ignore[no-untyped-def]
                sqb, sqh, sqg, skb, skh, skl, svb, svh, svl, smb, sob, soh, sog,
-               SPLIT: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BL: tl.constexpr):
+               rope_ptr, srb, slot_ptr, pos_ptr, spb, new_off, WINDOW, FIRST_SLOT,
+               SPLIT: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BL: tl.constexpr,
+               NEW: tl.constexpr):
         bh = tl.program_id(0)
         sp = tl.program_id(1)
         b = bh // KV
@@ -41,28 +43,69 @@ def _kernel():  # type: ignore[no-untyped-def]
         rg = tl.arange(0, G_PAD)
         rd = tl.arange(0, D)
         rl0 = tl.arange(0, BL)
-        q = tl.load(q_ptr + b * sqb + h * sqh + rg[:, None] * sqg + rd[None, :], mask=rg[:, None] < G, other=0.0)
+        q_ptrs = q_ptr + b * sqb + h * sqh + rg[:, None] * sqg
+        lo = sp * L_SPLIT
+        hi = tl.minimum(lo + L_SPLIT, L)
+        row = b.to(tl.int64)
+        if NEW:
+            pos = tl.load(pos_ptr + b * spb)
+            if FIRST_SLOT >= 0:  # contiguous slots: no load for the keys' address to wait on
+                row = FIRST_SLOT + row
+            else:
+                row = tl.load(slot_ptr + b)
+            # Dimensions 2i and 2i+1 turn by angle i: cos, and sin signed for each one's place.
+            # The factors are loaded twice, in the layouts of q and of a key row, rather than
+            # moved between them through shared memory.
+            turns = rope_ptr + b * srb + (rd // 2) * 2
+            sign = tl.where(rd % 2 == 0, -1.0, 1.0)
+            cos_q = tl.load(turns[None, :])
+            sin_q = tl.load(turns[None, :] + 1) * sign[None, :]
+            cos = tl.load(turns)
+            sin = tl.load(turns + 1) * sign
+        q = tl.load(q_ptrs + rd[None, :], mask=rg[:, None] < G, other=0.0)
+        if NEW:
+            # q|k|v of the new position in, unrotated: rotate q and the new key here in float32
+            # as _apply_rope does, and store the key and value where the cache keeps them.
+            q_pair = tl.load(q_ptrs + (rd ^ 1)[None, :], mask=rg[:, None] < G, other=0.0)
+            q = (q.to(tl.float32) * cos_q + q_pair.to(tl.float32) * sin_q).to(q_ptr.dtype.element_ty)
+            kv_new = q_ptr + b * sqb + new_off + h * D
+            k_new = (tl.load(kv_new + rd).to(tl.float32) * cos
+                     + tl.load(kv_new + (rd ^ 1)).to(tl.float32) * sin).to(k_ptr.dtype.element_ty)
+            v_new = tl.load(kv_new + KV * D + rd)
         m_i = tl.full([G_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, D], tl.float32)
-        lo = sp * L_SPLIT
-        hi = tl.minimum(lo + L_SPLIT, L)
-        k_base = k_ptr + b * skb + h * skh
-        v_base = v_ptr + b * svb + h * svh
+        k_base = k_ptr + row * skb + h * skh
+        v_base = v_ptr + row * svb + h * svh
         for start in range(lo, hi, BL):
             rl = start + rl0
             inside = rl < hi
             k = tl.load(k_base + rl[:, None] * skl + rd[None, :], mask=inside[:, None], other=0.0)
+            if NEW:
+                # The new key is stored after the loop (a branch here would hold the loads back).
+                k = tl.where((rl == pos)[:, None], k_new[None, :], k)
             s = tl.dot(q, tl.trans(k)) * scale
-            s += tl.load(m_ptr + b * smb + rl, mask=inside, other=float("-inf")).to(tl.float32)[None, :]
+            if NEW:
+                seen = inside & (rl <= pos)
+                if WINDOW > 0:
+                    seen = seen & (rl > pos - WINDOW)
+                s = tl.where(seen[None, :], s, float("-inf"))
+            else:
+                s += tl.load(m_ptr + b * smb + rl, mask=inside, other=float("-inf")).to(tl.float32)[None, :]
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a span with every position masked
             p = tl.exp(s - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_base + rl[:, None] * svl + rd[None, :], mask=inside[:, None], other=0.0)
+            if NEW:
+                v = tl.where((rl == pos)[:, None], v_new[None, :], v)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
+        if NEW:
+            if (pos >= lo) & (pos < hi):  # the one program whose span holds the new position
+                tl.store(k_ptr + row * skb + h * skh + pos * skl + rd, k_new)
+                tl.store(v_ptr + row * svb + h * svh + pos * svl + rd, v_new)
         o_ptrs = o_ptr + b * sob + h * soh + rg[:, None] * sog + rd[None, :]
         if SPLIT == 1:
             tl.store(o_ptrs, (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=rg[:, None] < G)
@@ -158,10 +201,74 @@ def decode_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, scal
         q, keys, values, mask, out, workspace, counters, kv, length, span, scale,
         q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), mask.stride(0),
-        out.stride(0), out.stride(1), out.stride(2),
-        SPLIT=split, G=g, G_PAD=_pad(g), D=d, BL=block, num_warps=tune.get("warps", 2), **extra,
+        out.stride(0), out.stride(1), out.stride(2), q, 0, q, q, 0, 0, 0, -1,
+        SPLIT=split, G=g, G_PAD=_pad(g), D=d, BL=block, NEW=False, num_warps=tune.get("warps", 2), **extra,
     )
     return out
+
+
+def takes(n_heads: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether :func:`decode_step` runs a layer of these heads on a cache of ``dtype`` on
+    ``device``: half precision on CUDA, D a power of two from 16 to 256, at most 64 query heads a
+    KV head."""
+    d = head_dim
+    return (
+        _ready and enabled and device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+        and n_heads % n_kv_heads == 0 and n_heads // n_kv_heads <= 64 and 16 <= d <= 256 and d & (d - 1) == 0
+    )
+
+
+def fits_step(qkv: Tensor, rope: Tensor, store: Tensor, n_heads: int) -> bool:
+    """Whether :func:`decode_step` takes this layer's q|k|v ``[B, 1, H + 2 KV, D]``, rotations
+    ``[B, 1, 1, D/2]`` and cache ``store`` ``[slots, positions, 2, KV, D]`` (plain checks only)."""
+    d, kv = qkv.shape[-1], store.shape[-2]
+    return (
+        takes(n_heads, kv, d, store.dtype, store.device) and qkv.dtype == store.dtype and qkv.is_cuda
+        and rope.dtype == torch.complex64 and qkv.dim() == 4 and qkv.shape[1] == 1 and store.dim() == 5
+        and qkv.shape[2] == n_heads + 2 * kv and qkv.stride(-1) == 1 and qkv.stride(-2) == d
+        and store.is_contiguous() and rope.is_contiguous()
+    )
+
+
+def decode_step(qkv: Tensor, rope: Tensor, store: Tensor, slots: Tensor, positions: Tensor, kv_len: int,
+                n_heads: int, window: int, scale: float, first_slot: int = -1) -> Tensor:
+    """A decode step's attention from the layer's q|k|v product on: rotate the new query and key
+    by ``rope`` (complex, ``[B, 1, 1, D/2]``), put the key and value into ``store`` at each row's
+    slot and position, and attend to positions ``0 .. kv_len`` up to each row's own (and within
+    ``window`` of it, when it is not 0); ``first_slot``, when not -1, says the slots are
+    ``first_slot, first_slot + 1, ...``. Returns ``[B, KV, G, D]``. Three kernels of a layer
+    (rotation, cache write, attention) in one, with no copy of scattered slots' keys."""
+    cos_sin = torch.view_as_real(rope)  # a custom op takes no complex tensor under torch.compile
+    return _opaque_step(qkv, cos_sin, store, slots, positions, kv_len, n_heads, window, scale, first_slot)
+
+
+@torch.library.custom_op("peerpipe::decode_step", mutates_args=("store",))
+def _opaque_step(qkv: Tensor, cos_sin: Tensor, store: Tensor, slots: Tensor, positions: Tensor, kv_len: int,
+                 n_heads: int, window: int, scale: float, first_slot: int) -> Tensor:
+    b, _, _, d = qkv.shape
+    kv = store.shape[-2]
+    g = n_heads // kv
+    out = qkv.new_empty((b, kv, g, d))
+    split = splits(b * kv, kv_len, g, d)
+    span = -(-kv_len // (split * BLOCK_L)) * BLOCK_L
+    workspace, counters = int8_gluon.reserve(qkv.device)
+    keys, values = store.select(2, 0), store.select(2, 1)  # [slots, positions, KV, D]
+    _kernel()[(b * kv, split)](
+        qkv, keys, values, qkv, out, workspace, counters, kv, kv_len, span, scale,
+        qkv.stride(0), g * d, d, keys.stride(0), keys.stride(2), keys.stride(1),
+        values.stride(0), values.stride(2), values.stride(1), 0,
+        out.stride(0), out.stride(1), out.stride(2),
+        cos_sin, cos_sin.stride(0), slots, positions, positions.stride(0), n_heads * d, window, first_slot,
+        SPLIT=split, G=g, G_PAD=_pad(g), D=d, BL=BLOCK_L, NEW=True, num_warps=2,
+    )
+    return out
+
+
+@_opaque_step.register_fake
+def _(qkv: Tensor, cos_sin: Tensor, store: Tensor, slots: Tensor, positions: Tensor, kv_len: int,
+      n_heads: int, window: int, scale: float, first_slot: int) -> Tensor:
+    kv = store.shape[-2]
+    return qkv.new_empty((qkv.shape[0], kv, n_heads // kv, qkv.shape[-1]))
 
 
 @torch.library.custom_op("peerpipe::decode_attention", mutates_args=())

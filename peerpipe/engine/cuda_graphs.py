@@ -175,10 +175,10 @@ class GraphedDecoder:
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream), torch.inference_mode():
             for _ in range(2):
-                self.stage(static_x, cache, batch, layer_fn=self._layer_fn)
+                self.stage(static_x, cache, batch, layer_fn=self._layer_fn, graphed=True)
         torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         # thread_local: a stage captures on its event loop while another thread may load layers.
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"), torch.inference_mode():
-            out = self.stage(static_x, cache, batch, layer_fn=self._layer_fn)
+            out = self.stage(static_x, cache, batch, layer_fn=self._layer_fn, graphed=True)
         return _Graph(graph, static_x, batch, out)

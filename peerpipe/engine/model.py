@@ -25,6 +25,7 @@ from peerpipe.engine.quant import (
     Int8Weight,
     QuantWeight,
     check_mode,
+    glu_linear,
     linear,
     quantize,
 )
@@ -125,7 +126,7 @@ def layer_forward(
     w: LayerWeights,
     x: Tensor,
     rope: Tensor,
-    mask: Tensor,
+    mask: Tensor | None,
     store: Tensor,
     reads: KeysValues | None,
     batch: Batch,
@@ -141,9 +142,31 @@ def layer_forward(
     b, s, _ = x.shape
     h, kvh, d, eps = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rms_norm_eps
     qkv = linear(rms_norm(x, w.attn_norm, eps), w.wqkv, w.bqkv).view(b, s, h + 2 * kvh, d)
-    qk = qkv.narrow(2, 0, h + kvh)
     if w.q_norm is not None and w.k_norm is not None:
+        qk = qkv.narrow(2, 0, h + kvh)
         qk.copy_(torch.cat((rms_norm(qk[:, :, :h], w.q_norm, eps), rms_norm(qk[:, :, h:], w.k_norm, eps)), 2))
+    if mask is None or (s == 1 and attention_cuda.fits_step(qkv, rope, store, h) and launching_is_free()):
+        # Rotation, cache write and attention in one kernel, reading scattered slots in place (no
+        # mask: Stage.forward builds none when every layer goes this way).
+        attn = attention_cuda.decode_step(
+            qkv, rope, store, batch.slots, batch.positions, batch.kv_len, h, w.window or 0, d**-0.5,
+            -1 if batch.slot_start is None else batch.slot_start,
+        ).reshape(b, 1, cfg.q_size)
+    else:
+        attn = _attention(cfg, qkv, rope, mask, store, reads, batch)
+    x = x + linear(attn, w.wo, w.bo)
+
+    return x, linear(glu_linear(rms_norm(x, w.mlp_norm, eps), w.w_gate_up, w.b_gate_up), w.w_down, w.b_down)
+
+
+def _attention(
+    cfg: ModelConfig, qkv: Tensor, rope: Tensor, mask: Tensor, store: Tensor, reads: KeysValues | None, batch: Batch
+) -> Tensor:
+    """Rotate the new queries and keys ``qkv`` ``[B, S, H + 2 KV, D]``, store keys and values in
+    the cache, attend: ``[B, S, H*D]``."""
+    b, s, _, _ = qkv.shape
+    h, kvh, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    qk = qkv.narrow(2, 0, h + kvh)
     if torch.compiler.is_compiling():
         # Out of place, so Inductor computes the rotation where it stores keys and reads queries
         # instead of writing it back into the projection first.
@@ -168,27 +191,22 @@ def layer_forward(
             # H200 7.9 us against SDPA's 11.8 for 512 cached positions, 13.8 against 33.9 for 2048.
             scores = torch.matmul(q, keys.transpose(-1, -2)).float().mul_(d**-0.5).add_(mask)
             # Probabilities in the model's dtype before the product, as flash attention does.
-            attn = torch.matmul(scores.softmax(-1).to(x.dtype), values)
+            attn = torch.matmul(scores.softmax(-1).to(qkv.dtype), values)
         else:
             attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=d**-0.5)
-        attn = attn.reshape(b, 1, cfg.q_size)
-    else:
-        attn = (
-            F.scaled_dot_product_attention(
-                qkv.narrow(2, 0, h).transpose(1, 2),
-                keys,
-                values,
-                attn_mask=mask,
-                scale=d**-0.5,
-                enable_gqa=kvh != h,
-            )
-            .transpose(1, 2)
-            .reshape(b, s, cfg.q_size)
-        )  # [B, H, S, D] -> [B, S, H*D]
-    x = x + linear(attn, w.wo, w.bo)
-
-    gate, up = linear(rms_norm(x, w.mlp_norm, eps), w.w_gate_up, w.b_gate_up).chunk(2, -1)
-    return x, linear(F.silu(gate, inplace=True).mul_(up), w.w_down, w.b_down)
+        return attn.reshape(b, 1, cfg.q_size)
+    return (
+        F.scaled_dot_product_attention(
+            qkv.narrow(2, 0, h).transpose(1, 2),
+            keys,
+            values,
+            attn_mask=mask,
+            scale=d**-0.5,
+            enable_gqa=kvh != h,
+        )
+        .transpose(1, 2)
+        .reshape(b, s, cfg.q_size)
+    )  # [B, H, S, D] -> [B, S, H*D]
 
 
 def _apply_rope(qk: Tensor, rope: Tensor) -> None:
@@ -225,7 +243,7 @@ def interleave_rope_dims(t: Tensor, head_dim: int) -> Tensor:
 
 
 LayerFn = Callable[
-    [ModelConfig, LayerWeights, Tensor, Tensor, Tensor, Tensor, KeysValues | None, Batch, Tensor | None],
+    [ModelConfig, LayerWeights, Tensor, Tensor, Tensor | None, Tensor, KeysValues | None, Batch, Tensor | None],
     tuple[Tensor, Tensor],
 ]
 
@@ -351,21 +369,30 @@ class Stage(LayerRange, nn.Module):
         batch: Batch,
         last_only: bool = False,
         layer_fn: LayerFn | None = None,
+        graphed: bool = False,
     ) -> Tensor:
         """Token ids ``[B, S]`` (first stage) or hidden states ``[B, S, H]`` in; hidden states or,
         on the last stage, logits ``[B, S, V]`` out (``[B, 1, V]`` with ``last_only``).
 
-        ``layer_fn`` replaces :func:`layer_forward`, e.g. by a compiled version of it."""
+        ``layer_fn`` replaces :func:`layer_forward`, e.g. by a compiled version of it. ``graphed``:
+        the call is captured into a CUDA graph, or warms one up (cuda_graphs.py)."""
         layer_fn = layer_fn or layer_forward
         if self.is_first:
             x = self._embed_rows(x) if self._embed_from_head else self.embed(x)
         assert self.rope is not None, "call new_cache() first"
         rope = self.rope[batch.positions].unsqueeze(2)
-        masks = _masks(batch, self.cfg.windows[self.start : self.end], x.dtype)
         cfg = self.cfg
+        # A graphed decode step's layers attend in attention_cuda.decode_step, which needs no
+        # masks (it knows each row's position): five kernels fewer a step. Its warm-up runs go
+        # the same way, so a compiled layer sees one kind of call.
+        stepping = (
+            graphed and batch.positions.shape[1] == 1
+            and attention_cuda.takes(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cache.kv.dtype, cache.device)
+        )
+        masks = {} if stepping else _masks(batch, self.cfg.windows[self.start : self.end], x.dtype)
         delta = None
         for w, store, reads in zip(self._weights, cache.layers, cache.reads(batch), strict=True):
-            x, delta = layer_fn(cfg, w, x, rope, masks[w.window], store, reads, batch, delta)
+            x, delta = layer_fn(cfg, w, x, rope, masks.get(w.window), store, reads, batch, delta)
         if delta is not None:
             x = x + delta
         if not self.is_last:
@@ -393,5 +420,3 @@ def _mask(batch: Batch, window: int | None, dtype: torch.dtype) -> Tensor:
         allowed = allowed & (k_pos > q_pos - window)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=q_pos.device)
     return mask.masked_fill_(~allowed, float("-inf"))[:, None]
-
-

@@ -98,3 +98,66 @@ def test_a_compiled_function_calls_the_kernel_as_one_operation() -> None:
     mask = _mask([200], 256, torch.bfloat16)
     fn = torch.compile(lambda a: attention_cuda.decode_attention(a * 2, keys, values, mask, 0.125), fullgraph=True)
     assert (fn(q).double() - _reference(q * 2, keys, values, mask)).abs().max() < 2e-2
+
+
+def _rotate(t: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Interleaved pairs rotated in float32 and rounded back, as model._apply_rope does."""
+    pairs = torch.view_as_complex(t.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rope).flatten(-2).to(t.dtype)
+
+
+@cuda_triton
+@pytest.mark.parametrize(("kv", "g", "d", "kv_len", "slots", "positions", "window"), [
+    (8, 4, 64, 256, [0], [200], 0),  # the 1B shape, one session in its own slot
+    (8, 4, 128, 1024, [3, 1], [1023, 64], 0),  # scattered slots, read in place
+    (2, 3, 64, 64, [1], [0], 0),  # the first position
+    (2, 4, 64, 512, [2, 2], [130, 600], 0),  # a padding row aimed past the span writes nothing
+    (4, 2, 128, 512, [0], [400], 100),  # a sliding window
+])
+def test_a_decode_step_rotates_stores_and_attends(kv: int, g: int, d: int, kv_len: int, slots: list[int],
+                                                  positions: list[int], window: int) -> None:
+    torch.manual_seed(kv_len + len(slots))
+    dtype, h, b = torch.bfloat16, kv * g, len(slots)
+    # KVCache's layer [slots, positions, 2, KV, D]
+    store = torch.randn(4, max(kv_len, max(positions) + 1), 2, kv, d, device="cuda", dtype=dtype)
+    qkv = torch.randn(b, 1, h + 2 * kv, d, device="cuda", dtype=dtype)
+    pos = torch.tensor(positions, device="cuda")
+    freqs = pos[:, None].float() * torch.rand(d // 2, device="cuda")[None, :]
+    rope = torch.polar(torch.ones_like(freqs), freqs)[:, None, None, :]
+    want_store = store.clone()
+    q = _rotate(qkv[:, 0, :h], rope[:, 0])
+    new = torch.stack((_rotate(qkv[:, 0, h:h + kv], rope[:, 0]), qkv[:, 0, h + kv:]), 1)  # [B, 2, KV, D]
+    for i, (slot, p) in enumerate(zip(slots, positions, strict=True)):
+        if p < kv_len:
+            want_store[slot, p] = new[i]
+    got = attention_cuda.decode_step(qkv, rope, store, torch.tensor(slots, device="cuda"), pos[:, None], kv_len,
+                                     h, window, d**-0.5)
+    assert torch.equal(store, want_store)  # the new key (rotated) and value, nothing else
+    for i, (slot, p) in enumerate(zip(slots, positions, strict=True)):
+        seen = torch.arange(kv_len, device="cuda") <= p
+        if window:
+            seen &= torch.arange(kv_len, device="cuda") > p - window
+        mask = torch.zeros(kv_len, device="cuda").masked_fill_(~seen, float("-inf"))
+        keys = want_store[slot, :kv_len, 0].transpose(0, 1)[None]  # [1, KV, L, D]
+        values = want_store[slot, :kv_len, 1].transpose(0, 1)[None]
+        want = _reference(q[i].view(1, kv, g, d), keys, values, mask[None, None, None, :])
+        assert (got[i : i + 1].double() - want).abs().max() < 2e-2
+
+
+@cuda_triton
+def test_a_compiled_layer_steps_the_cache_in_place() -> None:
+    torch.manual_seed(0)
+    store = torch.randn(2, 65, 2, 8, 64, device="cuda", dtype=torch.bfloat16)
+    eager_store = store.clone()
+    qkv = torch.randn(1, 1, 48, 64, device="cuda", dtype=torch.bfloat16)
+    angles = torch.rand(1, 1, 1, 32, device="cuda")
+    rope = torch.polar(torch.ones_like(angles), angles)
+    slots, pos = torch.ones(1, dtype=torch.long, device="cuda"), torch.full((1, 1), 5, device="cuda")
+
+    def step(a: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+        return attention_cuda.decode_step(a * 2, rope, cache, slots, pos, 64, 32, 0, 0.125)
+
+    out = torch.compile(step, fullgraph=True)(qkv, store)
+    want = step(qkv, eager_store)
+    assert torch.equal(out, want) and torch.equal(store, eager_store)  # the write reached the cache itself
+    assert not torch.equal(store[1, 5], store.new_zeros(2, 8, 64)) and torch.equal(store[1, 5, 1], qkv[0, 0, 40:] * 2)
