@@ -96,7 +96,8 @@ def choose(n: int, k: int, m: int) -> tuple[str, dict[str, int], int]:
 def glu_tiles(n: int, k: int) -> dict[str, int]:
     """The CUDA-core kernel's tiles for silu(gate) * up of one row, ``n`` outputs from a fused
     ``[2n, k]`` gate|up: each program reads as many rows as for the plain product, half of them
-    up rows (R halved, or the warps when R is 1)."""
+    up rows (R halved, or the warps when R is 1). On the 1B shape's MLP an H200 sweep of 18 tile
+    choices found none faster by more than 0.3%."""
     kind, tiles, _ = choose(2 * n, k, 1)
     assert kind == "fma"
     if tiles["R"] > 1:
