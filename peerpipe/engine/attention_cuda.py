@@ -9,6 +9,13 @@ the online softmax over blocks of 64 positions (two warps each); with few sessio
 split among up to 8 programs, and the last to finish (an atomic counter, as in int8_gluon.py's
 split-K, sharing its workspace) merges their partial sums. Probabilities are rounded to the
 model's dtype before they weigh the values, as flash attention does.
+
+``decode_step`` is the same kernel fed a layer's unrotated q|k|v product: it rotates the query
+and the new key, reads each row's slot and position (scattered slots in place, no gather; the
+causal and sliding-window masks from the position), attends with the new key and value standing
+in for their cache row, and stores them there. A graphed step's rotation, cache write, masks and
+attention were six kernels or more; on an H200 the kernel takes about 7 µs at 256 positions
+against 5 for attention alone, the price of moving the new row between layouts.
 """
 
 from __future__ import annotations
