@@ -41,9 +41,10 @@ def bf16_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, cnt_ptr, N, KW, K_SPLIT, SPLIT_K, U
     """``x_ptr``: x as int32 ``[K/2]``; ``w_ptr``: w as int32
     ``[N, KW]`` (KW = K/2); ``K_SPLIT``: words of K per program along K. Each thread holds R rows
     of 16 bytes; a warp is TN x TK threads; W warps along N. With ``GLU`` (and no split) w is a
-    fused gate|up ``[2N, KW]`` whose up rows start ``UP`` words in, and y is silu(gate) * up,
-    each rounded to bf16 first as the unfused products round them: the activation of a gated
-    MLP without a kernel of its own."""
+    fused gate|up ``[2N, KW]`` whose up rows start ``UP`` words in, and y is silu(gate) * up:
+    gate and up rounded to bf16 first, as their product rounds them, then silu(gate) * up in
+    float32 rounded once, as a compiled layer's fused kernel does. The activation of a gated MLP
+    without a kernel of its own."""
     L3: gl.constexpr = gl.BlockedLayout([R, 1, 4], [TN, TK, 1], [W, 1, 1], [2, 1, 0])
     LA: gl.constexpr = gl.SliceLayout(2, L3)  # [BN, TK]
     LX: gl.constexpr = gl.SliceLayout(0, L3)  # [TK, 4]

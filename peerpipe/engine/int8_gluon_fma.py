@@ -111,8 +111,9 @@ def fma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr, N, KW, K_SPLIT, stri
     """``x_ptr``: x as int64 ``[MR, K/4]`` (``stride_x`` in int64); ``w_ptr``: q as int32 ``[N, KW]``
     (KW = K/4); ``K_SPLIT``: words of K per program along K. Each thread holds R rows of 16 bytes;
     a warp is TN x TK threads; W warps along N. With ``GLU`` (one row, no split) q is a fused
-    gate|up ``[2N, KW]`` whose up rows start ``UP`` words in, and y is silu(gate) * up, each
-    rounded to bf16 first as the unfused products round them."""
+    gate|up ``[2N, KW]`` whose up rows start ``UP`` words in, and y is silu(gate) * up: gate and
+    up rounded to bf16 first, as their product rounds them, then rounded once more at the end, as
+    a compiled layer's fused kernel does."""
     L3: gl.constexpr = gl.BlockedLayout([R, 1, 4], [TN, TK, 1], [W, 1, 1], [2, 1, 0])
     LA: gl.constexpr = gl.SliceLayout(2, L3)  # [BN, TK]
     LX: gl.constexpr = gl.SliceLayout(0, L3)  # [TK, 4]

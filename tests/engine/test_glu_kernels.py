@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from peerpipe.engine import bf16_gluon, int8_cuda, int8_gluon
 from peerpipe.engine.quant import Int8Weight, glu_linear, quantize
 
-# (outputs, K): the 1B and 8B shapes' MLPs, a small one, a count of outputs no block divides
-SHAPES = [(8192, 2048), (14336, 4096), (1024, 512), (1000, 512)]
+# (outputs, K): the 1B and 8B shapes' MLPs, a small one, counts of outputs the bf16 block (1000)
+# and both kernels' blocks (1001) do not divide
+SHAPES = [(8192, 2048), (14336, 4096), (1024, 512), (1000, 512), (1001, 512)]
 
 
 def _want(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
