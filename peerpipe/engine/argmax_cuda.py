@@ -15,6 +15,8 @@ import functools
 import torch
 from torch import Tensor
 
+from peerpipe.engine import int8_cuda
+
 CHUNK = 4096
 MAX_PROGRAMS = 1024  # a row of up to 4M logits
 _STATE: dict[tuple[torch.device, int], tuple[Tensor, Tensor]] = {}
@@ -55,15 +57,10 @@ def _kernel():  # type: ignore[no-untyped-def]
 def fits(x: Tensor) -> bool:
     """Whether the kernel takes ``x``: a CUDA ``[B, V]`` of floats with unit stride along V, where
     Triton is installed."""
-    if not (x.is_cuda and x.dim() == 2 and x.stride(-1) == 1 and x.dtype.is_floating_point):
-        return False
-    if x.shape[1] > CHUNK * MAX_PROGRAMS or x.dtype == torch.float64:
-        return False
-    try:
-        _kernel()
-    except ImportError:
-        return False
-    return True
+    return (
+        x.is_cuda and x.dim() == 2 and x.stride(-1) == 1 and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        and x.shape[1] <= CHUNK * MAX_PROGRAMS and int8_cuda.available()
+    )
 
 
 def argmax(x: Tensor) -> Tensor:

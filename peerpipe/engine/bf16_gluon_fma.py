@@ -15,7 +15,7 @@ from __future__ import annotations
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
-from peerpipe.engine.int8_gluon_fma import _stores
+from peerpipe.engine.int8_gluon_fma import _row_tiles, _stores
 
 
 @gluon.jit
@@ -45,33 +45,13 @@ def bf16_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, cnt_ptr, N, KW, K_SPLIT, SPLIT_K, U
     gate and up rounded to bf16 first, as their product rounds them, then silu(gate) * up in
     float32 rounded once, as a compiled layer's fused kernel does. The activation of a gated MLP
     without a kernel of its own."""
-    L3: gl.constexpr = gl.BlockedLayout([R, 1, 4], [TN, TK, 1], [W, 1, 1], [2, 1, 0])
-    LA: gl.constexpr = gl.SliceLayout(2, L3)  # [BN, TK]
-    LX: gl.constexpr = gl.SliceLayout(0, L3)  # [TK, 4]
     BN: gl.constexpr = R * TN * W
     BKW: gl.constexpr = TK * 4  # words of K per step
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
-    k0 = pid_k * K_SPLIT
-    n_steps = K_SPLIT // BKW
+    rn, rn_loc, w_ptrs, xoff, n_steps, zeros = _row_tiles(w_ptr, N, KW, K_SPLIT, R, TN, TK, W, EVEN_N)
 
-    rn_loc = gl.arange(0, BN, layout=gl.SliceLayout(1, LA))
-    rn = pid_n * BN + rn_loc
-    if EVEN_N:
-        w_rows = rn
-    else:
-        w_rows = gl.minimum(rn, N - 1)  # rows past N read the last one: loads stay unmasked, 16 bytes wide
-    rt = gl.arange(0, TK, layout=gl.SliceLayout(0, LA))
-    re = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3)))
-    n3 = gl.expand_dims(gl.expand_dims(w_rows, 1), 2)
-    t3 = gl.expand_dims(gl.expand_dims(rt, 0), 2)
-    e3 = gl.expand_dims(gl.expand_dims(re, 0), 1)
-    w_ptrs = w_ptr + n3.to(gl.int64) * KW + (k0 + t3 * 4 + e3)
-    xt = gl.arange(0, TK, layout=gl.SliceLayout(1, LX))
-    xe = gl.arange(0, 4, layout=gl.SliceLayout(0, LX))
-    xoff = k0 + gl.expand_dims(xt, 1) * 4 + gl.expand_dims(xe, 0)
-
-    acc = gl.zeros([BN, TK, 4], gl.float32, L3)
+    acc = zeros
     acc_up = acc
     w = gl.load(w_ptrs)
     u = w

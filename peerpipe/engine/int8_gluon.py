@@ -39,7 +39,6 @@ def _capable(index: int) -> bool:
     return torch.cuda.get_device_capability(index) >= (8, 0)  # mma.sync m16n8k16 in bf16
 
 
-
 def fits(x: Tensor, q: Tensor) -> bool:
     """Whether these kernels take ``x`` ``[M, K]`` (M <= 8, bf16 on a capable GPU) times ``q``."""
     k = x.shape[-1]

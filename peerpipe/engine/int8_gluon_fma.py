@@ -105,24 +105,18 @@ def _stores(v0, v1, pid_n, pid_k, rn, rn_loc, scale, y_ptr, ws_ptr, N, stride_y,
 
 
 @gluon.jit
-def fma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr, N, KW, K_SPLIT, stride_x, stride_y, SPLIT_K,  # type: ignore[no-untyped-def]
-               UP, MR: gl.constexpr, R: gl.constexpr, TN: gl.constexpr, TK: gl.constexpr, W: gl.constexpr,
-               EVEN_N: gl.constexpr, GLU: gl.constexpr):
-    """``x_ptr``: x as int64 ``[MR, K/4]`` (``stride_x`` in int64); ``w_ptr``: q as int32 ``[N, KW]``
-    (KW = K/4); ``K_SPLIT``: words of K per program along K. Each thread holds R rows of 16 bytes;
-    a warp is TN x TK threads; W warps along N. With ``GLU`` (one row, no split) q is a fused
-    gate|up ``[2N, KW]`` whose up rows start ``UP`` words in, and y is silu(gate) * up: gate and
-    up rounded to bf16 first, as their product rounds them, then rounded once more at the end, as
-    a compiled layer's fused kernel does."""
+def _row_tiles(w_ptr, N, KW, K_SPLIT, R: gl.constexpr, TN: gl.constexpr, TK: gl.constexpr,  # type: ignore[no-untyped-def]
+               W: gl.constexpr, EVEN_N: gl.constexpr):
+    """What both one-row kernels (this and bf16_gluon_fma.py) start from: this program's output
+    rows (``rn``, and ``rn_loc`` within the block), its first step's weight words ``[BN, TK, 4]``
+    (``w_ptr`` as int32), the offsets of x's words for them ``[TK, 4]``, the steps along K, and a
+    zero accumulator in the weights' layout."""
     L3: gl.constexpr = gl.BlockedLayout([R, 1, 4], [TN, TK, 1], [W, 1, 1], [2, 1, 0])
     LA: gl.constexpr = gl.SliceLayout(2, L3)  # [BN, TK]
     LX: gl.constexpr = gl.SliceLayout(0, L3)  # [TK, 4]
     BN: gl.constexpr = R * TN * W
-    BKW: gl.constexpr = TK * 4  # words of K per step
     pid_n = gl.program_id(0)
-    pid_k = gl.program_id(1)
-    k0 = pid_k * K_SPLIT
-    n_steps = K_SPLIT // BKW
+    k0 = gl.program_id(1) * K_SPLIT
 
     rn_loc = gl.arange(0, BN, layout=gl.SliceLayout(1, LA))
     rn = pid_n * BN + rn_loc
@@ -139,8 +133,26 @@ def fma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr, N, KW, K_SPLIT, stri
     xt = gl.arange(0, TK, layout=gl.SliceLayout(1, LX))
     xe = gl.arange(0, 4, layout=gl.SliceLayout(0, LX))
     xoff = k0 + gl.expand_dims(xt, 1) * 4 + gl.expand_dims(xe, 0)
+    return rn, rn_loc, w_ptrs, xoff, K_SPLIT // (TK * 4), gl.zeros([BN, TK, 4], gl.float32, L3)
 
-    a0 = gl.zeros([BN, TK, 4], gl.float32, L3)
+
+@gluon.jit
+def fma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr, N, KW, K_SPLIT, stride_x, stride_y, SPLIT_K,  # type: ignore[no-untyped-def]
+               UP, MR: gl.constexpr, R: gl.constexpr, TN: gl.constexpr, TK: gl.constexpr, W: gl.constexpr,
+               EVEN_N: gl.constexpr, GLU: gl.constexpr):
+    """``x_ptr``: x as int64 ``[MR, K/4]`` (``stride_x`` in int64); ``w_ptr``: q as int32 ``[N, KW]``
+    (KW = K/4); ``K_SPLIT``: words of K per program along K. Each thread holds R rows of 16 bytes;
+    a warp is TN x TK threads; W warps along N. With ``GLU`` (one row, no split) q is a fused
+    gate|up ``[2N, KW]`` whose up rows start ``UP`` words in, and y is silu(gate) * up: gate and
+    up rounded to bf16 first, as their product rounds them, then rounded once more at the end, as
+    a compiled layer's fused kernel does."""
+    BN: gl.constexpr = R * TN * W
+    BKW: gl.constexpr = TK * 4  # words of K per step
+    pid_n = gl.program_id(0)
+    pid_k = gl.program_id(1)
+    rn, rn_loc, w_ptrs, xoff, n_steps, zeros = _row_tiles(w_ptr, N, KW, K_SPLIT, R, TN, TK, W, EVEN_N)
+
+    a0 = zeros
     a1 = a0
     w = gl.load(w_ptrs)
     u = w
