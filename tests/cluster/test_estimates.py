@@ -97,8 +97,10 @@ def test_cached_benchmarks_expire_and_fresh_layers_skip_the_cache(tmp_path: Path
 
 
 def test_a_room_measures_a_wrong_cached_timing_again(tmp_path: Path, monkeypatch, tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
-    """The cache says this machine's layer takes 50 times what it does (as after a benchmark on a
-    busy machine): after an answer, the idle room times the layer again and the cache is right."""
+    """The cache says this machine's layer takes 500 times what it does (as after a benchmark on a
+    busy machine): after an answer, the idle room times the layer again and the cache is right.
+    The factor is large because a measured step also holds the hops and Python around two tiny
+    layers, which a loaded machine stretches (CI once saw only 4.4 times at a factor of 50)."""
     from peerpipe.cli.cluster_cmds import view_to_json
     from peerpipe.cluster.model_choice import ModelChoice
     from peerpipe.plan import Budget, stage_memory
@@ -112,7 +114,7 @@ def test_a_room_measures_a_wrong_cached_timing_again(tmp_path: Path, monkeypatch
     real = cache.layer(cfg, "float32")
     key = f"{cfg.shape_key}/float32"
     data = json.loads(cache.path.read_text())
-    data["layers"][key]["decode_ms"] = real.decode_ms * 50
+    data["layers"][key]["decode_ms"] = real.decode_ms * 500
     cache.path.write_text(json.dumps(data))
     spec = ModelChoice.from_dir(model, "float32").spec
     budget = Budget(64, 4)
@@ -146,4 +148,4 @@ def test_a_room_measures_a_wrong_cached_timing_again(tmp_path: Path, monkeypatch
 
     asyncio.run(asyncio.wait_for(main(), 120))
     fresh = json.loads(cache.path.read_text())["layers"][key]["decode_ms"]
-    assert fresh < real.decode_ms * 10, (fresh, real.decode_ms)
+    assert fresh < real.decode_ms * 50, (fresh, real.decode_ms)  # a tenth of the wrong figure
