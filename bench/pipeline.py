@@ -110,37 +110,69 @@ class Proc:
                 self.proc.wait()
 
 
+class Local:
+    """The one-node engine the rooms are compared with, in this process. On a CPU it stays loaded
+    while the rooms run, so each room's round is paired with a local round right before it: this
+    VM's speed drifts by 10-20% over minutes, and ratios of paired rounds drift less."""
+
+    def __init__(self, model: Path, new_tokens: int, device: str, dtype: str, graphs: bool = False,
+                 pin: bool = False) -> None:
+        from peerpipe.engine.generate import LocalEngine
+        from peerpipe.engine.sampling import SamplingParams
+
+        self.pin, self.device = pin, device
+        self.cores = os.sched_getaffinity(0)
+        if pin:  # one core, one thread: what each pinned node of a room gets
+            from peerpipe.compute import set_threads
+
+            set_threads(1)
+        self.engine, _ = LocalEngine.from_dir(
+            model, device=device, dtype=dtype, max_seq=LONG_PROMPT + new_tokens + 1, cuda_graphs=graphs
+        )
+        self.params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+        self.prompt = [10 + i % 200 for i in range(PROMPT_LEN)]
+        self._pinned(lambda: self.engine.generate(self.prompt, self.params))
+
+    def _pinned(self, fn):  # type: ignore[no-untyped-def]
+        if self.pin:
+            os.sched_setaffinity(0, {0})
+        try:
+            return fn()
+        finally:  # the rooms' nodes (and this process's client) go where --pin puts them
+            os.sched_setaffinity(0, self.cores)
+
+    def decode_tok_s(self) -> float:
+        return self._pinned(lambda: self.engine.generate(self.prompt, self.params)).tok_s
+
+    def figures(self, repeats: int) -> dict:
+        from peerpipe.engine.sampling import SamplingParams
+
+        tok_s = statistics.median(self.decode_tok_s() for _ in range(repeats))
+        long = [10 + i % 200 for i in range(LONG_PROMPT)]
+        one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+        self._pinned(lambda: self.engine.generate(long, one))
+        ttft = statistics.median(self._pinned(lambda: self.engine.generate(long, one)).prefill_s for _ in range(repeats))
+        return {"tok_s": tok_s, "ttft_s": ttft}
+
+    def close(self) -> None:
+        del self.engine  # the rooms that follow need this device's memory
+        if self.device != "cpu":
+            import gc
+
+            import torch
+
+            gc.collect()
+            torch.cuda.empty_cache()
+
+
 def local_baseline(
     model: Path, new_tokens: int, repeats: int, device: str, dtype: str, graphs: bool = False, pin: bool = False
 ) -> dict:
-    from peerpipe.engine.generate import LocalEngine
-    from peerpipe.engine.sampling import SamplingParams
-
-    if pin:  # one core, one thread: what each pinned node of a room gets
-        from peerpipe.compute import set_threads
-
-        os.sched_setaffinity(0, {0})
-        set_threads(1)
-    engine, _ = LocalEngine.from_dir(
-        model, device=device, dtype=dtype, max_seq=LONG_PROMPT + new_tokens + 1, cuda_graphs=graphs
-    )
-    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
-    prompt = [10 + i % 200 for i in range(PROMPT_LEN)]
-    engine.generate(prompt, params)
-    tok_s = statistics.median(engine.generate(prompt, params).tok_s for _ in range(repeats))
-    long = [10 + i % 200 for i in range(LONG_PROMPT)]
-    one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-    engine.generate(long, one)
-    ttft = statistics.median(engine.generate(long, one).prefill_s for _ in range(repeats))
-    del engine  # the rooms that follow need this device's memory
-    if device != "cpu":
-        import gc
-
-        import torch
-
-        gc.collect()
-        torch.cuda.empty_cache()
-    return {"tok_s": tok_s, "ttft_s": ttft}
+    local = Local(model, new_tokens, device, dtype, graphs, pin)
+    try:
+        return local.figures(repeats)
+    finally:
+        local.close()
 
 
 async def ask(address: tuple[str, int], prompts: list[list[int]], new_tokens: int) -> tuple[list, float]:
@@ -243,7 +275,11 @@ def bench_shape(shape: str, root: Path, env: dict[str, str], args: argparse.Name
     if args.device == "cpu":
         BenchCache(detect("cpu")).layer(cfg, args.dtype)
     log(f"{shape}: one node, local engine")
-    base = local_baseline(model, args.new_tokens, args.repeats, args.device, args.dtype, pin=args.pin)
+    local = Local(model, args.new_tokens, args.device, args.dtype, pin=args.pin)
+    base = local.figures(args.repeats)
+    paired = args.device == "cpu"  # on a GPU the rooms need the memory the engine holds
+    if not paired:
+        local.close()
     rows = {"shape": shape, "layers": cfg.n_layers, "local": base, "rooms": []}
     if args.device != "cpu":
         rows["local_cuda_graphs"] = local_baseline(model, args.new_tokens, args.repeats, args.device, args.dtype, True)
@@ -263,14 +299,18 @@ def bench_shape(shape: str, root: Path, env: dict[str, str], args: argparse.Name
         try:
             predicted, planned = predicted_ms(address, env)
             asyncio.run(ask(address, [prompt], 4))  # warm-up
-            singles = [asyncio.run(ask(address, [prompt], args.new_tokens))[0][0] for _ in range(args.repeats)]
+            singles, ratios = [], []
+            for _ in range(args.repeats):
+                alone = local.decode_tok_s() if paired else base["tok_s"]
+                singles.append(asyncio.run(ask(address, [prompt], args.new_tokens))[0][0])
+                ratios.append((len(singles[-1].tokens) - 1) / singles[-1].decode_s / alone)
             tok_s = statistics.median((len(d.tokens) - 1) / d.decode_s for d in singles)
             ttfts = [asyncio.run(ask(address, [long], 1))[0][0].prefill_s for _ in range(args.repeats)]
             entry = {
                 "stages": planned,
                 "threads_per_node": threads,
                 "tok_s": tok_s,
-                "vs_local": tok_s / base["tok_s"],
+                "vs_local": statistics.median(ratios),  # of rounds paired with a local one (CPU)
                 "ttft_s": statistics.median(ttfts),
                 "ttft_vs_local": statistics.median(ttfts) / base["ttft_s"],
                 "predicted_ms": predicted,
@@ -293,6 +333,8 @@ def bench_shape(shape: str, root: Path, env: dict[str, str], args: argparse.Name
                 p.stop()
         if args.trace:
             entry.update(hops.room_parts(traces, planned, {d.request_id for d in singles}, streamed))
+    if paired:
+        local.close()
     return rows
 
 
