@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from peerpipe.engine.config import ModelConfig
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 2  # 2: layers timed in cache-overflowing stacks, with the stage overhead
+CACHE_VERSION = 3  # 2: layers timed in cache-overflowing stacks, with the stage overhead; 3: fp32 CPU matrices by columns
 Progress = Callable[[str], None]
 
 
@@ -267,6 +267,7 @@ def _random_stacks(cfg: ModelConfig, k: int, dev: torch.device, torch_dtype: tor
                 else:
                     param.normal_(0.0, 0.02, generator=generator)
         short.layers[i] = block
+    short.lay_out_for_cpu()  # as a loaded stage holds them (engine/cpu_layout.py)
     for i in range(2 * k):
         double.layers[i] = short.layers[i % k]
     return short, double

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from peerpipe.engine import attention_cuda, int8_gluon
+from peerpipe.engine import attention_cuda, cpu_layout, int8_gluon
 from peerpipe.engine.bf16_gluon import launching_is_free
 from peerpipe.engine.config import ModelConfig
 from peerpipe.engine.kvcache import Batch, KeysValues, KVCache
@@ -338,6 +338,18 @@ class Stage(LayerRange, nn.Module):
         if tied and self.embed is not None:
             self.embed.weight = nn.Parameter(head.new_empty(0), requires_grad=False)
             self._embed_from_head = True
+
+    def lay_out_for_cpu(self) -> int:
+        """Store this stage's wide fp32 matrices by columns where it runs on a CPU, for one-row
+        products (cpu_layout.py); returns how many were."""
+        linears = [m for b in self.layers for m in (b.attn.wqkv, b.attn.wo, b.mlp.w_gate_up, b.mlp.w_down)]
+        if self.is_last and self._head is None:
+            linears.append(self.lm_head)
+        tied = (self.embed, self.lm_head) if self.embed is not None and self.is_last else None
+        count = cpu_layout.lay_out(linears, tied)
+        if count:
+            self._gather_weights()
+        return count
 
     def _gather_weights(self) -> None:
         windows = self.cfg.windows[self.start : self.end]
