@@ -216,6 +216,7 @@ def bench_layer(
         layer_bytes = sum(q.nbytes for q in short._quant[0].values()) + sum(
             p.numel() * p.element_size() for p in short.layers[0].parameters()
         )
+    short.lay_out_for_cpu()  # as a loaded stage holds them (engine/cpu_layout.py); double shares the layers
     prompt = torch.randn(1, prefill_tokens, cfg.hidden_size, device=dev, dtype=torch_dtype)
     token = torch.randn(1, 1, cfg.hidden_size, device=dev, dtype=torch_dtype)
     rounds = 3 if quick else 5
@@ -267,7 +268,6 @@ def _random_stacks(cfg: ModelConfig, k: int, dev: torch.device, torch_dtype: tor
                 else:
                     param.normal_(0.0, 0.02, generator=generator)
         short.layers[i] = block
-    short.lay_out_for_cpu()  # as a loaded stage holds them (engine/cpu_layout.py)
     for i in range(2 * k):
         double.layers[i] = short.layers[i % k]
     return short, double

@@ -163,7 +163,7 @@ def quantize(
         return w
     if w.dim() != 2:
         raise QuantizeError(f"only matrices are quantized, not a tensor of shape {tuple(w.shape)}")
-    x = w.detach().float()
+    x = w.detach().float().contiguous()  # rows whole even where a CPU stage holds w by columns
     if mode == "int4-q4_0":  # Q4_0's grid: d * (q - 8), d from the group's largest magnitude
         held = _q4_0_grid(x, group)
         return held.for_cpu() if cpu_kernel and w.device.type == "cpu" else held

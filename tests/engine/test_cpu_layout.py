@@ -13,6 +13,7 @@ from peerpipe.engine import cpu_layout
 from peerpipe.engine.kvcache import KVCache
 from peerpipe.engine.loader import load_stage
 from peerpipe.engine.model import Stage
+from peerpipe.engine.quant import quantize
 
 
 def _by_columns(w: torch.Tensor) -> bool:
@@ -73,3 +74,13 @@ def test_quantized_and_half_precision_stages_keep_their_layout(tiny_model_dir) -
     assert int8.lay_out_for_cpu() == 0
     half, _ = load_stage(tiny_model_dir("llama"), device="cpu", dtype="bfloat16")
     assert not any(_by_columns(b.mlp.w_gate_up.weight) for b in half.layers)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_matrix_held_by_columns_quantizes_as_its_rows_do(mode: str) -> None:
+    """The planner's benchmark and a later quantization may meet a laid-out matrix."""
+    w = torch.randn(256, 64)
+    cols = cpu_layout.by_columns(w)
+    assert _by_columns(cols)
+    a, b = quantize(w, mode, cpu_kernel=False), quantize(cols, mode, cpu_kernel=False)
+    assert torch.equal(a.dequantize(torch.float32), b.dequantize(torch.float32))
