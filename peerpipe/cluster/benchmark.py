@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from peerpipe.engine.config import ModelConfig
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 2  # 2: layers timed in cache-overflowing stacks, with the stage overhead
+CACHE_VERSION = 3  # 2: layers timed in cache-overflowing stacks, with the stage overhead; 3: fp32 CPU matrices by columns
 Progress = Callable[[str], None]
 
 
@@ -216,6 +216,7 @@ def bench_layer(
         layer_bytes = sum(q.nbytes for q in short._quant[0].values()) + sum(
             p.numel() * p.element_size() for p in short.layers[0].parameters()
         )
+    short.lay_out_for_cpu()  # as a loaded stage holds them (engine/cpu_layout.py); double shares the layers
     prompt = torch.randn(1, prefill_tokens, cfg.hidden_size, device=dev, dtype=torch_dtype)
     token = torch.randn(1, 1, cfg.hidden_size, device=dev, dtype=torch_dtype)
     rounds = 3 if quick else 5

@@ -9,12 +9,6 @@ to 22, a 32000x384 head from 11 to 19. Matrices no wider than twice their length
 lose (a 384x1024 down projection 15 -> 14), bf16 and fp16 ones lose, and two to sixteen rows
 run 10-25% slower on the wide ones: only fp32 matrices at least ``WIDE`` times as wide as long
 are laid out so. The values, and every product's result up to the order of its sums, stay.
-
-``load_stage`` lays out a stage that holds the whole model (the local engine, a room of one).
-The stages of two-stage CPU rooms gained nothing measurable from it (the room's tokens a second
-within the VM's noise with and without, four runs each; one run with it at 0.6x of the others,
-its forwards twice as long, cause not found), so parts of a model keep their rows, as does the
-planner's layer benchmark, which times middle layers.
 """
 
 from __future__ import annotations

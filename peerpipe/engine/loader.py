@@ -239,9 +239,7 @@ def load_stage(
     else:
         stage, read = _checkpoint_stage(path, cfg, start, end, dev, dt, progress)
     stage.quantize(quantize, keep_modes(path, cfg, start, end) if quantize == "keep" else None)
-    if start == 0 and end == cfg.n_layers:
-        # The whole model only: parts of it in rooms gained nothing measurable (cpu_layout.py).
-        stage.lay_out_for_cpu()
+    stage.lay_out_for_cpu()
     return stage, LoadStats(*read, time.perf_counter() - t0)
 
 

@@ -84,9 +84,3 @@ def test_a_matrix_held_by_columns_quantizes_as_its_rows_do(mode: str) -> None:
     assert _by_columns(cols)
     a, b = quantize(w, mode, cpu_kernel=False), quantize(cols, mode, cpu_kernel=False)
     assert torch.equal(a.dequantize(torch.float32), b.dequantize(torch.float32))
-
-
-def test_only_a_stage_of_the_whole_model_is_laid_out(tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
-    """A room's part of a model keeps its rows (its stages gained nothing measurable, cpu_layout.py)."""
-    part, _ = load_stage(tiny_model_dir("llama"), 0, 1, device="cpu", dtype="float32")
-    assert not any(_by_columns(b.mlp.w_gate_up.weight) for b in part.layers)
