@@ -62,9 +62,12 @@ def gpu_nodes(text: str, name: str, memory_gb: float | None) -> list[GpuNode]:
         raise PeerpipeError(f"--gpus {text}: no GPU {bad[0]} here (PyTorch sees {count}: 0 to {count - 1})")
     base = name or os.uname().nodename
     nodes = []
+    free: dict[int, float] = {}  # read once a GPU: the nodes sharing it get equal shares
     for n, i in enumerate(indices):
         sharing = indices.count(i)
-        share = memory_gb if memory_gb is not None or sharing == 1 else _free_gb(i, as_cpu) / sharing
+        if memory_gb is None and sharing > 1 and i not in free:
+            free[i] = _free_gb(i, as_cpu)
+        share = memory_gb if memory_gb is not None or sharing == 1 else free[i] / sharing
         suffix = f"-gpu{i}" + (f"-{indices[:n].count(i) + 1}" if sharing > 1 else "")
         nodes.append(GpuNode(i, "cpu" if as_cpu else f"cuda:{i}", base + suffix, share))
     return nodes

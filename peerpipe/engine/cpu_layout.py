@@ -9,6 +9,8 @@ to 22, a 32000x384 head from 11 to 19. Matrices no wider than twice their length
 lose (a 384x1024 down projection 15 -> 14), bf16 and fp16 ones lose, and two to sixteen rows
 run 10-25% slower on the wide ones: only fp32 matrices at least ``WIDE`` times as wide as long
 are laid out so. The values, and every product's result up to the order of its sums, stay.
+Every CPU stage is laid out alike, whole model or part: a room's answers equal one node's bit
+for bit only when its stages sum in the same order.
 """
 
 from __future__ import annotations
