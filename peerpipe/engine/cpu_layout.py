@@ -39,9 +39,9 @@ def lay_out(linears: list[nn.Linear], tied: tuple[nn.Embedding, nn.Linear] | Non
         w = lin.weight
         if not w.numel() or not wide(w) or not w.is_contiguous():
             continue  # quantized (emptied), narrow, half precision, or laid out already
-        shared = tied is not None and lin is tied[1] and tied[0].weight is w
+        embed = tied[0] if tied is not None and lin is tied[1] and tied[0].weight is w else None
         lin.weight = by_columns(w)
-        if shared and tied is not None:
-            tied[0].weight = lin.weight
+        if embed is not None:
+            embed.weight = lin.weight
         count += 1
     return count

@@ -84,6 +84,10 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
+    def linears(self) -> dict[str, nn.Linear]:
+        """The layer's four matrices, by the names quantization modes use."""
+        return {"wqkv": self.attn.wqkv, "wo": self.attn.wo, "w_gate_up": self.mlp.w_gate_up, "w_down": self.mlp.w_down}
+
 
 class LayerWeights(NamedTuple):
     attn_norm: Tensor
@@ -312,8 +316,7 @@ class Stage(LayerRange, nn.Module):
         if self.quant_mode != "none":
             raise ValueError(f"this stage is already held in {self.quant_mode}")
         for i, block in enumerate(self.layers):
-            linears = {"wqkv": block.attn.wqkv, "wo": block.attn.wo, "w_gate_up": block.mlp.w_gate_up,
-                       "w_down": block.mlp.w_down}
+            linears = block.linears()
             modes = each[i] if each is not None else dict.fromkeys(linears, mode)
             keep = mode == "keep"  # the file's 32-value blocks, their zero points as they are
             group = KEEP_GROUP if keep else INT4_GROUP
@@ -342,7 +345,7 @@ class Stage(LayerRange, nn.Module):
     def lay_out_for_cpu(self) -> int:
         """Store this stage's wide fp32 matrices by columns where it runs on a CPU, for one-row
         products (cpu_layout.py); returns how many were."""
-        linears = [m for b in self.layers for m in (b.attn.wqkv, b.attn.wo, b.mlp.w_gate_up, b.mlp.w_down)]
+        linears = [m for b in self.layers for m in b.linears().values()]
         if self.is_last and self._head is None:
             linears.append(self.lm_head)
         tied = (self.embed, self.lm_head) if self.embed is not None and self.is_last else None
