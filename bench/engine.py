@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from peerpipe.devtools.tiny_model import param_count, tiny_config, write_random_model  # noqa: E402
-from peerpipe.engine import attention_cuda, bf16_gluon  # noqa: E402
+from peerpipe.engine import attention_cuda, bf16_gluon, normed  # noqa: E402
 from peerpipe.engine.generate import LocalEngine  # noqa: E402
 from peerpipe.engine.loader import load_stage  # noqa: E402
 from peerpipe.engine.sampling import SamplingParams  # noqa: E402
@@ -145,14 +145,14 @@ class Run:
 
 
 def _own_kernels(on: bool) -> None:
-    bf16_gluon.enabled = attention_cuda.enabled = on
+    bf16_gluon.enabled = attention_cuda.enabled = normed.enabled = on
 
 
 class PeerpipeRunner:
     def __init__(
         self, path: Path, args: argparse.Namespace, graphs: bool, compile_layers: bool = False, gluon: bool = True
     ) -> None:
-        # gluon=False: torch's kernels (cuBLAS, SDPA) instead of ours (engine/bf16_gluon.py,
+        # gluon=False: torch's kernels (cuBLAS, SDPA, separate norms) instead of ours (engine/bf16_gluon.py,
         # engine/attention_cuda.py); graphs and compiled layers keep what they were captured
         # with, and run() sets it again for any captured later.
         self.gluon = gluon

@@ -75,10 +75,11 @@ def fits(x: Tensor, w: Tensor, glu: bool = False) -> bool:
     )
 
 
-def gemv(x: Tensor, w: Tensor, plan: tuple[dict[str, int], int] | None = None, glu: bool = False) -> Tensor:
+def gemv(x: Tensor, w: Tensor, plan: tuple[dict[str, int], int] | None = None, glu: bool = False,
+         prologue: int8_gluon.Prologue | None = None) -> Tensor:
     """``x`` ``[1, K]`` bf16 times ``w`` ``[N, K]`` bf16: ``[1, N]`` (``fits``); ``plan``
     forces tiles and split (the sweep). ``glu``: silu(x gate^T) * (x up^T) of a fused gate|up
-    ``w``, ``[1, N/2]``."""
+    ``w``, ``[1, N/2]``. ``prologue``: x is the residual stream, normalized first."""
     if torch.compiler.is_compiling():
         return _opaque(x, w, glu)  # torch.compile'd layers: one call it does not trace into
     m, k = x.shape
@@ -93,10 +94,12 @@ def gemv(x: Tensor, w: Tensor, plan: tuple[dict[str, int], int] | None = None, g
     workspace, counters = int8_gluon.reserve(x.device)
     xw, ww, words = x.view(torch.int32), w.view(torch.int32), k // 2
     block = tiles["R"] * tiles["TN"] * tiles["W"]
+    step = tiles["TK"] * 4
+    extra, norm = prologue.args(torch.int32, k, step, words // split) if prologue else int8_gluon.no_prologue(xw)
     _kernel()[(-(-n // block), split)](  # type: ignore[index]
-        xw, ww, y, workspace, counters, n, words, words // split, split, n * words,
+        xw, ww, y, workspace, counters, n, words, words // split, split, n * words, *extra,
         R=tiles["R"], TN=tiles["TN"], TK=tiles["TK"], W=tiles["W"], EVEN_N=n % block == 0, GLU=glu,
-        num_warps=tiles["W"],
+        num_warps=tiles["W"], **norm,
     )
     return y
 

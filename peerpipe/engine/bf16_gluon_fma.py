@@ -16,35 +16,24 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 from peerpipe.engine.int8_gluon_fma import _row_tiles, _stores
-
-
-@gluon.jit
-def _bf16x2_to_f32(w):  # type: ignore[no-untyped-def]
-    """int32 words of two bf16 -> 2 fp32 tensors: the low half, then the high half."""
-    return gl.inline_asm_elementwise(
-        asm="""
-        shl.b32 $0, $2, 16;
-        and.b32 $1, $2, 0xFFFF0000;
-        """,
-        constraints="=r,=r,r",
-        args=[w],
-        dtype=(gl.float32, gl.float32),
-        is_pure=True,
-        pack=1,
-    )
+from peerpipe.engine.norm_gluon import _bf16x2_to_f32, normed_slice
 
 
 @gluon.jit
 def bf16_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, cnt_ptr, N, KW, K_SPLIT, SPLIT_K, UP,  # type: ignore[no-untyped-def]
+                d_ptr, g_ptr, r_ptr, eps, K,
                 R: gl.constexpr, TN: gl.constexpr, TK: gl.constexpr, W: gl.constexpr,
-                EVEN_N: gl.constexpr, GLU: gl.constexpr):
+                EVEN_N: gl.constexpr, GLU: gl.constexpr, NORM: gl.constexpr, HAS_DELTA: gl.constexpr,
+                STEPS: gl.constexpr, P2: gl.constexpr):
     """``x_ptr``: x as int32 ``[K/2]``; ``w_ptr``: w as int32
     ``[N, KW]`` (KW = K/2); ``K_SPLIT``: words of K per program along K. Each thread holds R rows
     of 16 bytes; a warp is TN x TK threads; W warps along N. With ``GLU`` (and no split) w is a
     fused gate|up ``[2N, KW]`` whose up rows start ``UP`` words in, and y is silu(gate) * up:
     gate and up rounded to bf16 first, as their product rounds them, then silu(gate) * up in
     float32 rounded once, as a compiled layer's fused kernel does. The activation of a gated MLP
-    without a kernel of its own."""
+    without a kernel of its own. With ``NORM``, x is h and the product takes g * norm(h + d)
+    (norm_gluon.py; ``d_ptr``, ``g_ptr`` and ``r_ptr`` words like x, ``STEPS`` = K_SPLIT / (TK * 4)
+    and ``P2`` the power of two at or above it)."""
     BN: gl.constexpr = R * TN * W
     BKW: gl.constexpr = TK * 4  # words of K per step
     pid_n = gl.program_id(0)
@@ -57,11 +46,17 @@ def bf16_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, cnt_ptr, N, KW, K_SPLIT, SPLIT_K, U
     u = w
     if GLU:
         u = gl.load(w_ptrs + UP)
+    if NORM:  # after the first weight loads, so that it hides under them
+        LX: gl.constexpr = gl.SliceLayout(0, gl.BlockedLayout([R, 1, 4], [TN, TK, 1], [W, 1, 1], [2, 1, 0]))
+        xs = normed_slice(x_ptr, d_ptr, g_ptr, r_ptr, eps, K, KW, pid_k * K_SPLIT, STEPS, P2, TK, W, HAS_DELTA, False)
     for i in range(n_steps):
         step = gl.minimum(i + 1, n_steps - 1) * BKW
         w_next = gl.load(w_ptrs + step)
         wl, wh = _bf16x2_to_f32(w)
-        xl, xh = _bf16x2_to_f32(gl.load(x_ptr + xoff + i * BKW))
+        if NORM:
+            xl, xh = _bf16x2_to_f32(xs.index(i).load(LX))
+        else:
+            xl, xh = _bf16x2_to_f32(gl.load(x_ptr + xoff + i * BKW))
         acc = gl.fma(wl, xl[None, :, :], acc)
         acc = gl.fma(wh, xh[None, :, :], acc)
         w = w_next

@@ -15,6 +15,7 @@ every call: calls must be ordered on one stream (a stage's compute thread runs o
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -61,6 +62,32 @@ def reserve(device: torch.device) -> tuple[Tensor, Tensor]:
     return _WORKSPACE[device]
 
 
+@dataclass(frozen=True)
+class Prologue:
+    """A layer's residual add and RMSNorm run by a one-row product's programs (norm_gluon.py): x
+    is the stream h, the product takes ``weight * norm(h + delta)``, and ``out`` receives
+    ``h + delta`` (unused without a delta). Tensors bf16 and aligned to 16 bytes."""
+
+    delta: Tensor | None
+    weight: Tensor
+    eps: float
+    out: Tensor
+
+    def args(self, word: torch.dtype, k: int, step_words: int, split_words: int) -> tuple[tuple, dict[str, object]]:
+        """The kernels' arguments (``d_ptr, g_ptr, r_ptr, eps, K``) and constexprs for rows of
+        ``k`` numbers in words of ``word``, ``split_words`` a program taken ``step_words`` a step."""
+        steps = split_words // step_words
+        d = self.delta if self.delta is not None else self.out
+        ptrs = (d.view(word), self.weight.view(word), self.out.view(word))
+        return (*ptrs, self.eps, k), dict(NORM=True, HAS_DELTA=self.delta is not None, STEPS=steps,
+                                          P2=1 << (steps - 1).bit_length())
+
+
+def no_prologue(x: Tensor) -> tuple[tuple, dict[str, object]]:
+    """The kernels' prologue arguments when there is none (the pointers are never read)."""
+    return (x, x, x, 0.0, 0), dict(NORM=False, HAS_DELTA=False, STEPS=1, P2=1)
+
+
 def _splits(blocks: int, k_words: int, step_words: int, target: int, most: int) -> int:
     """Programs along K: doubled until ``target`` programs run, each keeping two steps or more."""
     split = 1
@@ -104,16 +131,17 @@ def glu_tiles(n: int, k: int) -> dict[str, int]:
     return dict(tiles, W=max(1, tiles["W"] // 2))
 
 
-def gemv(x: Tensor, q: Tensor, scale: Tensor, glu: bool = False) -> Tensor:
+def gemv(x: Tensor, q: Tensor, scale: Tensor, glu: bool = False, prologue: Prologue | None = None) -> Tensor:
     """``x`` ``[M, K]`` bf16 times int8 ``q`` ``[N, K]`` scaled per row: ``[M, N]`` bf16 (``fits``).
-    ``glu`` (one row): silu(gate) * up of a fused gate|up ``q``, ``[1, N/2]``."""
+    ``glu`` (one row): silu(gate) * up of a fused gate|up ``q``, ``[1, N/2]``. ``prologue`` (one
+    row): x is the residual stream, normalized first (``Prologue``)."""
     kernels = _kernels()
     assert kernels is not None
     fma, mma = kernels
     m, k = x.shape
     n = q.shape[0] // 2 if glu else q.shape[0]
-    if glu and m != 1:
-        raise ValueError(f"silu(gate) * up in one kernel takes one row, not {m}")
+    if (glu or prologue is not None) and m != 1:
+        raise ValueError(f"silu(gate) * up or a norm in one kernel takes one row, not {m}")
     if not x.is_contiguous() or x.data_ptr() % 16:
         x = x.clone(memory_format=torch.contiguous_format)  # whole int64 loads need aligned rows
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -122,12 +150,16 @@ def gemv(x: Tensor, q: Tensor, scale: Tensor, glu: bool = False) -> Tensor:
     xw, qw, words = x.view(torch.int64), q.view(torch.int32), k // 4
     if kind == "fma":
         block = tiles["R"] * tiles["TN"] * tiles["W"]
+        step = tiles["TK"] * 4
+        extra, norm = prologue.args(torch.int64, k, step, words // split) if prologue else no_prologue(xw)
         fma[(-(-n // block), split)](  # type: ignore[index]
             xw, qw, scale, y, workspace, counters, n, words, words // split, xw.stride(0), y.stride(0), split,
-            n * words, MR=m, R=tiles["R"], TN=tiles["TN"], TK=tiles["TK"], W=tiles["W"], EVEN_N=n % block == 0,
-            GLU=glu, num_warps=tiles["W"],
+            n * words, *extra, MR=m, R=tiles["R"], TN=tiles["TN"], TK=tiles["TK"], W=tiles["W"],
+            EVEN_N=n % block == 0, GLU=glu, num_warps=tiles["W"], **norm,
         )
     else:
+        if prologue is not None:
+            raise ValueError("a norm runs in the CUDA-core kernel only")
         block = 16 * tiles["WN"]
         mma[(-(-n // block), split)](  # type: ignore[index]
             xw, qw, scale, y, workspace, counters, m, n, words, words // split, xw.stride(0), y.stride(0), split,

@@ -19,6 +19,8 @@ from __future__ import annotations
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
+from peerpipe.engine.norm_gluon import _bf16x4_to_f32, normed_slice
+
 
 @gluon.jit
 def _bytes_to_f32(w):  # type: ignore[no-untyped-def]
@@ -48,30 +50,8 @@ def _bytes_to_f32(w):  # type: ignore[no-untyped-def]
 
 
 @gluon.jit
-def _bf16x4_to_f32(xq):  # type: ignore[no-untyped-def]
-    """An int64 holding 4 bf16 -> 4 fp32 tensors (a bf16 is the high half of its fp32)."""
-    return gl.inline_asm_elementwise(
-        asm="""
-        {
-        .reg .b32 lo, hi;
-        mov.b64 {lo, hi}, $4;
-        shl.b32 $0, lo, 16;
-        and.b32 $1, lo, 0xFFFF0000;
-        shl.b32 $2, hi, 16;
-        and.b32 $3, hi, 0xFFFF0000;
-        }
-        """,
-        constraints="=r,=r,=r,=r,l",
-        args=[xq],
-        dtype=(gl.float32, gl.float32, gl.float32, gl.float32),
-        is_pure=True,
-        pack=1,
-    )
-
-
-@gluon.jit
-def _row(f0, f1, f2, f3, x_ptr, xoff, acc):  # type: ignore[no-untyped-def]
-    x0, x1, x2, x3 = _bf16x4_to_f32(gl.load(x_ptr + xoff))
+def _row(f0, f1, f2, f3, xq, acc):  # type: ignore[no-untyped-def]
+    x0, x1, x2, x3 = _bf16x4_to_f32(xq)
     acc = gl.fma(f0, x0[None, :, :], acc)
     acc = gl.fma(f1, x1[None, :, :], acc)
     acc = gl.fma(f2, x2[None, :, :], acc)
@@ -138,14 +118,17 @@ def _row_tiles(w_ptr, N, KW, K_SPLIT, R: gl.constexpr, TN: gl.constexpr, TK: gl.
 
 @gluon.jit
 def fma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr, N, KW, K_SPLIT, stride_x, stride_y, SPLIT_K,  # type: ignore[no-untyped-def]
-               UP, MR: gl.constexpr, R: gl.constexpr, TN: gl.constexpr, TK: gl.constexpr, W: gl.constexpr,
-               EVEN_N: gl.constexpr, GLU: gl.constexpr):
+               UP, d_ptr, g_ptr, r_ptr, eps, K, MR: gl.constexpr, R: gl.constexpr, TN: gl.constexpr,
+               TK: gl.constexpr, W: gl.constexpr, EVEN_N: gl.constexpr, GLU: gl.constexpr, NORM: gl.constexpr,
+               HAS_DELTA: gl.constexpr, STEPS: gl.constexpr, P2: gl.constexpr):
     """``x_ptr``: x as int64 ``[MR, K/4]`` (``stride_x`` in int64); ``w_ptr``: q as int32 ``[N, KW]``
     (KW = K/4); ``K_SPLIT``: words of K per program along K. Each thread holds R rows of 16 bytes;
     a warp is TN x TK threads; W warps along N. With ``GLU`` (one row, no split) q is a fused
     gate|up ``[2N, KW]`` whose up rows start ``UP`` words in, and y is silu(gate) * up: gate and
     up rounded to bf16 first, as their product rounds them, then rounded once more at the end, as
-    a compiled layer's fused kernel does."""
+    a compiled layer's fused kernel does. With ``NORM`` (one row), x is h and the product takes
+    g * norm(h + d) (norm_gluon.py; ``d_ptr``, ``g_ptr`` and ``r_ptr`` words like x, ``STEPS`` =
+    K_SPLIT / (TK * 4) and ``P2`` the power of two at or above it)."""
     BN: gl.constexpr = R * TN * W
     BKW: gl.constexpr = TK * 4  # words of K per step
     pid_n = gl.program_id(0)
@@ -158,18 +141,25 @@ def fma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr, N, KW, K_SPLIT, stri
     u = w
     if GLU:
         u = gl.load(w_ptrs + UP)
+    if NORM:  # after the first weight loads, so that it hides under them
+        LX: gl.constexpr = gl.SliceLayout(0, gl.BlockedLayout([R, 1, 4], [TN, TK, 1], [W, 1, 1], [2, 1, 0]))
+        xs = normed_slice(x_ptr, d_ptr, g_ptr, r_ptr, eps, K, KW, pid_k * K_SPLIT, STEPS, P2, TK, W, HAS_DELTA, True)
     for i in range(n_steps):
         step = gl.minimum(i + 1, n_steps - 1) * BKW
         w_next = gl.load(w_ptrs + step)
+        if NORM:
+            xq = xs.index(i).load(LX)
+        else:
+            xq = gl.load(x_ptr + xoff + i * BKW)
         f0, f1, f2, f3 = _bytes_to_f32(w)
-        a0 = _row(f0, f1, f2, f3, x_ptr, xoff + i * BKW, a0)
+        a0 = _row(f0, f1, f2, f3, xq, a0)
         if MR > 1:
-            a1 = _row(f0, f1, f2, f3, x_ptr, xoff + i * BKW + stride_x, a1)
+            a1 = _row(f0, f1, f2, f3, gl.load(x_ptr + xoff + i * BKW + stride_x), a1)
         w = w_next
         if GLU:  # a1 sums the up rows (one row of x)
             u_next = gl.load(w_ptrs + UP + step)
             f0, f1, f2, f3 = _bytes_to_f32(u)
-            a1 = _row(f0, f1, f2, f3, x_ptr, xoff + i * BKW, a1)
+            a1 = _row(f0, f1, f2, f3, xq, a1)
             u = u_next
 
     if EVEN_N:

@@ -19,13 +19,13 @@ from peerpipe.engine import attention_cuda, cpu_layout, int8_gluon
 from peerpipe.engine.bf16_gluon import launching_is_free
 from peerpipe.engine.config import ModelConfig
 from peerpipe.engine.kvcache import Batch, KeysValues, KVCache
+from peerpipe.engine.normed import normed_linear, rms_norm
 from peerpipe.engine.quant import (
     INT4_GROUP,
     KEEP_GROUP,
     Int8Weight,
     QuantWeight,
     check_mode,
-    glu_linear,
     linear,
     quantize,
 )
@@ -40,18 +40,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return rms_norm(x, self.weight, self.eps)
-
-
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    # torch.rms_norm rather than F.rms_norm: the same kernel without a Python wrapper, on the
-    # hot path twice per layer.
-    if x.dtype == torch.float32 or (x.is_cuda and not torch.compiler.is_compiling()):
-        # On CUDA one fused kernel normalises half precision in float32 and rounds once after
-        # the weight: HF's two roundings below take four kernels (a tenth of a 1B model's
-        # graphed decode step on an H200). Compiled, Inductor fuses those four anyway.
-        return torch.rms_norm(x, (x.shape[-1],), weight, eps)
-    # Half precision: normalise in float32 and cast back before the weight, as HF does.
-    return weight * torch.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
 
 
 # The modules below only hold parameters, so checkpoints load by name; the forward pass runs on
@@ -137,15 +125,15 @@ def layer_forward(
     delta: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One decoder layer on the residual stream ``x + delta``. Returns the stream as ``(x, delta)``
-    with the MLP's output not yet added: the next layer adds it in its norm's kernel when
-    compiled (one launch fewer per layer); :meth:`Stage.forward` adds the last one."""
+    with the MLP's output not yet added: the next layer adds it where it normalizes (in its
+    q|k|v product's kernel for a graphed row, normed.py; in the norm's kernel when compiled);
+    :meth:`Stage.forward` adds the last one."""
     # Written for few dispatches per layer (a decode step of a small model is mostly dispatch
     # overhead on a CPU): views and in-place updates of the fused q|k|v output, no indexing.
-    if delta is not None:
-        x = x + delta
     b, s, _ = x.shape
     h, kvh, d, eps = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rms_norm_eps
-    qkv = linear(rms_norm(x, w.attn_norm, eps), w.wqkv, w.bqkv).view(b, s, h + 2 * kvh, d)
+    x, qkv = normed_linear(x, delta, w.attn_norm, eps, w.wqkv, w.bqkv)
+    qkv = qkv.view(b, s, h + 2 * kvh, d)
     if w.q_norm is not None and w.k_norm is not None:
         qk = qkv.narrow(2, 0, h + kvh)
         qk.copy_(torch.cat((rms_norm(qk[:, :, :h], w.q_norm, eps), rms_norm(qk[:, :, h:], w.k_norm, eps)), 2))
@@ -158,9 +146,8 @@ def layer_forward(
         ).reshape(b, 1, cfg.q_size)
     else:
         attn = _attention(cfg, qkv, rope, mask, store, reads, batch)
-    x = x + linear(attn, w.wo, w.bo)
-
-    return x, linear(glu_linear(rms_norm(x, w.mlp_norm, eps), w.w_gate_up, w.b_gate_up), w.w_down, w.b_down)
+    x, act = normed_linear(x, linear(attn, w.wo, w.bo), w.mlp_norm, eps, w.w_gate_up, w.b_gate_up, glu=True)
+    return x, linear(act, w.w_down, w.b_down)
 
 
 def _attention(
