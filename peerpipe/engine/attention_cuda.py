@@ -36,13 +36,17 @@ TARGET_PROGRAMS = 128  # about the SMs of an H200; past it splitting only adds m
 def _kernel():  # type: ignore[no-untyped-def]
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
     @triton.jit
     def attend(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, ws_ptr, cnt_ptr, KV, L, L_SPLIT, scale,  # type: ignore[no-untyped-def]
                sqb, sqh, sqg, skb, skh, skl, svb, svh, svl, smb, sob, soh, sog,
                rope_ptr, srb, slot_ptr, pos_ptr, spb, new_off, WINDOW, FIRST_SLOT,
                SPLIT: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BL: tl.constexpr,
-               NEW: tl.constexpr):
+               NEW: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # launched as a programmatic dependent (int8_gluon.overlaps): everything it reads is new
+            gdc_wait()
+            gdc_launch_dependents()
         bh = tl.program_id(0)
         sp = tl.program_id(1)
         b = bh // KV
@@ -209,7 +213,8 @@ def decode_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, scal
         q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), mask.stride(0),
         out.stride(0), out.stride(1), out.stride(2), q, 0, q, q, 0, 0, 0, -1,
-        SPLIT=split, G=g, G_PAD=_pad(g), D=d, BL=block, NEW=False, num_warps=tune.get("warps", 2), **extra,
+        SPLIT=split, G=g, G_PAD=_pad(g), D=d, BL=block, NEW=False, num_warps=tune.get("warps", 2),
+        PDL=(pdl := int8_gluon.overlaps(q.device)), launch_pdl=pdl, **extra,
     )
     return out
 
@@ -267,6 +272,7 @@ def _opaque_step(qkv: Tensor, cos_sin: Tensor, store: Tensor, slots: Tensor, pos
         out.stride(0), out.stride(1), out.stride(2),
         cos_sin, cos_sin.stride(0), slots, positions, positions.stride(0), n_heads * d, window, first_slot,
         SPLIT=split, G=g, G_PAD=_pad(g), D=d, BL=BLOCK_L, NEW=True, num_warps=2,
+        PDL=(pdl := int8_gluon.overlaps(qkv.device)), launch_pdl=pdl,
     )
     return out
 

@@ -40,6 +40,23 @@ def _capable(index: int) -> bool:
     return torch.cuda.get_device_capability(index) >= (8, 0)  # mma.sync m16n8k16 in bf16
 
 
+overlap = True  # bench/engine.py turns it off to time launches one after another in the same run
+
+
+@functools.cache
+def _hopper(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (9, 0)
+
+
+def overlaps(device: torch.device) -> bool:
+    """Whether a decode step's kernels launch as programmatic dependents on ``device`` (Hopper
+    and later): a kernel's programs start, and issue their first weight loads, while the kernel
+    before it ends; each waits for it (``griddepcontrol.wait``) before reading anything a step
+    writes, and then lets the next one start. The one-row products, the attention and the argmax
+    do; a kernel of torch's after one of them starts as usual, after it ends."""
+    return overlap and _hopper(torch.cuda.current_device() if device.index is None else device.index)
+
+
 def fits(x: Tensor, q: Tensor) -> bool:
     """Whether these kernels take ``x`` ``[M, K]`` (M <= 8, bf16 on a capable GPU) times ``q``."""
     k = x.shape[-1]
@@ -152,10 +169,11 @@ def gemv(x: Tensor, q: Tensor, scale: Tensor, glu: bool = False, prologue: Prolo
         block = tiles["R"] * tiles["TN"] * tiles["W"]
         step = tiles["TK"] * 4
         extra, norm = prologue.args(torch.int64, k, step, words // split) if prologue else no_prologue(xw)
+        pdl = overlaps(x.device)
         fma[(-(-n // block), split)](  # type: ignore[index]
             xw, qw, scale, y, workspace, counters, n, words, words // split, xw.stride(0), y.stride(0), split,
             n * words, *extra, MR=m, R=tiles["R"], TN=tiles["TN"], TK=tiles["TK"], W=tiles["W"],
-            EVEN_N=n % block == 0, GLU=glu, num_warps=tiles["W"], **norm,
+            EVEN_N=n % block == 0, GLU=glu, num_warps=tiles["W"], PDL=pdl, launch_pdl=pdl, **norm,
         )
     else:
         if prologue is not None:

@@ -50,6 +50,17 @@ def _bytes_to_f32(w):  # type: ignore[no-untyped-def]
 
 
 @gluon.jit
+def after_previous(PDL: gl.constexpr):  # type: ignore[no-untyped-def]
+    """With ``PDL`` (the kernel launched as a programmatic dependent, int8_gluon.overlaps): wait
+    until the kernel before has finished and its writes are visible, then let the next one
+    launch. Everything before this call may read only what no kernel of the step writes (the
+    weights), and nothing before it may be written."""
+    if PDL:
+        gl.inline_asm_elementwise("griddepcontrol.wait; griddepcontrol.launch_dependents; // $0", "=r", [],
+                                  dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
 def _row(f0, f1, f2, f3, xq, acc):  # type: ignore[no-untyped-def]
     x0, x1, x2, x3 = _bf16x4_to_f32(xq)
     acc = gl.fma(f0, x0[None, :, :], acc)
@@ -120,7 +131,7 @@ def _row_tiles(w_ptr, N, KW, K_SPLIT, R: gl.constexpr, TN: gl.constexpr, TK: gl.
 def fma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr, N, KW, K_SPLIT, stride_x, stride_y, SPLIT_K,  # type: ignore[no-untyped-def]
                UP, d_ptr, g_ptr, r_ptr, eps, K, MR: gl.constexpr, R: gl.constexpr, TN: gl.constexpr,
                TK: gl.constexpr, W: gl.constexpr, EVEN_N: gl.constexpr, GLU: gl.constexpr, NORM: gl.constexpr,
-               HAS_DELTA: gl.constexpr, STEPS: gl.constexpr, P2: gl.constexpr):
+               HAS_DELTA: gl.constexpr, STEPS: gl.constexpr, P2: gl.constexpr, PDL: gl.constexpr):
     """``x_ptr``: x as int64 ``[MR, K/4]`` (``stride_x`` in int64); ``w_ptr``: q as int32 ``[N, KW]``
     (KW = K/4); ``K_SPLIT``: words of K per program along K. Each thread holds R rows of 16 bytes;
     a warp is TN x TK threads; W warps along N. With ``GLU`` (one row, no split) q is a fused
@@ -141,6 +152,7 @@ def fma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr, N, KW, K_SPLIT, stri
     u = w
     if GLU:
         u = gl.load(w_ptrs + UP)
+    after_previous(PDL)  # the first weight loads fly while the kernel before ends
     if NORM:  # after the first weight loads, so that it hides under them
         LX: gl.constexpr = gl.SliceLayout(0, gl.BlockedLayout([R, 1, 4], [TN, TK, 1], [W, 1, 1], [2, 1, 0]))
         xs = normed_slice(x_ptr, d_ptr, g_ptr, r_ptr, eps, K, KW, pid_k * K_SPLIT, STEPS, P2, TK, W, HAS_DELTA, True)

@@ -1,0 +1,100 @@
+"""A decode step's kernels launched as programmatic dependents (int8_gluon.overlaps): each one's
+programs start while the kernel before ends and must wait for it before reading what it wrote.
+A chain in which every kernel reads the one before's output, replayed from a CUDA graph on new
+inputs, gives bit for bit what the same chain launched one after another gives; a kernel that
+read early would see the last replay's values. Skipped without a Hopper GPU and Triton's Gluon."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peerpipe.engine import argmax_cuda, attention_cuda, bf16_gluon, int8_gluon
+from peerpipe.engine.normed import normed_linear
+from peerpipe.engine.quant import quantize
+
+hopper = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0) or bf16_gluon._kernel() is None
+    or int8_gluon._kernels() is None,
+    reason="needs a Hopper GPU and Triton's Gluon",
+)
+
+K, LAYERS, VOCAB = 1024, 6, 32000
+
+
+def _weights() -> dict[str, list[torch.Tensor]]:
+    torch.manual_seed(0)
+
+    def mat(n: int, k: int = K) -> torch.Tensor:
+        return torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
+
+    return dict(
+        norm=[(torch.rand(K, device="cuda") + 0.5).to(torch.bfloat16) for _ in range(LAYERS)],
+        glu=[mat(2 * K) for _ in range(LAYERS)],
+        int8=[quantize(mat(K), "int8") for _ in range(LAYERS)],  # type: ignore[misc]
+        plain=[mat(K) for _ in range(LAYERS)],
+        keys=[torch.randn(1, 8, 256, K // 32, device="cuda", dtype=torch.bfloat16) for _ in range(2)],
+        head=[mat(VOCAB)],
+    )
+
+
+def _step(x: torch.Tensor, w: dict[str, list[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's kinds of kernels in a decode step's order: the normed gate|up, an int8 product,
+    attention over a cache, a plain bf16 product; then the head and the greedy token."""
+    h, delta = x, None
+    mask = torch.zeros(1, 1, 1, 256, device="cuda", dtype=torch.bfloat16)
+    keys, values = w["keys"]
+    for layer in range(LAYERS):
+        h, y = normed_linear(h, delta, w["norm"][layer], 1e-5, w["glu"][layer], glu=True)
+        q = w["int8"][layer]
+        y = int8_gluon.gemv(y, q.q, q.scale)
+        y = attention_cuda.decode_attention(y.view(1, 8, 4, K // 32), keys, values, mask, 0.2).view(1, K)
+        delta = bf16_gluon.gemv(y, w["plain"][layer])
+    logits = bf16_gluon.gemv(h + delta, w["head"][0])
+    return logits, argmax_cuda.argmax(logits)
+
+
+def _graphed(w: dict[str, list[torch.Tensor]], overlap: bool, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    int8_gluon.overlap = overlap
+    try:
+        x = inputs[0].clone()
+        torch.cuda.synchronize()
+        side = torch.cuda.Stream()
+        with torch.cuda.stream(side):
+            _step(x, w)  # compiles the kernels outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits, token = _step(x, w)
+        out = []
+        for new in inputs:
+            x.copy_(new)
+            graph.replay()
+            out.append(torch.cat((logits.float().flatten(), token.float())))
+        return out
+    finally:
+        int8_gluon.overlap = True
+
+
+@hopper
+def test_a_graph_of_dependent_launches_reads_each_kernels_output_after_it_is_written() -> None:
+    assert bf16_gluon.prepare(torch.device("cuda")) and attention_cuda.prepare(torch.device("cuda"))
+    assert int8_gluon.overlaps(torch.device("cuda"))
+    w = _weights()
+    inputs = [torch.randn(1, K, device="cuda", dtype=torch.bfloat16) * (1 + i) for i in range(12)]
+    apart = _graphed(w, False, inputs)
+    overlapped = _graphed(w, True, inputs)
+    for i, (a, b) in enumerate(zip(apart, overlapped, strict=True)):
+        assert torch.equal(a, b), f"replay {i} differs"
+    assert len({int(a[-1]) for a in apart}) > 1  # the inputs change the token: stale reads would show
+
+
+def test_launches_overlap_only_when_asked() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    int8_gluon.overlap = False
+    try:
+        assert not int8_gluon.overlaps(torch.device("cuda"))
+    finally:
+        int8_gluon.overlap = True
+    assert int8_gluon.overlaps(torch.device("cuda")) == (torch.cuda.get_device_capability() >= (9, 0))
