@@ -26,7 +26,10 @@ _STATE: dict[tuple[torch.device, int], tuple[Tensor, Tensor]] = {}
 def _kernel():  # type: ignore[no-untyped-def]
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    try:
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    except ImportError:  # Triton before 3.3, where launches never overlap (int8_gluon.overlaps)
+        gdc_launch_dependents = gdc_wait = None
 
     @triton.jit
     def argmax(x_ptr, out_ptr, ws_ptr, cnt_ptr, V, stride, P, CHUNK: tl.constexpr,  # type: ignore[no-untyped-def]
@@ -74,9 +77,8 @@ def argmax(x: Tensor) -> Tensor:
     pad = 1 << (programs - 1).bit_length()
     workspace, counters = _state(x.device, b * pad * 2, b)
     out = torch.empty(b, dtype=torch.long, device=x.device)
-    pdl = int8_gluon.overlaps(x.device)
     _kernel()[(b, programs)](x, out, workspace, counters, v, x.stride(0), programs, CHUNK=CHUNK, P_PAD=pad,
-                             num_warps=4, PDL=pdl, launch_pdl=pdl)
+                             num_warps=4, **int8_gluon.launch_options(x.device))
     return out
 
 

@@ -96,11 +96,10 @@ def gemv(x: Tensor, w: Tensor, plan: tuple[dict[str, int], int] | None = None, g
     block = tiles["R"] * tiles["TN"] * tiles["W"]
     step = tiles["TK"] * 4
     extra, norm = prologue.args(torch.int32, k, step, words // split) if prologue else int8_gluon.no_prologue(xw)
-    pdl = int8_gluon.overlaps(x.device)
     _kernel()[(-(-n // block), split)](  # type: ignore[index]
         xw, ww, y, workspace, counters, n, words, words // split, split, n * words, *extra,
         R=tiles["R"], TN=tiles["TN"], TK=tiles["TK"], W=tiles["W"], EVEN_N=n % block == 0, GLU=glu,
-        num_warps=tiles["W"], PDL=pdl, launch_pdl=pdl, **norm,
+        num_warps=tiles["W"], **int8_gluon.launch_options(x.device), **norm,
     )
     return y
 

@@ -54,7 +54,22 @@ def overlaps(device: torch.device) -> bool:
     before it ends; each waits for it (``griddepcontrol.wait``) before reading anything a step
     writes, and then lets the next one start. The one-row products, the attention and the argmax
     do; a kernel of torch's after one of them starts as usual, after it ends."""
-    return overlap and _hopper(torch.cuda.current_device() if device.index is None else device.index)
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return overlap and _grid_dependencies() and _hopper(index)
+
+
+def launch_options(device: torch.device) -> dict[str, bool]:
+    """A decode kernel's ``PDL`` constexpr and launch option on ``device`` (``overlaps``)."""
+    return dict(PDL=True, launch_pdl=True) if overlaps(device) else dict(PDL=False)
+
+
+@functools.cache
+def _grid_dependencies() -> bool:
+    try:
+        from triton.language.extra.cuda import gdc_wait  # noqa: F401  (Triton 3.3 and later)
+    except ImportError:
+        return False
+    return True
 
 
 def fits(x: Tensor, q: Tensor) -> bool:
@@ -169,11 +184,10 @@ def gemv(x: Tensor, q: Tensor, scale: Tensor, glu: bool = False, prologue: Prolo
         block = tiles["R"] * tiles["TN"] * tiles["W"]
         step = tiles["TK"] * 4
         extra, norm = prologue.args(torch.int64, k, step, words // split) if prologue else no_prologue(xw)
-        pdl = overlaps(x.device)
         fma[(-(-n // block), split)](  # type: ignore[index]
             xw, qw, scale, y, workspace, counters, n, words, words // split, xw.stride(0), y.stride(0), split,
             n * words, *extra, MR=m, R=tiles["R"], TN=tiles["TN"], TK=tiles["TK"], W=tiles["W"],
-            EVEN_N=n % block == 0, GLU=glu, num_warps=tiles["W"], PDL=pdl, launch_pdl=pdl, **norm,
+            EVEN_N=n % block == 0, GLU=glu, num_warps=tiles["W"], **launch_options(x.device), **norm,
         )
     else:
         if prologue is not None:
