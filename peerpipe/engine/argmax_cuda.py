@@ -15,7 +15,7 @@ import functools
 import torch
 from torch import Tensor
 
-from peerpipe.engine import int8_cuda, int8_gluon
+from peerpipe.engine import int8_cuda
 
 CHUNK = 4096
 MAX_PROGRAMS = 1024  # a row of up to 4M logits
@@ -26,17 +26,10 @@ _STATE: dict[tuple[torch.device, int], tuple[Tensor, Tensor]] = {}
 def _kernel():  # type: ignore[no-untyped-def]
     import triton
     import triton.language as tl
-    try:
-        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-    except ImportError:  # Triton before 3.3, where launches never overlap (int8_gluon.overlaps)
-        gdc_launch_dependents = gdc_wait = None
 
     @triton.jit
     def argmax(x_ptr, out_ptr, ws_ptr, cnt_ptr, V, stride, P, CHUNK: tl.constexpr,  # type: ignore[no-untyped-def]
-               P_PAD: tl.constexpr, PDL: tl.constexpr):
-        if PDL:  # launched as a programmatic dependent (int8_gluon.overlaps)
-            gdc_wait()
-            gdc_launch_dependents()
+               P_PAD: tl.constexpr):
         b = tl.program_id(0)
         p = tl.program_id(1)
         offs = p * CHUNK + tl.arange(0, CHUNK)
@@ -78,7 +71,7 @@ def argmax(x: Tensor) -> Tensor:
     workspace, counters = _state(x.device, b * pad * 2, b)
     out = torch.empty(b, dtype=torch.long, device=x.device)
     _kernel()[(b, programs)](x, out, workspace, counters, v, x.stride(0), programs, CHUNK=CHUNK, P_PAD=pad,
-                             num_warps=4, **int8_gluon.launch_options(x.device))
+                             num_warps=4)
     return out
 
 

@@ -36,20 +36,13 @@ TARGET_PROGRAMS = 128  # about the SMs of an H200; past it splitting only adds m
 def _kernel():  # type: ignore[no-untyped-def]
     import triton
     import triton.language as tl
-    try:
-        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-    except ImportError:  # Triton before 3.3, where launches never overlap (int8_gluon.overlaps)
-        gdc_launch_dependents = gdc_wait = None
 
     @triton.jit
     def attend(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, ws_ptr, cnt_ptr, KV, L, L_SPLIT, scale,  # type: ignore[no-untyped-def]
                sqb, sqh, sqg, skb, skh, skl, svb, svh, svl, smb, sob, soh, sog,
                rope_ptr, srb, slot_ptr, pos_ptr, spb, new_off, WINDOW, FIRST_SLOT,
                SPLIT: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BL: tl.constexpr,
-               NEW: tl.constexpr, PDL: tl.constexpr):
-        if PDL:  # launched as a programmatic dependent (int8_gluon.overlaps): everything it reads is new
-            gdc_wait()
-            gdc_launch_dependents()
+               NEW: tl.constexpr):
         bh = tl.program_id(0)
         sp = tl.program_id(1)
         b = bh // KV
@@ -216,8 +209,7 @@ def decode_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, scal
         q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), mask.stride(0),
         out.stride(0), out.stride(1), out.stride(2), q, 0, q, q, 0, 0, 0, -1,
-        SPLIT=split, G=g, G_PAD=_pad(g), D=d, BL=block, NEW=False, num_warps=tune.get("warps", 2),
-        **int8_gluon.launch_options(q.device), **extra,
+        SPLIT=split, G=g, G_PAD=_pad(g), D=d, BL=block, NEW=False, num_warps=tune.get("warps", 2), **extra,
     )
     return out
 
@@ -275,7 +267,6 @@ def _opaque_step(qkv: Tensor, cos_sin: Tensor, store: Tensor, slots: Tensor, pos
         out.stride(0), out.stride(1), out.stride(2),
         cos_sin, cos_sin.stride(0), slots, positions, positions.stride(0), n_heads * d, window, first_slot,
         SPLIT=split, G=g, G_PAD=_pad(g), D=d, BL=BLOCK_L, NEW=True, num_warps=2,
-        **int8_gluon.launch_options(qkv.device),
     )
     return out
 

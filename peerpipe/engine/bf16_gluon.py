@@ -99,7 +99,7 @@ def gemv(x: Tensor, w: Tensor, plan: tuple[dict[str, int], int] | None = None, g
     _kernel()[(-(-n // block), split)](  # type: ignore[index]
         xw, ww, y, workspace, counters, n, words, words // split, split, n * words, *extra,
         R=tiles["R"], TN=tiles["TN"], TK=tiles["TK"], W=tiles["W"], EVEN_N=n % block == 0, GLU=glu,
-        num_warps=tiles["W"], **int8_gluon.launch_options(x.device), **norm,
+        num_warps=tiles["W"], **norm,
     )
     return y
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
-from peerpipe.engine.int8_gluon_fma import _row_tiles, _stores, after_previous
+from peerpipe.engine.int8_gluon_fma import _row_tiles, _stores
 from peerpipe.engine.norm_gluon import _bf16x2_to_f32, normed_slice
 
 
@@ -24,7 +24,7 @@ def bf16_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, cnt_ptr, N, KW, K_SPLIT, SPLIT_K, U
                 d_ptr, g_ptr, r_ptr, eps, K,
                 R: gl.constexpr, TN: gl.constexpr, TK: gl.constexpr, W: gl.constexpr,
                 EVEN_N: gl.constexpr, GLU: gl.constexpr, NORM: gl.constexpr, HAS_DELTA: gl.constexpr,
-                STEPS: gl.constexpr, P2: gl.constexpr, PDL: gl.constexpr):
+                STEPS: gl.constexpr, P2: gl.constexpr):
     """``x_ptr``: x as int32 ``[K/2]``; ``w_ptr``: w as int32
     ``[N, KW]`` (KW = K/2); ``K_SPLIT``: words of K per program along K. Each thread holds R rows
     of 16 bytes; a warp is TN x TK threads; W warps along N. With ``GLU`` (and no split) w is a
@@ -46,7 +46,6 @@ def bf16_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, cnt_ptr, N, KW, K_SPLIT, SPLIT_K, U
     u = w
     if GLU:
         u = gl.load(w_ptrs + UP)
-    after_previous(PDL)  # the first weight loads fly while the kernel before ends
     if NORM:  # after the first weight loads, so that it hides under them
         LX: gl.constexpr = gl.SliceLayout(0, gl.BlockedLayout([R, 1, 4], [TN, TK, 1], [W, 1, 1], [2, 1, 0]))
         xs = normed_slice(x_ptr, d_ptr, g_ptr, r_ptr, eps, K, KW, pid_k * K_SPLIT, STEPS, P2, TK, W, HAS_DELTA, False)

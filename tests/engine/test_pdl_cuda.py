@@ -1,10 +1,14 @@
-"""A decode step's kernels launched as programmatic dependents (int8_gluon.overlaps): each one's
+"""int8 one-row products launched as programmatic dependents (int8_gluon.overlaps): each one's
 programs start while the kernel before ends and must wait for it before reading what it wrote.
 A chain in which every kernel reads the one before's output, replayed from a CUDA graph on new
 inputs, gives bit for bit what the same chain launched one after another gives; a kernel that
 read early would see the last replay's values. Skipped without a Hopper GPU and Triton's Gluon."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -30,7 +34,7 @@ def _weights() -> dict[str, list[torch.Tensor]]:
 
     return dict(
         norm=[(torch.rand(K, device="cuda") + 0.5).to(torch.bfloat16) for _ in range(LAYERS)],
-        glu=[mat(2 * K) for _ in range(LAYERS)],
+        glu=[quantize(mat(2 * K), "int8") for _ in range(LAYERS)],  # type: ignore[misc]
         int8=[quantize(mat(K), "int8") for _ in range(LAYERS)],  # type: ignore[misc]
         plain=[mat(K) for _ in range(LAYERS)],
         keys=[torch.randn(1, 8, 256, K // 32, device="cuda", dtype=torch.bfloat16) for _ in range(2)],
@@ -39,8 +43,8 @@ def _weights() -> dict[str, list[torch.Tensor]]:
 
 
 def _step(x: torch.Tensor, w: dict[str, list[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A layer's kinds of kernels in a decode step's order: the normed gate|up, an int8 product,
-    attention over a cache, a plain bf16 product; then the head and the greedy token."""
+    """A layer's kinds of kernels in a decode step's order: the normed gate|up and a plain product
+    in int8, attention over a cache, a bf16 product; then the head and the greedy token."""
     h, delta = x, None
     mask = torch.zeros(1, 1, 1, 256, device="cuda", dtype=torch.bfloat16)
     keys, values = w["keys"]
@@ -55,7 +59,7 @@ def _step(x: torch.Tensor, w: dict[str, list[torch.Tensor]]) -> tuple[torch.Tens
 
 
 def _graphed(w: dict[str, list[torch.Tensor]], overlap: bool, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    int8_gluon.overlap = overlap
+    asked, int8_gluon.overlap = int8_gluon.overlap, overlap
     try:
         x = inputs[0].clone()
         torch.cuda.synchronize()
@@ -73,13 +77,12 @@ def _graphed(w: dict[str, list[torch.Tensor]], overlap: bool, inputs: list[torch
             out.append(torch.cat((logits.float().flatten(), token.float())))
         return out
     finally:
-        int8_gluon.overlap = True
+        int8_gluon.overlap = asked
 
 
 @hopper
 def test_a_graph_of_dependent_launches_reads_each_kernels_output_after_it_is_written() -> None:
     assert bf16_gluon.prepare(torch.device("cuda")) and attention_cuda.prepare(torch.device("cuda"))
-    assert int8_gluon.overlaps(torch.device("cuda"))
     w = _weights()
     inputs = [torch.randn(1, K, device="cuda", dtype=torch.bfloat16) * (1 + i) for i in range(12)]
     apart = _graphed(w, False, inputs)
@@ -92,9 +95,20 @@ def test_a_graph_of_dependent_launches_reads_each_kernels_output_after_it_is_wri
 def test_launches_overlap_only_when_asked() -> None:
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    int8_gluon.overlap = False
+    asked = int8_gluon.overlap
     try:
+        int8_gluon.overlap = False
         assert not int8_gluon.overlaps(torch.device("cuda"))
-    finally:
+        assert int8_gluon.launch_options(torch.device("cuda")) == dict(PDL=False)
         int8_gluon.overlap = True
-    assert int8_gluon.overlaps(torch.device("cuda")) == (torch.cuda.get_device_capability() >= (9, 0))
+        assert int8_gluon.overlaps(torch.device("cuda")) == (torch.cuda.get_device_capability() >= (9, 0))
+    finally:
+        int8_gluon.overlap = asked
+
+
+def test_only_peerpipe_pdl_1_asks_for_it() -> None:
+    code = "from peerpipe.engine import int8_gluon; print(int8_gluon.overlap)"
+    for value, want in ((None, "False"), ("0", "False"), ("1", "True")):
+        env = {k: v for k, v in os.environ.items() if k != "PEERPIPE_PDL"} | ({} if value is None else {"PEERPIPE_PDL": value})
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == want, value
