@@ -32,6 +32,18 @@ async def run_compute(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> 
         _running -= 1
 
 
+class SteppedAside(Exception):
+    """A job that may wait (a re-measure while the room serves) gave the compute thread up to
+    work that arrived behind it; the caller tries again later."""
+
+
+def step_aside() -> None:
+    """Raise :class:`SteppedAside` if other calls wait for the compute thread. Long jobs that may
+    wait call it between their steps, so an answer's forward waits for one step, not for them."""
+    if _running > 1:
+        raise SteppedAside("work arrived for the compute thread")
+
+
 def computing() -> bool:
     """Whether the compute thread has work (a thread spinning meanwhile would take the GIL from it)."""
     return _running > 0

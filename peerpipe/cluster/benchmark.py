@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from peerpipe.cluster.capabilities import DeviceCaps
+from peerpipe.compute import step_aside
 from peerpipe.paths import cache_dir
 from peerpipe.protocol import LayerTiming
 
@@ -58,8 +59,14 @@ def _sync(device: torch.device) -> None:
         torch.xpu.synchronize()
 
 
-def time_it(fn: Callable[[], object], device: torch.device, *, rounds: int = 5, min_round_s: float = 0.02) -> float:
-    """Median seconds per call of ``fn``; each round repeats it until ``min_round_s`` has passed."""
+def time_it(
+    fn: Callable[[], object], device: torch.device, *, rounds: int = 5, min_round_s: float = 0.02,
+    between: Callable[[], None] | None = None,
+) -> float:
+    """Median seconds per call of ``fn``; each round repeats it until ``min_round_s`` has passed.
+    ``between`` runs before each round (compute.step_aside, say)."""
+    between = between or _nothing
+    between()
     fn()
     _sync(device)
     start = time.perf_counter()
@@ -69,6 +76,7 @@ def time_it(fn: Callable[[], object], device: torch.device, *, rounds: int = 5, 
     reps = max(1, min(10_000, int(min_round_s / once)))
     samples = []
     for _ in range(rounds):
+        between()
         start = time.perf_counter()
         for _ in range(reps):
             fn()
@@ -184,8 +192,13 @@ STREAM_BYTES = 256 << 20
 MAX_STACK = 32
 
 
+def _nothing() -> None:
+    pass
+
+
 def bench_layer(
-    cfg: ModelConfig, device: str, dtype: str, *, prefill_tokens: int = 128, quick: bool = False, quantize: str = "none"
+    cfg: ModelConfig, device: str, dtype: str, *, prefill_tokens: int = 128, quick: bool = False, quantize: str = "none",
+    between: Callable[[], None] | None = None,
 ) -> LayerTiming:
     """Time decoder layers of ``cfg`` with random weights: one token after a ``prefill_tokens``
     prompt (decode), and the prompt itself (prefill).
@@ -194,7 +207,8 @@ def bench_layer(
     as a stage of ``2k`` (the same layers twice, in turn); the difference is ``k`` layers' worth,
     and what remains is the stage's own cost per step (masks, positions), which a pipeline pays
     once per stage, not per layer. A WebGPU device (``webgpu``, ``webgpu:NAME``) times the same
-    stacks through its WGSL stage.
+    stacks through its WGSL stage. ``between`` runs between its steps (layers drawn, rounds
+    timed): compute.step_aside makes a re-measure give way to answers.
     """
     import torch
 
@@ -202,13 +216,13 @@ def bench_layer(
     from peerpipe.engine.model import Stage
 
     if device.startswith("webgpu"):
-        return _bench_webgpu_layer(cfg, device, dtype, quick)
+        return _bench_webgpu_layer(cfg, device, dtype, quick, between or _nothing)
     dev = torch.device(device)
     torch_dtype = getattr(torch, dtype)
     item = torch.tensor([], dtype=torch_dtype).element_size()
     layer_bytes = cfg.layer_param_count() * item
     k = max(1, min(MAX_STACK, -(-(STREAM_BYTES // (2 if quick else 1)) // max(1, layer_bytes))))
-    short, double = _random_stacks(cfg, k, dev, torch_dtype)
+    short, double = _random_stacks(cfg, k, dev, torch_dtype, between or _nothing)
     if quantize != "none":  # the layers as this node will hold them (their matrices freed here)
         short.quantize(quantize)
         double._quant = [short._quant[i % k] for i in range(2 * k)]
@@ -241,12 +255,15 @@ def bench_layer(
                 stage(token, cache, cache.batch([slot], 1))
 
         with torch.inference_mode():
-            return time_it(prefill, dev, rounds=rounds), time_it(decode, dev, rounds=rounds)
+            return (time_it(prefill, dev, rounds=rounds, between=between),
+                    time_it(decode, dev, rounds=rounds, between=between))
 
     return _layer_timing(cfg, dtype, k, layer_bytes, prefill_tokens, timings(short), timings(double))
 
 
-def _random_stacks(cfg: ModelConfig, k: int, dev: torch.device, torch_dtype: torch.dtype) -> tuple[Any, Any]:
+def _random_stacks(
+    cfg: ModelConfig, k: int, dev: torch.device, torch_dtype: torch.dtype, between: Callable[[], None]
+) -> tuple[Any, Any]:
     """Middle stages (no embedding, no head) of ``k`` random layers, and of the same ``k`` twice."""
     import torch
 
@@ -258,6 +275,7 @@ def _random_stacks(cfg: ModelConfig, k: int, dev: torch.device, torch_dtype: tor
         double = Stage(tall, 1, 1 + 2 * k)
     generator = torch.Generator(device=dev).manual_seed(0)
     for i in range(k):
+        between()
         with torch.device("meta"):
             block = Block(tall)
         block = block.to_empty(device=dev).to(torch_dtype)
@@ -296,7 +314,7 @@ WEBGPU_STREAM_BYTES = 128 << 20
 WEBGPU_MAX_STACK = 16
 
 
-def _bench_webgpu_layer(cfg: ModelConfig, device: str, dtype: str, quick: bool) -> LayerTiming:
+def _bench_webgpu_layer(cfg: ModelConfig, device: str, dtype: str, quick: bool, between: Callable[[], None]) -> LayerTiming:
     import torch
 
     from peerpipe.webgpu.bench import time_stage
@@ -307,7 +325,7 @@ def _bench_webgpu_layer(cfg: ModelConfig, device: str, dtype: str, quick: bool) 
     prefill_tokens = 32 if quick else 128
     layer_bytes = cfg.layer_param_count() * (2 if wt == "f16" else 4)
     k = 1 if quick else max(1, min(WEBGPU_MAX_STACK, -(-WEBGPU_STREAM_BYTES // max(1, layer_bytes))))
-    stacks = _random_stacks(cfg, k, torch.device("cpu"), torch.float32)
+    stacks = _random_stacks(cfg, k, torch.device("cpu"), torch.float32, between)
     short, double = (
         time_stage(gpu, s, wt, prefill_tokens, rounds=2 if quick else 5, decode_reps=1 if quick else 3) for s in stacks
     )
@@ -385,7 +403,8 @@ class BenchCache:
         self, cfg: ModelConfig, dtype: str, progress: Progress | None = None, *, fresh: bool = False,
         quantize: str = "none",
     ) -> LayerTiming:
-        """One layer's timing, from the cache unless ``fresh`` (which measures and caches anew)."""
+        """One layer's timing, from the cache unless ``fresh`` (which measures and caches anew,
+        and raises compute.SteppedAside if other work arrives for the compute thread meanwhile)."""
         key = f"{cfg.shape_key}/{dtype}" + (f"/{quantize}" if quantize != "none" else "")
         data = _read_cache(self.path) if self.use_cache and not fresh else {}
         raw = data.get("layers", {}).get(key)
@@ -399,7 +418,9 @@ class BenchCache:
                 return timing
         if progress:
             progress(f"one layer of {cfg.shape_key} in {dtype}" + (f", {quantize} weights" if quantize != "none" else ""))
-        timing = bench_layer(cfg, self.caps.torch_device, dtype, quick=self.quick, quantize=quantize)
+        # A fresh timing is a re-measure while the room may be serving: it gives way to answers.
+        between = step_aside if fresh else None
+        timing = bench_layer(cfg, self.caps.torch_device, dtype, quick=self.quick, quantize=quantize, between=between)
         self._store_layer(key, timing)
         return timing
 

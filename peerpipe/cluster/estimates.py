@@ -17,6 +17,7 @@ from peerpipe.protocol import MemberState, Plan
 TOLERANCE = 2.0
 MIN_STEPS = 16  # decode steps since the plan before a stage's figure is trusted
 CHECK_EVERY_S = 1.0
+TRIES = 3  # re-measures of one node per plan that may come back empty
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ class EstimateWatch:
         plan: Callable[[], Plan | None],
         members: Callable[[], Sequence[MemberState]],
         idle: Callable[[], bool],
-        remeasure: Callable[[str, StageEstimate], Awaitable[None]],
+        remeasure: Callable[[str, StageEstimate], Awaitable[bool]],
     ) -> None:
         self._plan = plan
         self._members = members
@@ -73,6 +74,7 @@ class EstimateWatch:
         self._version = -1
         self.baselines: Baselines = {}
         self.remeasured: set[str] = set()  # once per node and plan: a figure that stays off is the real one
+        self.tries: dict[str, int] = {}  # re-measures that brought no figure back (stepped aside, failed)
 
     def begin(self, plan: Plan) -> None:
         """``plan`` is being sent out: what each node has run so far is not this plan's. Called
@@ -80,6 +82,7 @@ class EstimateWatch:
         self._version = plan.version
         self.baselines = {m.info.node_id: (m.steps, m.compute_s) for m in self._members()}
         self.remeasured = set()
+        self.tries = {}
 
     def estimates(self) -> list[StageEstimate]:
         plan = self._plan()
@@ -90,11 +93,17 @@ class EstimateWatch:
         return stage_estimates(plan, self._members(), self.baselines)
 
     async def check(self) -> None:
-        """Re-measure each stage whose figure is off, once per plan, while the room is idle."""
+        """Re-measure each stage whose figure is off, once per plan, while the room is idle; one
+        that brought no figure back (it stepped aside for answers, say) is tried again at the
+        next idle check, up to ``TRIES`` times."""
         for estimate in self.estimates():
-            if estimate.off and estimate.node_id not in self.remeasured and self._idle():
-                self.remeasured.add(estimate.node_id)
-                await self._remeasure(estimate.node_id, estimate)
+            node = estimate.node_id
+            if estimate.off and node not in self.remeasured and self._idle():
+                self.remeasured.add(node)
+                if not await self._remeasure(node, estimate):
+                    self.tries[node] = self.tries.get(node, 0) + 1
+                    if self.tries[node] < TRIES:
+                        self.remeasured.discard(node)
 
     async def run(self) -> None:
         while True:

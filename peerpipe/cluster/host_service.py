@@ -281,8 +281,8 @@ ROOM_GUESS_WARNING = 16  # ... and from all addresses together (the room-wide sl
 ACTIVE_TASKS = frozenset({"queued", "prefill", "decoding", "recovering"})
 
 
-async def _nothing(node_id: str, estimate: StageEstimate) -> None:
-    return None
+async def _nothing(node_id: str, estimate: StageEstimate) -> bool:
+    return True
 
 
 def describe_device(info: NodeInfo) -> str:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from peerpipe.cluster.benchmark import BenchCache, DeviceBench, Progress
 from peerpipe.cluster.capabilities import DeviceCaps, default_dtype, detect
 from peerpipe.cluster.links import measure_links
-from peerpipe.compute import run_compute
+from peerpipe.compute import SteppedAside, run_compute
 from peerpipe.errors import PeerpipeError
 from peerpipe.protocol import BenchmarkRequest, BenchmarkResult, LayerTiming, NodeInfo
 from peerpipe.room import RoomNode
@@ -133,6 +133,8 @@ class LocalDevice:
         if request.model_shape:
             try:
                 timing = await self.layer_timing(request.model_shape, request.dtype, fresh=request.fresh)
+            except SteppedAside:
+                errors.append("layer benchmark stepped aside: answers arrived while it ran")
             except (PeerpipeError, ValueError, RuntimeError) as exc:
                 errors.append(f"layer benchmark failed: {exc}")
         links, failed = await measure_links(node, request.links_to)

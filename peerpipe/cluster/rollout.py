@@ -36,6 +36,7 @@ from peerpipe.cluster.planning import (
     wire_formats,
 )
 from peerpipe.cluster.prefetch import Prefetch, lacking
+from peerpipe.compute import SteppedAside
 from peerpipe.errors import PeerpipeError
 from peerpipe.logs import Report
 from peerpipe.plan import PlanError
@@ -238,9 +239,10 @@ class Rollout:
         if result.error:
             self.host.report(f"benchmark on {name}: {result.error}")
 
-    async def remeasure(self, node_id: str, estimate: StageEstimate) -> None:
+    async def remeasure(self, node_id: str, estimate: StageEstimate) -> bool:
         """Time ``node_id``'s layer again, past its cache: its stage runs at a pace the plan did
-        not predict. The fresh figure replaces the old one here and in the node's cache."""
+        not predict. The fresh figure replaces the old one here and in the node's cache. Returns
+        whether one came back (a re-measure steps aside for answers that arrive meanwhile)."""
         host, model = self.host, self.model
         name = host.names().get(node_id, node_id[:8])
         host.report(
@@ -251,13 +253,18 @@ class Rollout:
         if node_id == host.node.node_id:
             try:
                 self.timings[node_id] = await host.device.layer_timing(model.shape_json, model.dtype, fresh=True)
+            except SteppedAside:
+                host.report(f"{name}: timing stepped aside for answers; again when the room is idle")
             except (PeerpipeError, RuntimeError) as exc:
                 host.report(f"could not time a layer here again ({exc})")
         else:
             await self._ask(node_id, BenchmarkRequest(next(self._request_ids), model.shape_json, model.dtype, fresh=True))
         after = self.timings.get(node_id)
-        if before is not None and after is not None:
+        if after is None or after is before:
+            return False
+        if before is not None:
             host.report(f"{name}: one layer {before.decode_ms:.3f} -> {after.decode_ms:.3f} ms per token (used from the next plan on)")
+        return True
 
     def on_benchmark(self, result: BenchmarkResult) -> None:
         waiter = self._waiting.pop(result.request_id, None)

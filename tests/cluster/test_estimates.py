@@ -12,9 +12,10 @@ import pytest
 
 from peerpipe.cluster.benchmark import MAX_CACHE_AGE_S, BenchCache
 from peerpipe.cluster.capabilities import detect
-from peerpipe.cluster.estimates import MIN_STEPS, EstimateWatch, StageEstimate, stage_estimates
+from peerpipe.cluster.estimates import MIN_STEPS, TRIES, EstimateWatch, StageEstimate, stage_estimates
+from peerpipe.compute import SteppedAside, run_compute
 from peerpipe.engine.config import ModelConfig
-from peerpipe.protocol import MemberState, NodeInfo, Plan, PlanStage
+from peerpipe.protocol import LayerTiming, MemberState, NodeInfo, Plan, PlanStage
 
 
 def member(node: str, steps: int, seconds: float) -> MemberState:
@@ -49,8 +50,9 @@ def test_the_watch_remeasures_an_off_stage_once_per_plan_and_only_when_idle() ->
     idle = [False]
     asked: list[str] = []
 
-    async def remeasure(node: str, estimate: StageEstimate) -> None:
+    async def remeasure(node: str, estimate: StageEstimate) -> bool:
         asked.append(node)
+        return True
 
     watch = EstimateWatch(lambda: plan[0], lambda: members, lambda: idle[0], remeasure)
 
@@ -70,6 +72,59 @@ def test_the_watch_remeasures_an_off_stage_once_per_plan_and_only_when_idle() ->
         assert asked == ["a", "a"]
 
     asyncio.run(main())
+
+
+def test_a_remeasure_that_brings_no_figure_back_is_tried_again_a_few_times() -> None:
+    members = [member("a", 0, 0.0), member("b", 0, 0.0)]
+    asked: list[str] = []
+    answers = [False, True]  # stepped aside for an answer, then measured
+
+    async def remeasure(node: str, estimate: StageEstimate) -> bool:
+        asked.append(node)
+        return answers.pop(0) if answers else False
+
+    watch = EstimateWatch(lambda: PLAN, lambda: members, lambda: True, remeasure)
+
+    async def main() -> None:
+        watch.begin(PLAN)
+        members[0] = member("a", 100, 3.0)
+        for _ in range(3):
+            await watch.check()
+        assert asked == ["a", "a"]  # tried again once it came back empty, then done
+        watch.begin(PLAN)  # the same plan sent again: a node that never answers
+        members[0] = member("a", 200, 6.0)
+        for _ in range(TRIES + 2):
+            await watch.check()
+        assert asked == ["a", "a"] + ["a"] * TRIES
+
+    asyncio.run(main())
+
+
+def test_a_fresh_layer_timing_steps_aside_for_work_that_arrives(tmp_path: Path, monkeypatch, tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+    """A re-measure runs on the compute thread while the room may serve: a forward queued behind
+    it runs after one of its steps, not after the whole benchmark, which gives up and says so."""
+    monkeypatch.setenv("PEERPIPE_CACHE", str(tmp_path))
+    cache = BenchCache(detect("cpu"), quick=True)
+    cfg = ModelConfig.from_dir(tiny_model_dir("llama"))
+    order: list[str] = []
+
+    def timed() -> None:
+        try:
+            cache.layer(cfg, "float32", fresh=True)
+            order.append("benchmark done")
+        except SteppedAside:
+            order.append("benchmark stepped aside")
+
+    async def main() -> None:
+        alone = asyncio.ensure_future(run_compute(cache.layer, cfg, "float32", fresh=True))
+        assert isinstance(await alone, LayerTiming)  # nothing else waiting: it finishes
+        bench = asyncio.ensure_future(run_compute(timed))
+        await asyncio.sleep(0)  # let it reach the compute thread before the forward is queued
+        await run_compute(order.append, "forward")
+        await bench
+
+    asyncio.run(main())
+    assert order == ["benchmark stepped aside", "forward"]
 
 
 def test_cached_benchmarks_expire_and_fresh_layers_skip_the_cache(tmp_path: Path, monkeypatch, tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
