@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import threading
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
@@ -18,18 +19,30 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 _executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="peerpipe-compute")
-_running = 0  # calls in flight
+_lock = threading.Lock()
+_running = 0  # calls submitted and not yet finished (or cancelled)
+
+
+def _finished(_: concurrent.futures.Future[object] | None) -> None:
+    global _running
+    with _lock:
+        _running -= 1
 
 
 async def run_compute(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     """Run ``fn`` on the compute thread; the caller's event loop keeps running meanwhile."""
     global _running
-    loop = asyncio.get_running_loop()
-    _running += 1
+    with _lock:
+        _running += 1
     try:
-        return await loop.run_in_executor(_executor, functools.partial(fn, *args, **kwargs))
-    finally:
-        _running -= 1
+        job = _executor.submit(functools.partial(fn, *args, **kwargs))
+    except BaseException:  # the executor is shut down (the interpreter exits)
+        _finished(None)
+        raise
+    # Counted down by the future itself, on the compute thread as the call returns (before the
+    # next call starts, which step_aside relies on) or wherever a queued call is cancelled.
+    job.add_done_callback(_finished)
+    return await asyncio.wrap_future(job)
 
 
 class SteppedAside(Exception):

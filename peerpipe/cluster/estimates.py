@@ -100,7 +100,8 @@ class EstimateWatch:
             node = estimate.node_id
             if estimate.off and node not in self.remeasured and self._idle():
                 self.remeasured.add(node)
-                if not await self._remeasure(node, estimate):
+                version = self._version
+                if not await self._remeasure(node, estimate) and version == self._version:  # not a newer plan's
                     self.tries[node] = self.tries.get(node, 0) + 1
                     if self.tries[node] < TRIES:
                         self.remeasured.discard(node)

@@ -282,6 +282,7 @@ ACTIVE_TASKS = frozenset({"queued", "prefill", "decoding", "recovering"})
 
 
 async def _nothing(node_id: str, estimate: StageEstimate) -> bool:
+    """A host without a rollout has no benchmarks to redo: nothing is left to try again."""
     return True
 
 

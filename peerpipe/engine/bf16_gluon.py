@@ -81,7 +81,9 @@ def gemv(x: Tensor, w: Tensor, plan: tuple[dict[str, int], int] | None = None, g
     forces tiles and split (the sweep). ``glu``: silu(x gate^T) * (x up^T) of a fused gate|up
     ``w``, ``[1, N/2]``. ``prologue``: x is the residual stream, normalized first."""
     if torch.compiler.is_compiling():
-        return _opaque(x, w, glu)  # torch.compile'd layers: one call it does not trace into
+        # torch.compile'd layers: one call it does not trace into (a norm goes through normed.py's op)
+        assert prologue is None and plan is None
+        return _opaque(x, w, glu)
     m, k = x.shape
     n = w.shape[0] // 2 if glu else w.shape[0]
     plan = plan or choose(n, k, m, glu)

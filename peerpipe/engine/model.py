@@ -126,8 +126,8 @@ def layer_forward(
 ) -> tuple[Tensor, Tensor]:
     """One decoder layer on the residual stream ``x + delta``. Returns the stream as ``(x, delta)``
     with the MLP's output not yet added: the next layer adds it where it normalizes (in its
-    q|k|v product's kernel for a graphed row, normed.py; in the norm's kernel when compiled);
-    :meth:`Stage.forward` adds the last one."""
+    q|k|v product's kernel for a decode step's row on CUDA, graphed or compiled, normed.py; in
+    the norm's kernel elsewhere when compiled); :meth:`Stage.forward` adds the last one."""
     # Written for few dispatches per layer (a decode step of a small model is mostly dispatch
     # overhead on a CPU): views and in-place updates of the fused q|k|v output, no indexing.
     b, s, _ = x.shape

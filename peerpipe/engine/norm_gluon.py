@@ -97,7 +97,8 @@ def _bf16(v):  # type: ignore[no-untyped-def]
 
 
 @gluon.jit
-def _sum(h, d, HAS_DELTA: gl.constexpr):  # type: ignore[no-untyped-def]
+def _stream(h, d, HAS_DELTA: gl.constexpr):  # type: ignore[no-untyped-def]
+    """The residual stream: h + d rounded to bf16 as the separate add rounds it; h without d."""
     if HAS_DELTA:
         h = _bf16(h + d)
     return h
@@ -109,12 +110,12 @@ def _residual(hw, dw, HAS_DELTA: gl.constexpr, QUAD: gl.constexpr):  # type: ign
     if QUAD:
         h0, h1, h2, h3 = _bf16x4_to_f32(hw)
         d0, d1, d2, d3 = _bf16x4_to_f32(dw)
-        r0, r1, r2, r3 = _sum(h0, d0, HAS_DELTA), _sum(h1, d1, HAS_DELTA), _sum(h2, d2, HAS_DELTA), _sum(h3, d3, HAS_DELTA)
+        r0, r1, r2, r3 = _stream(h0, d0, HAS_DELTA), _stream(h1, d1, HAS_DELTA), _stream(h2, d2, HAS_DELTA), _stream(h3, d3, HAS_DELTA)
         return _pack_quad(r0, r1, r2, r3), r0 * r0 + r1 * r1 + r2 * r2 + r3 * r3
     else:
         h0, h1 = _bf16x2_to_f32(hw)
         d0, d1 = _bf16x2_to_f32(dw)
-        r0, r1 = _sum(h0, d0, HAS_DELTA), _sum(h1, d1, HAS_DELTA)
+        r0, r1 = _stream(h0, d0, HAS_DELTA), _stream(h1, d1, HAS_DELTA)
         return _pack_pair(r0, r1), r0 * r0 + r1 * r1
 
 
@@ -130,13 +131,13 @@ def _normalized(hw, dw, gw, rs, HAS_DELTA: gl.constexpr, QUAD: gl.constexpr):  #
         h0, h1, h2, h3 = _bf16x4_to_f32(hw)
         d0, d1, d2, d3 = _bf16x4_to_f32(dw)
         g0, g1, g2, g3 = _bf16x4_to_f32(gw)
-        return _pack_quad(_scaled(_sum(h0, d0, HAS_DELTA), g0, rs), _scaled(_sum(h1, d1, HAS_DELTA), g1, rs),
-                          _scaled(_sum(h2, d2, HAS_DELTA), g2, rs), _scaled(_sum(h3, d3, HAS_DELTA), g3, rs))
+        return _pack_quad(_scaled(_stream(h0, d0, HAS_DELTA), g0, rs), _scaled(_stream(h1, d1, HAS_DELTA), g1, rs),
+                          _scaled(_stream(h2, d2, HAS_DELTA), g2, rs), _scaled(_stream(h3, d3, HAS_DELTA), g3, rs))
     else:
         h0, h1 = _bf16x2_to_f32(hw)
         d0, d1 = _bf16x2_to_f32(dw)
         g0, g1 = _bf16x2_to_f32(gw)
-        return _pack_pair(_scaled(_sum(h0, d0, HAS_DELTA), g0, rs), _scaled(_sum(h1, d1, HAS_DELTA), g1, rs))
+        return _pack_pair(_scaled(_stream(h0, d0, HAS_DELTA), g0, rs), _scaled(_stream(h1, d1, HAS_DELTA), g1, rs))
 
 
 @gluon.jit

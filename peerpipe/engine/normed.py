@@ -51,12 +51,15 @@ def fits(x: Tensor, delta: Tensor | None, weight: Tensor, w: Tensor | QuantWeigh
     k = x.shape[-1]
     if not (
         enabled and x.is_cuda and x.dtype == torch.bfloat16 and x.numel() == k and weight.dtype == torch.bfloat16
-        and weight.shape == (k,) and (delta is None or (delta.shape == x.shape and delta.dtype == x.dtype))
+        and weight.shape == (k,) and weight.device == x.device
+        and (delta is None or (delta.shape == x.shape and delta.dtype == x.dtype and delta.device == x.device))
     ):
         return False
     if isinstance(w, Tensor):
-        return bf16_gluon.fits(x, w, glu)
+        return w.dim() == 2 and w.shape[1] == k and bf16_gluon.fits(x, w, glu)
     if isinstance(w, Int8Weight):
+        if w.q.dim() != 2 or w.q.shape[1] != k or w.q.device != x.device:
+            return False
         row = x.reshape(1, k)
         return int8_cuda.glu_fits(row, w.q) if glu else int8_cuda.available() and int8_gluon.fits(row, w.q)
     return False

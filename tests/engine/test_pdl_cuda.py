@@ -23,42 +23,48 @@ hopper = pytest.mark.skipif(
     reason="needs a Hopper GPU and Triton's Gluon",
 )
 
-K, LAYERS, VOCAB = 1024, 6, 32000
+K, FF, LAYERS, VOCAB = 1024, 4096, 6, 32000
 
 
-def _weights() -> dict[str, list[torch.Tensor]]:
+def _weights() -> dict[str, list]:
     torch.manual_seed(0)
 
     def mat(n: int, k: int = K) -> torch.Tensor:
         return torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
 
+    def int8(n: int, k: int = K) -> list:
+        return [quantize(mat(n, k), "int8") for _ in range(LAYERS)]
+
     return dict(
-        norm=[(torch.rand(K, device="cuda") + 0.5).to(torch.bfloat16) for _ in range(LAYERS)],
-        glu=[quantize(mat(2 * K), "int8") for _ in range(LAYERS)],  # type: ignore[misc]
-        int8=[quantize(mat(K), "int8") for _ in range(LAYERS)],  # type: ignore[misc]
-        plain=[mat(K) for _ in range(LAYERS)],
+        norms=[(torch.rand(2, K, device="cuda") + 0.5).to(torch.bfloat16) for _ in range(LAYERS)],
+        qkv=int8(K),
+        o=[mat(K) for _ in range(LAYERS)],
+        glu=int8(2 * FF),
+        down=int8(K, FF),  # long K: the int8 kernel splits it (workspace and counters)
         keys=[torch.randn(1, 8, 256, K // 32, device="cuda", dtype=torch.bfloat16) for _ in range(2)],
         head=[mat(VOCAB)],
     )
 
 
-def _step(x: torch.Tensor, w: dict[str, list[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A layer's kinds of kernels in a decode step's order: the normed gate|up and a plain product
-    in int8, attention over a cache, a bf16 product; then the head and the greedy token."""
+def _step(x: torch.Tensor, w: dict[str, list]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decode step's kernels in their order, each reading the one before's output: per layer
+    the normed q|k|v product (int8), attention over a cache, the o product (bf16), the normed
+    gate|up (int8) and the down product (int8, split along K); then the head and the token."""
     h, delta = x, None
     mask = torch.zeros(1, 1, 1, 256, device="cuda", dtype=torch.bfloat16)
     keys, values = w["keys"]
     for layer in range(LAYERS):
-        h, y = normed_linear(h, delta, w["norm"][layer], 1e-5, w["glu"][layer], glu=True)
-        q = w["int8"][layer]
-        y = int8_gluon.gemv(y, q.q, q.scale)
+        norms = w["norms"][layer]
+        h, y = normed_linear(h, delta, norms[0], 1e-5, w["qkv"][layer])
         y = attention_cuda.decode_attention(y.view(1, 8, 4, K // 32), keys, values, mask, 0.2).view(1, K)
-        delta = bf16_gluon.gemv(y, w["plain"][layer])
+        h, y = normed_linear(h, bf16_gluon.gemv(y, w["o"][layer]), norms[1], 1e-5, w["glu"][layer], glu=True)
+        down = w["down"][layer]
+        delta = int8_gluon.gemv(y, down.q, down.scale)
     logits = bf16_gluon.gemv(h + delta, w["head"][0])
     return logits, argmax_cuda.argmax(logits)
 
 
-def _graphed(w: dict[str, list[torch.Tensor]], overlap: bool, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+def _graphed(w: dict[str, list], overlap: bool, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
     asked, int8_gluon.overlap = int8_gluon.overlap, overlap
     try:
         x = inputs[0].clone()
@@ -90,6 +96,7 @@ def test_a_graph_of_dependent_launches_reads_each_kernels_output_after_it_is_wri
     for i, (a, b) in enumerate(zip(apart, overlapped, strict=True)):
         assert torch.equal(a, b), f"replay {i} differs"
     assert len({int(a[-1]) for a in apart}) > 1  # the inputs change the token: stale reads would show
+    assert int8_gluon.choose(K, FF, 1)[2] > 1  # the down product did split along K
 
 
 def test_launches_overlap_only_when_asked() -> None:
