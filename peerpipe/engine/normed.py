@@ -8,13 +8,17 @@ two kernels a layer fewer. Everything else runs them as separate operations, as 
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
 from peerpipe.engine import bf16_gluon, int8_cuda, int8_gluon
 from peerpipe.engine.quant import Int8Weight, QuantWeight, glu_linear, linear
 
-enabled = True  # bench/engine.py turns it off with the other kernels to time torch's in one run
+# bench/engine.py turns it off with the other kernels to time torch's in one run;
+# PEERPIPE_NORM_PROLOGUE=0 turns it off in a process (stage processes in a benchmark, say).
+enabled = os.environ.get("PEERPIPE_NORM_PROLOGUE", "1") != "0"
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:

@@ -113,9 +113,11 @@ def test_launches_overlap_only_when_asked() -> None:
         int8_gluon.overlap = asked
 
 
-def test_only_peerpipe_pdl_1_asks_for_it() -> None:
-    code = "from peerpipe.engine import int8_gluon; print(int8_gluon.overlap)"
-    for value, want in ((None, "False"), ("0", "False"), ("1", "True")):
-        env = {k: v for k, v in os.environ.items() if k != "PEERPIPE_PDL"} | ({} if value is None else {"PEERPIPE_PDL": value})
+def test_the_environment_turns_overlap_on_and_the_norm_prologue_off() -> None:
+    code = "from peerpipe.engine import int8_gluon, normed; print(int8_gluon.overlap, normed.enabled)"
+    cases = ((None, None, "False True"), ("0", "1", "False True"), ("1", "0", "True False"))
+    for pdl, prologue, want in cases:
+        env = {k: v for k, v in os.environ.items() if k not in ("PEERPIPE_PDL", "PEERPIPE_NORM_PROLOGUE")}
+        env |= {k: v for k, v in (("PEERPIPE_PDL", pdl), ("PEERPIPE_NORM_PROLOGUE", prologue)) if v is not None}
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-        assert out.stdout.strip() == want, value
+        assert out.stdout.strip() == want, (pdl, prologue)
