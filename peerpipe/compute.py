@@ -23,7 +23,7 @@ _lock = threading.Lock()
 _running = 0  # calls submitted and not yet finished (or cancelled)
 
 
-def _finished(_: concurrent.futures.Future[object] | None) -> None:
+def _finished(_: concurrent.futures.Future[object]) -> None:
     global _running
     with _lock:
         _running -= 1
@@ -34,11 +34,7 @@ async def run_compute(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> 
     global _running
     with _lock:
         _running += 1
-    try:
-        job = _executor.submit(functools.partial(fn, *args, **kwargs))
-    except BaseException:  # the executor is shut down (the interpreter exits)
-        _finished(None)
-        raise
+    job = _executor.submit(functools.partial(fn, *args, **kwargs))
     # Counted down by the future itself, on the compute thread as the call returns (before the
     # next call starts, which step_aside relies on) or wherever a queued call is cancelled.
     job.add_done_callback(_finished)

@@ -59,13 +59,16 @@ def _sync(device: torch.device) -> None:
         torch.xpu.synchronize()
 
 
+def _nothing() -> None:
+    pass
+
+
 def time_it(
     fn: Callable[[], object], device: torch.device, *, rounds: int = 5, min_round_s: float = 0.02,
-    between: Callable[[], None] | None = None,
+    between: Callable[[], None] = _nothing,
 ) -> float:
     """Median seconds per call of ``fn``; each round repeats it until ``min_round_s`` has passed.
     ``between`` runs before each round (compute.step_aside, say)."""
-    between = between or _nothing
     between()
     fn()
     _sync(device)
@@ -192,13 +195,9 @@ STREAM_BYTES = 256 << 20
 MAX_STACK = 32
 
 
-def _nothing() -> None:
-    pass
-
-
 def bench_layer(
     cfg: ModelConfig, device: str, dtype: str, *, prefill_tokens: int = 128, quick: bool = False, quantize: str = "none",
-    between: Callable[[], None] | None = None,
+    between: Callable[[], None] = _nothing,
 ) -> LayerTiming:
     """Time decoder layers of ``cfg`` with random weights: one token after a ``prefill_tokens``
     prompt (decode), and the prompt itself (prefill).
@@ -216,13 +215,13 @@ def bench_layer(
     from peerpipe.engine.model import Stage
 
     if device.startswith("webgpu"):
-        return _bench_webgpu_layer(cfg, device, dtype, quick, between or _nothing)
+        return _bench_webgpu_layer(cfg, device, dtype, quick, between)
     dev = torch.device(device)
     torch_dtype = getattr(torch, dtype)
     item = torch.tensor([], dtype=torch_dtype).element_size()
     layer_bytes = cfg.layer_param_count() * item
     k = max(1, min(MAX_STACK, -(-(STREAM_BYTES // (2 if quick else 1)) // max(1, layer_bytes))))
-    short, double = _random_stacks(cfg, k, dev, torch_dtype, between or _nothing)
+    short, double = _random_stacks(cfg, k, dev, torch_dtype, between)
     if quantize != "none":  # the layers as this node will hold them (their matrices freed here)
         short.quantize(quantize)
         double._quant = [short._quant[i % k] for i in range(2 * k)]
@@ -419,7 +418,7 @@ class BenchCache:
         if progress:
             progress(f"one layer of {cfg.shape_key} in {dtype}" + (f", {quantize} weights" if quantize != "none" else ""))
         # A fresh timing is a re-measure while the room may be serving: it gives way to answers.
-        between = step_aside if fresh else None
+        between = step_aside if fresh else _nothing
         timing = bench_layer(cfg, self.caps.torch_device, dtype, quick=self.quick, quantize=quantize, between=between)
         self._store_layer(key, timing)
         return timing
