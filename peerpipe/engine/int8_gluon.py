@@ -41,8 +41,13 @@ def _capable(index: int) -> bool:
     return torch.cuda.get_device_capability(index) >= (8, 0)  # mma.sync m16n8k16 in bf16
 
 
-# Opt-in (PEERPIPE_PDL=1), see overlaps; bench/quantize.py and stage processes read it alike.
-overlap = os.environ.get("PEERPIPE_PDL", "") == "1"
+# On by default; PEERPIPE_PDL=0 turns it off in a process (bench/quantize.py and stage processes
+# read it alike).
+overlap = os.environ.get("PEERPIPE_PDL", "1") != "0"
+
+# Products of fewer weights launch as programmatic dependents (launch_options); larger ones (LM
+# heads, the 8B shape's gate|up) as before. bench/pdl.py moves it to compare.
+dependent_below = 100_000_000
 
 
 @functools.cache
@@ -51,19 +56,22 @@ def _hopper(index: int) -> bool:
 
 
 def overlaps(device: torch.device) -> bool:
-    """Whether the int8 one-row products launch as programmatic dependents on ``device``: asked
-    for (``PEERPIPE_PDL=1``) and Hopper or later. A kernel's programs then start, and issue their
-    first weight loads, while the kernel before it ends; each waits for it (``griddepcontrol.wait``)
-    before reading anything a step writes, and then lets the next one start. Off by default: on
-    an H200 the int8 1B step gained 2%, but the same for every decode kernel cost a bf16 8B step
-    5% and rooms' batched steps more, and the int8-only form is not measured yet (docs/engine.md)."""
+    """Whether the int8 one-row products may launch as programmatic dependents on ``device``:
+    not turned off (``PEERPIPE_PDL=0``) and Hopper or later. A kernel's programs then start, and
+    issue their first weight loads, while the kernel before it ends; each waits for it
+    (``griddepcontrol.wait``) before reading anything a step writes, and then lets the next one
+    start."""
     index = torch.cuda.current_device() if device.index is None else device.index
     return overlap and _hopper(index)
 
 
-def launch_options(device: torch.device) -> dict[str, bool]:
-    """A decode kernel's ``PDL`` constexpr and launch option on ``device`` (``overlaps``)."""
-    return dict(PDL=True, launch_pdl=True) if overlaps(device) else dict(PDL=False)
+def launch_options(device: torch.device, weights: int) -> dict[str, bool]:
+    """A one-row product's ``PDL`` constexpr and launch option on ``device`` for a matrix of
+    ``weights`` numbers: dependent where it ``overlaps`` and below ``dependent_below`` weights.
+    Measured on an H200 (int8, graphed steps, on against off alternating in one process):
+    dependent launches for every product gained the 1B shape 1.3% and cost the 8B shape 2.1%;
+    with the large ones launched as before, 1.2% and 0.3% (docs/engine.md)."""
+    return dict(PDL=True, launch_pdl=True) if overlaps(device) and weights < dependent_below else dict(PDL=False)
 
 
 def fits(x: Tensor, q: Tensor) -> bool:
@@ -181,7 +189,7 @@ def gemv(x: Tensor, q: Tensor, scale: Tensor, glu: bool = False, prologue: Prolo
         fma[(-(-n // block), split)](  # type: ignore[index]
             xw, qw, scale, y, workspace, counters, n, words, words // split, xw.stride(0), y.stride(0), split,
             n * words, *extra, MR=m, R=tiles["R"], TN=tiles["TN"], TK=tiles["TK"], W=tiles["W"],
-            EVEN_N=n % block == 0, GLU=glu, num_warps=tiles["W"], **launch_options(x.device), **norm,
+            EVEN_N=n % block == 0, GLU=glu, num_warps=tiles["W"], **launch_options(x.device, q.numel()), **norm,
         )
     else:
         if prologue is not None:

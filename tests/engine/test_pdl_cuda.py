@@ -99,23 +99,27 @@ def test_a_graph_of_dependent_launches_reads_each_kernels_output_after_it_is_wri
     assert int8_gluon.choose(K, FF, 1)[2] > 1  # the down product did split along K
 
 
-def test_launches_overlap_only_when_asked() -> None:
+def test_launches_overlap_unless_turned_off_or_the_matrix_is_large() -> None:
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
+    cuda, small = torch.device("cuda"), int8_gluon.dependent_below - 1
     asked = int8_gluon.overlap
     try:
         int8_gluon.overlap = False
-        assert not int8_gluon.overlaps(torch.device("cuda"))
-        assert int8_gluon.launch_options(torch.device("cuda")) == dict(PDL=False)
+        assert not int8_gluon.overlaps(cuda)
+        assert int8_gluon.launch_options(cuda, small) == dict(PDL=False)
         int8_gluon.overlap = True
-        assert int8_gluon.overlaps(torch.device("cuda")) == (torch.cuda.get_device_capability() >= (9, 0))
+        hopper_gpu = torch.cuda.get_device_capability() >= (9, 0)
+        assert int8_gluon.overlaps(cuda) == hopper_gpu
+        assert int8_gluon.launch_options(cuda, small) == (dict(PDL=True, launch_pdl=True) if hopper_gpu else dict(PDL=False))
+        assert int8_gluon.launch_options(cuda, int8_gluon.dependent_below) == dict(PDL=False)
     finally:
         int8_gluon.overlap = asked
 
 
-def test_the_environment_turns_overlap_on_and_the_norm_prologue_off() -> None:
+def test_the_environment_turns_overlap_and_the_norm_prologue_off() -> None:
     code = "from peerpipe.engine import int8_gluon, normed; print(int8_gluon.overlap, normed.enabled)"
-    cases = ((None, None, "False True"), ("0", "1", "False True"), ("1", "0", "True False"))
+    cases = ((None, None, "True True"), ("0", "1", "False True"), ("1", "0", "True False"))
     for pdl, prologue, want in cases:
         env = {k: v for k, v in os.environ.items() if k not in ("PEERPIPE_PDL", "PEERPIPE_NORM_PROLOGUE")}
         env |= {k: v for k, v in (("PEERPIPE_PDL", pdl), ("PEERPIPE_NORM_PROLOGUE", prologue)) if v is not None}
