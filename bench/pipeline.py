@@ -36,6 +36,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from peerpipe.cli.main import quiet_openmp  # noqa: E402
+
+quiet_openmp()  # as every node process does (before torch loads): the one node here idles beside the rooms
+
 import hops  # noqa: E402
 from engine import SHAPES  # noqa: E402
 from namespaces import Namespaces  # noqa: E402 (wire.py and weights.py take it from here)
@@ -222,9 +226,10 @@ def bench_shape(shape: str, root: Path, env: dict[str, str], args: argparse.Name
     long = [10 + i % 200 for i in range(LONG_PROMPT)]
     for stages in [int(s) for s in args.stages.split(",")]:
         log(f"{shape}: room with {stages} stage(s)")
-        # Nodes share this machine's cores: each gets its share, as each would have its own
-        # machine in a real room (spinning thread pools of several processes slow all of them).
-        threads = 1 if args.pin else args.node_threads or max(1, (os.cpu_count() or 1) // (1 if args.gpus else stages))
+        # Each node takes every core, its default as a user starts it: one answer's stages take
+        # turns, and with OpenMP's spin short (quiet_openmp) an idle node no longer holds the
+        # cores the busy one needs. --node-threads gives each a share instead.
+        threads = 1 if args.pin else args.node_threads or (os.cpu_count() or 1)
         node_env = {**env, "OMP_NUM_THREADS": str(threads)}
         traces, streamed = root / f"trace-{shape}-{stages}", set()  # the 16 answers' ids, once run
         if args.trace:
@@ -368,7 +373,7 @@ def main() -> None:
         "--wire", default="auto", help="the host's --wire: auto (shared memory between nodes of this machine), native (the socket)"
     )
     parser.add_argument("--gpus", type=int, default=0, help="put node i on GPU i mod GPUS (0: no GPUs)")
-    parser.add_argument("--node-threads", type=int, default=0, help="CPU threads per node process (default: cores / nodes)")
+    parser.add_argument("--node-threads", type=int, default=0, help="CPU threads per node process (default: every core)")
     parser.add_argument("--netns-shapes", default="cpu-75m", help="shapes to also run across namespaces ('' = none)")
     parser.add_argument("--pin", action="store_true", help="CPU: the one node and every room node on a core each, one thread")
     parser.add_argument("--trace", action="store_true", help="time each part of a token's path, hop by hop (bench/hops.py)")
