@@ -111,6 +111,11 @@ class Decoding:
             self.finish("length")
         return self.finish_reason is None
 
+    def goes_on_after(self, token: int) -> bool:
+        """Whether a step must follow ``token`` unless its text completes a stop string: what a
+        room's host may send before pushing it (the id and count checks are cheap, text is not)."""
+        return len(self.tokens) + 1 < self.budget and not self._stopper.ends_at(token)
+
     def finish(self, reason: str) -> None:
         """End the answer here (stop, length, cancelled, or an error's)."""
         if self.finish_reason is None:

@@ -286,6 +286,11 @@ class StopChecker:
             return self._finish("length", piece + self._decoder_tail())
         return self._release(self._held + piece)
 
+    def ends_at(self, token_id: int) -> bool:
+        """Whether ``token_id``, fed next, would end the session by its id or the token budget
+        (a stop string needs its text: ``update`` finds those)."""
+        return token_id in self._stop_ids or self.num_tokens + 1 >= self.params.max_tokens
+
     def finish(self) -> str:
         """Release held-back text when the session ends for another reason (cancelled, error)."""
         if self.finish_reason is not None:

@@ -16,12 +16,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -54,6 +56,15 @@ PREFILL_CHUNK = 128
 AUTO_CHUNK_MS = 20.0
 # Told which stages did not answer in time; finds out which of them are gone (the cluster probes).
 OnStall = Callable[[list[str]], Awaitable[None]]
+
+
+def _push(decoding: Decoding, tokens: list[int]) -> bool:
+    """Push ``tokens`` (emptied) until one ends the answer; True while it goes on."""
+    for token in tokens:
+        if not decoding.push(token):
+            break
+    tokens.clear()
+    return decoding.finish_reason is None
 
 
 class _Cancelled(Exception):
@@ -243,6 +254,11 @@ class Pipeline:
         self._changed.set()  # a paused answer stops waiting
         return True
 
+    def step_in_flight(self, task_id: str) -> int | None:
+        """The position of the answer's step that waits for its token, if one does."""
+        step = self._waiting.get(task_id)
+        return None if step is None else step[2]
+
     def active_tasks(self) -> list[Task]:
         return [t for t in self.tasks.values() if t.active]
 
@@ -291,11 +307,17 @@ class Pipeline:
         last_token_at = task.started
         stalled_at: float | None = None  # when the answer's last token came, while it is paused
         recoveries = 0
+        # The last step's token, when the next step went out before it was pushed: its text is
+        # made and streamed while the stages compute (the host's turn, off the token's path).
+        held: list[int] = []
         try:
             while decoding.finish_reason is None:
+                plan = self.plan
+                if held and (task.status is TaskStatus.CANCELLED or plan is None or _stages(plan) != on):
+                    _push(decoding, held)  # a replay's prompt, or the answer cancelled, has it
+                    continue
                 if task.status is TaskStatus.CANCELLED:  # cancelled while no step was in flight
                     raise _Cancelled
-                plan = self.plan
                 sent: list[int] = []
                 began = time.perf_counter()
                 if plan is None or _stages(plan) != on:
@@ -308,13 +330,14 @@ class Pipeline:
                 else:
                     chunks = []
                     sent = await drafts.propose(decoding) if drafts is not None else []
-                    ids = torch.tensor([[decoding.tokens[-1], *sent]], dtype=torch.long)
+                    ids = torch.tensor([[held[-1] if held else decoding.tokens[-1], *sent]], dtype=torch.long)
                     request = ComputeRequest(
-                        task.task_id, to_wire(ids), task.task_id, plan.version, decoding.next_position, drafts=tuple(sent)
+                        task.task_id, to_wire(ids), task.task_id, plan.version, decoding.next_position + len(held),
+                        drafts=tuple(sent),
                     )
                     timeout = self.timeouts.stall_s or max(MIN_STALL_S, STALL_STEPS * plan.predicted_ms / 1e3)
                 try:
-                    tokens = await self._step(task, plan, request, timeout, chunks)
+                    tokens = await self._step(task, plan, request, timeout, chunks, held and functools.partial(_push, decoding, held))
                 except _Lost as exc:
                     recoveries += 1
                     if recoveries > MAX_RECOVERIES:
@@ -322,6 +345,8 @@ class Pipeline:
                     task.status, on = TaskStatus.RECOVERING, None
                     stalled_at = last_token_at
                     continue
+                if decoding.finish_reason is not None:
+                    break  # the held token's text completed a stop string: this step is not wanted
                 if not 1 <= len(tokens) <= len(request.drafts) + 1:
                     raise TaskFailedError(
                         f"the last stage returned {len(tokens)} tokens for a step of {len(request.drafts)} drafts"
@@ -336,9 +361,10 @@ class Pipeline:
                 if task.first_token is None:
                     task.first_token = last_token_at
                 task.status = TaskStatus.DECODING
-                for token in tokens:  # a stop or the budget inside a kept block ends it there
-                    if not decoding.push(token):
-                        break
+                if drafts is None and len(tokens) == 1 and decoding.goes_on_after(tokens[0]):
+                    held = tokens
+                else:
+                    _push(decoding, tokens)  # a stop or the budget inside a kept block ends it there
             task.status = TaskStatus.DONE
         except _Cancelled:
             decoding.finish("cancelled")
@@ -376,10 +402,12 @@ class Pipeline:
         ]
 
     async def _step(
-        self, task: Task, plan: Plan, request: ComputeRequest, timeout_s: float, chunks: list[ComputeRequest]
+        self, task: Task, plan: Plan, request: ComputeRequest, timeout_s: float, chunks: list[ComputeRequest],
+        meanwhile: Callable[[], bool] | Literal[False] = False,
     ) -> list[int]:
         """Send one step (after the ``partial`` chunks of its prompt, which answer nothing) to the
-        first stage and wait for the last stage's tokens (one, or the drafts it kept and one more)."""
+        first stage and wait for the last stage's tokens (one, or the drafts it kept and one more).
+        ``meanwhile`` runs once the step is sent; if it says the answer is over, no token is awaited."""
         # Armed before sending: an answer (or an error) may arrive while the send still waits.
         waiter: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
         self._waiting[task.task_id] = (waiter, request.plan_version, request.start_pos)
@@ -389,8 +417,11 @@ class Pipeline:
                     trace.mark("send", request.task_id, request.start_pos)
                     for message in (*chunks, request):
                         await self.send(plan.stages[0].node_id, message)
+                    trace.mark("sent", request.task_id, request.start_pos)
                 except LINK_ERRORS as exc:  # the first stage is gone: its PeerLeft follows
                     raise _Lost(f"cannot reach the first stage: {exc}") from None
+                if meanwhile and not meanwhile():
+                    return []
                 return await waiter
         except TimeoutError:
             stages = [s.node_id for s in plan.stages]

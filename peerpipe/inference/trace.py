@@ -5,7 +5,7 @@ With ``PEERPIPE_TRACE=DIR`` every process appends one line per event to ``DIR/tr
 clock, shared by its processes, so the events of one step on nodes of one machine line up
 (``bench/pipeline.py --trace`` reads them). Events, in the order a step meets them:
 
-- ``send``: the host sends the step to the first stage;
+- ``send`` / ``sent``: the host sends the step to the first stage / has handed it to its socket;
 - ``in``: a stage's node has the request (read, decrypted, decoded);
 - ``start`` / ``end``: the stage's forward (with the copy of its output off the device);
 - ``out``: the stage's node has handed the output to its socket (or to itself);

@@ -218,6 +218,37 @@ def test_a_cancel_between_steps_is_not_lost(tiny_model_dir, device, warm_layers)
     arun(main())
 
 
+def test_a_tokens_text_streams_while_the_next_step_computes(tiny_model_dir, device, warm_layers) -> None:
+    """The host sends the step after a token before it makes and streams that token's text, so
+    the text is off the token's path; a stop string found in it still ends the answer with one
+    node's text and tokens (the step sent ahead is dropped, and every stage frees the session)."""
+    model = tiny_model_dir("llama")
+    warm_layers(model)
+    engine, _ = LocalEngine.from_dir(model, device="cpu", dtype="float32", max_seq=64)
+    whole = engine.generate(PROMPTS[0], GREEDY)
+    stop = next(whole.text[i : i + 3] for i in range(len(whole.text) // 2, len(whole.text)) if whole.text[i : i + 3].strip())
+    stopped = dataclasses.replace(GREEDY, stop=(stop,))
+    expected = engine.generate(PROMPTS[0], stopped)
+    assert expected.finish_reason == "stop" and len(expected.tokens) < len(whole.tokens)
+
+    async def main() -> None:
+        async with room(model, device, members=2, layers_per_node=2) as r:
+            pipeline = r.pipeline
+            assert pipeline is not None
+            ahead: list[int | None] = []
+            on_text = lambda _: ahead.append(pipeline.step_in_flight("ahead"))  # noqa: E731
+            result = await pipeline.generate(PROMPTS[0], GREEDY, on_text, task_id="ahead", speculate="off")
+            assert result.tokens == whole.tokens and result.text == whole.text
+            # Every piece of text but the answer's end went out with the next token's step in flight.
+            assert len(ahead) >= 2 and all(p is not None for p in ahead[:-1]) and ahead[-1] is None
+            result = await pipeline.generate(PROMPTS[0], stopped, task_id="stopped", speculate="off")
+            assert (result.text, result.tokens, result.finish_reason) == (expected.text, expected.tokens, "stop")
+            for server in r.servers():
+                await server.wait_sessions(0, 5)
+
+    arun(main())
+
+
 def test_a_failing_stage_fails_the_task_with_its_reason(tiny_model_dir, device, warm_layers) -> None:
     model = tiny_model_dir("llama")
     warm_layers(model)
@@ -282,7 +313,8 @@ def test_a_trace_follows_each_step_through_every_stage(
     tiny_model_dir, device, warm_layers, tmp_path: Path, monkeypatch
 ) -> None:
     """With tracing on, every decode step of an answer is marked in order on its way: sent by the
-    host, in, start, end and out on each of the three stages, and back as a token."""
+    host (and handed to its socket), in, start, end and out on each of the three stages, and back
+    as a token."""
     from peerpipe.inference import trace
 
     model = tiny_model_dir("llama")
@@ -306,6 +338,9 @@ def test_a_trace_follows_each_step_through_every_stage(
     assert len(decode) == GREEDY.max_tokens - 1  # every token but the prompt's own took a step
     for position in decode:
         order = [event for _, event in sorted(steps[position])]
+        # Handed to the socket after it was sent (the first stage may have it by then).
+        assert order.count("sent") == 1 and order.index("sent") > order.index("send")
+        order.remove("sent")
         assert order[:-2] == ["send", *["in", "start", "end", "out"] * 2, "in", "start", "end"]
         # A last stage on the host hands its token over before its send returns.
         assert sorted(order[-2:]) == ["out", "token"]
