@@ -56,6 +56,15 @@ def cpu_cores() -> int:
     return os.cpu_count() or 1
 
 
+def cpu_mask() -> str:
+    """The cores this process may run on, as a hex bit mask ("3": cores 0 and 1); "" where the
+    system does not say, or past 256 cores (the record's limit)."""
+    with contextlib.suppress(AttributeError):
+        mask = f"{sum(1 << core for core in os.sched_getaffinity(0)):x}"
+        return mask if len(mask) <= 64 else ""
+    return ""
+
+
 def _cpu_name_and_flags() -> tuple[str, set[str]]:
     name, flags = "", set()
     with contextlib.suppress(OSError):

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 from peerpipe.cluster.benchmark import BenchCache, DeviceBench, Progress
-from peerpipe.cluster.capabilities import DeviceCaps, default_dtype, detect
+from peerpipe.cluster.capabilities import DeviceCaps, cpu_mask, default_dtype, detect
 from peerpipe.cluster.links import measure_links
 from peerpipe.compute import SteppedAside, run_compute
 from peerpipe.errors import PeerpipeError
@@ -106,6 +106,7 @@ class LocalDevice:
             machine=machine_id() if self.shm_gbps > 0 else "",
             shm_gbps=self.shm_gbps,
             gpu=caps.gpu,
+            cpus=cpu_mask(),
         )
 
     async def layer_timing(self, model_shape: str, dtype: str, *, fresh: bool = False) -> LayerTiming:

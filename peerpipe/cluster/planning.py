@@ -146,9 +146,36 @@ def shares_memory(a: NodeInfo, b: NodeInfo) -> bool:
 
 def lanes(stages: Iterable[str], infos: Iterable[NodeInfo]) -> int:
     """How many of the stages (node ids, in order) can compute at once: one per GPU, however many
-    nodes share it (their processes take turns on it), and one per node without a GPU id."""
-    gpu = {i.node_id: i.gpu for i in infos}
-    return len({gpu.get(node) or f"node {node}" for node in stages})
+    nodes share it (their processes take turns on it); one per set of CPU nodes of one machine
+    whose cores overlap (they take turns on the cores; a node whose cores are unknown overlaps
+    every other); and one per any other node."""
+    by_id = {i.node_id: i for i in infos}
+    own: set[str] = set()
+    shared: dict[str, list[int]] = {}  # machine -> the masks of its sets of CPU nodes (-1: every core)
+    for node in stages:
+        info = by_id.get(node)
+        if info is not None and info.gpu:
+            own.add(f"gpu {info.gpu}")
+        elif info is not None and info.device == "cpu" and info.machine:
+            sets = shared.setdefault(info.machine, [])
+            mask = _cores(info.cpus)
+            apart, merged = [], mask  # the sets it shares no core with; it and the rest, as one
+            for m in sets:
+                if m != -1 and mask != -1 and not m & mask:
+                    apart.append(m)
+                else:
+                    merged = -1 if -1 in (m, merged) else merged | m
+            sets[:] = [*apart, merged]
+        else:
+            own.add(f"node {node}")
+    return len(own) + sum(len(sets) for sets in shared.values())
+
+
+def _cores(mask: str) -> int:
+    try:
+        return int(mask, 16) or -1
+    except ValueError:
+        return -1
 
 
 def shared_memory(infos: Iterable[NodeInfo]) -> Callable[[str, str], bool]:

@@ -32,7 +32,7 @@ from peerpipe.protocol.validate import (
 )
 from peerpipe.protocol.weights import ManifestReply, ManifestRequest, WeightReply, WeightRequest
 
-PROTOCOL_VERSION = 9
+PROTOCOL_VERSION = 10
 MAX_FEATURES = 64
 MAX_DRAFT = 64  # drafted tokens one compute-request may carry for verification
 MAX_BATCH = 1024  # steps one compute-batch may carry

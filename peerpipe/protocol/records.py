@@ -57,11 +57,13 @@ class NodeInfo:
     machine: str = ""  # its shared memory's name: nodes with the same pass hidden states through it
     shm_gbps: float = 0.0  # device -> shared memory -> device, GB/s as measured (0: not measured)
     gpu: str = ""  # its GPU's id (CUDA's UUID), "" for none: nodes on one GPU take turns on it
+    cpus: str = ""  # the cores it may run on, a hex bit mask ("" unknown): CPU nodes whose cores overlap take turns
 
     def __post_init__(self) -> None:
         need_id(self, "node_id")
         need_str(self, "machine", 64)
         need_str(self, "gpu", 64)
+        need_str(self, "cpus", 64)
         need_float(self, "shm_gbps")
         need_str(self, "name", MAX_NAME_LEN)
         need_choice(self, "quantize", QUANT_MODES)

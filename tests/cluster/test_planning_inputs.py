@@ -50,6 +50,30 @@ def test_stages_compute_at_once_one_per_gpu(gpus: tuple[str, ...], expected: int
     assert lanes(["stranger", "n0"], infos) == 2  # a node the room does not know counts as its own
 
 
+@pytest.mark.parametrize(
+    ("nodes", "expected"),
+    [
+        # (device, machine, cores mask): CPU nodes of one machine take turns where their cores overlap
+        ((("cpu", "m", "3"), ("cpu", "m", "3"), ("cpu", "m", "3")), 1),  # unpinned processes of one box
+        ((("cpu", "m", "1"), ("cpu", "m", "2")), 2),  # each pinned to a core of its own
+        ((("cpu", "m", "1"), ("cpu", "m", "2"), ("cpu", "m", "3")), 1),  # the third spans both: all share
+        ((("cpu", "m", "1"), ("cpu", "m", "2"), ("cpu", "m", "4"), ("cpu", "m", "c")), 3),  # 4 and c share core 2
+        ((("cpu", "m", "1"), ("cpu", "m", "")), 1),  # cores unknown: shares with every node there
+        ((("cpu", "m", "1"), ("cpu", "m", "zz")), 1),  # so does a mask that does not parse
+        ((("cpu", "a", "3"), ("cpu", "b", "3")), 2),  # two machines
+        ((("cpu", "", "3"), ("cpu", "", "3")), 2),  # no machine id: nothing known to be shared
+        ((("cuda", "m", "3"), ("cpu", "m", "3"), ("cpu", "m", "3")), 2),  # a GPU node computes on its GPU
+    ],
+)
+def test_cpu_nodes_sharing_cores_take_turns(nodes: tuple[tuple[str, str, str], ...], expected: int) -> None:
+    infos = [
+        NodeInfo(f"n{i}", f"n{i}", device, 1 << 30, 1.0, machine=machine, cpus=mask, gpu="G" if device == "cuda" else "")
+        for i, (device, machine, mask) in enumerate(nodes)
+    ]
+    assert lanes([i.node_id for i in infos], infos) == expected
+    assert lanes([i.node_id for i in reversed(infos)], infos) == expected  # whatever the order
+
+
 def test_links_keep_the_slower_direction_and_skip_empty_ones() -> None:
     net = network_from(
         [

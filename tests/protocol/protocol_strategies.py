@@ -51,6 +51,7 @@ node_infos = st.builds(
     cpu_cores=st.integers(0, 512),
     ram_bytes=st.integers(0, 1 << 45),
     gpu=st.text(st.characters(codec="ascii"), max_size=64),
+    cpus=st.text("0123456789abcdef", max_size=64),
 )
 timings = st.builds(
     p.LayerTiming,
