@@ -134,6 +134,7 @@ class Pipeline:
         self.tasks: dict[str, Task] = {}
         self.recovery = RecoveryStats()
         self._slots = asyncio.Semaphore(sessions)
+        self.running = 0  # answers past the wait for a session
         # Each task's step in flight: its token's future, and the (plan version, position) it was
         # sent with, so a late answer to a step given up on (after a failover) is not taken.
         self._waiting: dict[str, tuple[asyncio.Future[list[int]], int, int]] = {}
@@ -292,9 +293,11 @@ class Pipeline:
                 decoding.finish("cancelled")
                 return decoding.result()
             drafts = self.speculator.for_answer(mode, decoding)
+            self.running += 1
             try:
                 result = await self._run(task, decoding, drafts)
             finally:
+                self.running -= 1
                 if drafts is not None:
                     drafts.close()
             return dataclasses.replace(result, speculation=drafts.stats) if drafts is not None else result

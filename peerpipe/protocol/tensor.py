@@ -30,6 +30,7 @@ FLOAT_DTYPES = frozenset({"float32", "float16", "bfloat16"})
 
 # bfloat16 has no numpy dtype: it is carried as its raw 16-bit patterns.
 _NUMPY_NAME = {"bfloat16": "uint16"}
+_WIRE_NAMES: dict[tuple[object, str | None], str] = {}  # checked pairs (numpy dtype, dtype asked for)
 
 
 def encoded_nbytes(dtype: str, shape: tuple[int, ...], encoding: str = "raw") -> int:
@@ -136,11 +137,17 @@ class TensorData:
         # Not ascontiguousarray(): it turns 0-d arrays into 1-d ones.
         if not arr.flags.c_contiguous:
             arr = arr.copy(order="C")
-        name = dtype if dtype is not None else str(arr.dtype)
-        if name not in DTYPES:
-            raise ValidationError(f"numpy dtype {arr.dtype} has no wire dtype")
-        if np.dtype(_NUMPY_NAME.get(name, name)) != arr.dtype:
-            raise ValidationError(f"cannot send a {arr.dtype} array as {name}")
+        # Keyed by (numpy dtype, asked-for name): str() and np.dtype() of a dtype cost several µs
+        # each, and a decode step sends its token ids this way.
+        key = (arr.dtype, dtype)
+        name = _WIRE_NAMES.get(key)
+        if name is None:
+            name = dtype if dtype is not None else str(arr.dtype)
+            if name not in DTYPES:
+                raise ValidationError(f"numpy dtype {arr.dtype} has no wire dtype")
+            if np.dtype(_NUMPY_NAME.get(name, name)) != arr.dtype:
+                raise ValidationError(f"cannot send a {arr.dtype} array as {name}")
+            _WIRE_NAMES[key] = name
         view = memoryview(arr.reshape(-1).view(np.uint8))
         return cls(dtype=name, shape=tuple(int(d) for d in arr.shape), data=view)
 

@@ -348,9 +348,10 @@ def test_a_trace_follows_each_step_through_every_stage(
 
 async def _alone_then_together(
     model: Path, device: LocalDevice, prompts: list[list[int]], *, copies: int, between: Callable[[], None]
-) -> bool:
+) -> tuple[bool, bool]:
     """In a 3-stage room: each prompt answered alone, ``between()``, then ``copies`` of them all at
-    once, which must give the same tokens. Returns whether the last stage is not the host."""
+    once, which must give the same tokens. Returns whether the first and the last stage are not
+    the host."""
     async with room(model, device, members=2, layers_per_node=2) as r:
         pipeline = r.pipeline
         assert pipeline is not None and len(pipeline.plan.stages) == 3
@@ -358,7 +359,8 @@ async def _alone_then_together(
         between()
         together = await asyncio.gather(*(pipeline.generate(p, GREEDY, speculate="off") for p in prompts * copies))
         assert [t.tokens for t in together] == alone * copies
-        return pipeline.stage_nodes[-1] != r.host.cluster.node.node_id
+        host = r.host.cluster.node.node_id
+        return pipeline.stage_nodes[0] != host, pipeline.stage_nodes[-1] != host
 
 
 def test_steps_of_one_forward_travel_as_one_compute_batch(tiny_model_dir, device, warm_layers, monkeypatch) -> None:
@@ -371,20 +373,28 @@ def test_steps_of_one_forward_travel_as_one_compute_batch(tiny_model_dir, device
     model = tiny_model_dir("llama")
     warm_layers(model)
     sizes: list[tuple[int, int]] = []
-    receive = DataPlane._on_message
+    receive, coalesce = DataPlane._on_message, DataPlane._coalesced
+    waited: list[str] = []  # steps the host held for the end of its loop's turn
 
     def spy(self: DataPlane, peer: str, message, tg) -> None:  # type: ignore[no-untyped-def]
         if isinstance(message, ComputeBatch):
             sizes.append((len(message.requests), len(message.results)))
         receive(self, peer, message, tg)
 
+    async def held(self: DataPlane, node_id: str, request) -> None:  # type: ignore[no-untyped-def]
+        waited.append(request.task_id)
+        await coalesce(self, node_id, request)
+
     monkeypatch.setattr(DataPlane, "_on_message", spy)
+    monkeypatch.setattr(DataPlane, "_coalesced", held)
 
     def nothing_batched() -> None:
         assert not sizes  # one answer at a time: nothing to batch
+        assert not waited  # and a lone answer's steps went at once
 
-    last_is_remote = arun(_alone_then_together(model, device, PROMPTS, copies=2, between=nothing_batched))
+    first_is_remote, last_is_remote = arun(_alone_then_together(model, device, PROMPTS, copies=2, between=nothing_batched))
     assert any(requests > 1 for requests, _ in sizes), sizes  # stage to stage (and host to stage 1)
+    assert bool(waited) == first_is_remote  # answers running together wait for each other's steps
     assert any(results > 1 for _, results in sizes) == last_is_remote, sizes  # last stage to the host
 
 
