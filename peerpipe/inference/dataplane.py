@@ -140,11 +140,14 @@ class DataPlane:
         """``send`` for the host's answers: each sends its next step as its token comes back, so
         the steps of a batch's answers come one after another in one turn of the loop; they go
         together, as one compute-batch, at the end of that turn. (Sending the first at once cost
-        stages a second forward per round: it started before the rest came.) A lone answer's step
-        goes at once: no other step can join it, and the turns it would wait cost it on every token."""
+        stages a second forward per round: it started before the rest came.) A lone answer's decode
+        step goes at once: no other step can join it, and the turns it would wait cost it on every
+        token. (A prompt still waits: answers started together start one after another, the first
+        alone for a moment, and their prompts share a forward.)"""
         if isinstance(message, ComputeRequest) and node_id != self.node.node_id:
             self._passing()
-            if self.entry is not None and self.entry.pipeline.running <= 1:
+            prompt = message.session is not None or message.partial
+            if not prompt and self.entry is not None and self.entry.pipeline.running <= 1:
                 await self.node.send(node_id, message)
             else:
                 await self._coalesced(node_id, message)
