@@ -66,34 +66,35 @@ def procs(layers: int, width: int) -> float:
     flag = ctx.Value("q", -1, lock=False)
     out = ctx.Value("d", 0.0, lock=False)
     ready = ctx.Semaphore(0)
-    ps = [ctx.Process(target=worker, args=(i, flag, layers, width, out, ready)) for i in range(2)]
-    for p in ps:
-        p.start()
+    halves = [ctx.Process(target=worker, args=(i, flag, layers, width, out, ready)) for i in range(2)]
+    return race(halves, flag, out, ready)
+
+
+def race(halves: list[Any], flag: Any, out: Any, ready: Any) -> float:
+    """Start both halves, let them go once both are ready; µs per round."""
+    for half in halves:
+        half.start()
     for _ in range(2):
         ready.acquire()
     flag.value = 0
-    for p in ps:
-        p.join()
+    for half in halves:
+        half.join()
     return out.value / ROUNDS * 1e6
 
 
-class V:
-    def __init__(self, v: Any) -> None:
-        self.value = v
+class Box:
+    """What a shared-memory value is to the processes, for threads."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
 
 
 def threads(layers: int, width: int) -> float:
-    flag, out, ready = V(-1), V(0.0), threading.Semaphore(0)
+    flag, out, ready = Box(-1), Box(0.0), threading.Semaphore(0)
+    # Captured here, one after the other: two threads capturing at once is an error.
     built = [make(layers, width, "cuda") for _ in range(2)]
-    ts = [threading.Thread(target=worker, args=(i, flag, layers, width, out, ready, built[i])) for i in range(2)]
-    for t in ts:
-        t.start()
-    for _ in range(2):
-        ready.acquire()
-    flag.value = 0
-    for t in ts:
-        t.join()
-    return out.value / ROUNDS * 1e6
+    halves = [threading.Thread(target=worker, args=(i, flag, layers, width, out, ready, built[i])) for i in range(2)]
+    return race(halves, flag, out, ready)
 
 
 def one(layers: int, width: int) -> float:
