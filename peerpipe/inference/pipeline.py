@@ -23,7 +23,6 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
@@ -340,7 +339,8 @@ class Pipeline:
                     )
                     timeout = self.timeouts.stall_s or max(MIN_STALL_S, STALL_STEPS * plan.predicted_ms / 1e3)
                 try:
-                    tokens = await self._step(task, plan, request, timeout, chunks, held and functools.partial(_push, decoding, held))
+                    meanwhile = functools.partial(_push, decoding, held) if held else None
+                    tokens = await self._step(task, plan, request, timeout, chunks, meanwhile)
                 except _Lost as exc:
                     recoveries += 1
                     if recoveries > MAX_RECOVERIES:
@@ -406,7 +406,7 @@ class Pipeline:
 
     async def _step(
         self, task: Task, plan: Plan, request: ComputeRequest, timeout_s: float, chunks: list[ComputeRequest],
-        meanwhile: Callable[[], bool] | Literal[False] = False,
+        meanwhile: Callable[[], bool] | None = None,
     ) -> list[int]:
         """Send one step (after the ``partial`` chunks of its prompt, which answer nothing) to the
         first stage and wait for the last stage's tokens (one, or the drafts it kept and one more).
@@ -423,7 +423,7 @@ class Pipeline:
                     trace.mark("sent", request.task_id, request.start_pos)
                 except LINK_ERRORS as exc:  # the first stage is gone: its PeerLeft follows
                     raise _Lost(f"cannot reach the first stage: {exc}") from None
-                if meanwhile and not meanwhile():
+                if meanwhile is not None and not meanwhile():
                     return []
                 return await waiter
         except TimeoutError:
