@@ -44,18 +44,20 @@ def segments(steps: dict[tuple[str, int], Step], stages: int, tasks: set[str]) -
         # Where the sender marked the hand-off to its socket ("sent", "out"), the hop splits into
         # the sender's part and the rest (the wire, and the receiver's read, decryption, decoding).
         sent = ev.get("sent", [])
+        handed = sent[0] if len(sent) == 1 else ev["send"][0]
         if len(sent) == 1:
-            parts["host sends"].append(us(ev["send"][0], sent[0]))
-        parts["host -> stage 1"].append(us(sent[0] if len(sent) == 1 else ev["send"][0], ev["in"][0]))
+            parts["host sends"].append(us(ev["send"][0], handed))
+        parts["host -> stage 1"].append(us(handed, ev["in"][0]))
         out = ev.get("out", [])
+        split = len(out) >= stages - 1
         for i in range(stages):
             parts[f"stage {i + 1} queue"].append(us(ev["in"][i], ev["start"][i]))
             parts[f"stage {i + 1} forward"].append(us(ev["start"][i], ev["end"][i]))
-            if i + 1 < stages and len(out) >= stages - 1:
-                parts[f"stage {i + 1} sends"].append(us(ev["end"][i], out[i]))
-                parts[f"stage {i + 1} -> {i + 2}"].append(us(out[i], ev["in"][i + 1]))
-            elif i + 1 < stages:
-                parts[f"stage {i + 1} -> {i + 2}"].append(us(ev["end"][i], ev["in"][i + 1]))
+            if i + 1 < stages:
+                handed = out[i] if split else ev["end"][i]
+                if split:
+                    parts[f"stage {i + 1} sends"].append(us(ev["end"][i], handed))
+                parts[f"stage {i + 1} -> {i + 2}"].append(us(handed, ev["in"][i + 1]))
         parts[f"stage {stages} -> host"].append(us(ev["end"][-1], ev["token"][0]))
         parts["host turn"].append(us(ev["token"][0], nxt[0]))
         parts["token"].append(us(ev["send"][0], nxt[0]))
