@@ -7,7 +7,10 @@ clock, shared by its processes, so the events of one step on nodes of one machin
 
 - ``send`` / ``sent``: the host sends the step to the first stage / has handed it to its socket;
 - ``in``: a stage's node has the request (read, decrypted, decoded);
-- ``start`` / ``end``: the stage's forward (with the copy of its output off the device);
+- ``start`` / ``end``: the stage's forward (with the copy of its output off the device); inside
+  it ``launched`` (the device has the step's work), ``run`` (a GPU stage's output is on the host,
+  less the time the GPU spent on the step, by CUDA events: the latest moment it could have
+  started) and ``ready`` (the output is on the host);
 - ``out``: the stage's node has handed the output to its socket (or to itself);
 - ``token``: the host has the last stage's token.
 
@@ -36,11 +39,17 @@ def _open() -> TextIO | None:
     return handle
 
 
-def mark(event: str, task_id: str, position: int, node: str = "") -> None:
-    """Record ``event`` for the step of ``task_id`` at ``position`` (when tracing)."""
+def on() -> bool:
+    """Whether marks are recorded (work done only for a trace can be skipped otherwise)."""
+    return _file is not None
+
+
+def mark(event: str, task_id: str, position: int, node: str = "", at_ns: int | None = None) -> None:
+    """Record ``event`` for the step of ``task_id`` at ``position`` (when tracing), now or at
+    ``at_ns`` on the monotonic clock."""
     if _file is not None:
         where = node.replace(" ", "") or "-"
-        _lines.append(f"{time.monotonic_ns()} {event} {task_id} {position} {where}\n")
+        _lines.append(f"{time.monotonic_ns() if at_ns is None else at_ns} {event} {task_id} {position} {where}\n")
         if len(_lines) >= 256:
             flush()
 
