@@ -13,8 +13,10 @@ step's own are aimed at the scratch position, so they compute what nobody reads.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -51,6 +53,15 @@ class _Graph:
     out: Tensor
 
 
+@dataclass
+class _Staging:
+    """Pinned host buffers a step's inputs cross to the device from, reused step after step."""
+
+    inputs: Tensor  # uint8: the rows' bytes
+    index: Tensor  # long: positions, then slots
+    copied: torch.cuda.Event  # recorded after the last copies out of them
+
+
 def width_bucket(n_new: int) -> int:
     """The graph width of a step of ``n_new`` positions per session: 1, or a power of two."""
     width = 1
@@ -85,24 +96,14 @@ class GraphedDecoder:
         self.pad_batches = pad_batches
         self._graphs: dict[tuple[object, int, int], _Graph] = {}
         self._pool = torch.cuda.graph_pool_handle()
+        self._staged: _Staging | None = None
 
     def __call__(self, x: Tensor, batch: Batch) -> Tensor:
         """Same contract as ``stage(x, cache, batch)`` for a batch of a few new positions each."""
         slots = batch.slot_ids or tuple(batch.slots.tolist())
-        bucket = bucket_for(batch.kv_len, self.cache.max_seq)
         n_new = x.shape[1]
         width = width_bucket(n_new)
-        # One session replays its slot's own graph (a view of the cache, no gather) when there is
-        # one; with pad_batches a session in another slot takes the size-1 graph any slot can.
-        padded = self.pad_batches and (len(slots) > 1 or (slots, bucket, width) not in self._graphs)
-        size = batch_bucket(len(slots), self.cache.max_slots) if padded else 0
-        key: tuple[object, int, int] = (size if padded else slots, bucket, width)
-        g = self._graphs.pop(key, None)
-        if g is None:
-            if len(self._graphs) >= MAX_GRAPHS:
-                del self._graphs[next(iter(self._graphs))]  # the least recently used one
-            g = self._capture((slots[0],) * size if padded else slots, bucket, x, gathered=padded, width=width)
-        self._graphs[key] = g  # (re)inserted last: the dict keeps recency order
+        g, padded = self._pick(slots, bucket_for(batch.kv_len, self.cache.max_seq), width, x)
         n = len(slots)
         scratch = self.cache.scratch_position
         if padded:
@@ -120,6 +121,66 @@ class GraphedDecoder:
         g.graph.replay()
         out = g.out[:n] if padded else g.out
         return out[:, :n_new] if width > n_new else out
+
+    def replay_rows(
+        self, rows: Sequence[memoryview | bytes], like: Tensor, slots: Sequence[int], starts: Sequence[int], kv_len: int
+    ) -> Tensor:
+        """A decode step (one new position per session) fed from the host: ``rows``, each
+        session's input as the bytes of one row of ``like`` (``[1, 1, ...]``, the step's dtype),
+        and ``starts``, where each new position goes (``KVCache.advance``). Inputs, positions and
+        slots reach the device through pinned buffers in one copy each, with no kernel of their
+        own. The buffers are reused by the next call, which waits for this one's copies."""
+        slots = tuple(slots)
+        g, padded = self._pick(slots, bucket_for(kv_len, self.cache.max_seq), 1, like)
+        n, size = len(slots), g.x.shape[0]
+        row = g.x[0].numel() * g.x.element_size()
+        staged = self._staging(size * row, size)
+        inputs, index = staged.inputs.numpy(), staged.index.numpy()
+        for i, data in enumerate(rows):
+            inputs[i * row : (i + 1) * row] = np.frombuffer(data, dtype=np.uint8, count=row)
+        inputs[n * row : size * row] = 0
+        index[:n] = starts
+        index[n:size] = self.cache.scratch_position
+        g.x.view(-1).view(torch.uint8).copy_(staged.inputs[: size * row], non_blocking=True)
+        g.batch.positions.view(-1).copy_(staged.index[:size], non_blocking=True)
+        if padded:
+            index[size : size + n] = slots
+            index[size + n : 2 * size] = slots[0]
+            g.batch.slots.copy_(staged.index[size : 2 * size], non_blocking=True)
+        staged.copied.record()
+        g.graph.replay()
+        return g.out[:n] if padded else g.out
+
+    def _pick(self, slots: tuple[int, ...], bucket: int, width: int, x: Tensor) -> tuple[_Graph, bool]:
+        """The graph a step of ``slots`` replays (captured now if it is not yet), and whether it
+        is a padded one that any slots can feed."""
+        # One session replays its slot's own graph (a view of the cache, no gather) when there is
+        # one; with pad_batches a session in another slot takes the size-1 graph any slot can.
+        padded = self.pad_batches and (len(slots) > 1 or (slots, bucket, width) not in self._graphs)
+        size = batch_bucket(len(slots), self.cache.max_slots) if padded else 0
+        key: tuple[object, int, int] = (size if padded else slots, bucket, width)
+        g = self._graphs.pop(key, None)
+        if g is None:
+            if len(self._graphs) >= MAX_GRAPHS:
+                del self._graphs[next(iter(self._graphs))]  # the least recently used one
+            g = self._capture((slots[0],) * size if padded else slots, bucket, x, gathered=padded, width=width)
+        self._graphs[key] = g  # (re)inserted last: the dict keeps recency order
+        return g, padded
+
+    def _staging(self, input_bytes: int, rows: int) -> _Staging:
+        staged = self._staged
+        if staged is None or staged.inputs.numel() < input_bytes or staged.index.numel() < 2 * rows:
+            if staged is not None:
+                staged.copied.synchronize()
+            size = max(input_bytes, staged.inputs.numel() if staged else 0)
+            count = max(2 * rows, staged.index.numel() if staged else 0)
+            staged = self._staged = _Staging(
+                torch.empty(size, dtype=torch.uint8, pin_memory=True),
+                torch.empty(count, dtype=torch.long, pin_memory=True),
+                torch.cuda.Event(),
+            )
+        staged.copied.synchronize()  # the last step's copies have left these buffers
+        return staged
 
     def warm(self, slots: tuple[int, ...], kv_lens: range, x: Tensor) -> None:
         """Capture now, before decoding, the graphs a session in ``slots`` will replay while its

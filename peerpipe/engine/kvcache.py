@@ -133,8 +133,9 @@ class KVCache:
             )
         self.lengths[slot] = length
 
-    def batch(self, slots: Sequence[int], n_new: int) -> Batch:
-        """Plan a forward that appends ``n_new`` tokens to each session, and advance their lengths."""
+    def advance(self, slots: Sequence[int], n_new: int) -> tuple[list[int], int]:
+        """Check a forward that appends ``n_new`` tokens to each session and advance their
+        lengths, on the host alone: each session's first new position, and the keys attended to."""
         if not slots or n_new <= 0:
             raise CacheError("a batch needs at least one session and one new token")
         starts = []
@@ -150,6 +151,16 @@ class KVCache:
             raise CacheError("a session appears twice in one batch")
         for slot in slots:
             self.lengths[slot] += n_new
+        kv_len = max(starts) + n_new
+        if n_new == 1:
+            # Decode attends to a whole bucket (the mask hides the tail), so the read views of
+            # one bucket serve many steps.
+            kv_len = min(self.max_seq, -(-kv_len // DECODE_BUCKET) * DECODE_BUCKET)
+        return starts, kv_len
+
+    def batch(self, slots: Sequence[int], n_new: int) -> Batch:
+        """Plan a forward that appends ``n_new`` tokens to each session, and advance their lengths."""
+        starts, kv_len = self.advance(slots, n_new)
         if len(slots) == 1 and n_new == 1:
             # A decode step of one session: filled on the device, where a copy from pageable host
             # memory would wait for the work queued before it (LocalEngine launches steps ahead).
@@ -161,11 +172,6 @@ class KVCache:
             slot_ids = torch.tensor(list(slots), dtype=torch.long, device=self.device)
         first = slots[0]
         contiguous = list(slots) == list(range(first, first + len(slots)))
-        kv_len = max(starts) + n_new
-        if n_new == 1:
-            # Decode attends to a whole bucket (the mask hides the tail), so the read views of
-            # one bucket serve many steps.
-            kv_len = min(self.max_seq, -(-kv_len // DECODE_BUCKET) * DECODE_BUCKET)
         return Batch(
             slots=slot_ids,
             positions=positions,

@@ -18,13 +18,23 @@ from dataclasses import dataclass, field
 import torch
 
 from peerpipe.compute import run_compute
+from peerpipe.engine import gpu_wait
 from peerpipe.engine.cuda_graphs import GraphedDecoder
 from peerpipe.engine.kvcache import KVCache
 from peerpipe.engine.model import Stage
 from peerpipe.engine.sampling import Sampler, SamplingParams, make_generator
 from peerpipe.engine.speculate import verify
 from peerpipe.inference import trace
-from peerpipe.inference.wire import encode_hidden, from_wire, release_shared, sampling_from_wire, to_wire
+from peerpipe.inference.step_clock import StepClock
+from peerpipe.inference.wire import (
+    WIRE_NAMES,
+    PinnedRows,
+    encode_hidden,
+    from_wire,
+    release_shared,
+    sampling_from_wire,
+    to_wire,
+)
 from peerpipe.protocol import (
     Cancel,
     ComputeBatch,
@@ -109,6 +119,16 @@ class StageServer:
         self._graphed = GraphedDecoder(stage, cache, pad_batches=True) if use_graphs else None
         # To a next stage on this machine, hidden states go through shared memory (plan wire "local").
         self._ring: Ring | None = None
+        # One decode position's input (token ids into the first stage, hidden states into the
+        # others): the shape the graphs are captured for, and the one inputs take the lean path in.
+        if self._graphed is None:
+            self._like = torch.zeros(0)
+        elif stage.is_first:
+            self._like = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+        else:
+            self._like = torch.zeros((1, 1, stage.cfg.hidden_size), dtype=self._dtype, device=self.device)
+        self._like_dtype = WIRE_NAMES.get(self._like.dtype, "")
+        self._rows_out = PinnedRows()
 
     @property
     def graphed(self) -> bool:
@@ -125,11 +145,7 @@ class StageServer:
         capture met while serving would stall every answer for several steps); returns how many."""
         if self._graphed is None:
             return 0
-        if self.stage.is_first:
-            x = torch.zeros((1, 1), dtype=torch.long, device=self.device)
-        else:
-            x = torch.zeros((1, 1, self.stage.cfg.hidden_size), dtype=self._dtype, device=self.device)
-        return self._graphed.warm_batches(min(self.max_batch, self.cache.max_slots), x)
+        return self._graphed.warm_batches(min(self.max_batch, self.cache.max_slots), self._like)
 
     def submit(self, message: ComputeRequest | Cancel) -> None:
         self._queue.put_nowait(message)
@@ -360,23 +376,26 @@ class StageServer:
 
     @torch.inference_mode()
     def _forward(self, requests: list[ComputeRequest]) -> list:
+        clock = StepClock(requests, self.label, self.device) if trace.on() else None
         sessions = [self.sessions[r.task_id] for r in requests]
         slots = [s.slot for s in sessions]
-        if any(r.input_tensor.encoding != "raw" for r in requests):
-            # Quantized: the small int8 form crosses to the device, and is dequantized there.
-            x = torch.cat([from_wire(r.input_tensor, self.device) for r in requests], dim=0)
-        else:
-            # Joined on the host and copied to the device once, not once per session.
-            x = torch.cat([from_wire(r.input_tensor, _CPU) for r in requests], dim=0).to(self.device, non_blocking=True)
-        x = x.to(torch.long) if self.stage.is_first else x.to(self._dtype)  # a 16-bit wire into an fp32 stage
-        batch = self.cache.batch(slots, x.shape[1])
         drafted = bool(requests[0].drafts)
-        if self._graphed is not None and (x.shape[1] == 1 or drafted):
-            out = self._graphed(x, batch)
+        if self._graphed is not None and not drafted and all(self._lean(r.input_tensor) for r in requests):
+            # A decode step's bytes go from the frames to the device in one copy through pinned memory.
+            starts, kv_len = self.cache.advance(slots, 1)
+            out = self._graphed.replay_rows([r.input_tensor.data for r in requests], self._like, slots, starts, kv_len)
         else:
-            out = self.stage(x, self.cache, batch, last_only=self.stage.is_last and not drafted)
+            out = self._forward_tensors(requests, slots, drafted)
+        if clock is not None:
+            clock.launched()
         if self.next_hop is not None:
-            return encode_hidden(out, self.wire, self._shared_ring())  # one copy off the device for the batch
+            if self.wire == "" and out.is_cuda:
+                hidden = self._rows_out.to_wire(out)
+            else:
+                hidden = encode_hidden(out, self.wire, self._shared_ring())  # one copy off the device for the batch
+            if clock is not None:
+                clock.ready()
+            return hidden
         if drafted:
             return [self._verify(s, r, out[i]) for i, (s, r) in enumerate(zip(sessions, requests, strict=True))]
         if all(r.partial for r in requests):  # prompts run alone: no token to draw, none to count
@@ -387,11 +406,33 @@ class StageServer:
         tokens = self._sampler.sample(
             logits, params, [s.generator for s in sessions], [s.history for s in sessions], positions
         )
+        if tokens.is_cuda:
+            tokens = tokens.to(_CPU, non_blocking=True)  # into pinned memory: the wait is ours
+            gpu_wait.wait(self.device)
         ids = tokens.tolist()
+        if clock is not None:
+            clock.ready()
         for session, token in zip(sessions, ids, strict=True):
             if session.params is not None and session.params.repetition_penalty != 1.0:
                 session.history.append(int(token))
         return [to_wire(torch.tensor([token], dtype=torch.long)) for token in ids]
+
+    def _lean(self, data: TensorData) -> bool:
+        """Whether a request's input is one decode position, inline, in the dtype the stage takes."""
+        return data.encoding == "raw" and data.dtype == self._like_dtype and data.shape == tuple(self._like.shape)
+
+    def _forward_tensors(self, requests: list[ComputeRequest], slots: list[int], drafted: bool) -> torch.Tensor:
+        if any(r.input_tensor.encoding != "raw" for r in requests):
+            # Quantized: the small int8 form crosses to the device, and is dequantized there.
+            x = torch.cat([from_wire(r.input_tensor, self.device) for r in requests], dim=0)
+        else:
+            # Joined on the host and copied to the device once, not once per session.
+            x = torch.cat([from_wire(r.input_tensor, _CPU) for r in requests], dim=0).to(self.device, non_blocking=True)
+        x = x.to(torch.long) if self.stage.is_first else x.to(self._dtype)  # a 16-bit wire into an fp32 stage
+        batch = self.cache.batch(slots, x.shape[1])
+        if self._graphed is not None and (x.shape[1] == 1 or drafted):
+            return self._graphed(x, batch)
+        return self.stage(x, self.cache, batch, last_only=self.stage.is_last and not drafted)
 
     def _verify(self, session: _Session, request: ComputeRequest, logits: torch.Tensor) -> TensorData:
         """The model's pick after each prefix of the drafts, each drawn as an undrafted step would

@@ -12,6 +12,7 @@ import contextlib
 import numpy as np
 import torch
 
+from peerpipe.engine import gpu_wait
 from peerpipe.engine.sampling import SamplingParams
 from peerpipe.protocol import Sampling, TensorData
 from peerpipe.protocol.tensor import BLOCK_ENCODINGS, Q8_BLOCK, encoded_nbytes
@@ -25,6 +26,7 @@ _AS_WIRE = {
     torch.int32: "int32",
 }
 _FROM_WIRE = {name: dtype for dtype, name in _AS_WIRE.items()}
+WIRE_NAMES = dict(_AS_WIRE)  # a torch dtype's name on the wire
 _CPU = torch.device("cpu")
 _F16_MAX = float(torch.finfo(torch.float16).max)
 _F16_SUB = 2.0**-24  # float16's smallest step (subnormal)
@@ -68,6 +70,23 @@ def encode_hidden(batch: torch.Tensor, wire: str, ring: Ring | None = None) -> l
         payload = np.concatenate([codes[i].numpy().view(np.uint8), scales[i].numpy().view(np.uint8)])
         out.append(TensorData(name, tuple(shape), memoryview(payload), encoding))
     return out
+
+
+class PinnedRows:
+    """Hidden states off a GPU through one reused pinned buffer: one copy and one wait for the
+    batch, then each row copied out as its own wire tensor (the buffer is the next step's)."""
+
+    def __init__(self) -> None:
+        self._buffer: torch.Tensor | None = None
+
+    def to_wire(self, batch: torch.Tensor) -> list[TensorData]:
+        nbytes = batch.numel() * batch.element_size()
+        if self._buffer is None or self._buffer.numel() < nbytes:
+            self._buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        host = self._buffer[:nbytes].view(batch.dtype).view(batch.shape)
+        host.copy_(batch, non_blocking=True)
+        gpu_wait.wait(batch.device)
+        return [to_wire(host[i : i + 1].clone()) for i in range(batch.shape[0])]
 
 
 _BLOCKED = {"int8": "q8b64", "fp8": "f8b64"}  # wire format -> tensor encoding
