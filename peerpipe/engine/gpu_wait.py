@@ -1,11 +1,11 @@
 """Waiting for a GPU stream by polling an event instead of sleeping in the driver.
 
 A stage's step ends with a wait for the GPU (its output goes on over the network). Asleep in
-the driver, the thread's core goes idle for the milliseconds of the step and wakes cold: on an
-H200 host the CPU work just after (sending the output, taking the next step in, launching its
-graph) then took about 200 µs more than on a core that stayed busy (bench/stage_launch.py).
-Polling keeps it busy, as the local engine's steps launched ahead keep its core busy.
-``PEERPIPE_GPU_WAIT=block`` waits in the driver instead.
+the driver, the thread's core may idle for the milliseconds of the step and wake slow; polling
+keeps it busy, as the local engine's steps launched ahead keep its core busy. One run on an H200
+(bench/stage_launch.py, docs/bench/stage-launch-gpu-h200.txt): polling was 2-90 µs a step faster
+on the Llama-3-8B shape's stages and within the noise on the 1B shape's. GPU nodes busy-poll
+their sockets as well (transport/loop.py). ``PEERPIPE_GPU_WAIT=block`` waits in the driver.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -127,7 +128,9 @@ class StageServer:
             self._like = torch.zeros((1, 1), dtype=torch.long, device=self.device)
         else:
             self._like = torch.zeros((1, 1, stage.cfg.hidden_size), dtype=self._dtype, device=self.device)
-        self._like_dtype = WIRE_NAMES.get(self._like.dtype, "")
+        # PEERPIPE_LEAN_STEPS=0 sends every step through the tensor path (to compare the two).
+        lean = os.environ.get("PEERPIPE_LEAN_STEPS", "1") != "0"
+        self._like_dtype = WIRE_NAMES.get(self._like.dtype, "") if lean else "off"
         self._rows_out = PinnedRows()
 
     @property
