@@ -34,7 +34,7 @@ from peerpipe.inference import trace
 from peerpipe.inference.errors import TaskFailedError
 from peerpipe.inference.speculation import AnswerDrafts, Speculator
 from peerpipe.inference.tasks import Task, TaskStatus
-from peerpipe.inference.wire import sampling_to_wire, to_wire
+from peerpipe.inference.wire import ids_to_wire, sampling_to_wire, to_wire
 from peerpipe.logs import Report, log_reporter
 from peerpipe.protocol import Cancel, ComputeError, ComputeRequest, ComputeResult, Plan, SessionSpec
 from peerpipe.room import LINK_ERRORS, Send
@@ -332,9 +332,9 @@ class Pipeline:
                 else:
                     chunks = []
                     sent = await drafts.propose(decoding) if drafts is not None else []
-                    ids = torch.tensor([[held[-1] if held else decoding.tokens[-1], *sent]], dtype=torch.long)
+                    ids = [held[-1] if held else decoding.tokens[-1], *sent]
                     request = ComputeRequest(
-                        task.task_id, to_wire(ids), task.task_id, plan.version, decoding.next_position + len(held),
+                        task.task_id, ids_to_wire(ids, (1, len(ids))), task.task_id, plan.version, decoding.next_position + len(held),
                         drafts=tuple(sent),
                     )
                     timeout = self.timeouts.stall_s or max(MIN_STALL_S, STALL_STEPS * plan.predicted_ms / 1e3)

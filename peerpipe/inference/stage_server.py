@@ -32,9 +32,9 @@ from peerpipe.inference.wire import (
     PinnedRows,
     encode_hidden,
     from_wire,
+    ids_to_wire,
     release_shared,
     sampling_from_wire,
-    to_wire,
 )
 from peerpipe.protocol import (
     Cancel,
@@ -418,7 +418,7 @@ class StageServer:
         for session, token in zip(sessions, ids, strict=True):
             if session.params is not None and session.params.repetition_penalty != 1.0:
                 session.history.append(int(token))
-        return [to_wire(torch.tensor([token], dtype=torch.long)) for token in ids]
+        return [ids_to_wire([token]) for token in ids]
 
     def _lean(self, data: TensorData) -> bool:
         """Whether a request's input is one decode position, inline, in the dtype the stage takes."""
@@ -447,4 +447,4 @@ class StageServer:
         kept = verify(self._sampler, rows, params, session.generator, session.history, drafts, first)
         if params.repetition_penalty != 1.0:
             session.history.extend(kept)
-        return to_wire(torch.tensor(kept, dtype=torch.long))
+        return ids_to_wire(kept)

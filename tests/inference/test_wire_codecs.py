@@ -11,7 +11,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from peerpipe.inference.wire import encode_hidden, from_wire
+from peerpipe.inference.wire import encode_hidden, from_wire, ids_to_wire, to_wire
 from peerpipe.plan import Link, ModelSpec
 from peerpipe.plan.wire import WireChoiceError, bytes_per_token, choose_wire
 from peerpipe.protocol import ComputeRequest, DecodeError, ValidationError, decode, encode
@@ -194,3 +194,11 @@ def test_processes_of_one_machine_keep_the_models_dtype_whatever_their_loopback_
     assert wire_formats(["lan", "lan2"], AUSTEN, network, "auto", local) == ["", ""]
     assert wire_formats(["h", "m0"], AUSTEN, network, "int8", local) == ["int8", ""]  # asked for: even so
     assert wire_formats(["h", "far"], AUSTEN, Network(), "auto", local) == ["", ""]  # not measured yet
+
+
+@pytest.mark.parametrize("ids", [[0], [7, 2**40, -1], list(range(9))])
+def test_token_ids_made_without_torch_equal_a_tensors_wire_form(ids: list[int]) -> None:
+    for shape, tensor in (((len(ids),), torch.tensor(ids)), ((1, len(ids)), torch.tensor([ids]))):
+        made, reference = ids_to_wire(ids, shape), to_wire(tensor)
+        assert (made.dtype, made.shape, bytes(made.data)) == (reference.dtype, reference.shape, bytes(reference.data))
+        assert from_wire(made, torch.device("cpu")).tolist() == tensor.tolist()
