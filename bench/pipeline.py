@@ -196,7 +196,9 @@ def predicted_ms(address: tuple[str, int], env: dict[str, str], prefix: tuple[st
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
     )
     data = json.loads(out.stdout)
-    return float(data["plan"]["predicted_ms_per_token"]), len(data["plan"]["stages"])
+    stages = data["plan"]["stages"]
+    log("planned layers: " + " ".join(f"[{s['start']}, {s['end']})" for s in stages))
+    return float(data["plan"]["predicted_ms_per_token"]), len(stages)
 
 
 def bench_shape(shape: str, root: Path, env: dict[str, str], args: argparse.Namespace) -> dict:

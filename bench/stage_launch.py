@@ -103,9 +103,9 @@ def split(forward, g) -> dict[str, float]:  # type: ignore[no-untyped-def]
 def anatomy(cfg, start: int, end: int, dtype: torch.dtype) -> dict[str, float]:  # type: ignore[no-untyped-def]
     dev = torch.device("cuda")
     stage = random_stage(cfg, start, end, seed=0, device=dev, dtype=dtype)
-    cache = stage.new_cache(4, 1024)
+    cache = stage.new_cache(16, 1024)
     server = StageServer(stage, cache, label="bench", next_hop=None if stage.is_last else "next",
-                         host_id="host", send=_nowhere, max_batch=4)
+                         host_id="host", send=_nowhere, max_batch=16)
     server.warm()
     if stage.is_first:
         wire_in = to_wire(torch.tensor([[7]], dtype=torch.long))
@@ -121,6 +121,15 @@ def anatomy(cfg, start: int, end: int, dtype: torch.dtype) -> dict[str, float]: 
     def forward() -> None:
         cache.lengths[slot] = 100
         server._forward([ComputeRequest("t", wire_in, "s", 1, 100, None, layer=start)])
+
+    for i in range(1, 16):
+        server._admit(ComputeRequest(f"t{i}", wire_in, "s", 1, 0, None, layer=start))
+    sixteen = ["t", *(f"t{i}" for i in range(1, 16))]
+
+    def forward16() -> None:
+        for task in sixteen:
+            cache.lengths[server.sessions[task].slot] = 100
+        server._forward([ComputeRequest(task, wire_in, "s", 1, 100, None, layer=start) for task in sixteen])
 
     def batch():  # type: ignore[no-untyped-def]
         cache.lengths[slot] = 100
@@ -145,11 +154,14 @@ def anatomy(cfg, start: int, end: int, dtype: torch.dtype) -> dict[str, float]: 
         "forward, traced": traced(forward),
     }
     out.update(split(forward, g))
+    forward16()
+    out["forward, 16 answers"] = timed(forward16)
     gpu_wait.SPIN = False
     out["forward, waits asleep"] = timed(forward)
     gpu_wait.SPIN = True
     server._lean = lambda data: False  # type: ignore[method-assign]
     out["forward, tensor path"] = timed(forward)
+    out["forward, 16 answers, tensor path"] = timed(forward16)
     del server._lean
     sync()
     if PROFILE:
