@@ -34,6 +34,7 @@ from peerpipe.inference.wire import (
     from_wire,
     ids_to_wire,
     release_shared,
+    row_bytes,
     sampling_from_wire,
 )
 from peerpipe.protocol import (
@@ -386,16 +387,15 @@ class StageServer:
         if self._graphed is not None and not drafted and all(self._lean(r.input_tensor) for r in requests):
             # A decode step's bytes go from the frames to the device in one copy through pinned memory.
             starts, kv_len = self.cache.advance(slots, 1)
-            out = self._graphed.replay_rows([r.input_tensor.data for r in requests], self._like, slots, starts, kv_len)
+            out = self._graphed.replay_rows([row_bytes(r.input_tensor) for r in requests], self._like, slots, starts, kv_len)
         else:
             out = self._forward_tensors(requests, slots, drafted)
         if clock is not None:
             clock.launched()
         if self.next_hop is not None:
-            if self.wire == "" and out.is_cuda:
-                hidden = self._rows_out.to_wire(out)
-            else:
-                hidden = encode_hidden(out, self.wire, self._shared_ring())  # one copy off the device for the batch
+            ring = self._shared_ring()  # either way, one copy off the device for the whole batch
+            lean = self.wire in ("", "local") and out.is_cuda
+            hidden = self._rows_out.to_wire(out, ring) if lean else encode_hidden(out, self.wire, ring)
             if clock is not None:
                 clock.ready()
             return hidden
@@ -422,7 +422,7 @@ class StageServer:
 
     def _lean(self, data: TensorData) -> bool:
         """Whether a request's input is one decode position, inline, in the dtype the stage takes."""
-        return data.encoding == "raw" and data.dtype == self._like_dtype and data.shape == tuple(self._like.shape)
+        return data.encoding in ("raw", "shm") and data.dtype == self._like_dtype and data.shape == tuple(self._like.shape)
 
     def _forward_tensors(self, requests: list[ComputeRequest], slots: list[int], drafted: bool) -> torch.Tensor:
         if any(r.input_tensor.encoding != "raw" for r in requests):

@@ -81,18 +81,22 @@ def encode_hidden(batch: torch.Tensor, wire: str, ring: Ring | None = None) -> l
 
 class PinnedRows:
     """Hidden states off a GPU through one reused pinned buffer: one copy and one wait for the
-    batch, then each row copied out as its own wire tensor (the buffer is the next step's)."""
+    batch, then each row copied out as its own wire tensor or into a shared-memory ring (the
+    buffer is the next step's)."""
 
     def __init__(self) -> None:
         self._buffer: torch.Tensor | None = None
 
-    def to_wire(self, batch: torch.Tensor) -> list[TensorData]:
+    def to_wire(self, batch: torch.Tensor, ring: Ring | None = None) -> list[TensorData]:
+        """Each row inline, or with ``ring`` into shared memory (inline where it is full)."""
         nbytes = batch.numel() * batch.element_size()
         if self._buffer is None or self._buffer.numel() < nbytes:
             self._buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
         host = self._buffer[:nbytes].view(batch.dtype).view(batch.shape)
         host.copy_(batch, non_blocking=True)
         gpu_wait.wait(batch.device)
+        if ring is not None:
+            return [_to_ring(host[i : i + 1], ring) for i in range(batch.shape[0])]
         return [to_wire(host[i : i + 1].clone()) for i in range(batch.shape[0])]
 
 
@@ -155,6 +159,14 @@ def _from_shared(data: TensorData, dtype: torch.dtype, device: torch.device) -> 
         return t.clone() if device.type == "cpu" else t.to(device)
 
     return _SEGMENTS.read(Ref.unpack(data.data), nbytes, copy)
+
+
+def row_bytes(data: TensorData) -> memoryview | bytes:
+    """The bytes of an inline tensor, or a shared-memory one's copied out (its sender may then
+    reuse them)."""
+    if data.encoding == "shm":
+        return _SEGMENTS.read(Ref.unpack(data.data), encoded_nbytes(data.dtype, data.shape), bytes)
+    return data.data
 
 
 def release_shared(data: TensorData) -> None:

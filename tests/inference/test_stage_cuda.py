@@ -17,7 +17,7 @@ from peerpipe.protocol import ComputeBatch, ComputeRequest, ComputeResult, Messa
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def _servers(path, lean: bool) -> tuple[StageServer, StageServer, list[tuple[str, Message]]]:  # type: ignore[no-untyped-def]
+def _servers(path, lean: bool, wire: str = "") -> tuple[StageServer, StageServer, list[tuple[str, Message]]]:  # type: ignore[no-untyped-def]
     sent: list[tuple[str, Message]] = []
 
     async def send(node: str, message: Message) -> None:
@@ -26,7 +26,9 @@ def _servers(path, lean: bool) -> tuple[StageServer, StageServer, list[tuple[str
     servers = []
     for start, end, hop in ((0, 2, "b"), (2, 4, None)):
         stage, _ = load_stage(path, start, end, device="cuda", dtype="float32")
-        server = StageServer(stage, stage.new_cache(4, 128), label=f"[{start},{end})", next_hop=hop, host_id="h", send=send)
+        server = StageServer(
+            stage, stage.new_cache(4, 128), label=f"[{start},{end})", next_hop=hop, host_id="h", send=send, wire=wire
+        )
         server.warm()
         if not lean:
             server._lean = lambda data: False  # type: ignore[method-assign]
@@ -58,7 +60,8 @@ async def _steps(first: StageServer, last: StageServer, sent: list[tuple[str, Me
             sent.clear()
             await first._run(r if isinstance(r, list) else [r])
             hidden = _steps_in(sent)
-            outputs += [bytes(m.input_tensor.data) for m in hidden]
+            if all(m.input_tensor.encoding == "raw" for m in hidden):  # a shared one is read once, by the stage
+                outputs += [bytes(m.input_tensor.data) for m in hidden]
             sent.clear()
             await last._run(hidden)  # type: ignore[arg-type]
             for result in _steps_in(sent):
@@ -86,3 +89,16 @@ def test_a_lean_decode_step_equals_the_tensor_path(tiny_model_dir, monkeypatch: 
     plain = asyncio.run(_steps(*_servers(path, lean=False), counts))
     assert len(calls) > took_tensors
     assert lean == plain
+
+
+def test_hidden_states_through_shared_memory_take_the_lean_path_too(tiny_model_dir, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tiny_model_dir("llama")
+    calls = []
+    real = StageServer._forward_tensors
+    monkeypatch.setattr(StageServer, "_forward_tensors", lambda self, *a: calls.append(1) or real(self, *a))
+    counts = [1, 3, 2, 1]
+    shared = asyncio.run(_steps(*_servers(path, lean=True, wire="local"), counts))
+    assert len(calls) == 6  # the prompts alone
+    inline = asyncio.run(_steps(*_servers(path, lean=True), counts))
+    tokens = [x for x in inline if isinstance(x, int)]  # the inline run also lists its hidden states
+    assert shared == tokens and len(tokens) == 3 + sum(counts)

@@ -125,3 +125,18 @@ def test_fuzzed_references_fail_typed(data: bytes) -> None:
         Segments().read(ref, 16, bytes)
     except SharedMemoryError:
         pass
+
+
+def test_a_lean_steps_row_bytes_come_out_of_the_ring_once(ring: Ring) -> None:
+    from peerpipe.inference.wire import row_bytes
+    from peerpipe.protocol import TensorData
+
+    row = bytes(range(16))
+    ref = put(ring, row)
+    shared = TensorData("float32", (1, 1, 4), ref.pack(), "shm")
+    assert row_bytes(shared) == row
+    assert ring.in_flight == 0  # read: the sender may reuse it
+    with pytest.raises(SharedMemoryError, match="stale or forged"):
+        row_bytes(shared)
+    inline = TensorData("float32", (1, 1, 4), row)
+    assert bytes(row_bytes(inline)) == row
