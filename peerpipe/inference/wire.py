@@ -141,8 +141,8 @@ def _to_ring(row: torch.Tensor, ring: Ring) -> TensorData:
     name = _AS_WIRE[row.dtype]
     nbytes = row.numel() * row.element_size()
     got = ring.alloc(nbytes)
-    if got is None:
-        return to_wire(row)
+    if got is None:  # inline; a row on the host may be a view of a buffer the next step reuses
+        return to_wire(row if row.is_cuda else row.clone())
     ref, view = got
     torch.frombuffer(view, dtype=torch.uint8).view(row.dtype).view(row.shape).copy_(row)
     return TensorData(name, tuple(row.shape), ref.pack(), "shm")

@@ -140,3 +140,19 @@ def test_a_lean_steps_row_bytes_come_out_of_the_ring_once(ring: Ring) -> None:
         row_bytes(shared)
     inline = TensorData("float32", (1, 1, 4), row)
     assert bytes(row_bytes(inline)) == row
+
+
+def test_a_row_sent_inline_when_the_ring_is_full_owns_its_bytes() -> None:
+    import torch
+
+    from peerpipe.inference.wire import _to_ring
+
+    small = Ring(64 + 64)  # one 64-byte row fills it
+    try:
+        buffer = torch.arange(32, dtype=torch.float32).view(2, 1, 16)  # a reused buffer's two rows
+        first, second = _to_ring(buffer[0:1], small), _to_ring(buffer[1:2], small)
+        assert (first.encoding, second.encoding) == ("shm", "raw")
+        buffer.zero_()  # the next step overwrites the buffer
+        assert second.to_numpy().reshape(-1).tolist() == [float(v) for v in range(16, 32)]
+    finally:
+        small.close()
