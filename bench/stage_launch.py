@@ -8,7 +8,7 @@ one stage holding it all: microseconds per step of the graph's replay call alone
 launch), of a replay waited for (launch and run), and of the stage server's whole forward
 (input from the wire, the graph, output to the wire), each step waited for, as a room runs them:
 the lean path (bytes through pinned memory), the same traced, and the tensor path it replaced.
-Prints a table per shape, then one JSON line.
+Prints a line per shape and stage (its figures by name), then one JSON line.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from peerpipe.inference.wire import encode_hidden, from_wire, to_wire  # noqa: E
 from peerpipe.protocol import ComputeRequest  # noqa: E402
 
 STEPS = 200
-PROFILE = False
 
 
 async def _nowhere(node: str, message: object) -> None:
@@ -100,7 +99,7 @@ def split(forward, g) -> dict[str, float]:  # type: ignore[no-untyped-def]
 
 
 @torch.inference_mode()
-def anatomy(cfg, start: int, end: int, dtype: torch.dtype) -> dict[str, float]:  # type: ignore[no-untyped-def]
+def anatomy(cfg, start: int, end: int, dtype: torch.dtype, profile_cpu: bool = False) -> dict[str, float]:  # type: ignore[no-untyped-def]
     dev = torch.device("cuda")
     stage = random_stage(cfg, start, end, seed=0, device=dev, dtype=dtype)
     cache = stage.new_cache(16, 1024)
@@ -164,7 +163,7 @@ def anatomy(cfg, start: int, end: int, dtype: torch.dtype) -> dict[str, float]: 
     out["forward, 16 answers, tensor path"] = timed(forward16)
     del server._lean
     sync()
-    if PROFILE:
+    if profile_cpu:
         import cProfile
         import pstats
 
@@ -186,8 +185,6 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--profile", action="store_true", help="also print where the forward's CPU time goes")
     args = parser.parse_args()
-    global PROFILE
-    PROFILE = args.profile
     dtype = getattr(torch, args.dtype)
     results = {}
     for shape in args.shapes.split(","):
@@ -197,7 +194,7 @@ def main() -> None:
         third = n // 3
         for name, (a, b) in {"whole": (0, n), "first third": (0, third), "middle third": (third, 2 * third),
                              "last third": (2 * third, n)}.items():
-            results[shape][name] = anatomy(cfg, a, b, dtype)
+            results[shape][name] = anatomy(cfg, a, b, dtype, args.profile)
             gc.collect()
             torch.cuda.empty_cache()
             print(shape, name, {k: round(v, 1) for k, v in results[shape][name].items()}, flush=True)

@@ -169,18 +169,17 @@ class GraphedDecoder:
 
     def _staging(self, input_bytes: int, rows: int) -> _Staging:
         staged = self._staged
-        if staged is None or staged.inputs.numel() < input_bytes or staged.index.numel() < 2 * rows:
-            if staged is not None:
-                staged.copied.synchronize()
-            size = max(input_bytes, staged.inputs.numel() if staged else 0)
-            count = max(2 * rows, staged.index.numel() if staged else 0)
-            staged = self._staged = _Staging(
-                torch.empty(size, dtype=torch.uint8, pin_memory=True),
-                torch.empty(count, dtype=torch.long, pin_memory=True),
-                torch.cuda.Event(),
-            )
-        staged.copied.synchronize()  # the last step's copies have left these buffers
-        return staged
+        if staged is not None:
+            staged.copied.synchronize()  # the last step's copies have left these buffers
+            if staged.inputs.numel() >= input_bytes and staged.index.numel() >= 2 * rows:
+                return staged
+            input_bytes, rows = max(input_bytes, staged.inputs.numel()), max(rows, staged.index.numel() // 2)
+        self._staged = _Staging(
+            torch.empty(input_bytes, dtype=torch.uint8, pin_memory=True),
+            torch.empty(2 * rows, dtype=torch.long, pin_memory=True),
+            torch.cuda.Event(),
+        )
+        return self._staged
 
     def warm(self, slots: tuple[int, ...], kv_lens: range, x: Tensor) -> None:
         """Capture now, before decoding, the graphs a session in ``slots`` will replay while its

@@ -19,12 +19,12 @@ from peerpipe.compute import computing
 SPIN = os.environ.get("PEERPIPE_GPU_WAIT", "spin") != "block"
 
 
-def wait(device: torch.device, spin: bool | None = None) -> None:
+def wait(device: torch.device) -> None:
     """Return once the work queued so far on ``device``'s current stream has run. While the
     compute thread has work (a prompt's forward, a draft model), the wait sleeps: a spinning
     thread would keep taking the GIL that thread needs between its kernels."""
     stream = torch.cuda.current_stream(device)
-    if not (SPIN if spin is None else spin) or computing():
+    if not SPIN or computing():
         stream.synchronize()
         return
     done = torch.cuda.Event()

@@ -27,7 +27,7 @@ _AS_WIRE = {
     torch.int32: "int32",
 }
 _FROM_WIRE = {name: dtype for dtype, name in _AS_WIRE.items()}
-WIRE_NAMES = dict(_AS_WIRE)  # a torch dtype's name on the wire
+WIRE_NAMES = _AS_WIRE  # a torch dtype's name on the wire
 _CPU = torch.device("cpu")
 _F16_MAX = float(torch.finfo(torch.float16).max)
 _F16_SUB = 2.0**-24  # float16's smallest step (subnormal)
