@@ -421,8 +421,7 @@ class StageServer:
         return [ids_to_wire([token]) for token in ids]
 
     def _lean(self, data: TensorData) -> bool:
-        """Whether a request's input is one decode position, inline or in shared memory, in the
-        dtype the stage takes."""
+        """Whether a request's input is one decode position (inline or shared) in the stage's dtype."""
         return data.encoding in ("raw", "shm") and data.dtype == self._like_dtype and data.shape == tuple(self._like.shape)
 
     def _forward_tensors(self, requests: list[ComputeRequest], slots: list[int], drafted: bool) -> torch.Tensor:
