@@ -8,6 +8,10 @@ the file (``Segments``), checks the reference against the header, copies the byt
 marks the allocation released; the sender reuses space once every older allocation is released.
 A full ring is no reason to wait: ``alloc`` returns None and the caller sends inline.
 
+An allocation may be handed out *pending*: a GPU's copy will fill it, and then write the header's
+state byte (``STATE_AT``) as ``WRITTEN``; the reference travels before the copy has run. A
+reader waits (at most ``PENDING_S``) for the state to turn.
+
 Which nodes share memory: ``machine_id()`` names this machine's /dev/shm (boot, device and inode
 of the mount); two nodes with the same id map the same files.
 """
@@ -42,7 +46,12 @@ REF = struct.Struct("<24sQQ")  # segment name, offset of the allocation's header
 REF_BYTES = REF.size
 assert REF_BYTES == SHM_REF_BYTES
 _HEAD = struct.Struct("<QQB")  # sequence, payload bytes, state
-_WRITTEN, _RELEASED, _ABANDONED = 1, 2, 3
+_WRITTEN, _RELEASED, _ABANDONED, _PENDING = 1, 2, 3, 4
+WRITTEN = _WRITTEN
+STATE_AT = _HEAD.size - 1  # the state byte's place in an allocation's header
+# How long a reader waits for a pending allocation: a decode step's copy off a GPU takes
+# milliseconds; past this its sender is gone or stuck.
+PENDING_S = 10.0
 # An allocation nobody read for this long is given up (its reader dropped the message): a late
 # reader finds it marked and fails rather than read bytes that may be reused.
 ABANDON_S = 30.0
@@ -126,15 +135,16 @@ class Ring:
         self._head = 0
         self._seq = 0
 
-    def alloc(self, nbytes: int) -> tuple[Ref, memoryview] | None:
-        """A reference and the writable bytes behind it; None when the ring has no room now."""
+    def alloc(self, nbytes: int, *, pending: bool = False) -> tuple[Ref, memoryview] | None:
+        """A reference and the writable bytes behind it; None when the ring has no room now.
+        ``pending``: the bytes are written later, by a copy that then marks the state WRITTEN."""
         self._reclaim()
         need = HEADER + _align(nbytes)
         at = self._place(need)
         if at is None:
             return None
         self._seq += 1
-        _HEAD.pack_into(self.mm, at, self._seq, nbytes, _WRITTEN)
+        _HEAD.pack_into(self.mm, at, self._seq, nbytes, _PENDING if pending else _WRITTEN)
         self._live.append((at, need, time.monotonic()))
         self._head = at + need
         return Ref(self.name, at, self._seq), self.view[at + HEADER : at + HEADER + nbytes]
@@ -155,10 +165,10 @@ class Ring:
         stale = time.monotonic() - ABANDON_S
         while self._live:
             at, _, when = self._live[0]
-            state = self.mm[at + _HEAD.size - 1]
+            state = self.mm[at + STATE_AT]
             if state != _RELEASED and when > stale:
                 return
-            self.mm[at + _HEAD.size - 1] = _ABANDONED
+            self.mm[at + STATE_AT] = _ABANDONED
             self._live.popleft()
 
     @property
@@ -207,19 +217,31 @@ class Segments:
                 self._open.popitem(last=False)[1].close()
         return mm
 
+    def written(self, ref: Ref) -> bool:
+        """Whether the bytes behind ``ref`` are there to read (False while a pending copy runs)."""
+        with self._lock:
+            mm = self._map(ref.name)
+        return not 0 <= ref.offset <= len(mm) - HEADER or mm[ref.offset + STATE_AT] != _PENDING
+
     def read(self, ref: Ref, nbytes: int, copy: Callable[[memoryview], T]) -> T:
         """``copy`` of the ``nbytes`` behind ``ref`` (it must copy them: the view is gone after);
-        from then on the sender may reuse them."""
+        from then on the sender may reuse them. Waits for a pending allocation to be written."""
         with self._lock:
             mm = self._map(ref.name)
         if not 0 <= ref.offset <= len(mm) - HEADER - nbytes:
             raise SharedMemoryError(f"reference at {ref.offset} (+{nbytes}) lies outside {ref.name}")
+        state_at = ref.offset + STATE_AT
+        if mm[state_at] == _PENDING:
+            deadline = time.monotonic() + PENDING_S
+            while mm[state_at] == _PENDING:
+                if time.monotonic() > deadline:
+                    raise SharedMemoryError(f"{ref.name} at {ref.offset} was not written within {PENDING_S:.0f} s")
         self._check(mm, ref, nbytes)
         start = ref.offset + HEADER
         with memoryview(mm) as whole, whole[start : start + nbytes] as view:
             out = copy(view)
         self._check(mm, ref, nbytes)  # the sender did not give the bytes up while they were copied
-        mm[ref.offset + _HEAD.size - 1] = _RELEASED
+        mm[state_at] = _RELEASED
         return out
 
     @staticmethod
