@@ -1,0 +1,66 @@
+"""What a stage keeps for each answer it serves: its KV-cache slot and, on the last stage, how
+its tokens are drawn (sampling parameters, random generator, the tokens a repetition penalty
+looks back on); and the typed refusal of a request a stage cannot run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from peerpipe.engine import gpu_wait
+from peerpipe.engine.sampling import Sampler, SamplingParams, make_generator
+from peerpipe.engine.speculate import verify
+from peerpipe.inference.wire import ids_to_wire, sampling_from_wire
+from peerpipe.protocol import ComputeRequest, SessionSpec, TensorData
+
+
+class RequestError(Exception):
+    """A request this stage cannot run; its text goes back to the host."""
+
+
+@dataclass
+class Session:
+    slot: int
+    params: SamplingParams | None = None  # last stage only
+    generator: torch.Generator | None = None
+    history: list[int] = field(default_factory=list)
+
+    def open_sampling(self, spec: SessionSpec | None, device: torch.device) -> None:
+        """Take the answer's sampling choices (the last stage draws its tokens)."""
+        spec = spec or SessionSpec()
+        try:
+            params = sampling_from_wire(spec.sampling)
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
+        self.params = params
+        self.generator = None if params.greedy else make_generator(params.seed, device)
+        if params.repetition_penalty != 1.0 and spec.history is not None:
+            self.history = [int(t) for t in spec.history.to_numpy().reshape(-1)]
+
+    def verify(self, sampler: Sampler, request: ComputeRequest, logits: torch.Tensor) -> TensorData:
+        """The model's pick after each prefix of the drafts, each drawn as an undrafted step would
+        draw it (engine/speculate.py); the drafts it keeps and its own next token."""
+        drafts = list(request.drafts)
+        rows = logits[-len(drafts) - 1 :]  # the answer's last token, then each draft
+        params = self.params or SamplingParams(temperature=0.0)
+        first = request.start_pos + logits.shape[0] - len(drafts)  # where the first pick goes
+        kept = verify(sampler, rows, params, self.generator, self.history, drafts, first)
+        if params.repetition_penalty != 1.0:
+            self.history.extend(kept)
+        return ids_to_wire(kept)
+
+
+def draw(sampler: Sampler, logits: torch.Tensor, sessions: list[Session], positions: list[int]) -> list[int]:
+    """The last stage's next token for each session, from its logits ``[B, vocab]``; ``positions``:
+    where each new token goes. On a GPU the ids come back through pinned memory, polled for."""
+    params = [s.params or SamplingParams(temperature=0.0) for s in sessions]
+    tokens = sampler.sample(logits, params, [s.generator for s in sessions], [s.history for s in sessions], positions)
+    if tokens.is_cuda:
+        tokens = tokens.to("cpu", non_blocking=True)  # into pinned memory: the wait is ours
+        gpu_wait.wait(logits.device)
+    ids = tokens.tolist()
+    for session, token in zip(sessions, ids, strict=True):
+        if session.params is not None and session.params.repetition_penalty != 1.0:
+            session.history.append(int(token))
+    return ids
