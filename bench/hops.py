@@ -2,7 +2,9 @@
 
 For every decode step of one answer: host -> first stage, then per stage the wait in its queue,
 its forward (with the copy off the device; on a GPU split into the work's way to the device, the
-wait for the GPU, the GPU's run by CUDA events and what follows), the hand-off to the socket and the wire to the next
+wait for the GPU, the GPU's run by CUDA events and what follows; a step whose input a GPU stage on
+this machine sent before its GPU had run it waits for that GPU within "to the device", and a step
+sent on that way ends at its launch), the hand-off to the socket and the wire to the next
 node (read, decrypt and decode included), the last stage back to the host, and the host's turn
 (the token pushed, streamed to the client, the next step made). Medians in microseconds.
 """
@@ -54,10 +56,11 @@ def segments(steps: dict[tuple[str, int], Step], stages: int, tasks: set[str]) -
         for i in range(stages):
             parts[f"stage {i + 1} queue"].append(us(ev["in"][i], ev["start"][i]))
             parts[f"stage {i + 1} forward"].append(us(ev["start"][i], ev["end"][i]))
+            if len(ev.get("launched", ())) == stages:  # a GPU stage's forward, split
+                parts[f"  {i + 1}: to the device"].append(us(ev["start"][i], ev["launched"][i]))
             inside = [ev.get(e, ()) for e in ("launched", "run", "ready")]
-            if all(len(times) == stages for times in inside):  # a GPU stage's forward, split
+            if all(len(times) == stages for times in inside):  # (steps sent early have no "ready")
                 launched, run, ready = (times[i] for times in inside)
-                parts[f"  {i + 1}: to the device"].append(us(ev["start"][i], launched))
                 parts[f"  {i + 1}: waits for GPU"].append(us(launched, run))
                 parts[f"  {i + 1}: GPU runs"].append(us(run, ready))
                 parts[f"  {i + 1}: after"].append(us(ready, ev["end"][i]))

@@ -43,6 +43,15 @@ async def _nowhere(node: str, message: object) -> None:
     return None
 
 
+def now(step):  # type: ignore[no-untyped-def]
+    """Run a stage's step coroutine that never waits (inline rows) without an event loop."""
+    try:
+        step.send(None)
+    except StopIteration as done:
+        return done.value
+    raise RuntimeError("the step waited for its rows")
+
+
 def timed(fn, n: int = STEPS) -> float:  # type: ignore[no-untyped-def]
     """Median microseconds of ``fn()``."""
     times = []
@@ -119,7 +128,7 @@ def anatomy(cfg, start: int, end: int, dtype: torch.dtype, profile_cpu: bool = F
 
     def forward() -> None:
         cache.lengths[slot] = 100
-        server._forward([ComputeRequest("t", wire_in, "s", 1, 100, None, layer=start)])
+        now(server._gpu_forward([ComputeRequest("t", wire_in, "s", 1, 100, None, layer=start)]))
 
     for i in range(1, 16):
         server._admit(ComputeRequest(f"t{i}", wire_in, "s", 1, 0, None, layer=start))
@@ -128,7 +137,7 @@ def anatomy(cfg, start: int, end: int, dtype: torch.dtype, profile_cpu: bool = F
     def forward16() -> None:
         for task in sixteen:
             cache.lengths[server.sessions[task].slot] = 100
-        server._forward([ComputeRequest(task, wire_in, "s", 1, 100, None, layer=start) for task in sixteen])
+        now(server._gpu_forward([ComputeRequest(task, wire_in, "s", 1, 100, None, layer=start) for task in sixteen]))
 
     def batch():  # type: ignore[no-untyped-def]
         cache.lengths[slot] = 100

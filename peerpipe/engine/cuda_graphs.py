@@ -52,6 +52,9 @@ class _Graph:
     batch: Batch  # holds every static tensor the graph reads; freeing one would corrupt replays
     out: Tensor
 
+    def __post_init__(self) -> None:
+        self.x_bytes = self.x.view(-1).view(torch.uint8)  # what a step's rows are copied into
+
 
 @dataclass
 class _Staging:
@@ -60,6 +63,21 @@ class _Staging:
     inputs: Tensor  # uint8: the rows' bytes
     index: Tensor  # long: positions, then slots
     copied: torch.cuda.Event  # recorded after the last copies out of them
+
+    def __post_init__(self) -> None:
+        self.inputs_np, self.index_np = self.inputs.numpy(), self.index.numpy()
+
+
+@dataclass
+class RowStep:
+    """A decode step fed from host rows, prepared (``GraphedDecoder.prepare``), not yet launched."""
+
+    graph: _Graph
+    padded: bool
+    n: int  # sessions
+    size: int  # the graph's rows
+    row: int  # bytes per row
+    staged: _Staging
 
 
 def width_bucket(n_new: int) -> int:
@@ -130,26 +148,38 @@ class GraphedDecoder:
         and ``starts``, where each new position goes (``KVCache.advance``). Inputs, positions and
         slots reach the device through pinned buffers in one copy each, with no kernel of their
         own. The buffers are reused by the next call, which waits for this one's copies."""
+        return self.launch(self.prepare(like, slots, starts, kv_len), rows)
+
+    def prepare(self, like: Tensor, slots: Sequence[int], starts: Sequence[int], kv_len: int) -> RowStep:
+        """``replay_rows`` before its rows are known: the graph picked, positions and slots on
+        their way to the device (a stage does this while the previous stage's GPU still runs)."""
         slots = tuple(slots)
         g, padded = self._pick(slots, bucket_for(kv_len, self.cache.max_seq), 1, like)
         n, size = len(slots), g.x.shape[0]
         row = g.x[0].numel() * g.x.element_size()
         staged = self._staging(size * row, size)
-        inputs, index = staged.inputs.numpy(), staged.index.numpy()
-        for i, data in enumerate(rows):
-            inputs[i * row : (i + 1) * row] = np.frombuffer(data, dtype=np.uint8, count=row)
-        inputs[n * row : size * row] = 0
+        index = staged.index_np
         index[:n] = starts
         index[n:size] = self.cache.scratch_position
-        g.x.view(-1).view(torch.uint8).copy_(staged.inputs[: size * row], non_blocking=True)
         g.batch.positions.view(-1).copy_(staged.index[:size], non_blocking=True)
         if padded:
             index[size : size + n] = slots
             index[size + n : 2 * size] = slots[0]
             g.batch.slots.copy_(staged.index[size : 2 * size], non_blocking=True)
+        return RowStep(g, padded, n, size, row, staged)
+
+    @staticmethod
+    def launch(step: RowStep, rows: Sequence[memoryview | bytes]) -> Tensor:
+        """The prepared step's rows to the device, and its graph launched; its output."""
+        g, n, size, row, staged = step.graph, step.n, step.size, step.row, step.staged
+        inputs = staged.inputs_np
+        for i, data in enumerate(rows):
+            inputs[i * row : (i + 1) * row] = np.frombuffer(data, dtype=np.uint8, count=row)
+        inputs[n * row : size * row] = 0
+        g.x_bytes.copy_(staged.inputs[: size * row], non_blocking=True)
         staged.copied.record()
         g.graph.replay()
-        return g.out[:n] if padded else g.out
+        return g.out[:n] if step.padded else g.out
 
     def _pick(self, slots: tuple[int, ...], bucket: int, width: int, x: Tensor) -> tuple[_Graph, bool]:
         """The graph a step of ``slots`` replays (captured now if it is not yet), and whether it

@@ -14,18 +14,18 @@ import collections
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from peerpipe.compute import run_compute
-from peerpipe.engine import gpu_wait
 from peerpipe.engine.cuda_graphs import GraphedDecoder
 from peerpipe.engine.kvcache import KVCache
 from peerpipe.engine.model import Stage
-from peerpipe.engine.sampling import Sampler, SamplingParams, make_generator
-from peerpipe.engine.speculate import verify
+from peerpipe.engine.sampling import Sampler
 from peerpipe.inference import trace
+from peerpipe.inference.gpu_rows import GpuSteps, GpuTiming, RingWriter, rows_written
+from peerpipe.inference.stage_sessions import RequestError, Session, draw
 from peerpipe.inference.step_clock import StepClock
 from peerpipe.inference.wire import (
     WIRE_NAMES,
@@ -35,7 +35,6 @@ from peerpipe.inference.wire import (
     ids_to_wire,
     release_shared,
     row_bytes,
-    sampling_from_wire,
 )
 from peerpipe.protocol import (
     Cancel,
@@ -44,7 +43,6 @@ from peerpipe.protocol import (
     ComputeRequest,
     ComputeResult,
     Message,
-    SessionSpec,
     TensorData,
 )
 from peerpipe.room import Send
@@ -65,24 +63,12 @@ def _nbytes(step: ComputeRequest | ComputeResult) -> int:
 
 
 @dataclass
-class _Session:
-    slot: int
-    params: SamplingParams | None = None  # last stage only
-    generator: torch.Generator | None = None
-    history: list[int] = field(default_factory=list)
-
-
-@dataclass
 class StageStats:
     """Decode forwards run (one new position per answer; a batch counts once) and the seconds
     they took; one per node, kept across plans."""
 
     steps: int = 0
     compute_s: float = 0.0
-
-
-class RequestError(Exception):
-    """A request this stage cannot run; its text goes back to the host."""
 
 
 class StageServer:
@@ -110,7 +96,7 @@ class StageServer:
         self.micro_batches = max(1, micro_batches)  # how many stages compute at once (Plan.lanes)
         self.wire = wire  # the format of the hidden states this stage sends on (the plan's)
         self._dtype = next(stage.parameters()).dtype
-        self.sessions: dict[str, _Session] = {}
+        self.sessions: dict[str, Session] = {}
         self._queue: asyncio.Queue[ComputeRequest | Cancel] = asyncio.Queue()
         self._cancelled: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._sampler = Sampler()
@@ -121,6 +107,11 @@ class StageServer:
         self._graphed = GraphedDecoder(stage, cache, pad_batches=True) if use_graphs else None
         # To a next stage on this machine, hidden states go through shared memory (plan wire "local").
         self._ring: Ring | None = None
+        # A GPU stage's one-answer steps go into the ring before its GPU has run them (gpu_rows.py).
+        self._writer: RingWriter | None = None
+        self._gpu_steps = GpuSteps() if self._graphed is not None else None
+        self._early_rows = os.environ.get("PEERPIPE_EARLY_ROWS", "1") != "0"
+        self._timed_on_gpu = False  # whether the last forward's time is the GPU's, read later
         # One decode position's input (token ids into the first stage, hidden states into the
         # others): the shape the graphs are captured for, and the one inputs take the lean path in.
         if self._graphed is None:
@@ -158,6 +149,8 @@ class StageServer:
         try:
             await self._serve()
         finally:
+            if self._writer is not None:
+                self._writer.close()
             if self._ring is not None:
                 self._ring.close()
 
@@ -168,6 +161,9 @@ class StageServer:
             except OSError as exc:  # no shared memory after all: the hidden states go inline
                 log.warning("%s: no shared memory (%s); sending hidden states on the socket", self.label, exc)
                 self.wire = ""
+                return None
+            if self._gpu_steps is not None and self._early_rows:
+                self._writer = RingWriter.try_open(self._ring, self.device, self.label)
         return self._ring
 
     async def _serve(self) -> None:
@@ -288,13 +284,15 @@ class StageServer:
             if self._graphed is not None and (decode or ready[0].drafts):
                 # A graph replay is launched in microseconds and the copy out waits for the GPU,
                 # not for Python: a hop to the compute thread (and back) would cost more than it.
-                outputs = self._forward(ready)
-            elif getattr(self.stage, "remote", False):
-                # A browser computes it: the wait is on the network, so it must not hold the
-                # compute thread that this process's other stages and benchmarks share.
-                outputs = await asyncio.to_thread(self._forward, ready)
+                outputs = await self._gpu_forward(ready)
             else:
-                outputs = await run_compute(self._forward, ready)
+                await rows_written([r.input_tensor for r in ready])  # a GPU stage may send them early
+                if getattr(self.stage, "remote", False):
+                    # A browser computes it: the wait is on the network, so it must not hold the
+                    # compute thread that this process's other stages and benchmarks share.
+                    outputs = await asyncio.to_thread(self._forward, ready)
+                else:
+                    outputs = await run_compute(self._forward, ready)
         except Exception as exc:  # the model failed: every session in the batch fails, typed, with why
             log.warning("%s: forward failed: %r", self.label, exc)
             for request in ready:
@@ -302,7 +300,7 @@ class StageServer:
                 self._cancel(request.task_id)
                 await self._fail(request, f"{type(exc).__name__}: {exc}")
             return
-        if decode:  # prefill chunks would make the per-step figure meaningless
+        if decode and not self._timed_on_gpu:  # prefill chunks would make the per-step figure meaningless
             self.stats.steps += 1
             self.stats.compute_s += time.perf_counter() - began
         for request in ready:
@@ -322,6 +320,10 @@ class StageServer:
             await self._send_steps(self.next_hop, requests)
         for request, _ in sent:
             trace.mark("out", request.task_id, request.start_pos, self.label)
+        if self._gpu_steps is not None:
+            steps, seconds = self._gpu_steps.collect()
+            self.stats.steps += steps
+            self.stats.compute_s += seconds
 
     async def _send_steps(self, node: str, steps: list[ComputeRequest] | list[ComputeResult]) -> None:
         """A batch's steps for one node: in one compute-batch when there are several and they are
@@ -353,9 +355,9 @@ class StageServer:
                 raise RequestError(f"unknown session {request.task_id} at position {request.start_pos}")
             if self.cache.free_slots == 0:
                 raise RequestError(f"all {self.cache.max_slots} sessions of this stage are in use")
-            session = _Session(self.cache.alloc())
+            session = Session(self.cache.alloc())
             if self.next_hop is None:
-                self._open_sampling(session, request.session)
+                session.open_sampling(request.session, self.device)
             self.sessions[request.task_id] = session
             self._changed.set()
         length = self.cache.lengths[session.slot]
@@ -367,31 +369,45 @@ class StageServer:
             raise RequestError(f"session {request.task_id} would reach {request.start_pos + n_new} positions; "
                                f"this stage holds {self.cache.max_seq}")
 
-    def _open_sampling(self, session: _Session, spec: SessionSpec | None) -> None:
-        spec = spec or SessionSpec()
-        try:
-            params = sampling_from_wire(spec.sampling)
-        except ValueError as exc:
-            raise RequestError(str(exc)) from None
-        session.params = params
-        session.generator = None if params.greedy else make_generator(params.seed, self.device)
-        if params.repetition_penalty != 1.0 and spec.history is not None:
-            session.history = [int(t) for t in spec.history.to_numpy().reshape(-1)]
+    async def _gpu_forward(self, requests: list[ComputeRequest]) -> list:
+        """A graphed decode step on the loop. Fed from the frames' bytes (the lean path), it is
+        prepared before its rows are there (a previous GPU stage on this machine sends them
+        before its copy has run), and one answer's output goes on the same way (gpu_rows.py)."""
+        if requests[0].drafts or not all(self._lean(r.input_tensor) for r in requests):
+            await rows_written([r.input_tensor for r in requests])
+            return self._forward(requests)
+        assert self._graphed is not None
+        with torch.inference_mode():
+            clock = StepClock(requests, self.label, self.device) if trace.on() else None
+            sessions = [self.sessions[r.task_id] for r in requests]
+            slots = [s.slot for s in sessions]
+            starts, kv_len = self.cache.advance(slots, 1)
+            step = self._graphed.prepare(self._like, slots, starts, kv_len)
+            await rows_written([r.input_tensor for r in requests])
+            early = self.next_hop is not None and len(requests) == 1 and self._shared_ring() is not None
+            timing = self._gpu_steps.begin() if early and self._writer is not None and self._gpu_steps else None
+            out = self._graphed.launch(step, [row_bytes(r.input_tensor) for r in requests])
+            return self._outputs(out, requests, sessions, clock, timing)
 
     @torch.inference_mode()
     def _forward(self, requests: list[ComputeRequest]) -> list:
         clock = StepClock(requests, self.label, self.device) if trace.on() else None
         sessions = [self.sessions[r.task_id] for r in requests]
-        slots = [s.slot for s in sessions]
-        drafted = bool(requests[0].drafts)
-        if self._graphed is not None and not drafted and all(self._lean(r.input_tensor) for r in requests):
-            # A decode step's bytes go from the frames to the device in one copy through pinned memory.
-            starts, kv_len = self.cache.advance(slots, 1)
-            out = self._graphed.replay_rows([row_bytes(r.input_tensor) for r in requests], self._like, slots, starts, kv_len)
-        else:
-            out = self._forward_tensors(requests, slots, drafted)
+        out = self._forward_tensors(requests, [s.slot for s in sessions], bool(requests[0].drafts))
+        return self._outputs(out, requests, sessions, clock)
+
+    def _outputs(self, out: torch.Tensor, requests: list[ComputeRequest], sessions: list[Session],
+                 clock: StepClock | None, timing: GpuTiming | None = None) -> list:
+        """What goes on: hidden states to the next stage, or the last stage's tokens."""
+        self._timed_on_gpu = timing is not None
         if clock is not None:
             clock.launched()
+        if timing is not None:  # one answer's row, sent before the GPU has run it (gpu_rows.py)
+            assert self._writer is not None and self._gpu_steps is not None
+            sent = self._writer.send(out)
+            self._gpu_steps.end(timing)
+            if sent is not None:
+                return [sent]
         if self.next_hop is not None:
             ring = self._shared_ring()  # either way, one copy off the device for the whole batch
             lean = self.wire in ("", "local") and out.is_cuda
@@ -399,25 +415,13 @@ class StageServer:
             if clock is not None:
                 clock.ready()
             return hidden
-        if drafted:
-            return [self._verify(s, r, out[i]) for i, (s, r) in enumerate(zip(sessions, requests, strict=True))]
+        if requests[0].drafts:
+            return [s.verify(self._sampler, r, out[i]) for i, (s, r) in enumerate(zip(sessions, requests, strict=True))]
         if all(r.partial for r in requests):  # prompts run alone: no token to draw, none to count
             return [None] * len(requests)
-        logits = out[:, -1]
-        params = [s.params or SamplingParams(temperature=0.0) for s in sessions]
-        positions = [int(self.cache.lengths[s.slot]) for s in sessions]  # where each new token goes
-        tokens = self._sampler.sample(
-            logits, params, [s.generator for s in sessions], [s.history for s in sessions], positions
-        )
-        if tokens.is_cuda:
-            tokens = tokens.to(_CPU, non_blocking=True)  # into pinned memory: the wait is ours
-            gpu_wait.wait(self.device)
-        ids = tokens.tolist()
+        ids = draw(self._sampler, out[:, -1], sessions, [int(self.cache.lengths[s.slot]) for s in sessions])
         if clock is not None:
             clock.ready()
-        for session, token in zip(sessions, ids, strict=True):
-            if session.params is not None and session.params.repetition_penalty != 1.0:
-                session.history.append(int(token))
         return [ids_to_wire([token]) for token in ids]
 
     def _lean(self, data: TensorData) -> bool:
@@ -436,15 +440,3 @@ class StageServer:
         if self._graphed is not None and (x.shape[1] == 1 or drafted):
             return self._graphed(x, batch)
         return self.stage(x, self.cache, batch, last_only=self.stage.is_last and not drafted)
-
-    def _verify(self, session: _Session, request: ComputeRequest, logits: torch.Tensor) -> TensorData:
-        """The model's pick after each prefix of the drafts, each drawn as an undrafted step would
-        draw it (engine/speculate.py); the drafts it keeps and its own next token."""
-        drafts = list(request.drafts)
-        rows = logits[-len(drafts) - 1 :]  # the answer's last token, then each draft
-        params = session.params or SamplingParams(temperature=0.0)
-        first = request.start_pos + logits.shape[0] - len(drafts)  # where the first pick goes
-        kept = verify(self._sampler, rows, params, session.generator, session.history, drafts, first)
-        if params.repetition_penalty != 1.0:
-            session.history.extend(kept)
-        return ids_to_wire(kept)

@@ -169,9 +169,21 @@ def row_bytes(data: TensorData) -> memoryview | bytes:
     return data.data
 
 
+def shared_written(data: TensorData) -> bool:
+    """Whether a tensor's bytes are there to read: False for a shared-memory one whose sender's
+    GPU copy has yet to run (inference/gpu_rows.py); a bad reference is reading's to refuse."""
+    if data.encoding != "shm":
+        return True
+    try:
+        return _SEGMENTS.written(Ref.unpack(data.data))
+    except SharedMemoryError:
+        return True
+
+
 def release_shared(data: TensorData) -> None:
-    """Give a shared-memory tensor back unread (its request was dropped): the sender reuses it."""
-    if data.encoding == "shm":
+    """Give a shared-memory tensor back unread (its request was dropped): the sender reuses it.
+    One still pending is left to the sender's ring, which gives it up in time."""
+    if data.encoding == "shm" and shared_written(data):
         with contextlib.suppress(SharedMemoryError):
             _SEGMENTS.read(Ref.unpack(data.data), encoded_nbytes(data.dtype, data.shape), lambda _: None)
 

@@ -102,3 +102,20 @@ def test_hidden_states_through_shared_memory_take_the_lean_path_too(tiny_model_d
     inline = asyncio.run(_steps(*_servers(path, lean=True), counts))
     tokens = [x for x in inline if isinstance(x, int)]  # the inline run also lists its hidden states
     assert shared == tokens and len(tokens) == 3 + sum(counts)
+
+
+def test_one_answers_rows_leave_before_the_gpu_has_run_them(tiny_model_dir, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tiny_model_dir("llama")
+    counts = [1, 1, 3, 1, 1]
+    first, last, sent = _servers(path, lean=True, wire="local")
+    early = asyncio.run(_steps(first, last, sent, counts))
+    assert first._writer is not None  # the ring's pages took CUDA's registration
+    first._writer.close()
+    # Each one-answer step was timed by the GPU (the last, perhaps, not collected yet) and the
+    # batch of three on the host's clock.
+    assert len(counts) - 1 <= first.stats.steps <= len(counts)
+    monkeypatch.setenv("PEERPIPE_EARLY_ROWS", "0")
+    first_waited, last_waited, sent_waited = _servers(path, lean=True, wire="local")
+    waited = asyncio.run(_steps(first_waited, last_waited, sent_waited, counts))
+    assert first_waited._writer is None
+    assert early == waited and len(early) == 3 + sum(counts)

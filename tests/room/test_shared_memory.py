@@ -156,3 +156,83 @@ def test_a_row_sent_inline_when_the_ring_is_full_owns_its_bytes() -> None:
         assert second.to_numpy().reshape(-1).tolist() == [float(v) for v in range(16, 32)]
     finally:
         small.close()
+
+
+def _mark_written(ring: Ring, ref: Ref, data: bytes) -> None:
+    """What a GPU stage's copies do after its step (inference/gpu_rows.py): the bytes, then the state."""
+    start = ref.offset + shared_memory.HEADER
+    ring.mm[start : start + len(data)] = data
+    ring.mm[ref.offset + shared_memory.STATE_AT] = shared_memory.WRITTEN
+
+
+def test_a_pending_allocation_is_read_once_its_copy_has_marked_it(ring: Ring) -> None:
+    import threading
+
+    got = ring.alloc(8, pending=True)
+    assert got is not None
+    ref = got[0]
+    segments = Segments()
+    assert not segments.written(ref)
+    read: list[bytes] = []
+    reader = threading.Thread(target=lambda: read.append(segments.read(ref, 8, bytes)))
+    reader.start()  # it waits for the mark, spinning
+    _mark_written(ring, ref, b"12345678")
+    reader.join(timeout=30)
+    assert read == [b"12345678"]
+    assert ring.in_flight == 0
+
+
+def test_a_pending_allocation_never_written_fails_typed(ring: Ring, monkeypatch) -> None:
+    monkeypatch.setattr(shared_memory, "PENDING_S", 0.01)
+    got = ring.alloc(8, pending=True)
+    assert got is not None
+    with pytest.raises(SharedMemoryError, match="not written within"):
+        Segments().read(got[0], 8, bytes)
+
+
+def test_a_stage_waits_for_pending_rows_without_holding_its_loop(ring: Ring) -> None:
+    import asyncio
+
+    from peerpipe.inference.gpu_rows import rows_written
+    from peerpipe.inference.wire import row_bytes, shared_written
+    from peerpipe.protocol import TensorData
+
+    got = ring.alloc(16, pending=True)
+    assert got is not None
+    pending = TensorData("float32", (1, 1, 4), got[0].pack(), "shm")
+    inline = TensorData("float32", (1, 1, 4), bytes(16))
+    assert not shared_written(pending) and shared_written(inline)
+
+    async def main() -> int:
+        turns = 0
+
+        async def other_work() -> None:  # the loop keeps serving while the row is pending
+            nonlocal turns
+            while not shared_written(pending):
+                turns += 1
+                if turns == 50:
+                    _mark_written(ring, got[0], bytes(range(16)))
+                await asyncio.sleep(0)
+
+        await asyncio.gather(rows_written([inline, pending]), other_work())
+        return turns
+
+    assert asyncio.run(main()) == 50
+    assert row_bytes(pending) == bytes(range(16))
+
+
+def test_rows_never_written_fail_typed_and_a_dropped_one_is_left_to_its_sender(ring: Ring, monkeypatch) -> None:
+    import asyncio
+
+    from peerpipe.inference import gpu_rows
+    from peerpipe.inference.wire import release_shared
+    from peerpipe.protocol import TensorData
+
+    monkeypatch.setattr(gpu_rows, "PENDING_S", 0.01)
+    got = ring.alloc(16, pending=True)
+    assert got is not None
+    pending = TensorData("float32", (1, 1, 4), got[0].pack(), "shm")
+    with pytest.raises(SharedMemoryError, match="not written within"):
+        asyncio.run(gpu_rows.rows_written([pending]))
+    release_shared(pending)  # returns at once: the copy may still land
+    assert ring.in_flight == 1
