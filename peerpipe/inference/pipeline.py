@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import itertools
 import logging
+import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -32,6 +33,8 @@ from peerpipe.engine.sampling import SamplingParams
 from peerpipe.engine.tokenizer import Tokenizer
 from peerpipe.inference import trace
 from peerpipe.inference.errors import TaskFailedError
+from peerpipe.inference.prefill import prefill_bounds
+from peerpipe.inference.rounds import Rounds
 from peerpipe.inference.speculation import AnswerDrafts, Speculator
 from peerpipe.inference.tasks import Task, TaskStatus
 from peerpipe.inference.wire import ids_to_wire, sampling_to_wire, to_wire
@@ -46,13 +49,6 @@ MAX_RECOVERIES = 8  # per answer: a room that keeps failing under it fails it in
 # never sooner than MIN_STALL_S: a loaded machine has hiccups that are not failures).
 STALL_STEPS = 50
 MIN_STALL_S = 5.0
-# Prompts of at least twice this many tokens go to a room of several stages in chunks of about
-# this size, pipelined across the stages (small enough to overlap, large enough to stay efficient)...
-PREFILL_CHUNK = 128
-# ...by default only where a token takes at least this long: on CPUs and small GPUs a chunk's work
-# dwarfs what a chunk costs besides (1.5-1.8x sooner on CPU); on an H200 a 1B model's whole
-# prompt takes a few ms, and chunks made its first token 1.6-6.3x later (docs/bench/prefill-*.txt).
-AUTO_CHUNK_MS = 20.0
 # Told which stages did not answer in time; finds out which of them are gone (the cluster probes).
 OnStall = Callable[[list[str]], Awaitable[None]]
 
@@ -80,16 +76,6 @@ class RecoveryStats:
     replayed_tokens: int = 0  # positions prefilled again to rebuild lost KV caches
     stall_s: float = 0.0  # summed over answers: last token before a loss to the first after
     stalls: int = 0  # answers that resumed
-
-
-def prefill_bounds(length: int, plan: Plan, chunk: int | None) -> list[int]:
-    """Where a prompt of ``length`` tokens is cut for ``plan``: ``[0, length]`` (whole), or chunks
-    of about ``chunk`` tokens (at least ``chunk`` each) on a plan of several stages; ``None``:
-    chunks of ``PREFILL_CHUNK`` where the plan predicts ``AUTO_CHUNK_MS`` or more a token."""
-    if chunk is None:
-        chunk = PREFILL_CHUNK if plan.predicted_ms >= AUTO_CHUNK_MS else 0
-    count = max(1, length // chunk) if len(plan.stages) > 1 and chunk > 0 else 1
-    return [length * i // count for i in range(count + 1)]
 
 
 def _stages(plan: Plan) -> tuple[tuple[str, int, int], ...]:
@@ -140,6 +126,8 @@ class Pipeline:
         self._changed = asyncio.Event()  # a plan came, went, or cannot be made
         self._closed = ""  # final: this pipeline takes no more work
         self._unplannable = ""  # why the room cannot hold the model now
+        # Answers on stages that take turns on one device go in step (PEERPIPE_LOCKSTEP=0: not).
+        self.rounds = Rounds() if os.environ.get("PEERPIPE_LOCKSTEP", "1") != "0" else None
 
     # -- plans ------------------------------------------------------------------------------
 
@@ -233,6 +221,8 @@ class Pipeline:
         if step is None or step[1:] != (message.plan_version, message.start_pos):
             return  # no step waits, or this answers one given up on
         trace.mark("token", message.task_id, message.start_pos)
+        if self.rounds is not None:
+            self.rounds.landed(message.task_id)
         waiter = step[0]
         if waiter.done():
             return
@@ -379,6 +369,8 @@ class Pipeline:
             raise TaskFailedError(task.error) from exc
         finally:
             task.finished = time.monotonic()
+            if self.rounds is not None:
+                self.rounds.forget(task.task_id)
             if task.active:  # the caller's coroutine was cancelled: never leave a task "running"
                 task.status = TaskStatus.CANCELLED
             await self._free(task.task_id, touched)
@@ -414,9 +406,14 @@ class Pipeline:
         # Armed before sending: an answer (or an error) may arrive while the send still waits.
         waiter: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
         self._waiting[task.task_id] = (waiter, request.plan_version, request.start_pos)
+        # A decode step on stages that share one device waits for the other answers' (rounds.py).
+        rounds = self.rounds if request.start_pos > 0 and not chunks and (plan.lanes or len(plan.stages)) == 1 else None
         try:
             async with asyncio.timeout(timeout_s):
                 try:
+                    if rounds is not None:
+                        await rounds.join(task.task_id)
+                        rounds.sent(task.task_id)
                     trace.mark("send", request.task_id, request.start_pos)
                     for message in (*chunks, request):
                         await self.send(plan.stages[0].node_id, message)
@@ -433,6 +430,8 @@ class Pipeline:
             raise _Lost(f"no token within {timeout_s:g} s from {' -> '.join(self.describe()) or 'the stages'}") from None
         finally:
             self._waiting.pop(task.task_id, None)
+            if rounds is not None:
+                rounds.landed(task.task_id)
 
     async def _free(self, task_id: str, nodes: set[str]) -> None:
         """Tell every stage to drop the session (best effort: a stage that left has nothing to free)."""
