@@ -197,7 +197,7 @@ def predicted_ms(address: tuple[str, int], env: dict[str, str], prefix: tuple[st
     )
     data = json.loads(out.stdout)
     stages = data["plan"]["stages"]
-    log("planned layers: " + " ".join(f"[{s['start']}, {s['end']})" for s in stages))
+    log("planned layers: " + " ".join(f"[{s['start']}, {s['end']})" for s in stages) + f"; lanes {data['plan'].get('lanes')}")
     return float(data["plan"]["predicted_ms_per_token"]), len(stages)
 
 
@@ -233,7 +233,8 @@ def bench_shape(shape: str, root: Path, env: dict[str, str], args: argparse.Name
         # cores the busy one needs. --node-threads gives each a share instead.
         threads = 1 if args.pin else args.node_threads or (os.cpu_count() or 1)
         node_env = {**env, "OMP_NUM_THREADS": str(threads)}
-        traces, streamed = root / f"trace-{shape}-{stages}", set()  # the 16 answers' ids, once run
+        kept = Path(args.trace_dir) if args.trace_dir else root  # --trace-dir keeps the raw traces
+        traces, streamed = kept / f"trace-{shape}-{stages}", set()  # the 16 answers' ids, once run
         if args.trace:
             shutil.rmtree(traces, ignore_errors=True)
             node_env["PEERPIPE_TRACE"] = str(traces)
@@ -379,6 +380,7 @@ def main() -> None:
     parser.add_argument("--netns-shapes", default="cpu-75m", help="shapes to also run across namespaces ('' = none)")
     parser.add_argument("--pin", action="store_true", help="CPU: the one node and every room node on a core each, one thread")
     parser.add_argument("--trace", action="store_true", help="time each part of a token's path, hop by hop (bench/hops.py)")
+    parser.add_argument("--trace-dir", default="", help="with --trace: keep each room's raw traces in this folder")
     parser.add_argument("--client", help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--prompt-len", type=int, default=PROMPT_LEN, help=argparse.SUPPRESS)

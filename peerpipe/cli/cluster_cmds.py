@@ -189,6 +189,7 @@ def view_to_json(view) -> dict[str, Any]:  # type: ignore[no-untyped-def]
             ],
             "predicted_ms_per_token": view.plan.predicted_ms,
             "measured_ms_per_token": measured,
+            "lanes": view.plan.lanes,  # stages that can compute at once (a GPU, or cores, each)
             "acked": list(view.acked),
         },
         "links": [{"src": x.src, "dst": x.dst, "rtt_ms": x.rtt_ms, "mib_per_s": x.mib_per_s} for x in view.links],

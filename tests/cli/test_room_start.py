@@ -52,6 +52,7 @@ def test_generate_waits_for_a_room_that_is_still_planning(procs, tiny_model_dir,
     assert stages and all(n["predicted_ms_per_step"] > 0 for n in stages)
     assert all(n["measured_ms_per_step"] > 0 for n in stages)  # the answer ran decode steps on each
     assert view["plan"]["measured_ms_per_token"] > 0
+    assert view["plan"]["lanes"] == 1  # CPU nodes of one machine take turns on its cores
 
     # A CPU host loads float32, and plan says so instead of bfloat16.
     plan = peerpipe("plan", "--model", str(model), "--code", CODE, "--peer", address)
