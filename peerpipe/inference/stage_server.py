@@ -377,15 +377,16 @@ class StageServer:
             await rows_written([r.input_tensor for r in requests])
             return self._forward(requests)
         assert self._graphed is not None
-        with torch.inference_mode():
-            clock = StepClock(requests, self.label, self.device) if trace.on() else None
-            sessions = [self.sessions[r.task_id] for r in requests]
-            slots = [s.slot for s in sessions]
-            starts, kv_len = self.cache.advance(slots, 1)
+        clock = StepClock(requests, self.label, self.device) if trace.on() else None
+        sessions = [self.sessions[r.task_id] for r in requests]
+        slots = [s.slot for s in sessions]
+        starts, kv_len = self.cache.advance(slots, 1)
+        with torch.inference_mode():  # (not held across the wait: other coroutines run meanwhile)
             step = self._graphed.prepare(self._like, slots, starts, kv_len)
-            await rows_written([r.input_tensor for r in requests])
-            early = self.next_hop is not None and len(requests) == 1 and self._shared_ring() is not None
-            timing = self._gpu_steps.begin() if early and self._writer is not None and self._gpu_steps else None
+        await rows_written([r.input_tensor for r in requests])
+        early = self.next_hop is not None and len(requests) == 1 and self._shared_ring() is not None
+        timing = self._gpu_steps.begin() if early and self._writer is not None and self._gpu_steps else None
+        with torch.inference_mode():
             out = self._graphed.launch(step, [row_bytes(r.input_tensor) for r in requests])
             return self._outputs(out, requests, sessions, clock, timing)
 
