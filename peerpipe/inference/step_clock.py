@@ -24,9 +24,10 @@ class StepClock:
             self._events[0].record()
 
     def launched(self) -> None:
+        """The step's work is on the device (a CPU stage's forward has no launch to mark)."""
         if self._events is not None:
             self._events[1].record()
-        self._mark("launched")
+            self._mark("launched")
 
     def ready(self) -> None:
         """The output is on the host (so the events have completed)."""

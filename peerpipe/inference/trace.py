@@ -8,7 +8,7 @@ clock, shared by its processes, so the events of one step on nodes of one machin
 - ``send`` / ``sent``: the host sends the step to the first stage / has handed it to its socket;
 - ``in``: a stage's node has the request (read, decrypted, decoded);
 - ``start`` / ``end``: the stage's forward (with the copy of its output off the device); inside
-  it ``launched`` (the device has the step's work), ``run`` (a GPU stage's output is on the host,
+  it ``launched`` (a GPU has the step's work), ``run`` (a GPU stage's output is on the host,
   less the time the GPU spent on the step, by CUDA events: the latest moment it could have
   started) and ``ready`` (the output is on the host);
 - ``out``: the stage's node has handed the output to its socket (or to itself);
