@@ -42,6 +42,7 @@ def make(layers: int, width: int, dev: str) -> tuple[torch.cuda.CUDAGraph, torch
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         step()
+    g.weights = ws  # type: ignore[attr-defined]  # the graph reads them: freed, their memory could be reused
     host = torch.empty(1, width, dtype=torch.bfloat16, pin_memory=True)
     return g, x, host
 
