@@ -409,11 +409,11 @@ class Pipeline:
         # A decode step on stages that share one device waits for the other answers' (rounds.py).
         rounds = self.rounds if request.start_pos > 0 and not chunks and (plan.lanes or len(plan.stages)) == 1 else None
         try:
+            if rounds is not None:  # (its own bounded wait: not the step's time)
+                await rounds.join(task.task_id)
+                rounds.sent(task.task_id)
             async with asyncio.timeout(timeout_s):
                 try:
-                    if rounds is not None:
-                        await rounds.join(task.task_id)
-                        rounds.sent(task.task_id)
                     trace.mark("send", request.task_id, request.start_pos)
                     for message in (*chunks, request):
                         await self.send(plan.stages[0].node_id, message)
