@@ -55,7 +55,7 @@ PENDING_S = 10.0
 # An allocation nobody read for this long is given up (its reader dropped the message): a late
 # reader finds it marked and fails rather than read bytes that may be reused.
 ABANDON_S = 30.0
-_NAME = re.compile(r"^peerpipe-(\d{1,10})-[0-9a-f]{8}$")
+_NAME = re.compile(r"^peerpipe-(\d{1,10})-[0-9a-f]{6,8}$")
 _MAX_OPEN = 16
 
 
@@ -101,6 +101,12 @@ class Ref:
         return cls(name, offset, seq)
 
 
+def segment_name(pid: int) -> str:
+    """A ring's file name: its process, and 6 random hex digits (a reference holds 24 bytes of
+    name, enough for any pid up to Linux's largest, 4194304)."""
+    return f"peerpipe-{pid}-{secrets.token_hex(3)}"
+
+
 def _remove_stale() -> None:
     """Segments of processes that died without removing theirs."""
     for path in SHM_DIR.glob("peerpipe-*"):
@@ -121,7 +127,7 @@ class Ring:
 
     def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
         _remove_stale()
-        self.name = f"peerpipe-{os.getpid()}-{secrets.token_hex(4)}"
+        self.name = segment_name(os.getpid())
         self.path = SHM_DIR / self.name
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:

@@ -236,3 +236,9 @@ def test_rows_never_written_fail_typed_and_a_dropped_one_is_left_to_its_sender(r
         asyncio.run(gpu_rows.rows_written([pending]))
     release_shared(pending)  # returns at once: the copy may still land
     assert ring.in_flight == 1
+
+
+def test_a_rings_name_fits_its_reference_for_any_pid() -> None:
+    name = shared_memory.segment_name(4194304)  # Linux's largest pid_max
+    ref = Ref(name, 64, 7)
+    assert Ref.unpack(ref.pack()) == ref
