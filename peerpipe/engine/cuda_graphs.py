@@ -140,19 +140,13 @@ class GraphedDecoder:
         out = g.out[:n] if padded else g.out
         return out[:, :n_new] if width > n_new else out
 
-    def replay_rows(
-        self, rows: Sequence[memoryview | bytes], like: Tensor, slots: Sequence[int], starts: Sequence[int], kv_len: int
-    ) -> Tensor:
-        """A decode step (one new position per session) fed from the host: ``rows``, each
-        session's input as the bytes of one row of ``like`` (``[1, 1, ...]``, the step's dtype),
-        and ``starts``, where each new position goes (``KVCache.advance``). Inputs, positions and
-        slots reach the device through pinned buffers in one copy each, with no kernel of their
-        own. The buffers are reused by the next call, which waits for this one's copies."""
-        return self.launch(self.prepare(like, slots, starts, kv_len), rows)
-
     def prepare(self, like: Tensor, slots: Sequence[int], starts: Sequence[int], kv_len: int) -> RowStep:
-        """``replay_rows`` before its rows are known: the graph picked, positions and slots on
-        their way to the device (a stage does this while the previous stage's GPU still runs)."""
+        """A decode step (one new position per session) fed from the host, before its rows are
+        known (a stage prepares while the previous stage's GPU still runs): the graph picked for
+        ``like`` (one row of the step's input, ``[1, 1, ...]``), and ``starts`` (where each new
+        position goes, ``KVCache.advance``) and the slots on their way to the device through a
+        pinned buffer, in one copy each and no kernel of their own. The buffers are reused by the
+        next step, which waits for this one's copies."""
         slots = tuple(slots)
         g, padded = self._pick(slots, bucket_for(kv_len, self.cache.max_seq), 1, like)
         n, size = len(slots), g.x.shape[0]
@@ -170,7 +164,8 @@ class GraphedDecoder:
 
     @staticmethod
     def launch(step: RowStep, rows: Sequence[memoryview | bytes]) -> Tensor:
-        """The prepared step's rows to the device, and its graph launched; its output."""
+        """The prepared step's ``rows`` (each session's input as the bytes of one row) to the
+        device in one copy, and its graph launched; its output."""
         g, n, size, row, staged = step.graph, step.n, step.size, step.row, step.staged
         inputs = staged.inputs_np
         for i, data in enumerate(rows):

@@ -28,7 +28,6 @@ from peerpipe.protocol import TensorData
 from peerpipe.transport.shared_memory import HEADER, PENDING_S, STATE_AT, WRITTEN, Ring, SharedMemoryError
 
 log = logging.getLogger(__name__)
-_EVENTS = 8  # pairs of events in use at once (steps in flight on one stage)
 SPIN_S = 0.002  # how long a reader spins for pending rows before it polls on the event loop's turns
 
 
@@ -125,8 +124,6 @@ class GpuSteps:
         self._running: collections.deque[GpuTiming] = collections.deque()
 
     def begin(self) -> GpuTiming:
-        if len(self._running) >= _EVENTS:
-            self._running[0][1].synchronize()  # rare: so many steps in flight on one stage
         pair = self._free.pop() if self._free else (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
         pair[0].record()
         return pair
