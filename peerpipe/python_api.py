@@ -54,7 +54,7 @@ from peerpipe.plan import Budget
 from peerpipe.protocol import Plan, RoomView
 from peerpipe.room import Host, Member, PeerInfo, RoomCode, generate_code, parse_code
 from peerpipe.transport import Address
-from peerpipe.transport.loop import busy_poll_window
+from peerpipe.transport.loop import busy_poll_window, polls_ahead
 from peerpipe.weights import NodeWeights
 
 if TYPE_CHECKING:
@@ -260,7 +260,7 @@ async def create_room(
         choice = ModelChoice.from_dir(model, dtype or local.default_dtype) if model else None
         plane = DataPlane(
             node, no_entry="the host serves no model: start it with --model DIR",
-            busy_poll_s=busy_poll_window(local.caps.torch_device),
+            busy_poll_s=busy_poll_window(local.caps.torch_device), poll_ahead=polls_ahead(local.caps.torch_device),
         )
         stage = None
         if choice is not None:
@@ -371,7 +371,8 @@ async def join_room(
         mesh = await node.listen(listen, 0)
         folder = resolve_model(model) if model else None
         local = dataclasses.replace(measured or await _measure(device, memory_gb, quick), quantize=_planned(quantize, folder))
-        plane = DataPlane(node, busy_poll_s=busy_poll_window(local.caps.torch_device))
+        device = local.caps.torch_device
+        plane = DataPlane(node, busy_poll_s=busy_poll_window(device), poll_ahead=polls_ahead(device))
         plane.weights = NodeWeights(plane.send, folder, report=report, corrupt=_corrupting(), cache=weights_dir)
         plane.weights.server.busy = plane.answering
         await plane.weights.local()  # hashed before the first plan: peers may fetch from it at once

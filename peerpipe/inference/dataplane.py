@@ -48,10 +48,12 @@ class DataPlane:
     """``stage`` and ``entry`` are set once made (each needs ``send``); a member has no entry."""
 
     def __init__(
-        self, node: RoomNode, *, no_entry: str = "this node is not the room's host", busy_poll_s: float = 0.0
+        self, node: RoomNode, *, no_entry: str = "this node is not the room's host", busy_poll_s: float = 0.0,
+        poll_ahead: bool = False,
     ) -> None:
         self.node = node
-        self.busy_poll = BusyPoll(busy_poll_s, pause=computing)  # polls while hidden states pass (GPU nodes)
+        # Polls while hidden states pass (GPU nodes), or just before they are due (pinned CPU nodes).
+        self.busy_poll = BusyPoll(busy_poll_s, pause=computing, ahead=poll_ahead)
         self.stage: StageRuntime | None = None
         self.entry: Entry | None = None
         self.weights: NodeWeights | None = None
@@ -96,6 +98,7 @@ class DataPlane:
             return
         if isinstance(message, ComputeRequest | ComputeResult):
             self._passing()
+            self.busy_poll.arrived()
         if isinstance(message, ComputeRequest):
             trace.mark("in", message.task_id, message.start_pos, self.node.name)
             # From the previous stage or, for the first stage, the host.
@@ -146,6 +149,7 @@ class DataPlane:
         alone for a moment, and their prompts share a forward.)"""
         if isinstance(message, ComputeRequest) and node_id != self.node.node_id:
             self._passing()
+            self.busy_poll.sent()
             prompt = message.session is not None or message.partial
             if not prompt and self.entry is not None and self.entry.pipeline.running <= 1:
                 await self.node.send(node_id, message)
@@ -158,6 +162,8 @@ class DataPlane:
         """Send on the data plane; to this node itself without touching the network."""
         if isinstance(message, ComputeRequest | ComputeResult | ComputeBatch):
             self._passing()
+            if node_id != self.node.node_id:
+                self.busy_poll.sent()
         if isinstance(message, ComputeBatch) and node_id == self.node.node_id:
             for step in (*message.requests, *message.results):
                 await self.send(node_id, step)
@@ -173,7 +179,7 @@ class DataPlane:
             self._deliver(node_id, message)
 
     def _passing(self) -> None:
-        """A step passes through this node: weights yield to answers, and the loop polls."""
+        """A step passes through this node: weights yield to answers, and a window poll starts."""
         self.last_compute = time.monotonic()
         self.busy_poll.touch()
 
