@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import os
 import threading
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
@@ -56,6 +57,12 @@ def step_aside() -> None:
 def computing() -> bool:
     """Whether the compute thread has work (a thread spinning meanwhile would take the GIL from it)."""
     return _running > 0
+
+
+def one_core() -> bool:
+    """Whether this process may run on one core only: then the compute thread cannot run beside
+    the event loop, and a short forward handed to it costs two thread hops for nothing."""
+    return hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) == 1
 
 
 def set_threads(count: int) -> None:
