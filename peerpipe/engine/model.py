@@ -186,6 +186,13 @@ def _attention(
         else:
             attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=d**-0.5)
         return attn.reshape(b, 1, cfg.q_size)
+    grouped = kvh != h
+    if grouped and qkv.is_cuda:
+        # Memory-efficient attention takes a mask but not grouped heads, and with cuDNN's off
+        # (new_cache) grouped heads under a mask would fall to the math kernel: four times slower
+        # over 4000 positions, and their scores held whole. Expanded heads cost a copy.
+        keys, values = keys.repeat_interleave(h // kvh, 1), values.repeat_interleave(h // kvh, 1)
+        grouped = False
     return (
         F.scaled_dot_product_attention(
             qkv.narrow(2, 0, h).transpose(1, 2),
@@ -193,7 +200,7 @@ def _attention(
             values,
             attn_mask=mask,
             scale=d**-0.5,
-            enable_gqa=kvh != h,
+            enable_gqa=grouped,
         )
         .transpose(1, 2)
         .reshape(b, s, cfg.q_size)
@@ -351,6 +358,11 @@ class Stage(LayerRange, nn.Module):
     def new_cache(self, max_slots: int, max_seq: int) -> KVCache:
         """A KV cache for this stage; also readies the stage to run (RoPE tables, weight lists)."""
         param = next(self.parameters())
+        if param.device.type == "cuda":
+            # cuDNN's attention plans every new shape first: 75-1200 ms for each batch or prompt
+            # length not seen before (an H200, Llama-3-8B's layers), where every request brings a
+            # new length. The other kernels need no plan.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         self._gather_weights()
         if self.rope is None or self.rope.shape[0] < max_seq + 1:
             self.setup_rope(max_seq + 1)
