@@ -126,3 +126,24 @@ def test_a_draft_model_on_cuda_drafts_the_greedy_continuation(tiny_model_dir) ->
     session = draft.session(SamplingParams(temperature=0))
     assert session.propose(prompt, 3) == expected[:3]
     assert session.propose(prompt + expected[:2], 4) == expected[2:6]
+
+
+def test_a_cuda_stage_attends_without_cudnn_and_as_a_cpu_does(tiny_model_dir) -> None:
+    """cuDNN's attention plans every new shape first (bench/prompt_shapes.py): a CUDA stage turns
+    it off, and prompts of grouped heads (expanded for memory-efficient attention) still give
+    the CPU's numbers, batches of prompts at a cached prefix too."""
+    path = tiny_model_dir("llama", seed=3)
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    out = {}
+    for device in ("cpu", "cuda"):
+        stage, _ = load_stage(path, device=device, dtype="float32")
+        assert stage.cfg.n_kv_heads < stage.cfg.n_heads  # grouped: the expanded path
+        cache = stage.new_cache(3, 64)
+        slots = [cache.alloc() for _ in range(3)]
+        ids = torch.randint(0, 500, (3, 24), generator=torch.Generator().manual_seed(1)).to(device)
+        with torch.inference_mode():
+            first = stage(ids[:, :11], cache, cache.batch(slots, 11)).float().cpu()
+            rest = stage(ids[:, 11:], cache, cache.batch(slots, 13)).float().cpu()
+        out[device] = torch.cat([first, rest], 1)
+    assert not torch.backends.cuda.cudnn_sdp_enabled()
+    assert (out["cpu"] - out["cuda"]).abs().max().item() < 5e-3
