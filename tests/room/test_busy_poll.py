@@ -95,6 +95,13 @@ def test_the_window_follows_the_device_unless_overridden(
     assert busy_poll_window(device) == pytest.approx(window)
 
 
+async def _polling(poll: BusyPoll) -> None:
+    """Until the poll spins (its timer has fired)."""
+    async with asyncio.timeout(5):
+        while poll.spins == 0:
+            await asyncio.sleep(0)
+
+
 def _learned(poll: BusyPoll, now: list[float], wait_s: float) -> None:
     for _ in range(3):  # three sends, each answered ``wait_s`` later
         poll.sent()
@@ -120,9 +127,7 @@ def test_polls_ahead_of_the_usual_wait_and_stops_when_the_input_comes() -> None:
         poll.sent()
         await _turns(20)
         assert poll.spins == 0  # the input is not due for a while: the loop sleeps
-        async with asyncio.timeout(5):
-            while poll.spins == 0:
-                await asyncio.sleep(0)
+        await _polling(poll)
         lead = max(AHEAD_LEAD_S, AHEAD_SHARE * 0.05)
         assert loop.time() - began >= 0.05 - lead - 0.002  # (the loop's timers round to a millisecond)
         poll.arrived()  # the input: polling stops at once
@@ -141,10 +146,8 @@ def test_an_overdue_input_is_awaited_asleep() -> None:
         poll = BusyPoll(0.0, clock=lambda: now[0], ahead=True)
         task = asyncio.create_task(poll.run())
         _learned(poll, now, 0.01)
-        poll.sent()  # due in 10 ms: polls from now (the lead is longer than the rest of the wait)
-        async with asyncio.timeout(5):
-            while poll.spins == 0:
-                await asyncio.sleep(0)
+        poll.sent()  # due in 10 ms: polls from 2 ms before
+        await _polling(poll)
         now[0] += 0.01 + AHEAD_LEAD_S * 1.01  # well past due, nothing came
         await _turns(2)
         stopped = poll.spins
@@ -190,9 +193,7 @@ def test_an_ahead_poll_ends_while_the_node_computes() -> None:
         task = asyncio.create_task(poll.run())
         _learned(poll, now, 0.001)
         poll.sent()
-        async with asyncio.timeout(5):
-            while poll.spins == 0:
-                await asyncio.sleep(0)
+        await _polling(poll)
         computing[0] = True
         await _turns(3)
         assert poll.until == 0.0
