@@ -127,8 +127,8 @@ class BusyPoll:
             return
         lead = max(AHEAD_LEAD_S, AHEAD_SHARE * expected)
         self._cancel_timer()
-        start = self._poll_until
-        self._timer = asyncio.get_running_loop().call_later(max(0.0, expected - lead), start, now + expected + lead)
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(max(0.0, expected - lead), self._poll_until, now + expected + lead)
 
     def arrived(self) -> None:
         """An input came from another node: the wait since the last send is learned, and an ahead
