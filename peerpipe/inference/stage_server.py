@@ -14,7 +14,6 @@ import collections
 import logging
 import os
 import time
-from dataclasses import dataclass
 
 import torch
 
@@ -25,7 +24,7 @@ from peerpipe.engine.model import Stage
 from peerpipe.engine.sampling import Sampler
 from peerpipe.inference import trace
 from peerpipe.inference.gpu_rows import GpuSteps, GpuTiming, RingWriter, rows_written
-from peerpipe.inference.stage_sessions import RequestError, Session, draw
+from peerpipe.inference.stage_sessions import RequestError, Session, StageStats, draw
 from peerpipe.inference.step_clock import StepClock
 from peerpipe.inference.wire import (
     WIRE_NAMES,
@@ -60,15 +59,6 @@ PROMPT_BATCH_TOKENS = 4096  # prompts of one length share a forward up to this m
 
 def _nbytes(step: ComputeRequest | ComputeResult) -> int:
     return step.input_tensor.nbytes if isinstance(step, ComputeRequest) else step.output_tensor.nbytes
-
-
-@dataclass
-class StageStats:
-    """Decode forwards run (one new position per answer; a batch counts once) and the seconds
-    they took; one per node, kept across plans."""
-
-    steps: int = 0
-    compute_s: float = 0.0
 
 
 class StageServer:
@@ -112,9 +102,10 @@ class StageServer:
         self._gpu_steps = GpuSteps() if self._graphed is not None else None
         self._early_rows = os.environ.get("PEERPIPE_EARLY_ROWS", "1") != "0"
         self._timed_on_gpu = False  # whether the last forward's time is the GPU's, read later
-        # A CPU stage on one core runs decode steps on the event loop's thread, which would only
-        # wait meanwhile: two thread hops fewer, 0.2-0.3 ms a step on the 2-core VM.
-        self._inline = cache.device.type == "cpu" and one_core() and os.environ.get("PEERPIPE_INLINE", "1") != "0"
+        # A CPU stage on one core runs short decode steps on the event loop's thread, which would
+        # only wait meanwhile: two thread hops fewer, 0.2-0.3 ms a step on the 2-core VM.
+        inline = os.environ.get("PEERPIPE_INLINE", "1")
+        self._inline = cache.device.type == "cpu" and inline != "0" and (one_core() or inline == "all")
         # One decode position's input (token ids into the first stage, hidden states into the
         # others): the shape the graphs are captured for, and the one inputs take the lean path in.
         if self._graphed is None:
@@ -294,7 +285,7 @@ class StageServer:
                     # A browser computes it: the wait is on the network, so it must not hold the
                     # compute thread that this process's other stages and benchmarks share.
                     outputs = await asyncio.to_thread(self._forward, ready)
-                elif self._inline and decode and not computing():
+                elif self._inline and decode and not computing() and self.stats.short():
                     outputs = self._forward(ready)
                 else:
                     outputs = await run_compute(self._forward, ready)

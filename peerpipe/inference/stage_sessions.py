@@ -1,6 +1,6 @@
 """What a stage keeps for each answer it serves: its KV-cache slot and, on the last stage, how
 its tokens are drawn (sampling parameters, random generator, the tokens a repetition penalty
-looks back on); and the typed refusal of a request a stage cannot run."""
+looks back on); the typed refusal of a request a stage cannot run; and the stage's step counts."""
 
 from __future__ import annotations
 
@@ -13,6 +13,22 @@ from peerpipe.engine.sampling import Sampler, SamplingParams, make_generator
 from peerpipe.engine.speculate import verify
 from peerpipe.inference.wire import ids_to_wire, sampling_from_wire
 from peerpipe.protocol import ComputeRequest, SessionSpec, TensorData
+
+INLINE_AFTER, INLINE_MAX_S = 4, 0.05  # decode steps measured before one runs inline, and their longest mean
+
+
+@dataclass
+class StageStats:
+    """Decode forwards run (one new position per answer; a batch counts once) and the seconds
+    they took; one per node, kept across plans."""
+
+    steps: int = 0
+    compute_s: float = 0.0
+
+    def short(self) -> bool:
+        """Whether the decode steps, measured a few times, are short enough to run on the event
+        loop's thread (heartbeats wait meanwhile; a member is suspected after 3 s without one)."""
+        return self.steps >= INLINE_AFTER and self.compute_s / self.steps < INLINE_MAX_S
 
 
 class RequestError(Exception):
