@@ -104,8 +104,9 @@ class StageServer:
         self._timed_on_gpu = False  # whether the last forward's time is the GPU's, read later
         # A CPU stage on one core runs short decode steps on the event loop's thread, which would
         # only wait meanwhile: two thread hops fewer, 0.2-0.3 ms a step on the 2-core VM.
-        inline = os.environ.get("PEERPIPE_INLINE", "1")
-        self._inline = cache.device.type == "cpu" and inline != "0" and (one_core() or inline == "all")
+        # (Tried on every CPU node: 0.51-0.68x one node on 3 unpinned stages, against 0.79x: the
+        # loop's thread grew an OpenMP team of its own, which fought the compute thread's.)
+        self._inline = cache.device.type == "cpu" and one_core() and os.environ.get("PEERPIPE_INLINE", "1") != "0"
         # One decode position's input (token ids into the first stage, hidden states into the
         # others): the shape the graphs are captured for, and the one inputs take the lean path in.
         if self._graphed is None:
