@@ -98,7 +98,7 @@ class DataPlane:
             return
         if isinstance(message, ComputeRequest | ComputeResult):
             self._passing()
-            self.busy_poll.arrived()
+            self.busy_poll.arrived()  # (a window poll starts over)
         if isinstance(message, ComputeRequest):
             trace.mark("in", message.task_id, message.start_pos, self.node.name)
             # From the previous stage or, for the first stage, the host.
@@ -164,6 +164,8 @@ class DataPlane:
             self._passing()
             if node_id != self.node.node_id:
                 self.busy_poll.sent()
+            else:  # no input is awaited from itself; a window poll starts over all the same
+                self.busy_poll.touch()
         if isinstance(message, ComputeBatch) and node_id == self.node.node_id:
             for step in (*message.requests, *message.results):
                 await self.send(node_id, step)
@@ -179,9 +181,8 @@ class DataPlane:
             self._deliver(node_id, message)
 
     def _passing(self) -> None:
-        """A step passes through this node: weights yield to answers, and a window poll starts."""
+        """A step passes through this node: weights yield to answers (callers tell the poll)."""
         self.last_compute = time.monotonic()
-        self.busy_poll.touch()
 
     async def _coalesced(self, node_id: str, request: ComputeRequest) -> None:
         if request.input_tensor.nbytes > COALESCE_BYTES:  # a prompt: the channel chunks it alone

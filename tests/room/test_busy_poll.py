@@ -102,6 +102,13 @@ async def _polling(poll: BusyPoll) -> None:
             await asyncio.sleep(0)
 
 
+async def _stays_still(poll: BusyPoll) -> None:
+    """The poll spins no more while the loop turns."""
+    stopped = poll.spins
+    await _turns(20)
+    assert poll.spins == stopped
+
+
 def _learned(poll: BusyPoll, now: list[float], wait_s: float) -> None:
     for _ in range(3):  # three sends, each answered ``wait_s`` later
         poll.sent()
@@ -131,9 +138,7 @@ def test_polls_ahead_of_the_usual_wait_and_stops_when_the_input_comes() -> None:
         lead = max(AHEAD_LEAD_S, AHEAD_SHARE * 0.05)
         assert loop.time() - began >= 0.05 - lead - 0.002  # (the loop's timers round to a millisecond)
         poll.arrived()  # the input: polling stops at once
-        stopped = poll.spins
-        await _turns(20)
-        assert poll.spins == stopped
+        await _stays_still(poll)
         task.cancel()
 
     asyncio.run(main())
@@ -150,9 +155,7 @@ def test_an_overdue_input_is_awaited_asleep() -> None:
         await _polling(poll)
         now[0] += 0.01 + AHEAD_LEAD_S * 1.01  # well past due, nothing came
         await _turns(2)
-        stopped = poll.spins
-        await _turns(20)
-        assert poll.spins == stopped
+        await _stays_still(poll)
         task.cancel()
 
     asyncio.run(main())
