@@ -420,8 +420,12 @@ class Pipeline:
                     trace.mark("sent", request.task_id, request.start_pos)
                 except LINK_ERRORS as exc:  # the first stage is gone: its PeerLeft follows
                     raise _Lost(f"cannot reach the first stage: {exc}") from None
-                if meanwhile is not None and not meanwhile():
-                    return []
+                if meanwhile is not None:
+                    # A first stage in this process has the step queued: it takes it (and
+                    # launches it) in this turn of the loop, before the last token's text is made.
+                    await asyncio.sleep(0)
+                    if not meanwhile():
+                        return []
                 return await waiter
         except TimeoutError:
             stages = [s.node_id for s in plan.stages]

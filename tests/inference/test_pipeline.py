@@ -275,16 +275,35 @@ def test_a_failing_stage_fails_the_task_with_its_reason(tiny_model_dir, device, 
     arun(main())
 
 
-def test_a_room_of_one_runs_locally(tiny_model_dir, device, warm_layers) -> None:
+def test_a_room_of_one_runs_locally(tiny_model_dir, device, warm_layers, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """...and its stage takes each step before the host makes the last token's text: the
+    stage's work is in this process, so a text made first would hold it back."""
     model = tiny_model_dir("llama")
     warm_layers(model)
     expected = local_tokens(model, PROMPTS[0], GREEDY)
+    taken: list[int] = []  # positions of the steps the stage has started
+    run = StageServer._run
+
+    async def spy(self: StageServer, requests: list[ComputeRequest]) -> None:
+        taken.append(requests[0].start_pos)
+        await run(self, requests)
+
+    monkeypatch.setattr(StageServer, "_run", spy)
 
     async def main() -> None:
         async with room(model, device, members=0, layers_per_node=None) as r:
             pipeline = r.pipeline
             assert pipeline is not None and pipeline.local
-            assert (await pipeline.generate(PROMPTS[0], GREEDY)).tokens == expected
+            # At each piece of text: the step in flight, and whether the stage had taken it.
+            seen: list[tuple[int, bool]] = []
+
+            def on_text(_: str) -> None:
+                position = pipeline.step_in_flight("one")
+                if position is not None:
+                    seen.append((position, position in taken))
+
+            assert (await pipeline.generate(PROMPTS[0], GREEDY, on_text, task_id="one", speculate="off")).tokens == expected
+            assert len(seen) >= 2 and all(was_taken for _, was_taken in seen), seen
 
     arun(main())
 
