@@ -269,13 +269,15 @@ def wire_formats(
     nodes: Sequence[str], model: ModelSpec, network: Network, wire: str,
     local: Callable[[str, str], bool] = lambda a, b: False,
     shared: Callable[[str, str], bool] = lambda a, b: False,
+    host: str = "",
 ) -> list[str]:
     """For each stage on ``nodes`` (in order), the format of its hidden states on the link to the
-    next; "" for the last stage (it sends tokens) and between stages of one node. ``auto`` sends
-    them through shared memory between nodes that map the same (``shared``), keeps the model's
-    dtype between other processes of one machine (``local``: loopback's measured rate swings
-    with the machine's load) and on a link nobody has measured yet (the plan after its
-    measurement decides)."""
+    next; "" between stages of one node. ``auto`` sends them through shared memory between nodes
+    that map the same (``shared``), keeps the model's dtype between other processes of one
+    machine (``local``: loopback's measured rate swings with the machine's load) and on a link
+    nobody has measured yet (the plan after its measurement decides). The last stage's says how
+    its tokens go: "local" where it shares memory with ``host`` and the first stage (it may send
+    them ahead, docs/inference.md "Tokens ahead"), else "" (on the channel)."""
 
     def auto_native(a: str, b: str) -> bool:
         return wire == "auto" and (local(a, b) or ((a, b) not in network.links and (b, a) not in network.links))
@@ -288,7 +290,9 @@ def wire_formats(
         return "" if auto_native(a, b) else choose_wire(model, network.link(a, b), wire)
 
     hops = [hop(a, b) for a, b in itertools.pairwise(nodes)]
-    return [*hops, ""]
+    last = nodes[-1] if nodes else ""
+    ahead = wire == "auto" and bool(host) and shared(last, host) and shared(last, nodes[0])
+    return [*hops, "local" if ahead else ""]
 
 
 def to_protocol(
@@ -302,12 +306,13 @@ def to_protocol(
     local: Callable[[str, str], bool] = lambda a, b: False,
     shared: Callable[[str, str], bool] = lambda a, b: False,
     quantize: Mapping[str, str] | None = None,
+    host: str = "",
 ) -> Plan:
     """The plan as the wire carries it; each stage but the last with the format its hidden states
     take over the link to the next (plan/wire.py: ``wire``, or from the link when auto); the
     stages of nodes in ``quantize`` (those that let the planner choose) with their mode."""
     stages = result.stages
-    formats = wire_formats([s.node_id for s in stages], model, network or Network(), wire, local, shared)
+    formats = wire_formats([s.node_id for s in stages], model, network or Network(), wire, local, shared, host)
     return Plan(
         version,
         model.model_id,

@@ -309,7 +309,7 @@ class Rollout:
         local = same_machine({m.info.node_id: m.info.address for m in members})
         plan = to_protocol(
             result, next(self._versions), model.spec, standbys, network=network, wire=self.config.wire, local=local,
-            shared=shared_memory(infos), quantize=auto,
+            shared=shared_memory(infos), quantize=auto, host=host.node.node_id,
         )
         plan = dataclasses.replace(plan, lanes=lanes([s.node_id for s in plan.stages], infos))
         if not await self._prefetch(plan):
@@ -381,7 +381,8 @@ class Rollout:
         network = network_from(self.links.values(), infos)
         local = same_machine({i.node_id: i.address for i in infos})
         formats = wire_formats(
-            [n for n, _, _ in stages_after], self.model.spec, network, self.config.wire, local, shared_memory(infos)
+            [n for n, _, _ in stages_after], self.model.spec, network, self.config.wire, local, shared_memory(infos),
+            self.host.node.node_id,
         )
         failover = Plan(
             next(self._versions),

@@ -32,7 +32,7 @@ from peerpipe.protocol.validate import (
 )
 from peerpipe.protocol.weights import ManifestReply, ManifestRequest, WeightReply, WeightRequest
 
-PROTOCOL_VERSION = 10
+PROTOCOL_VERSION = 11
 MAX_FEATURES = 64
 MAX_DRAFT = 64  # drafted tokens one compute-request may carry for verification
 MAX_BATCH = 1024  # steps one compute-batch may carry
@@ -313,12 +313,14 @@ class ComputeResult:
     output_tensor: TensorData
     plan_version: int = 0
     start_pos: int = 0
+    ahead: TensorData | None = None  # sent before computed: the first stage's copy (docs/inference.md, "Tokens ahead")
 
     def __post_init__(self) -> None:
         need_id(self, "task_id")
         need_instance(self, "output_tensor", TensorData)
         need_int(self, "plan_version")
         need_int(self, "start_pos", 0, 1 << 40)
+        need_instance(self, "ahead", TensorData, optional=True)
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,7 @@ BLOCK_ENCODINGS = frozenset({"q8b64", "f8b64"})  # a byte per value and a float1
 Q8_BLOCK = 64
 SHM_REF_BYTES = 40
 FLOAT_DTYPES = frozenset({"float32", "float16", "bfloat16"})
+SHM_DTYPES = FLOAT_DTYPES | {"int64"}  # hidden states, and token ids sent ahead
 
 # bfloat16 has no numpy dtype: it is carried as its raw 16-bit patterns.
 _NUMPY_NAME = {"bfloat16": "uint16"}
@@ -80,8 +81,10 @@ class TensorData:
             raise ValidationError(f"unknown tensor dtype {self.dtype!r}; expected one of {sorted(DTYPES)}")
         if self.encoding not in ENCODINGS:
             raise ValidationError(f"unknown tensor encoding {self.encoding!r}")
-        if self.encoding != "raw" and self.dtype not in FLOAT_DTYPES:
-            raise ValidationError(f"encoding {self.encoding!r} is for float tensors, not {self.dtype}")
+        allowed = SHM_DTYPES if self.encoding == "shm" else FLOAT_DTYPES
+        if self.encoding != "raw" and self.dtype not in allowed:
+            kind = "float or int64" if self.encoding == "shm" else "float"
+            raise ValidationError(f"encoding {self.encoding!r} is for {kind} tensors, not {self.dtype}")
         if not isinstance(self.shape, tuple) or len(self.shape) > MAX_DIMS:
             raise ValidationError(f"tensor shape must be a tuple of at most {MAX_DIMS} ints")
         for dim in self.shape:

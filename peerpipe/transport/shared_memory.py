@@ -10,7 +10,8 @@ A full ring is no reason to wait: ``alloc`` returns None and the caller sends in
 
 An allocation may be handed out *pending*: a GPU's copy will fill it, and then write the header's
 state byte (``STATE_AT``) as ``WRITTEN``; the reference travels before the copy has run. A
-reader waits (at most ``PENDING_S``) for the state to turn.
+reader waits (at most ``PENDING_S``) for the state to turn. A sender whose step failed marks it
+so (``Ring.mark``), and a reader then fails at once.
 
 Which nodes share memory: ``machine_id()`` names this machine's /dev/shm (boot, device and inode
 of the mount); two nodes with the same id map the same files.
@@ -46,7 +47,7 @@ REF = struct.Struct("<24sQQ")  # segment name, offset of the allocation's header
 REF_BYTES = REF.size
 assert REF_BYTES == SHM_REF_BYTES
 _HEAD = struct.Struct("<QQB")  # sequence, payload bytes, state
-_WRITTEN, _RELEASED, _ABANDONED, _PENDING = 1, 2, 3, 4
+_WRITTEN, _RELEASED, _ABANDONED, _PENDING, _FAILED = 1, 2, 3, 4, 5
 WRITTEN = _WRITTEN
 STATE_AT = _HEAD.size - 1  # the state byte's place in an allocation's header
 # How long a reader waits for a pending allocation: a decode step's copy off a GPU takes
@@ -155,6 +156,12 @@ class Ring:
         self._head = at + need
         return Ref(self.name, at, self._seq), self.view[at + HEADER : at + HEADER + nbytes]
 
+    def mark(self, ref: Ref, *, written: bool = True) -> None:
+        """A pending allocation's bytes are in (``written``), or will never be: a reader waiting
+        for it then fails at once instead of at ``PENDING_S``."""
+        if self.mm[ref.offset + STATE_AT] == _PENDING and _HEAD.unpack_from(self.mm, ref.offset)[0] == ref.seq:
+            self.mm[ref.offset + STATE_AT] = _WRITTEN if written else _FAILED
+
     def _place(self, need: int) -> int | None:
         if need > self.capacity:
             return None
@@ -172,7 +179,7 @@ class Ring:
         while self._live:
             at, _, when = self._live[0]
             state = self.mm[at + STATE_AT]
-            if state != _RELEASED and when > stale:
+            if state not in (_RELEASED, _FAILED) and when > stale:
                 return
             self.mm[at + STATE_AT] = _ABANDONED
             self._live.popleft()
@@ -253,6 +260,8 @@ class Segments:
     @staticmethod
     def _check(mm: mmap.mmap, ref: Ref, nbytes: int) -> None:
         seq, size, state = _HEAD.unpack_from(mm, ref.offset)
+        if seq == ref.seq and state == _FAILED:
+            raise SharedMemoryError(f"{ref.name} at {ref.offset} was given up by its sender: its step failed")
         if seq != ref.seq or size != nbytes or state != _WRITTEN:
             raise SharedMemoryError(
                 f"{ref.name} at {ref.offset} holds allocation {seq} of {size} bytes ({state=}), "

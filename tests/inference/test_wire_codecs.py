@@ -202,3 +202,29 @@ def test_token_ids_made_without_torch_equal_a_tensors_wire_form(ids: list[int]) 
         made, reference = ids_to_wire(ids, shape), to_wire(tensor)
         assert (made.dtype, made.shape, bytes(made.data)) == (reference.dtype, reference.shape, bytes(reference.data))
         assert from_wire(made, torch.device("cpu")).tolist() == tensor.tolist()
+
+
+@pytest.mark.parametrize(
+    ("nodes", "host", "wire", "formats"),
+    [
+        (["a", "b"], "a", "auto", ["local", "local"]),  # the host holds the first stage
+        (["a", "b"], "b", "auto", ["local", "local"]),  # ... or the last
+        (["a", "b", "c"], "h", "auto", ["local", "local", "local"]),  # or none, on the same machine
+        (["a", "b"], "far", "auto", ["local", ""]),  # a host elsewhere gets its tokens on the channel
+        (["a", "far"], "a", "auto", ["", ""]),  # so does a last stage elsewhere
+        (["far", "a"], "a", "auto", ["", ""]),  # and one whose first stage could not read them
+        (["a"], "a", "auto", ["local"]),  # a room of one: its stage feeds itself
+        (["a", "b"], "a", "native", ["", ""]),  # asked for the channel
+        (["a", "b"], "", "auto", ["local", ""]),  # no host named
+    ],
+)
+def test_the_last_stage_sends_tokens_ahead_only_where_host_and_first_stage_share_its_memory(
+    nodes: list[str], host: str, wire: str, formats: list[str]
+) -> None:
+    from peerpipe.cluster.planning import wire_formats
+    from peerpipe.plan import Network
+
+    def shared(x: str, y: str) -> bool:
+        return "far" not in (x, y)
+
+    assert wire_formats(nodes, AUSTEN, Network(), wire, shared=shared, host=host) == formats

@@ -18,7 +18,7 @@ from peerpipe import protocol as p
 def test_every_message_class_has_a_strategy_and_a_unique_tag() -> None:
     assert set(STRATEGIES) == set(p.MESSAGE_TYPES)
     assert len(p.BY_TAG) == len(p.MESSAGE_TYPES)
-    assert p.PROTOCOL_VERSION == 10  # docs/protocol.md says what each version changed
+    assert p.PROTOCOL_VERSION == 11  # docs/protocol.md says what each version changed
 
 
 @pytest.mark.parametrize("cls", p.MESSAGE_TYPES, ids=lambda c: c.TAG)

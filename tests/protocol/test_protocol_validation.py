@@ -110,7 +110,7 @@ def test_bad_limits(kwargs: dict[str, Any]) -> None:
 
 
 PING = {"tag": "pong", "fields": {"nonce": 1}}
-GOOD_TENSOR_FIELDS = {"task_id": "t", "output_tensor": tensor_meta(), "plan_version": 1, "start_pos": 0}
+GOOD_TENSOR_FIELDS = {"task_id": "t", "output_tensor": tensor_meta(), "plan_version": 1, "start_pos": 0, "ahead": None}
 
 
 @pytest.mark.parametrize(

@@ -242,3 +242,87 @@ def test_a_rings_name_fits_its_reference_for_any_pid() -> None:
     name = shared_memory.segment_name(4194304)  # Linux's largest pid_max
     ref = Ref(name, 64, 7)
     assert Ref.unpack(ref.pack()) == ref
+
+
+def test_a_pending_allocation_whose_step_failed_fails_its_reader_at_once(ring: Ring) -> None:
+    got = ring.alloc(8, pending=True)
+    assert got is not None
+    ring.mark(got[0], written=False)
+    with pytest.raises(SharedMemoryError, match="its step failed"):
+        Segments().read(got[0], 8, bytes)
+    assert ring.in_flight == 0  # its space is free again at once
+    ring.mark(got[0])  # a mark for an allocation since given up changes nothing
+    later = put(ring, b"abcdefgh")
+    assert Segments().read(later, 8, bytes) == b"abcdefgh"
+
+
+def test_a_token_ahead_is_two_pending_copies_filled_after_the_forward(ring: Ring) -> None:
+    from peerpipe.inference.tokens_ahead import PendingTokens
+    from peerpipe.inference.wire import ids_to_wire, row_bytes, shared_written
+    from peerpipe.protocol import ComputeRequest
+
+    tokens = PendingTokens.open(ring)
+    assert tokens is not None
+    request = ComputeRequest("t", ids_to_wire([3], (1, 1)), "t", 2, 9)
+    result = tokens.result(request)
+    assert (result.task_id, result.plan_version, result.start_pos) == ("t", 2, 9) and result.ahead is not None
+    mine, theirs = result.output_tensor, result.ahead
+    assert (mine.dtype, mine.shape, mine.encoding) == (theirs.dtype, theirs.shape, theirs.encoding) == ("int64", (1, 1), "shm")
+    assert not shared_written(mine) and not shared_written(theirs)
+    with pytest.raises(ValueError, match="one int64 id"):
+        tokens.fill(ids_to_wire([1, 2]))
+    tokens.fill(ids_to_wire([42]))
+    assert row_bytes(theirs) == row_bytes(mine) == (42).to_bytes(8, "little")
+    assert ring.in_flight == 0
+
+    failed = PendingTokens.open(ring)
+    assert failed is not None
+    failed.give_up()
+    with pytest.raises(SharedMemoryError, match="its step failed"):
+        row_bytes(failed.result(request).output_tensor)
+    while ring.alloc(8) is not None:  # a full ring: the step answers as before
+        pass
+    assert PendingTokens.open(ring) is None
+
+
+def test_the_hosts_copy_of_a_token_ahead_is_read_once_written_or_fails_typed(ring: Ring, monkeypatch) -> None:
+    import asyncio
+
+    from peerpipe.inference import passing
+    from peerpipe.inference.errors import TaskFailedError
+    from peerpipe.inference.tokens_ahead import PendingTokens
+    from peerpipe.inference.wire import ids_to_wire
+    from peerpipe.protocol import ComputeRequest
+
+    monkeypatch.setattr(passing, "AHEAD_ERROR_S", 0.01)
+    request = ComputeRequest("t", ids_to_wire([3], (1, 1)), "t", 2, 9)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        tokens = PendingTokens.open(ring)
+        assert tokens is not None
+        loop.call_later(0.01, tokens.fill, ids_to_wire([7]))  # the stage's forward ends meanwhile
+        assert await passing.read_token(tokens.result(request), loop.create_future()) == [7]
+        # The step failed: the stage's error, which comes soon after, is the answer's.
+        tokens = PendingTokens.open(ring)
+        assert tokens is not None
+        tokens.give_up()
+        failed = loop.create_future()
+        loop.call_later(0.001, failed.set_exception, TaskFailedError("m1 layers [3, 4): RuntimeError: boom"))
+        with pytest.raises(TaskFailedError, match="boom"):
+            await passing.read_token(tokens.result(request), failed)
+        # No error came: typed all the same.
+        tokens = PendingTokens.open(ring)
+        assert tokens is not None
+        tokens.give_up()
+        with pytest.raises(SharedMemoryError, match="its step failed"):
+            await passing.read_token(tokens.result(request), loop.create_future())
+        # A stage lost while the token was pending ends the wait.
+        tokens = PendingTokens.open(ring)
+        assert tokens is not None
+        lost = loop.create_future()
+        loop.call_later(0.001, lost.set_exception, TaskFailedError("stage m1 left the room"))
+        with pytest.raises(TaskFailedError, match="left the room"):
+            await passing.read_token(tokens.result(request), lost)
+
+    asyncio.run(main())
