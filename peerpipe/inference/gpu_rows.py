@@ -23,8 +23,10 @@ import weakref
 
 import torch
 
+from peerpipe.compute import computing
 from peerpipe.inference.wire import WIRE_NAMES, shared_written
 from peerpipe.protocol import TensorData
+from peerpipe.transport.loop import PAUSED_S
 from peerpipe.transport.shared_memory import HEADER, PENDING_S, STATE_AT, WRITTEN, Ring, SharedMemoryError
 
 log = logging.getLogger(__name__)
@@ -42,9 +44,18 @@ async def rows_written(rows: list[TensorData]) -> None:
         now = time.monotonic()
         if now > deadline:
             raise SharedMemoryError(f"{len(pending)} row(s) in shared memory not written within {PENDING_S:.0f} s")
-        if now > spin_until:
-            await asyncio.sleep(0)
+        await pause(now > spin_until)
         pending = [data for data in pending if not shared_written(data)]
+
+
+async def pause(turn: bool) -> None:
+    """Between two looks at shared memory: none (spinning), or the loop's turn; a sleep while
+    another thread of this process computes (it may be the writer, and a spinning thread would
+    keep taking the GIL from it at every operation)."""
+    if computing():
+        await asyncio.sleep(PAUSED_S)
+    elif turn:
+        await asyncio.sleep(0)
 
 
 class RingWriter:

@@ -17,15 +17,11 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import itertools
 import logging
 import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-
-import torch
 
 from peerpipe.engine.decode import Decoding, GenerationResult, OnText, check_prompt
 from peerpipe.engine.errors import CacheError
@@ -33,14 +29,16 @@ from peerpipe.engine.sampling import SamplingParams
 from peerpipe.engine.tokenizer import Tokenizer
 from peerpipe.inference import trace
 from peerpipe.inference.errors import TaskFailedError
-from peerpipe.inference.prefill import prefill_bounds
+from peerpipe.inference.passing import Passed, Token, read_token
+from peerpipe.inference.prefill import prefill_requests
 from peerpipe.inference.rounds import Rounds
 from peerpipe.inference.speculation import AnswerDrafts, Speculator
-from peerpipe.inference.tasks import Task, TaskStatus
-from peerpipe.inference.wire import ids_to_wire, sampling_to_wire, to_wire
+from peerpipe.inference.tasks import RecoveryStats, Task, TaskStatus, Timeouts
+from peerpipe.inference.wire import ids_to_wire, release_shared
 from peerpipe.logs import Report, log_reporter
-from peerpipe.protocol import Cancel, ComputeError, ComputeRequest, ComputeResult, Plan, SessionSpec
+from peerpipe.protocol import Cancel, ComputeError, ComputeRequest, ComputeResult, Plan
 from peerpipe.room import LINK_ERRORS, Send
+from peerpipe.transport.shared_memory import SharedMemoryError
 
 log = logging.getLogger(__name__)
 KEEP_FINISHED = 256
@@ -70,24 +68,8 @@ class _Lost(Exception):
     """The plan under a step went away; the answer resumes on the next one."""
 
 
-@dataclass
-class RecoveryStats:
-    failovers: int = 0  # times a plan under running answers went away
-    replayed_tokens: int = 0  # positions prefilled again to rebuild lost KV caches
-    stall_s: float = 0.0  # summed over answers: last token before a loss to the first after
-    stalls: int = 0  # answers that resumed
-
-
 def _stages(plan: Plan) -> tuple[tuple[str, int, int], ...]:
     return tuple((s.node_id, s.start, s.end) for s in plan.stages)
-
-
-@dataclass(frozen=True)
-class Timeouts:
-    prefill_s: float = 300.0  # the first token of an answer (or of a replay)
-    stall_s: float | None = None  # every later token; past it the stages are checked and the answer
-    # replays (None: derived from the plan's predicted time per token)
-    recover_s: float = 120.0  # how long a paused answer waits for the room to have a plan again
 
 
 class Pipeline:
@@ -122,7 +104,8 @@ class Pipeline:
         self.running = 0  # answers past the wait for a session
         # Each task's step in flight: its token's future, and the (plan version, position) it was
         # sent with, so a late answer to a step given up on (after a failover) is not taken.
-        self._waiting: dict[str, tuple[asyncio.Future[list[int]], int, int]] = {}
+        self._waiting: dict[str, tuple[asyncio.Future[Token], int, int]] = {}
+        self._passed = Passed(send)  # next steps sent before their input token was computed
         self._changed = asyncio.Event()  # a plan came, went, or cannot be made
         self._closed = ""  # final: this pipeline takes no more work
         self._unplannable = ""  # why the room cannot hold the model now
@@ -195,6 +178,7 @@ class Pipeline:
         for waiter, _, _ in self._waiting.values():
             if not waiter.done():
                 waiter.set_exception(error)
+        self._passed.fail(error)
 
     async def _wait_plan(self, task: Task, timeout_s: float) -> Plan:
         """The current plan, once there is one; ``TaskFailedError`` for what will not mend."""
@@ -218,18 +202,22 @@ class Pipeline:
 
     def deliver(self, peer: str, message: ComputeResult | ComputeError) -> None:
         step = self._waiting.get(message.task_id)
-        if step is None or step[1:] != (message.plan_version, message.start_pos):
+        # (else a step passed on ahead, answered before the answer's turn came)
+        waiter = step[0] if step and step[1:] == (message.plan_version, message.start_pos) else self._passed.waiter(message)
+        if waiter is None:
             return  # no step waits, or this answers one given up on
-        trace.mark("token", message.task_id, message.start_pos)
+        ahead = isinstance(message, ComputeResult) and message.ahead is not None
+        trace.mark("ahead" if ahead else "token", message.task_id, message.start_pos)  # (ahead: read later)
         if self.rounds is not None:
             self.rounds.landed(message.task_id)
-        waiter = step[0]
         if waiter.done():
             return
         if isinstance(message, ComputeError):
             waiter.set_exception(TaskFailedError(message.error))
         elif peer != (self.stage_nodes or [peer])[-1]:
             waiter.set_exception(TaskFailedError(f"a token came from {peer[:8]}, not from the last stage"))
+        elif ahead:
+            waiter.set_result(message)  # sent before it was computed: passed on, then read (_read_ahead)
         else:
             waiter.set_result([int(t) for t in message.output_tensor.to_numpy().reshape(-1)])
 
@@ -312,8 +300,10 @@ class Pipeline:
                     raise _Cancelled
                 sent: list[int] = []
                 began = time.perf_counter()
+                waiter = None
                 if plan is None or _stages(plan) != on:
                     # A new answer, or one whose stages changed: (re)build its KV caches.
+                    self._passed.forget(task.task_id)
                     plan = await self._wait_plan(task, self.timeouts.recover_s)
                     *chunks, request = self._prefill(task, decoding, plan)
                     timeout = self.timeouts.prefill_s
@@ -321,16 +311,20 @@ class Pipeline:
                     touched.update(node for node, _, _ in on)
                 else:
                     chunks = []
-                    sent = await drafts.propose(decoding) if drafts is not None else []
-                    ids = [held[-1] if held else decoding.tokens[-1], *sent]
-                    request = ComputeRequest(
-                        task.task_id, ids_to_wire(ids, (1, len(ids))), task.task_id, plan.version, decoding.next_position + len(held),
-                        drafts=tuple(sent),
-                    )
                     timeout = self.timeouts.stall_s or max(MIN_STALL_S, STALL_STEPS * plan.predicted_ms / 1e3)
+                    at = decoding.next_position + len(held)
+                    if (passed := self._passed.take(task.task_id, plan.version, at)) is not None:
+                        request, waiter = passed  # on its way already (tokens ahead)
+                    else:
+                        sent = await drafts.propose(decoding) if drafts is not None else []
+                        ids = [held[-1] if held else decoding.tokens[-1], *sent]
+                        request = ComputeRequest(
+                            task.task_id, ids_to_wire(ids, (1, len(ids))), task.task_id, plan.version, at, drafts=tuple(sent)
+                        )
                 try:
                     meanwhile = functools.partial(_push, decoding, held) if held else None
-                    tokens = await self._step(task, plan, request, timeout, chunks, meanwhile)
+                    ahead = decoding if drafts is None else None
+                    tokens = await self._step(task, plan, request, timeout, chunks, meanwhile, ahead, waiter)
                 except _Lost as exc:
                     recoveries += 1
                     if recoveries > MAX_RECOVERIES:
@@ -371,53 +365,44 @@ class Pipeline:
             task.finished = time.monotonic()
             if self.rounds is not None:
                 self.rounds.forget(task.task_id)
+            self._passed.forget(task.task_id)
             if task.active:  # the caller's coroutine was cancelled: never leave a task "running"
                 task.status = TaskStatus.CANCELLED
             await self._free(task.task_id, touched)
         return decoding.result()
 
     def _prefill(self, task: Task, decoding: Decoding, plan: Plan) -> list[ComputeRequest]:
-        """The first step on a plan: the prompt and every token emitted so far. On a plan of
-        several stages a long prompt goes as chunks sent back to back, every one but the last
-        ``partial``: stage 1 runs the second chunk while stage 2 runs the first, and the hops'
-        transfers overlap the work (docs/inference.md, "Pipelined prefill")."""
-        history = decoding.history
         if decoding.tokens:
-            self.recovery.replayed_tokens += len(history)
-        params = decoding.params
-        penalty = to_wire(torch.tensor(history, dtype=torch.long)) if params.repetition_penalty != 1.0 else None
-        spec = SessionSpec(sampling_to_wire(params), penalty)
-        bounds = prefill_bounds(len(history), plan, self.prefill_chunk)
-        return [
-            ComputeRequest(
-                task.task_id, to_wire(torch.tensor([history[a:b]], dtype=torch.long)), task.task_id, plan.version, a,
-                spec if a == 0 else None, partial=b < len(history),
-            )
-            for a, b in itertools.pairwise(bounds)
-        ]
+            self.recovery.replayed_tokens += len(decoding.history)
+        return prefill_requests(task.task_id, decoding.history, decoding.params, plan, self.prefill_chunk)
 
     async def _step(
         self, task: Task, plan: Plan, request: ComputeRequest, timeout_s: float, chunks: list[ComputeRequest],
-        meanwhile: Callable[[], bool] | None = None,
+        meanwhile: Callable[[], bool] | None = None, ahead: Decoding | None = None,
+        waiter: asyncio.Future[Token] | None = None,
     ) -> list[int]:
         """Send one step (after the ``partial`` chunks of its prompt, which answer nothing) to the
         first stage and wait for the last stage's tokens (one, or the drafts it kept and one more).
-        ``meanwhile`` runs once the step is sent; if it says the answer is over, no token is awaited."""
+        ``meanwhile`` runs once the step is sent; if it says the answer is over, no token is awaited.
+        ``ahead``: the answer, if its next step may go before this token is computed (``waiter``)."""
+        sending = waiter is None  # (else it went ahead, armed then)
         # Armed before sending: an answer (or an error) may arrive while the send still waits.
-        waiter: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        waiter = waiter or asyncio.get_running_loop().create_future()
         self._waiting[task.task_id] = (waiter, request.plan_version, request.start_pos)
         # A decode step on stages that share one device waits for the other answers' (rounds.py).
-        rounds = self.rounds if request.start_pos > 0 and not chunks and (plan.lanes or len(plan.stages)) == 1 else None
+        lockstep = sending and request.start_pos > 0 and not chunks and (plan.lanes or len(plan.stages)) == 1
+        rounds = self.rounds if lockstep else None
         try:
             if rounds is not None:  # (its own bounded wait: not the step's time)
                 await rounds.join(task.task_id)
                 rounds.sent(task.task_id)
             async with asyncio.timeout(timeout_s):
                 try:
-                    trace.mark("send", request.task_id, request.start_pos)
-                    for message in (*chunks, request):
-                        await self.send(plan.stages[0].node_id, message)
-                    trace.mark("sent", request.task_id, request.start_pos)
+                    if sending:
+                        trace.mark("send", request.task_id, request.start_pos)
+                        for message in (*chunks, request):
+                            await self.send(plan.stages[0].node_id, message)
+                        trace.mark("sent", request.task_id, request.start_pos)
                 except LINK_ERRORS as exc:  # the first stage is gone: its PeerLeft follows
                     raise _Lost(f"cannot reach the first stage: {exc}") from None
                 if meanwhile is not None:
@@ -426,7 +411,8 @@ class Pipeline:
                     await asyncio.sleep(0)
                     if not meanwhile():
                         return []
-                return await waiter
+                got = await waiter
+                return got if isinstance(got, list) else await self._read_ahead(task, plan, ahead, got)
         except TimeoutError:
             stages = [s.node_id for s in plan.stages]
             if self.on_stall is not None:
@@ -436,6 +422,20 @@ class Pipeline:
             self._waiting.pop(task.task_id, None)
             if rounds is not None:
                 rounds.landed(task.task_id)
+
+    async def _read_ahead(self, task: Task, plan: Plan, decoding: Decoding | None, result: ComputeResult) -> list[int]:
+        """A token sent ahead of its computation (inference/passing.py): the next step goes on first
+        where nothing can say the answer ends yet (a lone answer, same plan, budget left)."""
+        goes = decoding is not None and decoding.finish_reason is None and len(decoding.tokens) + 1 < decoding.budget
+        goes = goes and task.status is not TaskStatus.CANCELLED and self.plan is plan and self.running <= 1
+        if not (goes and await self._passed.send_next(plan.stages[0].node_id, plan.version, result)) and result.ahead:
+            release_shared(result.ahead)  # (one still pending is left to the sender's ring)
+        failed: asyncio.Future[Token] = asyncio.get_running_loop().create_future()
+        self._waiting[task.task_id] = (failed, result.plan_version, result.start_pos)
+        try:
+            return await read_token(result, failed)
+        except SharedMemoryError as exc:
+            raise _Lost(f"the last stage's token is lost: {exc}") from None
 
     async def _free(self, task_id: str, nodes: set[str]) -> None:
         """Tell every stage to drop the session (best effort: a stage that left has nothing to free)."""

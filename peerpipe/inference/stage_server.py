@@ -22,9 +22,9 @@ from peerpipe.engine.cuda_graphs import GraphedDecoder
 from peerpipe.engine.kvcache import KVCache
 from peerpipe.engine.model import Stage
 from peerpipe.engine.sampling import Sampler
-from peerpipe.inference import trace
+from peerpipe.inference import tokens_ahead, trace
 from peerpipe.inference.gpu_rows import GpuSteps, GpuTiming, RingWriter, rows_written
-from peerpipe.inference.stage_sessions import RequestError, Session, StageStats, draw
+from peerpipe.inference.stage_sessions import RequestError, Session, StageStats, draw, prompt_groups, sample
 from peerpipe.inference.step_clock import StepClock
 from peerpipe.inference.wire import (
     WIRE_NAMES,
@@ -54,7 +54,6 @@ _FORGET_AFTER = 4096
 _CPU = torch.device("cpu")
 GATHER_S = 0.001  # how long a stage waits for the rest of a decode batch
 BATCH_BYTES = 1 << 20  # a batch's outputs up to this size go to the next node in one compute-batch
-PROMPT_BATCH_TOKENS = 4096  # prompts of one length share a forward up to this many tokens in all
 
 
 def _nbytes(step: ComputeRequest | ComputeResult) -> int:
@@ -102,6 +101,7 @@ class StageServer:
         self._gpu_steps = GpuSteps() if self._graphed is not None else None
         self._early_rows = os.environ.get("PEERPIPE_EARLY_ROWS", "1") != "0"
         self._timed_on_gpu = False  # whether the last forward's time is the GPU's, read later
+        self._ahead: TensorData | None = None  # the last GPU forward's token ahead, for the first stage (tokens_ahead.py)
         # A CPU stage on one core runs short decode steps on the event loop's thread, which would
         # only wait meanwhile: two thread hops fewer, 0.2-0.3 ms a step on the 2-core VM.
         # (Tried on every CPU node: 0.51-0.68x one node on 3 unpinned stages, against 0.79x: the
@@ -188,7 +188,7 @@ class StageServer:
                     decode.append(item)
                 else:
                     held.append(item)  # the next micro-batch
-            for group in self._prompt_groups(prompts):
+            for group in prompt_groups(prompts, self._new_positions, self.max_batch):
                 await self._run(group)
             for group in verify.values():  # steps of as many positions share one forward
                 for at in range(0, len(group), self.max_batch):
@@ -213,24 +213,6 @@ class StageServer:
                 return
             items.append(item)
             steps += isinstance(item, ComputeRequest) and self._new_positions(item) == 1
-
-    def _prompt_groups(self, prompts: list[ComputeRequest]) -> list[list[ComputeRequest]]:
-        """Whole prompts of one length share a forward (answers started together often have
-        them), up to ``PROMPT_BATCH_TOKENS``; chunks, and a task's second request, run alone, in order."""
-        tasks = collections.Counter(p.task_id for p in prompts)
-        groups: list[list[ComputeRequest]] = []
-        open_groups: dict[int, list[ComputeRequest]] = {}
-        for prompt in prompts:
-            n = self._new_positions(prompt)
-            if prompt.partial or tasks[prompt.task_id] > 1:
-                groups.append([prompt])
-                continue
-            group = open_groups.get(n)
-            if group is None or (len(group) + 1) * n > PROMPT_BATCH_TOKENS or len(group) >= self.max_batch:
-                group = open_groups[n] = []
-                groups.append(group)
-            group.append(prompt)
-        return groups
 
     def micro_batch(self) -> int:
         """How many decode steps one forward takes. With S stages on S GPUs (the plan's lanes), a
@@ -275,6 +257,9 @@ class StageServer:
         decode = self._new_positions(ready[0]) == 1
         for request in ready:
             trace.mark("start", request.task_id, request.start_pos, self.label)
+        pending = self._pending_tokens(ready) if decode and self._graphed is None else None
+        if pending is not None:  # the host passes it on while this stage computes (tokens_ahead.py)
+            await self._send_steps(self.host_id, [pending.result(ready[0])])
         try:
             if self._graphed is not None and (decode or ready[0].drafts):
                 # A graph replay is launched in microseconds and the copy out waits for the GPU,
@@ -292,6 +277,8 @@ class StageServer:
                     outputs = await run_compute(self._forward, ready)
         except Exception as exc:  # the model failed: every session in the batch fails, typed, with why
             log.warning("%s: forward failed: %r", self.label, exc)
+            if pending is not None:
+                pending.give_up()
             for request in ready:
                 release_shared(request.input_tensor)
                 self._cancel(request.task_id)
@@ -303,8 +290,11 @@ class StageServer:
         for request in ready:
             trace.mark("end", request.task_id, request.start_pos, self.label)
         sent = [(r, o) for r, o in zip(ready, outputs, strict=True) if o is not None]  # None: a prompt goes on
-        if self.next_hop is None:
-            results = [ComputeResult(r.task_id, out, r.plan_version, r.start_pos) for r, out in sent]
+        ahead, self._ahead = self._ahead, None
+        if pending is not None:
+            pending.fill(outputs[0])
+        elif self.next_hop is None:
+            results = [ComputeResult(r.task_id, out, r.plan_version, r.start_pos, ahead=ahead) for r, out in sent]
             await self._send_steps(self.host_id, results)
         else:
             requests = [
@@ -381,7 +371,8 @@ class StageServer:
         with torch.inference_mode():  # (not held across the wait: other coroutines run meanwhile)
             step = self._graphed.prepare(self._like, slots, starts, kv_len)
         await rows_written([r.input_tensor for r in requests])
-        early = self.next_hop is not None and len(requests) == 1 and self._shared_ring() is not None
+        early = len(requests) == 1 and self._shared_ring() is not None
+        early = early and (self.next_hop is not None or tokens_ahead.wanted(requests[0], sessions[0], gpu=True))
         timing = self._gpu_steps.begin() if early and self._writer is not None and self._gpu_steps else None
         with torch.inference_mode():
             out = self._graphed.launch(step, [row_bytes(r.input_tensor) for r in requests])
@@ -402,7 +393,7 @@ class StageServer:
             clock.launched()
         if timing is not None:  # one answer's row, sent before the GPU has run it (gpu_rows.py)
             assert self._writer is not None and self._gpu_steps is not None
-            sent = self._writer.send(out)
+            sent = self._writer.send(out) if self.next_hop is not None else self._gpu_tokens(out, sessions)
             self._gpu_steps.end(timing)
             if sent is not None:
                 return [sent]
@@ -421,6 +412,25 @@ class StageServer:
         if clock is not None:
             clock.ready()
         return [ids_to_wire([token]) for token in ids]
+
+    def _pending_tokens(self, requests: list[ComputeRequest]) -> tokens_ahead.PendingTokens | None:
+        """A CPU last stage's token ahead, where the plan and ``PEERPIPE_TOKENS_AHEAD`` let it."""
+        if self.next_hop is not None or self.wire != "local" or len(requests) != 1:
+            return None
+        if not tokens_ahead.wanted(requests[0], self.sessions.get(requests[0].task_id), gpu=False):
+            return None
+        ring = self._shared_ring()
+        return None if ring is None else tokens_ahead.PendingTokens.open(ring)
+
+    def _gpu_tokens(self, logits: torch.Tensor, sessions: list[Session]) -> TensorData | None:
+        """The host's copy of a token ahead (the first stage's waits in ``_ahead``), or None."""
+        assert self._writer is not None
+        positions = [int(self.cache.lengths[s.slot]) for s in sessions]
+        pair = tokens_ahead.gpu_tokens(self._writer, sample(self._sampler, logits[:, -1], sessions, positions))
+        if pair is None:
+            return None
+        self._ahead = pair[1]
+        return pair[0]
 
     def _lean(self, data: TensorData) -> bool:
         """Whether a request's input is one decode position (inline or shared) in the stage's dtype."""

@@ -1,9 +1,12 @@
 """What a stage keeps for each answer it serves: its KV-cache slot and, on the last stage, how
 its tokens are drawn (sampling parameters, random generator, the tokens a repetition penalty
-looks back on); the typed refusal of a request a stage cannot run; and the stage's step counts."""
+looks back on); the typed refusal of a request a stage cannot run; the stage's step counts;
+and which prompts share a forward."""
 
 from __future__ import annotations
 
+import collections
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -15,6 +18,7 @@ from peerpipe.inference.wire import ids_to_wire, sampling_from_wire
 from peerpipe.protocol import ComputeRequest, SessionSpec, TensorData
 
 INLINE_AFTER, INLINE_MAX_S = 4, 0.05  # decode steps measured before one runs inline, and their longest mean
+PROMPT_BATCH_TOKENS = 4096  # prompts of one length share a forward up to this many tokens in all
 
 
 @dataclass
@@ -67,11 +71,16 @@ class Session:
         return ids_to_wire(kept)
 
 
+def sample(sampler: Sampler, logits: torch.Tensor, sessions: list[Session], positions: list[int]) -> torch.Tensor:
+    """The sessions' next tokens, on the logits' device (nothing waits for them)."""
+    params = [s.params or SamplingParams(temperature=0.0) for s in sessions]
+    return sampler.sample(logits, params, [s.generator for s in sessions], [s.history for s in sessions], positions)
+
+
 def draw(sampler: Sampler, logits: torch.Tensor, sessions: list[Session], positions: list[int]) -> list[int]:
     """The last stage's next token for each session, from its logits ``[B, vocab]``; ``positions``:
     where each new token goes. On a GPU the ids come back through pinned memory, polled for."""
-    params = [s.params or SamplingParams(temperature=0.0) for s in sessions]
-    tokens = sampler.sample(logits, params, [s.generator for s in sessions], [s.history for s in sessions], positions)
+    tokens = sample(sampler, logits, sessions, positions)
     if tokens.is_cuda:
         tokens = tokens.to("cpu", non_blocking=True)  # into pinned memory: the wait is ours
         gpu_wait.wait(logits.device)
@@ -80,3 +89,25 @@ def draw(sampler: Sampler, logits: torch.Tensor, sessions: list[Session], positi
         if session.params is not None and session.params.repetition_penalty != 1.0:
             session.history.append(int(token))
     return ids
+
+
+def prompt_groups(
+    prompts: list[ComputeRequest], new_positions: Callable[[ComputeRequest], int], max_batch: int
+) -> list[list[ComputeRequest]]:
+    """Whole prompts of one length share a forward (answers started together often have them),
+    up to ``PROMPT_BATCH_TOKENS`` and ``max_batch``; chunks, and a task's second request, run
+    alone, in order."""
+    tasks = collections.Counter(p.task_id for p in prompts)
+    groups: list[list[ComputeRequest]] = []
+    open_groups: dict[int, list[ComputeRequest]] = {}
+    for prompt in prompts:
+        n = new_positions(prompt)
+        if prompt.partial or tasks[prompt.task_id] > 1:
+            groups.append([prompt])
+            continue
+        group = open_groups.get(n)
+        if group is None or (len(group) + 1) * n > PROMPT_BATCH_TOKENS or len(group) >= max_batch:
+            group = open_groups[n] = []
+            groups.append(group)
+        group.append(prompt)
+    return groups

@@ -1,4 +1,5 @@
-"""A request's life on the host: status, tokens so far, timings."""
+"""A request's life on the host: status, tokens so far, timings; how long its steps may take, and
+what recovering answers cost."""
 
 from __future__ import annotations
 
@@ -42,3 +43,19 @@ class Task:
             return 0.0
         end = self.finished or time.monotonic()
         return (len(self.tokens) - 1) / max(end - self.first_token, 1e-9)
+
+
+@dataclass
+class RecoveryStats:
+    failovers: int = 0  # times a plan under running answers went away
+    replayed_tokens: int = 0  # positions prefilled again to rebuild lost KV caches
+    stall_s: float = 0.0  # summed over answers: last token before a loss to the first after
+    stalls: int = 0  # answers that resumed
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    prefill_s: float = 300.0  # the first token of an answer (or of a replay)
+    stall_s: float | None = None  # every later token; past it the stages are checked and the answer
+    # replays (None: derived from the plan's predicted time per token)
+    recover_s: float = 120.0  # how long a paused answer waits for the room to have a plan again

@@ -3,11 +3,13 @@ answers, then decode rounds of some of them at once."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from peerpipe.engine.loader import load_stage
+from peerpipe.inference.gpu_rows import rows_written
 from peerpipe.inference.stage_server import StageServer
-from peerpipe.inference.wire import to_wire
+from peerpipe.inference.wire import release_shared, row_bytes, to_wire
 from peerpipe.protocol import ComputeBatch, ComputeRequest, ComputeResult, Message
 
 
@@ -63,7 +65,21 @@ async def steps(first: StageServer, last: StageServer, sent: list[tuple[str, Mes
             await last._run(hidden)  # type: ignore[arg-type]
             for result in steps_in(sent):
                 assert isinstance(result, ComputeResult)
-                token = int(result.output_tensor.to_numpy().reshape(-1)[0])
+                token = await token_of(result)
                 tokens[result.task_id].append(token)
                 outputs.append(token)
     return outputs
+
+
+AHEAD: list[int] = []  # positions of the results that came ahead of their computation
+
+
+async def token_of(result: ComputeResult) -> int:
+    """A result's token: inline, or sent ahead through shared memory (inference/tokens_ahead.py),
+    read once written; its copy for the first stage is given back."""
+    if result.ahead is None:
+        return int(result.output_tensor.to_numpy().reshape(-1)[0])
+    AHEAD.append(result.start_pos)
+    await rows_written([result.output_tensor, result.ahead])
+    release_shared(result.ahead)
+    return int(np.frombuffer(row_bytes(result.output_tensor), dtype="<i8")[0])

@@ -46,7 +46,7 @@ def test_three_stages_of_one_machine_use_shared_memory_and_answer_as_one_node(mo
         async with await room_of(model, device, 3) as stack:
             room = stack.room  # type: ignore[attr-defined]
             plan = await room.plan(60)
-            assert [s.wire for s in plan.stages] == ["local", "local", ""]
+            assert [s.wire for s in plan.stages] == ["local", "local", "local"]
             infos = {m.info.node_id: m.info for m in room.view().members}
             assert len({i.machine for i in infos.values()}) == 1 and all(i.shm_gbps > 0 for i in infos.values())
             answers = await asyncio.gather(
@@ -77,3 +77,33 @@ def test_native_keeps_the_socket_and_nodes_on_other_addresses_do_not_share(model
     # Two network namespaces of one machine share /dev/shm, but were set up to cross a network.
     assert not shares_memory(a, device.node_info("b" * 16, "b", "10.0.0.2:2000"))
     assert not shares_memory(a, dataclasses.replace(device, shm_gbps=0.0).node_info("b" * 16, "b", "127.0.0.1:2"))
+
+
+def test_tokens_ahead_pass_the_next_step_on_and_answers_stay_the_local_engines(model, device, monkeypatch) -> None:
+    """With tokens sent ahead (PEERPIPE_TOKENS_AHEAD=1 lets CPU stages do it), the host passes
+    each next step on before the last stage has computed its input: the answers are the local
+    engine's, and one that ends on a stop token or its budget ends exactly there."""
+    monkeypatch.setenv("PEERPIPE_TOKENS_AHEAD", "1")
+    engine, _ = LocalEngine.from_dir(model, device="cpu", dtype="float32", max_seq=128)
+    whole = engine.generate(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)).text
+    # A stop string: the step passed on after the token that completes it is dropped.
+    stop = next(whole[i : i + 3] for i in range(len(whole) // 2, len(whole)) if whole[i : i + 3].strip())
+    cases = [(PROMPTS[0], {"max_tokens": 12}), (PROMPTS[1], {"max_tokens": 3}), (PROMPTS[0], {"max_tokens": 12, "stop": [stop]})]
+
+    async def main() -> None:
+        async with await room_of(model, device, 2) as stack:
+            room = stack.room  # type: ignore[attr-defined]
+            plan = await room.plan(60)
+            assert [s.wire for s in plan.stages] == ["local", "local"]
+            passed = room._entry().pipeline._passed
+            for prompt, params in cases:
+                before = passed.sent
+                answer = await room.generate(prompt, temperature=0.0, ignore_eos=True, **params)
+                want = engine.generate(prompt, SamplingParams(temperature=0.0, ignore_eos=True, **params))
+                assert (answer.tokens, answer.text, answer.finish_reason) == (want.tokens, want.text, want.finish_reason)
+                # Every decode step but the first went ahead; the budget sent none past the last
+                # token, a stop string (unknown when its token's result came) one, dropped.
+                stopped = want.finish_reason == "stop"
+                assert passed.sent - before == len(want.tokens) - 2 + stopped
+
+    asyncio.run(asyncio.wait_for(main(), 120))

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from peerpipe.inference.stage_server import StageServer
+from tests.inference import stage_steps
 from tests.inference.stage_steps import servers, steps
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -50,6 +51,8 @@ def test_hidden_states_through_shared_memory_take_the_lean_path_too(tiny_model_d
 def test_one_answers_rows_leave_before_the_gpu_has_run_them(tiny_model_dir, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tiny_model_dir("llama")
     counts = [1, 1, 3, 1, 1]
+    monkeypatch.setenv("PEERPIPE_TOKENS_AHEAD", "auto")  # (from GPU stages)
+    stage_steps.AHEAD.clear()
     first, last, sent = servers(path, lean=True, wire="local")
     early = asyncio.run(steps(first, last, sent, counts))
     assert first._writer is not None  # the ring's pages took CUDA's registration
@@ -57,8 +60,13 @@ def test_one_answers_rows_leave_before_the_gpu_has_run_them(tiny_model_dir, monk
     # Each one-answer step was timed by the GPU (the last, perhaps, not collected yet) and the
     # batch of three on the host's clock.
     assert len(counts) - 1 <= first.stats.steps <= len(counts)
+    # The last stage (wire "local": host and first stage share its memory) sent each lone
+    # answer's token ahead of its computation, and no batch's.
+    assert len(stage_steps.AHEAD) == len(counts) - 1
     monkeypatch.setenv("PEERPIPE_EARLY_ROWS", "0")
+    monkeypatch.setenv("PEERPIPE_TOKENS_AHEAD", "0")
+    stage_steps.AHEAD.clear()
     first_waited, last_waited, sent_waited = servers(path, lean=True, wire="local")
     waited = asyncio.run(steps(first_waited, last_waited, sent_waited, counts))
-    assert first_waited._writer is None
+    assert first_waited._writer is None and not stage_steps.AHEAD
     assert early == waited and len(early) == 3 + sum(counts)
