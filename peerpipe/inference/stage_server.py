@@ -426,11 +426,9 @@ class StageServer:
         """The host's copy of a token ahead (the first stage's waits in ``_ahead``), or None."""
         assert self._writer is not None
         positions = [int(self.cache.lengths[s.slot]) for s in sessions]
-        pair = tokens_ahead.gpu_tokens(self._writer, sample(self._sampler, logits[:, -1], sessions, positions))
-        if pair is None:
-            return None
-        self._ahead = pair[1]
-        return pair[0]
+        tokens = sample(self._sampler, logits[:, -1], sessions, positions)
+        mine, self._ahead = tokens_ahead.gpu_tokens(self._writer, tokens) or (None, None)
+        return mine
 
     def _lean(self, data: TensorData) -> bool:
         """Whether a request's input is one decode position (inline or shared) in the stage's dtype."""
