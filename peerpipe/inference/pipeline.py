@@ -29,7 +29,7 @@ from peerpipe.engine.sampling import SamplingParams
 from peerpipe.engine.tokenizer import Tokenizer
 from peerpipe.inference import trace
 from peerpipe.inference.errors import TaskFailedError
-from peerpipe.inference.passing import Passed, Token, read_token
+from peerpipe.inference.passing import Ahead, Pending, Token
 from peerpipe.inference.prefill import prefill_requests
 from peerpipe.inference.rounds import Rounds
 from peerpipe.inference.speculation import AnswerDrafts, Speculator
@@ -105,7 +105,7 @@ class Pipeline:
         # Each task's step in flight: its token's future, and the (plan version, position) it was
         # sent with, so a late answer to a step given up on (after a failover) is not taken.
         self._waiting: dict[str, tuple[asyncio.Future[Token], int, int]] = {}
-        self._passed = Passed(send)  # next steps sent before their input token was computed
+        self._ahead = Ahead(send)  # next steps sent before their input token was computed, tokens read later
         self._changed = asyncio.Event()  # a plan came, went, or cannot be made
         self._closed = ""  # final: this pipeline takes no more work
         self._unplannable = ""  # why the room cannot hold the model now
@@ -178,7 +178,7 @@ class Pipeline:
         for waiter, _, _ in self._waiting.values():
             if not waiter.done():
                 waiter.set_exception(error)
-        self._passed.fail(error)
+        self._ahead.fail(error)
 
     async def _wait_plan(self, task: Task, timeout_s: float) -> Plan:
         """The current plan, once there is one; ``TaskFailedError`` for what will not mend."""
@@ -202,22 +202,20 @@ class Pipeline:
 
     def deliver(self, peer: str, message: ComputeResult | ComputeError) -> None:
         step = self._waiting.get(message.task_id)
-        # (else a step passed on ahead, answered before the answer's turn came)
-        waiter = step[0] if step and step[1:] == (message.plan_version, message.start_pos) else self._passed.waiter(message)
+        live = step is not None and step[1:] == (message.plan_version, message.start_pos) and not step[0].done()
+        waiter = step[0] if step is not None and live else self._ahead.waiter(message)  # (tokens ahead)
         if waiter is None:
             return  # no step waits, or this answers one given up on
         ahead = isinstance(message, ComputeResult) and message.ahead is not None
         trace.mark("ahead" if ahead else "token", message.task_id, message.start_pos)  # (ahead: read later)
-        if self.rounds is not None:
+        if self.rounds is not None and not ahead:  # (an ahead token lands once read, as _step ends)
             self.rounds.landed(message.task_id)
-        if waiter.done():
-            return
         if isinstance(message, ComputeError):
             waiter.set_exception(TaskFailedError(message.error))
         elif peer != (self.stage_nodes or [peer])[-1]:
             waiter.set_exception(TaskFailedError(f"a token came from {peer[:8]}, not from the last stage"))
         elif ahead:
-            waiter.set_result(message)  # sent before it was computed: passed on, then read (_read_ahead)
+            waiter.set_result(self._ahead.pending(message))  # passed on, then read (_read_ahead)
         else:
             waiter.set_result([int(t) for t in message.output_tensor.to_numpy().reshape(-1)])
 
@@ -303,7 +301,7 @@ class Pipeline:
                 waiter = None
                 if plan is None or _stages(plan) != on:
                     # A new answer, or one whose stages changed: (re)build its KV caches.
-                    self._passed.forget(task.task_id)
+                    self._ahead.forget(task.task_id)
                     plan = await self._wait_plan(task, self.timeouts.recover_s)
                     *chunks, request = self._prefill(task, decoding, plan)
                     timeout = self.timeouts.prefill_s
@@ -313,7 +311,7 @@ class Pipeline:
                     chunks = []
                     timeout = self.timeouts.stall_s or max(MIN_STALL_S, STALL_STEPS * plan.predicted_ms / 1e3)
                     at = decoding.next_position + len(held)
-                    if (passed := self._passed.take(task.task_id, plan.version, at)) is not None:
+                    if (passed := self._ahead.take(task.task_id, plan.version, at)) is not None:
                         request, waiter = passed  # on its way already (tokens ahead)
                     else:
                         sent = await drafts.propose(decoding) if drafts is not None else []
@@ -365,7 +363,7 @@ class Pipeline:
             task.finished = time.monotonic()
             if self.rounds is not None:
                 self.rounds.forget(task.task_id)
-            self._passed.forget(task.task_id)
+            self._ahead.forget(task.task_id)
             if task.active:  # the caller's coroutine was cancelled: never leave a task "running"
                 task.status = TaskStatus.CANCELLED
             await self._free(task.task_id, touched)
@@ -423,17 +421,16 @@ class Pipeline:
             if rounds is not None:
                 rounds.landed(task.task_id)
 
-    async def _read_ahead(self, task: Task, plan: Plan, decoding: Decoding | None, result: ComputeResult) -> list[int]:
+    async def _read_ahead(self, task: Task, plan: Plan, decoding: Decoding | None, got: Pending) -> list[int]:
         """A token sent ahead of its computation (inference/passing.py): the next step goes on first
         where nothing can say the answer ends yet (a lone answer, same plan, budget left)."""
+        result = got.result
         goes = decoding is not None and decoding.finish_reason is None and len(decoding.tokens) + 1 < decoding.budget
         goes = goes and task.status is not TaskStatus.CANCELLED and self.plan is plan and self.running <= 1
-        if not (goes and await self._passed.send_next(plan.stages[0].node_id, plan.version, result)) and result.ahead:
+        if not (goes and await self._ahead.send_next(plan.stages[0].node_id, plan.version, result)) and result.ahead:
             release_shared(result.ahead)  # (one still pending is left to the sender's ring)
-        failed: asyncio.Future[Token] = asyncio.get_running_loop().create_future()
-        self._waiting[task.task_id] = (failed, result.plan_version, result.start_pos)
         try:
-            return await read_token(result, failed)
+            return await self._ahead.read(got)
         except SharedMemoryError as exc:
             raise _Lost(f"the last stage's token is lost: {exc}") from None
 

@@ -150,7 +150,10 @@ class StageServer:
                 self._ring.close()
 
     def _shared_ring(self) -> Ring | None:
-        if self.wire == "local" and self._ring is None:
+        """This stage's ring while its plan says "local" (a stage kept across plans may lose it)."""
+        if self.wire != "local":
+            return None
+        if self._ring is None:
             try:
                 self._ring = Ring()
             except OSError as exc:  # no shared memory after all: the hidden states go inline
@@ -275,10 +278,12 @@ class StageServer:
                     outputs = self._forward(ready)
                 else:
                     outputs = await run_compute(self._forward, ready)
-        except Exception as exc:  # the model failed: every session in the batch fails, typed, with why
-            log.warning("%s: forward failed: %r", self.label, exc)
+        except BaseException as exc:  # the model failed: every session in the batch fails, typed, with why
             if pending is not None:
-                pending.give_up()
+                pending.give_up()  # (the stage stopping, too: nobody may wait for its token)
+            if not isinstance(exc, Exception):
+                raise
+            log.warning("%s: forward failed: %r", self.label, exc)
             for request in ready:
                 release_shared(request.input_tensor)
                 self._cancel(request.task_id)
@@ -371,8 +376,8 @@ class StageServer:
         with torch.inference_mode():  # (not held across the wait: other coroutines run meanwhile)
             step = self._graphed.prepare(self._like, slots, starts, kv_len)
         await rows_written([r.input_tensor for r in requests])
-        early = len(requests) == 1 and self._shared_ring() is not None
-        early = early and (self.next_hop is not None or tokens_ahead.wanted(requests[0], sessions[0], gpu=True))
+        early = len(requests) == 1 and (self.next_hop is not None or tokens_ahead.wanted(requests[0], sessions[0], gpu=True))
+        early = early and self._shared_ring() is not None
         timing = self._gpu_steps.begin() if early and self._writer is not None and self._gpu_steps else None
         with torch.inference_mode():
             out = self._graphed.launch(step, [row_bytes(r.input_tensor) for r in requests])
@@ -388,7 +393,7 @@ class StageServer:
     def _outputs(self, out: torch.Tensor, requests: list[ComputeRequest], sessions: list[Session],
                  clock: StepClock | None, timing: GpuTiming | None = None) -> list:
         """What goes on: hidden states to the next stage, or the last stage's tokens."""
-        self._timed_on_gpu = timing is not None
+        self._timed_on_gpu, self._ahead = timing is not None, None
         if clock is not None:
             clock.launched()
         if timing is not None:  # one answer's row, sent before the GPU has run it (gpu_rows.py)
@@ -415,18 +420,15 @@ class StageServer:
 
     def _pending_tokens(self, requests: list[ComputeRequest]) -> tokens_ahead.PendingTokens | None:
         """A CPU last stage's token ahead, where the plan and ``PEERPIPE_TOKENS_AHEAD`` let it."""
-        if self.next_hop is not None or self.wire != "local" or len(requests) != 1:
+        alone = self.next_hop is None and len(requests) == 1
+        if not (alone and tokens_ahead.wanted(requests[0], self.sessions.get(requests[0].task_id), gpu=False)):
             return None
-        if not tokens_ahead.wanted(requests[0], self.sessions.get(requests[0].task_id), gpu=False):
-            return None
-        ring = self._shared_ring()
-        return None if ring is None else tokens_ahead.PendingTokens.open(ring)
+        return tokens_ahead.PendingTokens.open(self._shared_ring())  # (no ring unless the plan says "local")
 
     def _gpu_tokens(self, logits: torch.Tensor, sessions: list[Session]) -> TensorData | None:
         """The host's copy of a token ahead (the first stage's waits in ``_ahead``), or None."""
         assert self._writer is not None
-        positions = [int(self.cache.lengths[s.slot]) for s in sessions]
-        tokens = sample(self._sampler, logits[:, -1], sessions, positions)
+        tokens = sample(self._sampler, logits[:, -1], sessions, [int(self.cache.lengths[s.slot]) for s in sessions])
         mine, self._ahead = tokens_ahead.gpu_tokens(self._writer, tokens) or (None, None)
         return mine
 

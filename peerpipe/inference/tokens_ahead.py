@@ -56,8 +56,11 @@ class PendingTokens:
         self._mine, self._theirs = mine, theirs
 
     @classmethod
-    def open(cls, ring: Ring) -> PendingTokens | None:
-        """Two pending allocations; None when the ring has no room (the step answers as before)."""
+    def open(cls, ring: Ring | None) -> PendingTokens | None:
+        """Two pending allocations; None without a ring, or when it has no room (the step then
+        answers as before)."""
+        if ring is None:
+            return None
         theirs = ring.alloc(TOKEN_BYTES, pending=True)
         mine = ring.alloc(TOKEN_BYTES, pending=True) if theirs is not None else None
         if theirs is None or mine is None:

@@ -181,7 +181,8 @@ class Ring:
             state = self.mm[at + STATE_AT]
             if state not in (_RELEASED, _FAILED) and when > stale:
                 return
-            self.mm[at + STATE_AT] = _ABANDONED
+            if state != _FAILED:  # (a late reader learns why)
+                self.mm[at + STATE_AT] = _ABANDONED
             self._live.popleft()
 
     @property
@@ -190,6 +191,9 @@ class Ring:
         return len(self._live)
 
     def close(self) -> None:
+        for at, _, _ in self._live:  # readers waiting for a copy that will never come fail at once
+            if self.mm[at + STATE_AT] == _PENDING:
+                self.mm[at + STATE_AT] = _FAILED
         with contextlib.suppress(OSError):
             self.path.unlink()
         self.view.release()
@@ -234,7 +238,10 @@ class Segments:
         """Whether the bytes behind ``ref`` are there to read (False while a pending copy runs)."""
         with self._lock:
             mm = self._map(ref.name)
-        return not 0 <= ref.offset <= len(mm) - HEADER or mm[ref.offset + STATE_AT] != _PENDING
+        if not 0 <= ref.offset <= len(mm) - HEADER:
+            return True
+        seq, _, state = _HEAD.unpack_from(mm, ref.offset)
+        return seq != ref.seq or state != _PENDING  # (another allocation's: reading it fails, typed)
 
     def read(self, ref: Ref, nbytes: int, copy: Callable[[memoryview], T]) -> T:
         """``copy`` of the ``nbytes`` behind ``ref`` (it must copy them: the view is gone after);
@@ -244,7 +251,7 @@ class Segments:
         if not 0 <= ref.offset <= len(mm) - HEADER - nbytes:
             raise SharedMemoryError(f"reference at {ref.offset} (+{nbytes}) lies outside {ref.name}")
         state_at = ref.offset + STATE_AT
-        if mm[state_at] == _PENDING:
+        if mm[state_at] == _PENDING and _HEAD.unpack_from(mm, ref.offset)[0] == ref.seq:  # (else refused below)
             deadline = time.monotonic() + PENDING_S
             while mm[state_at] == _PENDING:
                 if time.monotonic() > deadline:

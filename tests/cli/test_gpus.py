@@ -65,7 +65,7 @@ def test_one_command_runs_a_node_per_gpu_that_answer_as_one_node(procs, tiny_mod
         cwd=REPO, capture_output=True, text=True, timeout=60,
     )
     stages = json.loads(status.stdout)["plan"]["stages"]
-    assert [s["wire"] for s in stages] == ["local", "native"]
+    assert [s["wire"] for s in stages] == ["local", "local"]  # (the last: its tokens may come ahead through it)
 
     engine, _ = LocalEngine.from_dir(model, device="cpu", dtype="float32", max_seq=CONTEXT)
     done = ask(address, "", temperature=0.0)

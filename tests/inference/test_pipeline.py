@@ -303,13 +303,13 @@ def test_a_last_stage_failing_after_its_token_went_ahead_fails_the_task_with_its
             began = time.monotonic()
             with pytest.raises(TaskFailedError, match=r"layers \[\d+, \d+\): RuntimeError: CUDA error"):
                 await pipeline.generate(PROMPTS[0], GREEDY, speculate="off")
-            assert pipeline._passed.sent == 4  # (steps 3 to 6 went ahead; step 5's failed)
+            assert pipeline._ahead.sent == 4  # (steps 3 to 6 went ahead; step 5's failed)
             assert time.monotonic() - began < 5 and pipeline.recovery.failovers == 0
             hook.remove()
-            before = pipeline._passed.sent
+            before = pipeline._ahead.sent
             answer = await pipeline.generate(PROMPTS[0], GREEDY, speculate="off")
             assert answer.tokens == local_tokens(model, PROMPTS[0], GREEDY)
-            assert pipeline._passed.sent - before == GREEDY.max_tokens - 2
+            assert pipeline._ahead.sent - before == GREEDY.max_tokens - 2
 
     arun(main())
 

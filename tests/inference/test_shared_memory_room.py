@@ -95,7 +95,7 @@ def test_tokens_ahead_pass_the_next_step_on_and_answers_stay_the_local_engines(m
             room = stack.room  # type: ignore[attr-defined]
             plan = await room.plan(60)
             assert [s.wire for s in plan.stages] == ["local", "local"]
-            passed = room._entry().pipeline._passed
+            passed = room._entry().pipeline._ahead
             for prompt, params in cases:
                 before = passed.sent
                 answer = await room.generate(prompt, temperature=0.0, ignore_eos=True, **params)

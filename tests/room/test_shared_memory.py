@@ -252,8 +252,11 @@ def test_a_pending_allocation_whose_step_failed_fails_its_reader_at_once(ring: R
         Segments().read(got[0], 8, bytes)
     assert ring.in_flight == 0  # its space is free again at once
     ring.mark(got[0])  # a mark for an allocation since given up changes nothing
-    later = put(ring, b"abcdefgh")
-    assert Segments().read(later, 8, bytes) == b"abcdefgh"
+    later = ring.alloc(8, pending=True)  # its space, pending again for another step
+    assert later is not None and later[0].offset == got[0].offset
+    assert Segments().written(got[0])  # (not the old reference's to wait for: reading it fails)
+    with pytest.raises(SharedMemoryError, match="stale or forged"):
+        Segments().read(got[0], 8, bytes)
 
 
 def test_a_token_ahead_is_two_pending_copies_filled_after_the_forward(ring: Ring) -> None:
@@ -297,32 +300,34 @@ def test_the_hosts_copy_of_a_token_ahead_is_read_once_written_or_fails_typed(rin
     monkeypatch.setattr(passing, "AHEAD_ERROR_S", 0.01)
     request = ComputeRequest("t", ids_to_wire([3], (1, 1)), "t", 2, 9)
 
+    def opened() -> PendingTokens:
+        tokens = PendingTokens.open(ring)
+        assert tokens is not None
+        return tokens
+
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        tokens = PendingTokens.open(ring)
-        assert tokens is not None
+        ahead = passing.Ahead(send=None)  # type: ignore[arg-type]  # (it only reads here)
+        tokens = opened()
         loop.call_later(0.01, tokens.fill, ids_to_wire([7]))  # the stage's forward ends meanwhile
-        assert await passing.read_token(tokens.result(request), loop.create_future()) == [7]
+        assert await ahead.read(ahead.pending(tokens.result(request))) == [7]
         # The step failed: the stage's error, which comes soon after, is the answer's.
-        tokens = PendingTokens.open(ring)
-        assert tokens is not None
+        tokens = opened()
         tokens.give_up()
-        failed = loop.create_future()
-        loop.call_later(0.001, failed.set_exception, TaskFailedError("m1 layers [3, 4): RuntimeError: boom"))
+        pending = ahead.pending(tokens.result(request))
+        loop.call_later(0.001, pending.failed.set_exception, TaskFailedError("m1 layers [3, 4): RuntimeError: boom"))
         with pytest.raises(TaskFailedError, match="boom"):
-            await passing.read_token(tokens.result(request), failed)
+            await ahead.read(pending)
         # No error came: typed all the same.
-        tokens = PendingTokens.open(ring)
-        assert tokens is not None
+        tokens = opened()
         tokens.give_up()
         with pytest.raises(SharedMemoryError, match="its step failed"):
-            await passing.read_token(tokens.result(request), loop.create_future())
-        # A stage lost while the token was pending ends the wait.
-        tokens = PendingTokens.open(ring)
-        assert tokens is not None
-        lost = loop.create_future()
-        loop.call_later(0.001, lost.set_exception, TaskFailedError("stage m1 left the room"))
+            await ahead.read(ahead.pending(tokens.result(request)))
+        # A stage lost while the token is pending ends the wait (the pipeline fails every wait).
+        pending = ahead.pending(opened().result(request))
+        loop.call_later(0.001, ahead.fail, TaskFailedError("stage m1 left the room"))
         with pytest.raises(TaskFailedError, match="left the room"):
-            await passing.read_token(tokens.result(request), lost)
+            await ahead.read(pending)
+        assert not ahead._reading  # every read forgot its entry
 
     asyncio.run(main())
