@@ -102,6 +102,7 @@ class StageServer:
         self._early_rows = os.environ.get("PEERPIPE_EARLY_ROWS", "1") != "0"
         self._timed_on_gpu = False  # whether the last forward's time is the GPU's, read later
         self._ahead: TensorData | None = None  # the last GPU forward's token ahead, for the first stage (tokens_ahead.py)
+        self._sends_ahead = tokens_ahead.enabled(cache.device.type == "cuda")  # (as a last stage)
         # A CPU stage on one core runs short decode steps on the event loop's thread, which would
         # only wait meanwhile: two thread hops fewer, 0.2-0.3 ms a step on the 2-core VM.
         # (Tried on every CPU node: 0.51-0.68x one node on 3 unpinned stages, against 0.79x: the
@@ -376,8 +377,8 @@ class StageServer:
         with torch.inference_mode():  # (not held across the wait: other coroutines run meanwhile)
             step = self._graphed.prepare(self._like, slots, starts, kv_len)
         await rows_written([r.input_tensor for r in requests])
-        early = len(requests) == 1 and (self.next_hop is not None or tokens_ahead.wanted(requests[0], sessions[0], gpu=True))
-        early = early and self._shared_ring() is not None
+        ahead = self.next_hop is None and self._sends_ahead and tokens_ahead.wanted(requests[0], sessions[0])
+        early = len(requests) == 1 and (self.next_hop is not None or ahead) and self._shared_ring() is not None
         timing = self._gpu_steps.begin() if early and self._writer is not None and self._gpu_steps else None
         with torch.inference_mode():
             out = self._graphed.launch(step, [row_bytes(r.input_tensor) for r in requests])
@@ -418,10 +419,9 @@ class StageServer:
             clock.ready()
         return [ids_to_wire([token]) for token in ids]
 
-    def _pending_tokens(self, requests: list[ComputeRequest]) -> tokens_ahead.PendingTokens | None:
-        """A CPU last stage's token ahead, where the plan and ``PEERPIPE_TOKENS_AHEAD`` let it."""
-        alone = self.next_hop is None and len(requests) == 1
-        if not (alone and tokens_ahead.wanted(requests[0], self.sessions.get(requests[0].task_id), gpu=False)):
+    def _pending_tokens(self, requests: list[ComputeRequest]) -> tokens_ahead.PendingTokens | None:  # (CPU stages)
+        alone = self._sends_ahead and self.next_hop is None and len(requests) == 1
+        if not (alone and tokens_ahead.wanted(requests[0], self.sessions.get(requests[0].task_id))):
             return None
         return tokens_ahead.PendingTokens.open(self._shared_ring())  # (no ring unless the plan says "local")
 

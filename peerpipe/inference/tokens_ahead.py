@@ -31,18 +31,16 @@ TOKEN_SHAPE = (1, 1)  # one answer's token: the first stage's input shape for on
 TOKEN_BYTES = 8  # int64
 
 
-def mode() -> str:
+def enabled(gpu: bool) -> bool:
+    """Whether ``PEERPIPE_TOKENS_AHEAD`` lets a last stage on a GPU (or on CPU) send tokens ahead."""
     value = os.environ.get("PEERPIPE_TOKENS_AHEAD", "0").strip().lower()
-    if value in ("1", "on", "true", "yes"):
-        return "on"
-    return "auto" if value == "auto" else "off"
+    return value in ("1", "on", "true", "yes") or (value == "auto" and gpu)
 
 
-def wanted(request: ComputeRequest, session: Session | None, *, gpu: bool) -> bool:
-    """Whether the last stage sends this decode step's token ahead (the caller checked that it
-    is the step's only request and that the plan lets it: wire "local")."""
-    how = mode()
-    if how == "off" or (how == "auto" and not gpu) or request.drafts or request.partial or session is None:
+def wanted(request: ComputeRequest, session: Session | None) -> bool:
+    """Whether this decode step's token may go ahead (the caller checked the rest: the stage
+    is enabled, the step is its only request, and the plan says wire "local")."""
+    if request.drafts or request.partial or session is None:
         return False
     # A repetition penalty draws from a history the token joins once it is known on the host side.
     return session.params is None or session.params.repetition_penalty == 1.0
