@@ -8,6 +8,8 @@ import asyncio
 import contextlib
 import dataclasses
 
+import pytest
+
 from peerpipe.cluster.config import ClusterConfig
 from peerpipe.engine.generate import LocalEngine
 from peerpipe.engine.sampling import SamplingParams
@@ -79,7 +81,8 @@ def test_native_keeps_the_socket_and_nodes_on_other_addresses_do_not_share(model
     assert not shares_memory(a, dataclasses.replace(device, shm_gbps=0.0).node_info("b" * 16, "b", "127.0.0.1:2"))
 
 
-def test_tokens_ahead_pass_the_next_step_on_and_answers_stay_the_local_engines(model, device, monkeypatch) -> None:
+@pytest.mark.parametrize("stages", [2, 1])
+def test_tokens_ahead_pass_the_next_step_on_and_answers_stay_the_local_engines(model, device, monkeypatch, stages) -> None:
     """With tokens sent ahead (PEERPIPE_TOKENS_AHEAD=1 lets CPU stages do it), the host passes
     each next step on before the last stage has computed its input: the answers are the local
     engine's, and one that ends on a stop token or its budget ends exactly there."""
@@ -91,10 +94,10 @@ def test_tokens_ahead_pass_the_next_step_on_and_answers_stay_the_local_engines(m
     cases = [(PROMPTS[0], {"max_tokens": 12}), (PROMPTS[1], {"max_tokens": 3}), (PROMPTS[0], {"max_tokens": 12, "stop": [stop]})]
 
     async def main() -> None:
-        async with await room_of(model, device, 2) as stack:
+        async with await room_of(model, device, stages) as stack:
             room = stack.room  # type: ignore[attr-defined]
             plan = await room.plan(60)
-            assert [s.wire for s in plan.stages] == ["local", "local"]
+            assert [s.wire for s in plan.stages] == ["local"] * stages
             passed = room._entry().pipeline._ahead
             for prompt, params in cases:
                 before = passed.sent
