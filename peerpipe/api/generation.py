@@ -50,9 +50,15 @@ class Job:
             yield piece + "".join(more)
 
     async def result(self) -> GenerationResult:
-        """The finished answer; a stage failure becomes a 500 in OpenAI's shape."""
+        """The finished answer; a stage failure becomes a 500 in OpenAI's shape, an answer the
+        stopping server cut off a 503 (a stream ends with it as its error event)."""
         try:
             return await asyncio.shield(self.task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if not self.task.cancelled() or (current is not None and current.cancelling()):
+                raise  # (the handler itself is being cancelled)
+            raise ApiError(503, "the answer was cut off: the server is stopping", "server_error", "server_stopping") from None
         except TaskFailedError as exc:
             raise ApiError(500, f"the room failed this request: {exc}", "server_error", "stage_failed") from exc
         except Exception as exc:

@@ -103,7 +103,9 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
     for name in ("presence_penalty", "frequency_penalty"):
         if _number(body, name, -2.0, 2.0) not in (None, 0.0):
             raise unsupported(name, "a non-zero value (use repetition_penalty)")
-    if body.get("logprobs") not in (None, False) or body.get("top_logprobs") not in (None, 0):
+    logprobs = body.get("logprobs")
+    # (a completion's ``logprobs: 0`` asks for the chosen tokens' log-probabilities, and 0 == False)
+    if not (logprobs is None or logprobs is False) or body.get("top_logprobs") not in (None, 0):
         raise unsupported("logprobs", "returning log-probabilities")
     if body.get("tools") or body.get("functions"):
         raise unsupported("tools", "tool calling")
@@ -128,10 +130,13 @@ def _sampling(body: dict[str, Any], max_tokens_fields: tuple[str, ...]) -> Sampl
             max_tokens = min(value, 1 << 20)  # beyond any context: it is cut to the context anyway
     top_k = _int(body, "top_k", -1, 1 << 31)
     seed = _int(body, "seed", -(2**63), 2**63 - 1)
+    top_p = _number(body, "top_p", 0.0, 1.0)
+    if top_p == 0.0:  # OpenAI takes 0: a nucleus of nothing keeps the likeliest token alone
+        top_p, top_k = None, 1
     fields = {
         "max_tokens": max_tokens,
         "temperature": _number(body, "temperature", 0.0, 2.0),
-        "top_p": _number(body, "top_p", 0.0, 1.0, lo_open=True),
+        "top_p": top_p,
         "top_k": None if top_k is None else max(top_k, 0),  # vLLM's -1 means off, as our 0 does
         "min_p": _number(body, "min_p", 0.0, 1.0) or 0.0,
         "repetition_penalty": _number(body, "repetition_penalty", 0.0, 10.0, lo_open=True) or 1.0,

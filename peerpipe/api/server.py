@@ -42,6 +42,16 @@ STATIC = resources.files("peerpipe.api") / "static"
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
+def host_name(host: str) -> str:
+    """The name in a Host header, without its port: ``[::1]:8088`` -> ``::1``, ``localhost.`` -> ``localhost``."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        name, _, rest = host[1:].partition("]")
+        return name if rest == "" or (rest[:1] == ":" and rest[1:].isdigit()) else host  # (else refused)
+    name = host.rpartition(":")[0] if host.count(":") == 1 else host
+    return name.rstrip(".")
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -177,7 +187,7 @@ class ApiServer:
         """Keep web pages the user visits from using a local API: a page can post a form or plain
         text to any address without asking (so bodies must be declared JSON), and through DNS
         rebinding it can reach 127.0.0.1 under its own name (so on loopback the Host must be ours)."""
-        if self.loopback and request.host.rsplit(":", 1)[0].strip("[]").lower() not in LOOPBACK_NAMES:
+        if self.loopback and host_name(request.host) not in LOOPBACK_NAMES:
             raise ApiError(403, f"this host serves {self.url} only; Host {request.host!r} is refused", code="bad_host")
         if request.method == "POST" and request.content_type != "application/json":
             raise ApiError(

@@ -4,6 +4,7 @@ are delayed 20 ms), so that an answer is still running when the next request arr
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -80,3 +81,15 @@ def test_a_taken_http_port_is_a_clear_error(warm_bench: None) -> None:
         )
     assert out.returncode == 1
     assert f"cannot serve HTTP on 127.0.0.1:{port}" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_stopping_host_ends_a_running_stream_with_an_error_event(room: ApiRoom, model: Path) -> None:
+    """Ctrl-C on the host cuts an answer off: its stream says so in an error event (a client
+    would otherwise take the cut text for a whole answer). Last in this file: it stops the room."""
+    with open_stream(room, model) as stream:
+        assert stream.readline().startswith(b"data: ")
+        room.host.proc.send_signal(signal.SIGINT)
+        events = [line[6:].strip() for line in stream.read().splitlines() if line.startswith(b"data: ")]
+    error = json.loads(events[-1])["error"]
+    assert error["code"] == "server_stopping" and b"[DONE]" not in events
+    assert room.host.proc.wait(timeout=30) == 0

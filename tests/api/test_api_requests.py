@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from peerpipe.api.errors import ApiError
 from peerpipe.api.requests import check_model, parse_chat, parse_completion
+from peerpipe.api.server import host_name
 
 USER = [{"role": "user", "content": "hi"}]
 
@@ -37,6 +38,8 @@ def test_chat_fields_are_read() -> None:
     )
     s = r.sampling
     assert (s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed, s.stop) == (7, 0.5, 0.9, 0, 3, ("END",))
+    nothing = parse_chat(chat(top_p=0, logprobs=False)).sampling  # as OpenAI: the likeliest token alone
+    assert (nothing.top_p, nothing.top_k) == (None, 1)
     assert r.stream and r.include_usage
 
 
@@ -61,7 +64,7 @@ def test_completion_defaults_and_prompt_forms() -> None:
         (chat(temperature=2.5), "temperature", None),
         (chat(temperature="hot"), "temperature", None),
         (chat(temperature=float("nan")), "temperature", None),
-        (chat(top_p=0), "top_p", None),
+        (chat(top_p=-0.1), "top_p", None),
         (chat(max_tokens=0), "max_tokens", None),
         (chat(max_tokens=True), "max_tokens", None),
         (chat(seed=1.5), "seed", None),
@@ -97,6 +100,7 @@ def test_bad_chat_bodies_name_their_field(body: object, param: str | None, code:
         ({"model": "m", "prompt": "x", "suffix": "y"}, "suffix"),
         ({"model": "m", "prompt": "x", "best_of": 3}, "best_of"),
         ({"model": "m", "prompt": "x", "logprobs": 2}, "logprobs"),
+        ({"model": "m", "prompt": "x", "logprobs": 0}, "logprobs"),  # (the chosen tokens' alone: still refused)
         ({"model": "m", "prompt": "x", "echo": 1}, "echo"),
         ({"model": "m", "prompt": "x", "speculate": "fast"}, "speculate"),
     ],
@@ -134,3 +138,15 @@ def test_fuzzed_bodies_parse_or_raise_api_error(body: object) -> None:
             parse(body)
         except ApiError as exc:
             assert 400 <= exc.status < 500 and exc.message
+
+
+@pytest.mark.parametrize(
+    ("header", "name"),
+    [
+        ("127.0.0.1:8088", "127.0.0.1"), ("localhost", "localhost"), ("LocalHost.:80", "localhost"),
+        ("[::1]", "::1"), ("[::1]:8088", "::1"), ("::1", "::1"), ("evil.example:8088", "evil.example"),
+        ("[::1].evil.example", "[::1].evil.example"),  # (not a name the guard lets through)
+    ],
+)
+def test_the_host_guard_reads_the_name_in_a_host_header(header: str, name: str) -> None:
+    assert host_name(header) == name
