@@ -70,6 +70,12 @@ def test_dashboard_shows_the_room_and_streams_a_chat(room: ApiRoom, tmp_path: Pa
             assert page.locator(".msg.error").count() == 0
             assert page.evaluate("window.updates") > 3, "the answer arrived in one piece, not streamed"
             expect(page.locator("#totals")).to_contain_text("answers 1 ")
+            # The first answer filled the room's 128-token context: the next turn goes on without it.
+            page.fill("#chat-input", "And then?")
+            page.click("#chat-send")
+            expect(answer).to_have_count(2, timeout=60_000)
+            assert page.locator(".msg.error").count() == 0 and answer.nth(1).inner_text().strip()
+            expect(page.locator(".msg.note")).to_contain_text("1 earlier turn(s) left out")
             shot = tmp_path / "dashboard.png"
             page.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 10_000

@@ -134,6 +134,17 @@ async function* sseData(response) {
   }
 }
 
+/** Drop the oldest user turn and its answers (a system message stays); false when only the
+ * message being sent is left. */
+function forgetOldestTurn() {
+  const first = history.findIndex((m) => m.role !== "system");
+  let next = first + 1;
+  while (next < history.length && history[next].role !== "user") next += 1;
+  if (first < 0 || next >= history.length) return false;
+  history.splice(first, next - first);
+  return true;
+}
+
 async function send(text) {
   history.push({ role: "user", content: text });
   $("#messages").append(el("div", { class: "msg user" }, text));
@@ -144,14 +155,22 @@ async function send(text) {
   let pieces = 0;
   let firstAt = null;
   try {
-    const response = await fetch("/v1/chat/completions", {
-      method: "POST",
-      headers: { "Content-Type": "application/json", ...authHeaders() },
-      body: JSON.stringify({ model: room && room.model ? room.model.id : "", messages: history, stream: true, max_tokens: 200 }),
-    });
-    if (!response.ok) {
-      const body = await response.json().catch(() => ({}));
-      throw new Error((body.error && body.error.message) || response.statusText);
+    let response;
+    let forgotten = 0;
+    for (;;) {
+      response = await fetch("/v1/chat/completions", {
+        method: "POST",
+        headers: { "Content-Type": "application/json", ...authHeaders() },
+        body: JSON.stringify({ model: room && room.model ? room.model.id : "", messages: history, stream: true, max_tokens: 200 }),
+      });
+      if (response.ok) break;
+      const error = (await response.json().catch(() => ({}))).error || {};
+      // A conversation past the room's context goes on without its oldest turns.
+      if (error.code === "context_length_exceeded" && forgetOldestTurn()) { forgotten += 1; continue; }
+      throw new Error(error.message || response.statusText);
+    }
+    if (forgotten) {
+      answer.before(el("div", { class: "msg note" }, `${forgotten} earlier turn(s) left out: the conversation is longer than the room's context`));
     }
     for await (const data of sseData(response)) {
       if (data === "[DONE]") break;
