@@ -362,7 +362,7 @@ async def join_room(
     async with Member(parse_code(code), name=name) as node:
         def waiting(seconds: float) -> None:
             (report or log_reporter(log))(
-                f"the host slows down joins from this address after wrong codes: waiting {seconds:.0f} s for it"
+                f"the host slows down joins from this address after wrong codes: waiting {max(seconds, 1):.0f} s for it"
             )
 
         host = await node.join(peer, interface=listen, discovery_timeout_s=discovery_timeout_s, on_wait=waiting)

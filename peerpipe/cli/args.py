@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
+from peerpipe.errors import PeerpipeError
 from peerpipe.transport import Address
+
+
+class BadValue(PeerpipeError):
+    """A value argparse took that the command refuses: exit 2, as argparse's own bad values."""
+
+
+def flag_names(text: str) -> str:
+    """A record's field names in a message (``Sampling.top_p``, ``top_p``) as the flags that set them."""
+    return re.sub(r"\b(?:Sampling\.)?(temperature|top_p|top_k|min_p|repetition_penalty|seed|max_tokens|stop)\b",
+                  lambda m: "--" + m.group(1).replace("_", "-"), text)
 
 
 def parse_address(text: str, *, default_port: int | None = None) -> Address:
@@ -23,14 +35,33 @@ def parse_address(text: str, *, default_port: int | None = None) -> Address:
     return host, int(port_text)
 
 
-def model_path(text: str) -> Path:
-    """``--model``: a model folder, or the bundled model's name."""
-    from peerpipe.models import ModelNotFoundError, resolve_model
-
+def positive_int(text: str) -> int:
     try:
-        path = resolve_model(text)
-    except ModelNotFoundError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def model_path(text: str) -> Path:
+    """``--model``: a model folder, or the bundled model's name. One that is not there raises
+    ``ModelNotFoundError`` through argparse (which would make it a bad value, exit 2, under the
+    whole usage): ``main`` says it in one line, exit 1, as for a model that fails to load."""
+    from peerpipe.models import resolve_model
+
+    path = resolve_model(text)
     if Path(text).expanduser().exists():  # a folder or file of the user's: listed by `peerpipe models`
         from peerpipe.models.catalog import remember
 

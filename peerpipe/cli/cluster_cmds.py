@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-from peerpipe.cli.args import add_strategy_arguments, model_path, parse_address
+from peerpipe.cli.args import add_strategy_arguments, model_path, parse_address, positive_float, positive_int
 from peerpipe.errors import PeerpipeError
 
 GiB = 1 << 30
@@ -121,21 +121,18 @@ def bench_cmd(args: argparse.Namespace) -> int:
 def _add_room_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--code", help="the room's code (default: the room this machine hosts or joined)")
     p.add_argument("--peer", type=parse_address, metavar="HOST:PORT", help="the host's address")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the host (10)")
+    p.add_argument("--timeout", type=positive_float, default=10.0, help="seconds to wait for the host (10)")
 
 
 def _fetch_view(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from peerpipe.cli.room_registry import the_room
+    from peerpipe.cli.room_registry import locate_host, the_room
     from peerpipe.cluster.observer import fetch_view
-    from peerpipe.room import find_host, parse_code
+    from peerpipe.room import parse_code
     from peerpipe.transport import run
 
     if args.code:
         code = parse_code(args.code)
-        peer = args.peer
-        if peer is None:
-            found = run(find_host(code.nameplate, args.timeout, "127.0.0.1"))
-            peer = (found.address, found.port)
+        peer = args.peer or locate_host(str(code), code.nameplate, args.timeout)
     else:
         entry = the_room()
         code = parse_code(entry.code)
@@ -316,8 +313,8 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
         help="weights dtype (default: what the room's host loads, float32 on a CPU and bfloat16 on a GPU; "
         "bfloat16 for hypothetical machines)",
     )
-    p.add_argument("--context", type=int, default=4096, help="tokens of KV cache per session (4096)")
-    p.add_argument("--sessions", type=int, default=4, help="concurrent answers to hold KV cache for (4)")
+    p.add_argument("--context", type=positive_int, default=4096, help="tokens of KV cache per session (4096)")
+    p.add_argument("--sessions", type=positive_int, default=4, help="concurrent answers to hold KV cache for (4)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_room_arguments(p)
     p.set_defaults(func=plan_cmd)
@@ -344,8 +341,6 @@ def plan_cmd(args: argparse.Namespace) -> int:
     from peerpipe.cluster.planning import hypothetical_nodes, links_with, network_from, node_spec
     from peerpipe.plan import Budget, Link, Network, make_plan
 
-    if args.context < 1 or args.sessions < 1:
-        raise PeerpipeError("--context and --sessions must be at least 1")
     view = _fetch_view(args) if args.add_to_room or not args.node else None
     dtype = args.dtype or _host_dtype(view)
     model = ModelChoice.from_dir(args.model, dtype=dtype)

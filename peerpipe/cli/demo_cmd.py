@@ -12,11 +12,10 @@ import contextlib
 import time
 from pathlib import Path
 
-from peerpipe.cli.args import add_speculation_arguments, model_path
+from peerpipe.cli.args import add_speculation_arguments, model_path, positive_int
 from peerpipe.cli.http_opts import add_http_arguments, reserve_http, start_api
 from peerpipe.cli.room_cmds import check_draft, check_model
 from peerpipe.cli.signals import Interrupts
-from peerpipe.errors import PeerpipeError
 
 DEMO_PROMPT = "It was a fine morning in April, and Emma"
 LOOPBACK = "127.0.0.1"
@@ -26,10 +25,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo", help="run a room of local nodes with the bundled model and serve it", description=run.__doc__
     )
-    p.add_argument("--nodes", type=int, default=3, help="local nodes in the room (3)")
+    p.add_argument("--nodes", type=positive_int, default=3, help="local nodes in the room (3)")
     p.add_argument("--model", type=model_path, metavar="DIR", help="serve this model instead of the bundled one")
     p.add_argument("--prompt", default=DEMO_PROMPT, help="the sample prompt")
-    p.add_argument("--max-tokens", type=int, default=60, help="length of the sample answer in tokens (60)")
+    p.add_argument("--max-tokens", type=positive_int, default=60, help="length of the sample answer in tokens (60)")
     p.add_argument("--no-serve", action="store_true", help="exit after the sample answer")
     add_speculation_arguments(p)
     add_http_arguments(p)
@@ -44,9 +43,6 @@ def run(args: argparse.Namespace) -> int:
     """Start a room of local nodes with the bundled model, plan it, print the code, the dashboard's
     address and an answer to a sample prompt, then serve the API and the dashboard until Ctrl-C."""
     from peerpipe.cli.signals import run_command
-
-    if args.nodes < 1 or args.max_tokens < 1:
-        raise PeerpipeError("--nodes and --max-tokens must be at least 1")
     from peerpipe.models import bundled_draft_for, default_model_dir
 
     if args.model is None:
@@ -107,7 +103,8 @@ async def _demo(args: argparse.Namespace, signals: Interrupts) -> int:
                 print(flush=True)
                 spec = result.speculation
                 drafted = (
-                    f"; {spec.mode} drafts kept {spec.acceptance:.0%}, {spec.tokens_per_step:.1f} tokens per step"
+                    f"; {spec.acceptance:.0%} of the {'draft model' if spec.mode == 'draft' else spec.mode}'s drafts kept, "
+                    f"{spec.tokens_per_step:.1f} tokens per step"
                     if spec is not None and spec.drafted else ""
                 )
                 say(

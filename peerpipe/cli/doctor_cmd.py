@@ -115,11 +115,13 @@ def torch_check() -> Check:
 
 
 def device_check(device: str | None) -> Check:
+    from peerpipe.errors import PeerpipeError
+
     try:
         from peerpipe.cluster.capabilities import detect
 
         caps = detect(device)
-    except (ImportError, RuntimeError, ValueError) as exc:
+    except (ImportError, RuntimeError, ValueError, PeerpipeError) as exc:
         return Check("device", "fail", f"cannot use {device or 'the default device'}: {exc}", "pass --device cpu, cuda:N or mps")
     free = caps.memory_free_bytes / GiB
     detail = f"{caps.torch_device}: {caps.name}, {free:.1f} GiB free of {caps.memory_total_bytes / GiB:.1f}"
@@ -232,6 +234,9 @@ def model_check(model: Path, device: str | None) -> Check:
 
     try:
         caps = detect(device)
+    except (RuntimeError, ValueError, PeerpipeError):
+        caps = detect("cpu")  # (the device check says what is wrong with it; the model is checked still)
+    try:
         dtype = default_dtype(caps.kind, caps.supports_bf16)
         choice = ModelChoice.from_dir(model, dtype)
         from peerpipe.engine.loader import check_model_dir

@@ -8,7 +8,15 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from peerpipe.cli.args import add_speculation_arguments, model_path, parse_address
+from peerpipe.cli.args import (
+    BadValue,
+    add_speculation_arguments,
+    flag_names,
+    model_path,
+    parse_address,
+    positive_float,
+    positive_int,
+)
 from peerpipe.cli.progress import LoadProgress
 from peerpipe.engine.errors import CacheError
 from peerpipe.errors import PeerpipeError
@@ -18,26 +26,7 @@ if TYPE_CHECKING:  # torch loads only when a model runs: `peerpipe host` starts 
     from peerpipe.engine.sampling import SamplingParams
     from peerpipe.engine.speculate import Drafts
     from peerpipe.engine.tokenizer import Tokenizer
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
+    from peerpipe.protocol import Sampling
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -78,7 +67,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="weights dtype (bf16 on GPUs, fp32 on CPUs)"
     )
-    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for the model (default: one per core)")
+    p.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads for the model (default: one per core)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", default=None, help="system message for --chat")
     p.add_argument("--json", action="store_true", help="print one JSON object with text, ids and speed")
@@ -101,12 +90,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def sampling(args: argparse.Namespace) -> Sampling:
+    """The sampling flags as the wire's record; a value it refuses is a bad value, named by its flag."""
+    from peerpipe.inference.sampling import InvalidSamplingParams, sampling_from
+
+    try:
+        return sampling_from(vars(args))
+    except InvalidSamplingParams as exc:
+        raise BadValue(flag_names(str(exc))) from None
+
+
 def sampling_params(args: argparse.Namespace, model_dir: Path) -> SamplingParams:
     """Flags first, then the model's generation_config.json, then greedy."""
     from peerpipe.engine.defaults import GenerationDefaults
-    from peerpipe.inference.sampling import sampling_from
+    from peerpipe.inference.sampling import InvalidSamplingParams
 
-    return GenerationDefaults.from_dir(model_dir).resolve(sampling_from(vars(args)), args.max_tokens)
+    try:
+        return GenerationDefaults.from_dir(model_dir).resolve(sampling(args), args.max_tokens)
+    except InvalidSamplingParams as exc:  # (what only the sampler checks: ranges, empty stops)
+        raise BadValue(flag_names(str(exc))) from None
+
+
+# Flags that run a model here: with --room the host's own settings run it.
+LOCAL_ONLY = ("model", "device", "dtype", "threads", "draft", "compile", "no_cuda_graphs")
 
 
 def show_text(text: str) -> None:
@@ -118,9 +124,17 @@ def show_text(text: str) -> None:
 def run(args: argparse.Namespace) -> int:
     """Generate text: with --model on this machine, or with --room CODE on a room's pipeline (the
     host runs the prompt through its stages and streams the answer back)."""
+    sampling(args)  # (a bad value before a model loads or a room is looked for)
+    if args.system is not None and not args.chat:
+        raise BadValue("--system is the system message of --chat: give both")
     if args.room:
         if args.draft:
-            raise PeerpipeError("a room drafts with its host's --draft; give --speculate draft to ask for it")
+            raise BadValue("a room drafts with its host's --draft; give --speculate draft to ask for it")
+        given = [name for name in LOCAL_ONLY if getattr(args, name) not in (None, False)]
+        given += ["quantize"] if args.quantize != "none" else []
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise BadValue(f"{flags} run a model here; with --room the room's host runs its own")
         return run_remote(args)
     if args.model is None:
         raise PeerpipeError("give --model DIR to run a model here, or --room CODE to ask a room")
@@ -203,30 +217,21 @@ def local_drafts(
 def run_remote(args: argparse.Namespace) -> int:
     import uuid
 
-    from peerpipe.cli.room_registry import live_rooms
+    from peerpipe.cli.room_registry import locate_host
     from peerpipe.engine.speculate import SpecStats
     from peerpipe.inference.client import remote_generate
     from peerpipe.inference.errors import InferenceError
-    from peerpipe.inference.sampling import sampling_from
     from peerpipe.protocol import GenerateRequest
     from peerpipe.protocol.answers import MAX_WAIT_S
-    from peerpipe.room import default_lan_ip, find_host, parse_code
+    from peerpipe.room import parse_code
     from peerpipe.transport import run
 
     code = parse_code(args.room)
-    if args.peer:
-        address = args.peer
-    else:
-        known = [r for r in live_rooms() if r.code == str(code)]
-        if known:
-            address = parse_address(known[0].host)
-        else:
-            found = run(find_host(code.nameplate, 10.0, default_lan_ip()))
-            address = (found.address, found.port)
+    address = args.peer or locate_host(str(code), code.nameplate, args.timeout)
     request = GenerateRequest(
         uuid.uuid4().hex,
         args.prompt,
-        sampling_from(vars(args)),
+        sampling(args),
         chat=args.chat,
         system=args.system or "",
         wait_s=min(args.timeout, MAX_WAIT_S),

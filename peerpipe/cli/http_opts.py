@@ -69,10 +69,10 @@ def reserve_http(args: argparse.Namespace, say: Callable[[str], None], *, any_po
     try:
         return socket.create_server((host, port), family=family)
     except OSError as exc:
-        error = ListenError(f"cannot serve HTTP on {host}:{port}: {exc.strerror or exc} (use --http HOST:PORT or --http off)")
+        why = f"cannot serve HTTP on {host}:{port}: {exc.strerror or exc}"
         if not any_port_if_busy or port == 0:
-            raise error from None
-    say(f"{error}; using a free port instead")
+            raise ListenError(f"{why} (use --http HOST:PORT or --http off)") from None
+    say(f"{why}; using a free port instead")
     try:
         return socket.create_server((host, 0), family=family)
     except OSError as exc:

@@ -13,6 +13,7 @@ import sys
 from collections.abc import MutableMapping, Sequence
 
 from peerpipe import __version__
+from peerpipe.cli.args import BadValue
 from peerpipe.errors import PeerpipeError
 
 EXIT_ERROR = 1
@@ -95,14 +96,18 @@ def quiet_openmp(environ: MutableMapping[str, str] = os.environ) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     quiet_openmp()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except PeerpipeError as exc:  # (a value that parses, naming what is not there: args.model_path)
+        print(f"peerpipe: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     setup_logging(args.verbose)
     try:
         emulate_links()
         return int(args.func(args) or 0)
     except PeerpipeError as exc:
         print(f"peerpipe: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_USAGE if isinstance(exc, BadValue) else EXIT_ERROR
     except KeyboardInterrupt:
         print("peerpipe: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -15,7 +15,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from peerpipe.cli.args import add_speculation_arguments, add_strategy_arguments, model_path, parse_address
+from peerpipe.cli.args import (
+    add_speculation_arguments,
+    add_strategy_arguments,
+    model_path,
+    parse_address,
+    positive_float,
+    positive_int,
+)
 from peerpipe.cli.gpus import GpuChildren, GpuNode, add_gpus_argument, child_arguments, gpu_nodes, wildcard
 from peerpipe.cli.signals import Interrupts, run_command
 from peerpipe.errors import PeerpipeError
@@ -90,7 +97,7 @@ def _add_device_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--threads",
-        type=int,
+        type=positive_int,
         metavar="N",
         help="CPU threads for this node's tensor work (default: PyTorch's, one per core); give each node on "
         "one machine its share, or their thread pools fight",
@@ -120,15 +127,15 @@ def add_host_parser(
         f"(a Hugging Face folder, or {BUNDLED!r} for the bundled model)"
     )
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="weights dtype (bf16 on GPUs, fp32 on CPUs)")
-    parser.add_argument("--expect-nodes", type=int, default=1, metavar="N", help="make the first plan once N nodes are in (1)")
+    parser.add_argument("--expect-nodes", type=positive_int, default=1, metavar="N", help="make the first plan once N nodes are in (1)")
     add_strategy_arguments(parser)
-    parser.add_argument("--context", type=int, default=4096, help="tokens of KV cache per session to plan for (4096)")
-    parser.add_argument("--sessions", type=int, default=4, help="concurrent answers to hold KV cache for (4)")
+    parser.add_argument("--context", type=positive_int, default=4096, help="tokens of KV cache per session to plan for (4096)")
+    parser.add_argument("--sessions", type=positive_int, default=4, help="concurrent answers to hold KV cache for (4)")
     parser.add_argument(
         "--heartbeat", type=_positive, default=1.0, metavar="S", help="seconds between members' heartbeats (1)"
     )
     parser.add_argument(
-        "--suspect-after", type=int, default=3, metavar="BEATS", help="missed heartbeats before a node is suspected (3)"
+        "--suspect-after", type=positive_int, default=3, metavar="BEATS", help="missed heartbeats before a node is suspected (3)"
     )
     parser.add_argument(
         "--dead-after", type=_positive, default=6.0, metavar="S", help="seconds without a heartbeat before a node is dropped (6)"
@@ -190,7 +197,7 @@ def add_join_parser(
     )
     parser.add_argument("--name", default="", help="this node's name (default: the host name)")
     parser.add_argument(
-        "--timeout", type=float, default=10.0, help="seconds to look for the host (default 10)"
+        "--timeout", type=positive_float, default=10.0, help="seconds to look for the host (default 10)"
     )
     parser.add_argument(
         "--wait-for-host",
@@ -269,8 +276,6 @@ async def _host(args: argparse.Namespace, signals: Interrupts) -> int:
         membership = MembershipConfig(args.heartbeat, args.suspect_after, args.dead_after)
     except ValueError as exc:
         raise PeerpipeError(str(exc)) from None
-    if args.context < 1 or args.sessions < 1 or args.expect_nodes < 1:
-        raise PeerpipeError("--context, --sessions and --expect-nodes must be at least 1")
     gpus = _gpus(args)
     if len(gpus) > args.expect_nodes:
         args.expect_nodes = len(gpus)  # the first plan waits for every GPU's node

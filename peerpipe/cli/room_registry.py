@@ -88,3 +88,18 @@ def the_room() -> RoomEntry:
         )
     hosts = [r for r in rooms if r.role == "host"]
     return hosts[0] if hosts else rooms[0]
+
+
+def locate_host(code: str, nameplate: int, timeout_s: float) -> tuple[str, int]:
+    """Where the host of room ``code`` listens: this machine's own rooms first, else mDNS on the
+    interface of the default route, as ``join`` looks (``--peer`` where multicast is blocked)."""
+    from peerpipe.room import default_lan_ip, find_host
+    from peerpipe.transport import run
+
+    known = [r for r in live_rooms() if r.code == code]
+    if known:
+        host, _, port = known[0].host.rpartition(":")
+        return host.strip("[]"), int(port)
+    found = run(find_host(nameplate, timeout_s, default_lan_ip()))
+    return found.address, found.port
+

@@ -108,7 +108,8 @@ def bench_device(caps: DeviceCaps, *, quick: bool = False, progress: Progress | 
     say("matmul 1024 fp32")
     t1024 = matmul_tflops(1024, torch.float32)
     big = (8192 if accel else 2048) if not quick else (4096 if accel else 1024)
-    say(f"matmul {big} fp32")
+    if big != 1024:
+        say(f"matmul {big} fp32")
     tbig = matmul_tflops(big, torch.float32) if big != 1024 else t1024
     half_dtype = torch.bfloat16 if caps.supports_bf16 else torch.float16
     thalf = 0.0

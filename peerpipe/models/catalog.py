@@ -44,8 +44,16 @@ def _used() -> list[str]:
     return [p for p in data if isinstance(p, str)] if isinstance(data, list) else []
 
 
+def looks_like_model(path: Path) -> bool:
+    """A Hugging Face folder (its config.json) or a GGUF file: what ``remember`` keeps and lists."""
+    return (path / "config.json").is_file() if path.is_dir() else path.is_file() and path.suffix.lower() == ".gguf"
+
+
 def remember(path: Path) -> None:
-    """Note a model folder or file a command used, for ``peerpipe models`` (best effort)."""
+    """Note a model folder or file a command used, for ``peerpipe models`` (best effort; a path
+    that is no model, such as a typo's, is not kept)."""
+    if not looks_like_model(path):
+        return
     text = str(path.resolve())
     used = [text, *(p for p in _used() if p != text)][:MAX_REMEMBERED]
     try:
@@ -113,7 +121,7 @@ def catalog() -> list[Held]:
             found.append(Held(name, "package", path, path.stat().st_size))
     for text in _used():
         path = Path(text)
-        if path.exists() and path != default_model_dir() and all(h.path != path for h in found):
+        if looks_like_model(path) and path != default_model_dir() and all(h.path != path for h in found):
             found.append(Held(text, "local", path, _size(path)))
     found += list(_ollama())
     found += list(_hub())
@@ -132,6 +140,6 @@ def remove(name: str) -> Held:
     elif held.source == "local":
         _used_file().write_text(json.dumps([p for p in _used() if p != name], indent=1))
     else:
-        owner = {"ollama": "managed by Ollama: `ollama rm` removes it", "bundled": "ships inside peerpipe"}
+        owner = {"ollama": "managed by Ollama: `ollama rm` removes it", "bundled": "part of peerpipe itself"}
         raise ModelNotFoundError(f"{name} is {owner.get(held.source, 'part of an installed package')}; nothing removed")
     return held

@@ -73,7 +73,7 @@ def _does_not_fit(model: ModelSpec, nodes: Sequence[NodeSpec], budget: Budget, s
     offered = sum(budget.usable(n.memory_bytes) for n in nodes)
     what = (
         f"{model.model_id} needs {fmt_bytes(need)} ({fmt_bytes(model.total_weight_bytes)} of weights "
-        f"+ {fmt_bytes(kv)} of KV cache for {budget.sessions} x {budget.context_tokens} tokens)"
+        f"+ {fmt_bytes(kv)} of KV cache for {budget.sessions} x {budget.tokens(model)} tokens)"
     )
     offer = f"the {len(nodes)} node(s) offer {fmt_bytes(offered)} after keeping {budget.headroom:.0%} of each free"
     if need > offered:

@@ -46,6 +46,7 @@ class ModelSpec:
     layer_flops: int  # per token
     tied_embeddings: bool = False
     dtype_bytes: int = 2  # of the weights and the hidden states in the model's own dtype
+    max_positions: int = 0  # the model's context (0: unknown); no stage caches more per session
 
     def __post_init__(self) -> None:
         if self.num_layers < 1:
@@ -75,6 +76,7 @@ class ModelSpec:
             layer_flops=2 * layer_params,
             tied_embeddings=cfg.tie_embeddings,
             dtype_bytes=dtype_bytes,
+            max_positions=cfg.max_positions,
         )
 
 
@@ -248,4 +250,10 @@ class Budget:
         return int(memory_bytes * (1 - self.headroom))
 
     def kv_bytes_per_layer(self, model: ModelSpec) -> int:
-        return model.kv_bytes_per_token * self.context_tokens * self.sessions
+        """What a layer's KV cache takes: ``context_tokens`` per session, within the model's context
+        (the stages allocate no more than that)."""
+        return model.kv_bytes_per_token * self.tokens(model) * self.sessions
+
+    def tokens(self, model: ModelSpec) -> int:
+        """Positions a session holds: ``context_tokens``, within the model's context."""
+        return min(self.context_tokens, model.max_positions) if model.max_positions else self.context_tokens

@@ -253,6 +253,13 @@ class Connection:
         self._rend += n
         return self.receive_buffered()
 
+    def _too_large(self, start: int, length: int, limit: int) -> str:
+        head = bytes(self._rbuf[start : min(start + 16, self._rend)])
+        if self._opener is None and all(32 <= b < 127 or b in (9, 10, 13) for b in head):
+            # (an HTTP or SSH server, say, where a room's host was expected)
+            return f"the peer is not a peerpipe node: it began with {head.decode('ascii')!r}"
+        return f"the peer announced a {length}-byte frame, above the {limit}-byte limit"
+
     def receive_buffered(self) -> list[Event]:
         """Handle every complete frame in the receive buffer; returns what happened."""
         if not self._started:
@@ -268,9 +275,7 @@ class Connection:
                 (length,) = _LEN.unpack_from(buf, start)
                 if length > limit:
                     # Rejected from the header alone: a hostile length never makes us buffer its body.
-                    raise FrameTooLargeError(
-                        f"the peer announced a {length}-byte frame, above the {limit}-byte limit"
-                    )
+                    raise FrameTooLargeError(self._too_large(start, length, limit))
                 end = start + HEADER_BYTES + length
                 if end > self._rend:
                     break

@@ -175,6 +175,8 @@ def test_kv_cache_for_context_and_sessions_counts_against_memory() -> None:
     # 32 layers x 1 KiB/token x 2^17 tokens x 1 session = 4 GiB of KV: no longer fits.
     with pytest.raises(DoesNotFitError):
         make_plan(model(), nodes, budget=Budget(context_tokens=1 << 17, sessions=1, headroom=0))
+    # A model of 1024 positions caches no more than that, whatever context was asked for.
+    make_plan(dataclasses.replace(model(), max_positions=1024), nodes, budget=Budget(context_tokens=1 << 17, sessions=1, headroom=0))
 
 
 def test_tied_embeddings_are_held_once_by_a_single_stage() -> None:
