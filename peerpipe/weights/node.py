@@ -42,6 +42,7 @@ class NodeWeights:
         self.server = WeightServer(send, corrupt=corrupt)
         self._local: tuple[Manifest, dict[str, Located]] | None = None
         self._hashed = False
+        self._told: set[str] = set()  # copies this node was told are not its own --model
 
     async def local(self) -> tuple[Manifest, dict[str, Located]] | None:
         """This node's own copy (a folder or a GGUF): its manifest (hashed once, then cached) and
@@ -86,6 +87,13 @@ class NodeWeights:
         if local is not None and local[0].id == manifest_id:
             assert self.model_dir is not None
             return self.model_dir
+        if local is not None and manifest_id not in self._told:
+            self._told.add(manifest_id)
+            assert self.model_dir is not None
+            self.report(
+                f"--model {self.model_dir.name} is not the room's model ({manifest_id[:12]}): this node serves the "
+                "room's, fetched from its peers (any tensor the two share is copied from yours)"
+            )
         store = existing_store(manifest_id, self.cache)
         if store is None:
             store = open_store(await self.fetcher.manifest(manifest_id, holders), self.cache)

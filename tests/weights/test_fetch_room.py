@@ -96,9 +96,11 @@ def test_a_member_with_a_stale_copy_fetches_only_the_tensors_that_differ(device,
         fh.seek(at.offset + 100)
         fh.write(b"\x01\x02\x03\x04")
 
+    said: list[str] = []
+
     async def main() -> None:
         async with contextlib.AsyncExitStack() as stack:
-            room, (node,) = await room_of(stack, device, [{"model": stale, "weights_dir": tmp_path / "cache"}])
+            room, (node,) = await room_of(stack, device, [{"model": stale, "weights_dir": tmp_path / "cache", "report": said.append}])
             plan = await room.plan(60)
             assert 4 in served(plan, node)
             assert await answer(room) == expected
@@ -106,6 +108,11 @@ def test_a_member_with_a_stale_copy_fetches_only_the_tensors_that_differ(device,
             files = sum(f.nbytes for f in build_manifest(MODEL, "austen").files)  # config, tokenizer: always fetched
             assert stats.bytes_received - files == at.nbytes  # the one matrix; the rest came from its own disk
             assert stats.copied_locally > 0
+            # The user hears that their --model is not the room's, once.
+            assert [line for line in said if "is not the room's model" in line] == [
+                f"--model stale is not the room's model ({room.cluster.rollout.model.manifest_id[:12]}): this node serves the room's, "
+                "fetched from its peers (any tensor the two share is copied from yours)"
+            ]
 
     asyncio.run(asyncio.wait_for(main(), 120))
 
