@@ -55,6 +55,10 @@ def positive_float(text: str) -> float:
     return value
 
 
+# What every --model takes (models/resolve.py), for the help texts.
+MODEL_FORMS = "a Hugging Face folder or Hub id (Qwen/Qwen3-0.6B), a .gguf file, ollama:NAME, or austen (bundled)"
+
+
 def model_path(text: str) -> Path:
     """``--model``: a model folder, or the bundled model's name. One that is not there raises
     ``ModelNotFoundError`` through argparse (which would make it a bad value, exit 2, under the

@@ -8,7 +8,14 @@ import sys
 import time
 from typing import Any
 
-from peerpipe.cli.args import add_strategy_arguments, model_path, parse_address, positive_float, positive_int
+from peerpipe.cli.args import (
+    MODEL_FORMS,
+    add_strategy_arguments,
+    model_path,
+    parse_address,
+    positive_float,
+    positive_int,
+)
 from peerpipe.errors import PeerpipeError
 
 GiB = 1 << 30
@@ -30,7 +37,7 @@ def _progress(step: str) -> None:
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measure this machine's device (and one layer of a model)", description=bench_cmd.__doc__)
-    p.add_argument("--model", type=model_path, metavar="DIR", help="also time one layer of this model (Hugging Face folder)")
+    p.add_argument("--model", type=model_path, metavar="MODEL", help=f"also time one layer of this model: {MODEL_FORMS}")
     p.add_argument("--device", help="cpu, cuda, cuda:N, mps, xpu or webgpu (default: the best one present)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="dtype of the layer (default: bf16 on GPUs, fp32 on CPUs)")
     p.add_argument("--no-cache", action="store_true", help="measure again instead of reading earlier results")
@@ -295,7 +302,7 @@ def parse_node(text: str) -> dict[str, Any]:
 
 def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="plan a model over the room or over hypothetical machines", description=plan_cmd.__doc__)
-    p.add_argument("--model", required=True, type=model_path, metavar="DIR", help="the model (Hugging Face folder, or 'austen')")
+    p.add_argument("--model", required=True, type=model_path, metavar="MODEL", help=f"the model: {MODEL_FORMS}")
     p.add_argument(
         "--node",
         action="append",

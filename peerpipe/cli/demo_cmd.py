@@ -12,7 +12,7 @@ import contextlib
 import time
 from pathlib import Path
 
-from peerpipe.cli.args import add_speculation_arguments, model_path, positive_int
+from peerpipe.cli.args import MODEL_FORMS, add_speculation_arguments, model_path, positive_int
 from peerpipe.cli.http_opts import add_http_arguments, reserve_http, start_api
 from peerpipe.cli.room_cmds import check_draft, check_model
 from peerpipe.cli.signals import Interrupts
@@ -26,7 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "demo", help="run a room of local nodes with the bundled model and serve it", description=run.__doc__
     )
     p.add_argument("--nodes", type=positive_int, default=3, help="local nodes in the room (3)")
-    p.add_argument("--model", type=model_path, metavar="DIR", help="serve this model instead of the bundled one")
+    p.add_argument("--model", type=model_path, metavar="MODEL", help=f"serve this model instead of the bundled one: {MODEL_FORMS}")
     p.add_argument("--prompt", default=DEMO_PROMPT, help="the sample prompt")
     p.add_argument("--max-tokens", type=positive_int, default=60, help="length of the sample answer in tokens (60)")
     p.add_argument("--no-serve", action="store_true", help="exit after the sample answer")

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from peerpipe.cli.args import model_path, parse_address
+from peerpipe.cli.args import MODEL_FORMS, model_path, parse_address
 from peerpipe.cli.http_opts import DEFAULT_HTTP, HTTP_ENV
 
 GiB = 1 << 30
@@ -50,7 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--http", metavar="HOST:PORT", help=f"the API address to check (default: ${HTTP_ENV}, else {DEFAULT_HTTP})"
     )
-    p.add_argument("--model", type=model_path, metavar="DIR", help="also check this model folder and whether it fits here")
+    p.add_argument("--model", type=model_path, metavar="MODEL", help=f"also check this model and whether it fits here: {MODEL_FORMS}")
     p.add_argument("--device", help="the device to check (default: the best one present)")
     p.add_argument("--webgpu", action="store_true", help="also look for a WebGPU adapter (the wgpu extra)")
     p.add_argument("--json", action="store_true", help="print one JSON object")

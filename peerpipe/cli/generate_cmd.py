@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from peerpipe.cli.args import (
+    MODEL_FORMS,
     BadValue,
     add_speculation_arguments,
     flag_names,
@@ -52,7 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("prompt", metavar="PROMPT", help="the prompt text")
     p.add_argument(
-        "--model", type=model_path, metavar="DIR", help="Hugging Face model folder, or 'austen' for the bundled model (to run it here)"
+        "--model", type=model_path, metavar="MODEL", help=f"the model to run here: {MODEL_FORMS}"
     )
     p.add_argument("--room", metavar="CODE", help="ask the room with this code instead of running a model here")
     p.add_argument("--peer", type=parse_address, metavar="HOST:PORT", help="the room's host (default: found by code)")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from peerpipe.cli.args import (
+    MODEL_FORMS,
     add_speculation_arguments,
     add_strategy_arguments,
     model_path,
@@ -26,7 +27,6 @@ from peerpipe.cli.args import (
 from peerpipe.cli.gpus import GpuChildren, GpuNode, add_gpus_argument, child_arguments, gpu_nodes, wildcard
 from peerpipe.cli.signals import Interrupts, run_command
 from peerpipe.errors import PeerpipeError
-from peerpipe.models import BUNDLED
 from peerpipe.room import PeerInfo, RoomCode, default_lan_ip, parse_code
 from peerpipe.transport import Address
 
@@ -123,8 +123,8 @@ def add_host_parser(
         "--no-mdns", action="store_true", help="do not advertise the room; members use --peer"
     )
     parser.add_argument(
-        "--model", type=model_path, metavar="DIR", help="plan this model over the room as nodes come and go, and serve it "
-        f"(a Hugging Face folder, or {BUNDLED!r} for the bundled model)"
+        "--model", type=model_path, metavar="MODEL", help="plan this model over the room as nodes come and go, and serve it "
+        f"({MODEL_FORMS})"
     )
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="weights dtype (bf16 on GPUs, fp32 on CPUs)")
     parser.add_argument("--expect-nodes", type=positive_int, default=1, metavar="N", help="make the first plan once N nodes are in (1)")
@@ -205,7 +205,7 @@ def add_join_parser(
         help="when the host is lost, wait for a host of the same code (a restarted one) instead of exiting",
     )
     parser.add_argument(
-        "--model", type=model_path, metavar="DIR",
+        "--model", type=model_path, metavar="MODEL",
         help="this machine's copy of the room's model (default: none; the layers this node serves are fetched "
         "from the room's peers, checked against the host's hashes, and kept in the cache for next time)",
     )
