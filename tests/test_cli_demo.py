@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 from peerpipe.models import default_model_dir
@@ -39,6 +41,12 @@ def test_demo_answers_then_serves_until_ctrl_c(tmp_path: Path) -> None:
         status, _, body = http("GET", url + "/api/room")
         room = json.loads(body)
         assert room["code"] == code and len(room["nodes"]) == 3 and room["ready"]
+        # `peerpipe status`, with no code, finds the demo's room as it finds a host's.
+        out = subprocess.run(
+            [sys.executable, "-m", "peerpipe", "status", "--json"], capture_output=True, text=True, timeout=60,
+            env={**os.environ, "PEERPIPE_CACHE": str(tmp_path)}, check=True,
+        ).stdout
+        assert sorted(n["name"] for n in json.loads(out)["nodes"]) == ["demo-host", "demo-node-1", "demo-node-2"]
 
         demo.interrupt()
         assert demo.wait(timeout=30) == 0

@@ -346,7 +346,7 @@ def plan_cmd(args: argparse.Namespace) -> int:
     machines (--node), or for both (--add-to-room). Exits non-zero when the model cannot fit."""
     from peerpipe.cluster.model_choice import ModelChoice
     from peerpipe.cluster.planning import hypothetical_nodes, links_with, network_from, node_spec
-    from peerpipe.plan import Budget, Link, Network, make_plan
+    from peerpipe.plan import Budget, DoesNotFitError, Link, Network, make_plan
 
     view = _fetch_view(args) if args.add_to_room or not args.node else None
     dtype = args.dtype or _host_dtype(view)
@@ -369,7 +369,12 @@ def plan_cmd(args: argparse.Namespace) -> int:
         raise PeerpipeError("two nodes share a name; give hypothetical nodes names of their own")
     links = links_with(specs, links, nic)
     started = time.perf_counter()
-    result = make_plan(spec, specs, Network(links), budget, entry=entry, strategy=args.strategy, objective=args.objective)
+    try:
+        result = make_plan(spec, specs, Network(links), budget, entry=entry, strategy=args.strategy, objective=args.objective)
+    except DoesNotFitError as exc:
+        if args.json:  # (a script reads why, and how much is missing, in the same shape)
+            print(json.dumps({"model": model.model_id, "fits": False, "error": str(exc), "missing_bytes": exc.missing_bytes}))
+        raise
     took = time.perf_counter() - started
     out = result.to_json()
     for stage in out["stages"]:
@@ -378,6 +383,7 @@ def plan_cmd(args: argparse.Namespace) -> int:
         detail["node"] = names.get(detail["node_id"], detail["node_id"])
     out["unused"] = [names.get(u, u) for u in out["unused"]]
     out["model"] = model.model_id
+    out["fits"] = True
     out["planning_ms"] = round(took * 1e3, 3)
     if args.json:
         print(json.dumps(out))

@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
 async def _demo(args: argparse.Namespace, signals: Interrupts) -> int:
     from peerpipe.cli.generate_cmd import show_text
+    from peerpipe.cli.room_registry import registered
     from peerpipe.cluster.config import ClusterConfig
     from peerpipe.cluster.rollout import describe_plan
     from peerpipe.models import default_model_dir
@@ -82,6 +83,8 @@ async def _demo(args: argparse.Namespace, signals: Interrupts) -> int:
             contextlib.AsyncExitStack() as nodes,
         ):
             say(f"room code: {room.code}   (host on {room.address[0]}:{room.address[1]}, mDNS on {LOOPBACK} only)")
+            # `peerpipe status` (and `plan`) then find the demo's room as they find a host's.
+            reserved.enter_context(registered(str(room.code), f"{room.address[0]}:{room.address[1]}", "host"))
             for i in range(1, args.nodes):
                 # Each member finds the host by the code alone, as `peerpipe join CODE` does on a LAN.
                 await nodes.enter_async_context(

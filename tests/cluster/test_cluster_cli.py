@@ -105,6 +105,10 @@ def test_plan_that_cannot_fit_exits_nonzero_with_the_reason(tiny_model_dir) -> N
     out = peerpipe("plan", "--model", str(model), "--node", "tiny:mem=0.000001,tflops=1", "--context", "100000")
     assert out.returncode == 1 and out.stdout == ""
     assert "missing" in out.stderr and "KV cache" in out.stderr and "Traceback" not in out.stderr
+    out = peerpipe("plan", "--model", str(model), "--node", "tiny:mem=0.000001,tflops=1", "--json")
+    said = json.loads(out.stdout)  # a script reads why in the shape it reads a plan
+    assert out.returncode == 1 and not said["fits"] and said["missing_bytes"] > 0 and "missing" in said["error"]
+    assert json.loads(peerpipe("plan", "--model", str(model), "--node", "a:mem=8,tflops=1", "--json").stdout)["fits"]
 
 
 @pytest.mark.parametrize(
