@@ -120,13 +120,15 @@ class Room:
 
     async def serve_http(
         self, listen: Address = ("127.0.0.1", 8088), *, api_key: str | None = None, max_pending: int = 64,
-        https: bool = False,
+        https: bool = False, cors: Sequence[str] = (),
     ) -> ApiServer:
-        """Serve the OpenAI API, the dashboard and /metrics for this room; ``await api.close()`` stops it."""
+        """Serve the OpenAI API, the dashboard and /metrics for this room; ``await api.close()`` stops it.
+        ``cors``: origins whose web pages may call the API (docs/api.md)."""
         from peerpipe.api import ApiServer
 
         api = ApiServer(
-            self.cluster, self.inference, api_key=api_key, max_pending=max_pending, browsers=self.browser_host()
+            self.cluster, self.inference, api_key=api_key, max_pending=max_pending, browsers=self.browser_host(),
+            cors=cors,
         )
         await api.start(*listen, https=https)
         return api

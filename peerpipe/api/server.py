@@ -16,7 +16,7 @@ import json
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any
 
@@ -77,8 +77,10 @@ class ApiServer:
         max_pending: int = 64,
         feed_interval_s: float = 1.0,
         browsers: BrowserHost | None = None,
+        cors: Sequence[str] = (),
     ) -> None:
         self.cluster = cluster
+        self.cors = frozenset(origin.rstrip("/") for origin in cors)  # origins whose pages may call the API
         self.inference = inference
         self.api_key = api_key or None
         self.metrics = Metrics()
@@ -93,8 +95,9 @@ class ApiServer:
         )
         self.browsers = BrowserRoutes(browsers)  # tabs that lend their GPU (api/browser_nodes.py)
         self.app = web.Application(
-            client_max_size=MAX_BODY_BYTES, middlewares=[self._errors, self._guard, self._auth]
+            client_max_size=MAX_BODY_BYTES, middlewares=[self._preflight, self._errors, self._guard, self._auth]
         )
+        self.app.on_response_prepare.append(self._allow_origin)  # (before any body: streams too)
         self.app.add_routes(
             [
                 web.get("/", self._index),
@@ -181,6 +184,34 @@ class ApiServer:
             response = _error_response(ApiError(500, message, "server_error", "internal"))
         self.metrics.requests.inc(endpoint=endpoint, status=str(response.status))
         return response
+
+    def _allowed(self, request: web.Request) -> str | None:
+        """The request's Origin when ``cors`` lets its pages read our answers, else None."""
+        origin = request.headers.get("Origin")
+        return origin if origin and ("*" in self.cors or origin in self.cors) else None
+
+    @web.middleware
+    async def _preflight(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """A browser asks before a page on another origin may send JSON or a key: yes for the
+        origins ``--cors`` names (no key needed to ask), else a refusal that says how to allow it."""
+        if request.method != "OPTIONS" or "Access-Control-Request-Method" not in request.headers:
+            return await handler(request)
+        if self._allowed(request) is None:
+            origin = request.headers.get("Origin", "")
+            return _error_response(
+                ApiError(403, f"pages on {origin or 'another origin'} may not call this API: the host allows them with "
+                         f"--cors {origin or 'ORIGIN'}", code="cross_origin")
+            )
+        return web.Response(status=204, headers={
+            "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+            "Access-Control-Allow-Headers": "Authorization, Content-Type",
+            "Access-Control-Max-Age": "600",
+        })
+
+    async def _allow_origin(self, request: web.Request, response: web.StreamResponse) -> None:
+        if (origin := self._allowed(request)) is not None:
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers.add("Vary", "Origin")
 
     @web.middleware
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -52,6 +52,11 @@ def add_http_arguments(parser: argparse.ArgumentParser) -> None:
         help="serve over TLS with a self-signed certificate (browsers lend their GPU only to secure pages)",
     )
     parser.add_argument(
+        "--cors", action="append", default=[], metavar="ORIGIN",
+        help="let web pages from ORIGIN (http://localhost:5173, say; * for any) call the API from a browser "
+        "(repeatable; default: none, so no other site's page can use the room)",
+    )
+    parser.add_argument(
         "--max-pending", type=_non_negative, default=64, metavar="N", help="requests that may wait for a session before 'busy' (64)"
     )
 
@@ -88,7 +93,8 @@ async def start_api(
     from peerpipe.api.server import ApiServer
 
     api = ApiServer(
-        room.cluster, room.inference, api_key=args.api_key, max_pending=args.max_pending, browsers=room.browser_host()
+        room.cluster, room.inference, api_key=args.api_key, max_pending=args.max_pending, browsers=room.browser_host(),
+        cors=args.cors,
     )
     url = await api.start(sock=sock, https=args.https)
     say(f"dashboard: {url}/")

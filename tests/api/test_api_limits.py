@@ -18,6 +18,7 @@ import pytest
 from tests.api.apiroom import ApiRoom, http, open_api_room, wait_feed
 
 KEY = "sekrit-key"
+PAGE = "http://localhost:5173"  # a web app's origin the host lets call the API (--cors)
 LONG = {"max_tokens": 50, "stream": True, "ignore_eos": True}
 
 
@@ -25,18 +26,17 @@ LONG = {"max_tokens": 50, "stream": True, "ignore_eos": True}
 def room(model: Path, warm_bench: None, warm_layers) -> Iterator[ApiRoom]:  # type: ignore[no-untyped-def]
     warm_layers(model)
     room = open_api_room(
-        model, 1, code="5-amber-falcon", host_args=("--sessions", "1", "--max-pending", "0", "--api-key", KEY),
+        model, 1, code="5-amber-falcon", host_args=("--sessions", "1", "--max-pending", "0", "--api-key", KEY, "--cors", PAGE),
         member_prefix=("env", "PEERPIPE_LINK_DELAY_MS=20"),
     )
     yield room
     room.stop()
 
 
-def open_stream(room: ApiRoom, model: Path, key: str = KEY):  # type: ignore[no-untyped-def]
+def open_stream(room: ApiRoom, model: Path, key: str = KEY, origin: str = ""):  # type: ignore[no-untyped-def]
     body = json.dumps({"model": model.name, "prompt": "A long story", **LONG}).encode()
-    request = urllib.request.Request(
-        room.url + "/v1/completions", data=body, method="POST", headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
-    )
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"} | ({"Origin": origin} if origin else {})
+    request = urllib.request.Request(room.url + "/v1/completions", data=body, method="POST", headers=headers)
     return urllib.request.urlopen(request, timeout=30)
 
 
@@ -81,6 +81,24 @@ def test_a_taken_http_port_is_a_clear_error(warm_bench: None) -> None:
         )
     assert out.returncode == 1
     assert f"cannot serve HTTP on 127.0.0.1:{port}" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_pages_of_the_origins_cors_names_may_call_the_api_and_no_others(room: ApiRoom, model: Path) -> None:
+    ask = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization, content-type"}
+    status, headers, _ = http("OPTIONS", room.url + "/v1/completions", headers={"Origin": PAGE, **ask})
+    assert status == 204 and headers["Access-Control-Allow-Origin"] == PAGE  # asked without the key
+    assert "Authorization" in headers["Access-Control-Allow-Headers"]
+    status, _, body = http("OPTIONS", room.url + "/v1/completions", headers={"Origin": "http://evil.example", **ask})
+    error = json.loads(body)["error"]
+    assert status == 403 and error["code"] == "cross_origin" and "--cors http://evil.example" in error["message"]
+    # The page reads answers, streamed ones too, and errors; another origin's page gets no such header.
+    with open_stream(room, model, origin=PAGE) as stream:
+        assert stream.headers["Access-Control-Allow-Origin"] == PAGE and stream.readline().startswith(b"data: ")
+    wait_feed(room.url, lambda s: not s["tasks"], key=KEY)  # (its session is free again)
+    status, headers, _ = http("GET", room.url + "/v1/models", headers={"Origin": PAGE})
+    assert status == 401 and headers["Access-Control-Allow-Origin"] == PAGE
+    status, headers, _ = http("GET", room.url + "/v1/models", headers={"Origin": "http://evil.example", "Authorization": f"Bearer {KEY}"})
+    assert status == 200 and "Access-Control-Allow-Origin" not in headers
 
 
 def test_a_stopping_host_ends_a_running_stream_with_an_error_event(room: ApiRoom, model: Path) -> None:
