@@ -107,7 +107,8 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
     # (a completion's ``logprobs: 0`` asks for the chosen tokens' log-probabilities, and 0 == False)
     if not (logprobs is None or logprobs is False) or body.get("top_logprobs") not in (None, 0):
         raise unsupported("logprobs", "returning log-probabilities")
-    if body.get("tools") or body.get("functions"):
+    # With tool_choice "none" the model is not to call any: the tools are left out, as unused.
+    if (body.get("tools") or body.get("functions")) and "none" not in (body.get("tool_choice"), body.get("function_call")):
         raise unsupported("tools", "tool calling")
     for name in ("tool_choice", "function_call"):
         if body.get(name) not in (None, "none", "auto"):
@@ -222,7 +223,7 @@ def _prompt(body: dict[str, Any]) -> str | tuple[int, ...]:
         if min(prompt) < 0:
             raise bad_request("prompt token ids must be >= 0", param="prompt")
         return tuple(prompt)
-    if isinstance(prompt, list) and len(prompt) > 1:
+    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, str | list) for p in prompt):
         raise unsupported("prompt", "a batch of several prompts in one request")
     raise bad_request("prompt must be a string or a list of token ids", param="prompt")
 

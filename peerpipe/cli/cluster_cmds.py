@@ -256,7 +256,7 @@ def status_cmd(args: argparse.Namespace) -> int:
         if any(h != "native" for h in hops):
             print("hidden states between stages: " + ", ".join(hops))
     else:
-        print("no plan yet")
+        print("no plan yet: the host plans once it has a model and its --expect-nodes have joined")
     if data["tasks"]:
         task_rows = [
             [t["task_id"][:8], t["status"], str(t["prompt_tokens"]), str(t["tokens"]), f"{t['tok_s']:.1f}"]

@@ -125,7 +125,6 @@ def show_text(text: str) -> None:
 def run(args: argparse.Namespace) -> int:
     """Generate text: with --model on this machine, or with --room CODE on a room's pipeline (the
     host runs the prompt through its stages and streams the answer back)."""
-    sampling(args)  # (a bad value before a model loads or a room is looked for)
     if args.system is not None and not args.chat:
         raise BadValue("--system is the system message of --chat: give both")
     if args.room:
@@ -136,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
         if given:
             flags = ", ".join("--" + name.replace("_", "-") for name in given)
             raise BadValue(f"{flags} run a model here; with --room the room's host runs its own")
+        sampling(args)  # (a bad value before the room is looked for; here, after the context is checked)
         return run_remote(args)
     if args.model is None:
         raise PeerpipeError("give --model DIR to run a model here, or --room CODE to ask a room")

@@ -12,6 +12,8 @@ from peerpipe.protocol import Cancel, GenerateDone, GenerateRequest, GenerateTex
 from peerpipe.room import LINK_ERRORS, MessageFrom, PeerLeft, RoomCode, RoomNode
 from peerpipe.transport import Address
 
+SAY_WAIT_S = 0.5  # how long a not-ready view waits to be said: the host's first answer may come first
+
 
 def not_ready(view: RoomView) -> str:
     """Why the room's view says answers would wait now; "" when every stage has its plan."""
@@ -39,6 +41,7 @@ async def remote_generate(
         peer = await node.dial(host)
         await node.send(peer.node_id, request)
         waiting_said = False
+        saying: asyncio.TimerHandle | None = None  # the wait, said unless the host answers first
         try:
             async with asyncio.timeout(timeout_s):
                 async for event in node.events():
@@ -46,14 +49,16 @@ async def remote_generate(
                         message = event.message
                         if isinstance(message, GenerateText) and message.request_id == request.request_id:
                             waiting_said = True  # the answer flows: older views say nothing new
+                            if saying is not None:
+                                saying.cancel()
                             if on_text is not None:
                                 on_text(message.text)
                         elif isinstance(message, GenerateDone) and message.request_id == request.request_id:
                             return message
                         elif isinstance(message, RoomView) and not waiting_said and (why := not_ready(message)):
                             waiting_said = True
-                            if on_wait is not None:
-                                on_wait(why)
+                            if on_wait is not None:  # (a host refusing at once, no model say, makes it moot)
+                                saying = asyncio.get_running_loop().call_later(SAY_WAIT_S, on_wait, why)
                     elif isinstance(event, PeerLeft) and event.peer.node_id == peer.node_id:
                         raise InferenceError(f"the host left before answering: {event.reason}")
         except TimeoutError:
@@ -63,4 +68,7 @@ async def remote_generate(
                 async with asyncio.timeout(2.0):
                     await node.send(peer.node_id, Cancel(request.request_id))
             raise
+        finally:
+            if saying is not None:
+                saying.cancel()
         raise InferenceError("the connection ended before the answer")

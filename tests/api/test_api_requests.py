@@ -38,6 +38,7 @@ def test_chat_fields_are_read() -> None:
     )
     s = r.sampling
     assert (s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed, s.stop) == (7, 0.5, 0.9, 0, 3, ("END",))
+    parse_chat(chat(tools=[{"type": "function"}], tool_choice="none"))  # (no tool may be called: served)
     nothing = parse_chat(chat(top_p=0, logprobs=False)).sampling  # as OpenAI: the likeliest token alone
     assert (nothing.top_p, nothing.top_k) == (None, 1)
     assert r.stream and r.include_usage
