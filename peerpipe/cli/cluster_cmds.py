@@ -223,13 +223,15 @@ def status_cmd(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(data))
         return 0
-    names = {n["node_id"]: n["name"] for n in data["nodes"]}
+    from peerpipe.cluster.membership import unique_names
+
+    names = unique_names({n["node_id"]: n["name"] for n in data["nodes"]})
     rows = []
     for n in data["nodes"]:
         layers = n["layers"]
         rows.append(
             [
-                n["name"],
+                names[n["node_id"]],
                 f"{n['device']} {n['device_name']}"[:40] + (f" ({n['quantize']})" if n["quantize"] != "none" else ""),
                 f"{n['tflops']:.2f}",
                 f"{n['memory_gbps']:.0f}",
@@ -327,13 +329,6 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=plan_cmd)
 
 
-def _unique_names(names: dict[str, str]) -> dict[str, str]:
-    """Room nodes by name, told apart by their id where two share one (nodes on one machine
-    take its host name)."""
-    taken = [n for n in names.values()]
-    return {i: f"{n}-{i[:4]}" if taken.count(n) > 1 else n for i, n in names.items()}
-
-
 def _host_dtype(view: Any) -> str:
     """The dtype a room's host (listed first) loads when not told; bfloat16 without a room."""
     from peerpipe.cluster.capabilities import default_dtype
@@ -344,6 +339,7 @@ def _host_dtype(view: Any) -> str:
 def plan_cmd(args: argparse.Namespace) -> int:
     """Plan which layers of --model each node holds: for the live room, for hypothetical
     machines (--node), or for both (--add-to-room). Exits non-zero when the model cannot fit."""
+    from peerpipe.cluster.membership import unique_names
     from peerpipe.cluster.model_choice import ModelChoice
     from peerpipe.cluster.planning import hypothetical_nodes, links_with, network_from, node_spec
     from peerpipe.plan import Budget, DoesNotFitError, Link, Network, make_plan
@@ -360,7 +356,7 @@ def plan_cmd(args: argparse.Namespace) -> int:
     if view is not None:
         alive = [m for m in view.members if m.health == "alive"]
         room = [node_spec(spec, m.info, m.timing, model.shape_key, half=model.half) for m in alive]
-        names = _unique_names({m.info.node_id: m.info.name for m in alive}) | names
+        names = unique_names({m.info.node_id: m.info.name for m in alive}) | names
         measured = network_from(view.links)
         links.update(measured.links)
         entry = room[0].node_id if room else entry  # the host is listed first

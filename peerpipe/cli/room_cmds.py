@@ -50,16 +50,6 @@ def _chunk(text: str) -> int | None:
     return int(text)
 
 
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
-    return value
-
-
 def _use_threads(args: argparse.Namespace) -> None:
     if args.threads is None:
         return
@@ -83,7 +73,7 @@ def _add_device_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu, cuda, cuda:N, mps, xpu or webgpu (default: the best one present)")
     add_gpus_argument(parser)
     parser.add_argument(
-        "--memory", type=_positive, metavar="GB", help="offer at most this much memory to the room (default: all free)"
+        "--memory", type=positive_float, metavar="GB", help="offer at most this much memory to the room (default: all free)"
     )
     parser.add_argument("--quick", action="store_true", help="shorter, less precise device benchmarks")
     parser.add_argument(
@@ -132,13 +122,13 @@ def add_host_parser(
     parser.add_argument("--context", type=positive_int, default=4096, help="tokens of KV cache per session to plan for (4096)")
     parser.add_argument("--sessions", type=positive_int, default=4, help="concurrent answers to hold KV cache for (4)")
     parser.add_argument(
-        "--heartbeat", type=_positive, default=1.0, metavar="S", help="seconds between members' heartbeats (1)"
+        "--heartbeat", type=positive_float, default=1.0, metavar="S", help="seconds between members' heartbeats (1)"
     )
     parser.add_argument(
         "--suspect-after", type=positive_int, default=3, metavar="BEATS", help="missed heartbeats before a node is suspected (3)"
     )
     parser.add_argument(
-        "--dead-after", type=_positive, default=6.0, metavar="S", help="seconds without a heartbeat before a node is dropped (6)"
+        "--dead-after", type=positive_float, default=6.0, metavar="S", help="seconds without a heartbeat before a node is dropped (6)"
     )
     parser.add_argument(
         "--replicas",
@@ -159,7 +149,7 @@ def add_host_parser(
     )
     parser.add_argument(
         "--stall-timeout",
-        type=_positive,
+        type=positive_float,
         default=None,
         metavar="S",
         help="a token that takes longer has its stages checked and the answer replayed on those that answer "

@@ -27,6 +27,7 @@ from peerpipe.cluster.membership import (
     Lost,
     Tick,
     reduce,
+    unique_names,
 )
 from peerpipe.cluster.model_choice import ModelChoice
 from peerpipe.cluster.rollout import Rollout
@@ -273,7 +274,8 @@ class ClusterHost:
             await self.node.send(peer, message)
 
     def names(self) -> dict[str, str]:
-        return {m.info.node_id: m.info.name for m in self.view.members}
+        return unique_names({m.info.node_id: m.info.name for m in self.view.members})
+
 
 
 GUESS_WARNINGS = frozenset({5, 20, 100, 500})  # wrong codes from one address that make the host warn

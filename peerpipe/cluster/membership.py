@@ -156,3 +156,10 @@ def _tick(view: ClusterView, now: float, config: MembershipConfig) -> ClusterVie
             changed = True
         members.append(m)
     return ClusterView(view.epoch + 1, tuple(members)) if changed else view
+
+
+def unique_names(names: dict[str, str]) -> dict[str, str]:
+    """Nodes by name, told apart by their id where two share one (nodes of one machine take its
+    host name unless given --name)."""
+    taken = list(names.values())
+    return {i: f"{n}-{i[:4]}" if taken.count(n) > 1 else n for i, n in names.items()}

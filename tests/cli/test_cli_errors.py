@@ -81,7 +81,7 @@ CASES: list[tuple[list[str], int, str]] = [
     (["host", "--code", "7-amber", *LOOP], 1, "room code"),
     (["host", "--context", "0", *LOOP], 2, "positive"),
     (["host", "--threads", "0", *LOOP], 2, "positive"),
-    (["host", "--memory", "-1", *LOOP], 2, "must be positive"),
+    (["host", "--memory", "-1", *LOOP], 2, "must be a positive number"),
     (["host", "--heartbeat", "x", *LOOP], 2, "not a number"),
     (["host", "--replicas", "many", *LOOP], 2, "replicas"),
     (["host", "--listen", "nohost:99999"], 2, "HOST:PORT"),

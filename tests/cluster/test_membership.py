@@ -100,3 +100,10 @@ def test_dead_member_beats_are_ignored_until_it_joins_again() -> None:
 def test_config_is_validated(kwargs, needle) -> None:
     with pytest.raises(ValueError, match=needle):
         MembershipConfig(**kwargs)
+
+
+def test_nodes_that_share_a_name_are_told_apart_by_their_id() -> None:
+    from peerpipe.cluster.membership import unique_names
+
+    assert unique_names({"aaaa1": "vm", "bbbb2": "vm", "cccc3": "laptop"}) == {"aaaa1": "vm-aaaa", "bbbb2": "vm-bbbb", "cccc3": "laptop"}
+    assert unique_names({"aaaa1": "vm"}) == {"aaaa1": "vm"}
