@@ -35,6 +35,14 @@ def parse_address(text: str, *, default_port: int | None = None) -> Address:
     return host, int(port_text)
 
 
+def interface_address(text: str) -> str:
+    """``join --listen``: an address of this machine, with no port (a member listens on any free one)."""
+    host, sep, port = text.rpartition(":")
+    if sep and port.isdigit() and host and (host.count(":") == 0 or host.startswith("[")):
+        raise argparse.ArgumentTypeError(f"{text!r}: give this machine's address alone ({host.strip('[]')}); a member picks its own port")
+    return text
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)

@@ -19,6 +19,7 @@ from peerpipe.cli.args import (
     MODEL_FORMS,
     add_speculation_arguments,
     add_strategy_arguments,
+    interface_address,
     model_path,
     parse_address,
     positive_float,
@@ -181,6 +182,7 @@ def add_join_parser(
     )
     parser.add_argument(
         "--listen",
+        type=interface_address,
         metavar="HOST",
         help="this machine's address on the room's network: other nodes connect to it there and "
         "mDNS runs there only (default: the LAN address of the default route)",
