@@ -176,6 +176,8 @@ class ApiServer:
             kind = "invalid_request_error" if exc.status < 500 else "server_error"
             code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status)
             response = _error_response(ApiError(exc.status, exc.reason, kind, code))
+            if "Allow" in exc.headers:  # (a 405 says which methods the path takes)
+                response.headers["Allow"] = exc.headers["Allow"]
         except Exception as exc:
             if not request.path.startswith(("/v1", "/api", "/metrics")):
                 raise

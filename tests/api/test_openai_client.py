@@ -187,8 +187,8 @@ def test_errors_have_openai_shape(client: openai.OpenAI, room: ApiRoom, model: P
     assert status == 400 and error["type"] == "invalid_request_error" and "JSON" in error["message"]
     status, _, body = http("GET", room.url + "/v1/nothing-here")
     assert status == 404 and json.loads(body)["error"]["code"] == "not_found"
-    status, _, body = http("GET", room.url + "/v1/chat/completions")
-    assert status == 405 and json.loads(body)["error"]["code"] == "method_not_allowed"
+    status, headers, body = http("GET", room.url + "/v1/chat/completions")
+    assert status == 405 and json.loads(body)["error"]["code"] == "method_not_allowed" and headers["Allow"] == "POST"
     status, _, body = http("POST", room.url + "/v1/completions", b" " * (5 << 20))
     assert status == 413 and json.loads(body)["error"]["code"] == "request_too_large"
     status, _, body = http("POST", room.url + "/v1/completions", b"[" * 100_000 + b"]" * 100_000)
