@@ -22,6 +22,7 @@ from peerpipe.cluster.membership import (
     Beat,
     ClusterView,
     Event,
+    HostAway,
     Joined,
     Left,
     Lost,
@@ -169,9 +170,14 @@ class ClusterHost:
 
     async def _ticks(self) -> None:
         period = min(0.25, self.config.membership.heartbeat_s / 4)
+        last = self.clock()
         while True:
             await asyncio.sleep(period)
             now = self.clock()
+            away, last = now - last - period, now
+            if away > self.config.membership.heartbeat_s:  # (this host, not its members, was silent)
+                await self._apply(HostAway(away))
+                self.report(f"this host stood still for {away:.1f} s: members' silence counts from now")
             # The host beats for itself: it never misses its own heartbeat.
             stats = self.stage.stats if self.stage else None
             steps, compute_s = (stats.steps, stats.compute_s) if stats else (0, 0.0)

@@ -108,7 +108,15 @@ class Tick:
     now: float
 
 
-Event = Joined | Left | Lost | Beat | Tick
+@dataclass(frozen=True)
+class HostAway:
+    """The host's own loop stood still for ``seconds`` (stopped, swapped out, starved): members'
+    beats sat unread meanwhile, so their silence during it does not count."""
+
+    seconds: float
+
+
+Event = Joined | Left | Lost | Beat | Tick | HostAway
 
 
 def reduce(view: ClusterView, event: Event, config: MembershipConfig) -> ClusterView:
@@ -139,6 +147,9 @@ def reduce(view: ClusterView, event: Event, config: MembershipConfig) -> Cluster
         )
         members = tuple(new if m is old else m for m in view.members)
         return ClusterView(view.epoch + old.suspected, members)
+    if isinstance(event, HostAway):
+        members = tuple(dataclasses.replace(m, last_beat=m.last_beat + event.seconds) for m in view.members)
+        return ClusterView(view.epoch, members)
     return _tick(view, event.now, config)
 
 

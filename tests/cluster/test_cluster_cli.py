@@ -87,6 +87,21 @@ def test_frozen_node_is_suspected_then_dropped_then_joins_again(procs) -> None:
     member.expect(r"dropped this node from the room; joining again")
 
 
+def test_a_host_that_stood_still_keeps_its_members(procs) -> None:
+    """A host stopped longer than --dead-after finds its members' beats unread when it wakes: it
+    must not take its own silence for theirs and drop them all."""
+    host, address = open_room(procs, "--heartbeat", "0.2", "--suspect-after", "3", "--dead-after", "1.5")
+    member = join(procs, address, "m")
+    host.expect(r"^joined: m ")
+    host.proc.send_signal(signal.SIGSTOP)
+    time.sleep(2.5)  # the freeze itself is what is tested: no event can come from a stopped host
+    host.proc.send_signal(signal.SIGCONT)
+    host.expect(r"^this host stood still for \d+\.\d s: members' silence counts from now$", timeout=5)
+    view = json.loads(peerpipe("status", "--json", "--code", CODE, "--peer", address).stdout)
+    assert [n["name"] for n in view["nodes"]] == ["h", "m"] and all(n["health"] == "alive" for n in view["nodes"])
+    assert not any(line.startswith(("dead:", "suspected:")) for line in host.seen), host.seen
+
+
 def test_plan_for_hypothetical_machines_prints_json(tiny_model_dir) -> None:
     model = tiny_model_dir("llama", config_overrides={"num_hidden_layers": 32})
     seed = ["--node", "a:mem=50,tflops=50", "--node", "b:mem=50,tflops=31", "--node", "c:mem=50,tflops=19"]

@@ -7,6 +7,7 @@ import pytest
 from peerpipe.cluster.membership import (
     Beat,
     ClusterView,
+    HostAway,
     Joined,
     Left,
     Lost,
@@ -107,3 +108,12 @@ def test_nodes_that_share_a_name_are_told_apart_by_their_id() -> None:
 
     assert unique_names({"aaaa1": "vm", "bbbb2": "vm", "cccc3": "laptop"}) == {"aaaa1": "vm-aaaa", "bbbb2": "vm-bbbb", "cccc3": "laptop"}
     assert unique_names({"aaaa1": "vm"}) == {"aaaa1": "vm"}
+
+
+def test_a_host_that_stood_still_does_not_count_its_own_silence_against_members() -> None:
+    # a beat at 4, then the host froze from 4.25 to 13.25: a, whose beats sat unread, stays
+    # unsuspected; b, silent since 0 before the freeze too, is suspected but not dead.
+    view = run(Joined(info("a"), 0), Joined(info("b"), 0), Beat("a", 0.0, "idle", 4.0), HostAway(9.0), Tick(13.25))
+    assert view.ids == ("a", "b") and [m.suspected for m in view.members] == [False, True]
+    assert run(Joined(info("a"), 0), Beat("a", 0.0, "idle", 4.0), Tick(13.25)).ids == ()  # (without: dead)
+
