@@ -155,8 +155,16 @@ def add_status_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def view_to_json(view) -> dict[str, Any]:  # type: ignore[no-untyped-def]
-    held = {s.node_id: [s.start, s.end] for s in view.plan.stages} if view.plan else {}
-    predicted = {s.node_id: s.predicted_ms for s in view.plan.stages if s.predicted_ms} if view.plan else {}
+    # A node may hold several stages (the host, after standbys took over from nodes it lost), and standbys.
+    held: dict[str, list[list[int]]] = {}
+    spare: dict[str, list[list[int]]] = {}
+    predicted: dict[str, float] = {}
+    for s in view.plan.stages if view.plan else ():
+        held.setdefault(s.node_id, []).append([s.start, s.end])
+        if s.predicted_ms:
+            predicted[s.node_id] = predicted.get(s.node_id, 0.0) + s.predicted_ms
+    for s in view.plan.standbys if view.plan else ():
+        spare.setdefault(s.node_id, []).append([s.start, s.end])
     measured = view.measured_ms or None
     return {
         "epoch": view.epoch,
@@ -176,7 +184,8 @@ def view_to_json(view) -> dict[str, Any]:  # type: ignore[no-untyped-def]
                 "status": m.status,
                 "load": m.load,
                 "heartbeat_age_ms": m.heartbeat_age_ms,
-                "layers": held.get(m.info.node_id),
+                "layers": held.get(m.info.node_id, []),  # [start, end) ranges, in pipeline order
+                "standby_layers": spare.get(m.info.node_id, []),
                 "layer_decode_ms": m.timing.decode_ms if m.timing else None,
                 "predicted_ms_per_step": predicted.get(m.info.node_id),
                 "measured_ms_per_step": m.compute_s * 1e3 / m.steps if m.steps else None,
@@ -191,6 +200,7 @@ def view_to_json(view) -> dict[str, Any]:  # type: ignore[no-untyped-def]
             "stages": [
                 {"node": s.node_id, "start": s.start, "end": s.end, "wire": s.wire or "native"} for s in view.plan.stages
             ],
+            "standbys": [{"node": s.node_id, "start": s.start, "end": s.end} for s in view.plan.standbys],
             "predicted_ms_per_token": view.plan.predicted_ms,
             "measured_ms_per_token": measured,
             "lanes": view.plan.lanes,  # stages that can compute at once (a GPU, or cores, each)
@@ -223,12 +233,18 @@ def status_cmd(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(data))
         return 0
+    print_status(data)
+    return 0
+
+
+def print_status(data: dict[str, Any]) -> None:
+    """``status``'s tables, from its JSON (``view_to_json``)."""
     from peerpipe.cluster.membership import unique_names
 
     names = unique_names({n["node_id"]: n["name"] for n in data["nodes"]})
     rows = []
     for n in data["nodes"]:
-        layers = n["layers"]
+        layers = " ".join(f"[{a},{b})" for a, b in n["layers"]) + "".join(f" +[{a},{b}) spare" for a, b in n["standby_layers"])
         rows.append(
             [
                 names[n["node_id"]],
@@ -238,7 +254,7 @@ def status_cmd(args: argparse.Namespace) -> int:
                 f"{n['memory_bytes'] / GiB:.1f}",
                 f"{n['heartbeat_age_ms'] / 1e3:.1f}s {n['health']}",
                 f"{n['status']} {n['load']:.0%}",
-                f"[{layers[0]},{layers[1]})" if layers else "-",
+                layers.strip() or "-",
                 f"{_ms(n['predicted_ms_per_step'])} / {_ms(n['measured_ms_per_step'])}",
             ]
         )
@@ -271,7 +287,6 @@ def status_cmd(args: argparse.Namespace) -> int:
             for x in data["links"]
         ]
         print(_table(link_rows, ["from", "to", "rtt ms", "MiB/s"]))
-    return 0
 
 
 # -- plan -------------------------------------------------------------------------------------

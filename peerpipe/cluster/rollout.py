@@ -81,7 +81,10 @@ def describe_plan(plan: Plan, names: dict[str, str]) -> str:
             stages += f"({s.quantize})"  # a node that let the planner choose holds these in fewer bits
         if s is not plan.stages[-1]:
             stages += f" -{s.wire}-> " if s.wire else " -> "  # a hop in another format says which
-    return f"plan v{plan.version}: {stages}, {plan.predicted_ms:.2f} ms/token predicted"
+    spares = ", ".join(f"{names.get(s.node_id, s.node_id[:8])}[{s.start},{s.end})" for s in plan.standbys)
+    return f"plan v{plan.version}: {stages}, {plan.predicted_ms:.2f} ms/token predicted" + (
+        f"; standbys: {spares}" if spares else ""
+    )
 
 
 class Rollout:

@@ -91,7 +91,7 @@ def test_a_host_that_stood_still_keeps_its_members(procs) -> None:
     """A host stopped longer than --dead-after finds its members' beats unread when it wakes: it
     must not take its own silence for theirs and drop them all."""
     host, address = open_room(procs, "--heartbeat", "0.2", "--suspect-after", "3", "--dead-after", "1.5")
-    member = join(procs, address, "m")
+    join(procs, address, "m")
     host.expect(r"^joined: m ")
     host.proc.send_signal(signal.SIGSTOP)
     time.sleep(2.5)  # the freeze itself is what is tested: no event can come from a stopped host
@@ -184,3 +184,23 @@ def test_a_member_not_told_to_wait_exits_when_the_host_is_lost(procs) -> None:
     host.proc.kill()
     assert member.wait(timeout=30) == 1
     assert "lost the host" in member.stderr()
+
+
+def test_status_shows_every_stage_of_a_node_and_its_standbys(capsys: pytest.CaptureFixture[str]) -> None:
+    """After standbys took over from lost nodes, one node may hold several stages; and a plan
+    with --replicas keeps standbys, which status must show too."""
+    from peerpipe import protocol as p
+    from peerpipe.cli.cluster_cmds import print_status, view_to_json
+
+    nodes = [p.NodeInfo(i, i, "cpu", 1 << 30, 1.0) for i in ("h", "m2", "m3")]
+    stages = (p.PlanStage("h", 0, 2, 1.5), p.PlanStage("h", 2, 4), p.PlanStage("m2", 4, 6, 1.0))
+    plan = p.Plan(5, "austen", 6, stages, 3.0, standbys=(p.PlanStage("m3", 4, 6),))
+    view = p.RoomView(9, tuple(p.MemberState(n) for n in nodes), plan)
+    data = view_to_json(view)
+    layers = {n["name"]: (n["layers"], n["standby_layers"], n["predicted_ms_per_step"]) for n in data["nodes"]}
+    assert layers == {"h": ([[0, 2], [2, 4]], [], 1.5), "m2": ([[4, 6]], [], 1.0), "m3": ([], [[4, 6]], None)}
+    assert data["plan"]["standbys"] == [{"node": "m3", "start": 4, "end": 6}]
+
+    print_status(data)
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[2:5]}
+    assert "[0,2) [2,4)" in rows["h"] and "+[4,6) spare" in rows["m3"]
