@@ -242,13 +242,23 @@ def run_remote(args: argparse.Namespace) -> int:
     def waiting(why: str) -> None:
         print(f"waiting for the room to be ready ({why}), up to {args.timeout:g} s", file=sys.stderr, flush=True)
 
-    done = run(
-        remote_generate(
-            code, address, request, None if args.json else show_text, timeout_s=args.timeout, on_wait=waiting
+    shown: list[str] = []
+
+    def show(text: str) -> None:
+        shown.append(text)
+        show_text(text)
+
+    try:
+        done = run(
+            remote_generate(code, address, request, None if args.json else show, timeout_s=args.timeout, on_wait=waiting)
         )
-    )
-    if done.error:
-        raise InferenceError(done.error)
+        if done.error:
+            raise InferenceError(done.error)
+    except InferenceError as exc:
+        if not shown:
+            raise
+        print(flush=True)  # (the error's line starts on a line of its own, after the text so far)
+        raise InferenceError(f"the answer broke off after {len(''.join(shown))} characters: {exc}") from None
     n = len(done.tokens) - 1
     tok_s = n / done.decode_s if n > 0 and done.decode_s > 0 else 0.0
     if args.json:

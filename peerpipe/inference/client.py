@@ -60,7 +60,7 @@ async def remote_generate(
                             if on_wait is not None:  # (a host refusing at once, no model say, makes it moot)
                                 saying = asyncio.get_running_loop().call_later(SAY_WAIT_S, on_wait, why)
                     elif isinstance(event, PeerLeft) and event.peer.node_id == peer.node_id:
-                        raise InferenceError(f"the host left before answering: {event.reason}")
+                        raise InferenceError(f"the host left before the answer was done: {event.reason}")
         except TimeoutError:
             raise InferenceError(f"no complete answer within {timeout_s:g} s") from None
         except asyncio.CancelledError:
