@@ -321,7 +321,12 @@ class Rollout:
         return plan
 
     def _serving(self) -> bool:
-        return self.plan is not None and self.acked >= {s.node_id for s in self.plan.stages}
+        """Whether the current plan can answer: every stage acknowledged it and is still in the room
+        (after a loss it cannot, so a new plan's fetch is no time it serves meanwhile)."""
+        if self.plan is None:
+            return False
+        nodes = {s.node_id for s in self.plan.stages}
+        return self.acked >= nodes and nodes <= set(self.host.view.ids)
 
     async def _prefetch(self, plan: Plan) -> bool:
         """While the current plan serves, have the nodes the new one gives layers they lack fetch
