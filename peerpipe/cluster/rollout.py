@@ -82,9 +82,7 @@ def describe_plan(plan: Plan, names: dict[str, str]) -> str:
         if s is not plan.stages[-1]:
             stages += f" -{s.wire}-> " if s.wire else " -> "  # a hop in another format says which
     spares = ", ".join(f"{names.get(s.node_id, s.node_id[:8])}[{s.start},{s.end})" for s in plan.standbys)
-    return f"plan v{plan.version}: {stages}, {plan.predicted_ms:.2f} ms/token predicted" + (
-        f"; standbys: {spares}" if spares else ""
-    )
+    return f"plan v{plan.version}: {stages}, {plan.predicted_ms:.2f} ms/token predicted" + (spares and f"; standbys: {spares}")
 
 
 class Rollout:
@@ -320,13 +318,9 @@ class Rollout:
         await self._publish(plan)
         return plan
 
-    def _serving(self) -> bool:
-        """Whether the current plan can answer: every stage acknowledged it and is still in the room
-        (after a loss it cannot, so a new plan's fetch is no time it serves meanwhile)."""
-        if self.plan is None:
-            return False
-        nodes = {s.node_id for s in self.plan.stages}
-        return self.acked >= nodes and nodes <= set(self.host.view.ids)
+    def _serving(self) -> bool:  # (a plan, every stage of which acknowledged it and is still in the room)
+        nodes = {s.node_id for s in self.plan.stages} if self.plan is not None else set()
+        return self.plan is not None and self.acked >= nodes and nodes <= set(self.host.view.ids)
 
     async def _prefetch(self, plan: Plan) -> bool:
         """While the current plan serves, have the nodes the new one gives layers they lack fetch
