@@ -22,6 +22,24 @@ T = TypeVar("T")
 _executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="peerpipe-compute")
 _lock = threading.Lock()
 _running = 0  # calls submitted and not yet finished (or cancelled)
+_last: concurrent.futures.Future[object] | None = None  # the call submitted last
+
+
+async def work_done() -> None:
+    """Return once the compute thread has done the work submitted so far (at once when idle):
+    what a poller for data this process's own compute will write waits for, instead of looking
+    again and again, each look a wake-up that takes a core from the compute thread's team."""
+    job = _last
+    if job is None or job.done():
+        return
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def wake(_: concurrent.futures.Future[object]) -> None:
+        loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+
+    job.add_done_callback(wake)
+    await done
 
 
 def _finished(_: concurrent.futures.Future[object]) -> None:
@@ -32,10 +50,10 @@ def _finished(_: concurrent.futures.Future[object]) -> None:
 
 async def run_compute(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     """Run ``fn`` on the compute thread; the caller's event loop keeps running meanwhile."""
-    global _running
+    global _running, _last
     with _lock:
         _running += 1
-    job = _executor.submit(functools.partial(fn, *args, **kwargs))
+    job = _last = _executor.submit(functools.partial(fn, *args, **kwargs))
     # Counted down by the future itself, on the compute thread as the call returns (before the
     # next call starts, which step_aside relies on) or wherever a queued call is cancelled.
     job.add_done_callback(_finished)
