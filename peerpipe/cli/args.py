@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from peerpipe.errors import PeerpipeError
 from peerpipe.transport import Address
+
+N = TypeVar("N", int, float)
 
 
 class BadValue(PeerpipeError):
@@ -43,24 +47,21 @@ def interface_address(text: str) -> str:
     return text
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def _positive(convert: Callable[[str], N], kind: str, noun: str) -> Callable[[str], N]:
+    def parse(text: str) -> N:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {kind}") from None
+        if not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a positive {noun}, got {text}")
+        return value
+
+    return parse
 
 
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
+positive_int = _positive(int, "a whole number", "integer")
+positive_float = _positive(float, "a number", "number")
 
 
 # What every --model takes (models/resolve.py), for the help texts.
