@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -170,16 +171,24 @@ class GGUFModel:
         """The GGUF type a tensor is stored in (F16, Q4_K, …), by its Hugging Face name."""
         return _type_name(self.tensors[name].kind)
 
+    def check_types(self, names: Iterable[str] | None = None) -> None:
+        """``UnsupportedModelError`` for the first of ``names`` (default: every tensor) stored in
+        a type peerpipe does not load: what a command checks before it announces anything."""
+        for name in self.tensors if names is None else names:
+            t = self.tensors[name]
+            kind = _type_name(t.kind)
+            if kind not in SUPPORTED_TYPES:
+                raise UnsupportedModelError(
+                    f"{self.path}: tensor {t.name} is {kind}, which peerpipe does not load; it loads {', '.join(SUPPORTED_TYPES)}"
+                )
+
     def read(self, name: str) -> torch.Tensor:
         """One tensor under its Hugging Face name, as float32 (Llama's q/k unpermuted)."""
         import gguf
 
+        self.check_types([name])
         t = self.tensors[name]
         kind = _type_name(t.kind)
-        if kind not in SUPPORTED_TYPES:
-            raise UnsupportedModelError(
-                f"{self.path}: tensor {t.name} is {kind}, which peerpipe does not load; it loads {', '.join(SUPPORTED_TYPES)}"
-            )
         shape = self.shape(name)
         rows = self._map[t.offset : t.offset + self.nbytes(name)].reshape(math.prod(shape[:-1]), -1)
         if kind in _TORCH_DEQUANT:

@@ -110,7 +110,12 @@ def check_model_dir(path: str | Path) -> ModelConfig:
     if is_random(path):
         random_seed(path)
     else:
-        check_checkpoint(cfg, _shapes(path), str(path))
+        shapes = _shapes(path)
+        check_checkpoint(cfg, shapes, str(path))
+        if path.is_file():  # a GGUF: a type no stage loads fails here, not after a room's code is out
+            from peerpipe.engine.gguf_file import open_gguf
+
+            open_gguf(str(path)).check_types(stage_tensor_names(cfg, 0, cfg.n_layers, set(shapes)))
     Tokenizer.from_dir(path)
     return cfg
 

@@ -99,6 +99,8 @@ def test_bad_files_are_one_clear_error(tiny_model_dir, tmp_path: Path) -> None:
     write_gguf(src, tmp_path / "q2.gguf", linear="Q2_K")
     with pytest.raises(UnsupportedModelError, match="Q2_K"):
         load_stage(tmp_path / "q2.gguf", device="cpu")
+    with pytest.raises(UnsupportedModelError, match="Q2_K"):  # what a host checks before it hands out a code
+        check_model_dir(tmp_path / "q2.gguf")
     (tmp_path / "notes.txt").write_text("not a model")
     with pytest.raises(ModelLoadError, match="not a GGUF"):
         ModelConfig.from_dir(tmp_path / "notes.txt")
