@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from peerpipe.cli.args import (
     MODEL_FORMS,
+    BadValue,
     add_speculation_arguments,
     add_strategy_arguments,
     interface_address,
@@ -369,6 +370,10 @@ async def _join(args: argparse.Namespace, signals: Interrupts) -> int:
         args.device, args.name, args.memory = gpus[0].device, gpus[0].name, gpus[0].memory_gb
     check_device(args.device)
     check_model(args.model)
+    if args.quantize == "keep" and args.model is None:  # (said before joining, not after)
+        raise BadValue(
+            "--quantize keep keeps this node's own GGUF's precision: give --model FILE.gguf, or let the plan choose (auto)"
+        )
     children = GpuChildren(say)
     try:
         return await _join_as(args, code, signals, children, gpus[1:])

@@ -109,6 +109,7 @@ CASES: list[tuple[list[str], int, str]] = [
     (["generate", "hello", "--room", "7-amber-falcon", "--device", "cuda"], 2, "--device run a model here"),
     (["join", "7-amber-falcon", "--timeout", "-5"], 2, "positive"),
     (["join", "7-amber-falcon", "--listen", "127.0.0.1:7000"], 2, "a member picks its own port"),
+    (["join", "7-amber-falcon", "--peer", "127.0.0.1:{closed}", "--quantize", "keep"], 2, "give --model FILE.gguf"),
     (["generate", "hello", "--model", "austen", "--device", "nonsense"], 1, "unknown device"),
     (["generate", "hello", "--model", "austen", "--dtype", "int3"], 2, "invalid choice"),
     (["generate", "hello", "--room", "7-amber-falcon", "--peer", "oops"], 2, "HOST:PORT"),
