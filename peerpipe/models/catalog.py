@@ -45,8 +45,14 @@ def _used() -> list[str]:
 
 
 def looks_like_model(path: Path) -> bool:
-    """A Hugging Face folder (its config.json) or a GGUF file: what ``remember`` keeps and lists."""
-    return (path / "config.json").is_file() if path.is_dir() else path.is_file() and path.suffix.lower() == ".gguf"
+    """A Hugging Face folder (its config.json) or a GGUF file (its magic): what ``remember`` keeps and lists."""
+    if path.is_dir():
+        return (path / "config.json").is_file()
+    try:
+        with path.open("rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
 
 
 def remember(path: Path) -> None:

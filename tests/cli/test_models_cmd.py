@@ -44,11 +44,11 @@ def test_models_lists_every_source_and_rm_frees_only_caches(stores: dict[str, Pa
     assert models["ollama:llama3.2:1b"]["source"] == "ollama" and models["ollama:llama3.2:1b"]["bytes"] == 1004
     assert models[str(stores["own"].resolve())]["source"] == "local"
     # A path that is no model fails, and is not listed as one.
-    notes = stores["own"].parent / "notes.txt"
-    notes.write_text("hello")
-    assert main(["generate", "--model", str(notes), "--max-tokens", "2", "hi"]) == 1
-    capsys.readouterr()
-    assert str(notes.resolve()) not in listed(capsys)
+    for notes in (stores["own"].parent / "notes.txt", stores["own"].parent / "notes.gguf"):
+        notes.write_text("hello")
+        assert main(["generate", "--model", str(notes), "--max-tokens", "2", "hi"]) == 1
+        capsys.readouterr()
+        assert str(notes.resolve()) not in listed(capsys)
 
     assert main(["models", "rm", "acme/tiny"]) == 0
     assert not stores["hub"].exists()
