@@ -83,7 +83,10 @@ def _ollama() -> Iterator[Held]:
         blob = ollama_root() / "blobs" / str(digest).replace(":", "-")
         if len(parts) < 3 or not blob.is_file():
             continue
-        name = "/".join(parts[2:-1]) if parts[1] == "library" else "/".join(parts[1:-1])
+        if parts[0] != "registry.ollama.ai":  # (pulled from another registry, hf.co say: its name keeps it)
+            name = "/".join(parts[:-1])
+        else:
+            name = "/".join(parts[2:-1]) if parts[1] == "library" else "/".join(parts[1:-1])
         yield Held(f"ollama:{name}:{parts[-1]}", "ollama", blob, blob.stat().st_size)
 
 

@@ -24,6 +24,9 @@ def stores(tiny_model_dir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> d
     manifest = ollama / "manifests" / "registry.ollama.ai" / "library" / "llama3.2" / "1b"
     manifest.parent.mkdir(parents=True)
     manifest.write_text(json.dumps({"layers": [{"mediaType": "application/vnd.ollama.image.model", "digest": "sha256:" + "b" * 64}]}))
+    pulled = ollama / "manifests" / "hf.co" / "bartowski" / "smol-gguf" / "Q4_1"  # (from another registry)
+    pulled.parent.mkdir(parents=True)
+    pulled.write_text(manifest.read_text())
     monkeypatch.setenv("OLLAMA_MODELS", str(ollama))
     own = tmp_path / "mine"
     shutil.copytree(tiny_model_dir("qwen2"), own)
@@ -42,6 +45,10 @@ def test_models_lists_every_source_and_rm_frees_only_caches(stores: dict[str, Pa
     assert models["austen"]["source"] == "bundled"
     assert models["acme/tiny"]["source"] == "hub" and models["acme/tiny"]["bytes"] > 0
     assert models["ollama:llama3.2:1b"]["source"] == "ollama" and models["ollama:llama3.2:1b"]["bytes"] == 1004
+    from peerpipe.models import resolve_model
+
+    held = models["ollama:hf.co/bartowski/smol-gguf:Q4_1"]  # listed under the name --model takes
+    assert held["source"] == "ollama" and resolve_model("ollama:hf.co/bartowski/smol-gguf:Q4_1") == Path(held["path"])
     assert models[str(stores["own"].resolve())]["source"] == "local"
     # A path that is no model fails, and is not listed as one.
     for notes in (stores["own"].parent / "notes.txt", stores["own"].parent / "notes.gguf"):
