@@ -38,6 +38,8 @@ def test_an_id_resolves_to_its_snapshot_and_is_named_after_the_model(hub: Path) 
 def test_an_id_not_in_the_cache_says_so_offline(hub: Path) -> None:
     with pytest.raises(ModelNotFoundError, match=r"not in the Hugging Face cache .*HF_HUB_OFFLINE"):
         resolve_model("acme/other-model")
+    with pytest.raises(ModelNotFoundError, match=r"acme/tiny-llama is in the Hugging Face cache, but not its revision 'nope'"):
+        resolve_model("acme/tiny-llama@nope")
 
 
 def test_generate_takes_an_id(hub: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -47,8 +47,11 @@ def resolve_hub(text: str) -> Path:
     except errors.RevisionNotFoundError:
         raise ModelNotFoundError(f"{repo} has no revision {revision!r}") from None
     except (errors.LocalEntryNotFoundError, FileNotFoundError):
+        what = f"{repo} is not in the Hugging Face cache"
+        if revision and _cached(repo):
+            what = f"{repo} is in the Hugging Face cache, but not its revision {revision!r}"
         raise ModelNotFoundError(
-            f"no folder {text!r} here, and {repo} is not in the Hugging Face cache while the Hub cannot be reached"
+            f"no folder {text!r} here, and {what} while the Hub cannot be reached"
             + (" (HF_HUB_OFFLINE is set)" if offline else "")
         ) from None
     except (errors.HfHubHTTPError, OSError) as exc:
@@ -57,3 +60,12 @@ def resolve_hub(text: str) -> Path:
     if not any(folder.glob("*.safetensors")):
         raise ModelNotFoundError(f"{repo} has no safetensors weights on the Hub; peerpipe loads safetensors (or a GGUF file)")
     return folder
+
+
+def _cached(repo: str) -> bool:
+    """Whether the Hub cache holds any revision of ``repo``."""
+    from huggingface_hub import constants
+
+    root = Path(os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE)
+    return any((root / f"models--{repo.replace('/', '--')}" / "snapshots").glob("*"))
+
