@@ -243,7 +243,7 @@ def model_check(model: Path, device: str | None) -> Check:
 
         check_model_dir(model)
     except PeerpipeError as exc:
-        return Check("model", "fail", str(exc), "point --model at a complete Hugging Face folder")
+        return Check("model", "fail", str(exc), "point --model at a complete model that peerpipe loads (docs/models.md)")
     need = choice.spec.total_weight_bytes
     detail = f"{choice.model_id}: {choice.config.n_layers} layers, {need / GiB:.2f} GiB in {dtype}"
     if need > caps.memory_free_bytes:

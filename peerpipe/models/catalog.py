@@ -141,6 +141,8 @@ def catalog() -> list[Held]:
 def remove(name: str) -> Held:
     """Free what ``name`` takes: a Hugging Face cache entry or fetched layers are deleted; a folder or file used
     before is only forgotten (it is the user's); Ollama's and bundled models are left alone."""
+    if name.startswith("ollama:") and ":" not in name.removeprefix("ollama:"):
+        name += ":latest"  # (as --model reads an Ollama name without a tag)
     held = next((h for h in catalog() if h.name == name), None)
     if held is None:
         raise ModelNotFoundError(f"this machine holds no model {name!r} (see `peerpipe models`)")

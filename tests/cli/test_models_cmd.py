@@ -25,8 +25,10 @@ def stores(tiny_model_dir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> d
     manifest.parent.mkdir(parents=True)
     manifest.write_text(json.dumps({"layers": [{"mediaType": "application/vnd.ollama.image.model", "digest": "sha256:" + "b" * 64}]}))
     pulled = ollama / "manifests" / "hf.co" / "bartowski" / "smol-gguf" / "Q4_1"  # (from another registry)
-    pulled.parent.mkdir(parents=True)
-    pulled.write_text(manifest.read_text())
+    latest = ollama / "manifests" / "registry.ollama.ai" / "library" / "smol" / "latest"
+    for more in (pulled, latest):
+        more.parent.mkdir(parents=True)
+        more.write_text(manifest.read_text())
     monkeypatch.setenv("OLLAMA_MODELS", str(ollama))
     own = tmp_path / "mine"
     shutil.copytree(tiny_model_dir("qwen2"), own)
@@ -62,5 +64,7 @@ def test_models_lists_every_source_and_rm_frees_only_caches(stores: dict[str, Pa
     assert main(["models", "rm", str(stores["own"].resolve())]) == 0
     assert stores["own"].is_dir()  # forgotten, not deleted: the folder is the user's
     assert main(["models", "rm", "ollama:llama3.2:1b"]) == 1
+    assert "ollama rm" in capsys.readouterr().err
+    assert main(["models", "rm", "ollama:smol"]) == 1  # found as :latest, as --model finds it, and left to Ollama
     assert "ollama rm" in capsys.readouterr().err
     assert set(listed(capsys)) >= {"austen", "ollama:llama3.2:1b"} and "acme/tiny" not in listed(capsys)
