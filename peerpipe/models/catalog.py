@@ -26,10 +26,10 @@ class Held:
 
 
 def _size(path: Path) -> int:
-    """Bytes of a file, or of the files under a folder (a symlink counts as what it points to)."""
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    """Bytes a file, or the files under a folder, take on disk (a symlink counts as what it points
+    to; a fetched GGUF is a sparse file that holds only the layers this node serves)."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(min(st.st_size, st.st_blocks * 512) for st in (p.stat() for p in files))
 
 
 def _used_file() -> Path:

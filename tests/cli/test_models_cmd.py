@@ -53,6 +53,14 @@ def test_models_lists_every_source_and_rm_frees_only_caches(stores: dict[str, Pa
     assert held["source"] == "ollama" and resolve_model("ollama:hf.co/bartowski/smol-gguf:Q4_1") == Path(held["path"])
     assert models[str(stores["own"].resolve())]["source"] == "local"
     # A path that is no model fails, and is not listed as one.
+    from peerpipe.models.catalog import remember
+
+    sparse = stores["own"].parent / "sparse.gguf"  # as a fetched GGUF: only the layers held take disk
+    with sparse.open("wb") as f:
+        f.write(b"GGUF")
+        f.truncate(50 << 20)
+    remember(sparse)
+    assert listed(capsys)[str(sparse.resolve())]["bytes"] < 1 << 20
     for notes in (stores["own"].parent / "notes.txt", stores["own"].parent / "notes.gguf"):
         notes.write_text("hello")
         assert main(["generate", "--model", str(notes), "--max-tokens", "2", "hi"]) == 1
