@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -16,12 +15,6 @@ N = TypeVar("N", int, float)
 
 class BadValue(PeerpipeError):
     """A value argparse took that the command refuses: exit 2, as argparse's own bad values."""
-
-
-def flag_names(text: str) -> str:
-    """A record's field names in a message (``Sampling.top_p``, ``top_p``) as the flags that set them."""
-    return re.sub(r"\b(?:Sampling\.)?(temperature|top_p|top_k|min_p|repetition_penalty|seed|max_tokens|stop)\b",
-                  lambda m: "--" + m.group(1).replace("_", "-"), text)
 
 
 def parse_address(text: str, *, default_port: int | None = None) -> Address:

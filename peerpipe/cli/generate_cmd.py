@@ -12,7 +12,6 @@ from peerpipe.cli.args import (
     MODEL_FORMS,
     BadValue,
     add_speculation_arguments,
-    flag_names,
     model_path,
     parse_address,
     positive_float,
@@ -89,6 +88,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="on CUDA, torch.compile the layers first (slower start, faster decode)",
     )
     p.set_defaults(func=run)
+
+
+def flag_names(text: str) -> str:
+    """The sampling record's field names in a message (``Sampling.top_p``, ``top_p``) as the flags that set them."""
+    import re
+
+    from peerpipe.inference.sampling import FIELDS
+
+    fields = "|".join(FIELDS)
+    return re.sub(rf"\b(?:Sampling\.)?({fields})\b", lambda m: "--" + m.group(1).replace("_", "-"), text)
 
 
 def sampling(args: argparse.Namespace) -> Sampling:

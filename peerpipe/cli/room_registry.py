@@ -93,13 +93,13 @@ def the_room() -> RoomEntry:
 def locate_host(code: str, nameplate: int, timeout_s: float) -> tuple[str, int]:
     """Where the host of room ``code`` listens: this machine's own rooms first, else mDNS on the
     interface of the default route, as ``join`` looks (``--peer`` where multicast is blocked)."""
+    from peerpipe.cli.args import parse_address
     from peerpipe.room import default_lan_ip, find_host
     from peerpipe.transport import run
 
     known = [r for r in live_rooms() if r.code == code]
     if known:
-        host, _, port = known[0].host.rpartition(":")
-        return host.strip("[]"), int(port)
+        return parse_address(known[0].host)
     found = run(find_host(nameplate, timeout_s, default_lan_ip()))
     return found.address, found.port
 
