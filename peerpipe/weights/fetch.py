@@ -7,12 +7,16 @@ the next; a tensor whose bytes do not match is fetched again from a holder that 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import fcntl
 import itertools
 import logging
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from peerpipe.logs import Report, log_reporter
@@ -21,7 +25,7 @@ from peerpipe.room import LINK_ERRORS, Send
 from peerpipe.weights.errors import FetchError, HolderGone, ManifestError
 from peerpipe.weights.local_copy import Located
 from peerpipe.weights.manifest import GGUF_HEADER, Manifest, file_key
-from peerpipe.weights.store import Store
+from peerpipe.weights.store import Store, write_error
 
 if TYPE_CHECKING:
     from peerpipe.weights.gguf_store import GGUFStore
@@ -30,6 +34,7 @@ from peerpipe.weights.transfer import PIECE, Transfer
 log = logging.getLogger(__name__)
 REPLY_TIMEOUT_S = 30.0
 REPORT_EVERY_S = 1.0
+LOCK_POLL_S = 0.2
 
 
 @dataclass
@@ -57,6 +62,32 @@ class _Progress:
             self.report(
                 f"fetching {self.what}: {pct}% of {self.total / 1e6:.1f} MB, {rate / 1e6:.1f} MB/s, {left:.0f} s left"
             )
+
+
+@contextlib.asynccontextmanager
+async def _sole_writer(root: Path, report: Report) -> AsyncIterator[None]:
+    """This process alone writes into the copy at ``root`` meanwhile (another waits its turn,
+    then fetches only what is still missing). The lock dies with its process."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(root / ".fetch-lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise write_error(root, exc) from exc
+    try:
+        told = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not told:
+                    told = True
+                    report("another peerpipe process of this machine is fetching into the same copy: waiting for it")
+                # A file lock has no event to await, and a thread blocked in flock would outlive a cancel.
+                await asyncio.sleep(LOCK_POLL_S)
+        yield
+    finally:
+        os.close(fd)
 
 
 class Fetcher:
@@ -167,7 +198,26 @@ class Fetcher:
         what: str = "weights",
     ) -> None:
         """Make every tensor in ``names`` verified in ``store``: from ``local`` (this node's own
-        copy) where its hash matches, else from ``holders`` in order."""
+        copy) where its hash matches, else from ``holders`` in order. Processes of one machine
+        may share the cache: one at a time fetches into a copy, and it first hashes again what
+        changed on disk since it was verified (``audit``)."""
+        async with _sole_writer(store.root, self.report):
+            store.close()  # what it read or opened before may have changed meanwhile
+            try:
+                await asyncio.to_thread(store.audit, list(names), self.report)
+                await self._fetch(store, names, holders, local, what)
+            finally:
+                store.seal()
+                store.close()
+
+    async def _fetch(
+        self,
+        store: Store | GGUFStore,
+        names: Sequence[str],
+        holders: Sequence[str],
+        local: tuple[Manifest, dict[str, Located]] | None,
+        what: str,
+    ) -> None:
         by_name = store.manifest.by_name()
         todo = [by_name[n] for n in names if n not in store.verified(by_name[n].group)]
         if local is not None:

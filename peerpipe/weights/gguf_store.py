@@ -2,7 +2,10 @@
 as long as the original, with the header (checked whole) at its start and each fetched tensor at
 its own offset; the bytes of tensors never fetched are holes that take no disk. The loader reads
 only its stage's tensors, by offset, as from the original. ``peerpipe-verified.json`` lists the
-tensors whose sha256 matched: an interrupted fetch resumes from there."""
+tensors whose sha256 matched: an interrupted fetch resumes from there. A tensor's bytes reach the
+disk before the list names it, and the file's size and mtime at the end of a fetch are kept
+(``peerpipe-stamp.json``): a file changed since (a crash mid-fetch, an edit) has its listed
+tensors hashed again before the next load (``audit``)."""
 
 from __future__ import annotations
 
@@ -11,13 +14,15 @@ import json
 import os
 from pathlib import Path
 
+from peerpipe.logs import Report
 from peerpipe.weights.errors import ManifestError, WeightsError
 from peerpipe.weights.local_copy import Located, hash_range
 from peerpipe.weights.manifest import GGUF_HEADER, GGUFInfo, Manifest, TensorRecord
-from peerpipe.weights.store import make_root, need_space, store_root, write_atomic, write_error
+from peerpipe.weights.store import make_root, need_space, stamp, store_root, write_atomic, write_error
 
 VERIFIED = "peerpipe-verified.json"
 HEADER = "peerpipe-header.sha256"  # present once the header matched
+STAMP = "peerpipe-stamp.json"
 
 
 class GGUFStore:
@@ -52,6 +57,33 @@ class GGUFStore:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        self._verified = None  # read again: another process sharing the cache may add to it
+
+    def audit(self, names: list[str], report: Report) -> None:
+        """Hash every listed tensor again when the file changed since the last fetch ended;
+        those that no longer match leave the list (a fetch brings them again)."""
+        del names  # one file for every tensor: its stamp cannot tell which changed
+        if not self.load_path.is_file() or self._stamped():
+            return
+        by_name = self.manifest.by_name()
+        listed = [by_name[n] for n in self._names() if n in by_name]
+        good = {t.name for t in listed if hash_range(self.load_path, t.offset, t.nbytes) == t.sha256}
+        if len(good) < len(listed):
+            report(f"{self.load_path.name} changed on disk: {len(listed) - len(good)} fetched tensors no longer match, fetching them again")
+            write_atomic(self.root / VERIFIED, json.dumps(sorted(good)).encode(), durable=True)
+            self._verified = good
+        self.seal()
+
+    def _stamped(self) -> bool:
+        try:
+            return json.loads((self.root / STAMP).read_text()) == stamp(self.load_path)
+        except (OSError, ValueError):
+            return False
+
+    def seal(self) -> None:
+        """A fetch ended: what the list names is what the file holds."""
+        if self.load_path.is_file():
+            write_atomic(self.root / STAMP, json.dumps(stamp(self.load_path)).encode(), durable=True)
 
     # -- what is here -----------------------------------------------------------------------
 
@@ -132,11 +164,13 @@ class GGUFStore:
 
     def mark_verified(self, name: str) -> None:
         # Processes of one machine may share the cache: merge with what is on disk, under a lock.
+        if self._fd is not None:
+            os.fsync(self._fd)  # the list is trusted after a crash: the bytes go first
         with (self.root / ".lock").open("a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             self._verified = None
             names = self._names() | {name}
-            write_atomic(self.root / VERIFIED, json.dumps(sorted(names)).encode())
+            write_atomic(self.root / VERIFIED, json.dumps(sorted(names)).encode(), durable=True)
             self._verified = names
 
     def check(self, name: str) -> bool:

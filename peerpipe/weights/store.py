@@ -5,7 +5,9 @@ file. While it is being fetched it is ``<file>.part``, laid out in full from the
 manifest gives every shape), with a ``.verified`` list of the tensors whose sha256 matched: an
 interrupted fetch resumes from there. Only a group whose every tensor matched is renamed to its
 final name and listed in ``model.safetensors.index.json``, so the loader never sees a byte that
-was not checked.
+was not checked. The part's bytes reach the disk before the list names them (a resume after a
+crash trusts the list), and a finished group's size and mtime are kept beside it (``.stamp``): a
+file changed since is not held until ``audit`` has hashed it again.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import shutil
 from pathlib import Path
 
+from peerpipe.logs import Report
 from peerpipe.paths import cache_dir
 from peerpipe.weights.errors import DiskSpaceError, WeightsError
 from peerpipe.weights.local_copy import Located, hash_range
@@ -61,8 +64,15 @@ class Store:
     def _verified_file(self, group: str) -> Path:
         return self.root / f"peerpipe-{group}.safetensors.verified"
 
+    def _stamp_file(self, group: str) -> Path:
+        return self.root / f"peerpipe-{group}.safetensors.stamp"
+
     def complete(self, group: str) -> bool:
-        return self.path(group).is_file()
+        """Finished, and not changed on disk since (a changed file waits for ``audit``)."""
+        try:
+            return json.loads(self._stamp_file(group).read_text()) == stamp(self.path(group))
+        except (OSError, ValueError):
+            return False
 
     def verified(self, group: str) -> set[str]:
         if self.complete(group):
@@ -103,11 +113,8 @@ class Store:
     def missing_bytes(self, names: list[str]) -> int:
         by_name = self.manifest.by_name()
         need = {by_name[n].group for n in names}
-        return sum(
-            sum(t.nbytes for t in self.groups[g])
-            for g in need
-            if not self.complete(g) and not self._part(g).is_file()
-        )
+        # A part is sparse: what it lacks still takes disk when it comes.
+        return sum(t.nbytes for g in need for t in self.groups[g] if t.name not in self.verified(g))
 
     def check_space(self, names: list[str]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -159,11 +166,14 @@ class Store:
     def mark_verified(self, name: str) -> None:
         """Record that ``name`` matched; the group's last tensor completes the group (one caller at a time)."""
         group = self.manifest.tensor(name).group
+        if self.complete(group):
+            return  # finished already (by another process sharing this cache): never replaced
         verified = self.verified(group) | {name}
         if len(verified) == len(self.groups[group]):
             self._finish(group)
         else:
-            write_atomic(self._verified_file(group), json.dumps(sorted(verified)).encode())
+            os.fsync(self._fd(group))  # the list is trusted after a crash: its bytes go first
+            write_atomic(self._verified_file(group), json.dumps(sorted(verified)).encode(), durable=True)
 
     def check(self, name: str) -> bool:
         """``matches``, recorded when so."""
@@ -173,15 +183,42 @@ class Store:
         return True
 
     def _finish(self, group: str) -> None:
-        fd = self._fds.pop(group)
+        fd = self._fd(group)
+        del self._fds[group]
         os.fsync(fd)
         os.close(fd)
-        try:
-            self._part(group).replace(self.path(group))
-        except FileNotFoundError:
-            if not self.complete(group):  # else another process sharing this cache finished it first
-                raise
+        self._part(group).replace(self.path(group))
+        write_atomic(self._stamp_file(group), json.dumps(stamp(self.path(group))).encode(), durable=True)
         self._verified_file(group).unlink(missing_ok=True)
+        self._index()
+
+    def audit(self, names: list[str], report: Report) -> None:
+        """Hash again each finished group of ``names`` whose file changed since it was finished
+        (or was finished before stamps were kept): a good one is stamped anew; a bad one goes back
+        to being a part, with only its good tensors verified, so a fetch replaces the rest."""
+        by_name = self.manifest.by_name()
+        for group in sorted({by_name[n].group for n in names}):
+            final = self.path(group)
+            if not final.is_file() or self.complete(group):
+                continue
+            layout = self._layout(group)
+            good = {t.name for t in self.groups[group] if hash_range(final, layout[t.name], t.nbytes) == t.sha256}
+            if len(good) == len(self.groups[group]):
+                write_atomic(self._stamp_file(group), json.dumps(stamp(final)).encode(), durable=True)
+                continue
+            report(
+                f"{final.name} changed on disk since it was fetched: {len(self.groups[group]) - len(good)} "
+                "of its tensors no longer match, fetching them again"
+            )
+            write_atomic(self._verified_file(group), json.dumps(sorted(good)).encode(), durable=True)
+            final.replace(self._part(group))
+            self._stamp_file(group).unlink(missing_ok=True)
+            self._index()
+
+    def seal(self) -> None:
+        """A fetch ended (each group was stamped as it finished)."""
+
+    def _index(self) -> None:
         # Processes of one machine may share the cache: the index is rebuilt from the files on
         # disk under a lock, so the last rebuild sees every group renamed before it.
         with (self.root / ".lock").open("a") as lock:
@@ -218,10 +255,20 @@ def make_root(root: Path, manifest: Manifest) -> None:
         write_atomic(root / MANIFEST, manifest.to_json())
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+def stamp(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def write_atomic(path: Path, data: bytes, durable: bool = False) -> None:
+    """``path`` holds ``data`` whole or not at all; ``durable``: on the disk before this returns."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        tmp.write_bytes(data)
+        with tmp.open("wb") as fh:
+            fh.write(data)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
         tmp.replace(path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)

@@ -30,13 +30,15 @@ class Room:
     """Holders by id; ``die_after[h]`` requests later a holder leaves (its sends fail, its
     pending requests hear it left)."""
 
-    def __init__(self, manifest: Manifest, corrupt: set[str] = frozenset(), die_after: dict[str, int] | None = None) -> None:
+    def __init__(
+        self, manifest: Manifest, corrupt: set[str] = frozenset(), die_after: dict[str, int] | None = None, model: Path = MODEL
+    ) -> None:
         self.fetcher = Fetcher(self.to_holder, report=lambda _: None)
         self.servers: dict[str, WeightServer] = {}
         self.asked: dict[str, int] = {}
         self.die_after = die_after or {}
         self.dead: set[str] = set()
-        where = folder_locations(MODEL)
+        where = folder_locations(model)
         for holder in ("host", "a", "b"):
             server = WeightServer(self._reply_from(holder), corrupt=holder in corrupt)
             server.add(manifest, where.get)
