@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,21 +33,34 @@ def rooms_dir() -> Path:
 
 @contextlib.contextmanager
 def registered(code: str, host: str, role: str) -> Iterator[Callable[[str], None]]:
-    """This process's entry while the block runs; the yielded function records a new code."""
+    """This process's entry while the block runs; the yielded function records a new code. The
+    entry is a convenience: a cache folder that cannot be written costs only a warning (``status``
+    then needs ``--room``), never the room."""
     folder = rooms_dir()
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = folder / f"{role}-{os.getpid()}.json"
+    failed: list[OSError] = []
 
     def write(code: str) -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"code": code, "host": host, "role": role, "pid": os.getpid()}, f)
+        try:
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump({"code": code, "host": host, "role": role, "pid": os.getpid()}, f)
+        except OSError as exc:
+            if not failed:
+                failed.append(exc)
+                print(
+                    f"peerpipe: warning: cannot note this room in {folder} ({exc.strerror or exc}): "
+                    "peerpipe status will need --room",
+                    file=sys.stderr,
+                )
 
     write(code)
     try:
         yield write
     finally:
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:
