@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from peerpipe.cluster.membership import MembershipConfig
-from peerpipe.plan import Budget
+from peerpipe.plan import STRATEGIES, Budget, Objective, PlanError
+from peerpipe.plan.wire import check_wire
 
 
 @dataclass(frozen=True)
@@ -22,3 +23,13 @@ class ClusterConfig:
     objective: str = "latency"
     wire: str = "auto"  # hidden states between nodes: auto (by each link's bandwidth), native, bf16, fp16, int8
     replicas: int = 0  # standby copies of each stage, where memory allows (failover without loading)
+
+    def __post_init__(self) -> None:
+        # Checked here, not when the first plan is made: a room must not open and then fail.
+        check_wire(self.wire)
+        if self.strategy not in STRATEGIES:
+            raise PlanError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if self.objective not in {o.value for o in Objective}:
+            raise PlanError(f"unknown objective {self.objective!r}; choose one of {', '.join(o.value for o in Objective)}")
+        if self.expect_nodes < 1 or self.replicas < 0:
+            raise PlanError(f"expect_nodes must be at least 1 and replicas at least 0, not {self.expect_nodes} and {self.replicas}")
