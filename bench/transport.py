@@ -33,7 +33,7 @@ LEN = struct.Struct(">I")
 
 
 def tensor(nbytes: int) -> TensorData:
-    return TensorData.from_numpy(np.random.default_rng(0).standard_normal(nbytes // 4, dtype=np.float32))
+    return TensorData.from_numpy(np.random.default_rng(0).standard_normal((1, nbytes // 4), dtype=np.float32))
 
 
 # -- encrypted peerpipe ---------------------------------------------------------------------

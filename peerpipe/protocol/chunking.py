@@ -18,8 +18,8 @@ from collections.abc import Callable
 from peerpipe.protocol.codec import tensor_fields
 from peerpipe.protocol.errors import ChecksumError, ChunkError
 from peerpipe.protocol.limits import DEFAULT_LIMITS, Limits
-from peerpipe.protocol.messages import Message, TensorChunk, chunk_span
-from peerpipe.protocol.tensor import TensorData
+from peerpipe.protocol.messages import Message, TensorChunk
+from peerpipe.protocol.tensor import TensorData, chunk_span
 from peerpipe.protocol.weights import WeightReply
 
 # How many finished or failed tensor ids to remember, so that late or duplicate chunks of them are

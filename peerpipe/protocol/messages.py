@@ -18,7 +18,7 @@ from peerpipe.protocol.records import (
     SessionSpec,
     TaskInfo,
 )
-from peerpipe.protocol.tensor import TensorData, as_byte_view
+from peerpipe.protocol.tensor import TensorData, as_byte_view, chunk_span
 from peerpipe.protocol.validate import (
     MAX_NAME_LEN,
     need_bool,
@@ -27,6 +27,7 @@ from peerpipe.protocol.validate import (
     need_id,
     need_instance,
     need_int,
+    need_ranks,
     need_str,
     need_tuple_of,
 )
@@ -294,6 +295,7 @@ class ComputeRequest:
     def __post_init__(self) -> None:
         need_id(self, "task_id")
         need_instance(self, "input_tensor", TensorData)
+        need_ranks(self, "input_tensor", (2, 3))  # token ids [B, n], or hidden states [B, n, H]
         need_str(self, "session_id", MAX_NAME_LEN)
         need_int(self, "plan_version")
         need_int(self, "start_pos", 0, 1 << 40)
@@ -364,14 +366,6 @@ class Cancel:
 
     def __post_init__(self) -> None:
         need_id(self, "task_id")
-
-
-def chunk_span(index: int, total_chunks: int, total_bytes: int) -> tuple[int, int]:
-    """Byte range ``[start, end)`` of chunk ``index``: chunks are ``ceil(total/n)`` bytes, the last
-    one shorter. Deriving it (rather than sending offsets) makes every chunk's length checkable."""
-    size = -(-total_bytes // total_chunks)
-    start = index * size
-    return start, min(total_bytes, start + size)
 
 
 @dataclass(frozen=True, slots=True)

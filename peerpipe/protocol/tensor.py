@@ -90,6 +90,8 @@ class TensorData:
         for dim in self.shape:
             if type(dim) is not int or not 0 <= dim <= MAX_DIM:
                 raise ValidationError(f"tensor shape {self.shape!r} has an invalid dimension {dim!r}")
+        if self.encoding in BLOCK_ENCODINGS and (not self.shape or self.shape[-1] < 1):
+            raise ValidationError(f"a {self.encoding} tensor has rows of at least one value, not shape {self.shape}")
         if not isinstance(self.data, (bytes, bytearray, memoryview)):
             raise ValidationError(f"tensor data must be bytes or memoryview, got {type(self.data).__name__}")
         object.__setattr__(self, "data", as_byte_view(self.data))
@@ -164,3 +166,11 @@ class TensorData:
             raise ValidationError(f"a {self.encoding} tensor is decoded by its codec, not viewed as numpy")
         arr = np.frombuffer(self.data, dtype=_NUMPY_NAME.get(self.dtype, self.dtype))
         return arr.reshape(self.shape)
+
+
+def chunk_span(index: int, total_chunks: int, total_bytes: int) -> tuple[int, int]:
+    """Byte range ``[start, end)`` of chunk ``index``: chunks are ``ceil(total/n)`` bytes, the last
+    one shorter. Deriving it (rather than sending offsets) makes every chunk's length checkable."""
+    size = -(-total_bytes // total_chunks)
+    start = index * size
+    return start, min(total_bytes, start + size)

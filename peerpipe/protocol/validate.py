@@ -94,6 +94,13 @@ def need_instance(obj: object, name: str, cls: type, optional: bool = False) -> 
         raise ValidationError(f"{_where(obj, name)} must be {cls.__name__}, got {type(value).__name__}")
 
 
+def need_ranks(obj: object, name: str, ranks: tuple[int, ...]) -> None:
+    """A tensor field (``TensorData``) of one of these ranks."""
+    value = getattr(obj, name)
+    if len(value.shape) not in ranks:
+        raise ValidationError(f"{_where(obj, name)} must have {' or '.join(map(str, ranks))} dimensions, got shape {value.shape}")
+
+
 MAX_DIMS = 8
 # Any single dimension beyond this is a corrupt or hostile header, whatever the byte limits say.
 MAX_DIM = 1 << 40

@@ -9,8 +9,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from peerpipe import protocol as p
-from peerpipe.protocol.messages import chunk_span
-from peerpipe.protocol.tensor import ITEMSIZE, encoded_nbytes
+from peerpipe.protocol.tensor import ITEMSIZE, chunk_span, encoded_nbytes
 
 ids = st.text(st.characters(codec="utf-8"), min_size=1, max_size=128)
 names = st.text(st.characters(codec="utf-8"), max_size=64)
@@ -20,15 +19,16 @@ nonneg = st.floats(0.0, 1e12, allow_nan=False, allow_infinity=False)
 
 
 @st.composite
-def tensors(draw: st.DrawFn, max_elems: int = 64) -> p.TensorData:
+def tensors(draw: st.DrawFn, max_elems: int = 64, ranks: tuple[int, int] = (0, 4)) -> p.TensorData:
     dtype = draw(st.sampled_from(sorted(p.DTYPES)))
-    ndim = draw(st.integers(0, 4))
+    ndim = draw(st.integers(*ranks))
     shape = tuple(draw(st.lists(st.integers(0, 4), min_size=ndim, max_size=ndim)))
     if math.prod(shape) > max_elems:
-        shape = (max_elems,)
+        shape = (1,) * (ndim - 1) + (max_elems,)
     # Float tensors may travel a byte per value with block scales (int8 or float8).
     floats = dtype in ("float32", "float16", "bfloat16")
-    encoding = draw(st.sampled_from(["raw", "q8b64", "f8b64"])) if floats else "raw"
+    blocks = floats and shape and shape[-1] > 0  # a block-scaled row has at least one value
+    encoding = draw(st.sampled_from(["raw", "q8b64", "f8b64"])) if blocks else "raw"
     nbytes = encoded_nbytes(dtype, shape, encoding)
     return p.TensorData(dtype, shape, draw(st.binary(min_size=nbytes, max_size=nbytes)), encoding)
 
@@ -122,7 +122,7 @@ def chunks(draw: st.DrawFn) -> p.TensorChunk:
 compute_requests = st.builds(
     p.ComputeRequest,
     task_id=ids,
-    input_tensor=tensors(),
+    input_tensor=tensors(ranks=(2, 3)),  # token ids or hidden states
     session_id=names,
     plan_version=u64,
     start_pos=st.integers(0, 1 << 40),

@@ -209,9 +209,9 @@ def test_pending_tensor_and_byte_limits() -> None:
 def test_reassembled_tensor_is_writable_numpy() -> None:
     reassembler = p.Reassembler(LIMITS)
     arr = np.arange(1000, dtype=np.float32)
-    msg = p.ComputeRequest("t", p.TensorData.from_numpy(arr), session_id="s", start_pos=7)
+    msg = p.ComputeRequest("t", p.TensorData.from_numpy(arr.reshape(1, -1)), session_id="s", start_pos=7)
     out = feed_all(reassembler, wire(p.split(msg, LIMITS)))[-1]
     assert isinstance(out, p.ComputeRequest) and out == msg
     back = out.input_tensor.to_numpy()
-    np.testing.assert_array_equal(back, arr)
+    np.testing.assert_array_equal(back, arr.reshape(1, -1))
     assert back.flags.writeable

@@ -86,7 +86,7 @@ def test_byte_at_a_time_delivery_works() -> None:
 
 def test_big_tensor_round_trips() -> None:
     a, b, _, _ = pair()
-    arr = np.arange(300_000, dtype=np.float32)
+    arr = np.arange(300_000, dtype=np.float32).reshape(1, -1)
     [event] = b.receive_data(a.send(ComputeRequest("t", TensorData.from_numpy(arr))))
     assert isinstance(event, MessageReceived)
     np.testing.assert_array_equal(event.message.input_tensor.to_numpy(), arr)  # type: ignore[union-attr]
@@ -95,7 +95,7 @@ def test_big_tensor_round_trips() -> None:
 def test_reads_into_the_receive_buffer_in_odd_pieces() -> None:
     # The socket path: the loop reads into get_buffer() views, in pieces that cut frames anywhere.
     a, b, _, _ = pair()
-    big = np.arange(5_000_000, dtype=np.float32)  # one 20 MB record: the buffer has to grow
+    big = np.arange(5_000_000, dtype=np.float32).reshape(1, -1)  # one 20 MB record: the buffer has to grow
     wire = a.send(Ping(1)) + a.send(ComputeRequest("t", TensorData.from_numpy(big))) + a.send(Ping(2))
     events: list[Event] = []
     pos = 0

@@ -67,7 +67,7 @@ def test_join_exchange_and_polite_leave() -> None:
 
 
 def test_heartbeat_overtakes_a_big_transfer_and_tensor_arrives_intact() -> None:
-    arr = np.random.default_rng(0).standard_normal(12 * 1024 * 1024 // 4 * 4, dtype=np.float32)  # 48 MiB
+    arr = np.random.default_rng(0).standard_normal((1, 12 * 1024 * 1024 // 4 * 4), dtype=np.float32)  # 48 MiB
 
     async def main() -> None:
         async with Host(CODE) as host:
@@ -263,7 +263,7 @@ def test_send_to_unknown_peer_is_typed() -> None:
 
 
 def test_goodbye_waits_for_queued_transfers() -> None:
-    arr = np.arange(6 * 1024 * 1024 // 4, dtype=np.float32)  # 6 chunks
+    arr = np.arange(6 * 1024 * 1024 // 4, dtype=np.float32).reshape(1, -1)  # 6 chunks
 
     async def main() -> None:
         async with Host(CODE) as host:
