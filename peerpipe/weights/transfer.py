@@ -6,8 +6,10 @@ so (``WeightReply.busy``): then one small piece is in flight at a time, one ever
 ``GENTLE_GAP_S`` at most, so a few milliseconds of weights at most sit in any queue ahead of an
 answer's bytes and the fetch takes little of the holder's CPU; the answers run as if alone and
 the fetch still advances. Otherwise several pieces
-are in flight, each sized to ``FAST_PIECE_S`` of the link's measured rate: they fill the link,
-and an answer that starts meanwhile finds at most ``WINDOW * FAST_PIECE_S`` of weights queued.
+are in flight, each sized to ``FAST_PIECE_S`` of the link's measured rate, and as many more as
+the round trip holds (``MAX_WINDOW`` at most): they fill the link however far the holder is, and
+an answer that starts meanwhile finds at most ``WINDOW * FAST_PIECE_S`` of weights queued (what is
+on its way is on the wire, not in a queue).
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ if TYPE_CHECKING:
 PIECE = 4 << 20  # the largest piece
 FIRST_PIECE = 256 << 10  # until the link's rate is known
 FAST_PIECE_S = 0.025
-WINDOW = 4  # pieces in flight when nobody is answering: enough to fill a gigabit link
+WINDOW = 4  # pieces in flight beyond what the round trip holds, when nobody is answering
+MAX_WINDOW = 64
+RATE_S = 0.1
 GENTLE_PIECE = 32 << 10  # ~2.6 ms on a 100 Mbit/s link
 GENTLE_WINDOW = 1
 GENTLE_GAP_S = 0.02
@@ -59,24 +63,48 @@ class Transfer:
         self.gone: set[str] = set()
         self.more = asyncio.Event()
         self.finished = asyncio.Event()
-        self.fast = asyncio.Event()
-        self.fast.set()
+        self.gentle = False  # the last answer said its holder is passing answers' hidden states
         self.gentle_replies = 0
         self.received = 0
         self.started = time.monotonic()
+        self.recent: deque[tuple[float, int]] = deque([(self.started, 0)])  # (when, bytes) of recent pieces
+        self.rtt_s = 0.0  # the quickest answer seen: the link's round trip, plus a piece's time on it
+        self.window_changed = asyncio.Event()
 
     def _piece(self) -> int:
-        if not self.fast.is_set():
+        if self.gentle:
             return min(PIECE, GENTLE_PIECE)
-        elapsed = time.monotonic() - self.started
-        if self.received < 8 * FIRST_PIECE or elapsed <= 0:
+        if self.received < 8 * FIRST_PIECE:
             return min(PIECE, FIRST_PIECE)
-        return min(PIECE, max(GENTLE_PIECE, int(self.received / elapsed * FAST_PIECE_S)))
+        return min(PIECE, max(GENTLE_PIECE, int(self._rate() * FAST_PIECE_S)))
+
+    def _rate(self) -> float:
+        """Bytes a second over about a round trip (the whole fetch's average lags a rising rate,
+        and the window grows once a round trip)."""
+        now, span = time.monotonic(), max(RATE_S, 1.5 * self.rtt_s)
+        while len(self.recent) > 1 and now - self.recent[1][0] >= span:
+            self.recent.popleft()
+        since = max(self.recent[0][0], now - span)
+        return sum(n for _, n in self.recent) / max(now - since, 1e-3)
+
+    def window(self) -> int:
+        """Pieces in flight: one while a holder is busy, else ``WINDOW`` beyond the round trip's worth."""
+        if self.gentle:
+            return GENTLE_WINDOW
+        return min(MAX_WINDOW, WINDOW + int(self.rtt_s / FAST_PIECE_S))
+
+    def _answered(self, took_s: float, busy: bool) -> None:
+        before = self.window()
+        self.rtt_s = took_s if not self.rtt_s else min(self.rtt_s, took_s)
+        self.gentle = busy
+        if self.window() != before:
+            self.window_changed.set()
+            self.window_changed = asyncio.Event()  # waiters hold the one just set
 
     async def run(self) -> None:
         try:
             async with asyncio.TaskGroup() as tg:
-                workers = [tg.create_task(self._worker(i)) for i in range(WINDOW)]
+                workers = [tg.create_task(self._worker(i)) for i in range(MAX_WINDOW)]
                 await self.finished.wait()
                 for task in workers:
                     task.cancel()
@@ -98,8 +126,8 @@ class Transfer:
 
     async def _take(self, index: int) -> tuple[str, int, int]:
         while True:
-            if index >= GENTLE_WINDOW and not self.fast.is_set():
-                await self.fast.wait()
+            if index >= self.window():
+                await self.window_changed.wait()
                 continue
             if self.pending:
                 name, offset, length = self.pending.popleft()
@@ -116,6 +144,7 @@ class Transfer:
             name, offset, length = await self._take(index)
             t = self.tensors[name]
             holder = self._holder_for(t)
+            asked = time.monotonic()
             try:
                 reply = await self.ask(holder, WeightRequest(0, self.store.manifest.id, name, offset, length))
             except HolderGone as exc:
@@ -125,12 +154,10 @@ class Transfer:
                     self.report(f"a peer sending weights is gone ({exc}); asking the next")
                 self._put_back((name, offset, length), front=True)
                 continue
+            self._answered(time.monotonic() - asked, reply.busy)
             if reply.busy:
-                self.fast.clear()
                 self.gentle_replies += 1
                 await asyncio.sleep(GENTLE_GAP_S)  # a pace, not a wait for an event: background traffic
-            else:
-                self.fast.set()
             if reply.error or len(reply.data) != length:
                 t.refused.add(holder)
                 self._put_back((name, offset, length), front=True)
@@ -138,6 +165,7 @@ class Transfer:
             self.store.write(name, offset, reply.data)
             self.stats.bytes_received += length
             self.received += length
+            self.recent.append((time.monotonic(), length))
             self.on_bytes(length)
             t.served_by.add(holder)
             t.left -= length
