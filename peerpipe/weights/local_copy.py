@@ -44,6 +44,7 @@ def small_files(folder: Path) -> list[Path]:
         if p.is_file()
         and p.suffix in SMALL_FILE_SUFFIXES
         and p.name != "model.safetensors.index.json"
+        and not p.name.startswith("peerpipe-")  # a fetched copy's own bookkeeping (its manifest, lists)
         and SAFE_FILE.fullmatch(p.name)
         and p.stat().st_size <= MAX_SMALL_FILE
     )

@@ -142,3 +142,15 @@ def test_a_gguf_copy_changed_since_its_last_fetch_has_its_tensors_hashed_again(t
     assert any("changed on disk" in line for line in heard)
     assert room.fetcher.stats.bytes_received == manifest.tensor(names[0]).nbytes
     assert not _bad(store, names)
+
+
+def test_a_copy_fetched_whole_is_the_same_copy_when_a_node_hosts_it(manifest: Manifest, tmp_path: Path) -> None:
+    """Its own bookkeeping (``peerpipe-manifest.json``, lists, stamps) is not part of the model:
+    shared with members, it would overwrite their store's manifest."""
+    store = Store(manifest, tmp_path)
+    store.open()
+    room = Room(manifest)
+    asyncio.run(room.fetcher.fetch_files(store, ["host"]))
+    asyncio.run(room.fetcher.fetch(store, [t.name for t in manifest.tensors], ["host"]))
+    again = build_manifest(store.root, "austen")
+    assert again.id == manifest.id and not any(f.name.startswith("peerpipe-") for f in again.files)
