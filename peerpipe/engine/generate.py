@@ -114,7 +114,7 @@ class LocalEngine:
                 self._decode_ahead(slot, decoding, history, logits, generator)
                 return self._result(decoding, warmup_s, drafts)
             tokens = [int(self._sampler.sample(logits, [params], [generator], [history], [len(history)])[0])]
-            while self._push(decoding, history, tokens):
+            while self._push(decoding, history, tokens, drafts):
                 if drafts is None:
                     ids = torch.tensor([[history[-1]]], dtype=torch.long, device=self.device)
                     logits = self.forward(ids, self.cache.batch([slot], 1))
@@ -164,10 +164,12 @@ class LocalEngine:
             token = ahead
 
     @staticmethod
-    def _push(decoding: Decoding, history: list[int], tokens: list[int]) -> bool:
-        for token in tokens:  # a stop or the budget inside a kept block ends the answer there
+    def _push(decoding: Decoding, history: list[int], tokens: list[int], drafts: Drafts | None = None) -> bool:
+        for i, token in enumerate(tokens):  # a stop or the budget inside a kept block ends the answer there
             history.append(token)
             if not decoding.push(token):
+                if drafts is not None and i + 1 < len(tokens):
+                    drafts.unused(len(tokens) - i - 1)
                 return False
         return True
 

@@ -145,8 +145,8 @@ class SpecStats:
     mode: str = "off"
     steps: int = 0  # decode steps sent through the model
     drafted: int = 0  # draft tokens sent for verification
-    accepted: int = 0  # of those, kept
-    tokens: int = 0  # tokens the decode steps yielded
+    accepted: int = 0  # of those, kept in the answer
+    tokens: int = 0  # tokens the decode steps yielded into the answer (steps + accepted)
 
     @property
     def acceptance(self) -> float:
@@ -302,6 +302,13 @@ class Drafts:
         step = SpecStats(steps=1, drafted=len(sent), accepted=kept, tokens=len(tokens))
         self.stats.add(step)
         return step
+
+    def unused(self, count: int) -> SpecStats:
+        """The answer ended ``count`` tokens before its last step's end (a stop or the budget
+        inside a kept block): those were never the answer's, so they leave the figures."""
+        cut = SpecStats(accepted=-count, tokens=-count)
+        self.stats.add(cut)
+        return cut
 
     def close(self) -> None:
         self.drafter.close()

@@ -349,7 +349,10 @@ class Pipeline:
                 if drafts is None and len(tokens) == 1 and decoding.goes_on_after(tokens[0]):
                     held = tokens
                 else:
+                    yielded, before = len(tokens), len(decoding.tokens)
                     _push(decoding, tokens)  # a stop or the budget inside a kept block ends it there
+                    if drafts is not None and (cut := yielded - (len(decoding.tokens) - before)):
+                        drafts.unused(cut)
             task.status = TaskStatus.DONE
         except _Cancelled:
             decoding.finish("cancelled")

@@ -119,6 +119,10 @@ class AnswerDrafts:
         """A step sent ``drafts`` and got ``tokens`` back in ``seconds``."""
         self.room.totals.add(self.core.observe(drafts, tokens, seconds))
 
+    def unused(self, count: int) -> None:
+        """The answer ended ``count`` tokens before its last step's end."""
+        self.room.totals.add(self.core.unused(count))
+
     def close(self) -> None:
         self.room.finished(self)
         self.core.close()

@@ -336,7 +336,29 @@ def test_the_local_engine_with_drafts_gives_the_same_tokens(tiny_model_dir, mode
     result = engine.generate(prompt, params, drafts=Drafts(mode, drafter, size))
     assert result.tokens == plain.tokens and result.text == plain.text and result.finish_reason == plain.finish_reason
     spec = result.speculation
-    assert spec is not None and spec.steps + spec.accepted == len(plain.tokens) - 1
-    if mode == "draft":
+    assert spec is not None and spec.steps + spec.accepted == spec.tokens == len(plain.tokens) - 1
+    if mode == "draft" and params.stop == ():
         assert spec.accepted == spec.drafted > 0
     assert engine.cache.free_slots == engine.cache.max_slots
+
+
+@pytest.mark.parametrize("mode", ["ngram", "draft"])
+def test_tokens_after_a_stop_inside_a_kept_block_are_not_counted(tiny_model_dir, mode: str) -> None:
+    """The model drafts for itself, six a step: a stop string at the 11th token lies inside the
+    second block, whose last tokens the answer never has."""
+    model = tiny_model_dir("llama")
+    engine, _ = LocalEngine.from_dir(model, device="cpu", dtype="float32", max_seq=64)
+    prompt = [5, 17, 42, 99, 3, 5, 17]
+    full = engine.generate(prompt, SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
+    stop = engine.tokenizer.decode(full.tokens[:11])[len(engine.tokenizer.decode(full.tokens[:10])) :]
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, stop=(stop,))
+    plain = engine.generate(prompt, params)
+    assert plain.finish_reason == "stop" and len(plain.tokens) < 30
+    drafter = (
+        NgramDrafter() if mode == "ngram"
+        else DraftModel(load_stage(model, dtype="float32")[0], sessions=1, max_seq=64, vocab_limit=10**9).session(params)
+    )
+    result = engine.generate(prompt, params, drafts=Drafts(mode, drafter, DraftSize(StepCosts(), 6, fixed=True)))
+    spec = result.speculation
+    assert result.tokens == plain.tokens and spec is not None
+    assert spec.tokens == spec.steps + spec.accepted == len(plain.tokens) - 1, spec

@@ -81,6 +81,9 @@ def test_a_stop_string_or_the_budget_inside_a_kept_block_ends_the_answer_there(
             assert (result.tokens, result.text, result.finish_reason) == (
                 expected.tokens, expected.text, "stop"
             )
+            if mode != "off":  # what came after the stop was never the answer's
+                spec = result.speculation
+                assert spec is not None and spec.tokens == spec.steps + spec.accepted == len(expected.tokens) - 1
             for budget in (1, 2, 7, 9):
                 short = SamplingParams(temperature=0.0, max_tokens=budget, ignore_eos=True)
                 answer = await pipeline.generate(PROMPT, short, speculate=mode)
