@@ -51,6 +51,9 @@ class DraftModel:
         self.max_seq = min(max_seq, stage.cfg.max_positions)
         self.cache: KVCache = stage.new_cache(sessions, self.max_seq)
         self.vocab_limit = vocab_limit  # drafts are ids the large model knows
+        # Models of one tokenizer may pad their embeddings to other sizes (Qwen2.5 7B has 128 rows
+        # more than 3B): an id past the draft's rows is one it cannot read, so it drafts nothing.
+        self.rows = stage.cfg.vocab_size
         self.sampler = Sampler()
         # On CUDA a draft step is a few dozen tiny kernels: replayed from a graph, not launched.
         self._graphed = GraphedDecoder(stage, self.cache) if self.cache.device.type == "cuda" else None
@@ -116,8 +119,10 @@ class DraftSession:
                 break
             common += 1
         common = min(common, len(history) - 1)  # the last token is fed again, for its logits
-        cache.rollback(self.slot, common)
         new = list(history[common:])
+        if max(new) >= model.rows:
+            return []
+        cache.rollback(self.slot, common)
         # Each pick feeds the next step on the device; the drafts are read back once, at the end
         # (a repetition penalty needs every pick as it comes, so it reads each).
         penalized = self.params.repetition_penalty != 1.0

@@ -13,6 +13,7 @@ unseeded answer's tokens are distributed exactly as the model's.
 from __future__ import annotations
 
 import collections
+import logging
 import math
 import statistics
 from collections.abc import Sequence
@@ -25,6 +26,8 @@ if TYPE_CHECKING:  # the CLI reads this module's settings without loading torch
     import torch
 
     from peerpipe.engine.sampling import Sampler, SamplingParams
+
+log = logging.getLogger(__name__)
 
 SPECULATE_MODES = ("off", "ngram", "draft")
 # A step of 7 drafts has 8 positions: on CUDA it fills a graph of width 8 with no padding.
@@ -278,18 +281,29 @@ class Drafts:
         self.stats = SpecStats(mode=mode)
         self._free = isinstance(drafter, NgramDrafter)
         self._shadow: list[int] = []
+        self._failed = False
 
     def propose(self, history: Sequence[int], k: int) -> list[int]:
         """Up to ``k`` drafts to follow ``history`` (``k`` from ``size.choose()``, capped by the
         caller at what the answer has room for)."""
         self._shadow = []
         if self._free:
-            guess = self.drafter.propose(history, self.size.max_k)
+            guess = self._draft(history, self.size.max_k)
             if k <= 0:
                 self._shadow = guess
                 return []
             return guess[:k]
-        return self.drafter.propose(history, k) if k > 0 else []
+        return self._draft(history, k) if k > 0 else []
+
+    def _draft(self, history: Sequence[int], k: int) -> list[int]:
+        if self._failed:
+            return []
+        try:
+            return self.drafter.propose(history, k)
+        except Exception as exc:  # drafts never change an answer's tokens: a drafter's fault must not end it
+            log.warning("drafting stopped for this answer: %s: %s", type(exc).__name__, exc)
+            self._failed = True
+            return []
 
     def observe(self, sent: Sequence[int], tokens: Sequence[int], seconds: float) -> SpecStats:
         """A step sent ``sent`` and yielded ``tokens`` in ``seconds``; returns the step's figures."""

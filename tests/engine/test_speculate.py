@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from peerpipe.devtools.tiny_model import TOKENIZER_VOCAB_SIZE
 from peerpipe.engine.draft_model import DraftModel, DraftModelError, check_draft_dir
 from peerpipe.engine.generate import LocalEngine
 from peerpipe.engine.loader import load_stage
@@ -362,3 +363,41 @@ def test_tokens_after_a_stop_inside_a_kept_block_are_not_counted(tiny_model_dir,
     spec = result.speculation
     assert result.tokens == plain.tokens and spec is not None
     assert spec.tokens == spec.steps + spec.accepted == len(plain.tokens) - 1, spec
+
+
+def test_a_draft_with_fewer_embedding_rows_drafts_nothing_past_them(tiny_model_dir) -> None:
+    """Models of one tokenizer may pad their embeddings to other sizes: an id the draft has no
+    row for means no drafts, never a failed answer."""
+    model = tiny_model_dir("llama")
+    engine, _ = LocalEngine.from_dir(model, device="cpu", dtype="float32", max_seq=64)
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    inside = [5, 17, 42, 99]
+    rows = max(inside + engine.generate(inside, params).tokens) + 1  # every id of this answer has a row
+    assert rows < TOKENIZER_VOCAB_SIZE
+    small = tiny_model_dir("llama", seed=3, config_overrides={"num_hidden_layers": 1, "vocab_size": rows})
+    check_draft_dir(small, model)  # one tokenizer: the pair is allowed
+    for prompt, drafts in (([5, 17, rows, 99], False), (inside, True)):
+        draft = DraftModel(load_stage(small, dtype="float32")[0], sessions=1, max_seq=64, vocab_limit=rows)
+        result = engine.generate(prompt, params, drafts=Drafts("draft", draft.session(params), DraftSize(StepCosts(), 4, fixed=True)))
+        assert result.tokens == engine.generate(prompt, params).tokens
+        assert result.speculation is not None and (result.speculation.drafted > 0) == drafts
+
+
+def test_a_drafter_that_fails_stops_drafting_not_the_answer(tiny_model_dir, caplog: pytest.LogCaptureFixture) -> None:
+    class Broken:  # a model drafter whose device failed
+        def propose(self, history, k):  # type: ignore[no-untyped-def]
+            raise RuntimeError("CUDA error: an illegal memory access")
+
+        def close(self) -> None:
+            pass
+
+    engine, _ = LocalEngine.from_dir(tiny_model_dir("llama"), device="cpu", dtype="float32", max_seq=64)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    drafts = Drafts("draft", Broken(), DraftSize(StepCosts(), 4, fixed=True))
+    with caplog.at_level("WARNING"):
+        result = engine.generate([5, 17, 42, 5, 17], params, drafts=drafts)
+    assert result.tokens == engine.generate([5, 17, 42, 5, 17], params).tokens
+    assert result.speculation is not None and result.speculation.drafted == 0
+    assert [r.message for r in caplog.records].count(
+        "drafting stopped for this answer: RuntimeError: CUDA error: an illegal memory access"
+    ) == 1
