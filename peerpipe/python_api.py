@@ -234,7 +234,7 @@ async def create_room(
     report: Report | None = None,
     on_open: Callable[[RoomCode, Address], None] | None = None,
     speculate: str | None = None,
-    speculate_max: int = DEFAULT_MAX_DRAFT,
+    speculate_max: int | None = None,
     draft: str | Path | None = None,
     quantize: str = "none",
 ) -> AsyncIterator[Room]:
@@ -244,13 +244,13 @@ async def create_room(
 
     Answers draft tokens for the stages to verify (docs/speculative.md): ``speculate`` is off,
     ngram (prompt lookup, the default) or draft (with the small model ``draft``, run here; the
-    default once one is given), ``speculate_max`` the most tokens a step drafts. ``quantize`` is
+    default once one is given), ``speculate_max`` the most tokens a step drafts (None: 7). ``quantize`` is
     as for ``join_room``, for the host's own stage."""
     check_quantize(quantize, ROOM_MODES)
     room_code = parse_code(code) if code else generate_code()
     model = resolve_model(model) if model else None
     draft = resolve_model(draft) if draft else None
-    speculation = SpeculationConfig(speculate or ("draft" if draft else "ngram"), speculate_max)
+    speculation = SpeculationConfig(speculate or ("draft" if draft else "ngram"), speculate_max or DEFAULT_MAX_DRAFT)
     if speculation.mode == "draft" and draft is None:
         raise SpeculationError("speculate=draft needs a draft model (--draft DIR, or austen-draft for the bundled model)")
     config = config or ClusterConfig(expect_nodes=expect_nodes, budget=Budget(context_tokens=context, sessions=sessions))

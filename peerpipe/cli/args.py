@@ -113,7 +113,8 @@ def add_speculation_arguments(parser: argparse.ArgumentParser, *, speculate_help
         "prompt and answer, draft runs the --draft model here (default: draft with --draft, else ngram)",
     )
     parser.add_argument(
-        "--speculate-max", type=draft_size, default=DEFAULT_MAX_DRAFT, metavar="K",
+        # None when not given: generate --room refuses it (the host's own setting drafts there).
+        "--speculate-max", type=draft_size, default=None, metavar="K",
         help=f"most tokens one step drafts; fewer, or none, where drafting does not pay ({DEFAULT_MAX_DRAFT})",
     )
     parser.add_argument(

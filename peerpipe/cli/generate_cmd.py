@@ -122,7 +122,7 @@ def sampling_params(args: argparse.Namespace, model_dir: Path) -> SamplingParams
 
 
 # Flags that run a model here: with --room the host's own settings run it.
-LOCAL_ONLY = ("model", "device", "dtype", "threads", "draft", "compile", "no_cuda_graphs")
+LOCAL_ONLY = ("model", "device", "dtype", "threads", "draft", "speculate_max", "compile", "no_cuda_graphs")
 
 
 def show_text(text: str) -> None:
@@ -207,12 +207,12 @@ def local_drafts(
     """How this answer drafts: prompt lookup by default, the --draft model with it (on the
     engine's device), or not at all."""
     from peerpipe.engine.draft_model import DraftModel
-    from peerpipe.engine.speculate import Drafts, DraftSize, NgramDrafter, StepCosts
+    from peerpipe.engine.speculate import DEFAULT_MAX_DRAFT, Drafts, DraftSize, NgramDrafter, StepCosts
 
     mode = args.speculate or ("draft" if args.draft else "ngram")
     if mode == "off":
         return None
-    size = DraftSize(StepCosts(), args.speculate_max)
+    size = DraftSize(StepCosts(), args.speculate_max or DEFAULT_MAX_DRAFT)
     if mode == "ngram":
         return Drafts(mode, NgramDrafter(), size)
     if args.draft is None:

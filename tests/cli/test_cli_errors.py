@@ -107,6 +107,7 @@ CASES: list[tuple[list[str], int, str]] = [
     (["generate", "hello", "--model", "austen", "--top-p", "7"], 2, "--top-p"),
     (["generate", "hello", "--model", "austen", "--system", "be brief"], 2, "--chat"),
     (["generate", "hello", "--room", "7-amber-falcon", "--device", "cuda"], 2, "--device run a model here"),
+    (["generate", "hello", "--room", "7-amber-falcon", "--speculate-max", "1"], 2, "--speculate-max run a model here"),
     (["join", "7-amber-falcon", "--timeout", "-5"], 2, "positive"),
     (["join", "7-amber-falcon", "--listen", "127.0.0.1:7000"], 2, "a member picks its own port"),
     (["join", "7-amber-falcon", "--peer", "127.0.0.1:{closed}", "--quantize", "keep"], 2, "give --model FILE.gguf"),
