@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from aiohttp import WSMsgType, web
 
 from peerpipe.api.errors import ApiError
-from peerpipe.webgpu.browser_link import BrowserLinkError, BrowserSecrets, b64, keys, parse_hello
+from peerpipe.webgpu.browser_link import BrowserLinkError, BrowserSecrets, Sealer, b64, keys, parse_hello
 from peerpipe.webgpu.remote import BrowserSession
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,22 @@ class BrowserRoutes:
                 await ws.close()
         return ws
 
+    @staticmethod
+    async def _authenticate(
+        ws: web.WebSocketResponse, secret: bytes, browser_nonce: bytes
+    ) -> tuple[dict[str, Any], Sealer, Sealer]:
+        """The sealed auth frame, proof the tab holds ``secret``; its header and the keys."""
+        host_nonce = os.urandom(16)
+        await ws.send_str(json.dumps({"nonce": b64(host_nonce)}))
+        inbound, outbound = keys(secret, browser_nonce, host_nonce)
+        first = await ws.receive()
+        if first.type != WSMsgType.BINARY:
+            raise BrowserLinkError("expected the sealed auth frame")
+        header, _ = inbound.open(first.data)
+        if header["op"] != "auth":
+            raise BrowserLinkError(f"expected auth, got {header['op']}")
+        return header, inbound, outbound
+
     async def _handshake(self, ws: web.WebSocketResponse) -> BrowserSession:
         if self.host is None:
             raise BrowserLinkError("this room takes no browser nodes (its host serves no model)")
@@ -122,21 +138,17 @@ class BrowserRoutes:
             if hello.type != WSMsgType.TEXT:
                 raise BrowserLinkError("the first message must be the JSON hello")
             ident, browser_nonce = parse_hello(hello.data)
-            secret = self.host.secrets.lookup(ident)
+            secret = self.host.secrets.claim(ident)
             if secret is None:
                 raise BrowserLinkError(
-                    "wrong secret: this join link is not valid for this room (used already, expired, or from "
-                    "another room); make a new one on the host's dashboard"
+                    "wrong secret: this join link is not valid for this room (used already, in use by another "
+                    "tab, expired, or from another room); make a new one on the host's dashboard"
                 )
-            host_nonce = os.urandom(16)
-            await ws.send_str(json.dumps({"nonce": b64(host_nonce)}))
-            inbound, outbound = keys(secret, browser_nonce, host_nonce)
-            first = await ws.receive()
-            if first.type != WSMsgType.BINARY:
-                raise BrowserLinkError("expected the sealed auth frame")
-            header, _ = inbound.open(first.data)
-            if header["op"] != "auth":
-                raise BrowserLinkError(f"expected auth, got {header['op']}")
+            try:
+                header, inbound, outbound = await self._authenticate(ws, secret, browser_nonce)
+            except BaseException:
+                self.host.secrets.release(ident)
+                raise
         credential = self.host.secrets.redeem(ident)
         facts: dict[str, Any] = {k: header.get(k) for k in ("adapter", "f16", "max_binding", "memory")}
 

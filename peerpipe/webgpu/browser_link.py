@@ -62,10 +62,13 @@ def secret_id(secret: bytes) -> str:
 
 @dataclass
 class BrowserSecrets:
-    """The host's join links (one use each) and the credentials it gave browsers (reusable)."""
+    """The host's join links (one use each) and the credential each joined browser holds (one at
+    a time: every join by a link or a credential gives a new one and ends the old)."""
 
     links: dict[str, tuple[bytes, float]] = field(default_factory=dict)  # id -> (secret, made at)
     credentials: dict[str, bytes] = field(default_factory=dict)
+    # Taken by a handshake under way: tabs that open one link at once find it gone.
+    claimed: dict[str, tuple[bool, bytes, float]] = field(default_factory=dict)  # id -> (a link?, secret, made at)
 
     def new_link(self) -> bytes:
         now = time.monotonic()
@@ -74,17 +77,34 @@ class BrowserSecrets:
         self.links[secret_id(secret)] = (secret, now)
         return secret
 
-    def lookup(self, ident: str) -> bytes | None:
+    def claim(self, ident: str) -> bytes | None:
+        """The secret of link or credential ``ident``, taken for one handshake (``release`` gives
+        it back if that fails); None when it is unknown, expired or taken."""
         if ident in self.credentials:
-            return self.credentials[ident]
-        link = self.links.get(ident)
+            secret = self.credentials.pop(ident)
+            self.claimed[ident] = (False, secret, time.monotonic())
+            return secret
+        link = self.links.pop(ident, None)
         if link is None or time.monotonic() - link[1] >= LINK_TTL_S:
             return None
+        self.claimed[ident] = (True, *link)
         return link[0]
 
+    def release(self, ident: str) -> None:
+        """A handshake that did not finish: its link or credential is good again."""
+        taken = self.claimed.pop(ident, None)
+        if taken is None:
+            return
+        is_link, secret, made = taken
+        if is_link:
+            self.links[ident] = (secret, made)
+        else:
+            self.credentials[ident] = secret
+
     def redeem(self, ident: str) -> bytes:
-        """The link ``ident`` is used up; a credential for this browser's next joins is made."""
-        self.links.pop(ident, None)
+        """The handshake with ``ident`` succeeded: it is used up, and this browser's next join
+        takes the credential returned."""
+        self.claimed.pop(ident, None)
         credential = os.urandom(SECRET_BYTES)
         self.credentials[secret_id(credential)] = credential
         return credential

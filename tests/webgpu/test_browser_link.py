@@ -86,15 +86,26 @@ def test_a_good_hello_and_the_refusals_say_why() -> None:
 def test_a_join_link_is_used_once_and_leaves_a_credential(monkeypatch: pytest.MonkeyPatch) -> None:
     secrets = BrowserSecrets()
     link = secrets.new_link()
-    assert secrets.lookup(secret_id(link)) == link
+    assert secrets.claim(secret_id(link)) == link
+    assert secrets.claim(secret_id(link)) is None  # a second tab opening the link meanwhile
     credential = secrets.redeem(secret_id(link))
-    assert secrets.lookup(secret_id(link)) is None
-    assert secrets.lookup(secret_id(credential)) == credential  # a reload rejoins with it
+    assert secrets.claim(secret_id(link)) is None
+    assert secrets.claim(secret_id(credential)) == credential  # a reload rejoins with it...
+    newer = secrets.redeem(secret_id(credential))  # ...and gets the next one
+    assert secrets.claim(secret_id(credential)) is None and set(secrets.credentials) == {secret_id(newer)}
     late = secrets.new_link()
     now = bl.time.monotonic()
     monkeypatch.setattr(bl.time, "monotonic", lambda: now + bl.LINK_TTL_S + 1)
-    assert secrets.lookup(secret_id(late)) is None
-    assert secrets.lookup(secret_id(credential)) == credential
+    assert secrets.claim(secret_id(late)) is None
+    assert secrets.claim(secret_id(newer)) == newer  # a credential does not expire
+
+
+def test_a_handshake_that_fails_gives_its_link_back() -> None:
+    secrets = BrowserSecrets()
+    link = secrets.new_link()
+    assert secrets.claim(secret_id(link)) == link
+    secrets.release(secret_id(link))
+    assert secrets.claim(secret_id(link)) == link
 
 
 class PythonTab:
