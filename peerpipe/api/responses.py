@@ -80,10 +80,11 @@ class ChunkWriter:
         return self._event([{"index": 0, "text": piece, "logprobs": None, "finish_reason": None}])
 
     def last(self, result: GenerationResult) -> bytes:
+        """The chunk with the finish reason; it carries the answer's ``speculation`` as a whole answer does."""
         reason = finish_reason(result)
         if self.chat:
-            return self._event([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}])
-        return self._event([{"index": 0, "text": "", "logprobs": None, "finish_reason": reason}])
+            return self._event([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}], **speculation(result))
+        return self._event([{"index": 0, "text": "", "logprobs": None, "finish_reason": reason}], **speculation(result))
 
     def usage(self, result: GenerationResult) -> bytes:
         return self._event([], usage=usage(len(result.prompt_ids), len(result.tokens)))

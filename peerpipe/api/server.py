@@ -364,7 +364,7 @@ class ApiServer:
             why_not_ready="" if ready else cluster.why_not_ready(),
             totals=self.metrics.totals(),
             recovery=dataclasses.asdict(self.inference.pipeline.recovery) if self.inference else None,
-            speculation=self.inference.speculator.totals.to_json() if self.inference else None,
+            speculation=self.inference.speculator.to_json() if self.inference else None,
         )
 
     async def _room(self, request: web.Request) -> web.Response:

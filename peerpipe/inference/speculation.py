@@ -51,7 +51,8 @@ class Speculator:
             raise PromptError("speculate=draft needs a draft model (peerpipe host --draft DIR)")
         self.draft = draft
         self.costs = StepCosts()
-        self.totals = SpecStats(mode=self.config.mode)
+        self.totals = SpecStats(mode="all")  # every answer's, whatever mode it asked for
+        self.modes: dict[str, SpecStats] = {}  # the same, by mode
         # Each mode's acceptance over recent answers: where a new answer's estimate starts.
         self.acceptance: dict[str, float] = {}
 
@@ -76,6 +77,14 @@ class Speculator:
         prior = self.acceptance.get(mode, 0.5)
         size = DraftSize(self.costs, self.config.max_draft, prior=prior, fixed=not self.config.adaptive)
         return AnswerDrafts(self, mode, session, size)
+
+    def add(self, step: SpecStats, mode: str) -> None:
+        self.totals.add(step)
+        self.modes.setdefault(mode, SpecStats(mode=mode)).add(step)
+
+    def to_json(self) -> dict[str, object]:
+        """The totals, and each mode's (``modes``), for the dashboard and ``/api/room``."""
+        return {**self.totals.to_json(), "modes": {m: s.to_json() for m, s in sorted(self.modes.items())}}
 
     def finished(self, drafts: AnswerDrafts) -> None:
         if drafts.stats.steps:
@@ -117,11 +126,11 @@ class AnswerDrafts:
 
     def observe(self, drafts: list[int], tokens: list[int], seconds: float) -> None:
         """A step sent ``drafts`` and got ``tokens`` back in ``seconds``."""
-        self.room.totals.add(self.core.observe(drafts, tokens, seconds))
+        self.room.add(self.core.observe(drafts, tokens, seconds), self.stats.mode)
 
     def unused(self, count: int) -> None:
         """The answer ended ``count`` tokens before its last step's end."""
-        self.room.totals.add(self.core.unused(count))
+        self.room.add(self.core.unused(count), self.stats.mode)
 
     def close(self) -> None:
         self.room.finished(self)

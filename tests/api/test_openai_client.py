@@ -82,6 +82,12 @@ def test_speculate_chooses_the_drafting_of_one_answer_and_reports_it(client: ope
     assert (answers["off"].model_extra or {}).get("speculation") is None
     spec = (answers["ngram"].model_extra or {})["speculation"]
     assert spec["mode"] == "ngram" and spec["steps"] + spec["accepted"] == 9  # every token after the first
+    stream = list(client.chat.completions.create(
+        model=model.name, messages=[{"role": "user", "content": "Tell me about the sea"}],
+        max_tokens=10, temperature=0, stream=True, extra_body={**NO_EOS, "speculate": "ngram"},
+    ))
+    last = next(c for c in stream if c.choices and c.choices[0].finish_reason)
+    assert (last.model_extra or {})["speculation"] == spec  # a stream reports it too, on its finish
     with pytest.raises(openai.BadRequestError, match="no draft model"):
         client.chat.completions.create(
             model=model.name, messages=[{"role": "user", "content": "x"}], max_tokens=2, extra_body={"speculate": "draft"}

@@ -88,8 +88,10 @@ def test_a_stop_string_or_the_budget_inside_a_kept_block_ends_the_answer_there(
                 short = SamplingParams(temperature=0.0, max_tokens=budget, ignore_eos=True)
                 answer = await pipeline.generate(PROMPT, short, speculate=mode)
                 assert answer.tokens == full.tokens[:budget] and answer.finish_reason == "length"
-            if mode != "off":
+            if mode != "off":  # counted under the mode the answers asked for, not the room's default
                 assert pipeline.speculator.totals.accepted > 0
+                room = pipeline.speculator.to_json()
+                assert list(room["modes"]) == [mode] and room["modes"][mode]["drafted"] == room["drafted"]
 
     arun(main())
 

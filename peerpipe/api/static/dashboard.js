@@ -46,8 +46,9 @@ function render(r) {
   const failovers = rec && rec.failovers ? ` · failovers ${rec.failovers} (stalled ${rec.stall_s.toFixed(1)} s)` : "";
   const recovering = r.tasks.filter((t) => t.status === "recovering").length;
   const sp = r.speculation;
-  const drafted = sp && sp.drafted ? ` · ${sp.mode} drafts kept ${(100 * sp.acceptance).toFixed(0)}%,` +
-    ` ${sp.tokens_per_step.toFixed(2)} tokens/step` : "";
+  // Each mode the answers asked for (the room's default is only where a request named none).
+  const drafted = sp ? Object.values(sp.modes || {}).filter((m) => m.drafted).map((m) =>
+    ` · ${m.mode} drafts kept ${(100 * m.acceptance).toFixed(0)}%, ${m.tokens_per_step.toFixed(2)} tokens/step`).join("") : "";
   $("#totals").textContent = `answers ${r.totals.answers} · tokens ${r.totals.tokens}${failovers}${drafted}` +
     (recovering ? ` · recovering: replaying ${recovering} answer(s)` : "");
   $("#why").textContent = r.why_not_ready || "";
