@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -19,7 +20,9 @@ from typing import Any, Protocol
 
 from aiohttp import WSMsgType, web
 
+from peerpipe.api.addresses import is_loopback
 from peerpipe.api.errors import ApiError
+from peerpipe.room.discovery import default_lan_ip
 from peerpipe.webgpu.browser_link import BrowserLinkError, BrowserSecrets, Sealer, b64, keys, parse_hello
 from peerpipe.webgpu.remote import BrowserSession
 
@@ -56,6 +59,7 @@ class BrowserRoutes:
 
     def __init__(self, host: BrowserHost | None) -> None:
         self.host = host
+        self.bound: tuple[str, int] | None = None  # where the HTTP server listens (set when it starts)
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -76,8 +80,23 @@ class BrowserRoutes:
         if self.host is None:
             raise ApiError(404, "this room takes no browser nodes (its host serves no model)", code="no_browser_nodes")
         secret = self.host.secrets.new_link()
-        url = f"{request.scheme}://{request.host}/node#k={b64(secret)}"
-        return web.json_response({"url": url, "qr_svg": qr_svg(url)})
+        where, local_only = self._link_host(request)
+        url = f"{request.scheme}://{where}/node#k={b64(secret)}"
+        return web.json_response({"url": url, "qr_svg": qr_svg(url), "local_only": local_only})
+
+    def _link_host(self, request: web.Request) -> tuple[str, bool]:
+        """Where another device reaches this server, and whether only this machine can. A dashboard
+        opened at localhost would otherwise send a phone to its own localhost."""
+        if request.url.host is None or not is_loopback(request.url.host) or self.bound is None:
+            return request.host, False
+        ip, port = self.bound
+        if is_loopback(ip):
+            return request.host, True
+        if ipaddress.ip_address(ip).is_unspecified:
+            ip = default_lan_ip()
+            if is_loopback(ip):
+                return request.host, True
+        return (f"[{ip}]" if ":" in ip else ip) + f":{port}", False
 
     async def _socket(self, request: web.Request) -> web.StreamResponse:
         ws = web.WebSocketResponse(max_msg_size=MAX_FRAME, heartbeat=30.0)

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import dataclasses
 import hmac
-import ipaddress
 import json
 import logging
 import socket
@@ -22,6 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
+from peerpipe.api.addresses import is_loopback
 from peerpipe.api.browser_nodes import BrowserHost, BrowserRoutes
 from peerpipe.api.errors import ApiError, ListenError, bad_request
 from peerpipe.api.generation import Generations, Job, cancel_on_exit
@@ -50,13 +50,6 @@ def host_name(host: str) -> str:
         return name if rest == "" or (rest[:1] == ":" and rest[1:].isdigit()) else host  # (else refused)
     name = host.rpartition(":")[0] if host.count(":") == 1 else host
     return name.rstrip(".")
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 def _error_response(error: ApiError) -> web.Response:
@@ -142,7 +135,8 @@ class ApiServer:
             await self._runner.cleanup()
             raise ListenError(f"cannot serve HTTP on {host}:{port}: {exc.strerror or exc}") from exc
         bound = self._runner.addresses[0]
-        self.loopback = _is_loopback(bound[0])
+        self.browsers.bound = (bound[0], bound[1])
+        self.loopback = is_loopback(bound[0])
         shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
         self.url = f"{'https' if https else 'http'}://{shown}:{bound[1]}"
         return self.url

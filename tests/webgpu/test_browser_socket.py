@@ -9,6 +9,7 @@ import json
 import os
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from peerpipe.api.browser_nodes import BrowserRoutes
@@ -68,3 +69,29 @@ def test_tabs_opening_one_link_at_once_join_once_and_a_reload_ends_the_old_crede
             await runner.cleanup()
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+@pytest.mark.parametrize(
+    ("host", "bound", "lan", "url", "local_only"),
+    [
+        ("localhost:8088", ("0.0.0.0", 8088), "192.168.1.20", "192.168.1.20:8088", False),
+        ("[::1]:8088", ("::", 8088), "192.168.1.20", "192.168.1.20:8088", False),
+        ("127.0.0.1:8088", ("192.168.1.20", 8088), "10.0.0.9", "192.168.1.20:8088", False),
+        ("localhost:8088", ("127.0.0.1", 8088), "192.168.1.20", "localhost:8088", True),
+        ("localhost:8088", ("0.0.0.0", 8088), "127.0.0.1", "localhost:8088", True),  # no network at all
+        ("studio.lan:8088", ("0.0.0.0", 8088), "192.168.1.20", "studio.lan:8088", False),
+    ],
+)
+def test_a_join_link_names_an_address_other_devices_reach(
+    host: str, bound: tuple[str, int], lan: str, url: str, local_only: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dashboard opened at localhost must not send a phone to the phone's own localhost."""
+    from aiohttp.test_utils import make_mocked_request
+
+    from peerpipe.api import browser_nodes
+
+    monkeypatch.setattr(browser_nodes, "default_lan_ip", lambda: lan)  # this machine's route, as the OS says
+    routes = BrowserRoutes(Host())
+    routes.bound = bound
+    request = make_mocked_request("POST", "/api/browser-link", headers={"Host": host})
+    assert routes._link_host(request) == (url, local_only)

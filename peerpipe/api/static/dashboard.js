@@ -227,5 +227,6 @@ $("#lend").addEventListener("click", async () => {
   $("#lend-url").href = body.url;
   $("#lend-url").textContent = body.url;
   $("#lend-qr").innerHTML = body.qr_svg;  // made by the host from the URL: no user text in it
+  $("#lend-local").hidden = !body.local_only;
   $("#lend-link").hidden = false;
 });
