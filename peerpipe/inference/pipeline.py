@@ -33,7 +33,15 @@ from peerpipe.inference.passing import Ahead, Pending, Token
 from peerpipe.inference.prefill import prefill_requests
 from peerpipe.inference.rounds import Rounds
 from peerpipe.inference.speculation import AnswerDrafts, Speculator
-from peerpipe.inference.tasks import RecoveryStats, Task, TaskStatus, Timeouts
+from peerpipe.inference.tasks import (
+    Cancelled,
+    PlanLost,
+    RecoveryStats,
+    Task,
+    TaskStatus,
+    Timeouts,
+    stage_spans,
+)
 from peerpipe.inference.wire import ids_to_wire, release_shared
 from peerpipe.logs import Report, log_reporter
 from peerpipe.protocol import Cancel, ComputeError, ComputeRequest, ComputeResult, Plan
@@ -58,18 +66,6 @@ def _push(decoding: Decoding, tokens: list[int]) -> bool:
             break
     tokens.clear()
     return decoding.finish_reason is None
-
-
-class _Cancelled(Exception):
-    pass
-
-
-class _Lost(Exception):
-    """The plan under a step went away; the answer resumes on the next one."""
-
-
-def _stages(plan: Plan) -> tuple[tuple[str, int, int], ...]:
-    return tuple((s.node_id, s.start, s.end) for s in plan.stages)
 
 
 class Pipeline:
@@ -108,7 +104,7 @@ class Pipeline:
         self._ahead = Ahead(send)  # next steps sent before their input token was computed, tokens read later
         self._changed = asyncio.Event()  # a plan came, went, or cannot be made
         self._closed = ""  # final: this pipeline takes no more work
-        self._unplannable = ""  # why the room cannot hold the model now
+        self._unplannable, self._unplannable_at = "", 0.0  # why the room cannot hold the model now, since when
         # Answers on stages that take turns on one device go in step (PEERPIPE_LOCKSTEP=0: not).
         self.rounds = Rounds() if os.environ.get("PEERPIPE_LOCKSTEP", "1") != "0" else None
 
@@ -137,7 +133,7 @@ class Pipeline:
 
     def keeps(self, plan: Plan) -> bool:
         """Whether ``plan`` has exactly the stages answers run on now (then it disturbs nothing)."""
-        return self.plan is not None and _stages(self.plan) == _stages(plan)
+        return self.plan is not None and stage_spans(self.plan) == stage_spans(plan)
 
     def use_plan(self, plan: Plan, names: dict[str, str]) -> None:
         """Every stage has loaded ``plan``: answers run (or resume) on it."""
@@ -155,11 +151,12 @@ class Pipeline:
         if running:
             self.recovery.failovers += 1
             self.report(f"recovering: {reason}; replaying {len(running)} answer(s) once the room has a plan")
-        self._fail_waiters(_Lost(reason))
+        self._fail_waiters(PlanLost(reason))
         self._changed.set()
 
     def cannot_plan(self, reason: str) -> None:
         """The room cannot hold the model now: paused answers fail with ``reason``."""
+        self._unplannable_at = self._unplannable_at if self._unplannable else time.monotonic()
         self._unplannable = reason
         self._changed.set()
 
@@ -186,15 +183,19 @@ class Pipeline:
             async with asyncio.timeout(timeout_s):
                 while True:
                     if task.status is TaskStatus.CANCELLED:
-                        raise _Cancelled
+                        raise Cancelled
                     if self._closed:
                         raise TaskFailedError(self._closed)
                     if self.plan is not None:
                         return self.plan
-                    if self._unplannable:
+                    # An answer under way waits a while for a node to come back; a new one is told now.
+                    left = self._unplannable_at + self.timeouts.rejoin_s - time.monotonic() if task.tokens else 0.0
+                    if self._unplannable and left <= 0:
                         raise TaskFailedError(f"the room cannot hold the model now: {self._unplannable}")
                     self._changed.clear()
-                    await self._changed.wait()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(left if self._unplannable else None):
+                            await self._changed.wait()
         except TimeoutError:
             raise TaskFailedError(f"the room had no plan again within {timeout_s:g} s") from None
 
@@ -226,7 +227,7 @@ class Pipeline:
             return False
         task.status = TaskStatus.CANCELLED
         if step is not None and not step[0].done():
-            step[0].set_exception(_Cancelled())
+            step[0].set_exception(Cancelled())
         self._changed.set()  # a paused answer stops waiting
         return True
 
@@ -291,21 +292,21 @@ class Pipeline:
         try:
             while decoding.finish_reason is None:
                 plan = self.plan
-                if held and (task.status is TaskStatus.CANCELLED or plan is None or _stages(plan) != on):
+                if held and (task.status is TaskStatus.CANCELLED or plan is None or stage_spans(plan) != on):
                     _push(decoding, held)  # a replay's prompt, or the answer cancelled, has it
                     continue
                 if task.status is TaskStatus.CANCELLED:  # cancelled while no step was in flight
-                    raise _Cancelled
+                    raise Cancelled
                 sent: list[int] = []
                 began = time.perf_counter()
                 waiter = None
-                if plan is None or _stages(plan) != on:
+                if plan is None or stage_spans(plan) != on:
                     # A new answer, or one whose stages changed: (re)build its KV caches.
                     self._ahead.forget(task.task_id)
                     plan = await self._wait_plan(task, self.timeouts.recover_s)
                     *chunks, request = self._prefill(task, decoding, plan)
                     timeout = self.timeouts.prefill_s
-                    on = _stages(plan)
+                    on = stage_spans(plan)
                     touched.update(node for node, _, _ in on)
                 else:
                     chunks = []
@@ -323,7 +324,7 @@ class Pipeline:
                     meanwhile = functools.partial(_push, decoding, held) if held else None
                     ahead = decoding if drafts is None else None
                     tokens = await self._step(task, plan, request, timeout, chunks, meanwhile, ahead, waiter)
-                except _Lost as exc:
+                except PlanLost as exc:
                     recoveries += 1
                     if recoveries > MAX_RECOVERIES:
                         raise TaskFailedError(f"gave up after {MAX_RECOVERIES} recoveries: {exc}") from None
@@ -354,7 +355,7 @@ class Pipeline:
                     if drafts is not None and (cut := yielded - (len(decoding.tokens) - before)):
                         drafts.unused(cut)
             task.status = TaskStatus.DONE
-        except _Cancelled:
+        except Cancelled:
             decoding.finish("cancelled")
         except TaskFailedError as exc:
             task.status, task.error = TaskStatus.FAILED, str(exc)
@@ -405,7 +406,7 @@ class Pipeline:
                             await self.send(plan.stages[0].node_id, message)
                         trace.mark("sent", request.task_id, request.start_pos)
                 except LINK_ERRORS as exc:  # the first stage is gone: its PeerLeft follows
-                    raise _Lost(f"cannot reach the first stage: {exc}") from None
+                    raise PlanLost(f"cannot reach the first stage: {exc}") from None
                 if meanwhile is not None:
                     # A first stage in this process has the step queued: it takes it (and
                     # launches it) in this turn of the loop, before the last token's text is made.
@@ -418,7 +419,7 @@ class Pipeline:
             stages = [s.node_id for s in plan.stages]
             if self.on_stall is not None:
                 await self.on_stall(stages)  # the cluster drops those that no longer answer
-            raise _Lost(f"no token within {timeout_s:g} s from {' -> '.join(self.describe()) or 'the stages'}") from None
+            raise PlanLost(f"no token within {timeout_s:g} s from {' -> '.join(self.describe()) or 'the stages'}") from None
         finally:
             self._waiting.pop(task.task_id, None)
             if rounds is not None:
@@ -435,7 +436,7 @@ class Pipeline:
         try:
             return await self._ahead.read(got)
         except SharedMemoryError as exc:
-            raise _Lost(f"the last stage's token is lost: {exc}") from None
+            raise PlanLost(f"the last stage's token is lost: {exc}") from None
 
     async def _free(self, task_id: str, nodes: set[str]) -> None:
         """Tell every stage to drop the session (best effort: a stage that left has nothing to free)."""

@@ -6,6 +6,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from peerpipe.protocol import Plan
 
 
 class TaskStatus(StrEnum):
@@ -59,3 +63,19 @@ class Timeouts:
     stall_s: float | None = None  # every later token; past it the stages are checked and the answer
     # replays (None: derived from the plan's predicted time per token)
     recover_s: float = 120.0  # how long a paused answer waits for the room to have a plan again
+    # ...and, when the rest of the room cannot hold the model, for a node to (re)join: a browser tab
+    # reloading, a laptop waking (a new answer is told at once)
+    rejoin_s: float = 30.0
+
+
+class Cancelled(Exception):
+    """The answer was cancelled (its task ends quietly)."""
+
+
+class PlanLost(Exception):
+    """The plan under a step went away; the answer resumes on the next one."""
+
+
+def stage_spans(plan: Plan) -> tuple[tuple[str, int, int], ...]:
+    """Who holds which layers: two plans with the same spans keep every stage's KV caches."""
+    return tuple((s.node_id, s.start, s.end) for s in plan.stages)

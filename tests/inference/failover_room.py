@@ -113,6 +113,7 @@ async def failover_room(
     relays: bool = False,
     ready: bool = True,
     lines: list[str] | None = None,
+    rejoin_s: float = 30.0,
 ) -> AsyncIterator[Failover]:
     """The proportional planner puts layers on every node (a stage to lose wherever the test
     wants one); ``layers_per_node`` caps what each may hold. With ``relays`` each member reaches
@@ -132,7 +133,7 @@ async def failover_room(
     try:
         async with create_room(
             model, code=CODE, name="h", dtype="float32", config=config, measured=limited, report=lines.append,
-            entry_config=EntryConfig(timeouts=Timeouts(prefill_s=30, stall_s=4, recover_s=60)),
+            entry_config=EntryConfig(timeouts=Timeouts(prefill_s=30, stall_s=4, recover_s=60, rejoin_s=rejoin_s)),
         ) as room:
             address = f"{room.address[0]}:{room.address[1]}"
             common = ["--listen", "127.0.0.1", "--device", "cpu", "--quick", "--memory", memory]

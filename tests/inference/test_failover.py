@@ -52,15 +52,34 @@ def test_eight_streams_and_seeded_sampling_survive_a_kill(model, device) -> None
     arun(main(lines), lines)
 
 
-def test_survivors_too_small_fail_the_answer_saying_so(model, device) -> None:
+def test_survivors_too_small_fail_the_answer_saying_so_once_no_node_came_back(model, device) -> None:
     async def main(lines: list[str]) -> None:
         # Each node holds two layers at most: the six layers and the embedding and head need all four.
-        async with failover_room(model, device, members=3, layers_per_node=2, strategy="optimal", lines=lines) as f:
+        async with failover_room(
+            model, device, members=3, layers_per_node=2, strategy="optimal", lines=lines, rejoin_s=1.0
+        ) as f:
             assert len(f.stage_names()) == 4
             task = await f.answer_after(3, GREEDY)
             f.members[[n for n in f.stage_names() if n != "h"][-1]].proc.kill()
             with pytest.raises(TaskFailedError, match="the room cannot hold the model now: cannot plan"):
                 await task
+
+    lines: list[str] = []
+    arun(main(lines), lines)
+
+
+def test_an_answer_waits_for_a_node_to_take_the_place_of_one_the_room_could_not_do_without(model, device) -> None:
+    """A tab reloading, a laptop waking: the answer under way goes on with the tokens of one node."""
+    expected = local_tokens(model, GREEDY)
+
+    async def main(lines: list[str]) -> None:
+        async with failover_room(model, device, members=3, layers_per_node=2, strategy="optimal", lines=lines) as f:
+            task = await f.answer_after(3, GREEDY)
+            f.members[[n for n in f.stage_names() if n != "h"][-1]].proc.kill()
+            f.start_member("late")
+            result = await task
+            assert result.tokens == expected and "late" in f.stage_names()
+            assert any("cannot plan" in line for line in f.lines), f.lines  # it did wait on its way
 
     lines: list[str] = []
     arun(main(lines), lines)
