@@ -77,6 +77,10 @@ def test_a_browser_tab_and_a_webgpu_node_serve_stages_with_the_local_engines_tok
                     await wrong.goto(api.url + "/node#k=" + "A" * 43)
                     await wrong.wait_for_function("document.body.dataset.state === 'refused'", timeout=30_000)
                     assert "wrong secret" in await wrong.locator("#error").inner_text()
+                    await wrong.goto(api.url + "/node#k=!!!**")  # a mangled link: said so, not a JS error
+                    await wrong.reload()
+                    await wrong.wait_for_function("document.body.dataset.state === 'refused'", timeout=30_000)
+                    assert "not a valid join link" in await wrong.locator("#error").inner_text()
 
                     tab = await browser.new_page()
                     await tab.goto(url)

@@ -166,7 +166,14 @@ async function main() {
   const link = new URLSearchParams(location.hash.slice(1)).get("k");
   const saved = sessionStorage.getItem(CREDENTIAL);
   if (!link && !saved) { show("no secret", "open the join link from the room's dashboard (it carries the secret after #)"); return; }
-  const secret = unb64(saved || link);
+  // A link just opened wins over a credential this tab kept (from another room, or ended since).
+  let secret;
+  try { secret = unb64(link || saved); } catch { secret = null; }
+  if (!secret || secret.length !== 32) {
+    if (!link) sessionStorage.removeItem(CREDENTIAL);
+    show("refused", "not a valid join link: copy the whole link, or make a new one on the room's dashboard");
+    return;
+  }
   show("opening WebGPU");
   const gpu = await openDevice();
   $("adapter").textContent = gpu.name + (gpu.f16 ? " (f16)" : "");
@@ -197,7 +204,7 @@ async function main() {
   async function handle(data) {
     if (typeof data === "string") {  // only the host's nonce, or its refusal, come as text
       const msg = JSON.parse(data);
-      if (msg.error) { show("refused", msg.error); if (saved) sessionStorage.removeItem(CREDENTIAL); return; }
+      if (msg.error) { show("refused", msg.error); if (!link) sessionStorage.removeItem(CREDENTIAL); return; }
       if (inbound) throw new Error("unsealed text after the handshake");
       [outbound, inbound] = await deriveKeys(secret, nonce, unb64(msg.nonce));
       const memory = Math.floor((navigator.deviceMemory || 4) / 2 * 2 ** 30);
