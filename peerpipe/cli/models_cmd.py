@@ -40,4 +40,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"{header:<{width}}  {'from':<8} {'GB':>7}  path")
     for h in found:
         print(f"{h.name:<{width}}  {h.source:<8} {h.bytes / GB:>7.2f}  {h.path}")
+    if any(h.source == "fetched" for h in found):
+        # Their names are for `models rm`: a room's copy is run by joining its room, not with --model.
+        print("(fetched: layers this machine fetched from a room's peers; a join uses them again, "
+              "`peerpipe models rm NAME` frees them)")
     return 0

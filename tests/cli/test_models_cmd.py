@@ -76,3 +76,12 @@ def test_models_lists_every_source_and_rm_frees_only_caches(stores: dict[str, Pa
     assert main(["models", "rm", "ollama:smol"]) == 1  # found as :latest, as --model finds it, and left to Ollama
     assert "ollama rm" in capsys.readouterr().err
     assert set(listed(capsys)) >= {"austen", "ollama:llama3.2:1b"} and "acme/tiny" not in listed(capsys)
+
+
+def test_fetched_layers_are_listed_as_such(stores: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "cache" / "models" / ("c" * 64)
+    folder.mkdir(parents=True)
+    (folder / "peerpipe-manifest.json").write_text(json.dumps({"model_id": "austen"}))
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert f"fetched:austen@{'c' * 12}" in out and "`peerpipe models rm NAME` frees them" in out
