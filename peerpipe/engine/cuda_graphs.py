@@ -13,6 +13,7 @@ step's own are aimed at the scratch position, so they compute what nobody reads.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -51,21 +52,30 @@ class _Graph:
     x: Tensor
     batch: Batch  # holds every static tensor the graph reads; freeing one would corrupt replays
     out: Tensor
+    # The bytes that hold x, then the positions and the slots (views of them): a step fed from
+    # the host fills a prefix of them in one copy.
+    inputs: Tensor
+    at_positions: int
+    at_slots: int
 
-    def __post_init__(self) -> None:
-        self.x_bytes = self.x.view(-1).view(torch.uint8)  # what a step's rows are copied into
+
+def _layout(rows: int, width: int, row_bytes: int) -> tuple[int, int, int]:
+    """Where a graph's positions and slots start in its input bytes (after its rows, 64-byte
+    aligned), and how many bytes there are in all."""
+    at_positions = -(-rows * width * row_bytes // 64) * 64
+    at_slots = at_positions + 8 * rows * width
+    return at_positions, at_slots, at_slots + 8 * rows
 
 
 @dataclass
 class _Staging:
-    """Pinned host buffers a step's inputs cross to the device from, reused step after step."""
+    """A pinned host buffer a step's input bytes cross to the device from."""
 
-    inputs: Tensor  # uint8: the rows' bytes
-    index: Tensor  # long: positions, then slots
-    copied: torch.cuda.Event  # recorded after the last copies out of them
+    inputs: Tensor  # uint8, laid out as the graph's input bytes
+    used: torch.cuda.Event  # recorded after the last step that copied out of it
 
     def __post_init__(self) -> None:
-        self.inputs_np, self.index_np = self.inputs.numpy(), self.index.numpy()
+        self.inputs_np = self.inputs.numpy()
 
 
 @dataclass
@@ -78,6 +88,7 @@ class RowStep:
     size: int  # the graph's rows
     row: int  # bytes per row
     staged: _Staging
+    copied: int  # how many of the graph's input bytes the step feeds
 
 
 def width_bucket(n_new: int) -> int:
@@ -114,7 +125,10 @@ class GraphedDecoder:
         self.pad_batches = pad_batches
         self._graphs: dict[tuple[object, int, int], _Graph] = {}
         self._pool = torch.cuda.graph_pool_handle()
-        self._staged: _Staging | None = None
+        # Two staging buffers in turn: a step fills one while the GPU may still copy out of the
+        # other, so preparing it never waits for the GPU (``launch`` does, after its replay).
+        self._staged: list[_Staging | None] = [None, None]
+        self._turn = 0
 
     def __call__(self, x: Tensor, batch: Batch) -> Tensor:
         """Same contract as ``stage(x, cache, batch)`` for a batch of a few new positions each."""
@@ -144,36 +158,41 @@ class GraphedDecoder:
         """A decode step (one new position per session) fed from the host, before its rows are
         known (a stage prepares while the previous stage's GPU still runs): the graph picked for
         ``like`` (one row of the step's input, ``[1, 1, ...]``), and ``starts`` (where each new
-        position goes, ``KVCache.advance``) and the slots on their way to the device through a
-        pinned buffer, in one copy each and no kernel of their own. The buffers are reused by the
-        next step, which waits for this one's copies."""
+        position goes, ``KVCache.advance``) and the slots written into a pinned buffer laid out
+        as the graph's input bytes, which ``launch`` copies with the rows in one copy. Only the
+        CPU works here."""
         slots = tuple(slots)
         g, padded = self._pick(slots, bucket_for(kv_len, self.cache.max_seq), 1, like)
         n, size = len(slots), g.x.shape[0]
         row = g.x[0].numel() * g.x.element_size()
-        staged = self._staging(size * row, size)
-        index = staged.index_np
+        staged = self._staging(g.inputs.numel())
+        index = staged.inputs_np[g.at_positions : g.at_slots].view(np.int64)
         index[:n] = starts
-        index[n:size] = self.cache.scratch_position
-        g.batch.positions.view(-1).copy_(staged.index[:size], non_blocking=True)
+        index[n:] = self.cache.scratch_position
+        copied = g.at_slots  # a slot's own graph reads its slots from where they were captured
         if padded:
-            index[size : size + n] = slots
-            index[size + n : 2 * size] = slots[0]
-            g.batch.slots.copy_(staged.index[size : 2 * size], non_blocking=True)
-        return RowStep(g, padded, n, size, row, staged)
+            copied = g.inputs.numel()
+            fed = staged.inputs_np[g.at_slots : copied].view(np.int64)
+            fed[:n] = slots
+            fed[n:] = slots[0]
+        return RowStep(g, padded, n, size, row, staged, copied)
 
-    @staticmethod
-    def launch(step: RowStep, rows: Sequence[memoryview | bytes]) -> Tensor:
-        """The prepared step's ``rows`` (each session's input as the bytes of one row) to the
-        device in one copy, and its graph launched; its output."""
+    def launch(self, step: RowStep, rows: Sequence[memoryview | bytes]) -> Tensor:
+        """The prepared step's ``rows`` (each session's input as the bytes of one row), its
+        positions and slots to the device in one copy, and its graph launched; its output.
+        Then the other staging buffer is waited for (its step's graph has long run, as a rule)."""
         g, n, size, row, staged = step.graph, step.n, step.size, step.row, step.staged
         inputs = staged.inputs_np
         for i, data in enumerate(rows):
             inputs[i * row : (i + 1) * row] = np.frombuffer(data, dtype=np.uint8, count=row)
         inputs[n * row : size * row] = 0
-        g.x_bytes.copy_(staged.inputs[: size * row], non_blocking=True)
-        staged.copied.record()
+        g.inputs[: step.copied].copy_(staged.inputs[: step.copied], non_blocking=True)
         g.graph.replay()
+        staged.used.record()  # after the replay: off the path from the input to the launch
+        self._turn ^= 1
+        other = self._staged[self._turn]
+        if other is not None:
+            other.used.synchronize()
         return g.out[:n] if step.padded else g.out
 
     def _pick(self, slots: tuple[int, ...], bucket: int, width: int, x: Tensor) -> tuple[_Graph, bool]:
@@ -192,19 +211,15 @@ class GraphedDecoder:
         self._graphs[key] = g  # (re)inserted last: the dict keeps recency order
         return g, padded
 
-    def _staging(self, input_bytes: int, rows: int) -> _Staging:
-        staged = self._staged
-        if staged is not None:
-            staged.copied.synchronize()  # the last step's copies have left these buffers
-            if staged.inputs.numel() >= input_bytes and staged.index.numel() >= 2 * rows:
-                return staged
-            input_bytes, rows = max(input_bytes, staged.inputs.numel()), max(rows, staged.index.numel() // 2)
-        self._staged = _Staging(
-            torch.empty(input_bytes, dtype=torch.uint8, pin_memory=True),
-            torch.empty(2 * rows, dtype=torch.long, pin_memory=True),
-            torch.cuda.Event(),
-        )
-        return self._staged
+    def _staging(self, nbytes: int) -> _Staging:
+        staged = self._staged[self._turn]
+        if staged is None or staged.inputs.numel() < nbytes:
+            # (An older buffer is freed safely: torch's pinned allocator holds it until the
+            # copies out of it have run.)
+            size = max(nbytes, 0 if staged is None else staged.inputs.numel())
+            staged = _Staging(torch.empty(size, dtype=torch.uint8, pin_memory=True), torch.cuda.Event())
+            self._staged[self._turn] = staged
+        return staged
 
     def warm(self, slots: tuple[int, ...], kv_lens: range, x: Tensor) -> None:
         """Capture now, before decoding, the graphs a session in ``slots`` will replay while its
@@ -245,17 +260,18 @@ class GraphedDecoder:
     ) -> _Graph:
         cache = self.cache
         device = cache.device
-        static_x = torch.zeros((len(slots), width, *x.shape[2:]), dtype=x.dtype, device=device)
+        rows, row_bytes = len(slots), math.prod(x.shape[2:]) * x.element_size()
+        at_positions, at_slots, total = _layout(rows, width, row_bytes)
+        inputs = torch.zeros(total, dtype=torch.uint8, device=device)
+        static_x = inputs[: rows * width * row_bytes].view(x.dtype).view(rows, width, *x.shape[2:])
         # Warm-up runs execute for real: aim them at the scratch position so no session is touched.
-        positions = torch.full((len(slots), width), cache.scratch_position, dtype=torch.long, device=device)
+        positions = inputs[at_positions:at_slots].view(torch.long).view(rows, width)
+        positions.fill_(cache.scratch_position)
+        slot_ids = inputs[at_slots:total].view(torch.long)
+        slot_ids.copy_(torch.tensor(slots, dtype=torch.long))
         first = slots[0]
         contiguous = not gathered and list(slots) == list(range(first, first + len(slots)))
-        batch = Batch(
-            slots=torch.tensor(slots, dtype=torch.long, device=device),
-            positions=positions,
-            kv_len=bucket,
-            slot_start=first if contiguous else None,
-        )
+        batch = Batch(slots=slot_ids, positions=positions, kv_len=bucket, slot_start=first if contiguous else None)
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream), torch.inference_mode():
@@ -266,4 +282,4 @@ class GraphedDecoder:
         # thread_local: a stage captures on its event loop while another thread may load layers.
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"), torch.inference_mode():
             out = self.stage(static_x, cache, batch, layer_fn=self._layer_fn, graphed=True)
-        return _Graph(graph, static_x, batch, out)
+        return _Graph(graph, static_x, batch, out, inputs, at_positions, at_slots)

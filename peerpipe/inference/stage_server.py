@@ -363,9 +363,8 @@ class StageServer:
                                f"this stage holds {self.cache.max_seq}")
 
     async def _gpu_forward(self, requests: list[ComputeRequest]) -> list:
-        """A graphed decode step on the loop. Fed from the frames' bytes (the lean path), it is
-        prepared before its rows are there (a previous GPU stage on this machine sends them
-        before its copy has run), and one answer's output goes on the same way (gpu_rows.py)."""
+        """A graphed decode step on the loop, fed from the frames' bytes (the lean path) and prepared
+        before its rows are there; one answer's output goes on before the GPU has run it (gpu_rows.py)."""
         if requests[0].drafts or not all(self._lean(r.input_tensor) for r in requests):
             await rows_written([r.input_tensor for r in requests])
             return self._forward(requests)
@@ -378,11 +377,11 @@ class StageServer:
             step = self._graphed.prepare(self._like, slots, starts, kv_len)
         await rows_written([r.input_tensor for r in requests])
         ahead = self.next_hop is None and self._sends_ahead and tokens_ahead.wanted(requests[0], sessions[0])
-        early = len(requests) == 1 and (self.next_hop is not None or ahead) and self._shared_ring() is not None
-        timing = self._gpu_steps.begin() if early and self._writer is not None and self._gpu_steps else None
+        early = bool(len(requests) == 1 and (self.next_hop is not None or ahead) and self._shared_ring() and self._writer)
+        timing = self._gpu_steps.begin() if early and self._gpu_steps else None  # (None: one not timed)
         with torch.inference_mode():
             out = self._graphed.launch(step, [row_bytes(r.input_tensor) for r in requests])
-            return self._outputs(out, requests, sessions, clock, timing)
+            return self._outputs(out, requests, sessions, clock, early, timing)
 
     @torch.inference_mode()
     def _forward(self, requests: list[ComputeRequest]) -> list:
@@ -392,15 +391,16 @@ class StageServer:
         return self._outputs(out, requests, sessions, clock)
 
     def _outputs(self, out: torch.Tensor, requests: list[ComputeRequest], sessions: list[Session],
-                 clock: StepClock | None, timing: GpuTiming | None = None) -> list:
-        """What goes on: hidden states to the next stage, or the last stage's tokens."""
-        self._timed_on_gpu, self._ahead = timing is not None, None
+                 clock: StepClock | None, early: bool = False, timing: GpuTiming | None = None) -> list:
+        """Hidden states to the next stage, or the last stage's tokens (``early``: before the GPU ran them)."""
+        self._timed_on_gpu, self._ahead = False, None
         if clock is not None:
             clock.launched()
-        if timing is not None:  # one answer's row, sent before the GPU has run it (gpu_rows.py)
+        if early:
             assert self._writer is not None and self._gpu_steps is not None
             sent = self._writer.send(out) if self.next_hop is not None else self._gpu_tokens(out, sessions)
             self._gpu_steps.end(timing)
+            self._timed_on_gpu = timing is not None or sent is not None
             if sent is not None:
                 return [sent]
         if self.next_hop is not None:
