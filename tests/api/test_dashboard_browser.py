@@ -55,6 +55,8 @@ def test_dashboard_shows_the_room_and_streams_a_chat(room: ApiRoom, tmp_path: Pa
             expect(page.locator("#pipeline .stage")).to_have_count(3)
             expect(page.locator("#links tbody tr")).to_have_count(3)
             expect(page.locator("#key-form")).to_be_hidden()  # no API key on this room
+            # A browser node's 0.003 TFLOPS reads as such, not as 0.00.
+            assert page.evaluate("[fmt(0.003, 2), fmt(1.234, 2), fmt(0, 2), fmt(null)]") == ["0.0030", "1.23", "0.00", "–"]
 
             # Count how often the answer's text changes while it streams in.
             page.evaluate(

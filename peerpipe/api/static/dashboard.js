@@ -22,7 +22,12 @@ function el(tag, attrs = {}, ...children) {
 
 function layers(s) { return s.end - s.start === 1 ? `layer ${s.start}` : `layers ${s.start}–${s.end - 1}`; }
 
-function fmt(x, digits = 1) { return x === null || x === undefined ? "–" : Number(x).toFixed(digits); }
+// A small but real value (a phone's 0.003 TFLOPS) keeps two significant digits instead of reading 0.00.
+function fmt(x, digits = 1) {
+  if (x === null || x === undefined) return "–";
+  const n = Number(x);
+  return n !== 0 && Math.abs(n) < 10 ** -digits ? n.toPrecision(2) : n.toFixed(digits);
+}
 
 function connect() {
   if (feed) feed.close();
