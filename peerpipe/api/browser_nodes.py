@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 STATIC = resources.files("peerpipe.api") / "static"
 HANDSHAKE_S = 20.0
 MAX_FRAME = 64 << 20
+MAX_TAB_MEMORY = 16 << 30  # browsers report at most 8 GB of device memory; a tab offers half
 
 
 class BrowserHost(Protocol):
@@ -52,6 +53,22 @@ def qr_svg(text: str) -> str:
     path = "".join(f"M{x},{y}h1v1h-1z" for y, row in enumerate(matrix) for x, dark in enumerate(row) if dark)
     return (f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {n} {n}" shape-rendering="crispEdges">'
             f'<rect width="{n}" height="{n}" fill="#fff"/><path d="{path}" fill="#000"/></svg>')
+
+
+def tab_facts(auth: dict[str, Any]) -> dict[str, Any]:
+    """What a tab says of itself, within what a browser can say: it is authenticated, but a page
+    edited in its console could offer the planner memory no tab has."""
+    def number(key: str, top: int) -> int | None:
+        value = auth.get(key)
+        return min(max(value, 0), top) if isinstance(value, int) and not isinstance(value, bool) else None
+
+    adapter = auth.get("adapter")
+    return {
+        "adapter": adapter[:200] if isinstance(adapter, str) else "WebGPU adapter",
+        "f16": auth.get("f16") is True,
+        "max_binding": number("max_binding", 1 << 40),
+        "memory": number("memory", MAX_TAB_MEMORY),
+    }
 
 
 class BrowserRoutes:
@@ -169,7 +186,7 @@ class BrowserRoutes:
                 self.host.secrets.release(ident)
                 raise
         credential = self.host.secrets.redeem(ident)
-        facts: dict[str, Any] = {k: header.get(k) for k in ("adapter", "f16", "max_binding", "memory")}
+        facts = tab_facts(header)
 
         async def send(frame: bytes) -> None:
             await ws.send_bytes(frame)

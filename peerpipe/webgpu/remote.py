@@ -121,7 +121,7 @@ class RemoteExecutor:
         self.session = session
         self.name = str(facts.get("adapter", "browser WebGPU"))[:200] + " (browser)"
         self.has_f16 = bool(facts.get("f16", False))
-        self.max_binding = int(facts.get("max_binding", 128 << 20))
+        self.max_binding = int(facts.get("max_binding") or 128 << 20)
         self._ids = itertools.count()
         self._weight_type = "f32"
         # Dispatch lists the tab holds already, by the list's identity (a stage reuses its lists):

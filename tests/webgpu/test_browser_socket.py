@@ -95,3 +95,13 @@ def test_a_join_link_names_an_address_other_devices_reach(
     routes.bound = bound
     request = make_mocked_request("POST", "/api/browser-link", headers={"Host": host})
     assert routes._link_host(request) == (url, local_only)
+
+
+def test_what_a_tab_says_of_itself_is_kept_within_what_a_browser_can_say() -> None:
+    from peerpipe.api.browser_nodes import MAX_TAB_MEMORY, tab_facts
+
+    claimed = tab_facts({"adapter": "x" * 999, "f16": "yes", "max_binding": -5, "memory": 10**18, "extra": 1})
+    assert claimed == {"adapter": "x" * 200, "f16": False, "max_binding": 0, "memory": MAX_TAB_MEMORY}
+    honest = {"adapter": "Apple M2", "f16": True, "max_binding": 1 << 27, "memory": 4 << 30}
+    assert tab_facts(honest) == honest
+    assert tab_facts({"memory": True})["memory"] is None and tab_facts({})["adapter"] == "WebGPU adapter"
