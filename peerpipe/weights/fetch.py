@@ -29,7 +29,7 @@ from peerpipe.weights.store import Store, write_error
 
 if TYPE_CHECKING:
     from peerpipe.weights.gguf_store import GGUFStore
-from peerpipe.weights.transfer import PIECE, Transfer
+from peerpipe.weights.transfer import PIECE, Transfer, in_thread
 
 log = logging.getLogger(__name__)
 REPLY_TIMEOUT_S = 30.0
@@ -203,8 +203,8 @@ class Fetcher:
         changed on disk since it was verified (``audit``)."""
         async with _sole_writer(store.root, self.report):
             store.close()  # what it read or opened before may have changed meanwhile
+            await in_thread(store.audit, list(names), self.report)  # (a cancel seals nothing)
             try:
-                await asyncio.to_thread(store.audit, list(names), self.report)
                 await self._fetch(store, names, holders, local, what)
             finally:
                 store.seal()

@@ -5,7 +5,7 @@ only its stage's tensors, by offset, as from the original. ``peerpipe-verified.j
 tensors whose sha256 matched: an interrupted fetch resumes from there. A tensor's bytes reach the
 disk before the list names it, and the file's size and mtime at the end of a fetch are kept
 (``peerpipe-stamp.json``): a file changed since (a crash mid-fetch, an edit) has its listed
-tensors hashed again before the next load (``audit``)."""
+tensors hashed again before the next load (``audit``); one with no stamp yet is taken as it is."""
 
 from __future__ import annotations
 
@@ -75,8 +75,11 @@ class GGUFStore:
         self.seal()
 
     def _stamped(self) -> bool:
+        """Unchanged since the last fetch ended; a copy fetched before stamps were kept counts."""
         try:
             return json.loads((self.root / STAMP).read_text()) == stamp(self.load_path)
+        except FileNotFoundError:
+            return True
         except (OSError, ValueError):
             return False
 

@@ -12,6 +12,7 @@ file changed since is not held until ``audit`` has hashed it again.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -68,9 +69,18 @@ class Store:
         return self.root / f"peerpipe-{group}.safetensors.stamp"
 
     def complete(self, group: str) -> bool:
-        """Finished, and not changed on disk since (a changed file waits for ``audit``)."""
+        """Finished, and not changed on disk since (a changed file waits for ``audit``). A file
+        with no stamp was finished before stamps were kept (or just before its stamp was
+        written): it counts, as it did."""
+        final = self.path(group)
         try:
-            return json.loads(self._stamp_file(group).read_text()) == stamp(self.path(group))
+            kept = self._stamp_file(group).read_text()
+        except FileNotFoundError:
+            return final.is_file()
+        except OSError:
+            return False
+        try:
+            return json.loads(kept) == stamp(final)
         except (OSError, ValueError):
             return False
 
@@ -193,30 +203,39 @@ class Store:
         self._index()
 
     def audit(self, names: list[str], report: Report) -> None:
-        """Hash again each finished group of ``names`` whose file changed since it was finished
-        (or was finished before stamps were kept): a good one is stamped anew; a bad one goes back
-        to being a part, with only its good tensors verified, so a fetch replaces the rest."""
+        """Hash again each finished group of ``names`` whose file changed since it was finished:
+        a good one is stamped anew; one that lost tensors goes back to being a part, with only its
+        good tensors verified, so a fetch replaces the rest; one whose length or header changed
+        is fetched again whole."""
         by_name = self.manifest.by_name()
         for group in sorted({by_name[n].group for n in names}):
             final = self.path(group)
             if not final.is_file() or self.complete(group):
                 continue
-            layout = self._layout(group)
-            good = {t.name for t in self.groups[group] if hash_range(final, layout[t.name], t.nbytes) == t.sha256}
-            if len(good) == len(self.groups[group]):
-                write_atomic(self._stamp_file(group), json.dumps(stamp(final)).encode(), durable=True)
-                continue
-            report(
-                f"{final.name} changed on disk since it was fetched: {len(self.groups[group]) - len(good)} "
-                "of its tensors no longer match, fetching them again"
-            )
-            write_atomic(self._verified_file(group), json.dumps(sorted(good)).encode(), durable=True)
-            final.replace(self._part(group))
+            header, layout = _layout(self.groups[group])
+            size = len(header) + sum(t.nbytes for t in self.groups[group])
+            if final.stat().st_size != size or hash_range(final, 0, len(header)) != _sha256(header):
+                report(f"{final.name} changed on disk since it was fetched (its length or header): fetching it again")
+                final.unlink()
+                good: set[str] = set()
+            else:
+                good = {t.name for t in self.groups[group] if hash_range(final, layout[t.name], t.nbytes) == t.sha256}
+                if len(good) == len(self.groups[group]):
+                    write_atomic(self._stamp_file(group), json.dumps(stamp(final)).encode(), durable=True)
+                    continue
+                report(
+                    f"{final.name} changed on disk since it was fetched: {len(self.groups[group]) - len(good)} "
+                    "of its tensors no longer match, fetching them again"
+                )
+                write_atomic(self._verified_file(group), json.dumps(sorted(good)).encode(), durable=True)
+                final.replace(self._part(group))
             self._stamp_file(group).unlink(missing_ok=True)
-            self._index()
+        self._index()
 
     def seal(self) -> None:
-        """A fetch ended (each group was stamped as it finished)."""
+        """A fetch ended (each group was stamped as it finished): the index lists what is here."""
+        with contextlib.suppress(WeightsError):  # (a full disk: the fetch's own error says so)
+            self._index()
 
     def _index(self) -> None:
         # Processes of one machine may share the cache: the index is rebuilt from the files on
@@ -253,6 +272,12 @@ def make_root(root: Path, manifest: Manifest) -> None:
         raise write_error(root, exc) from exc
     if not (root / MANIFEST).is_file():
         write_atomic(root / MANIFEST, manifest.to_json())
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
 
 
 def stamp(path: Path) -> list[int]:

@@ -19,7 +19,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from peerpipe.logs import Report
 from peerpipe.protocol import WeightReply, WeightRequest
@@ -40,6 +40,7 @@ GENTLE_PIECE = 32 << 10  # ~2.6 ms on a 100 Mbit/s link
 GENTLE_WINDOW = 1
 GENTLE_GAP_S = 0.02
 Ask = Callable[[str, WeightRequest], Awaitable[WeightReply]]
+T = TypeVar("T")
 
 
 @dataclass
@@ -48,6 +49,17 @@ class _Tensor:
     left: int = 0  # bytes not yet written
     served_by: set[str] = field(default_factory=set)
     refused: set[str] = field(default_factory=set)  # holders without it, or whose bytes were bad
+
+
+async def in_thread(fn: Callable[..., T], *args: object) -> T:
+    """``fn(*args)`` in a thread that a cancel waits out: it writes the store, which the caller
+    may hand to another process (or seal) as soon as it returns."""
+    job = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(job)
+    except asyncio.CancelledError:
+        await asyncio.wait([job])
+        raise
 
 
 class Transfer:
@@ -67,9 +79,11 @@ class Transfer:
         self.gentle_replies = 0
         self.received = 0
         self.started = time.monotonic()
-        self.recent: deque[tuple[float, int]] = deque([(self.started, 0)])  # (when, bytes) of recent pieces
+        # (when, bytes) of recent pieces; bounded, as a busy holder's pieces are not pruned by _rate
+        self.recent: deque[tuple[float, int]] = deque([(self.started, 0)], maxlen=4096)
         self.rtt_s = 0.0  # the quickest answer seen: the link's round trip, plus a piece's time on it
         self.window_changed = asyncio.Event()
+        self.marking = asyncio.Lock()
 
     def _piece(self) -> int:
         if self.gentle:
@@ -175,7 +189,8 @@ class Transfer:
     async def _verify(self, t: _Tensor) -> None:
         name = t.record.name
         if await asyncio.to_thread(self.store.matches, name):
-            self.store.mark_verified(name)
+            async with self.marking:  # one at a time: a group's list is read, added to, written
+                await in_thread(self.store.mark_verified, name)  # (it syncs the disk: off the loop)
             self.remaining -= 1
             if not self.remaining:
                 self.finished.set()

@@ -71,6 +71,8 @@ def test_a_finished_layer_that_changed_on_disk_is_not_held_and_only_its_bad_tens
     room = Room(manifest)
     asyncio.run(room.fetcher.fetch(store, names, ["host"]))
     assert store.held_layers() == [4] and room.fetcher.stats.bytes_received == 0
+    index = json.loads((store.root / "model.safetensors.index.json").read_text())["weight_map"]
+    assert all(index[n] == touched.name for n in names)  # the loader finds it again
 
     victim = names[-1]
     at = store.locate(victim)
@@ -154,3 +156,33 @@ def test_a_copy_fetched_whole_is_the_same_copy_when_a_node_hosts_it(manifest: Ma
     asyncio.run(room.fetcher.fetch(store, [t.name for t in manifest.tensors], ["host"]))
     again = build_manifest(store.root, "austen")
     assert again.id == manifest.id and not any(f.name.startswith("peerpipe-") for f in again.files)
+
+
+def test_a_copy_fetched_before_stamps_were_kept_is_held_as_it_was(manifest: Manifest, tmp_path: Path) -> None:
+    names = _names(manifest, 2)
+    store = Store(manifest, tmp_path)
+    store.open()
+    asyncio.run(Room(manifest).fetcher.fetch(store, names, ["host"]))
+    for kept in store.root.glob("*.stamp"):
+        kept.unlink()  # as an older peerpipe left it
+    assert store.held_layers() == [2] and store.missing_bytes(names) == 0
+    room = Room(manifest)
+    asyncio.run(room.fetcher.fetch(store, names, ["host"]))
+    assert room.fetcher.stats.bytes_received == 0 and not _bad(store, names)
+
+
+def test_a_finished_file_cut_short_is_fetched_again_whole(manifest: Manifest, tmp_path: Path) -> None:
+    names = _names(manifest, 5)
+    store = Store(manifest, tmp_path)
+    store.open()
+    asyncio.run(Room(manifest).fetcher.fetch(store, names, ["host"]))
+    final = store.path("layer-00005")
+    with final.open("r+b") as fh:  # a restore that stopped half way
+        fh.truncate(final.stat().st_size // 2)
+    assert store.held_layers() == []
+    room, heard = Room(manifest), []
+    room.fetcher.report = heard.append
+    asyncio.run(room.fetcher.fetch(store, names, ["host"]))
+    assert any("its length or header" in line for line in heard)
+    assert room.fetcher.stats.bytes_received == _size(manifest, names)
+    assert store.held_layers() == [5] and not _bad(store, names)
