@@ -185,13 +185,18 @@ class BrowserRoutes:
             except BaseException:
                 self.host.secrets.release(ident)
                 raise
-        credential = self.host.secrets.redeem(ident)
-        facts = tab_facts(header)
+        secrets = self.host.secrets
+        credential = secrets.redeem(ident)
+        try:
+            await ws.send_bytes(outbound.seal({"op": "welcome", "credential": b64(credential)}))
+        except BaseException:  # the tab never got the new one: the old one is good again
+            secrets.withdraw(credential)
+            secrets.release(ident)
+            raise
+        secrets.spent(ident)
 
         async def send(frame: bytes) -> None:
             await ws.send_bytes(frame)
 
-        session = BrowserSession(send, inbound, outbound, facts)
-        await ws.send_bytes(outbound.seal({"op": "welcome", "credential": b64(credential)}))
-        return session
+        return BrowserSession(send, inbound, outbound, tab_facts(header))
 

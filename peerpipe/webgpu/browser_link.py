@@ -102,12 +102,18 @@ class BrowserSecrets:
             self.credentials[ident] = secret
 
     def redeem(self, ident: str) -> bytes:
-        """The handshake with ``ident`` succeeded: it is used up, and this browser's next join
-        takes the credential returned."""
-        self.claimed.pop(ident, None)
+        """The handshake with ``ident`` succeeded: the credential for this browser's next join.
+        ``ident`` stays taken until ``spent`` (the tab has the new one) or ``release``."""
         credential = os.urandom(SECRET_BYTES)
         self.credentials[secret_id(credential)] = credential
         return credential
+
+    def spent(self, ident: str) -> None:
+        self.claimed.pop(ident, None)
+
+    def withdraw(self, credential: bytes) -> None:
+        """A credential that never reached its tab."""
+        self.credentials.pop(secret_id(credential), None)
 
 
 def parse_hello(text: str) -> tuple[str, bytes]:

@@ -89,9 +89,11 @@ def test_a_join_link_is_used_once_and_leaves_a_credential(monkeypatch: pytest.Mo
     assert secrets.claim(secret_id(link)) == link
     assert secrets.claim(secret_id(link)) is None  # a second tab opening the link meanwhile
     credential = secrets.redeem(secret_id(link))
+    secrets.spent(secret_id(link))
     assert secrets.claim(secret_id(link)) is None
     assert secrets.claim(secret_id(credential)) == credential  # a reload rejoins with it...
     newer = secrets.redeem(secret_id(credential))  # ...and gets the next one
+    secrets.spent(secret_id(credential))
     assert secrets.claim(secret_id(credential)) is None and set(secrets.credentials) == {secret_id(newer)}
     late = secrets.new_link()
     now = bl.time.monotonic()
@@ -106,6 +108,11 @@ def test_a_handshake_that_fails_gives_its_link_back() -> None:
     assert secrets.claim(secret_id(link)) == link
     secrets.release(secret_id(link))
     assert secrets.claim(secret_id(link)) == link
+    # The welcome carrying a new credential could not be sent (the tab reloaded meanwhile).
+    lost = secrets.redeem(secret_id(link))
+    secrets.withdraw(lost)
+    secrets.release(secret_id(link))
+    assert secrets.claim(secret_id(lost)) is None and secrets.claim(secret_id(link)) == link
 
 
 class PythonTab:
