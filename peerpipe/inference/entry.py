@@ -98,6 +98,7 @@ class Entry:
     def replanned(self, plan: Plan) -> None:
         """A new plan is on its way to the stages; answers pause unless it keeps their stages."""
         self.unplannable = ""
+        self.pipeline.cannot_plan("")  # a paused answer waits for this plan, however long it loads
         if not self.pipeline.keeps(plan):
             self.pipeline.suspend(f"the room was planned again (v{plan.version})")
 

@@ -155,7 +155,7 @@ class Pipeline:
         self._changed.set()
 
     def cannot_plan(self, reason: str) -> None:
-        """The room cannot hold the model now: paused answers fail with ``reason``."""
+        """The room cannot hold the model now: paused answers fail with ``reason`` ("": it can again)."""
         self._unplannable_at = self._unplannable_at if self._unplannable else time.monotonic()
         self._unplannable = reason
         self._changed.set()
