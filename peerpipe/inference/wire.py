@@ -15,7 +15,7 @@ import torch
 
 from peerpipe.engine import gpu_wait
 from peerpipe.engine.sampling import SamplingParams
-from peerpipe.protocol import Sampling, TensorData, ValidationError
+from peerpipe.protocol import Sampling, TensorData
 from peerpipe.protocol.tensor import BLOCK_ENCODINGS, Q8_BLOCK, encoded_nbytes
 from peerpipe.transport.shared_memory import Ref, Ring, Segments, SharedMemoryError
 
@@ -129,12 +129,9 @@ def _quantize_blocks(x: torch.Tensor, wire: str) -> tuple[torch.Tensor, torch.Te
 def _decode_blocks(data: TensorData, device: torch.device) -> torch.Tensor:
     width = data.shape[-1]
     rows = len(data.data) // (width + -(-width // Q8_BLOCK) * 2)
-    host = np.frombuffer(data.data, dtype=np.uint8)
-    # A sender never writes a NaN or infinite scale or fp8 code: such a frame is refused, not passed on.
-    finite = np.isfinite(host[rows * width :].view(np.float16)).all()
-    if not finite or (data.encoding == "f8b64" and ((host[: rows * width] & 0x7F) == 0x7F).any()):
-        raise ValidationError(f"a {data.encoding} tensor {list(data.shape)} carries a NaN or infinite value")
-    raw = torch.from_numpy(host.copy()).to(device, non_blocking=True)
+    # (A NaN scale is passed on, not refused: it is one answer's overflow, and the decode runs for a
+    # whole batch, whose other answers a refusal here would fail too.)
+    raw = torch.from_numpy(np.frombuffer(data.data, dtype=np.uint8).copy()).to(device, non_blocking=True)
     codes = raw[: rows * width].view(rows, width)
     values = codes.view(torch.int8) if data.encoding == "q8b64" else codes.view(_FP8)
     scale = raw[rows * width :].clone().view(torch.float16).view(rows, -1)
