@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -214,10 +215,9 @@ class Store:
                 continue
             header, layout = _layout(self.groups[group])
             size = len(header) + sum(t.nbytes for t in self.groups[group])
-            if final.stat().st_size != size or hash_range(final, 0, len(header)) != _sha256(header):
+            if final.stat().st_size != size or hash_range(final, 0, len(header)) != hashlib.sha256(header).hexdigest():
                 report(f"{final.name} changed on disk since it was fetched (its length or header): fetching it again")
                 final.unlink()
-                good: set[str] = set()
             else:
                 good = {t.name for t in self.groups[group] if hash_range(final, layout[t.name], t.nbytes) == t.sha256}
                 if len(good) == len(self.groups[group]):
@@ -272,12 +272,6 @@ def make_root(root: Path, manifest: Manifest) -> None:
         raise write_error(root, exc) from exc
     if not (root / MANIFEST).is_file():
         write_atomic(root / MANIFEST, manifest.to_json())
-
-
-def _sha256(data: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()
 
 
 def stamp(path: Path) -> list[int]:
