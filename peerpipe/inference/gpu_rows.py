@@ -11,7 +11,8 @@ still computes and waits only for the mark (``shared_written``).
 A step sent this way is timed by CUDA events, read once the GPU has run it (``GpuSteps``): the
 stage's statistics (what the host compares with the plan) stay the GPU's time, not the launch's.
 Past the first steps only one in ``TIME_EVERY`` is timed: recording an event is a driver call on
-the path from the input to the launch (20-40 µs on the H200 machine's CPU).
+the path from the input to the launch (20-40 µs on the H200 machine's CPU). The others count at
+the timed ones' mean, so the stage's count of steps (its heartbeat, ``/metrics``) stays whole.
 """
 
 from __future__ import annotations
@@ -140,12 +141,15 @@ class GpuSteps:
         self._free: list[GpuTiming] = []
         self._running: collections.deque[GpuTiming] = collections.deque()
         self._seen = 0
+        self._untimed = 0  # steps since the last collect that were not timed
+        self._timed: tuple[int, float] = (0, 0.0)  # every timed step so far, and their seconds
 
     def begin(self) -> GpuTiming | None:
         """Events around the next step sent early, if it is one to time (the first ones, then one
         in a few); None if not."""
         self._seen += 1
         if self._seen > TIME_FIRST and self._seen % TIME_EVERY:
+            self._untimed += 1
             return None
         pair = self._free.pop() if self._free else (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
         pair[0].record()
@@ -157,11 +161,16 @@ class GpuSteps:
             self._running.append(pair)
 
     def collect(self) -> tuple[int, float]:
-        """Steps the GPU has finished since the last call, and their seconds."""
+        """Steps the GPU has finished since the last call, and their seconds; those not timed
+        count at the timed ones' mean, so a stage's count of steps stays whole."""
         steps, seconds = 0, 0.0
         while self._running and self._running[0][1].query():
             start, end = pair = self._running.popleft()
             steps, seconds = steps + 1, seconds + start.elapsed_time(end) / 1e3
             self._free.append(pair)
+        timed = self._timed = (self._timed[0] + steps, self._timed[1] + seconds)
+        if self._untimed and timed[0]:
+            steps, seconds = steps + self._untimed, seconds + self._untimed * timed[1] / timed[0]
+            self._untimed = 0
         return steps, seconds
 
